@@ -1,0 +1,5 @@
+//! aula-agent (work in progress).
+
+fn main() {
+    println!("aula-agent");
+}

@@ -1,0 +1,5 @@
+//! aula-bootserver (work in progress).
+
+fn main() {
+    println!("aula-bootserver");
+}

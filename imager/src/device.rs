@@ -1,0 +1,384 @@
+//! Sources and targets: regular files and block devices, whole or a byte
+//! range of one (a partition addressed through its table, never through a
+//! kernel partition node).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::ioctl;
+
+/// Random-access reads of exactly `buf.len()` bytes.
+pub trait ReadAt: Send + Sync {
+    /// Fill `buf` from `offset`; an error if the range is not fully readable.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Size of the readable space in bytes.
+    fn size(&self) -> u64;
+}
+
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| eof())?;
+        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+        let src = self.get(start..end).ok_or_else(eof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the source")
+}
+
+/// What kind of object a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A regular file (disk image file).
+    File,
+    /// A block device.
+    Block,
+}
+
+/// An open file or block device with its size and sector size.
+#[derive(Debug)]
+pub struct Device {
+    file: File,
+    path: PathBuf,
+    kind: DeviceKind,
+    size: u64,
+    sector_size: u32,
+    physical_sector_size: u32,
+    writable: bool,
+}
+
+/// How to open a device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenMode {
+    /// Open read-write.
+    pub write: bool,
+    /// For regular files: create it when missing (size set by the caller).
+    pub create: bool,
+    /// For block devices: open with O_EXCL so the kernel refuses when a
+    /// partition is mounted or otherwise held.
+    pub exclusive: bool,
+}
+
+impl Device {
+    /// Open a source read-only.
+    pub fn open_read(path: &Path) -> io::Result<Device> {
+        Self::open(path, OpenMode::default())
+    }
+
+    /// Open with the given mode, reading size and sector size from the
+    /// kernel for block devices.
+    pub fn open(path: &Path, mode: OpenMode) -> io::Result<Device> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(mode.write);
+        if mode.create {
+            opts.create(true);
+        }
+        if mode.exclusive {
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let file = opts.open(path)?;
+        let meta = file.metadata()?;
+        let ft = meta.file_type();
+        let (kind, size, ss, pss) = if ft.is_block_device() {
+            let fd = file.as_fd();
+            let size = ioctl::block_size_bytes(fd)?;
+            let ss = ioctl::logical_sector_size(fd)?;
+            let pss = ioctl::physical_sector_size(fd).unwrap_or(ss);
+            (DeviceKind::Block, size, ss, pss)
+        } else if ft.is_file() {
+            (DeviceKind::File, meta.len(), 512, 512)
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is neither a regular file nor a block device", path.display()),
+            ));
+        };
+        Ok(Device {
+            file,
+            path: path.to_path_buf(),
+            kind,
+            size,
+            sector_size: ss,
+            physical_sector_size: pss,
+            writable: mode.write,
+        })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// File or block device.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Logical sector size (512 for regular files unless overridden).
+    pub fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+    /// Physical sector size.
+    pub fn physical_sector_size(&self) -> u32 {
+        self.physical_sector_size
+    }
+    /// Treat a regular file as having this logical sector size (disk image
+    /// files carry no sector size of their own).
+    pub fn set_sector_size(&mut self, ss: u32) {
+        if self.kind == DeviceKind::File {
+            self.sector_size = ss;
+            self.physical_sector_size = ss;
+        }
+    }
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    /// Opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Grow a regular file to `len` bytes (sparse). Block devices cannot grow.
+    pub fn grow_to(&mut self, len: u64) -> io::Result<()> {
+        if self.kind != DeviceKind::File {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "cannot resize a block device"));
+        }
+        if len > self.size {
+            self.file.set_len(len)?;
+            self.size = len;
+        }
+        Ok(())
+    }
+
+    /// Write all of `buf` at `offset`, refusing to write past the end.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        if end > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("write of {} bytes at {offset} past the end ({})", buf.len(), self.size),
+            ));
+        }
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Make a range read back as zeros, cheaply where the kernel can
+    /// (hole punching on files, BLKZEROOUT on block devices).
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let aligned = offset % 512 == 0 && len % 512 == 0;
+        match self.kind {
+            DeviceKind::File => {
+                use std::os::fd::AsRawFd;
+                let r = nix::fcntl::fallocate(
+                    self.file.as_raw_fd(),
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    offset as i64,
+                    len as i64,
+                );
+                if r.is_ok() {
+                    return Ok(());
+                }
+            }
+            DeviceKind::Block if aligned && offset % self.sector_size as u64 == 0 => {
+                if ioctl::zero_out(self.file.as_fd(), offset, len).is_ok() {
+                    return Ok(());
+                }
+            }
+            DeviceKind::Block => {}
+        }
+        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            self.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// For regular files: true when `[offset, offset+len)` is entirely a
+    /// hole (reads as zeros without touching the data). Always false for
+    /// block devices.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        if self.kind != DeviceKind::File || len == 0 {
+            return false;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: lseek on a descriptor we own; SEEK_DATA only queries, and we
+        // never rely on the file position (all I/O is positional).
+        let next = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+        if next < 0 {
+            // ENXIO: no data at or after offset.
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        next as u64 >= offset + len
+    }
+
+    /// Flush written data to stable storage. An error here is fatal for the
+    /// job: a failed fsync may have dropped the dirty pages.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+impl ReadAt for Device {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.size) {
+            return Err(eof());
+        }
+        self.file.read_exact_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// A byte range of a device: a whole device, or one partition of it.
+#[derive(Debug, Clone)]
+pub struct Region {
+    dev: Arc<Device>,
+    offset: u64,
+    len: u64,
+}
+
+impl Region {
+    /// The whole device.
+    pub fn whole(dev: Arc<Device>) -> Region {
+        let len = dev.size();
+        Region { dev, offset: 0, len }
+    }
+
+    /// A sub-range; an error when it does not fit the device.
+    pub fn new(dev: Arc<Device>, offset: u64, len: u64) -> io::Result<Region> {
+        if offset.checked_add(len).is_none_or(|e| e > dev.size()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} does not fit {} ({} bytes)",
+                    dev.path().display(),
+                    dev.size()
+                ),
+            ));
+        }
+        Ok(Region { dev, offset, len })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+    /// Start on the device, in bytes.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// True for an empty range.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, offset: u64, n: usize) -> io::Result<u64> {
+        match offset.checked_add(n as u64) {
+            Some(end) if end <= self.len => Ok(self.offset + offset),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("access of {n} bytes at {offset} outside a region of {} bytes", self.len),
+            )),
+        }
+    }
+
+    /// Write inside the region (bounds checked).
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let at = self.check(offset, buf.len())?;
+        self.dev.write_all_at(buf, at)
+    }
+
+    /// Zero a range inside the region.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let at = self.check(offset, len as usize)?;
+        self.dev.zero_range(at, len)
+    }
+
+    /// True when the range is a hole of a regular file.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.check(offset, len as usize)
+            .map(|at| self.dev.is_hole(at, len))
+            .unwrap_or(false)
+    }
+}
+
+impl ReadAt for Region {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let at = self.check(offset, buf.len())?;
+        self.dev.file().read_exact_at(buf, at)
+    }
+    fn size(&self) -> u64 {
+        self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_bounds_are_enforced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![7u8; 8192]).expect("write");
+        let dev = Arc::new(Device::open(&p, OpenMode { write: true, ..Default::default() }).expect("open"));
+        assert_eq!(dev.kind(), DeviceKind::File);
+        let r = Region::new(dev.clone(), 4096, 2048).expect("region");
+        let mut b = [0u8; 2048];
+        r.read_exact_at(&mut b, 0).expect("read");
+        assert!(r.read_exact_at(&mut b, 1).is_err());
+        assert!(r.write_all_at(&[1, 2, 3], 2046).is_err());
+        r.write_all_at(&[1, 2], 2046).expect("write at end");
+        assert!(Region::new(dev, 8000, 200).is_err());
+    }
+
+    #[test]
+    fn zero_range_and_hole_detection_on_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![0xaau8; 1 << 20]).expect("write");
+        let dev = Device::open(&p, OpenMode { write: true, ..Default::default() }).expect("open");
+        assert!(!dev.is_hole(0, 65536));
+        dev.zero_range(65536, 65536).expect("zero");
+        let mut b = vec![1u8; 65536];
+        dev.read_exact_at(&mut b, 65536).expect("read");
+        assert!(b.iter().all(|&x| x == 0));
+    }
+}

@@ -1,0 +1,15 @@
+//! `aula-imager`: the imaging engine of Aula.
+//!
+//! An image is a JSON manifest plus content-addressed chunks (see
+//! `FORMAT.md`). This crate reads sources and writes targets (files, block
+//! devices, partitions addressed by byte range), builds used-extent maps from
+//! filesystems, and runs the create / restore / verify pipelines against a
+//! repository (a local directory or an HTTP service).
+
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod extent;
+pub mod fs;
+mod ioctl;
+pub mod table;

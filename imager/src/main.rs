@@ -1,0 +1,5 @@
+//! `aula-imager` command-line interface.
+
+fn main() {
+    println!("aula-imager");
+}
