@@ -21,6 +21,7 @@ pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod table;
+pub mod tls;
 pub mod verify;
 
 pub use error::{Error, Result};
