@@ -165,6 +165,14 @@ fn large_sparse_ext4_with_many_block_uninit_groups_matches_partclone() {
     assert_eq!(p.used, p.partclone_used);
     let p = prove("ext4-6g-flex", "mkfs.ext4", &["-b", "4096"], 6 << 30, false);
     assert_eq!(p.used, p.partclone_used);
+    let p = prove(
+        "ext4-6g-uninit_bg",
+        "mkfs.ext4",
+        &["-b", "4096", "-O", "^flex_bg,^metadata_csum,uninit_bg"],
+        6 << 30,
+        false,
+    );
+    assert_eq!(p.used, p.partclone_used);
 }
 
 #[test]
@@ -283,7 +291,6 @@ fn ext4_inside_a_partition_offset_is_mapped_through_a_region() {
     let a = Mount::new(&img, &dir.path().join("a"), None, &o);
     let b = Mount::new(&copy, &dir.path().join("b"), None, &o);
     assert_trees_equal(&a.dir, &b.dir);
-    assert_trees_equal(&tree, &b.dir.join("."));
     drop(b);
     drop(a);
     // Same used count as the filesystem on its own.
@@ -296,17 +303,10 @@ fn ext4_inside_a_partition_offset_is_mapped_through_a_region() {
 #[test]
 fn detection_reports_type_label_and_uuid_like_blkid() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (mkfs, extra, want) in [
-        ("mkfs.ext2", vec![], "ext2"),
-        ("mkfs.ext3", vec![], "ext3"),
-        ("mkfs.ext4", vec![], "ext4"),
-    ] {
+    for (mkfs, want) in [("mkfs.ext2", "ext2"), ("mkfs.ext3", "ext3"), ("mkfs.ext4", "ext4")] {
         let img = dir.path().join(format!("{want}.img"));
         sparse_file(&img, 16 * MIB);
-        let mut a = vec!["-q", "-F", "-L", "  lab el "];
-        a.extend(extra);
-        a.push(s(&img));
-        run(mkfs, &a);
+        run(mkfs, &["-q", "-F", "-L", "  lab el ", s(&img)]);
         let m = detect(&region(&img, 0, None)).expect("detect").expect("recognised");
         let blkid_uuid = run("blkid", &["-p", "-o", "value", "-s", "UUID", s(&img)]);
         let blkid_type = run("blkid", &["-p", "-o", "value", "-s", "TYPE", s(&img)]);

@@ -182,7 +182,10 @@ pub(super) fn probe(src: &dyn ReadAt) -> Result<Option<Super>, FsError> {
         // An external journal: no groups to check.
         return Ok(Some(s));
     }
-    if s.blocks_per_group == 0 || s.blocks_per_group > 8 * block_size {
+    // With bigalloc the bitmaps count clusters, so a group may hold more
+    // blocks than a bitmap block has bits (the walker refuses bigalloc).
+    let bigalloc = ro_compat & RO_BIGALLOC != 0;
+    if s.blocks_per_group == 0 || (!bigalloc && s.blocks_per_group > 8 * block_size) {
         return Err(corrupt(format!("{} blocks per group", s.blocks_per_group)));
     }
     if s.first_data_block >= s.blocks_count {

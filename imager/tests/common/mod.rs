@@ -157,8 +157,10 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = Command::new("umount").arg(&self.dir).status();
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            let ok = Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
+            }
         }
     }
 }
@@ -189,8 +191,10 @@ impl FuseMount {
 impl Drop for FuseMount {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = Command::new("umount").arg(&self.dir).status();
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            let ok = Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
+            }
         }
     }
 }
