@@ -11,6 +11,6 @@
 pub mod device;
 pub mod extent;
 pub mod fs;
-pub mod legacy;
 mod ioctl;
+pub mod legacy;
 pub mod table;

@@ -56,7 +56,10 @@ fn prove(tag: &str, mkfs: &str, args: &[&str], size: u64, modify: bool) -> Prove
         .expect("recognised");
     let took = t.elapsed();
     let used = map.used.used_bytes();
-    assert!(used > 0 && used < size, "{tag}: implausible used bytes {used}");
+    assert!(
+        used > 0 && used < size,
+        "{tag}: implausible used bytes {used}"
+    );
     assert!(map.used.end() <= map.meta.fs_size.expect("fs size"));
 
     let copy = dir.path().join("copy.img");
@@ -79,7 +82,11 @@ fn prove(tag: &str, mkfs: &str, args: &[&str], size: u64, modify: bool) -> Prove
         pc.used_blocks,
         pc.block_size
     ));
-    Proved { used, partclone_used, fstype: map.meta.fstype }
+    Proved {
+        used,
+        partclone_used,
+        fstype: map.meta.fstype,
+    }
 }
 
 #[test]
@@ -97,7 +104,13 @@ fn ext4_1k_blocks_keeps_the_boot_block_and_matches_partclone() {
 
 #[test]
 fn ext4_without_flex_bg_matches_partclone() {
-    let p = prove("ext4-noflex", "mkfs.ext4", &["-b", "4096", "-O", "^flex_bg"], 160 * MIB, true);
+    let p = prove(
+        "ext4-noflex",
+        "mkfs.ext4",
+        &["-b", "4096", "-O", "^flex_bg"],
+        160 * MIB,
+        true,
+    );
     assert_eq!(p.used, p.partclone_used);
 }
 
@@ -183,11 +196,19 @@ fn map_of_a_4_gib_ext4_takes_milliseconds() {
     run("mkfs.ext4", &["-q", "-F", s(&img)]);
     let src = region(&img, 0, None);
     // Warm the page cache, then time.
-    used_map(&src, MapOptions::default()).expect("map").expect("ext4");
+    used_map(&src, MapOptions::default())
+        .expect("map")
+        .expect("ext4");
     let t = Instant::now();
-    let map = used_map(&src, MapOptions::default()).expect("map").expect("ext4");
+    let map = used_map(&src, MapOptions::default())
+        .expect("map")
+        .expect("ext4");
     let took = t.elapsed();
-    note(&format!("4 GiB ext4: {} extents, {} used bytes, {took:?}", map.used.len(), map.used.used_bytes()));
+    note(&format!(
+        "4 GiB ext4: {} extents, {} used bytes, {took:?}",
+        map.used.len(),
+        map.used.used_bytes()
+    ));
     assert!(took.as_millis() < 300, "map took {took:?}");
 }
 
@@ -196,12 +217,17 @@ fn bigalloc_is_refused_as_unsupported() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("b.img");
     sparse_file(&img, 64 * MIB);
-    run("mkfs.ext4", &["-q", "-F", "-O", "bigalloc", "-C", "16384", s(&img)]);
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", "-O", "bigalloc", "-C", "16384", s(&img)],
+    );
     let src = region(&img, 0, None);
     let meta = detect(&src).expect("detect").expect("recognised");
     assert_eq!(meta.fstype, "ext4");
     match used_map(&src, MapOptions { force: true }) {
-        Err(FsError::Unsupported { feature, .. }) => assert!(feature.contains("bigalloc"), "{feature}"),
+        Err(FsError::Unsupported { feature, .. }) => {
+            assert!(feature.contains("bigalloc"), "{feature}")
+        }
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
@@ -224,7 +250,9 @@ fn mounted_ext4_is_unclean_unless_forced() {
         Err(FsError::Unclean { why, .. }) => assert!(why.contains("recovery"), "{why}"),
         other => panic!("expected Unclean, got {other:?}"),
     }
-    let forced = used_map(&src, MapOptions { force: true }).expect("forced map").expect("ext4");
+    let forced = used_map(&src, MapOptions { force: true })
+        .expect("forced map")
+        .expect("ext4");
     assert!(forced.used.used_bytes() > 0);
     // Once unmounted the same filesystem maps without force.
     assert!(used_map(&region(&img, 0, None), MapOptions::default()).is_ok());
@@ -278,10 +306,23 @@ fn ext4_inside_a_partition_offset_is_mapped_through_a_region() {
     let eopt = format!("offset={off},nodiscard");
     run(
         "mkfs.ext4",
-        &["-q", "-F", "-b", "4096", "-E", &eopt, "-d", s(&tree), s(&img), &blocks],
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-E",
+            &eopt,
+            "-d",
+            s(&tree),
+            s(&img),
+            &blocks,
+        ],
     );
     let src = region(&img, off, Some(fs_len));
-    let map = used_map(&src, MapOptions::default()).expect("map").expect("ext4");
+    let map = used_map(&src, MapOptions::default())
+        .expect("map")
+        .expect("ext4");
     assert_eq!(map.meta.fs_size, Some(fs_len));
     let copy = dir.path().join("copy.img");
     copy_used(&img, off, &map.used, &copy);
@@ -303,11 +344,17 @@ fn ext4_inside_a_partition_offset_is_mapped_through_a_region() {
 #[test]
 fn detection_reports_type_label_and_uuid_like_blkid() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (mkfs, want) in [("mkfs.ext2", "ext2"), ("mkfs.ext3", "ext3"), ("mkfs.ext4", "ext4")] {
+    for (mkfs, want) in [
+        ("mkfs.ext2", "ext2"),
+        ("mkfs.ext3", "ext3"),
+        ("mkfs.ext4", "ext4"),
+    ] {
         let img = dir.path().join(format!("{want}.img"));
         sparse_file(&img, 16 * MIB);
         run(mkfs, &["-q", "-F", "-L", "  lab el ", s(&img)]);
-        let m = detect(&region(&img, 0, None)).expect("detect").expect("recognised");
+        let m = detect(&region(&img, 0, None))
+            .expect("detect")
+            .expect("recognised");
         let blkid_uuid = run("blkid", &["-p", "-o", "value", "-s", "UUID", s(&img)]);
         let blkid_type = run("blkid", &["-p", "-o", "value", "-s", "TYPE", s(&img)]);
         assert_eq!(m.fstype, want);
@@ -320,5 +367,7 @@ fn detection_reports_type_label_and_uuid_like_blkid() {
     let z = dir.path().join("zero.img");
     sparse_file(&z, 4 * MIB);
     assert!(detect(&region(&z, 0, None)).expect("detect").is_none());
-    assert!(used_map(&region(&z, 0, None), MapOptions::default()).expect("map").is_none());
+    assert!(used_map(&region(&z, 0, None), MapOptions::default())
+        .expect("map")
+        .is_none());
 }

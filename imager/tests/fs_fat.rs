@@ -22,7 +22,11 @@ fn mtools(tool: &str, img: &Path, offset: u64, args: &[&str]) {
         .args(&a)
         .output()
         .expect("spawn mtools");
-    assert!(out.status.success(), "{tool} {a:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{tool} {a:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Everything in the filesystem, extracted into `out`.
@@ -39,15 +43,29 @@ struct Proved {
 /// plus the metadata area before the first cluster.
 fn fsck_used_bytes(part: &Path) -> u64 {
     let out = run("fsck.fat", &["-n", "-v", s(part)]);
-    let line = out.lines().rev().find(|l| l.contains(" clusters")).expect("summary line");
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains(" clusters"))
+        .expect("summary line");
     let frac = line.split_whitespace().rev().nth(1).expect("used/total");
-    let used_clusters: u64 = frac.split('/').next().expect("used").parse().expect("number");
+    let used_clusters: u64 = frac
+        .split('/')
+        .next()
+        .expect("used")
+        .parse()
+        .expect("number");
     let b = peek(part, 0, 512);
     let u16at = |o: usize| u64::from(u16::from_le_bytes([b[o], b[o + 1]]));
     let u32at = |o: usize| u64::from(u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]));
     let bps = u16at(0x0B);
-    let fat_size = if u16at(0x16) != 0 { u16at(0x16) } else { u32at(0x24) };
-    let meta_sectors = u16at(0x0E) + u64::from(b[0x10]) * fat_size + (u16at(0x11) * 32).div_ceil(bps);
+    let fat_size = if u16at(0x16) != 0 {
+        u16at(0x16)
+    } else {
+        u32at(0x24)
+    };
+    let meta_sectors =
+        u16at(0x0E) + u64::from(b[0x10]) * fat_size + (u16at(0x11) * 32).div_ceil(bps);
     meta_sectors * bps + used_clusters * u64::from(b[0x0D]) * bps
 }
 
@@ -62,7 +80,14 @@ enum Partclone {
     ReportOnly,
 }
 
-fn prove(tag: &str, fat_bits: &str, extra: &[&str], size: u64, offset: u64, pc: Partclone) -> Proved {
+fn prove(
+    tag: &str,
+    fat_bits: &str,
+    extra: &[&str],
+    size: u64,
+    offset: u64,
+    pc: Partclone,
+) -> Proved {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("fat.img");
     let total = offset + size + MIB;
@@ -70,14 +95,23 @@ fn prove(tag: &str, fat_bits: &str, extra: &[&str], size: u64, offset: u64, pc: 
     fill_garbage(&img, 0, total, 0xfa7 ^ size);
     let sectors = (size / 1024).to_string(); // mkfs.fat counts 1 KiB blocks
     let off_sectors = (offset / 512).to_string();
-    let mut a = vec!["-F", fat_bits, "-n", "AULA TEST", "--offset", off_sectors.as_str()];
+    let mut a = vec![
+        "-F",
+        fat_bits,
+        "-n",
+        "AULA TEST",
+        "--offset",
+        off_sectors.as_str(),
+    ];
     a.extend_from_slice(extra);
     a.extend([s(&img), sectors.as_str()]);
     run("mkfs.fat", &a);
 
     let tree = dir.path().join("tree");
     make_tree(&tree, 40, 120_000, 17);
-    let dirs: Vec<String> = (0..5).map(|i| s(&tree.join(format!("d{i}"))).to_string()).collect();
+    let dirs: Vec<String> = (0..5)
+        .map(|i| s(&tree.join(format!("d{i}"))).to_string())
+        .collect();
     let mut a: Vec<&str> = vec!["-s"];
     a.extend(dirs.iter().map(|x| x.as_str()));
     a.push("::/");
@@ -89,7 +123,9 @@ fn prove(tag: &str, fat_bits: &str, extra: &[&str], size: u64, offset: u64, pc: 
     }
 
     let src = region(&img, offset, Some(size));
-    let map = used_map(&src, MapOptions::default()).expect("map").expect("recognised");
+    let map = used_map(&src, MapOptions::default())
+        .expect("map")
+        .expect("recognised");
     let used = map.used.used_bytes();
     assert!(used > 0 && used < size);
 
@@ -103,7 +139,11 @@ fn prove(tag: &str, fat_bits: &str, extra: &[&str], size: u64, offset: u64, pc: 
     extract_all(&copy, offset, &dir.path().join("b"));
     assert_trees_equal(&dir.path().join("a"), &dir.path().join("b"));
 
-    assert_eq!(used, fsck_used_bytes(&part), "{tag}: differs from fsck.fat's count");
+    assert_eq!(
+        used,
+        fsck_used_bytes(&part),
+        "{tag}: differs from fsck.fat's count"
+    );
     {
         let want_equal = pc == Partclone::Equal;
         let pc = partclone_header("partclone.fat", &part, dir.path());
@@ -116,10 +156,16 @@ fn prove(tag: &str, fat_bits: &str, extra: &[&str], size: u64, offset: u64, pc: 
             pc.used_blocks * pc.block_size
         ));
         if want_equal {
-            assert_eq!(used, pc.used_blocks * pc.block_size, "{tag}: differs from partclone");
+            assert_eq!(
+                used,
+                pc.used_blocks * pc.block_size,
+                "{tag}: differs from partclone"
+            );
         }
     }
-    Proved { fstype: map.meta.fstype }
+    Proved {
+        fstype: map.meta.fstype,
+    }
 }
 
 #[test]
@@ -142,7 +188,14 @@ fn fat32_map_is_fsck_clean_complete_and_equals_partclone() {
 
 #[test]
 fn fat32_inside_a_partition_offset_is_mapped_through_a_region() {
-    let p = prove("fat32@2MiB", "32", &["-s", "1"], 48 * MIB, 2 * MIB, Partclone::Equal);
+    let p = prove(
+        "fat32@2MiB",
+        "32",
+        &["-s", "1"],
+        48 * MIB,
+        2 * MIB,
+        Partclone::Equal,
+    );
     assert_eq!(p.fstype, "fat32");
 }
 
@@ -155,13 +208,17 @@ fn fat_type_follows_the_cluster_count_not_the_type_string() {
     assert_eq!(&peek(&img, 0x36, 8), b"FAT12   ");
     // A lying type string changes nothing: < 4085 clusters is FAT12.
     poke(&img, 0x36, b"FAT16   ");
-    let m = detect(&region(&img, 0, None)).expect("detect").expect("fat");
+    let m = detect(&region(&img, 0, None))
+        .expect("detect")
+        .expect("fat");
     assert_eq!(m.fstype, "fat12");
     let img = dir.path().join("y.img");
     sparse_file(&img, 8 * MIB);
     run("mkfs.fat", &["-F", "16", "-s", "1", s(&img)]);
     poke(&img, 0x36, b"FAT12   ");
-    let m = detect(&region(&img, 0, None)).expect("detect").expect("fat");
+    let m = detect(&region(&img, 0, None))
+        .expect("detect")
+        .expect("fat");
     assert_eq!(m.fstype, "fat16");
 }
 
@@ -171,8 +228,23 @@ fn fat_detection_matches_blkid_label_and_volume_id() {
     for (bits, size) in [("12", 2 * MIB), ("16", 32 * MIB), ("32", 40 * MIB)] {
         let img = dir.path().join(format!("f{bits}.img"));
         sparse_file(&img, size);
-        run("mkfs.fat", &["-F", bits, "-s", "1", "-n", "MY DISK", "-i", "1a2b3c4d", s(&img)]);
-        let m = detect(&region(&img, 0, None)).expect("detect").expect("fat");
+        run(
+            "mkfs.fat",
+            &[
+                "-F",
+                bits,
+                "-s",
+                "1",
+                "-n",
+                "MY DISK",
+                "-i",
+                "1a2b3c4d",
+                s(&img),
+            ],
+        );
+        let m = detect(&region(&img, 0, None))
+            .expect("detect")
+            .expect("fat");
         assert_eq!(m.fstype, format!("fat{bits}"));
         assert_eq!(m.uuid.as_deref(), Some("1A2B-3C4D"));
         let blkid_uuid = run("blkid", &["-p", "-o", "value", "-s", "UUID", s(&img)]);
@@ -187,7 +259,10 @@ fn fat_detection_matches_blkid_label_and_volume_id() {
 #[test]
 fn fat16_and_fat32_dirty_bit_in_fat1_is_unclean_unless_forced() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (bits, size, width, clean_bit) in [("16", 32 * MIB, 2usize, 0x8000u32), ("32", 40 * MIB, 4, 0x0800_0000)] {
+    for (bits, size, width, clean_bit) in [
+        ("16", 32 * MIB, 2usize, 0x8000u32),
+        ("32", 40 * MIB, 4, 0x0800_0000),
+    ] {
         let img = dir.path().join(format!("d{bits}.img"));
         sparse_file(&img, size);
         run("mkfs.fat", &["-F", bits, "-s", "1", s(&img)]);
@@ -196,7 +271,10 @@ fn fat16_and_fat32_dirty_bit_in_fat1_is_unclean_unless_forced() {
         let mut e = [0u8; 4];
         e[..width].copy_from_slice(&peek(&img, at, width));
         let v = u32::from_le_bytes(e);
-        assert!(used_map(&region(&img, 0, None), MapOptions::default()).is_ok(), "clean first");
+        assert!(
+            used_map(&region(&img, 0, None), MapOptions::default()).is_ok(),
+            "clean first"
+        );
         poke(&img, at, &(v & !clean_bit).to_le_bytes()[..width]);
         match used_map(&region(&img, 0, None), MapOptions::default()) {
             Err(FsError::Unclean { why, .. }) => assert!(why.contains("dirty"), "{why}"),

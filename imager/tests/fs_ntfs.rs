@@ -24,7 +24,8 @@ fn make_ntfs(dir: &Path, size: u64, fill: bool) -> std::path::PathBuf {
         let m = FuseMount::ntfs(&img, &dir.join("mnt"), false);
         make_tree(&m.dir.join("tree"), 300, 200_000, 23);
         for i in (0..300).step_by(4) {
-            fs::remove_file(m.dir.join(format!("tree/d{}/sub{}/f{i}.bin", i % 5, i % 3))).expect("rm");
+            fs::remove_file(m.dir.join(format!("tree/d{}/sub{}/f{i}.bin", i % 5, i % 3)))
+                .expect("rm");
         }
         let mut big = vec![0u8; 9 << 20];
         Rng(5).fill(&mut big);
@@ -74,7 +75,9 @@ fn ntfs_map_copy_is_consistent_complete_and_partclone_plus_backup_boot_sector() 
 fn ntfs_detection_matches_blkid() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_ntfs(dir.path(), 16 * MIB, false);
-    let m = detect(&region(&img, 0, None)).expect("detect").expect("ntfs");
+    let m = detect(&region(&img, 0, None))
+        .expect("detect")
+        .expect("ntfs");
     let uuid = run("blkid", &["-p", "-o", "value", "-s", "UUID", s(&img)]);
     let label = run("blkid", &["-p", "-o", "value", "-s", "LABEL", s(&img)]);
     assert_eq!(m.fstype, "ntfs");
@@ -117,7 +120,10 @@ fn ntfs_dirty_volume_is_unclean_unless_forced() {
     let f = peek(&img, at, 2);
     poke(&img, at, &[f[0] | 1, f[1]]);
     let (_, out) = run_status("ntfsfix", &["-n", s(&img)]);
-    note(&format!("ntfsfix on the dirty volume: {}", out.lines().last().unwrap_or("")));
+    note(&format!(
+        "ntfsfix on the dirty volume: {}",
+        out.lines().last().unwrap_or("")
+    ));
     match used_map(&region(&img, 0, None), MapOptions::default()) {
         Err(FsError::Unclean { why, .. }) => assert!(why.contains("dirty"), "{why}"),
         other => panic!("expected Unclean, got {other:?}"),

@@ -79,6 +79,7 @@ pub fn set_bit(bitmap: &mut [u8], i: u64) {
 }
 
 /// Tests bit `i` (LSB-first numbering); out-of-range bits read as clear.
+#[cfg(test)]
 pub fn test_bit(bitmap: &[u8], i: u64) -> bool {
     usize::try_from(i / 8)
         .ok()

@@ -146,7 +146,9 @@ pub(super) fn probe(src: &dyn ReadAt) -> Result<Option<Super>, FsError> {
 
     let log_bs = le32(&sb, 0x18);
     if log_bs > 6 {
-        return Err(corrupt(format!("block size 1024 << {log_bs} is out of range")));
+        return Err(corrupt(format!(
+            "block size 1024 << {log_bs} is out of range"
+        )));
     }
     let block_size = 1024u64 << log_bs;
     let is64 = incompat & INCOMPAT_64BIT != 0;
@@ -155,7 +157,11 @@ pub(super) fn probe(src: &dyn ReadAt) -> Result<Option<Super>, FsError> {
         blocks_count |= u64::from(le32(&sb, 0x150)) << 32;
     }
     let rev = le32(&sb, 0x4C);
-    let inode_size = if rev == 0 { 128 } else { u64::from(le16(&sb, 0x58)) };
+    let inode_size = if rev == 0 {
+        128
+    } else {
+        u64::from(le16(&sb, 0x58))
+    };
     let desc_size = if is64 { u64::from(le16(&sb, 0xFE)) } else { 32 };
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&sb[0x68..0x78]);
@@ -200,7 +206,11 @@ pub(super) fn probe(src: &dyn ReadAt) -> Result<Option<Super>, FsError> {
     if s.inodes_per_group == 0 || s.inodes_per_group > 8 * block_size {
         return Err(corrupt(format!("{} inodes per group", s.inodes_per_group)));
     }
-    if s.desc_size < 32 || s.desc_size > block_size || !s.desc_size.is_power_of_two() || (is64 && s.desc_size < 64) {
+    if s.desc_size < 32
+        || s.desc_size > block_size
+        || !s.desc_size.is_power_of_two()
+        || (is64 && s.desc_size < 64)
+    {
         return Err(corrupt(format!("group descriptor size {}", s.desc_size)));
     }
     Ok(Some(s))
@@ -257,7 +267,7 @@ impl Super {
         if g <= 1 || self.ro_compat & RO_SPARSE_SUPER == 0 {
             return true;
         }
-        if g % 2 == 0 {
+        if g.is_multiple_of(2) {
             return false;
         }
         is_power_of(g, 3) || is_power_of(g, 5) || is_power_of(g, 7)
@@ -295,7 +305,9 @@ impl Super {
         if !self.has_feature_meta_bg() || g / dpb < self.first_meta_bg {
             if has_super {
                 let start = first + 1;
-                let n = self.old_desc_blocks().min(self.blocks_count.saturating_sub(start));
+                let n = self
+                    .old_desc_blocks()
+                    .min(self.blocks_count.saturating_sub(start));
                 out.push((start, n));
             }
         } else {
@@ -307,11 +319,17 @@ impl Super {
     }
 
     fn fs_err_unsupported(&self, feature: String) -> FsError {
-        FsError::Unsupported { fs: self.fstype, feature }
+        FsError::Unsupported {
+            fs: self.fstype,
+            feature,
+        }
     }
 
     fn corrupt(&self, why: String) -> FsError {
-        FsError::Corrupt { fs: self.fstype, why }
+        FsError::Corrupt {
+            fs: self.fstype,
+            why,
+        }
     }
 
     /// Refuses what the walker does not understand, and unclean filesystems
@@ -332,7 +350,9 @@ impl Super {
         }
         let unknown = self.ro_compat & !RO_KNOWN;
         if unknown != 0 {
-            return Err(self.fs_err_unsupported(format!("read-only-compatible feature bits {unknown:#x}")));
+            return Err(
+                self.fs_err_unsupported(format!("read-only-compatible feature bits {unknown:#x}"))
+            );
         }
         let fs_size = self
             .blocks_count
@@ -359,7 +379,10 @@ impl Super {
                 why.push("orphan inodes present");
             }
             if !why.is_empty() {
-                return Err(FsError::Unclean { fs: self.fstype, why: why.join(", ") });
+                return Err(FsError::Unclean {
+                    fs: self.fstype,
+                    why: why.join(", "),
+                });
             }
         }
         Ok(())
@@ -370,7 +393,11 @@ impl Super {
         let groups = self.group_count();
         let nblocks = self.gdt_blocks();
         let bs = self.block_size;
-        let mut raw = vec![0u8; usize::try_from(nblocks * bs).map_err(|_| self.corrupt("descriptor table too large".into()))?];
+        let mut raw = vec![
+            0u8;
+            usize::try_from(nblocks * bs)
+                .map_err(|_| self.corrupt("descriptor table too large".into()))?
+        ];
         // Read runs of consecutive descriptor blocks at once.
         let mut i = 0;
         while i < nblocks {
@@ -380,7 +407,9 @@ impl Super {
                 n += 1;
             }
             if first + n > self.blocks_count {
-                return Err(self.corrupt(format!("descriptor block {first} lies beyond the filesystem")));
+                return Err(self.corrupt(format!(
+                    "descriptor block {first} lies beyond the filesystem"
+                )));
             }
             let at = (i * bs) as usize;
             src.read_exact_at(&mut raw[at..at + (n * bs) as usize], first * bs)?;
@@ -403,7 +432,11 @@ impl Super {
     }
 
     /// Builds the used-byte map.
-    pub(super) fn used_map(&self, src: &dyn ReadAt, opts: MapOptions) -> Result<ExtentMap, FsError> {
+    pub(super) fn used_map(
+        &self,
+        src: &dyn ReadAt,
+        opts: MapOptions,
+    ) -> Result<ExtentMap, FsError> {
         self.check(src, opts)?;
         let descs = self.read_descriptors(src)?;
         let bs = self.block_size;
@@ -430,7 +463,11 @@ impl Super {
                 let count = self.group_block_count(g);
                 scratch.clear();
                 self.base_meta(g, &mut scratch);
-                for (blk, n) in [(d.block_bitmap, 1), (d.inode_bitmap, 1), (d.inode_table, itb)] {
+                for (blk, n) in [
+                    (d.block_bitmap, 1),
+                    (d.inode_bitmap, 1),
+                    (d.inode_table, itb),
+                ] {
                     if blk != 0 {
                         scratch.push((blk, n));
                     }
@@ -438,7 +475,9 @@ impl Super {
                 for &(blk, n) in &scratch {
                     let end = blk.saturating_add(n);
                     if end > self.blocks_count {
-                        return Err(self.corrupt(format!("group {g} metadata at block {blk}+{n} lies beyond the filesystem")));
+                        return Err(self.corrupt(format!(
+                            "group {g} metadata at block {blk}+{n} lies beyond the filesystem"
+                        )));
                     }
                     // Part inside the group goes into its bitmap.
                     let s = blk.max(first);
@@ -469,14 +508,22 @@ impl Super {
                 n += 1;
             }
             if first_bm < self.first_data_block || first_bm + n > self.blocks_count {
-                return Err(self.corrupt(format!("group {g} block bitmap at block {first_bm} lies outside the filesystem")));
+                return Err(self.corrupt(format!(
+                    "group {g} block bitmap at block {first_bm} lies outside the filesystem"
+                )));
             }
             batch.resize((n * bs) as usize, 0);
             src.read_exact_at(&mut batch, first_bm * bs)?;
             for k in 0..n {
                 let gg = g + k;
                 let bm = &batch[(k * bs) as usize..((k + 1) * bs) as usize];
-                add_group_runs(&mut map, bm, self.group_first_block(gg), self.group_block_count(gg), bs);
+                add_group_runs(
+                    &mut map,
+                    bm,
+                    self.group_first_block(gg),
+                    self.group_block_count(gg),
+                    bs,
+                );
             }
             g += n;
         }
@@ -498,11 +545,13 @@ struct Desc {
 }
 
 fn add_group_runs(map: &mut ExtentMap, bitmap: &[u8], first_block: u64, count: u64, bs: u64) {
-    for_each_set_run(bitmap, count, |s, n| map.add((first_block + s) * bs, n * bs));
+    for_each_set_run(bitmap, count, |s, n| {
+        map.add((first_block + s) * bs, n * bs)
+    });
 }
 
 fn is_power_of(mut n: u64, base: u64) -> bool {
-    while n > 1 && n % base == 0 {
+    while n > 1 && n.is_multiple_of(base) {
         n /= base;
     }
     n == 1
@@ -511,7 +560,14 @@ fn is_power_of(mut n: u64, base: u64) -> bool {
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase, as blkid prints it.
 pub(super) fn format_uuid(u: &[u8; 16]) -> String {
     let h = hex::encode(u);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -554,7 +610,8 @@ mod tests {
     #[test]
     fn uuid_is_formatted_like_blkid() {
         let u = [
-            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef,
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+            0xcd, 0xef,
         ];
         assert_eq!(format_uuid(&u), "12345678-9abc-def0-0123-456789abcdef");
     }

@@ -64,7 +64,9 @@ impl Kind {
                 let v = u16::from_le_bytes([b[0], b[1]]);
                 Some(u32::from(if n % 2 == 0 { v & 0x0FFF } else { v >> 4 }))
             }
-            Kind::Fat16 => fat.get(2 * n..2 * n + 2).map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
+            Kind::Fat16 => fat
+                .get(2 * n..2 * n + 2)
+                .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
             Kind::Fat32 => fat
                 .get(4 * n..4 * n + 4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x0FFF_FFFF),
@@ -125,9 +127,17 @@ fn parse_boot(b: &[u8; 512]) -> Option<Fat> {
         return None;
     }
     let tot16 = u64::from(le16(b, 0x13));
-    let total_sectors = if tot16 != 0 { tot16 } else { u64::from(le32(b, 0x20)) };
+    let total_sectors = if tot16 != 0 {
+        tot16
+    } else {
+        u64::from(le32(b, 0x20))
+    };
     let fat16_size = u64::from(le16(b, 0x16));
-    let fat_sectors = if fat16_size != 0 { fat16_size } else { u64::from(le32(b, 0x24)) };
+    let fat_sectors = if fat16_size != 0 {
+        fat16_size
+    } else {
+        u64::from(le32(b, 0x24))
+    };
     if total_sectors == 0 || fat_sectors == 0 {
         return None;
     }
@@ -184,7 +194,9 @@ fn parse_boot(b: &[u8; 512]) -> Option<Fat> {
         root_cluster: if is32 { le32(b, 0x2C) } else { 0 },
         state_byte: b[ext + 1],
         serial: has_ext.then(|| le32(b, ext + 3)),
-        label: has_ext.then(|| label_from_bytes(&b[ext + 7..ext + 18])).flatten(),
+        label: has_ext
+            .then(|| label_from_bytes(&b[ext + 7..ext + 18]))
+            .flatten(),
     })
 }
 
@@ -248,7 +260,8 @@ impl Fat {
                 }
                 pieces.push((self.data_offset() + (c - 2) * cb, cb));
                 let mut e = [0u8; 4];
-                src.read_exact_at(&mut e, self.fat_offset(self.active_fat) + 4 * c).ok()?;
+                src.read_exact_at(&mut e, self.fat_offset(self.active_fat) + 4 * c)
+                    .ok()?;
                 c = u64::from(u32::from_le_bytes(e) & 0x0FFF_FFFF);
             }
         } else {
@@ -272,13 +285,20 @@ impl Fat {
     }
 
     /// Builds the used-byte map.
-    pub(super) fn used_map(&self, src: &dyn ReadAt, opts: MapOptions) -> Result<ExtentMap, FsError> {
+    pub(super) fn used_map(
+        &self,
+        src: &dyn ReadAt,
+        opts: MapOptions,
+    ) -> Result<ExtentMap, FsError> {
         let fs = self.name();
         let size = self.total_sectors * self.bps;
         if size > src.size() {
             return Err(FsError::Corrupt {
                 fs,
-                why: format!("filesystem spans {size} bytes but the region holds only {}", src.size()),
+                why: format!(
+                    "filesystem spans {size} bytes but the region holds only {}",
+                    src.size()
+                ),
             });
         }
         let fat_base = self.fat_offset(self.active_fat);
@@ -308,7 +328,10 @@ impl Fat {
                 why.push("dirty flag set in the boot sector");
             }
             if !why.is_empty() {
-                return Err(FsError::Unclean { fs, why: why.join(", ") });
+                return Err(FsError::Unclean {
+                    fs,
+                    why: why.join(", "),
+                });
             }
         }
 

@@ -171,12 +171,14 @@ pub fn used_map(src: &dyn ReadAt, opts: MapOptions) -> Result<Option<FsMap>, FsE
 
 /// Little-endian `u16` at `o`; 0 when out of range (callers check sizes).
 pub(crate) fn le16(b: &[u8], o: usize) -> u16 {
-    b.get(o..o + 2).map_or(0, |x| u16::from_le_bytes([x[0], x[1]]))
+    b.get(o..o + 2)
+        .map_or(0, |x| u16::from_le_bytes([x[0], x[1]]))
 }
 
 /// Little-endian `u32` at `o`; 0 when out of range.
 pub(crate) fn le32(b: &[u8], o: usize) -> u32 {
-    b.get(o..o + 4).map_or(0, |x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+    b.get(o..o + 4)
+        .map_or(0, |x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
 }
 
 /// Little-endian `u64` at `o`; 0 when out of range.
@@ -196,5 +198,6 @@ pub(crate) fn until_nul(b: &[u8]) -> &[u8] {
 
 /// Labels as blkid shows them: surrounding blanks removed.
 pub(crate) fn trim_label(s: &str) -> String {
-    s.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string()
+    s.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+        .to_string()
 }

@@ -51,7 +51,10 @@ const FIXUP_STRIDE: usize = 512;
 const BITMAP_CHUNK: u64 = 1 << 20;
 
 fn corrupt(why: impl Into<String>) -> FsError {
-    FsError::Corrupt { fs: FS, why: why.into() }
+    FsError::Corrupt {
+        fs: FS,
+        why: why.into(),
+    }
 }
 
 /// One run of a non-resident attribute: `len` clusters starting at virtual
@@ -112,7 +115,11 @@ pub(crate) fn decode_runlist(bytes: &[u8], lowest_vcn: u64) -> Result<Vec<Run>, 
             }
             Some(lcn as u64)
         };
-        runs.push(Run { vcn, len, lcn: run_lcn });
+        runs.push(Run {
+            vcn,
+            len,
+            lcn: run_lcn,
+        });
         vcn = vcn.checked_add(len).ok_or("runlist overflows")?;
         pos += 1 + len_size + off_size;
     }
@@ -126,7 +133,10 @@ pub(crate) fn apply_fixups(rec: &mut [u8]) -> Result<(), String> {
     let usa_ofs = usize::from(le16(rec, 4));
     let usa_count = usize::from(le16(rec, 6));
     if usa_count < 2 || (usa_count - 1) * FIXUP_STRIDE != rec.len() {
-        return Err(format!("update sequence array of {usa_count} entries for a {}-byte record", rec.len()));
+        return Err(format!(
+            "update sequence array of {usa_count} entries for a {}-byte record",
+            rec.len()
+        ));
     }
     if usa_ofs % 2 != 0 || usa_ofs + 2 * usa_count > FIXUP_STRIDE - 2 {
         return Err(format!("update sequence array at offset {usa_ofs}"));
@@ -155,7 +165,11 @@ struct Attr {
 #[derive(Debug, Clone)]
 enum AttrBody {
     Resident(Vec<u8>),
-    NonResident { lowest_vcn: u64, data_size: u64, runs: Vec<Run> },
+    NonResident {
+        lowest_vcn: u64,
+        data_size: u64,
+        runs: Vec<Run>,
+    },
 }
 
 /// Parses the attributes of a record whose fixups were applied.
@@ -169,8 +183,10 @@ fn parse_attrs(rec: &[u8]) -> Result<Vec<Attr>, FsError> {
             return Ok(out);
         }
         let len = le32(rec, pos + 4) as usize;
-        if len < 0x18 || len % 8 != 0 || pos + len > used {
-            return Err(corrupt(format!("attribute {ty:#x} of length {len} at {pos} overruns its record")));
+        if len < 0x18 || !len.is_multiple_of(8) || pos + len > used {
+            return Err(corrupt(format!(
+                "attribute {ty:#x} of length {len} at {pos} overruns its record"
+            )));
         }
         let a = &rec[pos..pos + len];
         let non_resident = a[8] != 0;
@@ -178,24 +194,42 @@ fn parse_attrs(rec: &[u8]) -> Result<Vec<Attr>, FsError> {
         let flags = le16(a, 0x0C);
         let body = if non_resident {
             if len < 0x40 {
-                return Err(corrupt(format!("non-resident attribute {ty:#x} is too short")));
+                return Err(corrupt(format!(
+                    "non-resident attribute {ty:#x} is too short"
+                )));
             }
             let lowest_vcn = le64(a, 0x10);
             let mp = usize::from(le16(a, 0x20));
             let runs = a
                 .get(mp..)
-                .ok_or_else(|| corrupt(format!("attribute {ty:#x}: runlist offset {mp} out of range")))
-                .and_then(|r| decode_runlist(r, lowest_vcn).map_err(|e| corrupt(format!("attribute {ty:#x}: {e}"))))?;
-            AttrBody::NonResident { lowest_vcn, data_size: le64(a, 0x30), runs }
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "attribute {ty:#x}: runlist offset {mp} out of range"
+                    ))
+                })
+                .and_then(|r| {
+                    decode_runlist(r, lowest_vcn)
+                        .map_err(|e| corrupt(format!("attribute {ty:#x}: {e}")))
+                })?;
+            AttrBody::NonResident {
+                lowest_vcn,
+                data_size: le64(a, 0x30),
+                runs,
+            }
         } else {
             let vlen = le32(a, 0x10) as usize;
             let voff = usize::from(le16(a, 0x14));
-            let v = a
-                .get(voff..voff.saturating_add(vlen))
-                .ok_or_else(|| corrupt(format!("resident attribute {ty:#x} overruns its record")))?;
+            let v = a.get(voff..voff.saturating_add(vlen)).ok_or_else(|| {
+                corrupt(format!("resident attribute {ty:#x} overruns its record"))
+            })?;
             AttrBody::Resident(v.to_vec())
         };
-        out.push(Attr { ty, named, flags, body });
+        out.push(Attr {
+            ty,
+            named,
+            flags,
+            body,
+        });
         pos += len;
     }
     Err(corrupt("attribute list of a record is not terminated"))
@@ -285,7 +319,13 @@ impl Ntfs {
     }
 
     /// Reads `len` bytes at byte `offset` of a non-resident attribute's data.
-    fn read_runs(&self, src: &dyn ReadAt, runs: &[Run], offset: u64, buf: &mut [u8]) -> Result<(), FsError> {
+    fn read_runs(
+        &self,
+        src: &dyn ReadAt,
+        runs: &[Run],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FsError> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -302,7 +342,9 @@ impl Ntfs {
                 Some(lcn) => {
                     let at = lcn * self.cluster + (pos - run.vcn * self.cluster);
                     if at + n as u64 > self.total_sectors * self.bps + self.bps {
-                        return Err(corrupt(format!("run at cluster {lcn} lies beyond the volume")));
+                        return Err(corrupt(format!(
+                            "run at cluster {lcn} lies beyond the volume"
+                        )));
                     }
                     src.read_exact_at(piece, at)?;
                 }
@@ -314,11 +356,18 @@ impl Ntfs {
 
     /// Reads MFT record `n` through the MFT's runlist (or, for bootstrapping,
     /// straight from the MFT's first cluster) and applies its fixups.
-    fn read_record(&self, src: &dyn ReadAt, mft: Option<&[Run]>, n: u64) -> Result<Vec<u8>, FsError> {
+    fn read_record(
+        &self,
+        src: &dyn ReadAt,
+        mft: Option<&[Run]>,
+        n: u64,
+    ) -> Result<Vec<u8>, FsError> {
         let mut rec = vec![0u8; self.record_size as usize];
         match mft {
             Some(runs) => self.read_runs(src, runs, n * self.record_size, &mut rec)?,
-            None => src.read_exact_at(&mut rec, self.mft_lcn * self.cluster + n * self.record_size)?,
+            None => {
+                src.read_exact_at(&mut rec, self.mft_lcn * self.cluster + n * self.record_size)?
+            }
         }
         if &rec[0..4] != b"FILE" {
             return Err(corrupt(format!("MFT record {n} has no FILE signature")));
@@ -334,7 +383,12 @@ impl Ntfs {
     /// `n`, following an `$ATTRIBUTE_LIST` when there is one. `mft` is the
     /// MFT's runlist, `None` while reading `$MFT` itself (its extension
     /// records are then read through the pieces found so far).
-    fn data_runs(&self, src: &dyn ReadAt, mft: Option<&[Run]>, n: u64) -> Result<(Vec<Run>, u64), FsError> {
+    fn data_runs(
+        &self,
+        src: &dyn ReadAt,
+        mft: Option<&[Run]>,
+        n: u64,
+    ) -> Result<(Vec<Run>, u64), FsError> {
         let base = parse_attrs(&self.read_record(src, mft, n)?)?;
         let mut pieces: Vec<(u64, u64, Vec<Run>)> = Vec::new(); // (lowest vcn, data size, runs)
         let take = |a: &Attr, pieces: &mut Vec<(u64, u64, Vec<Run>)>| -> Result<(), FsError> {
@@ -345,7 +399,11 @@ impl Ntfs {
                 });
             }
             match &a.body {
-                AttrBody::NonResident { lowest_vcn, data_size, runs } => {
+                AttrBody::NonResident {
+                    lowest_vcn,
+                    data_size,
+                    runs,
+                } => {
                     pieces.push((*lowest_vcn, *data_size, runs.clone()));
                     Ok(())
                 }
@@ -362,8 +420,14 @@ impl Ntfs {
             Some(l) => {
                 let content = match &l.body {
                     AttrBody::Resident(v) => v.clone(),
-                    AttrBody::NonResident { data_size, runs, .. } => {
-                        let mut v = vec![0u8; usize::try_from(*data_size).map_err(|_| corrupt("huge attribute list"))?];
+                    AttrBody::NonResident {
+                        data_size, runs, ..
+                    } => {
+                        let mut v = vec![
+                            0u8;
+                            usize::try_from(*data_size)
+                                .map_err(|_| corrupt("huge attribute list"))?
+                        ];
                         self.read_runs(src, runs, 0, &mut v)?;
                         v
                     }
@@ -404,7 +468,9 @@ impl Ntfs {
             return Err(corrupt(format!("record {n} has no $DATA")));
         };
         if first.0 != 0 {
-            return Err(corrupt(format!("$DATA of record {n} does not start at VCN 0")));
+            return Err(corrupt(format!(
+                "$DATA of record {n} does not start at VCN 0"
+            )));
         }
         let size = first.1;
         let runs: Vec<Run> = pieces.into_iter().flat_map(|p| p.2).collect();
@@ -417,13 +483,19 @@ impl Ntfs {
 
     fn volume_info(&self, src: &dyn ReadAt, mft: &[Run]) -> Result<VolumeInfo, FsError> {
         let attrs = parse_attrs(&self.read_record(src, Some(mft), MFT_RECORD_VOLUME)?)?;
-        let mut info = VolumeInfo { label: None, flags: 0 };
+        let mut info = VolumeInfo {
+            label: None,
+            flags: 0,
+        };
         let mut seen_info = false;
         for a in attrs {
             if let AttrBody::Resident(v) = &a.body {
                 match a.ty {
                     AT_VOLUME_NAME => {
-                        let units: Vec<u16> = v.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                        let units: Vec<u16> = v
+                            .chunks_exact(2)
+                            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                            .collect();
                         let s = trim_label(&String::from_utf16_lossy(&units));
                         info.label = (!s.is_empty()).then_some(s);
                     }
@@ -442,7 +514,11 @@ impl Ntfs {
     }
 
     /// Builds the used map (and the metadata with the label).
-    pub(super) fn used_map(&self, src: &dyn ReadAt, opts: MapOptions) -> Result<(FsMeta, ExtentMap), FsError> {
+    pub(super) fn used_map(
+        &self,
+        src: &dyn ReadAt,
+        opts: MapOptions,
+    ) -> Result<(FsMeta, ExtentMap), FsError> {
         let vol_bytes = self.total_sectors * self.bps;
         if vol_bytes > src.size() {
             return Err(corrupt(format!(
@@ -453,13 +529,18 @@ impl Ntfs {
         let mft = self.mft_runs(src)?;
         let vol = self.volume_info(src, &mft)?;
         if !opts.force && vol.flags & VOLUME_IS_DIRTY != 0 {
-            return Err(FsError::Unclean { fs: FS, why: "volume dirty flag is set".into() });
+            return Err(FsError::Unclean {
+                fs: FS,
+                why: "volume dirty flag is set".into(),
+            });
         }
         let (bm_runs, bm_size) = self.data_runs(src, Some(&mft), MFT_RECORD_BITMAP)?;
         let clusters = self.total_clusters();
         let need = clusters.div_ceil(8);
         if bm_size < need {
-            return Err(corrupt(format!("$Bitmap holds {bm_size} bytes, {need} needed")));
+            return Err(corrupt(format!(
+                "$Bitmap holds {bm_size} bytes, {need} needed"
+            )));
         }
         let mut map = ExtentMap::new();
         let mut buf = Vec::new();
@@ -470,7 +551,9 @@ impl Ntfs {
             self.read_runs(src, &bm_runs, off, &mut buf)?;
             let first = off * 8;
             let nbits = (clusters - first).min(n * 8);
-            for_each_set_run(&buf, nbits, |s, c| map.add((first + s) * self.cluster, c * self.cluster));
+            for_each_set_run(&buf, nbits, |s, c| {
+                map.add((first + s) * self.cluster, c * self.cluster)
+            });
             off += n;
         }
         // The backup boot sector follows the volume.
@@ -497,7 +580,9 @@ fn parse_attr_list(v: &[u8]) -> Result<Vec<ListEntry>, FsError> {
     while pos + 0x1A <= v.len() {
         let len = usize::from(le16(v, pos + 4));
         if len < 0x1A || pos + len > v.len() {
-            return Err(corrupt(format!("attribute list entry of length {len} at {pos}")));
+            return Err(corrupt(format!(
+                "attribute list entry of length {len} at {pos}"
+            )));
         }
         out.push(ListEntry {
             ty: le32(v, pos),
@@ -521,25 +606,51 @@ mod tests {
         // 0x01: 0x08 sparse clusters.
         // 0x31: 3-byte offset 0x010000: 0x20 clusters at prev + 0x10000.
         let rl = [
-            0x21, 0x18, 0x34, 0x56, 0x11, 0x10, 0xF0, 0x01, 0x08, 0x31, 0x20, 0x00, 0x00, 0x01, 0x00,
+            0x21, 0x18, 0x34, 0x56, 0x11, 0x10, 0xF0, 0x01, 0x08, 0x31, 0x20, 0x00, 0x00, 0x01,
+            0x00,
         ];
         let runs = decode_runlist(&rl, 0).expect("valid");
         assert_eq!(
             runs,
             vec![
-                Run { vcn: 0, len: 0x18, lcn: Some(0x5634) },
-                Run { vcn: 0x18, len: 0x10, lcn: Some(0x5624) },
-                Run { vcn: 0x28, len: 0x08, lcn: None },
-                Run { vcn: 0x30, len: 0x20, lcn: Some(0x15624) },
+                Run {
+                    vcn: 0,
+                    len: 0x18,
+                    lcn: Some(0x5634)
+                },
+                Run {
+                    vcn: 0x18,
+                    len: 0x10,
+                    lcn: Some(0x5624)
+                },
+                Run {
+                    vcn: 0x28,
+                    len: 0x08,
+                    lcn: None
+                },
+                Run {
+                    vcn: 0x30,
+                    len: 0x20,
+                    lcn: Some(0x15624)
+                },
             ]
         );
     }
 
     #[test]
     fn runlist_rejects_negative_clusters_and_missing_terminator() {
-        assert!(decode_runlist(&[0x11, 0x04, 0xFF, 0x00], 0).is_err(), "lcn -1");
-        assert!(decode_runlist(&[0x11, 0x04, 0x10], 0).is_err(), "no terminator");
-        assert!(decode_runlist(&[0x09, 0x00], 0).is_err(), "length field of 9 bytes");
+        assert!(
+            decode_runlist(&[0x11, 0x04, 0xFF, 0x00], 0).is_err(),
+            "lcn -1"
+        );
+        assert!(
+            decode_runlist(&[0x11, 0x04, 0x10], 0).is_err(),
+            "no terminator"
+        );
+        assert!(
+            decode_runlist(&[0x09, 0x00], 0).is_err(),
+            "length field of 9 bytes"
+        );
         assert_eq!(decode_runlist(&[0x00], 7).expect("empty"), vec![]);
     }
 

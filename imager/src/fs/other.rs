@@ -28,7 +28,9 @@ pub(super) fn exfat(boot: &[u8; 512]) -> Option<FsMeta> {
     }
     let bps_shift = u32::from(boot[0x6C]);
     let spc_shift = u32::from(boot[0x6D]);
-    let block_size = 1u64.checked_shl(bps_shift + spc_shift).and_then(|b| u32::try_from(b).ok());
+    let block_size = 1u64
+        .checked_shl(bps_shift + spc_shift)
+        .and_then(|b| u32::try_from(b).ok());
     let fs_size = le64(boot, 0x48).checked_mul(1u64.checked_shl(bps_shift).unwrap_or(0));
     Some(FsMeta {
         fstype: "exfat".into(),
@@ -54,7 +56,8 @@ pub(super) fn exfat_label(src: &dyn ReadAt, boot: &[u8; 512]) -> Option<String> 
         return None;
     }
     let mut buf = vec![0u8; usize::try_from(cluster.min(1 << 20)).ok()?];
-    src.read_exact_at(&mut buf, heap + (root - 2) * cluster).ok()?;
+    src.read_exact_at(&mut buf, heap + (root - 2) * cluster)
+        .ok()?;
     for e in buf.chunks_exact(32) {
         match e[0] {
             0x00 => break,
@@ -172,7 +175,10 @@ mod tests {
         let m = xfs(&img).expect("read").expect("xfs");
         assert_eq!(m.fstype, "xfs");
         assert_eq!(m.label.as_deref(), Some("data"));
-        assert_eq!(m.uuid.as_deref(), Some("00010203-0405-0607-0809-0a0b0c0d0e0f"));
+        assert_eq!(
+            m.uuid.as_deref(),
+            Some("00010203-0405-0607-0809-0a0b0c0d0e0f")
+        );
         assert_eq!(m.fs_size, Some(4096 * 1000));
         img[0] = b'Y';
         assert!(xfs(&img).expect("read").is_none());
@@ -189,7 +195,10 @@ mod tests {
         img[sb + 0x12B..sb + 0x12B + 4].copy_from_slice(b"root");
         let m = btrfs(&img).expect("read").expect("btrfs");
         assert_eq!(m.label.as_deref(), Some("root"));
-        assert_eq!(m.uuid.as_deref(), Some("ab000000-0000-0000-0000-000000000000"));
+        assert_eq!(
+            m.uuid.as_deref(),
+            Some("ab000000-0000-0000-0000-000000000000")
+        );
         assert_eq!(m.fs_size, Some(1 << 30));
     }
 

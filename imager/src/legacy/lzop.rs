@@ -132,11 +132,22 @@ impl<R: Read> LzopReader<R> {
         let mut c = [0u8; 4];
         inner.read_exact(&mut c)?;
         let want = u32::from_be_bytes(c);
-        let got = if flags & F_H_CRC32 != 0 { crc32fast::hash(&h) } else { adler32(&h) };
+        let got = if flags & F_H_CRC32 != 0 {
+            crc32fast::hash(&h)
+        } else {
+            adler32(&h)
+        };
         if want != got {
             return Err(bad("header checksum mismatch"));
         }
-        Ok(LzopReader { inner, flags, out: Vec::new(), pos: 0, cbuf: Vec::new(), done: false })
+        Ok(LzopReader {
+            inner,
+            flags,
+            out: Vec::new(),
+            pos: 0,
+            cbuf: Vec::new(),
+            done: false,
+        })
     }
 
     fn read_u32(&mut self) -> io::Result<u32> {
@@ -155,8 +166,16 @@ impl<R: Read> LzopReader<R> {
         if ulen > MAX_BLOCK || clen > ulen {
             return Err(bad(format!("block of {clen} -> {ulen} bytes")));
         }
-        let d_adler = if self.flags & F_ADLER32_D != 0 { Some(self.read_u32()?) } else { None };
-        let d_crc = if self.flags & F_CRC32_D != 0 { Some(self.read_u32()?) } else { None };
+        let d_adler = if self.flags & F_ADLER32_D != 0 {
+            Some(self.read_u32()?)
+        } else {
+            None
+        };
+        let d_crc = if self.flags & F_CRC32_D != 0 {
+            Some(self.read_u32()?)
+        } else {
+            None
+        };
         let compressed = clen < ulen;
         let (mut c_adler, mut c_crc) = (None, None);
         if compressed {
@@ -169,19 +188,26 @@ impl<R: Read> LzopReader<R> {
         }
         self.cbuf.resize(clen, 0);
         self.inner.read_exact(&mut self.cbuf)?;
-        if c_adler.is_some_and(|v| v != adler32(&self.cbuf)) || c_crc.is_some_and(|v| v != crc32fast::hash(&self.cbuf)) {
+        if c_adler.is_some_and(|v| v != adler32(&self.cbuf))
+            || c_crc.is_some_and(|v| v != crc32fast::hash(&self.cbuf))
+        {
             return Err(bad("compressed block checksum mismatch"));
         }
         self.out.clear();
         if compressed {
             lzo1x_decompress(&self.cbuf, &mut self.out, ulen).map_err(|e| bad(e.to_string()))?;
             if self.out.len() != ulen {
-                return Err(bad(format!("block decompressed to {} bytes, {ulen} expected", self.out.len())));
+                return Err(bad(format!(
+                    "block decompressed to {} bytes, {ulen} expected",
+                    self.out.len()
+                )));
             }
         } else {
             self.out.extend_from_slice(&self.cbuf);
         }
-        if d_adler.is_some_and(|v| v != adler32(&self.out)) || d_crc.is_some_and(|v| v != crc32fast::hash(&self.out)) {
+        if d_adler.is_some_and(|v| v != adler32(&self.out))
+            || d_crc.is_some_and(|v| v != crc32fast::hash(&self.out))
+        {
             return Err(bad("block checksum mismatch"));
         }
         self.pos = 0;
@@ -250,7 +276,10 @@ impl Input<'_> {
         }
     }
     fn literals(&mut self, n: usize, out: &mut Vec<u8>, max: usize) -> Result<(), LzoError> {
-        let s = self.src.get(self.ip..self.ip + n).ok_or(LzoError::InputOverrun)?;
+        let s = self
+            .src
+            .get(self.ip..self.ip + n)
+            .ok_or(LzoError::InputOverrun)?;
         if out.len() + n > max {
             return Err(LzoError::OutputOverrun);
         }
@@ -305,13 +334,21 @@ pub(crate) fn lzo1x_decompress(src: &[u8], out: &mut Vec<u8>, max: usize) -> Res
             state = t & 3;
         } else if t >= 32 {
             // M3: within 16 KiB.
-            len = if t & 31 == 0 { 31 + inp.ext_len()? + 2 } else { (t & 31) + 2 };
+            len = if t & 31 == 0 {
+                31 + inp.ext_len()? + 2
+            } else {
+                (t & 31) + 2
+            };
             let d = inp.le16()?;
             dist = (d >> 2) + 1;
             state = d & 3;
         } else if t >= 16 {
             // M4: 16-48 KiB, or the end marker.
-            len = if t & 7 == 0 { 7 + inp.ext_len()? + 2 } else { (t & 7) + 2 };
+            len = if t & 7 == 0 {
+                7 + inp.ext_len()? + 2
+            } else {
+                (t & 7) + 2
+            };
             let d = inp.le16()?;
             let far = ((t & 8) << 11) + (d >> 2);
             if far == 0 {
@@ -321,7 +358,11 @@ pub(crate) fn lzo1x_decompress(src: &[u8], out: &mut Vec<u8>, max: usize) -> Res
             state = d & 3;
         } else if state == 0 {
             // Literal run of 4 or more.
-            let n = if t == 0 { 15 + inp.ext_len()? + 3 } else { t + 3 };
+            let n = if t == 0 {
+                15 + inp.ext_len()? + 3
+            } else {
+                t + 3
+            };
             inp.literals(n, out, max)?;
             state = 4;
             continue;
@@ -383,12 +424,21 @@ mod tests {
         );
         // Literals past the input.
         out.clear();
-        assert_eq!(lzo1x_decompress(&[30, b'a'], &mut out, 100), Err(LzoError::InputOverrun));
+        assert_eq!(
+            lzo1x_decompress(&[30, b'a'], &mut out, 100),
+            Err(LzoError::InputOverrun)
+        );
         // Output limit.
         out.clear();
-        assert_eq!(lzo1x_decompress(&[22, 1, 2, 3, 4, 5], &mut out, 3), Err(LzoError::OutputOverrun));
+        assert_eq!(
+            lzo1x_decompress(&[22, 1, 2, 3, 4, 5], &mut out, 3),
+            Err(LzoError::OutputOverrun)
+        );
         // No end marker.
         out.clear();
-        assert_eq!(lzo1x_decompress(&[18, b'a'], &mut out, 100), Err(LzoError::InputOverrun));
+        assert_eq!(
+            lzo1x_decompress(&[18, b'a'], &mut out, 100),
+            Err(LzoError::InputOverrun)
+        );
     }
 }

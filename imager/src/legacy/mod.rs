@@ -92,7 +92,9 @@ pub enum LegacyError {
         source: io::Error,
     },
     /// A strip of blocks failed its checksum; it was not written.
-    #[error("checksum mismatch in strip {strip} (blocks from {first_block}); the strip was not written")]
+    #[error(
+        "checksum mismatch in strip {strip} (blocks from {first_block}); the strip was not written"
+    )]
     Checksum {
         /// Strip index (0-based).
         strip: u64,
@@ -179,13 +181,18 @@ pub fn looks_like_partclone(first: &[u8]) -> bool {
 fn decoder(c: Compression, r: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + Send>> {
     Ok(match c {
         Compression::None => r,
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, r))),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(1 << 20, r),
+        )),
         Compression::Zstd => {
             let mut d = zstd::stream::read::Decoder::new(r)?;
             d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
             Box::new(d)
         }
-        Compression::Lzop => Box::new(lzop::LzopReader::new(io::BufReader::with_capacity(1 << 20, r))?),
+        Compression::Lzop => Box::new(lzop::LzopReader::new(io::BufReader::with_capacity(
+            1 << 20,
+            r,
+        ))?),
     })
 }
 
@@ -243,7 +250,9 @@ pub struct PartcloneStream {
 
 impl std::fmt::Debug for PartcloneStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartcloneStream").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("PartcloneStream")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -273,7 +282,10 @@ fn fill(r: &mut dyn Read, buf: &mut [u8], what: &str, c: Compression) -> Result<
                 return Err(LegacyError::Truncated(format!("{what}: {e}")))
             }
             Err(e) if c != Compression::None => {
-                return Err(LegacyError::Decompress { compression: c, source: e })
+                return Err(LegacyError::Decompress {
+                    compression: c,
+                    source: e,
+                })
             }
             Err(e) => return Err(LegacyError::Io(e)),
         }
@@ -297,14 +309,21 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
     let head = head[..got].to_vec();
     let compression = match sniff_compression(&head) {
         Some(c) => c,
-        None if head.starts_with(&XZ_MAGIC) => return Err(LegacyError::Unsupported("xz compression".into())),
-        None if head.starts_with(&BZIP2_MAGIC) => return Err(LegacyError::Unsupported("bzip2 compression".into())),
+        None if head.starts_with(&XZ_MAGIC) => {
+            return Err(LegacyError::Unsupported("xz compression".into()))
+        }
+        None if head.starts_with(&BZIP2_MAGIC) => {
+            return Err(LegacyError::Unsupported("bzip2 compression".into()))
+        }
         None => return Err(LegacyError::NotPartclone),
     };
     let chained: Box<dyn Read + Send> = Box::new(io::Cursor::new(head).chain(reader));
     let mut r = decoder(compression, chained).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => LegacyError::Truncated("compressed stream header".into()),
-        _ => LegacyError::Decompress { compression, source: e },
+        _ => LegacyError::Decompress {
+            compression,
+            source: e,
+        },
     })?;
 
     let mut h = [0u8; HEADER_LEN];
@@ -341,7 +360,9 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
     let reseed = h[104] != 0;
     let bitmap_mode = h[105];
     if bitmap_mode != BM_BIT {
-        return Err(LegacyError::Unsupported(format!("bitmap mode {bitmap_mode}")));
+        return Err(LegacyError::Unsupported(format!(
+            "bitmap mode {bitmap_mode}"
+        )));
     }
     match checksum_mode {
         CSM_NONE => {}
@@ -351,12 +372,19 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
                 "CRC32 with checksum size {checksum_size} every {blocks_per_checksum} blocks"
             )))
         }
-        m => return Err(LegacyError::Unsupported(format!("checksum mode {m:#x} (only none and CRC32)"))),
+        m => {
+            return Err(LegacyError::Unsupported(format!(
+                "checksum mode {m:#x} (only none and CRC32)"
+            )))
+        }
     }
     if block_size == 0 || block_size > (64 << 20) {
         return Err(LegacyError::BadHeader(format!("block size {block_size}")));
     }
-    if total_blocks.checked_mul(u64::from(block_size)).is_none_or(|b| b > device_size) {
+    if total_blocks
+        .checked_mul(u64::from(block_size))
+        .is_none_or(|b| b > device_size)
+    {
         return Err(LegacyError::BadHeader(format!(
             "{total_blocks} blocks of {block_size} bytes exceed the device size {device_size}"
         )));
@@ -386,10 +414,21 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
         used_blocks,
         block_size,
         checksum_mode,
-        blocks_per_checksum: if checksum_mode == CSM_NONE { 0 } else { blocks_per_checksum },
+        blocks_per_checksum: if checksum_mode == CSM_NONE {
+            0
+        } else {
+            blocks_per_checksum
+        },
         compression,
     };
-    Ok(PartcloneStream { info, checksum_size, reseed, bitmap, reader: r, compression })
+    Ok(PartcloneStream {
+        info,
+        checksum_size,
+        reseed,
+        bitmap,
+        reader: r,
+        compression,
+    })
 }
 
 /// Gathers verified runs of blocks into large writes.
@@ -443,7 +482,9 @@ impl PartcloneStream {
     pub fn used_map(&self) -> ExtentMap {
         let bs = u64::from(self.info.block_size);
         let mut m = ExtentMap::new();
-        for_each_set_run(&self.bitmap, self.info.total_blocks, |s, n| m.add(s * bs, n * bs));
+        for_each_set_run(&self.bitmap, self.info.total_blocks, |s, n| {
+            m.add(s * bs, n * bs)
+        });
         m
     }
 
@@ -462,7 +503,10 @@ impl PartcloneStream {
     ) -> Result<LegacyStats, LegacyError> {
         let need = self.info.device_size;
         if target.len() < need {
-            return Err(LegacyError::TargetTooSmall { need, have: target.len() });
+            return Err(LegacyError::TargetTooSmall {
+                need,
+                have: target.len(),
+            });
         }
         let bs = u64::from(self.info.block_size);
         let with_sum = self.info.checksum_mode == CSM_CRC32;
@@ -472,10 +516,21 @@ impl PartcloneStream {
             (NOSUM_STRIP_BYTES / bs).max(1)
         };
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for_each_set_run(&self.bitmap, self.info.total_blocks, |s, n| runs.push((s, n)));
+        for_each_set_run(&self.bitmap, self.info.total_blocks, |s, n| {
+            runs.push((s, n))
+        });
 
-        let mut writer = Writer { target, at: 0, buf: Vec::with_capacity(WRITE_BATCH), written: 0 };
-        let mut strip = vec![0u8; usize::try_from(per_strip * bs).map_err(|_| LegacyError::Unsupported("strip size".into()))?];
+        let mut writer = Writer {
+            target,
+            at: 0,
+            buf: Vec::with_capacity(WRITE_BATCH),
+            written: 0,
+        };
+        let mut strip = vec![
+            0u8;
+            usize::try_from(per_strip * bs)
+                .map_err(|_| LegacyError::Unsupported("strip size".into()))?
+        ];
         let mut stats = LegacyStats::default();
         let mut crc_state: u32 = !0;
         let mut run_idx = 0usize;
@@ -490,15 +545,28 @@ impl PartcloneStream {
             let n = per_strip.min(remaining);
             let data = &mut strip[..(n * bs) as usize];
             let first_block = runs.get(run_idx).map_or(0, |r| r.0 + in_run);
-            fill(&mut *self.reader, data, &format!("strip {strip_no}"), self.compression)?;
+            fill(
+                &mut *self.reader,
+                data,
+                &format!("strip {strip_no}"),
+                self.compression,
+            )?;
             if with_sum {
-                fill(&mut *self.reader, &mut sum, &format!("checksum of strip {strip_no}"), self.compression)?;
+                fill(
+                    &mut *self.reader,
+                    &mut sum,
+                    &format!("checksum of strip {strip_no}"),
+                    self.compression,
+                )?;
                 if self.reseed {
                     crc_state = !0;
                 }
                 crc_state = pc_crc(crc_state, data);
                 if crc_state.to_le_bytes()[..] != sum[..] {
-                    return Err(LegacyError::Checksum { strip: strip_no, first_block });
+                    return Err(LegacyError::Checksum {
+                        strip: strip_no,
+                        first_block,
+                    });
                 }
                 stats.strips_verified += 1;
             }
@@ -542,13 +610,23 @@ impl PartcloneStream {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return Err(LegacyError::Truncated(format!("compressed stream trailer: {e}")))
+                    return Err(LegacyError::Truncated(format!(
+                        "compressed stream trailer: {e}"
+                    )))
                 }
-                Err(e) => return Err(LegacyError::Decompress { compression: self.compression, source: e }),
+                Err(e) => {
+                    return Err(LegacyError::Decompress {
+                        compression: self.compression,
+                        source: e,
+                    })
+                }
             }
         }
         if extra > 0 {
-            tracing::warn!(bytes = extra, "trailing data after the last partclone block ignored");
+            tracing::warn!(
+                bytes = extra,
+                "trailing data after the last partclone block ignored"
+            );
         }
         target.device().sync()?;
         Ok(stats)
@@ -570,9 +648,18 @@ mod tests {
 
     #[test]
     fn sniffing_tells_containers_apart() {
-        assert_eq!(sniff_compression(b"partclone-image\0..."), Some(Compression::None));
-        assert_eq!(sniff_compression(&[0x1F, 0x8B, 8, 0]), Some(Compression::Gzip));
-        assert_eq!(sniff_compression(&[0x28, 0xB5, 0x2F, 0xFD, 0]), Some(Compression::Zstd));
+        assert_eq!(
+            sniff_compression(b"partclone-image\0..."),
+            Some(Compression::None)
+        );
+        assert_eq!(
+            sniff_compression(&[0x1F, 0x8B, 8, 0]),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            sniff_compression(&[0x28, 0xB5, 0x2F, 0xFD, 0]),
+            Some(Compression::Zstd)
+        );
         assert_eq!(sniff_compression(&lzop::MAGIC), Some(Compression::Lzop));
         assert_eq!(sniff_compression(b"{\"format\": \"aula-image\"}"), None);
         assert!(!looks_like_partclone(b"{\"format\": \"aula-image\"}"));
@@ -584,8 +671,14 @@ mod tests {
 
     #[test]
     fn garbage_is_not_partclone_and_xz_is_unsupported() {
-        assert!(matches!(open(Box::new(&b"hello world, not an image"[..])), Err(LegacyError::NotPartclone)));
+        assert!(matches!(
+            open(Box::new(&b"hello world, not an image"[..])),
+            Err(LegacyError::NotPartclone)
+        ));
         let xz = [0xFD, b'7', b'z', b'X', b'Z', 0, 0, 0];
-        assert!(matches!(open(Box::new(io::Cursor::new(xz))), Err(LegacyError::Unsupported(_))));
+        assert!(matches!(
+            open(Box::new(io::Cursor::new(xz))),
+            Err(LegacyError::Unsupported(_))
+        ));
     }
 }

@@ -64,14 +64,18 @@ pub fn sparse_file(path: &Path, len: u64) {
 /// Fills `[offset, offset+len)` of a file with pseudo-random garbage, so
 /// that stale bytes are visible if a walker wrongly skips or keeps them.
 pub fn fill_garbage(path: &Path, offset: u64, len: u64, seed: u64) {
-    let f = OpenOptions::new().write(true).open(path).expect("open for garbage");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for garbage");
     let mut rng = Rng(seed | 1);
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < len {
         let n = (len - pos).min(buf.len() as u64) as usize;
         rng.fill(&mut buf[..n]);
-        f.write_all_at(&buf[..n], offset + pos).expect("write garbage");
+        f.write_all_at(&buf[..n], offset + pos)
+            .expect("write garbage");
         pos += n as u64;
     }
 }
@@ -101,7 +105,9 @@ pub fn make_tree(root: &Path, nfiles: usize, max_size: usize, seed: u64) -> Vec<
     let mut rng = Rng(seed | 1);
     let mut out = Vec::new();
     for i in 0..nfiles {
-        let dir = root.join(format!("d{}", i % 5)).join(format!("sub{}", i % 3));
+        let dir = root
+            .join(format!("d{}", i % 5))
+            .join(format!("sub{}", i % 3));
         fs::create_dir_all(&dir).expect("mkdir");
         let size = match i % 7 {
             0 => 0,
@@ -137,14 +143,21 @@ impl Mount {
     /// `mount -o loop[,opts] img dir`.
     pub fn new(img: &Path, dir: &Path, fstype: Option<&str>, opts: &str) -> Mount {
         fs::create_dir_all(dir).expect("mount point");
-        let o = if opts.is_empty() { "loop".to_string() } else { format!("loop,{opts}") };
+        let o = if opts.is_empty() {
+            "loop".to_string()
+        } else {
+            format!("loop,{opts}")
+        };
         let mut args = vec!["-o", o.as_str()];
         if let Some(t) = fstype {
             args.extend(["-t", t]);
         }
         args.extend([s(img), s(dir)]);
         run("mount", &args);
-        Mount { dir: dir.to_path_buf(), mounted: true }
+        Mount {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
     }
 
     /// Unmounts now (and checks it worked).
@@ -157,9 +170,17 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if self.mounted {
-            let ok = Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
             if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.dir)
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
     }
@@ -179,7 +200,10 @@ impl FuseMount {
             args.extend(["-o", "ro"]);
         }
         run("ntfs-3g", &args);
-        FuseMount { dir: dir.to_path_buf(), mounted: true }
+        FuseMount {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
     }
 
     pub fn umount(mut self) {
@@ -191,9 +215,17 @@ impl FuseMount {
 impl Drop for FuseMount {
     fn drop(&mut self) {
         if self.mounted {
-            let ok = Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
             if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.dir)
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
     }
@@ -218,8 +250,10 @@ pub fn copy_used(src: &Path, offset: u64, map: &ExtentMap, dst: &Path) {
         let mut pos = 0;
         while pos < e.len {
             let n = (e.len - pos).min(buf.len() as u64) as usize;
-            from.read_exact_at(&mut buf[..n], offset + e.start + pos).expect("read used range");
-            to.write_all_at(&buf[..n], offset + e.start + pos).expect("write used range");
+            from.read_exact_at(&mut buf[..n], offset + e.start + pos)
+                .expect("read used range");
+            to.write_all_at(&buf[..n], offset + e.start + pos)
+                .expect("write used range");
             pos += n as u64;
         }
     }
@@ -246,9 +280,14 @@ pub struct PcHeader {
 }
 
 pub fn parse_pc_header(h: &[u8]) -> PcHeader {
-    assert!(h.len() >= 110 && h.starts_with(b"partclone-image"), "not a partclone header");
+    assert!(
+        h.len() >= 110 && h.starts_with(b"partclone-image"),
+        "not a partclone header"
+    );
     let u64at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
-    let fs = String::from_utf8_lossy(&h[36..52]).trim_end_matches('\0').to_string();
+    let fs = String::from_utf8_lossy(&h[36..52])
+        .trim_end_matches('\0')
+        .to_string();
     PcHeader {
         fs,
         device_size: u64at(52),
@@ -281,7 +320,10 @@ pub fn partclone_header(tool: &str, img: &Path, dir: &Path) -> PcHeader {
 
 /// Writes `data` at `offset` of a file.
 pub fn poke(path: &Path, offset: u64, data: &[u8]) {
-    let f = OpenOptions::new().write(true).open(path).expect("open to poke");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open to poke");
     f.write_all_at(data, offset).expect("poke");
     f.sync_all().expect("sync poke");
 }
@@ -308,7 +350,8 @@ pub fn extract(src: &Path, offset: u64, len: u64, dst: &Path) {
     let mut pos = 0;
     while pos < len {
         let n = (len - pos).min(buf.len() as u64) as usize;
-        from.read_exact_at(&mut buf[..n], offset + pos).expect("read");
+        from.read_exact_at(&mut buf[..n], offset + pos)
+            .expect("read");
         to.write_all_at(&buf[..n], pos).expect("write");
         pos += n as u64;
     }
