@@ -7,7 +7,10 @@ use crate::device::ReadAt;
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 
 fn invalid(why: impl Into<String>) -> TableError {
-    TableError::Invalid { kind: "GPT", why: why.into() }
+    TableError::Invalid {
+        kind: "GPT",
+        why: why.into(),
+    }
 }
 
 fn le32(b: &[u8], o: usize) -> u32 {
@@ -106,7 +109,9 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
             match parse_header(&buf, ss) {
                 Some(h) => (h, "backup"),
                 None if primary_sig => {
-                    return Err(invalid("primary and backup headers are both damaged (bad CRC)"))
+                    return Err(invalid(
+                        "primary and backup headers are both damaged (bad CRC)",
+                    ))
                 }
                 None => return Ok(None),
             }
@@ -119,8 +124,15 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
         )));
     }
     let arr_len = hdr.num_entries as u64 * hdr.entry_size as u64;
-    if hdr.entries_lba.checked_mul(ssu).and_then(|o| o.checked_add(arr_len)).is_none_or(|e| e > size) {
-        return Err(invalid(format!("{which} header: entry array outside the disk")));
+    if hdr
+        .entries_lba
+        .checked_mul(ssu)
+        .and_then(|o| o.checked_add(arr_len))
+        .is_none_or(|e| e > size)
+    {
+        return Err(invalid(format!(
+            "{which} header: entry array outside the disk"
+        )));
     }
     let mut arr = vec![0u8; arr_len as usize];
     src.read_exact_at(&mut arr, hdr.entries_lba * ssu)?;
@@ -135,7 +147,10 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
         let first = le64(e, 32);
         let last = le64(e, 40);
         if last < first || last.checked_mul(ssu).is_none_or(|v| v >= size) {
-            return Err(invalid(format!("partition {} has an invalid range {first}..{last}", i + 1)));
+            return Err(invalid(format!(
+                "partition {} has an invalid range {first}..{last}",
+                i + 1
+            )));
         }
         let name_u16: Vec<u16> = e[56..128]
             .chunks_exact(2)

@@ -4,7 +4,10 @@ use super::{Partition, PartitionTable, TableError, TableKind};
 use crate::device::ReadAt;
 
 fn invalid(why: impl Into<String>) -> TableError {
-    TableError::Invalid { kind: "MBR", why: why.into() }
+    TableError::Invalid {
+        kind: "MBR",
+        why: why.into(),
+    }
 }
 
 struct Entry {
@@ -33,7 +36,10 @@ fn is_extended(t: u8) -> bool {
 /// True when the sector is a filesystem boot sector (FAT/NTFS/exFAT) rather
 /// than a partition table: those also end in 55 AA.
 fn looks_like_vbr(s: &[u8]) -> bool {
-    &s[3..11] == b"NTFS    " || &s[3..11] == b"EXFAT   " || &s[54..59] == b"FAT12" || &s[54..59] == b"FAT16"
+    &s[3..11] == b"NTFS    "
+        || &s[3..11] == b"EXFAT   "
+        || &s[54..59] == b"FAT12"
+        || &s[54..59] == b"FAT16"
         || &s[82..87] == b"FAT32"
 }
 
@@ -100,7 +106,9 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
             }
             let at = base + ebr_rel;
             if ebr_rel >= count {
-                return Err(invalid(format!("extended boot record at sector {at} is outside the extended partition")));
+                return Err(invalid(format!(
+                    "extended boot record at sector {at} is outside the extended partition"
+                )));
             }
             let mut ebr = vec![0u8; 512];
             src.read_exact_at(&mut ebr, at * ssu)?;
@@ -109,13 +117,17 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
                 if ebr_rel == 0 {
                     break;
                 }
-                return Err(invalid(format!("extended boot record at sector {at} has no signature")));
+                return Err(invalid(format!(
+                    "extended boot record at sector {at} has no signature"
+                )));
             }
             let e = entries(&ebr);
             if e[0].ptype != 0 && e[0].count > 0 {
                 let start = at + e[0].lba;
                 if start + e[0].count > base + count {
-                    return Err(invalid(format!("logical partition {number} overruns the extended partition")));
+                    return Err(invalid(format!(
+                        "logical partition {number} overruns the extended partition"
+                    )));
                 }
                 parts.push(Partition {
                     number,

@@ -101,7 +101,10 @@ pub enum TableError {
 /// Read the partition table of a disk. `sector_size` is the logical sector
 /// size when known (block devices); `None` probes 512 then 4096 for GPT.
 /// `Ok(None)` when the disk has no table.
-pub fn read(src: &dyn ReadAt, sector_size: Option<u32>) -> Result<Option<PartitionTable>, TableError> {
+pub fn read(
+    src: &dyn ReadAt,
+    sector_size: Option<u32>,
+) -> Result<Option<PartitionTable>, TableError> {
     let sizes: &[u32] = match sector_size {
         Some(512) | None => &[512, 4096],
         Some(4096) => &[4096],
