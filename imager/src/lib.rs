@@ -15,6 +15,7 @@ pub mod error;
 pub mod extent;
 pub mod fs;
 mod ioctl;
+pub mod legacy;
 pub mod manifest;
 pub mod pool;
 pub mod progress;
