@@ -295,6 +295,7 @@ pub fn create_partition(
     crate::manifest::validate_name(name)?;
     progress.start_phase("scan", 0);
     let scan = scan(src, opts.raw, opts.force)?;
+    repo.begin_upload(name);
     if let Some(w) = &scan.warning {
         tracing::warn!("{w}");
     }

@@ -13,8 +13,11 @@ use aula_imager::create::{CreateOptions, SourceInfo};
 use aula_imager::device::{Device, DeviceKind, OpenMode, Region};
 use aula_imager::manifest::Manifest;
 use aula_imager::progress::{Progress, ProgressEvent};
-use aula_imager::repo::{parse_image_ref, LocalRepo, Repository};
+use aula_imager::repo::{
+    parse_image_ref, CachedRepo, HttpOptions, HttpRepo, LocalRepo, Repository,
+};
 use aula_imager::restore::RestoreOptions;
+use aula_imager::tls::ServerTrust;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -26,6 +29,30 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    net: NetOpts,
+}
+
+/// How to reach an http(s):// repository.
+#[derive(Args, Clone, Default)]
+struct NetOpts {
+    /// Trust an https:// repository by its certificate's SHA-256
+    /// (sha256:<hex>, as on the live system's aula.server_fp=). Also read from
+    /// AULA_SERVER_FP.
+    #[arg(long, global = true)]
+    server_fp: Option<String>,
+    /// Verify an https:// repository against this CA bundle (PEM).
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// File holding the repository's write token (else AULA_REPO_TOKEN).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Chunks fetched at once from a network repository.
+    #[arg(long, global = true, default_value_t = 8)]
+    parallel: usize,
+    /// Give up on an unreachable repository after this many seconds.
+    #[arg(long, global = true, default_value_t = 300)]
+    retry_for: u64,
 }
 
 #[derive(Args, Clone)]
@@ -74,13 +101,19 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
-    /// Restore an image onto a file, block device or partition.
+    /// Restore an image onto a file, block device or partition. NAME may
+    /// also be a legacy partclone image (file or http(s):// URL; plain, gzip,
+    /// lzop or zstd), as OpenGnsys, Clonezilla and FOG store them.
     Restore {
-        /// Image name, or NAME@VERSION.
+        /// Image name, NAME@VERSION, or a partclone image file or URL.
         name: String,
         /// Repository: a directory or an http(s):// URL.
         #[arg(long)]
-        repo: String,
+        repo: Option<String>,
+        /// Keep fetched chunks in this directory and use the ones it holds
+        /// (e.g. the CACHE partition).
+        #[arg(long)]
+        cache: Option<PathBuf>,
         /// Target: a file (created when missing) or block device.
         target: PathBuf,
         /// Restore onto partition N of the target's partition table.
@@ -116,13 +149,13 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
-    /// Describe an image.
+    /// Describe an image (or a legacy partclone image file or URL).
     Info {
-        /// Image name, or NAME@VERSION.
+        /// Image name, NAME@VERSION, or a partclone image file or URL.
         name: String,
         /// Repository: a directory or an http(s):// URL.
         #[arg(long)]
-        repo: String,
+        repo: Option<String>,
         /// Print the whole manifest.
         #[arg(long)]
         manifest: bool,
@@ -189,17 +222,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-fn open_repo(spec: &str, create: bool) -> Result<Box<dyn Repository>> {
-    if spec.starts_with("http://") || spec.starts_with("https://") {
-        bail!(usage(format!(
-            "HTTP repositories are not available in this build: {spec}"
-        )));
-    }
-    let repo = LocalRepo::open(Path::new(spec), create)
-        .with_context(|| format!("opening repository {spec}"))?;
-    Ok(Box::new(repo))
 }
 
 /// Open a source or target and select the region to work on.
@@ -371,11 +393,15 @@ fn report_loop(progress: Arc<Progress>, mode: Mode, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Set by Ctrl-C (the legacy restore polls it; pipelines use `Progress`).
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
 fn install_ctrlc(progress: Arc<Progress>) {
     let hits = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let _ = ctrlc::set_handler(move || {
         if hits.fetch_add(1, Ordering::SeqCst) == 0 {
             eprintln!("\naula-imager: stopping after the chunks in flight (Ctrl-C again to abort at once)");
+            CANCEL.store(true, Ordering::SeqCst);
             progress.cancel();
         } else {
             std::process::exit(130);
@@ -408,6 +434,7 @@ fn cancelled_hint(e: anyhow::Error, what: &str) -> anyhow::Error {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let net = cli.net;
     match cli.cmd {
         Cmd::Create {
             source,
@@ -437,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
                     source.display()
                 )));
             }
-            let repo = open_repo(&repo, true)?;
+            let repo = open_repo(&repo, true, &net)?;
             let opts = CreateOptions {
                 chunk_size,
                 level,
@@ -490,6 +517,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Restore {
             name,
             repo,
+            cache,
             target,
             partition,
             no_delta,
@@ -497,53 +525,24 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             out,
         } => {
+            if is_legacy_ref(&name) {
+                return restore_legacy(&name, &target, partition, force, &out, &net);
+            }
             let (name, version) = parse_image_ref(&name)?;
-            let repo = open_repo(&repo, false)?;
+            let repo =
+                repo.ok_or_else(|| usage("--repo is required to restore an image by name"))?;
+            let mut repo = open_repo(&repo, false, &net)?;
+            if let Some(dir) = &cache {
+                let c = LocalRepo::open(dir, true)
+                    .with_context(|| format!("opening the cache {}", dir.display()))?;
+                repo = Box::new(CachedRepo::new(repo, c));
+            }
             let m = repo
                 .manifest(&name, version)
                 .with_context(|| format!("reading image {name}"))?;
-            let created = !target.exists();
-            let mut dev = Device::open(
-                &target,
-                OpenMode {
-                    write: true,
-                    create: created,
-                    exclusive: false,
-                },
-            )
-            .with_context(|| format!("opening {}", target.display()))?;
-            if dev.kind() == DeviceKind::Block {
-                // Re-open exclusively: the kernel refuses while a partition
-                // of the disk is mounted or held.
-                drop(dev);
-                dev = Device::open(
-                    &target,
-                    OpenMode {
-                        write: true,
-                        create: false,
-                        exclusive: true,
-                    },
-                )
-                .with_context(|| {
-                    format!(
-                        "opening {} exclusively (is a partition mounted?)",
-                        target.display()
-                    )
-                })?;
-            }
-            if created {
-                dev.grow_to(m.source_size)
-                    .with_context(|| format!("sizing {}", target.display()))?;
-            }
-            let (region, _) = select_region(dev, partition)?;
-            if partition.is_none() && !force && !created && has_table(&region) {
-                bail!(usage(format!(
-                    "{} holds a partition table: restore onto --partition N, or pass --force to overwrite the whole device",
-                    target.display()
-                )));
-            }
+            let region = open_target(&target, m.source_size, partition, force)?;
             let opts = RestoreOptions {
-                threads: threads.unwrap_or_else(aula_imager::pool::default_threads),
+                threads: threads.unwrap_or_else(|| repo.preferred_threads()),
                 delta: !no_delta,
             };
             let progress = Arc::new(Progress::new());
@@ -588,11 +587,11 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             let (name, version) = parse_image_ref(&name)?;
-            let repo = open_repo(&repo, false)?;
+            let repo = open_repo(&repo, false, &net)?;
             let m = repo
                 .manifest(&name, version)
                 .with_context(|| format!("reading image {name}"))?;
-            let threads = threads.unwrap_or_else(aula_imager::pool::default_threads);
+            let threads = threads.unwrap_or_else(|| repo.preferred_threads());
             let progress = Arc::new(Progress::new());
             install_ctrlc(progress.clone());
             match target {
@@ -666,8 +665,13 @@ fn run(cli: Cli) -> Result<()> {
             manifest,
             out,
         } => {
+            if is_legacy_ref(&name) {
+                return info_legacy(&name, &out, &net);
+            }
             let (name, version) = parse_image_ref(&name)?;
-            let repo = open_repo(&repo, false)?;
+            let repo =
+                repo.ok_or_else(|| usage("--repo is required to describe an image by name"))?;
+            let repo = open_repo(&repo, false, &net)?;
             let m = repo
                 .manifest(&name, version)
                 .with_context(|| format!("reading image {name}"))?;
@@ -684,7 +688,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::List { repo, out } => {
-            let repo = open_repo(&repo, false)?;
+            let repo = open_repo(&repo, false, &net)?;
             let images = repo.list()?;
             if out.json {
                 println!(
@@ -714,7 +718,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Delete { name, repo } => {
             aula_imager::manifest::validate_name(&name)?;
-            let repo = open_repo(&repo, false)?;
+            let repo = open_repo(&repo, false, &net)?;
             repo.delete(&name)?;
             println!("deleted {name}");
             Ok(())
@@ -801,4 +805,214 @@ fn info_text(m: &Manifest) -> String {
         s += &format!("description:  {d}\n");
     }
     s
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+fn http_options(net: &NetOpts) -> Result<HttpOptions> {
+    let fp = net
+        .server_fp
+        .clone()
+        .or_else(|| std::env::var("AULA_SERVER_FP").ok());
+    let trust = match (fp, &net.ca) {
+        (Some(_), Some(_)) => bail!(usage("give --server-fp or --ca, not both")),
+        (Some(fp), None) => ServerTrust::Pin(
+            aula_imager::tls::parse_fingerprint(&fp).map_err(|e| usage(e.to_string()))?,
+        ),
+        (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+        (None, None) => ServerTrust::System,
+    };
+    let token = match &net.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("AULA_REPO_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    Ok(HttpOptions {
+        trust,
+        token,
+        retry_for: Duration::from_secs(net.retry_for),
+        parallel: net.parallel.max(1),
+        ..Default::default()
+    })
+}
+
+fn open_repo(spec: &str, create: bool, net: &NetOpts) -> Result<Box<dyn Repository>> {
+    if is_url(spec) {
+        let repo = HttpRepo::new(spec, http_options(net)?)
+            .with_context(|| format!("repository {spec}"))?;
+        return Ok(Box::new(repo));
+    }
+    let repo = LocalRepo::open(Path::new(spec), create)
+        .with_context(|| format!("opening repository {spec}"))?;
+    Ok(Box::new(repo))
+}
+
+/// True when NAME names a legacy image file or URL rather than an image in
+/// a repository (image names cannot contain `/`).
+fn is_legacy_ref(name: &str) -> bool {
+    is_url(name) || name.contains('/') || Path::new(name).is_file()
+}
+
+fn open_legacy(name: &str, net: &NetOpts) -> Result<aula_imager::legacy::PartcloneStream> {
+    let reader: Box<dyn std::io::Read + Send> = if is_url(name) {
+        let (scheme, rest) = name.split_once("://").unwrap_or(("http", name));
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => bail!(usage(format!("{name} names no file"))),
+        };
+        let repo = Arc::new(HttpRepo::new(
+            &format!("{scheme}://{host}"),
+            http_options(net)?,
+        )?);
+        Box::new(
+            repo.stream(path)
+                .with_context(|| format!("downloading {name}"))?,
+        )
+    } else {
+        let f = std::fs::File::open(name).with_context(|| format!("opening {name}"))?;
+        Box::new(std::io::BufReader::with_capacity(1 << 20, f))
+    };
+    aula_imager::legacy::open(reader).with_context(|| format!("reading the partclone image {name}"))
+}
+
+fn legacy_json(i: &aula_imager::legacy::PartcloneInfo) -> serde_json::Value {
+    serde_json::json!({
+        "legacy": "partclone", "filesystem": i.fs, "partclone_version": i.partclone_version,
+        "device_size": i.device_size, "total_blocks": i.total_blocks, "used_blocks": i.used_blocks,
+        "block_size": i.block_size, "used_bytes": i.used_bytes(), "checksum_mode": i.checksum_mode,
+        "blocks_per_checksum": i.blocks_per_checksum, "compression": format!("{:?}", i.compression),
+    })
+}
+
+fn info_legacy(name: &str, out: &Output, net: &NetOpts) -> Result<()> {
+    let s = open_legacy(name, net)?;
+    let i = s.info();
+    if out.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&legacy_json(i)).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!("legacy partclone image {name}");
+    println!("filesystem:   {} (partclone {})", i.fs, i.partclone_version);
+    println!("compression:  {:?}", i.compression);
+    println!(
+        "device size:  {} ({} bytes)",
+        mib(i.device_size),
+        i.device_size
+    );
+    println!(
+        "blocks:       {} used of {} ({} bytes each)",
+        i.used_blocks, i.total_blocks, i.block_size
+    );
+    println!("used:         {}", mib(i.used_bytes()));
+    let sums = if i.checksum_mode == 0 {
+        "none".to_string()
+    } else {
+        format!("CRC32 every {} blocks", i.blocks_per_checksum)
+    };
+    println!("checksums:    {sums}");
+    Ok(())
+}
+
+/// Open a restore target: created when missing (sized `size`), exclusive
+/// for block devices, refusing a partitioned whole device without --force.
+fn open_target(target: &Path, size: u64, partition: Option<u32>, force: bool) -> Result<Region> {
+    let created = !target.exists();
+    let mut dev = Device::open(
+        target,
+        OpenMode {
+            write: true,
+            create: created,
+            exclusive: false,
+        },
+    )
+    .with_context(|| format!("opening {}", target.display()))?;
+    if dev.kind() == DeviceKind::Block {
+        // Re-open exclusively: the kernel refuses while a partition of the
+        // disk is mounted or held.
+        drop(dev);
+        dev = Device::open(
+            target,
+            OpenMode {
+                write: true,
+                create: false,
+                exclusive: true,
+            },
+        )
+        .with_context(|| {
+            format!(
+                "opening {} exclusively (is a partition mounted?)",
+                target.display()
+            )
+        })?;
+    }
+    if created {
+        dev.grow_to(size)
+            .with_context(|| format!("sizing {}", target.display()))?;
+    }
+    let (region, _) = select_region(dev, partition)?;
+    if partition.is_none() && !force && !created && has_table(&region) {
+        bail!(usage(format!(
+            "{} holds a partition table: restore onto --partition N, or pass --force to overwrite the whole device",
+            target.display()
+        )));
+    }
+    Ok(region)
+}
+
+fn restore_legacy(
+    name: &str,
+    target: &Path,
+    partition: Option<u32>,
+    force: bool,
+    out: &Output,
+    net: &NetOpts,
+) -> Result<()> {
+    let stream = open_legacy(name, net)?;
+    let info = stream.info().clone();
+    let region = open_target(target, info.device_size, partition, force)?;
+    let progress = Arc::new(Progress::new());
+    install_ctrlc(progress.clone());
+    progress.start_phase("restore", info.used_bytes());
+    let rep = Reporter::start(progress.clone(), out);
+    let t0 = std::time::Instant::now();
+    let mut last = 0u64;
+    let p2 = progress.clone();
+    let res = stream.restore_to(
+        &region,
+        &mut |done| {
+            p2.add_done(done.saturating_sub(last));
+            p2.add_written(done.saturating_sub(last));
+            last = done;
+        },
+        &CANCEL,
+    );
+    rep.finish();
+    let s = res.with_context(|| format!("restoring {name}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    print_result(
+        out,
+        serde_json::json!({"legacy": legacy_json(&info), "stats": s, "seconds": secs}),
+        format!(
+            "restored legacy {} image {name} onto {}: {} in {} blocks, {} checksum strips verified, {:.1} s ({:.0} MiB/s)",
+            info.fs,
+            target.display(),
+            mib(s.bytes_written),
+            s.blocks_written,
+            s.strips_verified,
+            secs,
+            s.bytes_written as f64 / 1048576.0 / secs.max(1e-9)
+        ),
+    );
+    Ok(())
 }

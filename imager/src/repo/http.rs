@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -69,11 +71,14 @@ pub struct HttpRepo {
     handle: tokio::runtime::Handle,
     _rt: Option<tokio::runtime::Runtime>,
     opts: HttpOptions,
+    upload_name: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for HttpRepo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpRepo").field("base", &self.base).finish()
+        f.debug_struct("HttpRepo")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
@@ -103,7 +108,9 @@ impl HttpRepo {
     pub fn new(url: &str, opts: HttpOptions) -> Result<HttpRepo> {
         let base = url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(Error::Invalid(format!("repository URL {url:?} must start with http:// or https://")));
+            return Err(Error::Invalid(format!(
+                "repository URL {url:?} must start with http:// or https://"
+            )));
         }
         base.parse::<hyper::Uri>()
             .map_err(|e| Error::Invalid(format!("invalid repository URL {url:?}: {e}")))?;
@@ -115,7 +122,10 @@ impl HttpRepo {
                     .thread_name("aula-http")
                     .enable_all()
                     .build()
-                    .map_err(|e| Error::Io { what: "starting the HTTP client runtime".into(), source: e })?;
+                    .map_err(|e| Error::Io {
+                        what: "starting the HTTP client runtime".into(),
+                        source: e,
+                    })?;
                 let h = rt.handle().clone();
                 (Some(rt), h)
             }
@@ -134,7 +144,14 @@ impl HttpRepo {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(conn);
-        Ok(HttpRepo { base, client, handle, _rt: rt, opts })
+        Ok(HttpRepo {
+            base,
+            client,
+            handle,
+            _rt: rt,
+            opts,
+            upload_name: std::sync::Mutex::new(None),
+        })
     }
 
     /// Chunks a restore should fetch at once.
@@ -180,7 +197,13 @@ impl HttpRepo {
         }
     }
 
-    fn request(&self, method: Method, path: &str, auth: bool, body: Bytes) -> std::result::Result<Request<Full<Bytes>>, Fail> {
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        auth: bool,
+        body: Bytes,
+    ) -> std::result::Result<Request<Full<Bytes>>, Fail> {
         let mut b = Request::builder().method(method).uri(self.url(path));
         if auth {
             if let Some(t) = &self.opts.token {
@@ -190,15 +213,27 @@ impl HttpRepo {
         if !body.is_empty() {
             b = b.header(CONTENT_TYPE, "application/octet-stream");
         }
+        if let Some(n) = self.upload_name.lock().ok().and_then(|g| g.clone()) {
+            b = b.header("x-aula-image", n);
+        }
         b.body(Full::new(body))
             .map_err(|e| Fail::Fatal(Error::Invalid(format!("building request for {path}: {e}"))))
     }
 
     /// Send and read the whole body (bounded), classifying failures.
-    async fn exchange(&self, req: Request<Full<Bytes>>, limit: usize) -> std::result::Result<(StatusCode, Vec<u8>), Fail> {
+    async fn exchange(
+        &self,
+        req: Request<Full<Bytes>>,
+        limit: usize,
+    ) -> std::result::Result<(StatusCode, Vec<u8>), Fail> {
         let uri = req.uri().to_string();
         let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
-            Err(_) => return Err(Fail::Retry(format!("{uri}: no response within {:?}", self.opts.timeout))),
+            Err(_) => {
+                return Err(Fail::Retry(format!(
+                    "{uri}: no response within {:?}",
+                    self.opts.timeout
+                )))
+            }
             Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
             Ok(Ok(r)) => r,
         };
@@ -213,7 +248,9 @@ impl HttpRepo {
                 Ok(Some(Ok(f))) => {
                     if let Ok(d) = f.into_data() {
                         if out.len() + d.len() > limit {
-                            return Err(Fail::Fatal(Error::Repo(format!("{uri}: response larger than {limit} bytes"))));
+                            return Err(Fail::Fatal(Error::Repo(format!(
+                                "{uri}: response larger than {limit} bytes"
+                            ))));
                         }
                         out.extend_from_slice(&d);
                     }
@@ -223,7 +260,13 @@ impl HttpRepo {
         Ok((status, out))
     }
 
-    fn json_call<T: for<'de> Deserialize<'de>>(&self, method: Method, path: &str, auth: bool, body: Bytes) -> Result<(StatusCode, Option<T>, String)> {
+    fn json_call<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        path: &str,
+        auth: bool,
+        body: Bytes,
+    ) -> Result<(StatusCode, Option<T>, String)> {
         let what = format!("{method} {}", self.url(path));
         self.retrying(&what, || {
             let req = self.request(method.clone(), path, auth, body.clone());
@@ -231,7 +274,11 @@ impl HttpRepo {
                 let (status, bytes) = self.exchange(req?, MAX_JSON).await?;
                 classify(status, &self.url(path), &bytes)?;
                 let text = String::from_utf8_lossy(&bytes).into_owned();
-                let parsed = if status.is_success() { serde_json::from_slice::<T>(&bytes).ok() } else { None };
+                let parsed = if status.is_success() {
+                    serde_json::from_slice::<T>(&bytes).ok()
+                } else {
+                    None
+                };
                 Ok((status, parsed, text))
             }
         })
@@ -255,7 +302,9 @@ impl HttpRepo {
                     }
                 }
                 let uri = self.url(&path);
-                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req))
+                    .await
+                {
                     Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
                     Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
                     Ok(Ok(r)) => r,
@@ -277,7 +326,9 @@ impl HttpRepo {
                             if let Ok(mut v) = cell.lock() {
                                 v.clear();
                             }
-                            return Err(Fail::Retry(format!("{uri}: unexpected Content-Range; starting over")));
+                            return Err(Fail::Retry(format!(
+                                "{uri}: unexpected Content-Range; starting over"
+                            )));
                         }
                     }
                     StatusCode::NOT_FOUND => return Err(Fail::Fatal(Error::ChunkMissing(*id))),
@@ -285,16 +336,29 @@ impl HttpRepo {
                         if let Ok(mut v) = cell.lock() {
                             v.clear();
                         }
-                        return Err(Fail::Retry(format!("{uri}: range not satisfiable; starting over")));
+                        return Err(Fail::Retry(format!(
+                            "{uri}: range not satisfiable; starting over"
+                        )));
                     }
                     s => {
-                        let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let bytes = resp
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         classify(s, &uri, &bytes)?;
-                        return Err(Fail::Fatal(Error::Repo(format!("{uri}: unexpected status {s}"))));
+                        return Err(Fail::Fatal(Error::Repo(format!(
+                            "{uri}: unexpected status {s}"
+                        ))));
                     }
                 }
                 let expect_total = match status {
-                    StatusCode::OK => resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()),
+                    StatusCode::OK => resp
+                        .headers()
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<usize>().ok()),
                     _ => resp
                         .headers()
                         .get(CONTENT_RANGE)
@@ -307,13 +371,20 @@ impl HttpRepo {
                     match tokio::time::timeout(self.opts.timeout, body.frame()).await {
                         Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
                         Ok(None) => break,
-                        Ok(Some(Err(e))) => return Err(Fail::Retry(format!("{uri}: cut after partial body: {e}"))),
+                        Ok(Some(Err(e))) => {
+                            return Err(Fail::Retry(format!("{uri}: cut after partial body: {e}")))
+                        }
                         Ok(Some(Ok(f))) => {
                             if let Ok(d) = f.into_data() {
-                                let mut v = cell.lock().map_err(|_| Fail::Fatal(Error::Repo("lock poisoned".into())))?;
+                                let mut v = cell.lock().map_err(|_| {
+                                    Fail::Fatal(Error::Repo("lock poisoned".into()))
+                                })?;
                                 if v.len() + d.len() > MAX_FRAME {
                                     v.clear();
-                                    return Err(Fail::Fatal(Error::ChunkCorrupt { id: *id, why: "server sent more than any chunk can hold".into() }));
+                                    return Err(Fail::Fatal(Error::ChunkCorrupt {
+                                        id: *id,
+                                        why: "server sent more than any chunk can hold".into(),
+                                    }));
                                 }
                                 v.extend_from_slice(&d);
                             }
@@ -323,7 +394,9 @@ impl HttpRepo {
                 let got = cell.lock().map(|v| v.len()).unwrap_or(0);
                 if let Some(total) = expect_total {
                     if got < total {
-                        return Err(Fail::Retry(format!("{uri}: body ended at {got} of {total} bytes")));
+                        return Err(Fail::Retry(format!(
+                            "{uri}: body ended at {got} of {total} bytes"
+                        )));
                     }
                 }
                 Ok(())
@@ -334,17 +407,174 @@ impl HttpRepo {
     }
 }
 
+/// A blocking reader over an HTTP(S) download that resumes with `Range`
+/// after a cut (used for legacy partclone images served as plain files).
+pub struct HttpStream {
+    repo: std::sync::Arc<HttpRepo>,
+    path: String,
+    offset: u64,
+    rx: Option<std::sync::mpsc::Receiver<std::result::Result<Bytes, String>>>,
+    pending: Bytes,
+    total: Option<u64>,
+}
+
+impl HttpRepo {
+    /// Open `path` (relative to the base URL) as a resumable byte stream.
+    pub fn stream(self: &std::sync::Arc<Self>, path: &str) -> Result<HttpStream> {
+        let mut s = HttpStream {
+            repo: self.clone(),
+            path: path.to_string(),
+            offset: 0,
+            rx: None,
+            pending: Bytes::new(),
+            total: None,
+        };
+        s.connect()?;
+        Ok(s)
+    }
+}
+
+impl HttpStream {
+    fn connect(&mut self) -> Result<()> {
+        let repo = self.repo.clone();
+        let what = format!("GET {}", repo.url(&self.path));
+        let offset = self.offset;
+        let path = self.path.clone();
+        let (resp, total) = repo.retrying(&what, || {
+            let req = repo.request(Method::GET, &path, false, Bytes::new());
+            let repo = repo.clone();
+            async move {
+                let mut req = req?;
+                if offset > 0 {
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                        req.headers_mut().insert(RANGE, v);
+                    }
+                }
+                let uri = req.uri().to_string();
+                let resp = match tokio::time::timeout(repo.opts.timeout, repo.client.request(req))
+                    .await
+                {
+                    Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
+                    Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
+                    Ok(Ok(r)) => r,
+                };
+                let st = resp.status();
+                let ok = (offset == 0 && st == StatusCode::OK)
+                    || (offset > 0 && st == StatusCode::PARTIAL_CONTENT);
+                if !ok {
+                    if st == StatusCode::OK && offset > 0 {
+                        return Err(Fail::Fatal(Error::Repo(format!(
+                            "{uri}: server ignored Range; cannot resume"
+                        ))));
+                    }
+                    classify(st, &uri, b"")?;
+                    return Err(Fail::Fatal(Error::Repo(format!("{uri}: {st}"))));
+                }
+                let total = if st == StatusCode::OK {
+                    resp.headers()
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                } else {
+                    resp.headers()
+                        .get(CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.rsplit('/').next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                Ok((resp, total))
+            }
+        })?;
+        if total.is_some() {
+            self.total = total;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let timeout = self.repo.opts.timeout;
+        self.repo.handle.spawn(async move {
+            let mut body = resp.into_body();
+            loop {
+                let item = match tokio::time::timeout(timeout, body.frame()).await {
+                    Err(_) => Some(Err("body stalled".to_string())),
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => Some(Err(e.to_string())),
+                    Ok(Some(Ok(f))) => match f.into_data() {
+                        Ok(d) => Some(Ok(d)),
+                        Err(_) => continue,
+                    },
+                };
+                let end = !matches!(item, Some(Ok(_)));
+                let send = match item {
+                    Some(x) => tx.send(x),
+                    None => break,
+                };
+                if send.is_err() || end {
+                    break;
+                }
+            }
+        });
+        self.rx = Some(rx);
+        Ok(())
+    }
+
+    /// Total size, when the server said.
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+}
+
+impl std::io::Read for HttpStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.len());
+                buf[..n].copy_from_slice(&self.pending[..n]);
+                self.pending = self.pending.slice(n..);
+                self.offset += n as u64;
+                return Ok(n);
+            }
+            let next = self.rx.as_ref().map(|rx| rx.recv());
+            match next {
+                Some(Ok(Ok(d))) => self.pending = d,
+                Some(Ok(Err(why))) => {
+                    tracing::warn!("download cut at byte {} ({why}); resuming", self.offset);
+                    self.connect().map_err(std::io::Error::other)?;
+                }
+                // The sender is gone: the body ended.
+                Some(Err(_)) if self.total.is_some_and(|t| self.offset < t) => {
+                    tracing::warn!("download ended early at byte {}; resuming", self.offset);
+                    self.connect().map_err(std::io::Error::other)?;
+                }
+                Some(Err(_)) | None => return Ok(0),
+            }
+        }
+    }
+}
+
 /// Map an HTTP status to retry / final error. Success passes.
 fn classify(status: StatusCode, uri: &str, body: &[u8]) -> std::result::Result<(), Fail> {
     if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT {
         return Ok(());
     }
-    let text = String::from_utf8_lossy(&body[..body.len().min(500)]).trim().to_string();
-    let msg = format!("{uri}: {status}{}", if text.is_empty() { String::new() } else { format!(": {text}") });
-    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS {
+    let text = String::from_utf8_lossy(&body[..body.len().min(500)])
+        .trim()
+        .to_string();
+    let msg = format!(
+        "{uri}: {status}{}",
+        if text.is_empty() {
+            String::new()
+        } else {
+            format!(": {text}")
+        }
+    );
+    if status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
         Err(Fail::Retry(msg))
     } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        Err(Fail::Fatal(Error::Repo(format!("{msg} (check the repository token)"))))
+        Err(Fail::Fatal(Error::Repo(format!(
+            "{msg} (check the repository token)"
+        ))))
     } else {
         Err(Fail::Fatal(Error::Repo(msg)))
     }
@@ -374,7 +604,9 @@ impl Repository for HttpRepo {
             async move {
                 let req = req?;
                 let uri = req.uri().to_string();
-                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req))
+                    .await
+                {
                     Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
                     Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
                     Ok(Ok(r)) => r,
@@ -388,7 +620,9 @@ impl Repository for HttpRepo {
                     StatusCode::NOT_FOUND => Ok(None),
                     s => {
                         classify(s, &uri, b"")?;
-                        Err(Fail::Fatal(Error::Repo(format!("{uri}: unexpected status {s}"))))
+                        Err(Fail::Fatal(Error::Repo(format!(
+                            "{uri}: unexpected status {s}"
+                        ))))
                     }
                 }
             }
@@ -398,11 +632,23 @@ impl Repository for HttpRepo {
     fn missing_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
         let mut out = Vec::new();
         for batch in ids.chunks(8192) {
-            let body = serde_json::to_vec(&MissingReq { ids: batch.to_vec() }).map_err(|e| Error::Repo(e.to_string()))?;
-            let (status, parsed, text) = self.json_call::<MissingResp>(Method::POST, "/v1/chunks/missing", false, Bytes::from(body))?;
+            let body = serde_json::to_vec(&MissingReq {
+                ids: batch.to_vec(),
+            })
+            .map_err(|e| Error::Repo(e.to_string()))?;
+            let (status, parsed, text) = self.json_call::<MissingResp>(
+                Method::POST,
+                "/v1/chunks/missing",
+                false,
+                Bytes::from(body),
+            )?;
             match parsed {
                 Some(r) if status.is_success() => out.extend(r.missing),
-                _ => return Err(Error::Repo(format!("POST /v1/chunks/missing: {status}: {text}"))),
+                _ => {
+                    return Err(Error::Repo(format!(
+                        "POST /v1/chunks/missing: {status}: {text}"
+                    )))
+                }
             }
         }
         Ok(out)
@@ -411,11 +657,15 @@ impl Repository for HttpRepo {
     fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<()> {
         let path = format!("/v1/chunks/{id}");
         let body = Bytes::copy_from_slice(frame);
-        let (status, _, text) = self.json_call::<serde_json::Value>(Method::PUT, &path, true, body)?;
+        let (status, _, text) =
+            self.json_call::<serde_json::Value>(Method::PUT, &path, true, body)?;
         if status.is_success() {
             Ok(())
         } else {
-            Err(Error::Repo(format!("PUT {}: {status}: {text}", self.url(&path))))
+            Err(Error::Repo(format!(
+                "PUT {}: {status}: {text}",
+                self.url(&path)
+            )))
         }
     }
 
@@ -427,6 +677,16 @@ impl Repository for HttpRepo {
         3
     }
 
+    fn preferred_threads(&self) -> usize {
+        self.parallel().max(crate::pool::default_threads())
+    }
+
+    fn begin_upload(&self, name: &str) {
+        if let Ok(mut g) = self.upload_name.lock() {
+            *g = Some(name.to_string());
+        }
+    }
+
     fn sync_chunks(&self) -> Result<()> {
         // The server makes every chunk durable before it answers the PUT.
         Ok(())
@@ -435,10 +695,18 @@ impl Repository for HttpRepo {
     fn publish(&self, manifest: &Manifest) -> Result<u32> {
         crate::manifest::validate_name(&manifest.name)?;
         let path = format!("/v1/images/{}", manifest.name);
-        let (status, parsed, text) = self.json_call::<PublishResp>(Method::PUT, &path, true, Bytes::from(manifest.to_json()))?;
+        let (status, parsed, text) = self.json_call::<PublishResp>(
+            Method::PUT,
+            &path,
+            true,
+            Bytes::from(manifest.to_json()),
+        )?;
         match parsed {
             Some(p) if status.is_success() => Ok(p.version),
-            _ => Err(Error::Repo(format!("publishing {}: {status}: {text}", manifest.name))),
+            _ => Err(Error::Repo(format!(
+                "publishing {}: {status}: {text}",
+                manifest.name
+            ))),
         }
     }
 
@@ -468,18 +736,23 @@ impl Repository for HttpRepo {
     }
 
     fn list(&self) -> Result<Vec<ImageSummary>> {
-        let (status, parsed, text) = self.json_call::<Vec<ImageSummary>>(Method::GET, "/v1/images", false, Bytes::new())?;
+        let (status, parsed, text) =
+            self.json_call::<Vec<ImageSummary>>(Method::GET, "/v1/images", false, Bytes::new())?;
         parsed.ok_or_else(|| Error::Repo(format!("GET /v1/images: {status}: {text}")))
     }
 
     fn delete(&self, name: &str) -> Result<()> {
         crate::manifest::validate_name(name)?;
         let path = format!("/v1/images/{name}");
-        let (status, _, text) = self.json_call::<serde_json::Value>(Method::DELETE, &path, true, Bytes::new())?;
+        let (status, _, text) =
+            self.json_call::<serde_json::Value>(Method::DELETE, &path, true, Bytes::new())?;
         match status {
             s if s.is_success() => Ok(()),
             StatusCode::NOT_FOUND => Err(Error::ImageNotFound(name.to_string())),
-            s => Err(Error::Repo(format!("DELETE {}: {s}: {text}", self.url(&path)))),
+            s => Err(Error::Repo(format!(
+                "DELETE {}: {s}: {text}",
+                self.url(&path)
+            ))),
         }
     }
 }

@@ -15,7 +15,7 @@ mod http;
 mod local;
 
 pub use cached::CachedRepo;
-pub use http::{HttpOptions, HttpRepo};
+pub use http::{HttpOptions, HttpRepo, HttpStream};
 pub use local::LocalRepo;
 
 /// One line of `list`.
@@ -88,6 +88,16 @@ pub trait Repository: Send + Sync {
 
     /// Fetch a chunk's compressed frame into `out` (cleared first).
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()>;
+
+    /// Worker threads a restore from this repository should use (network
+    /// repositories want more fetches in flight than there are CPUs).
+    fn preferred_threads(&self) -> usize {
+        crate::pool::default_threads()
+    }
+
+    /// Announce that chunks for image `name` are about to be uploaded (a
+    /// server lists the image as `uploading`).
+    fn begin_upload(&self, _name: &str) {}
 
     /// Called after a fetched chunk passed verification (a cache keeps it).
     fn verified(&self, _id: &ChunkId, _frame: &[u8]) {}
