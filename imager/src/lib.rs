@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod disk;
 pub mod extent;
 pub mod fs;
 mod ioctl;
