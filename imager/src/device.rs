@@ -42,7 +42,10 @@ impl ReadAt for Vec<u8> {
 }
 
 fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the source")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the source",
+    )
 }
 
 /// What kind of object a path names.
@@ -109,7 +112,10 @@ impl Device {
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is neither a regular file nor a block device", path.display()),
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
         };
         Ok(Device {
@@ -163,7 +169,10 @@ impl Device {
     /// Grow a regular file to `len` bytes (sparse). Block devices cannot grow.
     pub fn grow_to(&mut self, len: u64) -> io::Result<()> {
         if self.kind != DeviceKind::File {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "cannot resize a block device"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cannot resize a block device",
+            ));
         }
         if len > self.size {
             self.file.set_len(len)?;
@@ -180,7 +189,11 @@ impl Device {
         if end > self.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("write of {} bytes at {offset} past the end ({})", buf.len(), self.size),
+                format!(
+                    "write of {} bytes at {offset} past the end ({})",
+                    buf.len(),
+                    self.size
+                ),
             ));
         }
         self.file.write_all_at(buf, offset)
@@ -192,7 +205,7 @@ impl Device {
         if len == 0 {
             return Ok(());
         }
-        let aligned = offset % 512 == 0 && len % 512 == 0;
+        let aligned = offset.is_multiple_of(512) && len.is_multiple_of(512);
         match self.kind {
             DeviceKind::File => {
                 use std::os::fd::AsRawFd;
@@ -207,7 +220,7 @@ impl Device {
                     return Ok(());
                 }
             }
-            DeviceKind::Block if aligned && offset % self.sector_size as u64 == 0 => {
+            DeviceKind::Block if aligned && offset.is_multiple_of(self.sector_size as u64) => {
                 if ioctl::zero_out(self.file.as_fd(), offset, len).is_ok() {
                     return Ok(());
                 }
@@ -235,7 +248,13 @@ impl Device {
         use std::os::fd::AsRawFd;
         // SAFETY: lseek on a descriptor we own; SEEK_DATA only queries, and we
         // never rely on the file position (all I/O is positional).
-        let next = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+        let next = unsafe {
+            libc::lseek(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                libc::SEEK_DATA,
+            )
+        };
         if next < 0 {
             // ENXIO: no data at or after offset.
             return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
@@ -252,7 +271,10 @@ impl Device {
 
 impl ReadAt for Device {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.size) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
             return Err(eof());
         }
         self.file.read_exact_at(buf, offset)
@@ -274,7 +296,11 @@ impl Region {
     /// The whole device.
     pub fn whole(dev: Arc<Device>) -> Region {
         let len = dev.size();
-        Region { dev, offset: 0, len }
+        Region {
+            dev,
+            offset: 0,
+            len,
+        }
     }
 
     /// A sub-range; an error when it does not fit the device.
@@ -314,7 +340,10 @@ impl Region {
             Some(end) if end <= self.len => Ok(self.offset + offset),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("access of {n} bytes at {offset} outside a region of {} bytes", self.len),
+                format!(
+                    "access of {n} bytes at {offset} outside a region of {} bytes",
+                    self.len
+                ),
             )),
         }
     }
@@ -358,7 +387,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("d.img");
         std::fs::write(&p, vec![7u8; 8192]).expect("write");
-        let dev = Arc::new(Device::open(&p, OpenMode { write: true, ..Default::default() }).expect("open"));
+        let dev = Arc::new(
+            Device::open(
+                &p,
+                OpenMode {
+                    write: true,
+                    ..Default::default()
+                },
+            )
+            .expect("open"),
+        );
         assert_eq!(dev.kind(), DeviceKind::File);
         let r = Region::new(dev.clone(), 4096, 2048).expect("region");
         let mut b = [0u8; 2048];
@@ -374,7 +412,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("d.img");
         std::fs::write(&p, vec![0xaau8; 1 << 20]).expect("write");
-        let dev = Device::open(&p, OpenMode { write: true, ..Default::default() }).expect("open");
+        let dev = Device::open(
+            &p,
+            OpenMode {
+                write: true,
+                ..Default::default()
+            },
+        )
+        .expect("open");
         assert!(!dev.is_hole(0, 65536));
         dev.zero_range(65536, 65536).expect("zero");
         let mut b = vec![1u8; 65536];

@@ -50,7 +50,9 @@ impl<'de> Deserialize<'de> for ExtentMap {
         let mut extents = Vec::with_capacity(pairs.len());
         for (i, [start, len]) in pairs.into_iter().enumerate() {
             if len == 0 {
-                return Err(serde::de::Error::custom(format!("extent {i} has zero length")));
+                return Err(serde::de::Error::custom(format!(
+                    "extent {i} has zero length"
+                )));
             }
             let end = start
                 .checked_add(len)
@@ -118,7 +120,8 @@ impl ExtentMap {
                 }
             }
             Some(_) => {
-                let mut all: Vec<(u64, u64)> = self.extents.iter().map(|e| (e.start, e.len)).collect();
+                let mut all: Vec<(u64, u64)> =
+                    self.extents.iter().map(|e| (e.start, e.len)).collect();
                 all.push((start, len));
                 *self = Self::from_ranges(all);
             }
@@ -167,7 +170,10 @@ impl ExtentMap {
             extents: self
                 .extents
                 .iter()
-                .map(|e| Extent { start: e.start + delta, len: e.len })
+                .map(|e| Extent {
+                    start: e.start + delta,
+                    len: e.len,
+                })
                 .collect(),
         }
     }
@@ -205,7 +211,10 @@ impl ExtentMap {
 
     /// Used bytes inside a window.
     pub fn used_in(&self, start: u64, len: u64) -> u64 {
-        self.window(start, len).iter().map(|&(s, e)| (e - s) as u64).sum()
+        self.window(start, len)
+            .iter()
+            .map(|&(s, e)| (e - s) as u64)
+            .sum()
     }
 
     /// True when any byte of the window is used.

@@ -8,9 +8,20 @@
 
 #![deny(missing_docs)]
 
+pub mod chunk;
+pub mod create;
 pub mod device;
 pub mod disk;
+pub mod error;
 pub mod extent;
 pub mod fs;
 mod ioctl;
+pub mod manifest;
+pub mod pool;
+pub mod progress;
+pub mod repo;
+pub mod restore;
 pub mod table;
+pub mod verify;
+
+pub use error::{Error, Result};

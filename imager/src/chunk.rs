@@ -1,0 +1,273 @@
+//! Chunk ids and the per-chunk codec: SHA-256 of the content, one
+//! independent zstd frame per chunk.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// SHA-256 of a chunk's uncompressed content.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// Hash some content.
+    pub fn of(content: &[u8]) -> ChunkId {
+        let d = ring::digest::digest(&ring::digest::SHA256, content);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(d.as_ref());
+        ChunkId(id)
+    }
+
+    /// Lower-case hex form.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.hex())
+    }
+}
+
+impl FromStr for ChunkId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ChunkId> {
+        let bad = || {
+            Error::Invalid(format!(
+                "invalid chunk id {s:?}: expected 64 lower-case hex digits"
+            ))
+        };
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(bad());
+        }
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(s, &mut id).map_err(|_| bad())?;
+        Ok(ChunkId(id))
+    }
+}
+
+impl Serialize for ChunkId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// True when every byte is zero (vectorises well).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: u8 → u64 has no invalid bit patterns; align_to only yields
+        // properly aligned u64s inside the slice.
+        unsafe { buf.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && body
+            .chunks(64)
+            .all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
+}
+
+/// Compresses chunks; one per worker thread (keeps its zstd context).
+pub struct Encoder {
+    cx: zstd::bulk::Compressor<'static>,
+}
+
+impl Encoder {
+    /// A compressor at `level`.
+    pub fn new(level: i32) -> Result<Encoder> {
+        let mut cx = zstd::bulk::Compressor::new(level).map_err(|e| Error::Io {
+            what: "creating the zstd compressor".into(),
+            source: e,
+        })?;
+        // The SHA-256 of the content is checked on restore; zstd's own
+        // XXH64 would only cost time.
+        let _ = cx.include_checksum(false);
+        let _ = cx.include_contentsize(true);
+        Ok(Encoder { cx })
+    }
+
+    /// Compress `content` into `out` (cleared first).
+    pub fn encode(&mut self, content: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(content.len()));
+        self.cx
+            .compress_to_buffer(content, out)
+            .map_err(|e| Error::Io {
+                what: "compressing a chunk".into(),
+                source: e,
+            })?;
+        Ok(())
+    }
+}
+
+/// Decompresses and verifies chunks; one per worker thread.
+pub struct Decoder {
+    dx: zstd::bulk::Decompressor<'static>,
+}
+
+/// Largest zstd window a chunk may ask for (chunks are at most 64 MiB, and
+/// compressors never need a window larger than the content).
+const MAX_WINDOW_LOG: u32 = 27;
+
+impl Decoder {
+    /// A decompressor with a bounded window.
+    pub fn new() -> Result<Decoder> {
+        let mut dx = zstd::bulk::Decompressor::new().map_err(|e| Error::Io {
+            what: "creating the zstd decompressor".into(),
+            source: e,
+        })?;
+        dx.window_log_max(MAX_WINDOW_LOG).map_err(|e| Error::Io {
+            what: "limiting the zstd window".into(),
+            source: e,
+        })?;
+        Ok(Decoder { dx })
+    }
+
+    /// Decompress `frame` into `out`, which must come out exactly
+    /// `expected_len` bytes long and hash to `id`. Nothing is trusted until
+    /// this returns Ok.
+    pub fn decode_verified(
+        &mut self,
+        id: &ChunkId,
+        frame: &[u8],
+        expected_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        out.clear();
+        out.reserve(expected_len);
+        // Capacity bounds the output: a frame claiming more fails here.
+        let n = self
+            .dx
+            .decompress_to_buffer(frame, &mut Spare(out, expected_len))
+            .map_err(|e| Error::ChunkCorrupt {
+                id: *id,
+                why: format!("does not decompress: {e}"),
+            })?;
+        if n != expected_len {
+            return Err(Error::ChunkCorrupt {
+                id: *id,
+                why: format!("decompressed to {n} bytes, expected {expected_len}"),
+            });
+        }
+        let got = ChunkId::of(out);
+        if got != *id {
+            return Err(Error::ChunkCorrupt {
+                id: *id,
+                why: format!("content hashes to {got}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A `WriteBuf` over a Vec limited to `limit` bytes of capacity.
+struct Spare<'a>(&'a mut Vec<u8>, usize);
+
+// SAFETY: the buffer pointer and capacity describe memory owned by the Vec
+// (at least `limit` bytes reserved by the caller), and `filled_until` only
+// sets the length to a value the decompressor reports as initialised.
+unsafe impl zstd::zstd_safe::WriteBuf for Spare<'_> {
+    fn as_slice(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+    fn capacity(&self) -> usize {
+        self.1.min(self.0.capacity())
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr()
+    }
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: the caller (zstd) guarantees the first n bytes are initialised
+        // and n <= capacity().
+        unsafe { self.0.set_len(n) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_parses_and_prints_hex() {
+        let id = ChunkId::of(b"hello");
+        assert_eq!(
+            id.hex(),
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(id.hex().parse::<ChunkId>().expect("parse"), id);
+        assert!(
+            "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824"
+                .parse::<ChunkId>()
+                .is_err()
+        );
+        assert!("../etc/passwd".parse::<ChunkId>().is_err());
+    }
+
+    #[test]
+    fn zero_detection_handles_unaligned_edges() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v[1..]));
+        v[4098] = 1;
+        assert!(!is_zero(&v[1..]));
+        v[4098] = 0;
+        v[1] = 1;
+        assert!(!is_zero(&v[1..]));
+    }
+
+    #[test]
+    fn codec_round_trips_and_rejects_wrong_length_or_hash() {
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let id = ChunkId::of(&content);
+        let mut enc = Encoder::new(3).expect("enc");
+        let mut frame = Vec::new();
+        enc.encode(&content, &mut frame).expect("encode");
+        assert!(frame.len() < content.len());
+        let mut dec = Decoder::new().expect("dec");
+        let mut out = Vec::new();
+        dec.decode_verified(&id, &frame, content.len(), &mut out)
+            .expect("decode");
+        assert_eq!(out, content);
+        // Claiming a shorter length: the output does not fit.
+        assert!(matches!(
+            dec.decode_verified(&id, &frame, 1000, &mut out),
+            Err(Error::ChunkCorrupt { .. })
+        ));
+        // Wrong id.
+        let other = ChunkId::of(b"other");
+        assert!(matches!(
+            dec.decode_verified(&other, &frame, content.len(), &mut out),
+            Err(Error::ChunkCorrupt { .. })
+        ));
+        // Flipped byte in the frame.
+        let mut bad = frame.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x55;
+        assert!(dec
+            .decode_verified(&id, &bad, content.len(), &mut out)
+            .is_err());
+        // Truncated frame.
+        assert!(dec
+            .decode_verified(&id, &frame[..frame.len() / 2], content.len(), &mut out)
+            .is_err());
+    }
+}

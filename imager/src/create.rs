@@ -1,0 +1,307 @@
+//! Create: read a source, build its used map, hash and compress every
+//! window that holds data, store the chunks and publish the manifest.
+//!
+//! Parallelism and memory: `threads` workers each own one window buffer
+//! (`chunk_size`) and one output buffer (zstd bound of a chunk), so memory is
+//! about `threads × 2 × chunk_size` (16 MiB for two workers at 4 MiB). Each
+//! worker reads its window with one positional read, zeroes the unused
+//! ranges, hashes, and compresses only when the repository does not already
+//! hold the chunk (re-capturing a disk costs a read and a hash per window).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::chunk::{is_zero, ChunkId, Encoder};
+use crate::device::{ReadAt, Region};
+use crate::error::{Error, IoContext, Result};
+use crate::extent::ExtentMap;
+use crate::fs::{FsMeta, MapOptions};
+use crate::manifest::{
+    ChunkRef, Compression, ImageKind, Manifest, DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION,
+};
+use crate::pool;
+use crate::progress::Progress;
+use crate::repo::Repository;
+
+/// Default zstd level: measured on real partitions (see `FORMAT.md`), level
+/// 3 costs about 1.5× level 1's CPU for ~5 % smaller images.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// Options for `create`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Window size (power of two, 64 KiB – 64 MiB).
+    pub chunk_size: u64,
+    /// zstd level.
+    pub level: i32,
+    /// Worker threads.
+    pub threads: usize,
+    /// Image every byte (no filesystem map).
+    pub raw: bool,
+    /// Image a filesystem even when unclean.
+    pub force: bool,
+    /// Free-form description stored in the manifest.
+    pub description: Option<String>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            level: DEFAULT_LEVEL,
+            threads: pool::default_threads(),
+            raw: false,
+            force: false,
+            description: None,
+        }
+    }
+}
+
+/// The used map of a source and how it was found.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    /// Byte ranges to image.
+    pub used: ExtentMap,
+    /// Filesystem, when recognised.
+    pub filesystem: Option<FsMeta>,
+    /// `raw` or the walker that made the map.
+    pub map: String,
+    /// Set when falling back to raw mode.
+    pub warning: Option<String>,
+}
+
+/// Decide what to image: the filesystem's used blocks, or every byte.
+pub fn scan(src: &dyn ReadAt, raw: bool, force: bool) -> Result<Scan> {
+    let size = src.size();
+    if raw {
+        // Still record what the filesystem is, if anything.
+        let filesystem = crate::fs::detect(src).ok().flatten();
+        return Ok(Scan {
+            used: ExtentMap::full(size),
+            filesystem,
+            map: "raw".into(),
+            warning: None,
+        });
+    }
+    match crate::fs::used_map(src, MapOptions { force })? {
+        Some(m) => {
+            let mut used = m.used;
+            used.clip(size);
+            let map = m.meta.fstype.clone();
+            Ok(Scan {
+                used,
+                filesystem: Some(m.meta),
+                map,
+                warning: None,
+            })
+        }
+        None => Ok(Scan {
+            used: ExtentMap::full(size),
+            filesystem: None,
+            map: "raw".into(),
+            warning: Some(
+                "no supported filesystem recognised: imaging every byte (raw mode)".into(),
+            ),
+        }),
+    }
+}
+
+struct Worker {
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    enc: Encoder,
+}
+
+/// Hash, compress and store every window of `src` that holds used data.
+/// Returns the chunk list in window order.
+pub fn store_chunks(
+    src: &dyn ReadAt,
+    used: &ExtentMap,
+    chunk_size: u64,
+    level: i32,
+    threads: usize,
+    repo: &dyn Repository,
+    progress: &Progress,
+) -> Result<Vec<ChunkRef>> {
+    let size = src.size();
+    let windows: Vec<u64> = (0..size.div_ceil(chunk_size))
+        .filter(|&i| used.touches(i * chunk_size, chunk_size.min(size - i * chunk_size)))
+        .collect();
+    let results: Mutex<Vec<Option<ChunkRef>>> = Mutex::new(vec![None; windows.len()]);
+    // Stored size per id: known at once for chunks already in the
+    // repository, filled in when this run stores one.
+    let sizes: Mutex<HashMap<ChunkId, Option<u64>>> = Mutex::new(HashMap::new());
+    let lock_err = || Error::Invalid("create bookkeeping lock poisoned".into());
+
+    pool::for_each(
+        threads,
+        windows.len(),
+        progress,
+        || {
+            Ok(Worker {
+                buf: vec![0u8; chunk_size as usize],
+                out: Vec::new(),
+                enc: Encoder::new(level)?,
+            })
+        },
+        |w, k| {
+            let index = windows[k];
+            let start = index * chunk_size;
+            let len = chunk_size.min(size - start) as usize;
+            let ranges = used.window(start, len as u64);
+            let (first, last) = match (ranges.first(), ranges.last()) {
+                (Some(f), Some(l)) => (f.0, l.1),
+                _ => return Ok(()),
+            };
+            let buf = &mut w.buf[..len];
+            src.read_exact_at(&mut buf[first..last], start + first as u64)
+                .ctx(|| format!("reading the source at byte {}", start + first as u64))?;
+            used.mask(start, buf);
+            let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
+            let entry = if is_zero(buf) {
+                ChunkRef {
+                    index,
+                    id: None,
+                    stored: 0,
+                }
+            } else {
+                let id = ChunkId::of(buf);
+                // Claim the id: only the first worker to see it compresses.
+                let claim = match sizes.lock().map_err(|_| lock_err())?.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(_) => false,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(None);
+                        true
+                    }
+                };
+                if claim {
+                    let stored = match repo.chunk_size_stored(&id)? {
+                        Some(n) => n,
+                        None => {
+                            w.enc.encode(buf, &mut w.out)?;
+                            repo.put_chunk(&id, &w.out)?;
+                            progress.add_written(w.out.len() as u64);
+                            w.out.len() as u64
+                        }
+                    };
+                    sizes
+                        .lock()
+                        .map_err(|_| lock_err())?
+                        .insert(id, Some(stored));
+                }
+                ChunkRef {
+                    index,
+                    id: Some(id),
+                    stored: 0,
+                }
+            };
+            results.lock().map_err(|_| lock_err())?[k] = Some(entry);
+            progress.add_done(used_here);
+            Ok(())
+        },
+    )?;
+
+    let sizes = sizes.into_inner().map_err(|_| lock_err())?;
+    let mut out = Vec::with_capacity(windows.len());
+    for r in results.into_inner().map_err(|_| lock_err())? {
+        let mut c = r.ok_or_else(|| Error::Invalid("a chunk window was not processed".into()))?;
+        if let Some(id) = c.id {
+            c.stored = sizes.get(&id).copied().flatten().unwrap_or(0);
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Describes where a partition image came from.
+#[derive(Debug, Clone, Default)]
+pub struct SourceInfo {
+    /// Logical sector size of the source device.
+    pub sector_size: u32,
+    /// GPT type GUID or MBR code when the source is a partition of a table.
+    pub partition_type: Option<String>,
+}
+
+/// Build a partition manifest (not yet published) from a source region.
+pub fn build_partition_manifest(
+    name: &str,
+    src: &dyn ReadAt,
+    scan: Scan,
+    info: &SourceInfo,
+    repo: &dyn Repository,
+    opts: &CreateOptions,
+    progress: &Progress,
+) -> Result<Manifest> {
+    if !opts.chunk_size.is_power_of_two()
+        || !(crate::manifest::MIN_CHUNK_SIZE..=crate::manifest::MAX_CHUNK_SIZE)
+            .contains(&opts.chunk_size)
+    {
+        return Err(Error::Invalid(format!(
+            "chunk size {} must be a power of two between 64 KiB and 64 MiB",
+            opts.chunk_size
+        )));
+    }
+    let chunks = store_chunks(
+        src,
+        &scan.used,
+        opts.chunk_size,
+        opts.level,
+        opts.threads,
+        repo,
+        progress,
+    )?;
+    Ok(Manifest {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        name: name.to_string(),
+        image_version: 0,
+        created: crate::manifest::now_rfc3339(),
+        tool: concat!("aula-imager ", env!("CARGO_PKG_VERSION")).into(),
+        kind: ImageKind::Partition,
+        source_size: src.size(),
+        sector_size: if info.sector_size == 0 {
+            512
+        } else {
+            info.sector_size
+        },
+        filesystem: scan.filesystem,
+        partition_type: info.partition_type.clone(),
+        map: scan.map,
+        used_bytes: scan.used.used_bytes(),
+        used: scan.used,
+        chunk_size: opts.chunk_size,
+        compression: Compression {
+            algorithm: "zstd".into(),
+            level: opts.level,
+        },
+        hash: "sha256".into(),
+        chunks,
+        table: None,
+        partitions: vec![],
+        description: opts.description.clone(),
+    })
+}
+
+/// Create and publish a partition image of `src`. Returns the published
+/// manifest (with its version number).
+pub fn create_partition(
+    name: &str,
+    src: &Region,
+    info: &SourceInfo,
+    repo: &dyn Repository,
+    opts: &CreateOptions,
+    progress: &Progress,
+) -> Result<Manifest> {
+    crate::manifest::validate_name(name)?;
+    progress.start_phase("scan", 0);
+    let scan = scan(src, opts.raw, opts.force)?;
+    if let Some(w) = &scan.warning {
+        tracing::warn!("{w}");
+    }
+    progress.start_phase("create", scan.used.used_bytes());
+    let mut m = build_partition_manifest(name, src, scan, info, repo, opts, progress)?;
+    progress.set_phase("publish");
+    m.image_version = repo.publish(&m)?;
+    progress.set_phase("done");
+    Ok(m)
+}

@@ -1,0 +1,487 @@
+//! The image manifest (format v1). See `FORMAT.md` for the full description.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::extent::ExtentMap;
+use crate::fs::FsMeta;
+use crate::table::PartitionTable;
+
+/// The `format` value of every manifest.
+pub const FORMAT_NAME: &str = "aula-image";
+/// The only manifest version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+/// Smallest chunk size accepted.
+pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
+/// Largest chunk size accepted (bounds restore memory per worker).
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
+/// What an image holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    /// One partition (or a bare filesystem image file).
+    Partition,
+    /// A whole disk: partition table, boot areas and every partition.
+    Disk,
+}
+
+/// How chunks are compressed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Always `zstd` in v1.
+    pub algorithm: String,
+    /// The level used at creation (informative).
+    pub level: i32,
+}
+
+/// One chunk window that holds used data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRef {
+    /// Window index: the chunk covers bytes `[index*chunk_size,
+    /// min((index+1)*chunk_size, source_size))`.
+    pub index: u64,
+    /// SHA-256 of the window's content (unused bytes zeroed); absent when the
+    /// content is all zeros (such chunks are not stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ChunkId>,
+    /// Stored (compressed) size in bytes; 0 for zero chunks.
+    #[serde(default)]
+    pub stored: u64,
+}
+
+/// A partition inside a disk image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskPartition {
+    /// Partition number (kept on restore: 1, 2, 4 stay 1, 2, 4).
+    pub number: u32,
+    /// First byte on the source disk.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The partition's own image (kind `partition`).
+    pub image: Box<Manifest>,
+}
+
+/// An image manifest.
+///
+/// For a partition image, `used` and `chunks` describe the partition. For a
+/// disk image they describe the areas outside partitions (boot code, the gap
+/// after the MBR, GPT headers and arrays) relative to the start of the disk,
+/// `table` holds the partition table and `partitions` one partition image
+/// each, with chunk windows aligned to the partition start (so the same
+/// partition captured alone or inside a disk yields the same chunks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always `aula-image`.
+    pub format: String,
+    /// Format version (1).
+    pub version: u32,
+    /// Image name.
+    pub name: String,
+    /// Version number of this image in its repository (assigned on publish;
+    /// 0 before).
+    #[serde(default)]
+    pub image_version: u32,
+    /// Creation time, RFC 3339 UTC.
+    pub created: String,
+    /// Program and version that wrote it.
+    pub tool: String,
+    /// Partition or disk.
+    pub kind: ImageKind,
+    /// Size of the imaged source in bytes.
+    pub source_size: u64,
+    /// Logical sector size of the source.
+    pub sector_size: u32,
+    /// Filesystem found on the source, when recognised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<FsMeta>,
+    /// Partition type (GPT type GUID or MBR code) when the source was a
+    /// partition of a table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_type: Option<String>,
+    /// How the used map was made: `raw`, or the filesystem walker (`ext4`…).
+    pub map: String,
+    /// Byte ranges holding data.
+    pub used: ExtentMap,
+    /// Sum of `used` (redundant, checked on load).
+    pub used_bytes: u64,
+    /// Window size in bytes (power of two).
+    pub chunk_size: u64,
+    /// Chunk compression.
+    pub compression: Compression,
+    /// Chunk hash: always `sha256` in v1.
+    pub hash: String,
+    /// Every window that holds used data, in index order.
+    pub chunks: Vec<ChunkRef>,
+    /// Disk images: the partition table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<PartitionTable>,
+    /// Disk images: one image per partition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<DiskPartition>,
+    /// Free-form notes (source description, creator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl Manifest {
+    /// Parse and validate a manifest. `origin` names it in errors.
+    pub fn from_json(bytes: &[u8], origin: &str) -> Result<Manifest> {
+        let bad = |why: String| Error::BadManifest {
+            source_name: Some(origin.to_string()),
+            why,
+        };
+        // Check the header first so that a future version gets the right
+        // error even when its body does not parse as v1.
+        #[derive(Deserialize)]
+        struct Head {
+            format: Option<String>,
+            version: Option<u32>,
+        }
+        let head: Head = serde_json::from_slice(bytes).map_err(|e| {
+            if e.is_eof() {
+                bad(format!("truncated ({e})"))
+            } else {
+                bad(e.to_string())
+            }
+        })?;
+        if head.format.as_deref() != Some(FORMAT_NAME) {
+            return Err(bad(format!(
+                "not an Aula image manifest (format is {:?})",
+                head.format
+            )));
+        }
+        match head.version {
+            Some(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(Error::UnsupportedVersion {
+                    found: v,
+                    supported: FORMAT_VERSION,
+                })
+            }
+            None => return Err(bad("no version field".into())),
+        }
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        m.validate().map_err(bad)?;
+        Ok(m)
+    }
+
+    /// Serialise (pretty, stable field order).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain data to a Vec cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Number of chunk windows the source spans.
+    pub fn window_count(&self) -> u64 {
+        self.source_size.div_ceil(self.chunk_size)
+    }
+
+    /// The byte range `(start, len)` of window `index`.
+    pub fn window(&self, index: u64) -> (u64, u64) {
+        let start = index * self.chunk_size;
+        (start, self.chunk_size.min(self.source_size - start))
+    }
+
+    /// Every distinct stored chunk id, with its stored size, across the image
+    /// and its partitions.
+    pub fn unique_chunks(&self) -> Vec<(ChunkId, u64)> {
+        let mut seen = std::collections::HashMap::new();
+        let mut order = Vec::new();
+        let mut visit = |m: &Manifest| {
+            for c in &m.chunks {
+                if let Some(id) = c.id {
+                    if seen.insert(id, c.stored).is_none() {
+                        order.push(id);
+                    }
+                }
+            }
+        };
+        visit(self);
+        for p in &self.partitions {
+            visit(&p.image);
+        }
+        order.into_iter().map(|id| (id, seen[&id])).collect()
+    }
+
+    /// Total used bytes, including partitions of a disk image.
+    pub fn total_used_bytes(&self) -> u64 {
+        self.used_bytes
+            + self
+                .partitions
+                .iter()
+                .map(|p| p.image.used_bytes)
+                .sum::<u64>()
+    }
+
+    /// Total stored bytes of distinct chunks.
+    pub fn stored_bytes(&self) -> u64 {
+        self.unique_chunks().iter().map(|(_, s)| s).sum()
+    }
+
+    /// Internal consistency checks.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.version != FORMAT_VERSION {
+            return Err(format!(
+                "version {} inside a v{FORMAT_VERSION} image",
+                self.version
+            ));
+        }
+        if self.compression.algorithm != "zstd" {
+            return Err(format!(
+                "unknown compression {:?}",
+                self.compression.algorithm
+            ));
+        }
+        if self.hash != "sha256" {
+            return Err(format!("unknown hash {:?}", self.hash));
+        }
+        if !self.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size)
+        {
+            return Err(format!(
+                "chunk size {} is not a power of two in 64 KiB..64 MiB",
+                self.chunk_size
+            ));
+        }
+        if !matches!(self.sector_size, 512 | 1024 | 2048 | 4096) {
+            return Err(format!(
+                "sector size {} is not 512, 1024, 2048 or 4096",
+                self.sector_size
+            ));
+        }
+        if self.used.end() > self.source_size {
+            return Err(format!(
+                "used map ends at {} beyond the source size {}",
+                self.used.end(),
+                self.source_size
+            ));
+        }
+        if self.used.used_bytes() != self.used_bytes {
+            return Err(format!(
+                "used_bytes {} does not match the map ({})",
+                self.used_bytes,
+                self.used.used_bytes()
+            ));
+        }
+        // Every window that holds used data has exactly one chunk entry, in
+        // order, and nothing else does.
+        let windows = self.window_count();
+        let mut expect = (0..windows).filter(|&i| {
+            let (s, l) = self.window(i);
+            self.used.touches(s, l)
+        });
+        for (n, c) in self.chunks.iter().enumerate() {
+            if c.index >= windows {
+                return Err(format!(
+                    "chunk entry {n} has window index {} beyond the source",
+                    c.index
+                ));
+            }
+            match expect.next() {
+                Some(i) if i == c.index => {}
+                Some(i) => {
+                    return Err(format!(
+                        "chunk entry {n} is for window {} but window {i} holds used data and has no entry",
+                        c.index
+                    ))
+                }
+                None => return Err(format!("chunk entry {n} (window {}) holds no used data", c.index)),
+            }
+            if c.id.is_none() && c.stored != 0 {
+                return Err(format!(
+                    "zero chunk entry {n} claims {} stored bytes",
+                    c.stored
+                ));
+            }
+        }
+        if let Some(i) = expect.next() {
+            return Err(format!("window {i} holds used data but has no chunk entry"));
+        }
+        match self.kind {
+            ImageKind::Partition => {
+                if self.table.is_some() || !self.partitions.is_empty() {
+                    return Err("a partition image carries a partition table".into());
+                }
+            }
+            ImageKind::Disk => {
+                if self.table.is_none() {
+                    return Err("a disk image without a partition table".into());
+                }
+                let mut prev_end = 0;
+                let mut sorted: Vec<&DiskPartition> = self.partitions.iter().collect();
+                sorted.sort_by_key(|p| p.start);
+                for p in sorted {
+                    if p.start < prev_end
+                        || p.start
+                            .checked_add(p.size)
+                            .is_none_or(|e| e > self.source_size)
+                    {
+                        return Err(format!(
+                            "partition {} overlaps another or leaves the disk",
+                            p.number
+                        ));
+                    }
+                    prev_end = p.start + p.size;
+                    if p.image.kind != ImageKind::Partition || p.image.source_size != p.size {
+                        return Err(format!(
+                            "partition {} image does not match its size",
+                            p.number
+                        ));
+                    }
+                    p.image
+                        .validate()
+                        .map_err(|e| format!("partition {}: {e}", p.number))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Check an image name: 1–128 of `A-Z a-z 0-9 . _ -`, not starting with
+/// `.` or `-`. Names become directory names in a repository, so this is also
+/// what keeps them inside it.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName(name.to_string()))
+    }
+}
+
+/// The current time in RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let used = ExtentMap::from_ranges([(0, 4096), (9 << 20, 4096)]);
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: 1,
+            name: "t".into(),
+            image_version: 0,
+            created: now_rfc3339(),
+            tool: "test".into(),
+            kind: ImageKind::Partition,
+            source_size: 10 << 20,
+            sector_size: 512,
+            filesystem: None,
+            partition_type: None,
+            map: "raw".into(),
+            used_bytes: used.used_bytes(),
+            used,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression: Compression {
+                algorithm: "zstd".into(),
+                level: 3,
+            },
+            hash: "sha256".into(),
+            chunks: vec![
+                ChunkRef {
+                    index: 0,
+                    id: Some(ChunkId::of(b"a")),
+                    stored: 10,
+                },
+                ChunkRef {
+                    index: 2,
+                    id: None,
+                    stored: 0,
+                },
+            ],
+            table: None,
+            partitions: vec![],
+            description: None,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_validation() {
+        let m = sample();
+        let j = m.to_json();
+        let back = Manifest::from_json(&j, "t").expect("parse");
+        assert_eq!(back, m);
+        assert_eq!(m.window(2), (8 << 20, 2 << 20));
+    }
+
+    #[test]
+    fn unknown_version_is_refused_with_its_number() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).expect("json");
+        v["version"] = 2.into();
+        v["something_new"] = "x".into();
+        let e =
+            Manifest::from_json(&serde_json::to_vec(&v).expect("ser"), "t").expect_err("must fail");
+        assert!(
+            matches!(e, Error::UnsupportedVersion { found: 2, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn truncated_manifest_says_truncated() {
+        let j = sample().to_json();
+        let e = Manifest::from_json(&j[..j.len() / 2], "m.json").expect_err("must fail");
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn missing_or_extra_chunk_entries_are_refused() {
+        let mut m = sample();
+        m.chunks.pop();
+        assert!(m.validate().is_err());
+        let mut m = sample();
+        m.chunks.push(ChunkRef {
+            index: 1,
+            id: None,
+            stored: 0,
+        });
+        assert!(m.validate().is_err());
+        let mut m = sample();
+        m.used_bytes += 1;
+        assert!(m.validate().is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).expect("json");
+        v["unexpected"] = 1.into();
+        assert!(Manifest::from_json(&serde_json::to_vec(&v).expect("ser"), "t").is_err());
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        for ok in ["win11-lab", "a", "ubuntu_24.04"] {
+            validate_name(ok).expect(ok);
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "a/b",
+            "..",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

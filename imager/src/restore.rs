@@ -1,0 +1,306 @@
+//! Restore: fetch, decompress and verify chunks in parallel and write each
+//! at its offset. Nothing is written before its SHA-256 has been checked.
+//!
+//! Delta restore (on by default): before fetching a chunk, the target's
+//! window is read, masked with the used map and hashed; equal means the
+//! chunk is skipped. A window that reads as zeros (or is a hole of a regular
+//! file) cannot equal a non-zero chunk, so a blank target costs no hashing.
+//! Re-running an interrupted restore therefore only fetches what is left.
+//!
+//! Memory: each worker owns a window buffer, a target-read buffer and a
+//! compressed-frame buffer: about `threads × 3 × chunk_size`.
+
+use crate::chunk::{is_zero, ChunkId, Decoder};
+use crate::device::{ReadAt, Region};
+use crate::error::{Error, IoContext, Result};
+use crate::extent::ExtentMap;
+use crate::manifest::{ChunkRef, ImageKind, Manifest};
+use crate::pool;
+use crate::progress::Progress;
+use crate::repo::Repository;
+
+/// Options for `restore`.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Worker threads (fetch + decompress + verify + write).
+    pub threads: usize,
+    /// Skip chunks the target already holds.
+    pub delta: bool,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            threads: pool::default_threads(),
+            delta: true,
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestoreStats {
+    /// Chunk windows in the image.
+    pub chunks: u64,
+    /// Chunks fetched from the repository.
+    pub chunks_fetched: u64,
+    /// Chunks skipped because the target already held them.
+    pub chunks_skipped: u64,
+    /// Used bytes in the image.
+    pub bytes_used: u64,
+    /// Compressed bytes fetched.
+    pub bytes_fetched: u64,
+    /// Used bytes skipped by the delta check.
+    pub bytes_skipped: u64,
+    /// Bytes written to the target.
+    pub bytes_written: u64,
+}
+
+impl RestoreStats {
+    fn add(&mut self, o: &RestoreStats) {
+        self.chunks += o.chunks;
+        self.chunks_fetched += o.chunks_fetched;
+        self.chunks_skipped += o.chunks_skipped;
+        self.bytes_used += o.bytes_used;
+        self.bytes_fetched += o.bytes_fetched;
+        self.bytes_skipped += o.bytes_skipped;
+        self.bytes_written += o.bytes_written;
+    }
+}
+
+struct Worker {
+    buf: Vec<u8>,
+    tbuf: Vec<u8>,
+    frame: Vec<u8>,
+    dec: Decoder,
+    stats: RestoreStats,
+}
+
+/// Gaps between used ranges smaller than this are written too (they are
+/// zeros of unused space), so fragmented windows take few large writes.
+const COALESCE_GAP: usize = 64 << 10;
+
+fn coalesced(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+    for &(s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s - last.1 < COALESCE_GAP => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// True when the target's window, masked by the used map, equals a chunk
+/// (`id` None = all zeros).
+fn target_matches(
+    target: &Region,
+    used: &ExtentMap,
+    start: u64,
+    len: usize,
+    id: Option<&ChunkId>,
+    tbuf: &mut [u8],
+) -> Result<bool> {
+    if target.is_hole(start, len as u64) {
+        return Ok(id.is_none());
+    }
+    let ranges = used.window(start, len as u64);
+    let (Some(&(first, _)), Some(&(_, last))) = (ranges.first(), ranges.last()) else {
+        return Ok(true);
+    };
+    let tbuf = &mut tbuf[..len];
+    target
+        .read_exact_at(&mut tbuf[first..last], start + first as u64)
+        .ctx(|| format!("reading the target at byte {}", start + first as u64))?;
+    tbuf[..first].fill(0);
+    tbuf[last..].fill(0);
+    used.mask(start, tbuf);
+    let zero = is_zero(tbuf);
+    Ok(match id {
+        None => zero,
+        Some(_) if zero => false,
+        Some(id) => ChunkId::of(tbuf) == *id,
+    })
+}
+
+/// Restore the chunks of one used map onto `target` (a partition-sized
+/// region). `only` filters windows by index (used to hold back the first
+/// window of a disk until the end).
+#[allow(clippy::too_many_arguments)]
+pub fn restore_chunks(
+    used: &ExtentMap,
+    chunk_size: u64,
+    source_size: u64,
+    chunks: &[ChunkRef],
+    target: &Region,
+    repo: &dyn Repository,
+    opts: &RestoreOptions,
+    progress: &Progress,
+) -> Result<RestoreStats> {
+    if target.len() < source_size {
+        return Err(Error::TargetTooSmall {
+            target: target.device().path().to_path_buf(),
+            need: source_size,
+            have: target.len(),
+        });
+    }
+    let totals = std::sync::Mutex::new(RestoreStats::default());
+    let attempts = repo.fetch_attempts().max(1);
+    pool::for_each(
+        opts.threads,
+        chunks.len(),
+        progress,
+        || {
+            Ok(Worker {
+                buf: Vec::with_capacity(chunk_size as usize),
+                tbuf: vec![0u8; chunk_size as usize],
+                frame: Vec::new(),
+                dec: Decoder::new()?,
+                stats: RestoreStats::default(),
+            })
+        },
+        |w, k| {
+            let c = &chunks[k];
+            let start = c.index * chunk_size;
+            let len = chunk_size.min(source_size - start) as usize;
+            let ranges = used.window(start, len as u64);
+            let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
+            w.stats.chunks += 1;
+            w.stats.bytes_used += used_here;
+            if opts.delta && target_matches(target, used, start, len, c.id.as_ref(), &mut w.tbuf)? {
+                w.stats.chunks_skipped += 1;
+                w.stats.bytes_skipped += used_here;
+                progress.add_skipped(used_here);
+                progress.add_done(used_here);
+                return flush(w, &totals);
+            }
+            match &c.id {
+                None => {
+                    for &(s, e) in &coalesced(&ranges) {
+                        target
+                            .zero_range(start + s as u64, (e - s) as u64)
+                            .ctx(|| format!("zeroing the target at byte {}", start + s as u64))?;
+                        w.stats.bytes_written += (e - s) as u64;
+                        progress.add_written((e - s) as u64);
+                    }
+                }
+                Some(id) => {
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        repo.get_chunk(id, &mut w.frame)?;
+                        w.stats.bytes_fetched += w.frame.len() as u64;
+                        progress.add_fetched(w.frame.len() as u64);
+                        match w.dec.decode_verified(id, &w.frame, len, &mut w.buf) {
+                            Ok(()) => break,
+                            Err(e @ Error::ChunkCorrupt { .. }) if tries < attempts => {
+                                tracing::warn!("{e}; fetching it again ({tries}/{attempts})");
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    w.stats.chunks_fetched += 1;
+                    for &(s, e) in &coalesced(&ranges) {
+                        target
+                            .write_all_at(&w.buf[s..e], start + s as u64)
+                            .ctx(|| format!("writing the target at byte {}", start + s as u64))?;
+                        w.stats.bytes_written += (e - s) as u64;
+                        progress.add_written((e - s) as u64);
+                    }
+                }
+            }
+            progress.add_done(used_here);
+            flush(w, &totals)
+        },
+    )?;
+    totals
+        .into_inner()
+        .map_err(|_| Error::Invalid("restore bookkeeping lock poisoned".into()))
+}
+
+fn flush(w: &mut Worker, totals: &std::sync::Mutex<RestoreStats>) -> Result<()> {
+    let s = std::mem::take(&mut w.stats);
+    totals
+        .lock()
+        .map_err(|_| Error::Invalid("restore bookkeeping lock poisoned".into()))?
+        .add(&s);
+    Ok(())
+}
+
+/// Refuse before writing anything when a chunk the image needs is absent.
+pub fn preflight(m: &Manifest, repo: &dyn Repository) -> Result<()> {
+    let ids: Vec<ChunkId> = m.unique_chunks().into_iter().map(|(id, _)| id).collect();
+    let missing = repo.missing_chunks(&ids)?;
+    match missing.first() {
+        None => Ok(()),
+        Some(id) if missing.len() == 1 => Err(Error::ChunkMissing(*id)),
+        Some(id) => Err(Error::Repo(format!(
+            "{} of the {} chunks of {} are missing (first {id}); nothing was written",
+            missing.len(),
+            ids.len(),
+            m.name
+        ))),
+    }
+}
+
+/// Restore a partition image onto `target` and flush it to stable storage.
+pub fn restore_partition(
+    m: &Manifest,
+    target: &Region,
+    repo: &dyn Repository,
+    opts: &RestoreOptions,
+    progress: &Progress,
+) -> Result<RestoreStats> {
+    if m.kind != ImageKind::Partition {
+        return Err(Error::Invalid(format!(
+            "{} is a whole-disk image; restore it onto a disk, or pick one of its partitions",
+            m.name
+        )));
+    }
+    if target.len() < m.source_size {
+        return Err(Error::TargetTooSmall {
+            target: target.device().path().to_path_buf(),
+            need: m.source_size,
+            have: target.len(),
+        });
+    }
+    preflight(m, repo)?;
+    progress.start_phase("restore", m.used_bytes);
+    let stats = restore_chunks(
+        &m.used,
+        m.chunk_size,
+        m.source_size,
+        &m.chunks,
+        target,
+        repo,
+        opts,
+        progress,
+    )?;
+    progress.set_phase("sync");
+    target.device().sync().ctx(|| {
+        format!(
+            "flushing {} to stable storage",
+            target.device().path().display()
+        )
+    })?;
+    progress.set_phase("done");
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_gaps_coalesce_and_large_ones_do_not() {
+        let r = [
+            (0, 10),
+            (100, 200),
+            (200 + COALESCE_GAP, 300 + COALESCE_GAP),
+        ];
+        assert_eq!(
+            coalesced(&r),
+            vec![(0, 200), (200 + COALESCE_GAP, 300 + COALESCE_GAP)]
+        );
+    }
+}

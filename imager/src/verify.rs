@@ -1,0 +1,149 @@
+//! Verify: check that every chunk of an image is present and intact in the
+//! repository, or compare a target against an image.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{is_zero, ChunkId, Decoder};
+use crate::device::{ReadAt, Region};
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::Manifest;
+use crate::pool;
+use crate::progress::Progress;
+use crate::repo::Repository;
+
+/// Result of checking a repository image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RepoReport {
+    /// Distinct chunks checked.
+    pub chunks_checked: u64,
+    /// Compressed bytes read.
+    pub bytes_read: u64,
+    /// Chunks that are missing or corrupt, with the reason.
+    pub bad: Vec<(ChunkId, String)>,
+}
+
+/// Decompress and hash every distinct chunk of `m` (and its partitions).
+pub fn verify_repo(
+    m: &Manifest,
+    repo: &dyn Repository,
+    threads: usize,
+    progress: &Progress,
+) -> Result<RepoReport> {
+    // Expected content length per id: the window length where it is used.
+    let mut lens: HashMap<ChunkId, usize> = HashMap::new();
+    let mut visit = |img: &Manifest| {
+        for c in &img.chunks {
+            if let Some(id) = c.id {
+                lens.entry(id).or_insert(img.window(c.index).1 as usize);
+            }
+        }
+    };
+    visit(m);
+    for p in &m.partitions {
+        visit(&p.image);
+    }
+    let items: Vec<(ChunkId, usize)> = lens.into_iter().collect();
+    let total: u64 = items.iter().map(|(_, l)| *l as u64).sum();
+    progress.start_phase("verify", total);
+    let report = Mutex::new(RepoReport::default());
+    let lock_err = || Error::Invalid("verify bookkeeping lock poisoned".into());
+    pool::for_each(
+        threads,
+        items.len(),
+        progress,
+        || Ok((Decoder::new()?, Vec::new(), Vec::new())),
+        |(dec, frame, out), k| {
+            let (id, len) = items[k];
+            let res = repo
+                .get_chunk(&id, frame)
+                .and_then(|_| dec.decode_verified(&id, frame, len, out));
+            let mut r = report.lock().map_err(|_| lock_err())?;
+            r.chunks_checked += 1;
+            r.bytes_read += frame.len() as u64;
+            match res {
+                Ok(()) => {}
+                Err(e @ (Error::ChunkMissing(_) | Error::ChunkCorrupt { .. })) => {
+                    r.bad.push((id, e.to_string()))
+                }
+                Err(e) => return Err(e),
+            }
+            progress.add_done(len as u64);
+            Ok(())
+        },
+    )?;
+    let mut r = report.into_inner().map_err(|_| lock_err())?;
+    r.bad.sort_by_key(|b| b.0);
+    progress.set_phase("done");
+    Ok(r)
+}
+
+/// Result of comparing a target with an image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CompareReport {
+    /// Windows compared.
+    pub windows_checked: u64,
+    /// Indices of windows whose used bytes differ.
+    pub windows_differing: Vec<u64>,
+    /// Used bytes in differing windows.
+    pub bytes_differing: u64,
+    /// Used bytes compared.
+    pub bytes_checked: u64,
+}
+
+/// Compare the used bytes of a partition-sized `target` with image `m`.
+pub fn compare_target(
+    m: &Manifest,
+    target: &Region,
+    threads: usize,
+    progress: &Progress,
+) -> Result<CompareReport> {
+    if target.len() < m.source_size {
+        return Err(Error::TargetTooSmall {
+            target: target.device().path().to_path_buf(),
+            need: m.source_size,
+            have: target.len(),
+        });
+    }
+    progress.start_phase("compare", m.used_bytes);
+    let report = Mutex::new(CompareReport::default());
+    let lock_err = || Error::Invalid("compare bookkeeping lock poisoned".into());
+    pool::for_each(
+        threads,
+        m.chunks.len(),
+        progress,
+        || Ok(vec![0u8; m.chunk_size as usize]),
+        |buf, k| {
+            let c = &m.chunks[k];
+            let (start, len) = m.window(c.index);
+            let ranges = m.used.window(start, len);
+            let buf = &mut buf[..len as usize];
+            buf.fill(0);
+            for &(s, e) in &ranges {
+                target
+                    .read_exact_at(&mut buf[s..e], start + s as u64)
+                    .ctx(|| format!("reading the target at byte {}", start + s as u64))?;
+            }
+            let equal = match &c.id {
+                None => is_zero(buf),
+                Some(id) => ChunkId::of(buf) == *id,
+            };
+            let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
+            let mut r = report.lock().map_err(|_| lock_err())?;
+            r.windows_checked += 1;
+            r.bytes_checked += used_here;
+            if !equal {
+                r.windows_differing.push(c.index);
+                r.bytes_differing += used_here;
+            }
+            progress.add_done(used_here);
+            Ok(())
+        },
+    )?;
+    let mut r = report.into_inner().map_err(|_| lock_err())?;
+    r.windows_differing.sort_unstable();
+    progress.set_phase("done");
+    Ok(r)
+}
