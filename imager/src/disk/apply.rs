@@ -134,11 +134,18 @@ fn open_error(path: &Path, source: io::Error) -> LayoutError {
             why: "the kernel refuses exclusive access (EBUSY): a partition is mounted or the disk is held".into(),
         };
     }
-    LayoutError::Open { path: path.to_path_buf(), source }
+    LayoutError::Open {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Wipe after a failure and build the error.
-fn failed(dev: &Device, step: String, source: Box<dyn std::error::Error + Send + Sync>) -> LayoutError {
+fn failed(
+    dev: &Device,
+    step: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+) -> LayoutError {
     tracing::error!(device = %dev.path().display(), %step, error = %source, "layout failed; wiping the partition table");
     let state = match table::wipe(dev) {
         Ok(()) => {
@@ -150,7 +157,11 @@ fn failed(dev: &Device, step: String, source: Box<dyn std::error::Error + Send +
         }
         Err(e) => DiskState::WipeFailed(e.to_string()),
     };
-    LayoutError::Failed { step, state, source }
+    LayoutError::Failed {
+        step,
+        state,
+        source,
+    }
 }
 
 /// Outcome of asking the kernel to re-read the table.
@@ -176,7 +187,9 @@ fn reread(dev: &Device, wanted: &[u32], opts: &ApplyOptions) -> Result<Reread, R
         match ioctl::reread_partition_table(dev.file().as_fd()) {
             Ok(()) => break,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                return Ok(Reread::NoNodes("the kernel does not partition this device (BLKRRPART: EINVAL)".into()))
+                return Ok(Reread::NoNodes(
+                    "the kernel does not partition this device (BLKRRPART: EINVAL)".into(),
+                ))
             }
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 if attempt == attempts {
@@ -190,17 +203,20 @@ fn reread(dev: &Device, wanted: &[u32], opts: &ApplyOptions) -> Result<Reread, R
         }
     }
     if !opts.use_partition_nodes {
-        return Ok(Reread::NoNodes("partition nodes not used (by request)".into()));
+        return Ok(Reread::NoNodes(
+            "partition nodes not used (by request)".into(),
+        ));
     }
     let Some(name) = busy::kernel_name(dev.path()) else {
         return Ok(Reread::NoNodes("the device has no sysfs entry".into()));
     };
     // BLKRRPART updates sysfs synchronously; only the /dev nodes (udev or
     // devtmpfs) may lag.
-    let nodes: BTreeMap<u32, PathBuf> = super::partition_nodes(Path::new("/sys"), Path::new("/dev"), &name)
-        .into_iter()
-        .filter(|(n, _)| wanted.contains(n))
-        .collect();
+    let nodes: BTreeMap<u32, PathBuf> =
+        super::partition_nodes(Path::new("/sys"), Path::new("/dev"), &name)
+            .into_iter()
+            .filter(|(n, _)| wanted.contains(n))
+            .collect();
     if wanted.iter().any(|n| !nodes.contains_key(n)) {
         return Ok(Reread::NoNodes(
             "the kernel shows no partitions for this device (no partition-table support)".into(),
@@ -208,7 +224,11 @@ fn reread(dev: &Device, wanted: &[u32], opts: &ApplyOptions) -> Result<Reread, R
     }
     let deadline = Instant::now() + opts.node_timeout;
     loop {
-        let ready = nodes.values().all(|p| fs::metadata(p).map(|m| m.file_type().is_block_device()).unwrap_or(false));
+        let ready = nodes.values().all(|p| {
+            fs::metadata(p)
+                .map(|m| m.file_type().is_block_device())
+                .unwrap_or(false)
+        });
         if ready {
             return Ok(Reread::Nodes(nodes));
         }
@@ -227,14 +247,29 @@ fn reread(dev: &Device, wanted: &[u32], opts: &ApplyOptions) -> Result<Reread, R
 /// steps and the failure guarantees: bad specs, busy disks and missing
 /// tools are refused before anything is written; a failure later wipes the
 /// table signatures and says so.
-pub fn apply(dev_path: &Path, spec: &LayoutSpec, opts: &ApplyOptions) -> Result<AppliedLayout, LayoutError> {
+pub fn apply(
+    dev_path: &Path,
+    spec: &LayoutSpec,
+    opts: &ApplyOptions,
+) -> Result<AppliedLayout, LayoutError> {
     let meta = fs::metadata(dev_path).map_err(|e| open_error(dev_path, e))?;
     let is_block = meta.file_type().is_block_device();
-    let busy_why = if is_block { busy::block_device_busy(dev_path) } else { busy::file_busy(dev_path) };
+    let busy_why = if is_block {
+        busy::block_device_busy(dev_path)
+    } else {
+        busy::file_busy(dev_path)
+    };
     if let Some(why) = busy_why {
-        return Err(LayoutError::Busy { path: dev_path.to_path_buf(), why });
+        return Err(LayoutError::Busy {
+            path: dev_path.to_path_buf(),
+            why,
+        });
     }
-    let mode = OpenMode { write: true, create: false, exclusive: is_block };
+    let mode = OpenMode {
+        write: true,
+        create: false,
+        exclusive: is_block,
+    };
     let mut dev = Device::open(dev_path, mode).map_err(|e| open_error(dev_path, e))?;
     if !is_block {
         if let Some(ss) = opts.sector_size {
@@ -246,7 +281,11 @@ pub fn apply(dev_path: &Path, spec: &LayoutSpec, opts: &ApplyOptions) -> Result<
     for job in &plan.formats {
         let tool = job.filesystem.tool();
         if format::find_tool(tool).is_none() {
-            return Err(LayoutError::MissingTool { tool, number: job.number, filesystem: job.filesystem });
+            return Err(LayoutError::MissingTool {
+                tool,
+                number: job.number,
+                filesystem: job.filesystem,
+            });
         }
     }
 
@@ -255,7 +294,13 @@ pub fn apply(dev_path: &Path, spec: &LayoutSpec, opts: &ApplyOptions) -> Result<
         Ok(t) => t,
         // Refused before writing.
         Err(e @ TableError::Unwritable { .. }) => return Err(e.into()),
-        Err(e) => return Err(failed(&dev, "writing the partition table".into(), Box::new(e))),
+        Err(e) => {
+            return Err(failed(
+                &dev,
+                "writing the partition table".into(),
+                Box::new(e),
+            ))
+        }
     };
 
     let wanted: Vec<u32> = plan.formats.iter().map(|j| j.number).collect();
@@ -270,15 +315,28 @@ pub fn apply(dev_path: &Path, spec: &LayoutSpec, opts: &ApplyOptions) -> Result<
                     note = Some(why);
                 }
             }
-            Err(e) => return Err(failed(&dev, "re-reading the partition table".into(), Box::new(e))),
+            Err(e) => {
+                return Err(failed(
+                    &dev,
+                    "re-reading the partition table".into(),
+                    Box::new(e),
+                ))
+            }
         }
     }
     // mkfs tools open the disk or its partitions exclusively themselves:
     // give up our exclusive handle (the busy checks above stand).
     if is_block {
         drop(dev);
-        dev = Device::open(dev_path, OpenMode { write: true, create: false, exclusive: false })
-            .map_err(|e| open_error(dev_path, e))?;
+        dev = Device::open(
+            dev_path,
+            OpenMode {
+                write: true,
+                create: false,
+                exclusive: false,
+            },
+        )
+        .map_err(|e| open_error(dev_path, e))?;
     }
 
     let mut formatted = Vec::new();
@@ -289,9 +347,18 @@ pub fn apply(dev_path: &Path, spec: &LayoutSpec, opts: &ApplyOptions) -> Result<
         };
         tracing::info!(partition = job.number, filesystem = %job.filesystem, ?via, "formatting");
         if let Err(e) = format::format(job, target, ss) {
-            return Err(failed(&dev, format!("formatting partition {} as {}", job.number, job.filesystem), Box::new(e)));
+            return Err(failed(
+                &dev,
+                format!("formatting partition {} as {}", job.number, job.filesystem),
+                Box::new(e),
+            ));
         }
-        formatted.push(Formatted { number: job.number, filesystem: job.filesystem, label: job.label.clone(), via });
+        formatted.push(Formatted {
+            number: job.number,
+            filesystem: job.filesystem,
+            label: job.label.clone(),
+            via,
+        });
     }
     if is_block && !nodes.is_empty() {
         if let Err(e) = ioctl::flush_buffers(dev.file().as_fd()) {
@@ -306,16 +373,38 @@ pub fn apply(dev_path: &Path, spec: &LayoutSpec, opts: &ApplyOptions) -> Result<
         Ok(Some(t)) => t,
         Ok(None) => {
             let e = io::Error::other("no partition table found after writing one");
-            return Err(failed(&dev, "checking the written table".into(), Box::new(e)));
+            return Err(failed(
+                &dev,
+                "checking the written table".into(),
+                Box::new(e),
+            ));
         }
-        Err(e) => return Err(failed(&dev, "checking the written table".into(), Box::new(e))),
+        Err(e) => {
+            return Err(failed(
+                &dev,
+                "checking the written table".into(),
+                Box::new(e),
+            ))
+        }
     };
     let key = |t: &PartitionTable| -> Vec<(u32, u64, u64, String)> {
-        t.partitions.iter().map(|p| (p.number, p.start, p.size, p.ptype.to_ascii_uppercase())).collect()
+        t.partitions
+            .iter()
+            .map(|p| (p.number, p.start, p.size, p.ptype.to_ascii_uppercase()))
+            .collect()
     };
     if back.kind != written.kind || key(&back) != key(&written) {
         let e = io::Error::other("the table read back differs from the one written");
-        return Err(failed(&dev, "checking the written table".into(), Box::new(e)));
+        return Err(failed(
+            &dev,
+            "checking the written table".into(),
+            Box::new(e),
+        ));
     }
-    Ok(AppliedLayout { device: dev_path.to_path_buf(), table: written, formatted, note })
+    Ok(AppliedLayout {
+        device: dev_path.to_path_buf(),
+        table: written,
+        formatted,
+        note,
+    })
 }

@@ -37,7 +37,10 @@ fn disk_and_partitions(name: &str) -> Vec<(String, String)> {
     if let Ok(rd) = fs::read_dir(&dir) {
         for e in rd.filter_map(|e| e.ok()) {
             if e.path().join("partition").exists() {
-                if let (Ok(d), Some(n)) = (fs::read_to_string(e.path().join("dev")), e.file_name().to_str()) {
+                if let (Ok(d), Some(n)) = (
+                    fs::read_to_string(e.path().join("dev")),
+                    e.file_name().to_str(),
+                ) {
                     out.push((d.trim().to_string(), n.to_string()));
                 }
             }
@@ -52,8 +55,13 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = u32::from(b[i + 1] - b'0') * 64 + u32::from(b[i + 2] - b'0') * 8 + u32::from(b[i + 3] - b'0');
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = u32::from(b[i + 1] - b'0') * 64
+                + u32::from(b[i + 2] - b'0') * 8
+                + u32::from(b[i + 3] - b'0');
             out.push(v as u8);
             i += 4;
         } else {
@@ -76,9 +84,16 @@ pub(crate) fn block_device_busy(path: &Path) -> Option<String> {
             if f.len() < 5 {
                 continue;
             }
-            let source = line.split(" - ").nth(1).and_then(|r| r.split(' ').nth(1)).map(unescape);
+            let source = line
+                .split(" - ")
+                .nth(1)
+                .and_then(|r| r.split(' ').nth(1))
+                .map(unescape);
             let hit = by_num(f[2]).or_else(|| {
-                source.as_deref().and_then(|s| dev_numbers(Path::new(s))).and_then(|(a, b)| by_num(&format!("{a}:{b}")))
+                source
+                    .as_deref()
+                    .and_then(|s| dev_numbers(Path::new(s)))
+                    .and_then(|(a, b)| by_num(&format!("{a}:{b}")))
             });
             if let Some(n) = hit {
                 reasons.push(format!("{n} is mounted on {}", unescape(f[4])));
@@ -100,10 +115,16 @@ pub(crate) fn block_device_busy(path: &Path) -> Option<String> {
         let holders = if *n == name {
             PathBuf::from("/sys/block").join(&name).join("holders")
         } else {
-            PathBuf::from("/sys/block").join(&name).join(n).join("holders")
+            PathBuf::from("/sys/block")
+                .join(&name)
+                .join(n)
+                .join("holders")
         };
         if let Ok(rd) = fs::read_dir(holders) {
-            let hs: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            let hs: Vec<String> = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
             if !hs.is_empty() {
                 reasons.push(format!("{n} is held by {}", hs.join(", ")));
             }
@@ -125,9 +146,13 @@ pub(crate) fn file_busy(path: &Path) -> Option<String> {
             continue;
         }
         let backing = e.path().join("loop/backing_file");
-        let Ok(b) = fs::read_to_string(&backing) else { continue };
+        let Ok(b) = fs::read_to_string(&backing) else {
+            continue;
+        };
         let b = b.trim().trim_end_matches(" (deleted)");
-        let same = fs::metadata(b).map(|m| m.dev() == meta.dev() && m.ino() == meta.ino()).unwrap_or(false);
+        let same = fs::metadata(b)
+            .map(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+            .unwrap_or(false);
         if same || Path::new(b) == me {
             loops.push(format!("/dev/{name}"));
         }

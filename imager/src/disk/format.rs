@@ -69,10 +69,15 @@ pub(super) enum Target<'a> {
 pub(super) fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let extra = ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"];
-    std::env::split_paths(&path).chain(extra.iter().map(PathBuf::from)).map(|d| d.join(name)).find(|p| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
+    std::env::split_paths(&path)
+        .chain(extra.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
 }
 
 fn run(tool: &'static str, args: &[OsString]) -> Result<(), FormatError> {
@@ -97,7 +102,11 @@ fn run(tool: &'static str, args: &[OsString]) -> Result<(), FormatError> {
         let chars: Vec<char> = text.chars().collect();
         chars[chars.len().saturating_sub(1500)..].iter().collect()
     };
-    Err(FormatError::Tool { tool, status: out.status.to_string(), output: tail.replace('\n', " / ") })
+    Err(FormatError::Tool {
+        tool,
+        status: out.status.to_string(),
+        output: tail.replace('\n', " / "),
+    })
 }
 
 fn os(s: impl Into<OsString>) -> OsString {
@@ -119,8 +128,14 @@ pub(super) fn format(job: &FormatJob, target: Target<'_>, ss: u32) -> Result<(),
     match target {
         Target::Node(node) => {
             let (tool, mut args): (&'static str, Vec<OsString>) = match job.filesystem {
-                Filesystem::Ext4 => ("mkfs.ext4", [vec![os("-F"), os("-q")], label_args("-L", &job.label)].concat()),
-                Filesystem::Fat32 => ("mkfs.fat", [vec![os("-F"), os("32")], label_args("-n", &job.label)].concat()),
+                Filesystem::Ext4 => (
+                    "mkfs.ext4",
+                    [vec![os("-F"), os("-q")], label_args("-L", &job.label)].concat(),
+                ),
+                Filesystem::Fat32 => (
+                    "mkfs.fat",
+                    [vec![os("-F"), os("32")], label_args("-n", &job.label)].concat(),
+                ),
                 Filesystem::Ntfs => (
                     "mkntfs",
                     [
@@ -164,25 +179,41 @@ fn clear_range(job: &FormatJob, dev: &Device) -> Result<(), FormatError> {
         return dev.zero_range(job.start, job.size).map_err(io_err(what));
     }
     let head = job.size.min(MIB);
-    dev.zero_range(job.start, head).map_err(io_err(what.clone()))?;
-    let tail_start = (job.start + job.size).saturating_sub(MIB).max(job.start + head);
-    dev.zero_range(tail_start, job.start + job.size - tail_start).map_err(io_err(what))
+    dev.zero_range(job.start, head)
+        .map_err(io_err(what.clone()))?;
+    let tail_start = (job.start + job.size)
+        .saturating_sub(MIB)
+        .max(job.start + head);
+    dev.zero_range(tail_start, job.start + job.size - tail_start)
+        .map_err(io_err(what))
 }
 
 fn format_at_offset(job: &FormatJob, dev: &Device, ss: u32) -> Result<(), FormatError> {
     let ssu = u64::from(ss);
     let path = dev.path().as_os_str().to_owned();
     clear_range(job, dev)?;
-    dev.sync().map_err(io_err(format!("syncing {} before formatting", dev.path().display())))?;
+    dev.sync().map_err(io_err(format!(
+        "syncing {} before formatting",
+        dev.path().display()
+    )))?;
     match job.filesystem {
         Filesystem::Ext4 => {
             let mut args = [vec![os("-F"), os("-q")], label_args("-L", &job.label)].concat();
-            args.extend([os("-E"), os(format!("offset={},nodiscard", job.start)), path, os(format!("{}k", job.size / 1024))]);
+            args.extend([
+                os("-E"),
+                os(format!("offset={},nodiscard", job.start)),
+                path,
+                os(format!("{}k", job.size / 1024)),
+            ]);
             run("mkfs.ext4", &args)
         }
         Filesystem::Fat32 => {
             let sectors = job.start / ssu;
-            let mut args = [vec![os("-F"), os("32"), os("-I")], label_args("-n", &job.label)].concat();
+            let mut args = [
+                vec![os("-F"), os("32"), os("-I")],
+                label_args("-n", &job.label),
+            ]
+            .concat();
             args.extend([
                 os("-S"),
                 os(ss.to_string()),
@@ -202,15 +233,24 @@ fn format_at_offset(job: &FormatJob, dev: &Device, ss: u32) -> Result<(), Format
 /// ranges into the partition.
 fn via_temp_file(job: &FormatJob, dev: &Device, ss: u32) -> Result<(), FormatError> {
     let dir = match dev.kind() {
-        DeviceKind::File => dev.path().parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf),
+        DeviceKind::File => dev
+            .path()
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf),
         DeviceKind::Block => None,
     }
     .unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::Builder::new()
         .prefix(".aula-mkfs-")
         .tempfile_in(&dir)
-        .map_err(io_err(format!("creating a temporary file in {}", dir.display())))?;
-    tmp.as_file().set_len(job.size).map_err(io_err("sizing the temporary file"))?;
+        .map_err(io_err(format!(
+            "creating a temporary file in {}",
+            dir.display()
+        )))?;
+    tmp.as_file()
+        .set_len(job.size)
+        .map_err(io_err("sizing the temporary file"))?;
     let tpath = tmp.path().as_os_str().to_owned();
     match job.filesystem {
         Filesystem::Ntfs => {
@@ -229,8 +269,10 @@ fn via_temp_file(job: &FormatJob, dev: &Device, ss: u32) -> Result<(), FormatErr
         }
         Filesystem::Ext4 | Filesystem::Fat32 => {}
     }
-    copy_data(tmp.as_file(), job.size, dev, job.start)
-        .map_err(io_err(format!("copying the new filesystem into partition {}", job.number)))
+    copy_data(tmp.as_file(), job.size, dev, job.start).map_err(io_err(format!(
+        "copying the new filesystem into partition {}",
+        job.number
+    )))
 }
 
 /// Copy the data ranges of `src` (`len` bytes) to `dst` at `offset`.

@@ -93,7 +93,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 1 << 40,
         _ => return Err(format!("{s:?}: unknown unit (use K, M, G, T)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 impl Serialize for Size {
@@ -116,7 +117,9 @@ impl<'de> Deserialize<'de> for Size {
         match Raw::deserialize(d)? {
             Raw::N(n) => Ok(Size::Bytes(n)),
             Raw::S(s) if s.trim().eq_ignore_ascii_case("rest") => Ok(Size::Rest),
-            Raw::S(s) => parse_size(&s).map(Size::Bytes).map_err(serde::de::Error::custom),
+            Raw::S(s) => parse_size(&s)
+                .map(Size::Bytes)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -169,12 +172,21 @@ impl Filesystem {
             Filesystem::Fat32 => 11,
             Filesystem::Ntfs => 128,
         };
-        let len = if self == Filesystem::Ntfs { label.encode_utf16().count() } else { label.len() };
+        let len = if self == Filesystem::Ntfs {
+            label.encode_utf16().count()
+        } else {
+            label.len()
+        };
         if len > max {
-            return Err(format!("label {label:?} is longer than the {max} characters {} allows", self.as_str()));
+            return Err(format!(
+                "label {label:?} is longer than the {max} characters {} allows",
+                self.as_str()
+            ));
         }
         if self == Filesystem::Fat32
-            && label.chars().any(|c| !c.is_ascii() || c.is_ascii_control() || "*?.,;:/\\|+=<>[]\"".contains(c))
+            && label
+                .chars()
+                .any(|c| !c.is_ascii() || c.is_ascii_control() || "*?.,;:/\\|+=<>[]\"".contains(c))
         {
             return Err(format!("label {label:?} has characters FAT does not allow"));
         }
@@ -362,7 +374,10 @@ pub enum LayoutError {
 }
 
 fn perr(number: u32, why: impl Into<String>) -> LayoutError {
-    LayoutError::Partition { number, why: why.into() }
+    LayoutError::Partition {
+        number,
+        why: why.into(),
+    }
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -379,7 +394,12 @@ struct Item {
 }
 
 /// Lay out `items` in `[begin, end)`; returns `(idx, start, size)`.
-fn place(items: &[Item], begin: u64, end: u64, what: &str) -> Result<Vec<(usize, u64, u64)>, LayoutError> {
+fn place(
+    items: &[Item],
+    begin: u64,
+    end: u64,
+    what: &str,
+) -> Result<Vec<(usize, u64, u64)>, LayoutError> {
     let mut out = Vec::new();
     let mut cursor = begin;
     for (i, it) in items.iter().enumerate() {
@@ -436,7 +456,9 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
     }
     let ss = u64::from(sector_size);
     if !sector_size.is_power_of_two() || !(512..=65536).contains(&sector_size) {
-        return Err(LayoutError::Invalid(format!("unsupported sector size {sector_size}")));
+        return Err(LayoutError::Invalid(format!(
+            "unsupported sector size {sector_size}"
+        )));
     }
     let mut seen = std::collections::BTreeSet::new();
     let mut resolved = Vec::new();
@@ -453,7 +475,10 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
         let r = types::resolve(&p.ptype, kind).map_err(|why| perr(n, why))?;
         if r.cache {
             if let Some(c) = cache {
-                return Err(perr(n, format!("a second CACHE partition (partition {c} is already the cache)")));
+                return Err(perr(
+                    n,
+                    format!("a second CACHE partition (partition {c} is already the cache)"),
+                ));
             }
             cache = Some(n);
             if p.filesystem.is_some_and(|f| f != Filesystem::Ext4) {
@@ -469,7 +494,10 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
                     return Err(perr(n, "GPT partition numbers go up to 128"));
                 }
                 if p.bootable {
-                    return Err(perr(n, "\"bootable\" is the MBR active flag; on GPT use attributes (bit 2)"));
+                    return Err(perr(
+                        n,
+                        "\"bootable\" is the MBR active flag; on GPT use attributes (bit 2)",
+                    ));
                 }
             }
             TableKind::Mbr => {
@@ -478,7 +506,10 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
                         return Err(perr(n, "an extended partition must be numbered 1 to 4"));
                     }
                     if let Some(e) = extended {
-                        return Err(perr(n, format!("a second extended partition (partition {e} is one)")));
+                        return Err(perr(
+                            n,
+                            format!("a second extended partition (partition {e} is one)"),
+                        ));
                     }
                     extended = Some(n);
                 }
@@ -492,7 +523,10 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
         }
         if let Some(name) = &p.name {
             if name.encode_utf16().count() > 36 {
-                return Err(perr(n, format!("name {name:?} is longer than 36 characters")));
+                return Err(perr(
+                    n,
+                    format!("name {name:?} is longer than 36 characters"),
+                ));
             }
         }
         if let Some(g) = &p.guid {
@@ -501,7 +535,11 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
             }
         }
         if let Some(l) = &p.label {
-            let fs = if r.cache { Some(Filesystem::Ext4) } else { p.filesystem };
+            let fs = if r.cache {
+                Some(Filesystem::Ext4)
+            } else {
+                p.filesystem
+            };
             match fs {
                 Some(f) => f.check_label(l).map_err(|why| perr(n, why))?,
                 None => return Err(perr(n, "a label needs a filesystem")),
@@ -513,7 +551,10 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
         match p.start {
             Some(Size::Rest) => return Err(perr(n, "\"rest\" is not a start")),
             Some(Size::Bytes(s)) if s % MIB != 0 || s == 0 => {
-                return Err(perr(n, format!("start {s} is not a non-zero multiple of 1 MiB")))
+                return Err(perr(
+                    n,
+                    format!("start {s} is not a non-zero multiple of 1 MiB"),
+                ))
             }
             _ => {}
         }
@@ -521,7 +562,12 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
     }
     let logicals: Vec<u32> = match kind {
         TableKind::Mbr => {
-            let mut l: Vec<u32> = spec.partitions.iter().map(|p| p.number).filter(|&n| n > 4).collect();
+            let mut l: Vec<u32> = spec
+                .partitions
+                .iter()
+                .map(|p| p.number)
+                .filter(|&n| n > 4)
+                .collect();
             l.sort_unstable();
             l
         }
@@ -536,7 +582,13 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
         }
         for (i, &n) in logicals.iter().enumerate() {
             if n != 5 + i as u32 {
-                return Err(perr(n, format!("logical partitions are numbered 5, 6, … without gaps (expected {})", 5 + i)));
+                return Err(perr(
+                    n,
+                    format!(
+                        "logical partitions are numbered 5, 6, … without gaps (expected {})",
+                        5 + i
+                    ),
+                ));
             }
         }
     }
@@ -548,15 +600,22 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
             let entry_sectors = u64::from(128 / per_sector.max(1));
             let total = disk_size / ss;
             if total < 2 * entry_sectors + 4 {
-                return Err(LayoutError::Invalid(format!("the disk ({disk_size} bytes) is too small for a GPT")));
+                return Err(LayoutError::Invalid(format!(
+                    "the disk ({disk_size} bytes) is too small for a GPT"
+                )));
             }
             let last_usable = total - 1 - entry_sectors - 1;
-            (align_up((2 + entry_sectors) * ss, MIB), (last_usable + 1) * ss / MIB * MIB)
+            (
+                align_up((2 + entry_sectors) * ss, MIB),
+                (last_usable + 1) * ss / MIB * MIB,
+            )
         }
         TableKind::Mbr => (MIB, disk_size.min((1u64 << 32) * ss) / MIB * MIB),
     };
     if end <= begin {
-        return Err(LayoutError::Invalid(format!("the disk ({disk_size} bytes) is too small for a partition table")));
+        return Err(LayoutError::Invalid(format!(
+            "the disk ({disk_size} bytes) is too small for a partition table"
+        )));
     }
 
     let size_of = |p: &PartitionSpec| match p.size {
@@ -587,24 +646,49 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
             if resolved[i].cache && start.is_none() {
                 if let Some(sz) = size {
                     start = Some(end.checked_sub(sz).filter(|s| *s > 0).ok_or_else(|| {
-                        perr(p.number, format!("{} MiB does not fit the disk ({} MiB usable)", sz / MIB, end / MIB))
+                        perr(
+                            p.number,
+                            format!(
+                                "{} MiB does not fit the disk ({} MiB usable)",
+                                sz / MIB,
+                                end / MIB
+                            ),
+                        )
                     })?);
                 }
             }
-            v.push(Item { idx: i, number: p.number, start, size, overhead: if logical { MIB } else { 0 } });
+            v.push(Item {
+                idx: i,
+                number: p.number,
+                start,
+                size,
+                overhead: if logical { MIB } else { 0 },
+            });
         }
         if rests.len() > 1 {
             return Err(LayoutError::Invalid(format!(
                 "partitions {} all ask for \"rest\"; only one per level can",
-                rests.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                rests
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(v)
     };
     let mut placed = place(&items(false, end)?, begin, end, "the disk")?;
     if let Some(en) = extended {
-        if let Some(&(_, es, esz)) = placed.iter().find(|(i, _, _)| spec.partitions[*i].number == en) {
-            let inner = place(&items(true, es + esz)?, es, es + esz, "the extended partition")?;
+        if let Some(&(_, es, esz)) = placed
+            .iter()
+            .find(|(i, _, _)| spec.partitions[*i].number == en)
+        {
+            let inner = place(
+                &items(true, es + esz)?,
+                es,
+                es + esz,
+                "the extended partition",
+            )?;
             placed.extend(inner);
         }
     }
@@ -632,13 +716,30 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
             bootable: p.bootable,
             extended: r.extended,
         });
-        let fs = if r.cache { Some(Filesystem::Ext4) } else { p.filesystem };
+        let fs = if r.cache {
+            Some(Filesystem::Ext4)
+        } else {
+            p.filesystem
+        };
         if let (Some(f), true) = (fs, p.format) {
             if size < f.min_size() {
-                return Err(perr(p.number, format!("{f} needs at least {} MiB", f.min_size() / MIB)));
+                return Err(perr(
+                    p.number,
+                    format!("{f} needs at least {} MiB", f.min_size() / MIB),
+                ));
             }
-            let label = if r.cache { Some("CACHE".to_string()) } else { p.label.clone() };
-            formats.push(FormatJob { number: p.number, filesystem: f, label, start, size });
+            let label = if r.cache {
+                Some("CACHE".to_string())
+            } else {
+                p.label.clone()
+            };
+            formats.push(FormatJob {
+                number: p.number,
+                filesystem: f,
+                label,
+                start,
+                size,
+            });
         }
     }
     table::validate(&t, disk_size)?;
@@ -664,7 +765,10 @@ impl Loose {
     fn as_u64(&self, what: &str) -> Result<u64, String> {
         match self {
             Loose::Num(n) => Ok(*n),
-            Loose::Str(s) => s.trim().parse().map_err(|_| format!("{what} {s:?} is not a number")),
+            Loose::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| format!("{what} {s:?} is not a number")),
             Loose::Bool(b) => Err(format!("{what} {b} is not a number")),
         }
     }
@@ -738,7 +842,10 @@ impl OpenGnsysSetup {
             None => Ok(1),
             Some(d) => {
                 let n = d.as_u64("disk").map_err(LayoutError::OpenGnsys)?;
-                u32::try_from(n).ok().filter(|&n| n >= 1).ok_or_else(|| LayoutError::OpenGnsys(format!("disk {n} is out of range")))
+                u32::try_from(n)
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| LayoutError::OpenGnsys(format!("disk {n} is out of range")))
             }
         }
     }
@@ -765,15 +872,22 @@ impl OpenGnsysSetup {
         let mut parts = Vec::new();
         for e in &self.partition_setup {
             let number = e.partition.as_u64("partition").map_err(og)?;
-            let number = u32::try_from(number).map_err(|_| og(format!("partition {number} is out of range")))?;
+            let number = u32::try_from(number)
+                .map_err(|_| og(format!("partition {number} is out of range")))?;
             let code = e.code.as_string();
             let code_t = code.trim();
-            let is_empty_code =
-                code_t.eq_ignore_ascii_case("EMPTY") || (!code_t.is_empty() && code_t.trim_start_matches("0x").chars().all(|c| c == '0'));
+            let is_empty_code = code_t.eq_ignore_ascii_case("EMPTY")
+                || (!code_t.is_empty()
+                    && code_t.trim_start_matches("0x").chars().all(|c| c == '0'));
             if is_empty_code {
                 continue;
             }
-            let fs_name = e.filesystem.as_deref().unwrap_or("").trim().to_ascii_uppercase();
+            let fs_name = e
+                .filesystem
+                .as_deref()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_uppercase();
             let format = match &e.format {
                 Some(f) => f.as_bool("format").map_err(|w| perr(number, w))?,
                 None => false,
@@ -793,7 +907,11 @@ impl OpenGnsysSetup {
                 other if format => return Err(perr(number, format!("filesystem {other} cannot be made (EXT4, NTFS, FAT32, LINUX-SWAP, CACHE can)"))),
                 _ => None,
             };
-            let mut p = PartitionSpec::new(number, if is_cache { "CACHE" } else { code_t }, Size::Bytes(size_kib * 1024));
+            let mut p = PartitionSpec::new(
+                number,
+                if is_cache { "CACHE" } else { code_t },
+                Size::Bytes(size_kib * 1024),
+            );
             p.filesystem = filesystem;
             p.format = format && filesystem.is_some();
             parts.push(p);
@@ -809,15 +927,25 @@ impl OpenGnsysSetup {
         let has_cache = parts.iter().any(|p| p.ptype == "CACHE");
         if cache_wanted && cache_kib > 0 && !has_cache {
             if parts.iter().any(|p| p.number == 4) {
-                return Err(og("cache requested but partition 4, where it goes, is taken".into()));
+                return Err(og(
+                    "cache requested but partition 4, where it goes, is taken".into(),
+                ));
             }
-            parts.push(PartitionSpec::new(4, "CACHE", Size::Bytes(cache_kib * 1024)));
+            parts.push(PartitionSpec::new(
+                4,
+                "CACHE",
+                Size::Bytes(cache_kib * 1024),
+            ));
         }
         if parts.is_empty() {
             return Err(og("no partitions (all EMPTY)".into()));
         }
         parts.sort_by_key(|p| p.number);
-        Ok(LayoutSpec { table, disk_id: None, partitions: parts })
+        Ok(LayoutSpec {
+            table,
+            disk_id: None,
+            partitions: parts,
+        })
     }
 }
 
@@ -861,13 +989,19 @@ mod tests {
         let p = plan(&s, 8 * GIB, 512).expect("plan");
         let t = &p.table;
         assert_eq!(t.partitions.len(), 3);
-        assert_eq!((t.partitions[0].start, t.partitions[0].size), (MIB, 100 * MIB));
+        assert_eq!(
+            (t.partitions[0].start, t.partitions[0].size),
+            (MIB, 100 * MIB)
+        );
         let end = (8 * GIB / 512 - 34) * 512 / MIB * MIB;
         assert_eq!(t.partitions[2].number, 4);
         assert_eq!(t.partitions[2].start + t.partitions[2].size, end);
         assert_eq!(t.partitions[2].name.as_deref(), Some("CACHE"));
         assert_eq!(t.partitions[1].start, 101 * MIB);
-        assert_eq!(t.partitions[1].start + t.partitions[1].size, t.partitions[2].start);
+        assert_eq!(
+            t.partitions[1].start + t.partitions[1].size,
+            t.partitions[2].start
+        );
         assert_eq!(p.formats.len(), 3);
         assert_eq!(p.formats[2].label.as_deref(), Some("CACHE"));
     }
@@ -898,22 +1032,55 @@ mod tests {
     #[test]
     fn bad_layouts_are_refused_naming_the_partition() {
         let cases = [
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"9G"}]}"#, "partition 1"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"bogus","size":"1G"}]}"#, "partition 1"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"cache","size":"1G"},{"number":2,"type":"cache","size":"1G"}]}"#, "second CACHE"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"1G"},{"number":1,"type":"linux","size":"1G"}]}"#, "twice"),
-            (r#"{"table":"mbr","partitions":[{"number":1,"type":"linux","size":"1G"},{"number":5,"type":"linux","size":"1G"}]}"#, "partition 5"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"2G","start":"1M"},{"number":2,"type":"linux","size":"1G","start":"1G"}]}"#, "overlap"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"rest"},{"number":2,"type":"linux","size":"rest"}]}"#, "rest"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"extended","size":"1G"}]}"#, "partition 1"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"efi","size":"10M","filesystem":"fat32"}]}"#, "32 MiB"),
-            (r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"1G","filesystem":"ext4","label":"this label is far too long"}]}"#, "label"),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"9G"}]}"#,
+                "partition 1",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"bogus","size":"1G"}]}"#,
+                "partition 1",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"cache","size":"1G"},{"number":2,"type":"cache","size":"1G"}]}"#,
+                "second CACHE",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"1G"},{"number":1,"type":"linux","size":"1G"}]}"#,
+                "twice",
+            ),
+            (
+                r#"{"table":"mbr","partitions":[{"number":1,"type":"linux","size":"1G"},{"number":5,"type":"linux","size":"1G"}]}"#,
+                "partition 5",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"2G","start":"1M"},{"number":2,"type":"linux","size":"1G","start":"1G"}]}"#,
+                "overlap",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"rest"},{"number":2,"type":"linux","size":"rest"}]}"#,
+                "rest",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"extended","size":"1G"}]}"#,
+                "partition 1",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"efi","size":"10M","filesystem":"fat32"}]}"#,
+                "32 MiB",
+            ),
+            (
+                r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"1G","filesystem":"ext4","label":"this label is far too long"}]}"#,
+                "label",
+            ),
         ];
         for (json, needle) in cases {
             let e = plan(&spec(json), 8 * GIB, 512).expect_err(json).to_string();
             assert!(e.contains(needle), "{json}: {e}");
         }
-        assert!(serde_json::from_str::<LayoutSpec>(r#"{"table":"gpt","partitions":[],"bogus":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<LayoutSpec>(r#"{"table":"gpt","partitions":[],"bogus":1}"#)
+                .is_err()
+        );
     }
 
     #[test]
@@ -933,7 +1100,8 @@ mod tests {
         assert!(!s.partitions[1].format);
         assert_eq!(s.partitions[2].ptype, "CACHE");
         let bad = r#"{"type":"GPT","partition_setup":[{"partition":"1","code":"NOPE","size":"1000","format":"0"}]}"#;
-        let e = plan(&from_opengnsys(bad).expect("converts"), 8 * GIB, 512).expect_err("unknown code");
+        let e =
+            plan(&from_opengnsys(bad).expect("converts"), 8 * GIB, 512).expect_err("unknown code");
         assert!(e.to_string().contains("partition 1"), "{e}");
         let bad = r#"{"type":"ZFS","partition_setup":[]}"#;
         assert!(from_opengnsys(bad).is_err());

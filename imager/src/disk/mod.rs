@@ -91,7 +91,10 @@ pub enum Transport {
 impl Transport {
     /// True for the classes skipped unless virtual devices are asked for.
     pub fn is_virtual(self) -> bool {
-        matches!(self, Transport::Loop | Transport::Ram | Transport::Nbd | Transport::Virtual)
+        matches!(
+            self,
+            Transport::Loop | Transport::Ram | Transport::Nbd | Transport::Virtual
+        )
     }
 }
 
@@ -362,18 +365,26 @@ fn transport_of(name: &str, sys_path: &str) -> Transport {
 /// The serial number: `device/serial` (NVMe, some SCSI), `serial` (virtio),
 /// or the SCSI unit serial number VPD page 0x80.
 fn serial_of(dir: &Path) -> Option<String> {
-    if let Some(s) = read_trim(&dir.join("device/serial")).or_else(|| read_trim(&dir.join("serial"))) {
+    if let Some(s) =
+        read_trim(&dir.join("device/serial")).or_else(|| read_trim(&dir.join("serial")))
+    {
         return Some(s);
     }
     let page = fs::read(dir.join("device/vpd_pg80")).ok()?;
     let body = page.get(4..)?;
-    let s = String::from_utf8_lossy(body).trim().trim_matches(char::from(0)).trim().to_string();
+    let s = String::from_utf8_lossy(body)
+        .trim()
+        .trim_matches(char::from(0))
+        .trim()
+        .to_string();
     (!s.is_empty()).then_some(s)
 }
 
 fn sys_disk(sysfs: &Path, name: &str) -> SysDisk {
     let dir = sysfs.join("block").join(name);
-    let real = fs::canonicalize(&dir).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let real = fs::canonicalize(&dir)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let q = dir.join("queue");
     let logical = read_u64(&q.join("logical_block_size")).unwrap_or(512) as u32;
     SysDisk {
@@ -382,7 +393,9 @@ fn sys_disk(sysfs: &Path, name: &str) -> SysDisk {
         // sysfs `size` counts 512-byte units whatever the sector size.
         size: read_u64(&dir.join("size")).unwrap_or(0) * 512,
         logical,
-        physical: read_u64(&q.join("physical_block_size")).map(|v| v as u32).unwrap_or(logical),
+        physical: read_u64(&q.join("physical_block_size"))
+            .map(|v| v as u32)
+            .unwrap_or(logical),
         model: read_trim(&dir.join("device/model")),
         vendor: read_trim(&dir.join("device/vendor")),
         serial: serial_of(&dir),
@@ -414,7 +427,10 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
         let ord = match (da, db) {
             (true, true) => {
                 let (ta, tb) = (xa.trim_start_matches('0'), xb.trim_start_matches('0'));
-                ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb)).then_with(|| xa.len().cmp(&xb.len()))
+                ta.len()
+                    .cmp(&tb.len())
+                    .then_with(|| ta.cmp(tb))
+                    .then_with(|| xa.len().cmp(&xb.len()))
             }
             (false, false) => xa.len().cmp(&xb.len()).then_with(|| xa.cmp(xb)),
             (true, false) => Ordering::Less,
@@ -446,7 +462,10 @@ fn class_rank(t: Transport) -> u8 {
 /// Listed disks from sysfs, filtered and in `dsk` order.
 fn list(opts: &InventoryOptions) -> Result<Vec<SysDisk>, DiskError> {
     let block = opts.sysfs.join("block");
-    let rd = fs::read_dir(&block).map_err(|source| DiskError::Sysfs { path: block.clone(), source })?;
+    let rd = fs::read_dir(&block).map_err(|source| DiskError::Sysfs {
+        path: block.clone(),
+        source,
+    })?;
     let mut disks: Vec<SysDisk> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
@@ -477,7 +496,10 @@ pub fn resolve_dsk_with(dsk: u32, opts: &InventoryOptions) -> Result<PathBuf, Di
     let idx = (dsk as usize).checked_sub(1).filter(|&i| i < disks.len());
     match idx {
         Some(i) => Ok(opts.dev.join(&disks[i].name)),
-        None => Err(DiskError::NoSuchDisk { dsk, count: disks.len() }),
+        None => Err(DiskError::NoSuchDisk {
+            dsk,
+            count: disks.len(),
+        }),
     }
 }
 
@@ -513,9 +535,16 @@ pub fn inventory(opts: &InventoryOptions) -> Result<Vec<DiskInfo>, DiskError> {
                     info.size = dev.size();
                     info.logical_sector_size = dev.sector_size();
                     info.physical_sector_size = dev.physical_sector_size();
-                    describe_table(Arc::new(dev), Some(info.logical_sector_size), opts, &mut info);
+                    describe_table(
+                        Arc::new(dev),
+                        Some(info.logical_sector_size),
+                        opts,
+                        &mut info,
+                    );
                 }
-                Err(e) => info.warnings.push(format!("cannot open {}: {e}", path.display())),
+                Err(e) => info
+                    .warnings
+                    .push(format!("cannot open {}: {e}", path.display())),
             }
             add_nodes(&opts.sysfs, &opts.dev, &d.name, &mut info);
         }
@@ -528,9 +557,13 @@ pub fn inventory(opts: &InventoryOptions) -> Result<Vec<DiskInfo>, DiskError> {
 /// from sysfs.
 pub(crate) fn partition_nodes(sysfs: &Path, dev: &Path, disk: &str) -> Vec<(u32, PathBuf)> {
     let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(sysfs.join("block").join(disk)) else { return out };
+    let Ok(rd) = fs::read_dir(sysfs.join("block").join(disk)) else {
+        return out;
+    };
     for e in rd.filter_map(|e| e.ok()) {
-        let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
         if let Some(n) = read_u64(&e.path().join("partition")) {
             out.push((n as u32, dev.join(name)));
         }
@@ -547,7 +580,12 @@ fn add_nodes(sysfs: &Path, dev: &Path, disk: &str, info: &mut DiskInfo) {
     }
 }
 
-fn describe_table(dev: Arc<Device>, sector_size: Option<u32>, opts: &InventoryOptions, info: &mut DiskInfo) {
+fn describe_table(
+    dev: Arc<Device>,
+    sector_size: Option<u32>,
+    opts: &InventoryOptions,
+    info: &mut DiskInfo,
+) {
     let t = match table::read(dev.as_ref(), sector_size) {
         Ok(Some(t)) => t,
         Ok(None) => return,
@@ -556,11 +594,19 @@ fn describe_table(dev: Arc<Device>, sector_size: Option<u32>, opts: &InventoryOp
             return;
         }
     };
-    info.table = Some(TableInfo { kind: t.kind, disk_id: t.disk_id.clone(), sector_size: t.sector_size });
+    info.table = Some(TableInfo {
+        kind: t.kind,
+        disk_id: t.disk_id.clone(),
+        sector_size: t.sector_size,
+    });
     info.partitions = partitions_of(&dev, &t, opts);
 }
 
-fn partitions_of(dev: &Arc<Device>, t: &PartitionTable, opts: &InventoryOptions) -> Vec<PartitionInfo> {
+fn partitions_of(
+    dev: &Arc<Device>,
+    t: &PartitionTable,
+    opts: &InventoryOptions,
+) -> Vec<PartitionInfo> {
     let mut out = Vec::new();
     for p in &t.partitions {
         let mut pi = PartitionInfo {
@@ -590,7 +636,11 @@ fn partitions_of(dev: &Arc<Device>, t: &PartitionTable, opts: &InventoryOptions)
             || pi.label.as_deref() == Some("CACHE")
             || (t.kind == TableKind::Gpt && pi.name.as_deref() == Some("CACHE"));
         if pi.cache {
-            pi.code = Some(if t.kind == TableKind::Gpt { "CA00".into() } else { "ca".into() });
+            pi.code = Some(if t.kind == TableKind::Gpt {
+                "CA00".into()
+            } else {
+                "ca".into()
+            });
         }
         out.push(pi);
     }
@@ -637,11 +687,17 @@ pub struct InspectOptions {
 /// filesystems (and, for block devices, the sysfs facts). Unlike
 /// [`inventory`], a damaged table is an error here.
 pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<DiskInfo, DiskError> {
-    let mut dev = Device::open_read(path).map_err(|source| DiskError::Open { path: path.to_path_buf(), source })?;
+    let mut dev = Device::open_read(path).map_err(|source| DiskError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if let Some(ss) = opts.sector_size {
         dev.set_sector_size(ss);
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut info = DiskInfo {
         dsk: None,
         name: name.clone(),
@@ -679,14 +735,24 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<DiskInfo, DiskError
         (DeviceKind::File, s) => s,
     };
     let dev = Arc::new(dev);
-    let t = table::read(dev.as_ref(), ss).map_err(|source| DiskError::Table { path: path.to_path_buf(), source })?;
+    let t = table::read(dev.as_ref(), ss).map_err(|source| DiskError::Table {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if let Some(t) = t {
         info.logical_sector_size = t.sector_size;
         if dev.kind() == DeviceKind::File {
             info.physical_sector_size = t.sector_size;
         }
-        info.table = Some(TableInfo { kind: t.kind, disk_id: t.disk_id.clone(), sector_size: t.sector_size });
-        let iopts = InventoryOptions { usage: opts.usage, ..InventoryOptions::default() };
+        info.table = Some(TableInfo {
+            kind: t.kind,
+            disk_id: t.disk_id.clone(),
+            sector_size: t.sector_size,
+        });
+        let iopts = InventoryOptions {
+            usage: opts.usage,
+            ..InventoryOptions::default()
+        };
         info.partitions = partitions_of(&dev, &t, &iopts);
         if dev.kind() == DeviceKind::Block {
             let kname = info.name.clone();
@@ -708,9 +774,14 @@ mod tests {
 
     #[test]
     fn natural_order_of_kernel_names() {
-        let mut v = vec!["sdaa", "sdb", "sda", "sdz", "nvme10n1", "nvme1n1", "nvme0n1", "nvme0n2", "mmcblk0"];
+        let mut v = vec![
+            "sdaa", "sdb", "sda", "sdz", "nvme10n1", "nvme1n1", "nvme0n1", "nvme0n2", "mmcblk0",
+        ];
         v.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(v, ["mmcblk0", "nvme0n1", "nvme0n2", "nvme1n1", "nvme10n1", "sda", "sdb", "sdz", "sdaa"]);
+        assert_eq!(
+            v,
+            ["mmcblk0", "nvme0n1", "nvme0n2", "nvme1n1", "nvme10n1", "sda", "sdb", "sdz", "sdaa"]
+        );
     }
 
     fn fake_disk(root: &Path, name: &str, target: &str, size_512: u64, ro: bool, removable: bool) {
@@ -719,7 +790,11 @@ mod tests {
         fs::create_dir_all(real.join("device")).expect("mkdir device");
         fs::write(real.join("size"), format!("{size_512}\n")).expect("size");
         fs::write(real.join("ro"), if ro { "1\n" } else { "0\n" }).expect("ro");
-        fs::write(real.join("removable"), if removable { "1\n" } else { "0\n" }).expect("rm");
+        fs::write(
+            real.join("removable"),
+            if removable { "1\n" } else { "0\n" },
+        )
+        .expect("rm");
         fs::write(real.join("queue/logical_block_size"), "512\n").expect("lbs");
         fs::write(real.join("queue/physical_block_size"), "4096\n").expect("pbs");
         fs::write(real.join("queue/rotational"), "0\n").expect("rot");
@@ -732,29 +807,85 @@ mod tests {
     fn dsk_order_is_stable_and_filters_apply() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        fake_disk(root, "sdb", "pci0000:00/0000:00:17.0/ata2/host1/target1:0:0/1:0:0:0", 1000, false, false);
-        fake_disk(root, "sda", "pci0000:00/0000:00:14.0/usb2/2-1/host6/target6:0:0/6:0:0:0", 1000, false, true);
-        fake_disk(root, "nvme0n1", "pci0000:00/0000:00:1d.0/0000:3d:00.0/nvme/nvme0", 1000, false, false);
-        fake_disk(root, "sdc", "pci0000:00/0000:00:17.0/ata3/host2/target2:0:0/2:0:0:0", 1000, false, false);
+        fake_disk(
+            root,
+            "sdb",
+            "pci0000:00/0000:00:17.0/ata2/host1/target1:0:0/1:0:0:0",
+            1000,
+            false,
+            false,
+        );
+        fake_disk(
+            root,
+            "sda",
+            "pci0000:00/0000:00:14.0/usb2/2-1/host6/target6:0:0/6:0:0:0",
+            1000,
+            false,
+            true,
+        );
+        fake_disk(
+            root,
+            "nvme0n1",
+            "pci0000:00/0000:00:1d.0/0000:3d:00.0/nvme/nvme0",
+            1000,
+            false,
+            false,
+        );
+        fake_disk(
+            root,
+            "sdc",
+            "pci0000:00/0000:00:17.0/ata3/host2/target2:0:0/2:0:0:0",
+            1000,
+            false,
+            false,
+        );
         fake_disk(root, "loop0", "virtual", 1000, false, false);
         fake_disk(root, "zram0", "virtual", 1000, false, false);
-        fake_disk(root, "sr0", "pci0000:00/0000:00:17.0/ata4/host3/target3:0:0/3:0:0:0", 1000, true, true);
+        fake_disk(
+            root,
+            "sr0",
+            "pci0000:00/0000:00:17.0/ata4/host3/target3:0:0/3:0:0:0",
+            1000,
+            true,
+            true,
+        );
         fake_disk(root, "loop1", "virtual", 0, false, false);
-        let opts = InventoryOptions { sysfs: root.to_path_buf(), dev: PathBuf::from("/dev"), ..Default::default() };
-        let names: Vec<String> = list(&opts).expect("list").into_iter().map(|d| d.name).collect();
+        let opts = InventoryOptions {
+            sysfs: root.to_path_buf(),
+            dev: PathBuf::from("/dev"),
+            ..Default::default()
+        };
+        let names: Vec<String> = list(&opts)
+            .expect("list")
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
         assert_eq!(names, ["nvme0n1", "sdb", "sdc", "sda"]);
-        let all = InventoryOptions { include_virtual: true, include_read_only: true, ..opts.clone() };
+        let all = InventoryOptions {
+            include_virtual: true,
+            include_read_only: true,
+            ..opts.clone()
+        };
         let listed = list(&all).expect("list all");
         let names: Vec<&str> = listed.iter().map(|d| d.name.as_str()).collect();
         // The default disks keep their numbers; the others follow.
-        assert_eq!(names, ["nvme0n1", "sdb", "sdc", "sda", "sr0", "loop0", "zram0"]);
+        assert_eq!(
+            names,
+            ["nvme0n1", "sdb", "sdc", "sda", "sr0", "loop0", "zram0"]
+        );
         assert_eq!(listed[0].transport, Transport::Nvme);
         assert_eq!(listed[1].transport, Transport::Sata);
         assert_eq!(listed[3].transport, Transport::Usb);
         assert_eq!(listed[1].model.as_deref(), Some("Model sdb"));
         assert!(listed[3].removable);
-        assert_eq!(resolve_dsk_with(2, &opts).expect("dsk 2"), PathBuf::from("/dev/sdb"));
-        assert!(matches!(resolve_dsk_with(5, &opts), Err(DiskError::NoSuchDisk { dsk: 5, count: 4 })));
+        assert_eq!(
+            resolve_dsk_with(2, &opts).expect("dsk 2"),
+            PathBuf::from("/dev/sdb")
+        );
+        assert!(matches!(
+            resolve_dsk_with(5, &opts),
+            Err(DiskError::NoSuchDisk { dsk: 5, count: 4 })
+        ));
         assert!(resolve_dsk_with(0, &opts).is_err());
     }
 }
