@@ -407,8 +407,9 @@ fn sys_disk(sysfs: &Path, name: &str) -> SysDisk {
     }
 }
 
-/// Compare kernel names naturally: digit runs by value, letter runs by
-/// length then bytes (so `sdz` < `sdaa`, as the kernel assigns them).
+/// Compare kernel names naturally: digit runs by value, letter runs
+/// alphabetically except that after a common prefix the shorter suffix
+/// comes first (`sdz` < `sdaa`, as the kernel assigns them).
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     fn runs(s: &str) -> Vec<(bool, &str)> {
         let mut out = Vec::new();
@@ -432,7 +433,17 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
                     .then_with(|| ta.cmp(tb))
                     .then_with(|| xa.len().cmp(&xb.len()))
             }
-            (false, false) => xa.len().cmp(&xb.len()).then_with(|| xa.cmp(xb)),
+            (false, false) => {
+                // After a common prefix (`sd`), shorter suffixes first: the
+                // kernel names sdz before sdaa.
+                let common = xa.bytes().zip(xb.bytes()).take_while(|(x, y)| x == y).count();
+                if common > 0 {
+                    let (sa, sb) = (&xa[common..], &xb[common..]);
+                    sa.len().cmp(&sb.len()).then_with(|| sa.cmp(sb))
+                } else {
+                    xa.cmp(xb)
+                }
+            }
             (true, false) => Ordering::Less,
             (false, true) => Ordering::Greater,
         };
