@@ -16,7 +16,9 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 
 fn have(tool: &str) -> bool {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(tool).exists())
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(tool).exists())
 }
 
 fn have_all(tools: &[&str]) -> bool {
@@ -28,7 +30,11 @@ fn have_all(tools: &[&str]) -> bool {
 }
 
 fn run(prog: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(prog).args(args).env("LC_ALL", "C").output().expect("run tool");
+    let out = Command::new(prog)
+        .args(args)
+        .env("LC_ALL", "C")
+        .output()
+        .expect("run tool");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -77,7 +83,10 @@ impl Drop for Mounted {
 
 fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
-    File::create(&p).expect("create").set_len(size).expect("size");
+    File::create(&p)
+        .expect("create")
+        .set_len(size)
+        .expect("size");
     p
 }
 
@@ -90,7 +99,8 @@ fn extract(src: &Path, start: u64, len: u64, dst: &Path) {
     let mut at = 0;
     while at < len {
         let n = (len - at).min(MIB) as usize;
-        f.read_exact_at(&mut buf[..n], start + at).expect("read range");
+        f.read_exact_at(&mut buf[..n], start + at)
+            .expect("read range");
         if buf[..n].iter().any(|&b| b != 0) {
             out.write_all_at(&buf[..n], at).expect("write extract");
         }
@@ -100,7 +110,10 @@ fn extract(src: &Path, start: u64, len: u64, dst: &Path) {
 
 fn blkid(p: &Path) -> (String, Option<String>) {
     let (_, out, _) = run("blkid", &["-p", "-o", "export", s(p)]);
-    let get = |k: &str| out.lines().find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_string));
+    let get = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_string))
+    };
     (get("TYPE").unwrap_or_default(), get("LABEL"))
 }
 
@@ -119,12 +132,17 @@ fn check_fs(img: &Path, t: &table::PartitionTable, number: u32, fstype: &str, la
         "ntfs" => run("ntfsfix", &["-n", s(&x)]),
         _ => (true, String::new(), String::new()),
     };
-    assert!(ok, "partition {number} ({fstype}) does not check clean: {out} {err}");
+    assert!(
+        ok,
+        "partition {number} ({fstype}) does not check clean: {out} {err}"
+    );
 }
 
 fn sha256(p: &Path) -> Vec<u8> {
     let data = std::fs::read(p).expect("read");
-    ring::digest::digest(&ring::digest::SHA256, &data).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, &data)
+        .as_ref()
+        .to_vec()
 }
 
 fn spec(json: &str) -> LayoutSpec {
@@ -139,7 +157,18 @@ fn read_table(p: &Path, ss: u32) -> table::PartitionTable {
 
 #[test]
 fn gpt_layout_on_a_file_formats_by_offset() {
-    if !have_all(&["mkfs.ext4", "mkfs.fat", "mkntfs", "mkswap", "e2fsck", "fsck.fat", "ntfsfix", "blkid", "sgdisk", "sfdisk"]) {
+    if !have_all(&[
+        "mkfs.ext4",
+        "mkfs.fat",
+        "mkntfs",
+        "mkswap",
+        "e2fsck",
+        "fsck.fat",
+        "ntfsfix",
+        "blkid",
+        "sgdisk",
+        "sfdisk",
+    ]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -163,11 +192,21 @@ fn gpt_layout_on_a_file_formats_by_offset() {
     assert!(applied.formatted.iter().all(|f| f.via == FormatVia::Offset));
     let t = read_table(&img, 512);
     assert_eq!(t, applied.table);
-    assert_eq!(t.partitions.iter().map(|p| p.number).collect::<Vec<_>>(), [1, 2, 3, 5, 6]);
+    assert_eq!(
+        t.partitions.iter().map(|p| p.number).collect::<Vec<_>>(),
+        [1, 2, 3, 5, 6]
+    );
     let cache = t.partition(6).expect("cache");
     assert_eq!(cache.name.as_deref(), Some("CACHE"));
-    assert_eq!(cache.start + cache.size, (512 * MIB / 512 - 34) * 512 / MIB * MIB, "CACHE is at the end");
-    assert_eq!(t.partition(5).expect("5").start + t.partition(5).expect("5").size, cache.start);
+    assert_eq!(
+        cache.start + cache.size,
+        (512 * MIB / 512 - 34) * 512 / MIB * MIB,
+        "CACHE is at the end"
+    );
+    assert_eq!(
+        t.partition(5).expect("5").start + t.partition(5).expect("5").size,
+        cache.start
+    );
     let (ok, out, _) = run("sgdisk", &["-v", s(&img)]);
     assert!(ok && out.contains("No problems found"), "{out}");
     let j: Value = serde_json::from_str(&run("sfdisk", &["--json", s(&img)]).1).expect("json");
@@ -175,7 +214,15 @@ fn gpt_layout_on_a_file_formats_by_offset() {
         .as_array()
         .expect("parts")
         .iter()
-        .map(|p| p["node"].as_str().expect("node").chars().last().expect("digit").to_string())
+        .map(|p| {
+            p["node"]
+                .as_str()
+                .expect("node")
+                .chars()
+                .last()
+                .expect("digit")
+                .to_string()
+        })
         .collect();
     assert_eq!(nodes, ["1", "2", "3", "5", "6"]);
     check_fs(&img, &t, 1, "vfat", "ESP");
@@ -185,13 +232,22 @@ fn gpt_layout_on_a_file_formats_by_offset() {
     check_fs(&img, &t, 6, "ext4", "CACHE");
     // The FAT boot sector records the partition start as hidden sectors.
     let mut bs = [0u8; 512];
-    File::open(&img).expect("open").read_exact_at(&mut bs, t.partition(1).expect("1").start).expect("bs");
-    assert_eq!(u32::from_le_bytes([bs[28], bs[29], bs[30], bs[31]]) as u64, MIB / 512);
+    File::open(&img)
+        .expect("open")
+        .read_exact_at(&mut bs, t.partition(1).expect("1").start)
+        .expect("bs");
+    assert_eq!(
+        u32::from_le_bytes([bs[28], bs[29], bs[30], bs[31]]) as u64,
+        MIB / 512
+    );
     // The inventory of the file shows the same partitions.
     let info = aula_imager::disk::inspect_file(&img).expect("inspect");
     assert_eq!(info.partitions.len(), 5);
     assert!(info.partition(6).expect("cache").cache);
-    assert_eq!(info.partition(6).expect("cache").code.as_deref(), Some("CA00"));
+    assert_eq!(
+        info.partition(6).expect("cache").code.as_deref(),
+        Some("CA00")
+    );
     for p in &info.partitions {
         // Filled in once filesystem detection is merged.
         if let Some(label) = &p.label {
@@ -203,7 +259,14 @@ fn gpt_layout_on_a_file_formats_by_offset() {
 
 #[test]
 fn mbr_layout_with_logicals_on_a_4k_file() {
-    if !have_all(&["mkfs.ext4", "mkntfs", "mkswap", "e2fsck", "ntfsfix", "blkid"]) {
+    if !have_all(&[
+        "mkfs.ext4",
+        "mkntfs",
+        "mkswap",
+        "e2fsck",
+        "ntfsfix",
+        "blkid",
+    ]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -216,7 +279,10 @@ fn mbr_layout_with_logicals_on_a_4k_file() {
         {"number":6,"type":"swap","size":"rest","filesystem":"swap"},
         {"number":4,"type":"CACHE","size":"64MiB"}]}"#,
     );
-    let opts = ApplyOptions { sector_size: Some(4096), ..Default::default() };
+    let opts = ApplyOptions {
+        sector_size: Some(4096),
+        ..Default::default()
+    };
     let applied = layout::apply(&img, &s_, &opts).expect("apply");
     assert_eq!(applied.table.disk_id, "0x0badcafe");
     let t = read_table(&img, 4096);
@@ -231,12 +297,16 @@ fn mbr_layout_with_logicals_on_a_4k_file() {
     check_fs(&img, &t, 4, "ext4", "CACHE");
     // NTFS made for 4 KiB sectors.
     let mut bs = [0u8; 512];
-    File::open(&img).expect("open").read_exact_at(&mut bs, get(1).start).expect("bs");
+    File::open(&img)
+        .expect("open")
+        .read_exact_at(&mut bs, get(1).start)
+        .expect("bs");
     assert_eq!(u16::from_le_bytes([bs[11], bs[12]]), 4096);
     // sfdisk on a 4K loop device reads the same table.
     if have("sfdisk") && have("losetup") {
         if let Some(lo) = Loop::attach(&img, 4096, true) {
-            let j: Value = serde_json::from_str(&run("sfdisk", &["--json", s(&lo.0)]).1).expect("json");
+            let j: Value =
+                serde_json::from_str(&run("sfdisk", &["--json", s(&lo.0)]).1).expect("json");
             let pt = &j["partitiontable"];
             assert_eq!(pt["sectorsize"].as_u64(), Some(4096));
             assert_eq!(pt["id"].as_str(), Some("0x0badcafe"));
@@ -251,7 +321,10 @@ fn mbr_layout_with_logicals_on_a_4k_file() {
 }
 
 fn table_key(t: &table::PartitionTable) -> Vec<(u32, u64, u64, String, Option<String>)> {
-    t.partitions.iter().map(|p| (p.number, p.start, p.size, p.ptype.clone(), p.name.clone())).collect()
+    t.partitions
+        .iter()
+        .map(|p| (p.number, p.start, p.size, p.ptype.clone(), p.name.clone()))
+        .collect()
 }
 
 #[test]
@@ -300,11 +373,22 @@ fn opengnsys_form_gives_the_same_disk_as_the_native_form() {
         let rb = layout::apply(&b, &spec(native), &ApplyOptions::default()).expect("apply native");
         let (ta, tb) = (read_table(&a, 512), read_table(&b, 512));
         assert_eq!(table_key(&ta), table_key(&tb), "tables differ");
-        let fa: Vec<_> = ra.formatted.iter().map(|f| (f.number, f.filesystem, f.label.clone())).collect();
-        let fb: Vec<_> = rb.formatted.iter().map(|f| (f.number, f.filesystem, f.label.clone())).collect();
+        let fa: Vec<_> = ra
+            .formatted
+            .iter()
+            .map(|f| (f.number, f.filesystem, f.label.clone()))
+            .collect();
+        let fb: Vec<_> = rb
+            .formatted
+            .iter()
+            .map(|f| (f.number, f.filesystem, f.label.clone()))
+            .collect();
         assert_eq!(fa, fb, "formatting differs");
         if kind == TableKind::Mbr {
-            assert_eq!(ta.partition(4).expect("cache").start + ta.partition(4).expect("cache").size, 1024 * MIB);
+            assert_eq!(
+                ta.partition(4).expect("cache").start + ta.partition(4).expect("cache").size,
+                1024 * MIB
+            );
         }
     }
 }
@@ -316,7 +400,14 @@ fn bad_layouts_are_refused_and_nothing_is_written() {
     // A disk with something on it: a valid table and data.
     let good = spec(r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"rest"}]}"#);
     let plan = layout::plan(&good, 64 * MIB, 512).expect("plan");
-    let dev = Device::open(&img, aula_imager::device::OpenMode { write: true, ..Default::default() }).expect("open");
+    let dev = Device::open(
+        &img,
+        aula_imager::device::OpenMode {
+            write: true,
+            ..Default::default()
+        },
+    )
+    .expect("open");
     table::write(&dev, &plan.table).expect("write");
     dev.write_all_at(b"precious data", 2 * MIB).expect("data");
     drop(dev);
@@ -326,10 +417,22 @@ fn bad_layouts_are_refused_and_nothing_is_written() {
             r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"20M","start":"1M"},{"number":2,"type":"linux","size":"20M","start":"10M"}]}"#,
             "partitions 1 (bytes",
         ),
-        (r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"10M"},{"number":2,"type":"linux","size":"1G"}]}"#, "partition 2: 1024 MiB"),
-        (r#"{"table":"mbr","partitions":[{"number":1,"type":"linux","size":"100M"}]}"#, "partition 1"),
-        (r#"{"table":"gpt","partitions":[{"number":1,"type":"bogus","size":"1M"}]}"#, "partition 1: unknown partition type"),
-        (r#"{"table":"gpt","partitions":[{"number":1,"type":"9999","size":"1M"}]}"#, "partition 1: unknown GPT type code"),
+        (
+            r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"10M"},{"number":2,"type":"linux","size":"1G"}]}"#,
+            "partition 2: 1024 MiB",
+        ),
+        (
+            r#"{"table":"mbr","partitions":[{"number":1,"type":"linux","size":"100M"}]}"#,
+            "partition 1",
+        ),
+        (
+            r#"{"table":"gpt","partitions":[{"number":1,"type":"bogus","size":"1M"}]}"#,
+            "partition 1: unknown partition type",
+        ),
+        (
+            r#"{"table":"gpt","partitions":[{"number":1,"type":"9999","size":"1M"}]}"#,
+            "partition 1: unknown GPT type code",
+        ),
         (
             r#"{"table":"gpt","partitions":[{"number":1,"type":"cache","size":"8M"},{"number":3,"type":"ca","size":"8M"}]}"#,
             "partition 3: a second CACHE partition",
@@ -338,24 +441,50 @@ fn bad_layouts_are_refused_and_nothing_is_written() {
             r#"{"table":"mbr","partitions":[{"number":1,"type":"83","size":"4M"},{"number":2,"type":"83","size":"4M"},{"number":3,"type":"83","size":"4M"},{"number":4,"type":"83","size":"4M"},{"number":5,"type":"83","size":"4M"}]}"#,
             "partition 5: partitions above 4 are logical and need an extended partition",
         ),
-        (r#"{"table":"mbr","partitions":[{"number":1,"type":"83","size":"4M"},{"number":1,"type":"83","size":"4M"}]}"#, "partition 1: listed twice"),
-        (r#"{"table":"gpt","partitions":[{"number":1,"type":"efi","size":"8M","filesystem":"fat32"}]}"#, "partition 1: fat32 needs at least 32 MiB"),
-        (r#"{"table":"gpt","partitions":[{"number":2,"type":"efi","size":"40M","filesystem":"fat32","label":"lowercase_too_long"}]}"#, "partition 2: label"),
-        (r#"{"table":"mbr","partitions":[{"number":1,"type":"extended","size":"10M","filesystem":"ext4"}]}"#, "partition 1: an extended partition holds no filesystem"),
-        (r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"rest"},{"number":2,"type":"linux","size":"rest"}]}"#, "rest"),
+        (
+            r#"{"table":"mbr","partitions":[{"number":1,"type":"83","size":"4M"},{"number":1,"type":"83","size":"4M"}]}"#,
+            "partition 1: listed twice",
+        ),
+        (
+            r#"{"table":"gpt","partitions":[{"number":1,"type":"efi","size":"8M","filesystem":"fat32"}]}"#,
+            "partition 1: fat32 needs at least 32 MiB",
+        ),
+        (
+            r#"{"table":"gpt","partitions":[{"number":2,"type":"efi","size":"40M","filesystem":"fat32","label":"lowercase_too_long"}]}"#,
+            "partition 2: label",
+        ),
+        (
+            r#"{"table":"mbr","partitions":[{"number":1,"type":"extended","size":"10M","filesystem":"ext4"}]}"#,
+            "partition 1: an extended partition holds no filesystem",
+        ),
+        (
+            r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"rest"},{"number":2,"type":"linux","size":"rest"}]}"#,
+            "rest",
+        ),
     ];
     for (json, needle) in cases {
         let e = layout::apply(&img, &spec(json), &ApplyOptions::default()).expect_err(json);
         let msg = e.to_string();
-        assert!(msg.contains(needle), "{json}\n  error: {msg}\n  wanted: {needle}");
+        assert!(
+            msg.contains(needle),
+            "{json}\n  error: {msg}\n  wanted: {needle}"
+        );
         assert!(!matches!(e, LayoutError::Failed { .. }), "{msg}");
         assert_eq!(sha256(&img), before, "{json} changed the disk");
     }
     // Unknown fields are refused when parsing.
-    assert!(serde_json::from_str::<LayoutSpec>(r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"1M","colour":"red"}]}"#).is_err());
+    assert!(serde_json::from_str::<LayoutSpec>(
+        r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"1M","colour":"red"}]}"#
+    )
+    .is_err());
     // OpenGnsys forms are checked the same way.
     let og = r#"{"type":"MSDOS","partition_setup":[{"partition":"1","code":"NOPE","filesystem":"EXT4","size":"1024","format":"0"}]}"#;
-    let e = layout::apply(&img, &layout::from_opengnsys(og).expect("converts"), &ApplyOptions::default()).expect_err("bad code");
+    let e = layout::apply(
+        &img,
+        &layout::from_opengnsys(og).expect("converts"),
+        &ApplyOptions::default(),
+    )
+    .expect_err("bad code");
     assert!(e.to_string().contains("partition 1"), "{e}");
     let og = r#"{"type":"GPT","partition_setup":[{"partition":"1","code":"LINUX","filesystem":"XFS","size":"1024","format":"1"}]}"#;
     let e = layout::from_opengnsys(og).expect_err("xfs cannot be made");
@@ -374,7 +503,9 @@ fn busy_targets_are_refused() {
     let before = sha256(&img);
     {
         // An image file a loop device reads.
-        let Some(lo) = Loop::attach(&img, 512, false) else { return };
+        let Some(lo) = Loop::attach(&img, 512, false) else {
+            return;
+        };
         let e = layout::apply(&img, &s_, &ApplyOptions::default()).expect_err("busy file");
         assert!(matches!(e, LayoutError::Busy { .. }), "{e}");
         assert!(e.to_string().contains(s(&lo.0)), "{e}");
@@ -398,9 +529,15 @@ fn busy_targets_are_refused() {
         }
     }
     // A block device someone holds open exclusively.
-    let Some(lo) = Loop::attach(&img, 512, false) else { return };
+    let Some(lo) = Loop::attach(&img, 512, false) else {
+        return;
+    };
     use std::os::unix::fs::OpenOptionsExt;
-    let holder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&lo.0).expect("hold");
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&lo.0)
+        .expect("hold");
     let before = sha256(&img);
     let e = layout::apply(&lo.0, &s_, &ApplyOptions::default()).expect_err("held");
     assert!(matches!(e, LayoutError::Busy { .. }), "{e}");
@@ -411,14 +548,27 @@ fn busy_targets_are_refused() {
 
 #[test]
 fn layouts_on_loop_block_devices_without_partition_nodes() {
-    if !have_all(&["losetup", "mkfs.ext4", "mkfs.fat", "mkswap", "mkntfs", "e2fsck", "fsck.fat", "ntfsfix", "blkid", "sfdisk"]) {
+    if !have_all(&[
+        "losetup",
+        "mkfs.ext4",
+        "mkfs.fat",
+        "mkswap",
+        "mkntfs",
+        "e2fsck",
+        "fsck.fat",
+        "ntfsfix",
+        "blkid",
+        "sfdisk",
+    ]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     // 512-byte sectors, GPT.
     let img = sparse_file(dir.path(), "lo512.img", 256 * MIB);
     {
-        let Some(lo) = Loop::attach(&img, 512, false) else { return };
+        let Some(lo) = Loop::attach(&img, 512, false) else {
+            return;
+        };
         let s_ = spec(
             r#"{"table":"gpt","partitions":[
             {"number":1,"type":"efi","size":"40MiB","filesystem":"fat32","label":"EFI"},
@@ -431,7 +581,13 @@ fn layouts_on_loop_block_devices_without_partition_nodes() {
             assert!(applied.note.is_some());
         }
         let j: Value = serde_json::from_str(&run("sfdisk", &["--json", s(&lo.0)]).1).expect("json");
-        assert_eq!(j["partitiontable"]["partitions"].as_array().expect("parts").len(), 3);
+        assert_eq!(
+            j["partitiontable"]["partitions"]
+                .as_array()
+                .expect("parts")
+                .len(),
+            3
+        );
         let info = aula_imager::disk::inspect(&lo.0, &Default::default()).expect("inspect loop");
         assert_eq!(info.transport, aula_imager::disk::Transport::Loop);
         assert_eq!(info.partitions.len(), 3);
@@ -444,7 +600,9 @@ fn layouts_on_loop_block_devices_without_partition_nodes() {
     // 4096-byte sectors, MBR with logical partitions.
     let img = sparse_file(dir.path(), "lo4k.img", 256 * MIB);
     {
-        let Some(lo) = Loop::attach(&img, 4096, false) else { return };
+        let Some(lo) = Loop::attach(&img, 4096, false) else {
+            return;
+        };
         let s_ = spec(
             r#"{"table":"mbr","partitions":[
             {"number":1,"type":"linux","size":"32MiB","filesystem":"ext4","label":"boot"},
@@ -453,7 +611,8 @@ fn layouts_on_loop_block_devices_without_partition_nodes() {
             {"number":6,"type":"swap","size":"32MiB","filesystem":"swap","label":"six"},
             {"number":7,"type":"ntfs","size":"rest","filesystem":"ntfs","label":"seven"}]}"#,
         );
-        let applied = layout::apply(&lo.0, &s_, &ApplyOptions::default()).expect("apply on 4K loop");
+        let applied =
+            layout::apply(&lo.0, &s_, &ApplyOptions::default()).expect("apply on 4K loop");
         assert_eq!(applied.table.sector_size, 4096);
         let j: Value = serde_json::from_str(&run("sfdisk", &["--json", s(&lo.0)]).1).expect("json");
         let pt = &j["partitiontable"];

@@ -17,11 +17,17 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 
 fn have(tool: &str) -> bool {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(tool).exists())
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(tool).exists())
 }
 
 fn run(prog: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(prog).args(args).env("LC_ALL", "C").output().expect("run tool");
+    let out = Command::new(prog)
+        .args(args)
+        .env("LC_ALL", "C")
+        .output()
+        .expect("run tool");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -41,8 +47,16 @@ struct Loop(PathBuf);
 impl Loop {
     fn attach(file: &Path, sector_size: u32) -> Option<Loop> {
         let ss = sector_size.to_string();
-        let (ok, out, err) =
-            run("losetup", &["-f", "--show", "--sector-size", &ss, file.to_str().expect("utf8 path")]);
+        let (ok, out, err) = run(
+            "losetup",
+            &[
+                "-f",
+                "--show",
+                "--sector-size",
+                &ss,
+                file.to_str().expect("utf8 path"),
+            ],
+        );
         if !ok {
             eprintln!("skipping: cannot create a loop device: {err}");
             return None;
@@ -72,12 +86,22 @@ fn make_file(dir: &Path, name: &str, size: u64) -> PathBuf {
 
 fn boot_code(p: &Path) -> Vec<u8> {
     let mut b = vec![0u8; 440];
-    File::open(p).expect("open").read_exact_at(&mut b, 0).expect("read boot code");
+    File::open(p)
+        .expect("open")
+        .read_exact_at(&mut b, 0)
+        .expect("read boot code");
     b
 }
 
 fn open_rw(p: &Path, ss: u32) -> Device {
-    let mut d = Device::open(p, OpenMode { write: true, ..Default::default() }).expect("open rw");
+    let mut d = Device::open(
+        p,
+        OpenMode {
+            write: true,
+            ..Default::default()
+        },
+    )
+    .expect("open rw");
     d.set_sector_size(ss);
     d
 }
@@ -128,25 +152,56 @@ fn check_gpt_with_tools(target: &Path, written: &PartitionTable) {
     assert_eq!(parts.len(), written.partitions.len());
     for (p, w) in parts.iter().zip(&written.partitions) {
         let node = p["node"].as_str().expect("node");
-        assert!(node.ends_with(&w.number.to_string()), "{node} is not partition {}", w.number);
+        assert!(
+            node.ends_with(&w.number.to_string()),
+            "{node} is not partition {}",
+            w.number
+        );
         assert_eq!(p["start"].as_u64(), Some(w.start / ss));
         assert_eq!(p["size"].as_u64(), Some(w.size / ss));
         assert_eq!(p["type"].as_str(), Some(w.ptype.as_str()));
         assert_eq!(p["uuid"].as_str(), w.guid.as_deref());
         assert_eq!(p["name"].as_str(), w.name.as_deref());
-        let (ok, info, err) = run("sgdisk", &["-i", &w.number.to_string(), target.to_str().expect("utf8")]);
+        let (ok, info, err) = run(
+            "sgdisk",
+            &["-i", &w.number.to_string(), target.to_str().expect("utf8")],
+        );
         assert!(ok, "sgdisk -i: {err}");
-        assert!(info.contains(&format!("Partition GUID code: {}", w.ptype)), "{info}");
-        assert!(info.contains(&format!("Partition unique GUID: {}", w.guid.as_deref().expect("guid"))), "{info}");
-        assert!(info.contains(&format!("First sector: {} ", w.start / ss)), "{info}");
-        assert!(info.contains(&format!("Last sector: {} ", (w.start + w.size) / ss - 1)), "{info}");
-        assert!(info.contains(&format!("Attribute flags: {:016X}", w.attributes)), "{info}");
+        assert!(
+            info.contains(&format!("Partition GUID code: {}", w.ptype)),
+            "{info}"
+        );
+        assert!(
+            info.contains(&format!(
+                "Partition unique GUID: {}",
+                w.guid.as_deref().expect("guid")
+            )),
+            "{info}"
+        );
+        assert!(
+            info.contains(&format!("First sector: {} ", w.start / ss)),
+            "{info}"
+        );
+        assert!(
+            info.contains(&format!("Last sector: {} ", (w.start + w.size) / ss - 1)),
+            "{info}"
+        );
+        assert!(
+            info.contains(&format!("Attribute flags: {:016X}", w.attributes)),
+            "{info}"
+        );
         let name = w.name.clone().unwrap_or_default();
-        assert!(info.contains(&format!("Partition name: '{name}'")), "{info}");
+        assert!(
+            info.contains(&format!("Partition name: '{name}'")),
+            "{info}"
+        );
     }
     // Slot 3 stays empty: sgdisk knows nothing of a partition 3.
     let (_, info3, _) = run("sgdisk", &["-i", "3", target.to_str().expect("utf8")]);
-    assert!(!info3.contains("Partition GUID code"), "slot 3 should be empty: {info3}");
+    assert!(
+        !info3.contains("Partition GUID code"),
+        "slot 3 should be empty: {info3}"
+    );
 }
 
 #[test]
@@ -161,8 +216,18 @@ fn gpt_512_written_reads_back_in_sgdisk_and_sfdisk() {
     let dev = open_rw(&img, 512);
     let written = table::write(&dev, &gpt_table(512)).expect("write gpt");
     drop(dev);
-    assert_eq!(written.partitions.iter().map(|p| p.number).collect::<Vec<_>>(), [1, 2, 4]);
-    assert_eq!(written.partitions[0].guid.as_deref(), Some("01020304-0506-4708-890A-0B0C0D0E0F10"));
+    assert_eq!(
+        written
+            .partitions
+            .iter()
+            .map(|p| p.number)
+            .collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
+    assert_eq!(
+        written.partitions[0].guid.as_deref(),
+        Some("01020304-0506-4708-890A-0B0C0D0E0F10")
+    );
     // Generated partition GUIDs are version 4.
     let g2 = written.partitions[1].guid.clone().expect("generated guid");
     assert_eq!(g2.as_bytes()[14], b'4', "{g2} is not a v4 GUID");
@@ -172,7 +237,9 @@ fn gpt_512_written_reads_back_in_sgdisk_and_sfdisk() {
     let (ok, out, _) = run("fdisk", &["-l", img.to_str().expect("utf8")]);
     assert!(ok && out.contains("Disklabel type: gpt"), "{out}");
     // Our reader reads exactly what was written.
-    let back = table::read(&Device::open_read(&img).expect("open"), Some(512)).expect("read").expect("a table");
+    let back = table::read(&Device::open_read(&img).expect("open"), Some(512))
+        .expect("read")
+        .expect("a table");
     assert_eq!(back, written);
 }
 
@@ -191,13 +258,19 @@ fn gpt_4k_written_reads_back_on_a_4k_loop_device() {
     assert_eq!(written.first_usable_lba, Some(6));
     assert_eq!(boot_code(&img), before);
     // The file alone: our reader probes 4096 when told nothing.
-    let back = table::read(&Device::open_read(&img).expect("open"), None).expect("read").expect("a table");
+    let back = table::read(&Device::open_read(&img).expect("open"), None)
+        .expect("read")
+        .expect("a table");
     assert_eq!(back, written);
-    let Some(lo) = Loop::attach(&img, 4096) else { return };
+    let Some(lo) = Loop::attach(&img, 4096) else {
+        return;
+    };
     check_gpt_with_tools(lo.path(), &written);
     let dev = Device::open_read(lo.path()).expect("open loop");
     assert_eq!(dev.sector_size(), 4096);
-    let back = table::read(&dev, Some(4096)).expect("read").expect("a table");
+    let back = table::read(&dev, Some(4096))
+        .expect("read")
+        .expect("a table");
     assert_eq!(back, written);
 }
 
@@ -228,24 +301,45 @@ fn check_mbr_with_tools(target: &Path, written: &PartitionTable) {
     assert_eq!(parts.len(), written.partitions.len(), "{j}");
     for (p, w) in parts.iter().zip(&written.partitions) {
         let node = p["node"].as_str().expect("node");
-        assert!(node.ends_with(&w.number.to_string()), "{node} is not partition {}", w.number);
+        assert!(
+            node.ends_with(&w.number.to_string()),
+            "{node} is not partition {}",
+            w.number
+        );
         assert_eq!(p["start"].as_u64(), Some(w.start / ss), "{p}");
         assert_eq!(p["size"].as_u64(), Some(w.size / ss), "{p}");
         let code = u8::from_str_radix(w.ptype.trim_start_matches("0x"), 16).expect("code");
-        assert_eq!(p["type"].as_str(), Some(format!("{code:x}").as_str()), "{p}");
+        assert_eq!(
+            p["type"].as_str(),
+            Some(format!("{code:x}").as_str()),
+            "{p}"
+        );
         assert_eq!(p["bootable"].as_bool().unwrap_or(false), w.bootable, "{p}");
     }
-    let (ok, out, err) = run("fdisk", &["-l", "-b", &ss.to_string(), target.to_str().expect("utf8")]);
+    let (ok, out, err) = run(
+        "fdisk",
+        &["-l", "-b", &ss.to_string(), target.to_str().expect("utf8")],
+    );
     assert!(ok, "fdisk -l: {err}");
     assert!(out.contains("Disklabel type: dos"), "{out}");
     assert!(out.contains("Disk identifier: 0x12345678"), "{out}");
     for w in &written.partitions {
         let line = out
             .lines()
-            .find(|l| l.split_whitespace().next().is_some_and(|n| n.ends_with(&w.number.to_string())) && l.contains('/'))
+            .find(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|n| n.ends_with(&w.number.to_string()))
+                    && l.contains('/')
+            })
             .unwrap_or_else(|| panic!("fdisk does not list partition {}: {out}", w.number));
-        let nums: Vec<u64> =
-            line.split_whitespace().filter(|f| *f != "*").skip(1).take(2).map(|f| f.parse().expect("sector")).collect();
+        let nums: Vec<u64> = line
+            .split_whitespace()
+            .filter(|f| *f != "*")
+            .skip(1)
+            .take(2)
+            .map(|f| f.parse().expect("sector"))
+            .collect();
         assert_eq!(nums, [w.start / ss, (w.start + w.size) / ss - 1], "{line}");
     }
 }
@@ -264,7 +358,9 @@ fn mbr_512_with_logicals_reads_back_in_sfdisk_and_fdisk() {
     drop(dev);
     assert_eq!(boot_code(&img), before, "boot code bytes 0..440 changed");
     check_mbr_with_tools(&img, &written);
-    let back = table::read(&Device::open_read(&img).expect("open"), Some(512)).expect("read").expect("a table");
+    let back = table::read(&Device::open_read(&img).expect("open"), Some(512))
+        .expect("read")
+        .expect("a table");
     assert_eq!(back, written);
 }
 
@@ -282,9 +378,13 @@ fn mbr_4k_with_logicals_reads_back_on_a_4k_loop_device() {
     drop(dev);
     assert_eq!(boot_code(&img), before);
     // fdisk -b 4096 on the file, and sfdisk on a 4K loop device.
-    let Some(lo) = Loop::attach(&img, 4096) else { return };
+    let Some(lo) = Loop::attach(&img, 4096) else {
+        return;
+    };
     check_mbr_with_tools(lo.path(), &written);
-    let back = table::read(&Device::open_read(lo.path()).expect("open"), Some(4096)).expect("read").expect("table");
+    let back = table::read(&Device::open_read(lo.path()).expect("open"), Some(4096))
+        .expect("read")
+        .expect("table");
     assert_eq!(back, written);
 }
 
@@ -301,18 +401,40 @@ fn gpt_made_by_sgdisk_reads_exactly_and_round_trips() {
     let (ok, _, err) = run(
         "sgdisk",
         &[
-            "-n", "1:2048:+10M", "-t", "1:ef00", "-c", "1:ESP", "-A", "1:set:0",
-            "-n", "2:0:+20M", "-t", "2:8300", "-c", "2:data",
-            "-n", "4:0:+5M", "-t", "4:0700", "-A", "4:set:63",
+            "-n",
+            "1:2048:+10M",
+            "-t",
+            "1:ef00",
+            "-c",
+            "1:ESP",
+            "-A",
+            "1:set:0",
+            "-n",
+            "2:0:+20M",
+            "-t",
+            "2:8300",
+            "-c",
+            "2:data",
+            "-n",
+            "4:0:+5M",
+            "-t",
+            "4:0700",
+            "-A",
+            "4:set:63",
             p,
         ],
     );
     assert!(ok, "sgdisk: {err}");
     let j = sfdisk_json(&img);
-    let read = table::read(&Device::open_read(&img).expect("open"), Some(512)).expect("read").expect("table");
+    let read = table::read(&Device::open_read(&img).expect("open"), Some(512))
+        .expect("read")
+        .expect("table");
     assert_eq!(read.disk_id, j["id"].as_str().expect("id"));
     let parts = j["partitions"].as_array().expect("parts");
-    assert_eq!(read.partitions.iter().map(|p| p.number).collect::<Vec<_>>(), [1, 2, 4]);
+    assert_eq!(
+        read.partitions.iter().map(|p| p.number).collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
     for (w, p) in read.partitions.iter().zip(parts) {
         assert_eq!(Some(w.start / 512), p["start"].as_u64());
         assert_eq!(Some(w.size / 512), p["size"].as_u64());
@@ -367,16 +489,26 @@ fn mbr_made_by_sfdisk_reads_exactly_and_round_trips() {
         .expect("sfdisk");
     {
         use std::io::Write;
-        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("script");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("script");
     }
     assert!(child.wait().expect("wait").success());
     let j = sfdisk_json(&img);
-    let read = table::read(&Device::open_read(&img).expect("open"), Some(512)).expect("read").expect("table");
+    let read = table::read(&Device::open_read(&img).expect("open"), Some(512))
+        .expect("read")
+        .expect("table");
     assert_eq!(read.disk_id, "0xdeadbeef");
     let parts = j["partitions"].as_array().expect("parts");
     assert_eq!(read.partitions.len(), parts.len());
     for (w, p) in read.partitions.iter().zip(parts) {
-        assert!(p["node"].as_str().expect("node").ends_with(&w.number.to_string()));
+        assert!(p["node"]
+            .as_str()
+            .expect("node")
+            .ends_with(&w.number.to_string()));
         assert_eq!(Some(w.start / 512), p["start"].as_u64());
         assert_eq!(Some(w.size / 512), p["size"].as_u64());
         let code = u8::from_str_radix(w.ptype.trim_start_matches("0x"), 16).expect("code");
@@ -416,10 +548,18 @@ fn gpt_backup_relocates_to_the_end_of_a_grown_disk() {
         let dev = open_rw(&img, ss);
         let written = table::write(&dev, &gpt_table(ss)).expect("write");
         drop(dev);
-        OpenOptions::new().write(true).open(&img).expect("open").set_len(100 * MIB).expect("grow");
+        OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open")
+            .set_len(100 * MIB)
+            .expect("grow");
         if ss == 512 {
             let (_, out, _) = run("sgdisk", &["-v", img.to_str().expect("utf8")]);
-            assert!(!out.contains("No problems found"), "sgdisk should see the misplaced backup: {out}");
+            assert!(
+                !out.contains("No problems found"),
+                "sgdisk should see the misplaced backup: {out}"
+            );
         }
         let dev = open_rw(&img, ss);
         table::relocate_gpt_backup(&dev).expect("relocate");
@@ -431,19 +571,28 @@ fn gpt_backup_relocates_to_the_end_of_a_grown_disk() {
         assert_eq!(back.last_usable_lba, Some(last - entry_sectors - 1));
         if ss == 512 {
             let (ok, out, _) = run("sgdisk", &["-v", img.to_str().expect("utf8")]);
-            assert!(ok && out.contains("No problems found"), "sgdisk -v after relocation: {out}");
+            assert!(
+                ok && out.contains("No problems found"),
+                "sgdisk -v after relocation: {out}"
+            );
             // The protective MBR covers the grown disk.
             let j = sfdisk_json(&img);
             assert_eq!(j["lastlba"].as_u64(), Some(last - entry_sectors - 1));
         } else if let Some(lo) = Loop::attach(&img, 4096) {
             let (ok, out, _) = run("sgdisk", &["-v", lo.path().to_str().expect("utf8")]);
-            assert!(ok && out.contains("No problems found"), "sgdisk -v (4K) after relocation: {out}");
+            assert!(
+                ok && out.contains("No problems found"),
+                "sgdisk -v (4K) after relocation: {out}"
+            );
         }
         // The backup alone is valid: destroy the primary header and read.
         let f = OpenOptions::new().write(true).open(&img).expect("open");
-        f.write_all_at(&vec![0u8; ss as usize], u64::from(ss)).expect("kill primary");
+        f.write_all_at(&vec![0u8; ss as usize], u64::from(ss))
+            .expect("kill primary");
         drop(f);
-        let back = table::read(&Device::open_read(&img).expect("open"), Some(ss)).expect("read backup").expect("table");
+        let back = table::read(&Device::open_read(&img).expect("open"), Some(ss))
+            .expect("read backup")
+            .expect("table");
         assert_eq!(back.partitions, written.partitions);
     }
 }
@@ -489,10 +638,16 @@ fn invalid_tables_are_refused_before_writing() {
     for (t, needle) in cases {
         let e = table::write(&dev, &t).expect_err(needle);
         assert!(matches!(e, TableError::Unwritable { .. }), "{e}");
-        assert!(e.to_string().contains(needle), "{e} does not mention {needle}");
+        assert!(
+            e.to_string().contains(needle),
+            "{e} does not mention {needle}"
+        );
     }
     drop(dev);
-    assert!(std::fs::read(&img).expect("read") == before, "a refused table changed the file");
+    assert!(
+        std::fs::read(&img).expect("read") == before,
+        "a refused table changed the file"
+    );
 }
 
 #[test]
@@ -504,12 +659,18 @@ fn wipe_removes_every_table_signature_and_keeps_boot_code() {
         let dev = open_rw(&img, 512);
         table::write(&dev, &t).expect("write");
         table::wipe(&dev).expect("wipe");
-        assert!(table::read(&dev, Some(512)).expect("read").is_none(), "table still readable after wipe");
+        assert!(
+            table::read(&dev, Some(512)).expect("read").is_none(),
+            "table still readable after wipe"
+        );
         drop(dev);
         assert_eq!(boot_code(&img), before);
         if have("sfdisk") {
             let (ok, out, _) = run("sfdisk", &["--json", img.to_str().expect("utf8")]);
-            assert!(!ok || out.trim().is_empty(), "sfdisk still sees a table: {out}");
+            assert!(
+                !ok || out.trim().is_empty(),
+                "sfdisk still sees a table: {out}"
+            );
         }
     }
 }
@@ -526,14 +687,20 @@ fn switching_table_kinds_leaves_no_stale_table() {
     let dev = open_rw(&img, 512);
     table::write(&dev, &gpt_table(512)).expect("gpt");
     let m = table::write(&dev, &mbr_table(512)).expect("mbr over gpt");
-    assert_eq!(table::read(&dev, Some(512)).expect("read").expect("table"), m);
+    assert_eq!(
+        table::read(&dev, Some(512)).expect("read").expect("table"),
+        m
+    );
     drop(dev);
     assert_eq!(sfdisk_json(&img)["label"], "dos");
     let (_, out, _) = run("sgdisk", &["-v", img.to_str().expect("utf8")]);
     assert!(!out.contains("GPT: present"), "{out}");
     let dev = open_rw(&img, 512);
     let g = table::write(&dev, &gpt_table(512)).expect("gpt over mbr");
-    assert_eq!(table::read(&dev, Some(512)).expect("read").expect("table"), g);
+    assert_eq!(
+        table::read(&dev, Some(512)).expect("read").expect("table"),
+        g
+    );
     drop(dev);
     assert_eq!(sfdisk_json(&img)["label"], "gpt");
 }
@@ -558,7 +725,9 @@ fn gdisk_codes_match_sgdisk() {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, _, err) = run("sgdisk", &argv);
     assert!(ok, "sgdisk: {err}");
-    let read = table::read(&Device::open_read(&img).expect("open"), Some(512)).expect("read").expect("table");
+    let read = table::read(&Device::open_read(&img).expect("open"), Some(512))
+        .expect("read")
+        .expect("table");
     for (t, p) in types.iter().zip(&read.partitions) {
         assert_eq!(p.ptype, t.guid, "gdisk code {:04X}", t.code);
     }

@@ -397,7 +397,8 @@ fn sys_disk(sysfs: &Path, name: &str) -> SysDisk {
             .map(|v| v as u32)
             .unwrap_or(logical),
         model: read_trim(&dir.join("device/model")),
-        vendor: read_trim(&dir.join("device/vendor")),
+        // virtio and NVMe put a PCI id (`0x1af4`) there, not a name.
+        vendor: read_trim(&dir.join("device/vendor")).filter(|v| !v.starts_with("0x")),
         serial: serial_of(&dir),
         rotational: read_u64(&q.join("rotational")) == Some(1),
         removable: read_u64(&dir.join("removable")) == Some(1),
@@ -436,7 +437,11 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
             (false, false) => {
                 // After a common prefix (`sd`), shorter suffixes first: the
                 // kernel names sdz before sdaa.
-                let common = xa.bytes().zip(xb.bytes()).take_while(|(x, y)| x == y).count();
+                let common = xa
+                    .bytes()
+                    .zip(xb.bytes())
+                    .take_while(|(x, y)| x == y)
+                    .count();
                 if common > 0 {
                     let (sa, sb) = (&xa[common..], &xb[common..]);
                     sa.len().cmp(&sb.len()).then_with(|| sa.cmp(sb))
