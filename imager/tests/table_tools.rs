@@ -196,6 +196,7 @@ fn check_gpt_with_tools(target: &Path, written: &PartitionTable) {
             "{info}"
         );
     }
+    check_fdisk_lines(target, written);
     // Slot 3 stays empty: sgdisk knows nothing of a partition 3.
     let (_, info3, _) = run("sgdisk", &["-i", "3", target.to_str().expect("utf8")]);
     assert!(
@@ -316,13 +317,27 @@ fn check_mbr_with_tools(target: &Path, written: &PartitionTable) {
         );
         assert_eq!(p["bootable"].as_bool().unwrap_or(false), w.bootable, "{p}");
     }
+    check_fdisk_lines(target, written);
+}
+
+/// `fdisk -l` lists every partition with the right first and last sector.
+fn check_fdisk_lines(target: &Path, written: &PartitionTable) {
+    let ss = u64::from(written.sector_size);
     let (ok, out, err) = run(
         "fdisk",
         &["-l", "-b", &ss.to_string(), target.to_str().expect("utf8")],
     );
     assert!(ok, "fdisk -l: {err}");
-    assert!(out.contains("Disklabel type: dos"), "{out}");
-    assert!(out.contains("Disk identifier: 0x12345678"), "{out}");
+    let label = if written.kind == TableKind::Gpt {
+        "gpt"
+    } else {
+        "dos"
+    };
+    assert!(out.contains(&format!("Disklabel type: {label}")), "{out}");
+    assert!(
+        out.contains(&format!("Disk identifier: {}", written.disk_id)),
+        "{out}"
+    );
     for w in &written.partitions {
         let line = out
             .lines()
@@ -731,4 +746,94 @@ fn gdisk_codes_match_sgdisk() {
     for (t, p) in types.iter().zip(&read.partitions) {
         assert_eq!(p.ptype, t.guid, "gdisk code {:04X}", t.code);
     }
+}
+
+/// Tables made by sgdisk and sfdisk on a 4 KiB-sector device are read
+/// exactly.
+#[test]
+fn tables_made_by_tools_on_a_4k_loop_device_read_exactly() {
+    if !have("sgdisk") || !have("sfdisk") || !have("losetup") {
+        eprintln!("skipping: sgdisk/sfdisk/losetup not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = make_file(dir.path(), "tools4k.img", 64 * MIB);
+    let Some(lo) = Loop::attach(&img, 4096) else {
+        return;
+    };
+    let dev = lo.path().to_str().expect("utf8").to_string();
+    let (ok, _, err) = run(
+        "sgdisk",
+        &[
+            "-n",
+            "1:256:+8M",
+            "-t",
+            "1:ef00",
+            "-c",
+            "1:ESP",
+            "-n",
+            "3:0:+16M",
+            "-t",
+            "3:8300",
+            &dev,
+        ],
+    );
+    assert!(ok, "sgdisk: {err}");
+    let compare = |label: &str| {
+        let j = sfdisk_json(lo.path());
+        assert_eq!(j["label"], label);
+        let read = table::read(&Device::open_read(lo.path()).expect("open"), Some(4096))
+            .expect("read")
+            .expect("table");
+        assert_eq!(read.sector_size, 4096);
+        assert_eq!(
+            read.disk_id.to_ascii_lowercase(),
+            j["id"].as_str().expect("id").to_ascii_lowercase()
+        );
+        let parts = j["partitions"].as_array().expect("parts");
+        assert_eq!(read.partitions.len(), parts.len());
+        for (w, p) in read.partitions.iter().zip(parts) {
+            assert!(p["node"]
+                .as_str()
+                .expect("node")
+                .ends_with(&w.number.to_string()));
+            assert_eq!(Some(w.start / 4096), p["start"].as_u64());
+            assert_eq!(Some(w.size / 4096), p["size"].as_u64());
+            if label == "gpt" {
+                assert_eq!(Some(w.ptype.as_str()), p["type"].as_str());
+                assert_eq!(w.guid.as_deref(), p["uuid"].as_str());
+            }
+        }
+        read
+    };
+    let g = compare("gpt");
+    assert_eq!(
+        g.partitions.iter().map(|p| p.number).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    let (ok, _, err) = run("sgdisk", &["-Z", &dev]);
+    assert!(ok, "sgdisk -Z: {err}");
+    let script = "label: dos\nstart=256, size=2048, type=83\nstart=2560, size=10240, type=5\n\
+        start=2816, size=2048, type=83\nstart=5120, size=4096, type=7\n";
+    let mut child = Command::new("sfdisk")
+        .arg(lo.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("script");
+    }
+    assert!(child.wait().expect("wait").success());
+    let m = compare("dos");
+    assert_eq!(
+        m.partitions.iter().map(|p| p.number).collect::<Vec<_>>(),
+        [1, 2, 5, 6]
+    );
 }
