@@ -254,6 +254,12 @@ pub fn apply(
 ) -> Result<AppliedLayout, LayoutError> {
     let meta = fs::metadata(dev_path).map_err(|e| open_error(dev_path, e))?;
     let is_block = meta.file_type().is_block_device();
+    if is_block && busy::is_partition(dev_path) {
+        return Err(LayoutError::Invalid(format!(
+            "{} is a partition; a layout applies to a whole disk",
+            dev_path.display()
+        )));
+    }
     let busy_why = if is_block {
         busy::block_device_busy(dev_path)
     } else {

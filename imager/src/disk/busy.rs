@@ -27,6 +27,13 @@ pub(crate) fn kernel_name(path: &Path) -> Option<String> {
     link.file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
+/// True when the block device node `path` is a partition, not a whole disk.
+pub(crate) fn is_partition(path: &Path) -> bool {
+    dev_numbers(path)
+        .map(|(maj, min)| Path::new(&format!("/sys/dev/block/{maj}:{min}/partition")).exists())
+        .unwrap_or(false)
+}
+
 /// `major:minor` strings of a disk and all its partitions, with their names.
 fn disk_and_partitions(name: &str) -> Vec<(String, String)> {
     let dir = PathBuf::from("/sys/block").join(name);

@@ -3,7 +3,7 @@
 //! Partitions are addressed by byte range computed from the table; nothing
 //! here depends on the kernel having created partition device nodes.
 //!
-//! Reading: [`read`]. Writing: [`write`] (after [`validate`]), which keeps
+//! Reading: [`read`]. Writing: [`write()`] (after [`validate`]), which keeps
 //! partition numbers as given (GPT slot = number − 1, so a table with
 //! partitions 1, 2 and 4 stays 1, 2, 4), fills in random version-4 GUIDs
 //! (GPT) or a random disk signature (MBR) where none is given, and never
