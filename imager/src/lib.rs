@@ -16,12 +16,14 @@ pub mod error;
 pub mod extent;
 pub mod fs;
 mod ioctl;
+pub mod legacy;
 pub mod manifest;
 pub mod pool;
 pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod table;
+pub mod tls;
 pub mod verify;
 
 pub use error::{Error, Result};

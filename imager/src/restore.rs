@@ -192,11 +192,18 @@ pub fn restore_chunks(
                         w.stats.bytes_fetched += w.frame.len() as u64;
                         progress.add_fetched(w.frame.len() as u64);
                         match w.dec.decode_verified(id, &w.frame, len, &mut w.buf) {
-                            Ok(()) => break,
+                            Ok(()) => {
+                                repo.verified(id, &w.frame);
+                                break;
+                            }
                             Err(e @ Error::ChunkCorrupt { .. }) if tries < attempts => {
+                                repo.invalid(id);
                                 tracing::warn!("{e}; fetching it again ({tries}/{attempts})");
                             }
-                            Err(e) => return Err(e),
+                            Err(e) => {
+                                repo.invalid(id);
+                                return Err(e);
+                            }
                         }
                     }
                     w.stats.chunks_fetched += 1;

@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::device::ReadAt;
 use crate::extent::ExtentMap;
 
+pub(crate) mod bits;
+mod ext;
+mod fat;
+mod ntfs;
+mod other;
+
 /// What was recognised, as recorded in a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsMeta {
@@ -80,16 +86,118 @@ pub enum FsError {
     },
 }
 
+/// The walkers and detectors known to [`detect`] / [`used_map`].
+enum Found {
+    Ext(ext::Super),
+    Fat(fat::Fat),
+    Ntfs(ntfs::Ntfs),
+    /// Recognised, but there is no walker for it.
+    DetectOnly(FsMeta),
+    /// Linux swap: only the header page matters.
+    Swap(FsMeta, u64),
+}
+
+fn probe(src: &dyn ReadAt) -> Result<Option<Found>, FsError> {
+    if let Some(s) = ext::probe(src)? {
+        return Ok(Some(Found::Ext(s)));
+    }
+    let mut boot = [0u8; 512];
+    if src.size() >= 512 {
+        src.read_exact_at(&mut boot, 0)?;
+        if let Some(n) = ntfs::probe(src, &boot)? {
+            return Ok(Some(Found::Ntfs(n)));
+        }
+        if let Some(mut m) = other::exfat(&boot) {
+            m.label = other::exfat_label(src, &boot);
+            return Ok(Some(Found::DetectOnly(m)));
+        }
+        if let Some(f) = fat::probe(src, &boot)? {
+            return Ok(Some(Found::Fat(f)));
+        }
+    }
+    if let Some(m) = other::xfs(src)? {
+        return Ok(Some(Found::DetectOnly(m)));
+    }
+    if let Some(m) = other::btrfs(src)? {
+        return Ok(Some(Found::DetectOnly(m)));
+    }
+    if let Some((m, header)) = other::swap(src)? {
+        return Ok(Some(Found::Swap(m, header)));
+    }
+    Ok(None)
+}
+
 /// Recognise the filesystem at the start of `src` (type, label, UUID only).
 /// `Ok(None)` when nothing is recognised.
+///
+/// Recognised: ext2/ext3/ext4 (and `jbd`, an external ext journal), FAT12,
+/// FAT16, FAT32 (by cluster count, as the Microsoft specification defines
+/// it), NTFS, exFAT, XFS, btrfs and Linux swap.
 pub fn detect(src: &dyn ReadAt) -> Result<Option<FsMeta>, FsError> {
-    let _ = src;
-    Ok(None)
+    Ok(match probe(src)? {
+        None => None,
+        Some(Found::Ext(s)) => Some(s.meta()),
+        Some(Found::Fat(f)) => Some(f.meta()),
+        Some(Found::Ntfs(n)) => Some(n.meta(src)),
+        Some(Found::DetectOnly(m)) | Some(Found::Swap(m, _)) => Some(m),
+    })
 }
 
 /// Recognise the filesystem and build its used-byte map. `Ok(None)` when
 /// nothing is recognised (the caller falls back to raw mode with a warning).
+///
+/// Walkers exist for ext2/3/4, FAT12/16/32 and NTFS. Linux swap maps to its
+/// header page only (the rest of a swap area is never needed after a
+/// reboot). Other recognised filesystems (XFS, btrfs, exFAT) return
+/// [`FsError::Unsupported`] so the caller chooses raw mode on purpose.
 pub fn used_map(src: &dyn ReadAt, opts: MapOptions) -> Result<Option<FsMap>, FsError> {
-    let _ = (src, opts);
-    Ok(None)
+    let Some(found) = probe(src)? else {
+        return Ok(None);
+    };
+    let (meta, used) = match found {
+        Found::Ext(s) => (s.meta(), s.used_map(src, opts)?),
+        Found::Fat(f) => (f.meta(), f.used_map(src, opts)?),
+        Found::Ntfs(n) => n.used_map(src, opts)?,
+        Found::Swap(m, header) => (m, ExtentMap::full(header.min(src.size()))),
+        Found::DetectOnly(m) => {
+            return Err(FsError::Unsupported {
+                fs: other::static_name(&m.fstype),
+                feature: "no used-block walker for this filesystem".into(),
+            })
+        }
+    };
+    Ok(Some(FsMap { meta, used }))
+}
+
+/// Little-endian `u16` at `o`; 0 when out of range (callers check sizes).
+pub(crate) fn le16(b: &[u8], o: usize) -> u16 {
+    b.get(o..o + 2)
+        .map_or(0, |x| u16::from_le_bytes([x[0], x[1]]))
+}
+
+/// Little-endian `u32` at `o`; 0 when out of range.
+pub(crate) fn le32(b: &[u8], o: usize) -> u32 {
+    b.get(o..o + 4)
+        .map_or(0, |x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+}
+
+/// Little-endian `u64` at `o`; 0 when out of range.
+pub(crate) fn le64(b: &[u8], o: usize) -> u64 {
+    b.get(o..o + 8).map_or(0, |x| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(x);
+        u64::from_le_bytes(a)
+    })
+}
+
+/// The bytes before the first NUL.
+pub(crate) fn until_nul(b: &[u8]) -> &[u8] {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    &b[..end]
+}
+
+/// Labels as blkid shows them: surrounding blanks removed.
+pub(crate) fn trim_label(s: &str) -> String {
+    s.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+        .to_string()
 }

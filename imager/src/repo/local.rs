@@ -183,6 +183,30 @@ impl LocalRepo {
         Ok(v)
     }
 
+    /// Store a manifest under its own `image_version` (used by caches that
+    /// mirror another repository). A version already present is left alone.
+    pub fn store_version(&self, m: &Manifest) -> Result<()> {
+        m.validate()
+            .map_err(|why| Error::BadManifest { source_name: Some(m.name.clone()), why })?;
+        if m.image_version == 0 {
+            return Err(Error::Invalid(format!("{} has no version number to store under", m.name)));
+        }
+        let dir = self.image_dir(&m.name)?;
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let dest = dir.join(format!("{}.json", m.image_version));
+        if dest.exists() {
+            return Ok(());
+        }
+        let tmp = self.write_temp(&m.to_json())?;
+        let r = fs::hard_link(&tmp, &dest);
+        let _ = fs::remove_file(&tmp);
+        match r {
+            Ok(()) => sync_dir(&dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(Error::Io { what: format!("storing {}", dest.display()), source: e }),
+        }
+    }
+
     fn read_manifest_file(&self, path: &Path) -> Result<Manifest> {
         let mut bytes = Vec::new();
         File::open(path)

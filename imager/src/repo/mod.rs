@@ -10,8 +10,12 @@ use crate::chunk::ChunkId;
 use crate::error::Result;
 use crate::manifest::{ImageKind, Manifest};
 
+mod cached;
+mod http;
 mod local;
 
+pub use cached::CachedRepo;
+pub use http::{HttpOptions, HttpRepo};
 pub use local::LocalRepo;
 
 /// One line of `list`.
@@ -84,6 +88,13 @@ pub trait Repository: Send + Sync {
 
     /// Fetch a chunk's compressed frame into `out` (cleared first).
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()>;
+
+    /// Called after a fetched chunk passed verification (a cache keeps it).
+    fn verified(&self, _id: &ChunkId, _frame: &[u8]) {}
+
+    /// Called when a fetched chunk failed verification, before it is fetched
+    /// again (a cache evicts it).
+    fn invalid(&self, _id: &ChunkId) {}
 
     /// How many times a chunk that fails verification is fetched again
     /// before giving up (a network may corrupt; a local disk will not heal).

@@ -1,0 +1,485 @@
+//! A repository served over HTTP(S) by `aula-bootserver`.
+//!
+//! Blocking API over an async hyper client: pipeline workers call it from
+//! their own threads, each call runs on a tokio runtime (the caller's when
+//! there is one, else a private one). Connections are kept alive and shared.
+//!
+//! Resilience: every call is retried with capped exponential backoff on
+//! connection errors, timeouts, 408/429 and 5xx, for up to `retry_for`
+//! (default 5 minutes), so a restarted server or a cut link only delays the
+//! job. A chunk download cut mid-body resumes with a `Range` request for the
+//! missing bytes; the restore then verifies the chunk's SHA-256, so a resumed
+//! or mangled download can never be written unverified. 4xx answers other
+//! than 408/429 are final.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde::{Deserialize, Serialize};
+
+use super::{ImageSummary, Repository};
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::tls::{client_config, ServerTrust};
+
+/// Largest response body accepted for a chunk (zstd bound of 64 MiB).
+const MAX_FRAME: usize = (64 << 20) + (64 << 20) / 255 + 1024;
+/// Largest JSON response accepted (manifests of very large disks).
+const MAX_JSON: usize = 256 << 20;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// How to trust an https:// server.
+    pub trust: ServerTrust,
+    /// Bearer token for writes (upload, publish, delete).
+    pub token: Option<String>,
+    /// Keep retrying a failing call for this long.
+    pub retry_for: Duration,
+    /// A response (or the next piece of its body) must arrive within this.
+    pub timeout: Duration,
+    /// Chunks fetched at once by a restore.
+    pub parallel: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            trust: ServerTrust::System,
+            token: None,
+            retry_for: Duration::from_secs(300),
+            timeout: Duration::from_secs(30),
+            parallel: 8,
+        }
+    }
+}
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// An HTTP(S) repository client.
+pub struct HttpRepo {
+    base: String,
+    client: HttpClient,
+    handle: tokio::runtime::Handle,
+    _rt: Option<tokio::runtime::Runtime>,
+    opts: HttpOptions,
+}
+
+impl std::fmt::Debug for HttpRepo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRepo").field("base", &self.base).finish()
+    }
+}
+
+enum Fail {
+    /// Worth trying again.
+    Retry(String),
+    /// Final.
+    Fatal(Error),
+}
+
+#[derive(Serialize, Deserialize)]
+struct MissingReq {
+    ids: Vec<ChunkId>,
+}
+#[derive(Serialize, Deserialize)]
+struct MissingResp {
+    missing: Vec<ChunkId>,
+}
+#[derive(Deserialize)]
+struct PublishResp {
+    version: u32,
+}
+
+impl HttpRepo {
+    /// A client for the repository at `url` (`http://host:port` or
+    /// `https://…`, optionally with a path prefix).
+    pub fn new(url: &str, opts: HttpOptions) -> Result<HttpRepo> {
+        let base = url.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(Error::Invalid(format!("repository URL {url:?} must start with http:// or https://")));
+        }
+        base.parse::<hyper::Uri>()
+            .map_err(|e| Error::Invalid(format!("invalid repository URL {url:?}: {e}")))?;
+        let (rt, handle) = match tokio::runtime::Handle::try_current() {
+            Ok(h) => (None, h),
+            Err(_) => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("aula-http")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::Io { what: "starting the HTTP client runtime".into(), source: e })?;
+                let h = rt.handle().clone();
+                (Some(rt), h)
+            }
+        };
+        let tls = client_config(&opts.trust)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(conn);
+        Ok(HttpRepo { base, client, handle, _rt: rt, opts })
+    }
+
+    /// Chunks a restore should fetch at once.
+    pub fn parallel(&self) -> usize {
+        self.opts.parallel.max(1)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.handle.block_on(f)
+    }
+
+    /// Run `attempt` until it succeeds, fails finally, or the retry budget
+    /// is spent.
+    fn retrying<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Fail>>,
+    {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match self.block_on(attempt()) {
+                Ok(v) => return Ok(v),
+                Err(Fail::Fatal(e)) => return Err(e),
+                Err(Fail::Retry(why)) => {
+                    if start.elapsed() + delay > self.opts.retry_for {
+                        return Err(Error::Repo(format!(
+                            "{what}: giving up after {tries} attempts over {:.0} s: {why}",
+                            start.elapsed().as_secs_f64()
+                        )));
+                    }
+                    tracing::warn!("{what}: {why}; retrying in {:.1} s", delay.as_secs_f64());
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn request(&self, method: Method, path: &str, auth: bool, body: Bytes) -> std::result::Result<Request<Full<Bytes>>, Fail> {
+        let mut b = Request::builder().method(method).uri(self.url(path));
+        if auth {
+            if let Some(t) = &self.opts.token {
+                b = b.header(AUTHORIZATION, format!("Bearer {t}"));
+            }
+        }
+        if !body.is_empty() {
+            b = b.header(CONTENT_TYPE, "application/octet-stream");
+        }
+        b.body(Full::new(body))
+            .map_err(|e| Fail::Fatal(Error::Invalid(format!("building request for {path}: {e}"))))
+    }
+
+    /// Send and read the whole body (bounded), classifying failures.
+    async fn exchange(&self, req: Request<Full<Bytes>>, limit: usize) -> std::result::Result<(StatusCode, Vec<u8>), Fail> {
+        let uri = req.uri().to_string();
+        let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+            Err(_) => return Err(Fail::Retry(format!("{uri}: no response within {:?}", self.opts.timeout))),
+            Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout(self.opts.timeout, body.frame()).await {
+                Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(Fail::Retry(format!("{uri}: reading body: {e}"))),
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        if out.len() + d.len() > limit {
+                            return Err(Fail::Fatal(Error::Repo(format!("{uri}: response larger than {limit} bytes"))));
+                        }
+                        out.extend_from_slice(&d);
+                    }
+                }
+            }
+        }
+        Ok((status, out))
+    }
+
+    fn json_call<T: for<'de> Deserialize<'de>>(&self, method: Method, path: &str, auth: bool, body: Bytes) -> Result<(StatusCode, Option<T>, String)> {
+        let what = format!("{method} {}", self.url(path));
+        self.retrying(&what, || {
+            let req = self.request(method.clone(), path, auth, body.clone());
+            async move {
+                let (status, bytes) = self.exchange(req?, MAX_JSON).await?;
+                classify(status, &self.url(path), &bytes)?;
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let parsed = if status.is_success() { serde_json::from_slice::<T>(&bytes).ok() } else { None };
+                Ok((status, parsed, text))
+            }
+        })
+    }
+
+    fn fetch_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        out.clear();
+        let path = format!("/v1/chunks/{id}");
+        let what = format!("GET {}", self.url(&path));
+        // `out` carries the bytes received so far across attempts.
+        let cell = std::sync::Mutex::new(std::mem::take(out));
+        let res = self.retrying(&what, || {
+            let cell = &cell;
+            let path = path.clone();
+            async move {
+                let have = cell.lock().map(|v| v.len()).unwrap_or(0);
+                let mut req = self.request(Method::GET, &path, false, Bytes::new())?;
+                if have > 0 {
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes={have}-")) {
+                        req.headers_mut().insert(RANGE, v);
+                    }
+                }
+                let uri = self.url(&path);
+                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+                    Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
+                    Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
+                    Ok(Ok(r)) => r,
+                };
+                let status = resp.status();
+                match status {
+                    StatusCode::OK => {
+                        if let Ok(mut v) = cell.lock() {
+                            v.clear();
+                        }
+                    }
+                    StatusCode::PARTIAL_CONTENT => {
+                        let ok = resp
+                            .headers()
+                            .get(CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
+                        if !ok {
+                            if let Ok(mut v) = cell.lock() {
+                                v.clear();
+                            }
+                            return Err(Fail::Retry(format!("{uri}: unexpected Content-Range; starting over")));
+                        }
+                    }
+                    StatusCode::NOT_FOUND => return Err(Fail::Fatal(Error::ChunkMissing(*id))),
+                    StatusCode::RANGE_NOT_SATISFIABLE => {
+                        if let Ok(mut v) = cell.lock() {
+                            v.clear();
+                        }
+                        return Err(Fail::Retry(format!("{uri}: range not satisfiable; starting over")));
+                    }
+                    s => {
+                        let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        classify(s, &uri, &bytes)?;
+                        return Err(Fail::Fatal(Error::Repo(format!("{uri}: unexpected status {s}"))));
+                    }
+                }
+                let expect_total = match status {
+                    StatusCode::OK => resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()),
+                    _ => resp
+                        .headers()
+                        .get(CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.rsplit('/').next())
+                        .and_then(|v| v.parse::<usize>().ok()),
+                };
+                let mut body = resp.into_body();
+                loop {
+                    match tokio::time::timeout(self.opts.timeout, body.frame()).await {
+                        Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
+                        Ok(None) => break,
+                        Ok(Some(Err(e))) => return Err(Fail::Retry(format!("{uri}: cut after partial body: {e}"))),
+                        Ok(Some(Ok(f))) => {
+                            if let Ok(d) = f.into_data() {
+                                let mut v = cell.lock().map_err(|_| Fail::Fatal(Error::Repo("lock poisoned".into())))?;
+                                if v.len() + d.len() > MAX_FRAME {
+                                    v.clear();
+                                    return Err(Fail::Fatal(Error::ChunkCorrupt { id: *id, why: "server sent more than any chunk can hold".into() }));
+                                }
+                                v.extend_from_slice(&d);
+                            }
+                        }
+                    }
+                }
+                let got = cell.lock().map(|v| v.len()).unwrap_or(0);
+                if let Some(total) = expect_total {
+                    if got < total {
+                        return Err(Fail::Retry(format!("{uri}: body ended at {got} of {total} bytes")));
+                    }
+                }
+                Ok(())
+            }
+        });
+        *out = cell.into_inner().unwrap_or_default();
+        res
+    }
+}
+
+/// Map an HTTP status to retry / final error. Success passes.
+fn classify(status: StatusCode, uri: &str, body: &[u8]) -> std::result::Result<(), Fail> {
+    if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(500)]).trim().to_string();
+    let msg = format!("{uri}: {status}{}", if text.is_empty() { String::new() } else { format!(": {text}") });
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS {
+        Err(Fail::Retry(msg))
+    } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        Err(Fail::Fatal(Error::Repo(format!("{msg} (check the repository token)"))))
+    } else {
+        Err(Fail::Fatal(Error::Repo(msg)))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Repository for HttpRepo {
+    fn location(&self) -> String {
+        self.base.clone()
+    }
+
+    fn chunk_size_stored(&self, id: &ChunkId) -> Result<Option<u64>> {
+        let path = format!("/v1/chunks/{id}");
+        let what = format!("HEAD {}", self.url(&path));
+        self.retrying(&what, || {
+            let req = self.request(Method::HEAD, &path, false, Bytes::new());
+            async move {
+                let req = req?;
+                let uri = req.uri().to_string();
+                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+                    Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
+                    Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
+                    Ok(Ok(r)) => r,
+                };
+                match resp.status() {
+                    StatusCode::OK => Ok(resp
+                        .headers()
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())),
+                    StatusCode::NOT_FOUND => Ok(None),
+                    s => {
+                        classify(s, &uri, b"")?;
+                        Err(Fail::Fatal(Error::Repo(format!("{uri}: unexpected status {s}"))))
+                    }
+                }
+            }
+        })
+    }
+
+    fn missing_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        for batch in ids.chunks(8192) {
+            let body = serde_json::to_vec(&MissingReq { ids: batch.to_vec() }).map_err(|e| Error::Repo(e.to_string()))?;
+            let (status, parsed, text) = self.json_call::<MissingResp>(Method::POST, "/v1/chunks/missing", false, Bytes::from(body))?;
+            match parsed {
+                Some(r) if status.is_success() => out.extend(r.missing),
+                _ => return Err(Error::Repo(format!("POST /v1/chunks/missing: {status}: {text}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<()> {
+        let path = format!("/v1/chunks/{id}");
+        let body = Bytes::copy_from_slice(frame);
+        let (status, _, text) = self.json_call::<serde_json::Value>(Method::PUT, &path, true, body)?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(Error::Repo(format!("PUT {}: {status}: {text}", self.url(&path))))
+        }
+    }
+
+    fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        self.fetch_chunk(id, out)
+    }
+
+    fn fetch_attempts(&self) -> u32 {
+        3
+    }
+
+    fn sync_chunks(&self) -> Result<()> {
+        // The server makes every chunk durable before it answers the PUT.
+        Ok(())
+    }
+
+    fn publish(&self, manifest: &Manifest) -> Result<u32> {
+        crate::manifest::validate_name(&manifest.name)?;
+        let path = format!("/v1/images/{}", manifest.name);
+        let (status, parsed, text) = self.json_call::<PublishResp>(Method::PUT, &path, true, Bytes::from(manifest.to_json()))?;
+        match parsed {
+            Some(p) if status.is_success() => Ok(p.version),
+            _ => Err(Error::Repo(format!("publishing {}: {status}: {text}", manifest.name))),
+        }
+    }
+
+    fn manifest(&self, name: &str, version: Option<u32>) -> Result<Manifest> {
+        crate::manifest::validate_name(name)?;
+        let path = match version {
+            Some(v) => format!("/v1/images/{name}?version={v}"),
+            None => format!("/v1/images/{name}"),
+        };
+        let what = format!("GET {}", self.url(&path));
+        let path_ref = &path;
+        let (status, bytes) = self.retrying(&what, || {
+            let req = self.request(Method::GET, path_ref, false, Bytes::new());
+            async move {
+                let (status, bytes) = self.exchange(req?, MAX_JSON).await?;
+                classify(status, &self.url(path_ref), &bytes)?;
+                Ok((status, bytes))
+            }
+        })?;
+        if status == StatusCode::NOT_FOUND {
+            return Err(Error::ImageNotFound(match version {
+                Some(v) => format!("{name}@{v}"),
+                None => name.to_string(),
+            }));
+        }
+        Manifest::from_json(&bytes, &self.url(&path))
+    }
+
+    fn list(&self) -> Result<Vec<ImageSummary>> {
+        let (status, parsed, text) = self.json_call::<Vec<ImageSummary>>(Method::GET, "/v1/images", false, Bytes::new())?;
+        parsed.ok_or_else(|| Error::Repo(format!("GET /v1/images: {status}: {text}")))
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        crate::manifest::validate_name(name)?;
+        let path = format!("/v1/images/{name}");
+        let (status, _, text) = self.json_call::<serde_json::Value>(Method::DELETE, &path, true, Bytes::new())?;
+        match status {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Err(Error::ImageNotFound(name.to_string())),
+            s => Err(Error::Repo(format!("DELETE {}: {s}: {text}", self.url(&path)))),
+        }
+    }
+}
