@@ -32,15 +32,26 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// `sha256:<hex>` fingerprint of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(ring::digest::digest(&ring::digest::SHA256, der)))
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+    )
 }
 
 /// Parse `sha256:<64 hex>` (or bare hex, with or without colons).
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32]> {
-    let h: String = s.trim().trim_start_matches("sha256:").chars().filter(|c| *c != ':').collect();
+    let h: String = s
+        .trim()
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
     let mut out = [0u8; 32];
-    hex::decode_to_slice(h.to_ascii_lowercase(), &mut out)
-        .map_err(|_| Error::Invalid(format!("invalid certificate fingerprint {s:?}: expected sha256:<64 hex digits>")))?;
+    hex::decode_to_slice(h.to_ascii_lowercase(), &mut out).map_err(|_| {
+        Error::Invalid(format!(
+            "invalid certificate fingerprint {s:?}: expected sha256:<64 hex digits>"
+        ))
+    })?;
     Ok(out)
 }
 
@@ -79,7 +90,12 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -88,11 +104,18 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -101,12 +124,16 @@ fn load_roots(path: &Path) -> Result<rustls::RootCertStore> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| Error::Invalid(format!("reading CA bundle {}: {e}", path.display())))?;
     for c in certs {
-        let c = c.map_err(|e| Error::Invalid(format!("reading CA bundle {}: {e}", path.display())))?;
+        let c =
+            c.map_err(|e| Error::Invalid(format!("reading CA bundle {}: {e}", path.display())))?;
         // Skip certificates rustls cannot use rather than failing the bundle.
         let _ = roots.add(c);
     }
     if roots.is_empty() {
-        return Err(Error::Invalid(format!("CA bundle {} holds no usable certificate", path.display())));
+        return Err(Error::Invalid(format!(
+            "CA bundle {} holds no usable certificate",
+            path.display()
+        )));
     }
     Ok(roots)
 }
@@ -120,17 +147,32 @@ pub fn client_config(trust: &ServerTrust) -> Result<rustls::ClientConfig> {
     let cfg = match trust {
         ServerTrust::Pin(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier { pin: *pin, provider }))
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                pin: *pin,
+                provider,
+            }))
             .with_no_client_auth(),
-        ServerTrust::CaFile(p) => builder.with_root_certificates(load_roots(p)?).with_no_client_auth(),
+        ServerTrust::CaFile(p) => builder
+            .with_root_certificates(load_roots(p)?)
+            .with_no_client_auth(),
         ServerTrust::System => {
-            let candidates = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
+            let candidates = [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+            ];
             let p = candidates
                 .iter()
                 .map(Path::new)
                 .find(|p| p.exists())
-                .ok_or_else(|| Error::Invalid("no system CA bundle found; pin the server fingerprint or give a CA file".into()))?;
-            builder.with_root_certificates(load_roots(p)?).with_no_client_auth()
+                .ok_or_else(|| {
+                    Error::Invalid(
+                        "no system CA bundle found; pin the server fingerprint or give a CA file"
+                            .into(),
+                    )
+                })?;
+            builder
+                .with_root_certificates(load_roots(p)?)
+                .with_no_client_auth()
         }
     };
     Ok(cfg)

@@ -248,11 +248,33 @@ fn gpt_layout_on_a_file_formats_by_offset() {
         info.partition(6).expect("cache").code.as_deref(),
         Some("CA00")
     );
-    for p in &info.partitions {
-        // Filled in once filesystem detection is merged.
-        if let Some(label) = &p.label {
-            let want = ["ESP", "Windows", "SW", "ROOT", "CACHE"];
-            assert!(want.contains(&label.as_str()), "{label}");
+    // Filesystem type, label and used space as the inventory reports them.
+    let opts = aula_imager::disk::InspectOptions {
+        sector_size: None,
+        usage: true,
+    };
+    let info = aula_imager::disk::inspect(&img, &opts).expect("inspect with usage");
+    let want = [
+        (1, "fat32", "ESP"),
+        (2, "ntfs", "Windows"),
+        (3, "swap", "SW"),
+        (5, "ext4", "ROOT"),
+        (6, "ext4", "CACHE"),
+    ];
+    for (n, fstype, label) in want {
+        let p = info.partition(n).expect("partition");
+        assert_eq!(
+            p.filesystem.as_deref(),
+            Some(fstype),
+            "partition {n}: {p:?}"
+        );
+        assert_eq!(p.label.as_deref(), Some(label), "partition {n}");
+        assert!(p.uuid.is_some(), "partition {n} has no UUID");
+        if fstype != "swap" {
+            let used = p
+                .used
+                .unwrap_or_else(|| panic!("partition {n}: no used size: {p:?}"));
+            assert!(used > 0 && used < p.size, "partition {n}: used {used}");
         }
     }
 }
@@ -295,6 +317,30 @@ fn mbr_layout_with_logicals_on_a_4k_file() {
     check_fs(&img, &t, 1, "ntfs", "NT4K");
     check_fs(&img, &t, 5, "ext4", "DATA");
     check_fs(&img, &t, 4, "ext4", "CACHE");
+    // The inventory of the 4K image file finds the filesystems.
+    let opts = aula_imager::disk::InspectOptions {
+        sector_size: Some(4096),
+        usage: false,
+    };
+    let info = aula_imager::disk::inspect(&img, &opts).expect("inspect 4k");
+    assert_eq!(info.logical_sector_size, 4096);
+    let p4 = info.partition(4).expect("cache");
+    assert!(p4.cache);
+    assert_eq!(p4.code.as_deref(), Some("ca"));
+    for (n, fstype, label) in [
+        (1, "ntfs", "NT4K"),
+        (5, "ext4", "DATA"),
+        (4, "ext4", "CACHE"),
+    ] {
+        let p = info.partition(n).expect("partition");
+        assert_eq!(p.filesystem.as_deref(), Some(fstype), "partition {n}");
+        assert_eq!(p.label.as_deref(), Some(label), "partition {n}");
+    }
+    assert_eq!(
+        info.partition(6).expect("swap").filesystem.as_deref(),
+        Some("swap")
+    );
+    assert!(info.partition(2).expect("extended").extended);
     // NTFS made for 4 KiB sectors.
     let mut bs = [0u8; 512];
     File::open(&img)
@@ -447,7 +493,7 @@ fn bad_layouts_are_refused_and_nothing_is_written() {
         ),
         (
             r#"{"table":"gpt","partitions":[{"number":1,"type":"efi","size":"8M","filesystem":"fat32"}]}"#,
-            "partition 1: fat32 needs at least 32 MiB",
+            "partition 1: fat32 needs at least 34 MiB",
         ),
         (
             r#"{"table":"gpt","partitions":[{"number":2,"type":"efi","size":"40M","filesystem":"fat32","label":"lowercase_too_long"}]}"#,

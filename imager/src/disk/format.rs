@@ -134,7 +134,7 @@ pub(super) fn format(job: &FormatJob, target: Target<'_>, ss: u32) -> Result<(),
                 ),
                 Filesystem::Fat32 => (
                     "mkfs.fat",
-                    [vec![os("-F"), os("32")], label_args("-n", &job.label)].concat(),
+                    [fat32_args(job, ss), label_args("-n", &job.label)].concat(),
                 ),
                 Filesystem::Ntfs => (
                     "mkntfs",
@@ -152,6 +152,13 @@ pub(super) fn format(job: &FormatJob, target: Target<'_>, ss: u32) -> Result<(),
         }
         Target::Offset(dev) => format_at_offset(job, dev, ss),
     }
+}
+
+/// `-F 32` and an explicit cluster size: mkfs.fat would otherwise size
+/// clusters for the whole device when writing at an offset.
+fn fat32_args(job: &FormatJob, ss: u32) -> Vec<OsString> {
+    let spc = super::layout::fat32_cluster_size(job.size, ss) / ss.max(1);
+    vec![os("-F"), os("32"), os("-s"), os(spc.max(1).to_string())]
 }
 
 fn ntfs_geometry(start_sectors: u64, ss: u32) -> Vec<OsString> {
@@ -210,7 +217,7 @@ fn format_at_offset(job: &FormatJob, dev: &Device, ss: u32) -> Result<(), Format
         Filesystem::Fat32 => {
             let sectors = job.start / ssu;
             let mut args = [
-                vec![os("-F"), os("32"), os("-I")],
+                [fat32_args(job, ss), vec![os("-I")]].concat(),
                 label_args("-n", &job.label),
             ]
             .concat();

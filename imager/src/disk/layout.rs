@@ -54,8 +54,11 @@
 //! primaries), partitions that do not fit the disk (naming the partition
 //! and the space left), overlaps (explicit starts), the 2^32-sector MBR
 //! limit, filesystems on an extended partition, filesystem minimum sizes
-//! (FAT32 32 MiB, NTFS 2 MiB), label lengths and characters, GPT names
-//! longer than 36 characters, malformed GUIDs. Every error names the
+//! (see below), label lengths and characters, GPT names
+//! longer than 36 characters, malformed GUIDs.
+//!
+//! Minimum sizes: FAT32 34 MiB with 512-byte sectors and 258 MiB with
+//! 4096-byte ones (65525 clusters), NTFS 2 MiB. Every error names the
 //! partition; nothing is written.
 
 use std::fmt;
@@ -69,6 +72,28 @@ pub use super::apply::{apply, AppliedLayout, ApplyOptions, DiskState, FormatVia,
 
 /// One mebibyte: the alignment of every start and size.
 pub const MIB: u64 = 1 << 20;
+
+/// The fewest clusters a FAT32 volume may have.
+const FAT32_MIN_CLUSTERS: u64 = 65525;
+
+/// FAT32 cluster size for a volume of `size` bytes with `ss`-byte sectors,
+/// after Microsoft's FAT32 table (512 B up to 260 MiB, 4 KiB up to 8 GiB,
+/// 8 KiB up to 16 GiB, 16 KiB up to 32 GiB, 32 KiB above), never smaller
+/// than a sector and always leaving at least 65525 clusters.
+pub fn fat32_cluster_size(size: u64, ss: u32) -> u32 {
+    let table: u32 = match size {
+        s if s <= 260 * MIB => 512,
+        s if s <= 8 << 30 => 4096,
+        s if s <= 16 << 30 => 8192,
+        s if s <= 32 << 30 => 16384,
+        _ => 32768,
+    };
+    let mut c = table.max(ss);
+    while c > ss && size / u64::from(c) < FAT32_MIN_CLUSTERS + 1024 {
+        c /= 2;
+    }
+    c
+}
 
 /// A partition size: bytes or "the rest".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,9 +184,17 @@ impl Filesystem {
             Filesystem::Swap => "mkswap",
         }
     }
-    fn min_size(self) -> u64 {
+    /// Smallest partition this filesystem can be made on with `ss`-byte
+    /// sectors. FAT32 needs 65525 clusters (fewer and it is FAT16 by the
+    /// specification's own rule, whatever the boot sector says), of at
+    /// least one sector each, plus two FATs and the reserved sectors.
+    pub fn min_size(self, ss: u32) -> u64 {
         match self {
-            Filesystem::Fat32 => 32 * MIB,
+            Filesystem::Fat32 => {
+                let ss = u64::from(ss.max(512));
+                let bytes = FAT32_MIN_CLUSTERS * ss + 2 * FAT32_MIN_CLUSTERS * 4 + 32 * ss;
+                (bytes.div_ceil(MIB) + 1) * MIB
+            }
             Filesystem::Ntfs => 2 * MIB,
             Filesystem::Ext4 | Filesystem::Swap => MIB,
         }
@@ -722,10 +755,13 @@ pub fn plan(spec: &LayoutSpec, disk_size: u64, sector_size: u32) -> Result<Plan,
             p.filesystem
         };
         if let (Some(f), true) = (fs, p.format) {
-            if size < f.min_size() {
+            if size < f.min_size(sector_size) {
                 return Err(perr(
                     p.number,
-                    format!("{f} needs at least {} MiB", f.min_size() / MIB),
+                    format!(
+                        "{f} needs at least {} MiB with {sector_size}-byte sectors",
+                        f.min_size(sector_size) / MIB
+                    ),
                 ));
             }
             let label = if r.cache {
@@ -979,6 +1015,27 @@ mod tests {
     }
 
     #[test]
+    fn fat32_sizes_keep_enough_clusters() {
+        assert_eq!(Filesystem::Fat32.min_size(512), 34 * MIB);
+        assert_eq!(Filesystem::Fat32.min_size(4096), 258 * MIB);
+        assert_eq!(fat32_cluster_size(64 * MIB, 512), 512);
+        assert_eq!(fat32_cluster_size(300 * MIB, 512), 4096);
+        assert_eq!(fat32_cluster_size(258 * MIB, 4096), 4096);
+        assert_eq!(fat32_cluster_size(100 << 30, 512), 32768);
+        for (size, ss) in [
+            (34 * MIB, 512),
+            (261 * MIB, 512),
+            (258 * MIB, 4096),
+            (9 << 30, 4096),
+        ] {
+            assert!(
+                size / u64::from(fat32_cluster_size(size, ss)) >= 65525,
+                "{size} {ss}"
+            );
+        }
+    }
+
+    #[test]
     fn gpt_plan_places_in_order_with_cache_at_end() {
         let s = spec(
             r#"{"table":"gpt","partitions":[
@@ -1066,7 +1123,7 @@ mod tests {
             ),
             (
                 r#"{"table":"gpt","partitions":[{"number":1,"type":"efi","size":"10M","filesystem":"fat32"}]}"#,
-                "32 MiB",
+                "34 MiB",
             ),
             (
                 r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"1G","filesystem":"ext4","label":"this label is far too long"}]}"#,

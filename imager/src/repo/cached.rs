@@ -27,7 +27,11 @@ pub struct CachedRepo {
 impl CachedRepo {
     /// Wrap `remote` with the cache repository `cache`.
     pub fn new(remote: Box<dyn Repository>, cache: LocalRepo) -> CachedRepo {
-        CachedRepo { remote, cache, from_cache: Mutex::new(HashSet::new()) }
+        CachedRepo {
+            remote,
+            cache,
+            from_cache: Mutex::new(HashSet::new()),
+        }
     }
 
     /// The cache.
@@ -38,7 +42,11 @@ impl CachedRepo {
 
 impl Repository for CachedRepo {
     fn location(&self) -> String {
-        format!("{} (cache {})", self.remote.location(), self.cache.location())
+        format!(
+            "{} (cache {})",
+            self.remote.location(),
+            self.cache.location()
+        )
     }
 
     fn chunk_size_stored(&self, id: &ChunkId) -> Result<Option<u64>> {
@@ -76,7 +84,11 @@ impl Repository for CachedRepo {
     }
 
     fn verified(&self, id: &ChunkId, frame: &[u8]) {
-        let was_cached = self.from_cache.lock().map(|mut s| s.remove(id)).unwrap_or(false);
+        let was_cached = self
+            .from_cache
+            .lock()
+            .map(|mut s| s.remove(id))
+            .unwrap_or(false);
         if !was_cached {
             if let Err(e) = self.cache.put_chunk(id, frame) {
                 tracing::warn!("could not cache chunk {id}: {e}");
@@ -85,9 +97,16 @@ impl Repository for CachedRepo {
     }
 
     fn invalid(&self, id: &ChunkId) {
-        let was_cached = self.from_cache.lock().map(|mut s| s.remove(id)).unwrap_or(false);
+        let was_cached = self
+            .from_cache
+            .lock()
+            .map(|mut s| s.remove(id))
+            .unwrap_or(false);
         if was_cached {
-            tracing::warn!("cached chunk {id} is corrupt; evicting it and fetching from {}", self.remote.location());
+            tracing::warn!(
+                "cached chunk {id} is corrupt; evicting it and fetching from {}",
+                self.remote.location()
+            );
             let _ = std::fs::remove_file(self.cache.chunk_path(id));
         }
         self.remote.invalid(id);
@@ -114,7 +133,11 @@ impl Repository for CachedRepo {
                 }
                 Ok(m)
             }
-            Err(e @ (Error::ImageNotFound(_) | Error::BadManifest { .. } | Error::UnsupportedVersion { .. })) => Err(e),
+            Err(
+                e @ (Error::ImageNotFound(_)
+                | Error::BadManifest { .. }
+                | Error::UnsupportedVersion { .. }),
+            ) => Err(e),
             Err(e) => {
                 tracing::warn!("repository unreachable ({e}); using the cached manifest of {name}");
                 self.cache.manifest(name, version)

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -73,7 +75,9 @@ pub struct HttpRepo {
 
 impl std::fmt::Debug for HttpRepo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpRepo").field("base", &self.base).finish()
+        f.debug_struct("HttpRepo")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
@@ -103,7 +107,9 @@ impl HttpRepo {
     pub fn new(url: &str, opts: HttpOptions) -> Result<HttpRepo> {
         let base = url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(Error::Invalid(format!("repository URL {url:?} must start with http:// or https://")));
+            return Err(Error::Invalid(format!(
+                "repository URL {url:?} must start with http:// or https://"
+            )));
         }
         base.parse::<hyper::Uri>()
             .map_err(|e| Error::Invalid(format!("invalid repository URL {url:?}: {e}")))?;
@@ -115,7 +121,10 @@ impl HttpRepo {
                     .thread_name("aula-http")
                     .enable_all()
                     .build()
-                    .map_err(|e| Error::Io { what: "starting the HTTP client runtime".into(), source: e })?;
+                    .map_err(|e| Error::Io {
+                        what: "starting the HTTP client runtime".into(),
+                        source: e,
+                    })?;
                 let h = rt.handle().clone();
                 (Some(rt), h)
             }
@@ -134,7 +143,13 @@ impl HttpRepo {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(conn);
-        Ok(HttpRepo { base, client, handle, _rt: rt, opts })
+        Ok(HttpRepo {
+            base,
+            client,
+            handle,
+            _rt: rt,
+            opts,
+        })
     }
 
     /// Chunks a restore should fetch at once.
@@ -180,7 +195,13 @@ impl HttpRepo {
         }
     }
 
-    fn request(&self, method: Method, path: &str, auth: bool, body: Bytes) -> std::result::Result<Request<Full<Bytes>>, Fail> {
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        auth: bool,
+        body: Bytes,
+    ) -> std::result::Result<Request<Full<Bytes>>, Fail> {
         let mut b = Request::builder().method(method).uri(self.url(path));
         if auth {
             if let Some(t) = &self.opts.token {
@@ -195,10 +216,19 @@ impl HttpRepo {
     }
 
     /// Send and read the whole body (bounded), classifying failures.
-    async fn exchange(&self, req: Request<Full<Bytes>>, limit: usize) -> std::result::Result<(StatusCode, Vec<u8>), Fail> {
+    async fn exchange(
+        &self,
+        req: Request<Full<Bytes>>,
+        limit: usize,
+    ) -> std::result::Result<(StatusCode, Vec<u8>), Fail> {
         let uri = req.uri().to_string();
         let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
-            Err(_) => return Err(Fail::Retry(format!("{uri}: no response within {:?}", self.opts.timeout))),
+            Err(_) => {
+                return Err(Fail::Retry(format!(
+                    "{uri}: no response within {:?}",
+                    self.opts.timeout
+                )))
+            }
             Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
             Ok(Ok(r)) => r,
         };
@@ -213,7 +243,9 @@ impl HttpRepo {
                 Ok(Some(Ok(f))) => {
                     if let Ok(d) = f.into_data() {
                         if out.len() + d.len() > limit {
-                            return Err(Fail::Fatal(Error::Repo(format!("{uri}: response larger than {limit} bytes"))));
+                            return Err(Fail::Fatal(Error::Repo(format!(
+                                "{uri}: response larger than {limit} bytes"
+                            ))));
                         }
                         out.extend_from_slice(&d);
                     }
@@ -223,7 +255,13 @@ impl HttpRepo {
         Ok((status, out))
     }
 
-    fn json_call<T: for<'de> Deserialize<'de>>(&self, method: Method, path: &str, auth: bool, body: Bytes) -> Result<(StatusCode, Option<T>, String)> {
+    fn json_call<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        path: &str,
+        auth: bool,
+        body: Bytes,
+    ) -> Result<(StatusCode, Option<T>, String)> {
         let what = format!("{method} {}", self.url(path));
         self.retrying(&what, || {
             let req = self.request(method.clone(), path, auth, body.clone());
@@ -231,7 +269,11 @@ impl HttpRepo {
                 let (status, bytes) = self.exchange(req?, MAX_JSON).await?;
                 classify(status, &self.url(path), &bytes)?;
                 let text = String::from_utf8_lossy(&bytes).into_owned();
-                let parsed = if status.is_success() { serde_json::from_slice::<T>(&bytes).ok() } else { None };
+                let parsed = if status.is_success() {
+                    serde_json::from_slice::<T>(&bytes).ok()
+                } else {
+                    None
+                };
                 Ok((status, parsed, text))
             }
         })
@@ -255,7 +297,9 @@ impl HttpRepo {
                     }
                 }
                 let uri = self.url(&path);
-                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req))
+                    .await
+                {
                     Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
                     Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
                     Ok(Ok(r)) => r,
@@ -277,7 +321,9 @@ impl HttpRepo {
                             if let Ok(mut v) = cell.lock() {
                                 v.clear();
                             }
-                            return Err(Fail::Retry(format!("{uri}: unexpected Content-Range; starting over")));
+                            return Err(Fail::Retry(format!(
+                                "{uri}: unexpected Content-Range; starting over"
+                            )));
                         }
                     }
                     StatusCode::NOT_FOUND => return Err(Fail::Fatal(Error::ChunkMissing(*id))),
@@ -285,16 +331,29 @@ impl HttpRepo {
                         if let Ok(mut v) = cell.lock() {
                             v.clear();
                         }
-                        return Err(Fail::Retry(format!("{uri}: range not satisfiable; starting over")));
+                        return Err(Fail::Retry(format!(
+                            "{uri}: range not satisfiable; starting over"
+                        )));
                     }
                     s => {
-                        let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let bytes = resp
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         classify(s, &uri, &bytes)?;
-                        return Err(Fail::Fatal(Error::Repo(format!("{uri}: unexpected status {s}"))));
+                        return Err(Fail::Fatal(Error::Repo(format!(
+                            "{uri}: unexpected status {s}"
+                        ))));
                     }
                 }
                 let expect_total = match status {
-                    StatusCode::OK => resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()),
+                    StatusCode::OK => resp
+                        .headers()
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<usize>().ok()),
                     _ => resp
                         .headers()
                         .get(CONTENT_RANGE)
@@ -307,13 +366,20 @@ impl HttpRepo {
                     match tokio::time::timeout(self.opts.timeout, body.frame()).await {
                         Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
                         Ok(None) => break,
-                        Ok(Some(Err(e))) => return Err(Fail::Retry(format!("{uri}: cut after partial body: {e}"))),
+                        Ok(Some(Err(e))) => {
+                            return Err(Fail::Retry(format!("{uri}: cut after partial body: {e}")))
+                        }
                         Ok(Some(Ok(f))) => {
                             if let Ok(d) = f.into_data() {
-                                let mut v = cell.lock().map_err(|_| Fail::Fatal(Error::Repo("lock poisoned".into())))?;
+                                let mut v = cell.lock().map_err(|_| {
+                                    Fail::Fatal(Error::Repo("lock poisoned".into()))
+                                })?;
                                 if v.len() + d.len() > MAX_FRAME {
                                     v.clear();
-                                    return Err(Fail::Fatal(Error::ChunkCorrupt { id: *id, why: "server sent more than any chunk can hold".into() }));
+                                    return Err(Fail::Fatal(Error::ChunkCorrupt {
+                                        id: *id,
+                                        why: "server sent more than any chunk can hold".into(),
+                                    }));
                                 }
                                 v.extend_from_slice(&d);
                             }
@@ -323,7 +389,9 @@ impl HttpRepo {
                 let got = cell.lock().map(|v| v.len()).unwrap_or(0);
                 if let Some(total) = expect_total {
                     if got < total {
-                        return Err(Fail::Retry(format!("{uri}: body ended at {got} of {total} bytes")));
+                        return Err(Fail::Retry(format!(
+                            "{uri}: body ended at {got} of {total} bytes"
+                        )));
                     }
                 }
                 Ok(())
@@ -339,12 +407,26 @@ fn classify(status: StatusCode, uri: &str, body: &[u8]) -> std::result::Result<(
     if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT {
         return Ok(());
     }
-    let text = String::from_utf8_lossy(&body[..body.len().min(500)]).trim().to_string();
-    let msg = format!("{uri}: {status}{}", if text.is_empty() { String::new() } else { format!(": {text}") });
-    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS {
+    let text = String::from_utf8_lossy(&body[..body.len().min(500)])
+        .trim()
+        .to_string();
+    let msg = format!(
+        "{uri}: {status}{}",
+        if text.is_empty() {
+            String::new()
+        } else {
+            format!(": {text}")
+        }
+    );
+    if status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
         Err(Fail::Retry(msg))
     } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        Err(Fail::Fatal(Error::Repo(format!("{msg} (check the repository token)"))))
+        Err(Fail::Fatal(Error::Repo(format!(
+            "{msg} (check the repository token)"
+        ))))
     } else {
         Err(Fail::Fatal(Error::Repo(msg)))
     }
@@ -374,7 +456,9 @@ impl Repository for HttpRepo {
             async move {
                 let req = req?;
                 let uri = req.uri().to_string();
-                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req))
+                    .await
+                {
                     Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
                     Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
                     Ok(Ok(r)) => r,
@@ -388,7 +472,9 @@ impl Repository for HttpRepo {
                     StatusCode::NOT_FOUND => Ok(None),
                     s => {
                         classify(s, &uri, b"")?;
-                        Err(Fail::Fatal(Error::Repo(format!("{uri}: unexpected status {s}"))))
+                        Err(Fail::Fatal(Error::Repo(format!(
+                            "{uri}: unexpected status {s}"
+                        ))))
                     }
                 }
             }
@@ -398,11 +484,23 @@ impl Repository for HttpRepo {
     fn missing_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
         let mut out = Vec::new();
         for batch in ids.chunks(8192) {
-            let body = serde_json::to_vec(&MissingReq { ids: batch.to_vec() }).map_err(|e| Error::Repo(e.to_string()))?;
-            let (status, parsed, text) = self.json_call::<MissingResp>(Method::POST, "/v1/chunks/missing", false, Bytes::from(body))?;
+            let body = serde_json::to_vec(&MissingReq {
+                ids: batch.to_vec(),
+            })
+            .map_err(|e| Error::Repo(e.to_string()))?;
+            let (status, parsed, text) = self.json_call::<MissingResp>(
+                Method::POST,
+                "/v1/chunks/missing",
+                false,
+                Bytes::from(body),
+            )?;
             match parsed {
                 Some(r) if status.is_success() => out.extend(r.missing),
-                _ => return Err(Error::Repo(format!("POST /v1/chunks/missing: {status}: {text}"))),
+                _ => {
+                    return Err(Error::Repo(format!(
+                        "POST /v1/chunks/missing: {status}: {text}"
+                    )))
+                }
             }
         }
         Ok(out)
@@ -411,11 +509,15 @@ impl Repository for HttpRepo {
     fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> Result<()> {
         let path = format!("/v1/chunks/{id}");
         let body = Bytes::copy_from_slice(frame);
-        let (status, _, text) = self.json_call::<serde_json::Value>(Method::PUT, &path, true, body)?;
+        let (status, _, text) =
+            self.json_call::<serde_json::Value>(Method::PUT, &path, true, body)?;
         if status.is_success() {
             Ok(())
         } else {
-            Err(Error::Repo(format!("PUT {}: {status}: {text}", self.url(&path))))
+            Err(Error::Repo(format!(
+                "PUT {}: {status}: {text}",
+                self.url(&path)
+            )))
         }
     }
 
@@ -435,10 +537,18 @@ impl Repository for HttpRepo {
     fn publish(&self, manifest: &Manifest) -> Result<u32> {
         crate::manifest::validate_name(&manifest.name)?;
         let path = format!("/v1/images/{}", manifest.name);
-        let (status, parsed, text) = self.json_call::<PublishResp>(Method::PUT, &path, true, Bytes::from(manifest.to_json()))?;
+        let (status, parsed, text) = self.json_call::<PublishResp>(
+            Method::PUT,
+            &path,
+            true,
+            Bytes::from(manifest.to_json()),
+        )?;
         match parsed {
             Some(p) if status.is_success() => Ok(p.version),
-            _ => Err(Error::Repo(format!("publishing {}: {status}: {text}", manifest.name))),
+            _ => Err(Error::Repo(format!(
+                "publishing {}: {status}: {text}",
+                manifest.name
+            ))),
         }
     }
 
@@ -468,18 +578,23 @@ impl Repository for HttpRepo {
     }
 
     fn list(&self) -> Result<Vec<ImageSummary>> {
-        let (status, parsed, text) = self.json_call::<Vec<ImageSummary>>(Method::GET, "/v1/images", false, Bytes::new())?;
+        let (status, parsed, text) =
+            self.json_call::<Vec<ImageSummary>>(Method::GET, "/v1/images", false, Bytes::new())?;
         parsed.ok_or_else(|| Error::Repo(format!("GET /v1/images: {status}: {text}")))
     }
 
     fn delete(&self, name: &str) -> Result<()> {
         crate::manifest::validate_name(name)?;
         let path = format!("/v1/images/{name}");
-        let (status, _, text) = self.json_call::<serde_json::Value>(Method::DELETE, &path, true, Bytes::new())?;
+        let (status, _, text) =
+            self.json_call::<serde_json::Value>(Method::DELETE, &path, true, Bytes::new())?;
         match status {
             s if s.is_success() => Ok(()),
             StatusCode::NOT_FOUND => Err(Error::ImageNotFound(name.to_string())),
-            s => Err(Error::Repo(format!("DELETE {}: {s}: {text}", self.url(&path)))),
+            s => Err(Error::Repo(format!(
+                "DELETE {}: {s}: {text}",
+                self.url(&path)
+            ))),
         }
     }
 }

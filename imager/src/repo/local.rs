@@ -186,10 +186,15 @@ impl LocalRepo {
     /// Store a manifest under its own `image_version` (used by caches that
     /// mirror another repository). A version already present is left alone.
     pub fn store_version(&self, m: &Manifest) -> Result<()> {
-        m.validate()
-            .map_err(|why| Error::BadManifest { source_name: Some(m.name.clone()), why })?;
+        m.validate().map_err(|why| Error::BadManifest {
+            source_name: Some(m.name.clone()),
+            why,
+        })?;
         if m.image_version == 0 {
-            return Err(Error::Invalid(format!("{} has no version number to store under", m.name)));
+            return Err(Error::Invalid(format!(
+                "{} has no version number to store under",
+                m.name
+            )));
         }
         let dir = self.image_dir(&m.name)?;
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -203,7 +208,10 @@ impl LocalRepo {
         match r {
             Ok(()) => sync_dir(&dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(Error::Io { what: format!("storing {}", dest.display()), source: e }),
+            Err(e) => Err(Error::Io {
+                what: format!("storing {}", dest.display()),
+                source: e,
+            }),
         }
     }
 
