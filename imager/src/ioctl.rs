@@ -7,12 +7,13 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 // Linux <linux/fs.h>: _IOR(0x12, 114, size_t), _IO(0x12, 104), _IO(0x12, 123),
-// _IO(0x12, 95), _IO(0x12, 127).
+// _IO(0x12, 95), _IO(0x12, 127), _IO(0x12, 97).
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
 nix::ioctl_read_bad!(blk_sszget, 0x1268, libc::c_int);
 nix::ioctl_read_bad!(blk_pbszget, 0x127b, libc::c_uint);
 nix::ioctl_none!(blk_rrpart, 0x12, 95);
 nix::ioctl_write_ptr!(blk_zeroout, 0x12, 127, [u64; 2]);
+nix::ioctl_none!(blk_flsbuf, 0x12, 97);
 
 fn errno(e: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -43,8 +44,10 @@ pub fn physical_sector_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(v)
 }
 
-/// Ask the kernel to re-read the partition table (BLKRRPART).
-#[allow(dead_code)] // called by the disk-layout code
+/// Ask the kernel to re-read the partition table (BLKRRPART). EBUSY: a
+/// partition is in use (or another opener holds the disk exclusively);
+/// EINVAL: the kernel does not partition this device (e.g. a loop device
+/// without partition scanning, or no partition-table support).
 pub fn reread_partition_table(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: live descriptor; BLKRRPART takes no argument.
     unsafe { blk_rrpart(fd.as_raw_fd()) }.map_err(errno)?;
@@ -57,5 +60,14 @@ pub fn zero_out(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     let range = [offset, len];
     // SAFETY: live descriptor; `range` is a valid [u64; 2] read by the kernel.
     unsafe { blk_zeroout(fd.as_raw_fd(), &range) }.map_err(errno)?;
+    Ok(())
+}
+
+/// Write back and drop the kernel's buffer cache of a block device
+/// (BLKFLSBUF), so reads through this node see what was written through
+/// another (a partition node).
+pub fn flush_buffers(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: live descriptor; BLKFLSBUF takes no argument.
+    unsafe { blk_flsbuf(fd.as_raw_fd()) }.map_err(errno)?;
     Ok(())
 }

@@ -11,6 +11,7 @@
 pub mod chunk;
 pub mod create;
 pub mod device;
+pub mod disk;
 pub mod error;
 pub mod extent;
 pub mod fs;

@@ -1,7 +1,7 @@
 //! MBR reading, including the chain of extended boot records.
 
 use super::{Partition, PartitionTable, TableError, TableKind};
-use crate::device::ReadAt;
+use crate::device::{Device, ReadAt};
 
 fn invalid(why: impl Into<String>) -> TableError {
     TableError::Invalid {
@@ -158,4 +158,288 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
         first_usable_lba: None,
         last_usable_lba: None,
     }))
+}
+
+/// CHS address of an LBA in the conventional 255-head, 63-sector geometry,
+/// as the three bytes of a partition record; LBAs past cylinder 1023 get
+/// the customary 1023/254/63 marker.
+pub(super) fn chs(lba: u64) -> [u8; 3] {
+    const HEADS: u64 = 255;
+    const SECTORS: u64 = 63;
+    let cyl = lba / (HEADS * SECTORS);
+    if cyl > 1023 {
+        return [0xfe, 0xff, 0xff];
+    }
+    let head = (lba / SECTORS) % HEADS;
+    let sector = lba % SECTORS + 1;
+    [
+        head as u8,
+        (sector as u8) | (((cyl >> 2) & 0xc0) as u8),
+        (cyl & 0xff) as u8,
+    ]
+}
+
+fn unwritable(why: impl Into<String>) -> TableError {
+    TableError::Unwritable {
+        kind: "MBR",
+        why: why.into(),
+    }
+}
+
+/// Parse an MBR type as tables hold it (`0x83`, also `83`).
+pub(super) fn parse_type(s: &str) -> Option<u8> {
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if hex.is_empty() || hex.len() > 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// Parse an MBR disk signature (`0x1234abcd`).
+pub(super) fn parse_signature(s: &str) -> Option<u32> {
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if hex.is_empty() || hex.len() > 8 {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok()
+}
+
+/// A partition in sectors, checked for writing.
+struct Rec<'a> {
+    p: &'a Partition,
+    code: u8,
+    lba: u64,
+    count: u64,
+}
+
+struct Checked<'a> {
+    primaries: Vec<Rec<'a>>,
+    extended: Option<(u64, u64)>,
+    logicals: Vec<Rec<'a>>,
+    /// EBR positions (absolute LBA), one per logical, in chain order.
+    ebrs: Vec<u64>,
+}
+
+fn check(t: &PartitionTable, disk_size: u64) -> Result<Checked<'_>, TableError> {
+    let ss = u64::from(t.sector_size);
+    let sectors = disk_size / ss;
+    if !t.disk_id.is_empty() && parse_signature(&t.disk_id).is_none() {
+        return Err(unwritable(format!(
+            "disk signature {:?} is not a 32-bit hex number",
+            t.disk_id
+        )));
+    }
+    let mut primaries = Vec::new();
+    let mut logicals = Vec::new();
+    let mut extended = None;
+    for p in &t.partitions {
+        let n = p.number;
+        let bad = |why: String| unwritable(format!("partition {n}: {why}"));
+        let code = parse_type(&p.ptype)
+            .ok_or_else(|| bad(format!("type {:?} is not an MBR type byte", p.ptype)))?;
+        if code == 0 {
+            return Err(bad("type 0 marks an unused entry".into()));
+        }
+        if p.guid.is_some() || p.name.is_some() || p.attributes != 0 {
+            return Err(bad("GUIDs, names and attributes exist only on GPT".into()));
+        }
+        if p.extended != is_extended(code) {
+            return Err(bad(format!(
+                "type 0x{code:02x} and the extended flag disagree"
+            )));
+        }
+        let lba = p.start / ss;
+        let count = p.size / ss;
+        if lba == 0 {
+            return Err(bad("it starts in sector 0, over the MBR".into()));
+        }
+        if lba + count > sectors {
+            return Err(bad(format!(
+                "sectors {lba}+{count} do not fit the disk ({sectors} sectors)"
+            )));
+        }
+        if lba > u64::from(u32::MAX) || count > u64::from(u32::MAX) {
+            return Err(bad(
+                "it lies beyond the 2^32-sector limit of MBR (use GPT)".into()
+            ));
+        }
+        let rec = Rec {
+            p,
+            code,
+            lba,
+            count,
+        };
+        match n {
+            1..=4 => {
+                if p.extended {
+                    if extended.is_some() {
+                        return Err(bad("a second extended partition".into()));
+                    }
+                    extended = Some((lba, count));
+                }
+                primaries.push(rec);
+            }
+            _ if p.extended => {
+                return Err(bad("an extended partition must be numbered 1 to 4".into()))
+            }
+            _ => logicals.push(rec),
+        }
+    }
+    logicals.sort_by_key(|r| r.p.number);
+    let mut ebrs = Vec::new();
+    if !logicals.is_empty() {
+        let (ext_lba, ext_count) = extended.ok_or_else(|| {
+            unwritable(format!(
+                "partition {} is logical (numbers above 4) but there is no extended partition",
+                logicals[0].p.number
+            ))
+        })?;
+        let mut next_ebr = ext_lba;
+        for (i, r) in logicals.iter().enumerate() {
+            let n = r.p.number;
+            if n != 5 + i as u32 {
+                return Err(unwritable(format!(
+                    "logical partitions must be numbered 5, 6, … without gaps (found {n} in place of {})",
+                    5 + i
+                )));
+            }
+            if r.lba <= next_ebr {
+                return Err(unwritable(format!(
+                    "partition {n}: it must start after sector {next_ebr}, which holds its extended boot record (logical partitions in disk order, each preceded by a free sector)"
+                )));
+            }
+            if r.lba + r.count > ext_lba + ext_count {
+                return Err(unwritable(format!(
+                    "partition {n}: it does not fit inside the extended partition"
+                )));
+            }
+            ebrs.push(next_ebr);
+            next_ebr = r.lba + r.count;
+        }
+    }
+    Ok(Checked {
+        primaries,
+        extended,
+        logicals,
+        ebrs,
+    })
+}
+
+/// Check an MBR for writing to a disk of `disk_size` bytes.
+pub(super) fn validate(t: &PartitionTable, disk_size: u64) -> Result<(), TableError> {
+    check(t, disk_size).map(|_| ())
+}
+
+fn record(out: &mut [u8], boot: bool, code: u8, lba: u64, count: u64, rel_lba: u64) {
+    out[0] = if boot { 0x80 } else { 0 };
+    out[1..4].copy_from_slice(&chs(lba));
+    out[4] = code;
+    out[5..8].copy_from_slice(&chs(lba + count - 1));
+    out[8..12].copy_from_slice(&(rel_lba as u32).to_le_bytes());
+    out[12..16].copy_from_slice(&(count as u32).to_le_bytes());
+}
+
+pub(super) fn write(dev: &Device, t: &PartitionTable) -> Result<PartitionTable, TableError> {
+    let c = check(t, dev.size())?;
+    let ss = u64::from(t.sector_size);
+    let sig = match parse_signature(&t.disk_id) {
+        Some(s) if s != 0 => s,
+        _ => {
+            let mut s = 0u32;
+            while s == 0 {
+                let g = super::gpt::random_guid()?;
+                s = u32::from_le_bytes([g[0], g[1], g[2], g[3]]);
+            }
+            s
+        }
+    };
+    let mut sector0 = vec![0u8; ss as usize];
+    dev.read_exact_at(&mut sector0[..440], 0)?;
+    sector0[440..444].copy_from_slice(&sig.to_le_bytes());
+    for r in &c.primaries {
+        let at = 446 + (r.p.number as usize - 1) * 16;
+        record(
+            &mut sector0[at..at + 16],
+            r.p.bootable,
+            r.code,
+            r.lba,
+            r.count,
+            r.lba,
+        );
+    }
+    sector0[510] = 0x55;
+    sector0[511] = 0xaa;
+
+    let mut ebr_sectors = Vec::new();
+    if let Some((ext_lba, _)) = c.extended {
+        if c.logicals.is_empty() {
+            let mut e = vec![0u8; ss as usize];
+            e[510] = 0x55;
+            e[511] = 0xaa;
+            ebr_sectors.push((ext_lba, e));
+        }
+        for (i, r) in c.logicals.iter().enumerate() {
+            let ebr = c.ebrs[i];
+            let mut e = vec![0u8; ss as usize];
+            record(
+                &mut e[446..462],
+                r.p.bootable,
+                r.code,
+                r.lba,
+                r.count,
+                r.lba - ebr,
+            );
+            if let (Some(next), Some(next_ebr)) = (c.logicals.get(i + 1), c.ebrs.get(i + 1)) {
+                let span = next.lba + next.count - next_ebr;
+                record(
+                    &mut e[462..478],
+                    false,
+                    0x05,
+                    *next_ebr,
+                    span,
+                    next_ebr - ext_lba,
+                );
+            }
+            e[510] = 0x55;
+            e[511] = 0xaa;
+            ebr_sectors.push((ebr, e));
+        }
+    }
+
+    super::wipe_signatures(dev)?;
+    for (lba, e) in &ebr_sectors {
+        super::put(dev, e, lba * ss)?;
+    }
+    super::put(dev, &sector0, 0)?;
+    super::sync(dev)?;
+    let mut written = t.clone();
+    written.kind = TableKind::Mbr;
+    written.disk_id = format!("0x{sig:08x}");
+    written.first_usable_lba = None;
+    written.last_usable_lba = None;
+    for p in &mut written.partitions {
+        if let Some(code) = parse_type(&p.ptype) {
+            p.ptype = format!("0x{code:02x}");
+        }
+    }
+    written.partitions.sort_by_key(|p| p.number);
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chs_of_small_and_large_lbas() {
+        assert_eq!(chs(0), [0, 1, 0]);
+        assert_eq!(chs(2048), [32, 33, 0]);
+        assert_eq!(chs(u64::from(u32::MAX)), [0xfe, 0xff, 0xff]);
+    }
 }
