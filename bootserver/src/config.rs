@@ -393,7 +393,7 @@ impl Default for BootConfig {
 #[serde(deny_unknown_fields)]
 pub struct RaConfig {
     /// Send router advertisements on the boot interface.
-    #[serde(default)]
+    #[serde(default = "yes")]
     pub enabled: bool,
     /// The ULA prefix advertised (must be a /64), e.g. `fd00:213::/64`.
     #[serde(default = "default_ra_prefix")]
