@@ -153,7 +153,8 @@ fn full_mode_pxe_clients_get_the_boot_program_for_their_firmware() {
     net.in_cli(|| {
         let s = client_socket(68);
         // (arch, vendor class, iPXE?, expected file, expected option 60, option 43 expected)
-        let cases: Vec<(u16, &[u8], bool, &str, &str, bool)> = vec![
+        type Case<'a> = (u16, &'a [u8], bool, &'a str, &'a str, bool);
+        let cases: Vec<Case> = vec![
             (0, BIOS_VC, false, "undionly.kpxe", "PXEClient", true),
             (7, UEFI_VC, false, "ipxe.efi", "PXEClient", true),
             (

@@ -381,6 +381,11 @@ impl Rng {
     }
 }
 
+/// A downloaded file and the options the server acknowledged.
+pub type TftpOk = (Vec<u8>, Vec<(String, String)>);
+/// A TFTP error packet: code and message.
+pub type TftpErr = (u16, String);
+
 /// Raw TFTP client for tests: RRQ with options, ACKing the last block of each
 /// window. Returns the file, or the TFTP error (code, message).
 pub fn tftp_get(
@@ -388,7 +393,7 @@ pub fn tftp_get(
     name: &[u8],
     opts: &[(&str, &str)],
     window: usize,
-) -> Result<(Vec<u8>, Vec<(String, String)>), (u16, String)> {
+) -> Result<TftpOk, TftpErr> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
     sock.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
