@@ -42,6 +42,9 @@ pub enum StateError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Most machines recorded from DHCP sightings alone.
+pub const MAX_CLIENTS: usize = 50_000;
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -320,6 +323,11 @@ impl Registry {
         hostname: Option<&str>,
     ) {
         let mut g = self.lock();
+        if g.clients.len() >= MAX_CLIENTS && !g.clients.contains_key(&mac) {
+            // Forged netboot requests with random MACs must not grow the
+            // state file without bound; known machines are still updated.
+            return;
+        }
         let c = g.clients.entry(mac).or_default();
         if firmware.is_some() {
             c.firmware = firmware;

@@ -140,6 +140,9 @@ pub struct LeaseDb {
     decline_time: u32,
     offer_time: u32,
     authoritative: bool,
+    /// Above this many records, released ones (kept only for address
+    /// affinity) are purged, so random MACs cannot grow memory without bound.
+    max_records: usize,
 }
 
 impl LeaseDb {
@@ -157,7 +160,7 @@ impl LeaseDb {
             );
             reserved_ips.insert(u32::from(r.ip), r.mac);
         }
-        let pools = cfg
+        let pools: Vec<Pool> = cfg
             .subnets
             .iter()
             .filter_map(|s| {
@@ -180,7 +183,12 @@ impl LeaseDb {
                 })
             })
             .collect();
+        let addresses: usize = pools
+            .iter()
+            .map(|p: &Pool| (p.end - p.start) as usize + 1)
+            .sum();
         Self {
+            max_records: (addresses * 4).max(4096),
             pools,
             leases: HashMap::new(),
             owner: HashMap::new(),
@@ -332,6 +340,9 @@ impl LeaseDb {
         now: u64,
     ) -> Option<Ipv4Addr> {
         let p_net = self.pools.get(pool)?.net;
+        if self.leases.len() > self.max_records {
+            self.leases.retain(|_, l| l.state != LeaseState::Released);
+        }
         // 1. A reservation.
         if let Some(r) = self.reserved_by_mac.get(&mac) {
             if !p_net.contains(r.ip) {
@@ -406,7 +417,15 @@ impl LeaseDb {
             .map(|(m, _)| *m)
             .collect();
         for m in expired {
+            let offered = self
+                .leases
+                .get(&m)
+                .is_some_and(|l| l.state == LeaseState::Offered);
             self.release_record(m);
+            if offered {
+                // A never-acknowledged offer carries no affinity worth keeping.
+                self.leases.remove(&m);
+            }
         }
     }
 
@@ -507,6 +526,7 @@ impl LeaseDb {
             .is_some_and(|l| l.state == LeaseState::Offered)
         {
             self.release_record(mac);
+            self.leases.remove(&mac);
         }
     }
 
@@ -687,5 +707,21 @@ mod tests {
         let other = d.offer(0, mac(8), Some(ip), 10).expect("offer");
         assert_ne!(other, ip);
         assert_eq!(d.offer(0, mac(7), None, 10), Some(ip));
+    }
+
+    #[test]
+    fn random_macs_cannot_grow_the_table_without_bound() {
+        let mut d = db();
+        for i in 0..20_000u32 {
+            let b = i.to_be_bytes();
+            let m = MacAddr([2, 1, b[0], b[1], b[2], b[3]]);
+            let now = u64::from(i) * 100; // every earlier offer has expired
+            if let Some(ip) = d.offer(0, m, None, now) {
+                if i % 2 == 0 {
+                    d.request(0, m, ip, None, now);
+                }
+            }
+        }
+        assert!(d.leases.len() <= d.max_records + 4, "{} records", d.leases.len());
     }
 }
