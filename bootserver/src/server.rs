@@ -184,12 +184,23 @@ impl Server {
             _ => None,
         };
         let tftp_addr = if cfg.tftp.enabled {
-            Some(tftp::start(&cfg.tftp, cfg.tftp_bind(), None, cancel.clone(), tracker)?.local_addr)
+            Some(
+                tftp::start(
+                    &cfg.tftp,
+                    programs_of(cfg),
+                    cfg.tftp_bind(),
+                    None,
+                    cancel.clone(),
+                    tracker,
+                )?
+                .local_addr,
+            )
         } else {
             None
         };
         let http_addr = if cfg.http.enabled {
-            let programs = match ConfinedRoot::open(&cfg.tftp.root) {
+            let programs = match ConfinedRoot::open_with_programs(&cfg.tftp.root, programs_of(cfg))
+            {
                 Ok(r) => Some(Arc::new(r)),
                 Err(e) => {
                     tracing::warn!(root = %cfg.tftp.root.display(), error = %e, "boot programs unavailable over HTTP");
@@ -255,4 +266,13 @@ impl Server {
     pub async fn wait(self) {
         self.tracker.wait().await;
     }
+}
+
+/// The boot programs named in the configuration.
+fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
+    let p = &cfg.boot.programs;
+    [&p.bios, &p.uefi_x64, &p.uefi_ia32, &p.uefi_arm64]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
 }

@@ -134,10 +134,17 @@ pub enum OpenError {
 }
 
 /// A root directory that files are opened beneath, never outside.
+///
+/// One exception, decided by the administrator and fixed at start-up: a boot
+/// program named in the configuration may be a symlink leading out of the
+/// root (Debian's `/usr/lib/ipxe/ipxe.efi` points to `/boot/ipxe.efi`). Its
+/// target is resolved once and pinned; the name is served only while it still
+/// resolves to exactly that file. No client-chosen name gets this treatment.
 #[derive(Debug)]
 pub struct ConfinedRoot {
     canonical: PathBuf,
     dir: File,
+    pinned: std::collections::HashMap<PathBuf, PathBuf>,
 }
 
 impl ConfinedRoot {
@@ -151,7 +158,33 @@ impl ConfinedRoot {
                 "not a directory",
             ));
         }
-        Ok(Self { canonical, dir })
+        Ok(Self {
+            canonical,
+            dir,
+            pinned: Default::default(),
+        })
+    }
+
+    /// Opens the root and pins the configured boot programs that resolve
+    /// outside it (see the type's documentation).
+    pub fn open_with_programs<'a>(
+        root: &Path,
+        programs: impl IntoIterator<Item = &'a str>,
+    ) -> io::Result<Self> {
+        let mut r = Self::open(root)?;
+        for name in programs {
+            let Some(rel) = safe_relative_path(name) else {
+                continue;
+            };
+            let Ok(target) = std::fs::canonicalize(r.canonical.join(&rel)) else {
+                continue;
+            };
+            if !target.starts_with(&r.canonical) && target.is_file() {
+                tracing::info!(program = name, target = %target.display(), "configured boot program resolves outside the root; serving that file for this name only");
+                r.pinned.insert(rel, target);
+            }
+        }
+        Ok(r)
     }
 
     /// The canonical root path.
@@ -168,10 +201,18 @@ impl ConfinedRoot {
             Err(e) => return Err(OpenError::Io(e)),
         };
         // Component-wise prefix check: /srv/tftp-private is not under /srv/tftp.
-        if !canon.starts_with(&self.canonical) {
+        let file = if canon.starts_with(&self.canonical) {
+            self.open_beneath(&rel, &canon)?
+        } else if self.pinned.get(&rel) == Some(&canon) {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&canon)
+                .map_err(OpenError::Io)?
+        } else {
             return Err(OpenError::Escape);
-        }
-        let file = self.open_beneath(&rel, &canon)?;
+        };
         let meta = file.metadata().map_err(OpenError::Io)?;
         if !meta.is_file() {
             return Err(OpenError::NotFile);
@@ -307,16 +348,19 @@ struct Shared {
 }
 
 /// Binds the socket and spawns the listener on `tracker`.
-pub fn start(
+pub fn start<'a>(
     cfg: &TftpConfig,
+    programs: impl IntoIterator<Item = &'a str>,
     bind: SocketAddr,
     device: Option<&str>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<TftpService, TftpError> {
-    let root = ConfinedRoot::open(&cfg.root).map_err(|source| TftpError::Root {
-        path: cfg.root.clone(),
-        source,
+    let root = ConfinedRoot::open_with_programs(&cfg.root, programs).map_err(|source| {
+        TftpError::Root {
+            path: cfg.root.clone(),
+            source,
+        }
     })?;
     let std_sock = crate::netutil::udp_socket(bind, device, false)
         .map_err(|source| TftpError::Bind { addr: bind, source })?;
@@ -683,5 +727,30 @@ mod tests {
     #[test]
     fn netascii_converts_line_ends() {
         assert_eq!(&to_netascii(b"a\nb\rc")[..], b"a\r\nb\r\0c");
+    }
+
+    #[test]
+    fn configured_programs_may_point_outside_but_only_to_the_pinned_file() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let root = base.path().join("root");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::write(base.path().join("ipxe.efi"), b"efi").expect("write");
+        std::fs::write(base.path().join("other"), b"other").expect("write");
+        std::os::unix::fs::symlink(base.path().join("ipxe.efi"), root.join("ipxe.efi"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(base.path().join("other"), root.join("unlisted"))
+            .expect("symlink");
+        let r = ConfinedRoot::open_with_programs(&root, ["ipxe.efi", "unlisted-not-configured"])
+            .expect("root");
+        assert!(
+            r.open_file("ipxe.efi").is_ok(),
+            "configured program refused"
+        );
+        assert!(matches!(r.open_file("unlisted"), Err(OpenError::Escape)));
+        // Re-pointing the configured name elsewhere is refused.
+        std::fs::remove_file(root.join("ipxe.efi")).expect("rm");
+        std::os::unix::fs::symlink(base.path().join("other"), root.join("ipxe.efi"))
+            .expect("symlink");
+        assert!(matches!(r.open_file("ipxe.efi"), Err(OpenError::Escape)));
     }
 }

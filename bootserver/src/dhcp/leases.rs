@@ -722,6 +722,10 @@ mod tests {
                 }
             }
         }
-        assert!(d.leases.len() <= d.max_records + 4, "{} records", d.leases.len());
+        assert!(
+            d.leases.len() <= d.max_records + 4,
+            "{} records",
+            d.leases.len()
+        );
     }
 }
