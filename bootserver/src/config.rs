@@ -266,6 +266,26 @@ pub struct HttpConfig {
     /// Concurrent connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// An HTTPS listener serving the same routes (agents register over it).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[http.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Listen address.
+    #[serde(default = "default_https_bind")]
+    pub bind: SocketAddr,
+    /// PEM certificate chain (server certificate first).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+fn default_https_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
 }
 
 impl Default for HttpConfig {
@@ -277,6 +297,7 @@ impl Default for HttpConfig {
             api_token: None,
             api_token_file: None,
             max_connections: default_max_connections(),
+            tls: None,
         }
     }
 }
@@ -358,10 +379,12 @@ pub struct BootConfig {
     /// `aula.core=` URL (where agents send webhooks); omitted when absent.
     #[serde(default)]
     pub core_url: Option<String>,
-    /// `aula.server_fp=` value (`sha256:<hex>`) pinning the server's TLS certificate.
+    /// `aula.server_fp=` value (`sha256:<hex>`) pinning the server's TLS
+    /// certificate (default: computed from `[http.tls]`'s certificate).
     #[serde(default)]
     pub server_fingerprint: Option<String>,
-    /// Override of the `aula.server=` URL (default: the HTTP public URL).
+    /// Override of the `aula.server=` URL (default: the HTTPS URL when
+    /// `[http.tls]` is set, else the HTTP public URL).
     #[serde(default)]
     pub server_url: Option<String>,
     /// UEFI local boot method.

@@ -34,5 +34,6 @@ pub mod ra;
 mod server;
 pub mod state;
 pub mod tftp;
+pub mod tls;
 
 pub use server::{Server, ServerError};

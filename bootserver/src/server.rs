@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{parse_ra_prefix, Config};
 use crate::dhcp::{self, DhcpService};
-use crate::http::{self, api::ApiRoutes, boot::BootRoutes, RouteGroup};
+use crate::http::{self, api::ApiRoutes, boot::BootRoutes, boot::LiveArgs, RouteGroup};
 use crate::state::{Registry, StateError};
 use crate::tftp::{self, ConfinedRoot};
 use crate::{netutil, ra};
@@ -59,6 +59,17 @@ pub enum ServerError {
     /// Router advertisements.
     #[error(transparent)]
     Ra(#[from] ra::RaError),
+    /// TLS certificate or key.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+struct Started {
+    dhcp: Option<DhcpService>,
+    tftp_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
+    tls_fingerprint: Option<String>,
 }
 
 /// A running server.
@@ -67,6 +78,10 @@ pub struct Server {
     tracker: TaskTracker,
     /// HTTP listening address, if HTTP runs.
     pub http_addr: Option<SocketAddr>,
+    /// HTTPS listening address, if `[http.tls]` is set.
+    pub https_addr: Option<SocketAddr>,
+    /// `sha256:<hex>` of the HTTPS certificate.
+    pub tls_fingerprint: Option<String>,
     /// TFTP listening address, if TFTP runs.
     pub tftp_addr: Option<SocketAddr>,
     /// DHCP service handle, if DHCP runs.
@@ -138,7 +153,13 @@ impl Server {
             &tracker,
         )
         .await;
-        let (dhcp, tftp_addr, http_addr) = match started {
+        let Started {
+            dhcp,
+            tftp_addr,
+            http_addr,
+            https_addr,
+            tls_fingerprint,
+        } = match started {
             Ok(v) => v,
             Err(e) => {
                 cancel.cancel();
@@ -157,6 +178,8 @@ impl Server {
             cancel,
             tracker,
             http_addr,
+            https_addr,
+            tls_fingerprint,
             tftp_addr,
             dhcp,
             registry,
@@ -172,7 +195,7 @@ impl Server {
         extra_routes: Vec<Arc<dyn RouteGroup>>,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
-    ) -> Result<(Option<DhcpService>, Option<SocketAddr>, Option<SocketAddr>), ServerError> {
+    ) -> Result<Started, ServerError> {
         let dhcp = match (cfg.dhcp.enabled, interface) {
             (true, Some(i)) => Some(dhcp::start(
                 cfg.clone(),
@@ -198,7 +221,13 @@ impl Server {
         } else {
             None
         };
-        let http_addr = if cfg.http.enabled {
+        let tls = match (&cfg.http.tls, cfg.http.enabled) {
+            (Some(t), true) => Some(crate::tls::load(t)?),
+            _ => None,
+        };
+        let tls_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+        let (mut http_addr, mut https_addr) = (None, None);
+        if cfg.http.enabled {
             let programs = match ConfinedRoot::open_with_programs(&cfg.tftp.root, programs_of(cfg))
             {
                 Ok(r) => Some(Arc::new(r)),
@@ -207,11 +236,30 @@ impl Server {
                     None
                 }
             };
+            let https_url = cfg
+                .http
+                .tls
+                .as_ref()
+                .map(|t| format!("https://{}:{}", cfg.server.address, t.bind.port()));
+            let live = LiveArgs {
+                server_url: cfg
+                    .boot
+                    .server_url
+                    .clone()
+                    .or(https_url)
+                    .unwrap_or_else(|| cfg.public_url()),
+                server_fp: cfg
+                    .boot
+                    .server_fingerprint
+                    .clone()
+                    .or(tls_fingerprint.clone()),
+            };
             let mut groups = extra_routes;
             groups.push(Arc::new(BootRoutes::new(
                 cfg.clone(),
                 registry.clone(),
                 programs,
+                live,
             )));
             groups.push(Arc::new(ApiRoutes::new(
                 cfg.clone(),
@@ -219,19 +267,32 @@ impl Server {
                 dhcp.clone(),
                 token,
             )));
-            Some(
+            http_addr = Some(
                 http::start(
                     cfg.http.bind,
-                    groups,
+                    None,
+                    groups.clone(),
                     cfg.http.max_connections,
                     cancel.clone(),
                     tracker,
                 )
                 .await?,
-            )
-        } else {
-            None
-        };
+            );
+            if let (Some(t), Some(tls)) = (&cfg.http.tls, tls) {
+                tracing::info!(fingerprint = %tls.fingerprint, "HTTPS certificate");
+                https_addr = Some(
+                    http::start(
+                        t.bind,
+                        Some(tls.acceptor),
+                        groups,
+                        cfg.http.max_connections,
+                        cancel.clone(),
+                        tracker,
+                    )
+                    .await?,
+                );
+            }
+        }
         if cfg.ra.enabled {
             if let Some(i) = interface {
                 let prefix = parse_ra_prefix(&cfg.ra.prefix).map_err(|message| {
@@ -249,7 +310,13 @@ impl Server {
                 )?;
             }
         }
-        Ok((dhcp, tftp_addr, http_addr))
+        Ok(Started {
+            dhcp,
+            tftp_addr,
+            http_addr,
+            https_addr,
+            tls_fingerprint,
+        })
     }
 
     /// Asks every service to stop.

@@ -585,3 +585,91 @@ async fn embedders_can_add_route_groups_beside_the_built_in_ones() {
     server.shutdown();
     server.wait().await;
 }
+
+#[tokio::test]
+async fn https_listener_serves_the_same_routes_and_the_kernel_line_pins_its_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=aula-test",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl (Debian package openssl)");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let fp_out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert)
+        .output()
+        .expect("openssl fingerprint");
+    let fp_text = String::from_utf8_lossy(&fp_out.stdout);
+    let expected_fp = format!(
+        "sha256:{}",
+        fp_text
+            .trim()
+            .split('=')
+            .nth(1)
+            .expect("fingerprint")
+            .replace(':', "")
+            .to_ascii_lowercase()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("probe port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut cfg = config(dir.path(), Some(TOKEN));
+    cfg.http.tls = Some(aula_bootserver::config::TlsConfig {
+        bind: SocketAddr::from(([127, 0, 0, 1], port)),
+        cert: cert.clone(),
+        key,
+    });
+    let server = Server::start(cfg, Vec::new())
+        .await
+        .expect("start with TLS");
+    assert_eq!(
+        server.tls_fingerprint.as_deref(),
+        Some(expected_fp.as_str())
+    );
+    let addr = server.http_addr.expect("http");
+    let t = req(addr, "GET", &format!("/boot/ipxe/{MAC_PATH}"), &[], None)
+        .await
+        .text();
+    assert!(
+        t.contains(&format!("aula.server=https://10.213.0.1:{port} ")),
+        "{t}"
+    );
+    assert!(t.contains(&format!("aula.server_fp={expected_fp}")), "{t}");
+    // A client that trusts only this certificate reaches the API over TLS.
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "10", "--cacert"])
+        .arg(&cert)
+        .arg(format!("https://127.0.0.1:{port}/v1/status"))
+        .output()
+        .await
+        .expect("curl");
+    let body: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status JSON over HTTPS");
+    assert_eq!(body["service"], "aula-bootserver");
+    server.shutdown();
+    server.wait().await;
+}

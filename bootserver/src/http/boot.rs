@@ -21,8 +21,18 @@ use crate::mac::MacAddr;
 use crate::state::Registry;
 use crate::tftp::{ConfinedRoot, OpenError};
 
+/// What the live kernel line says about the server.
+#[derive(Debug, Clone)]
+pub struct LiveArgs {
+    /// `aula.server=`.
+    pub server_url: String,
+    /// `aula.server_fp=`.
+    pub server_fp: Option<String>,
+}
+
 /// The boot route group.
 pub struct BootRoutes {
+    live: LiveArgs,
     cfg: Arc<Config>,
     registry: Arc<Registry>,
     programs: Option<Arc<ConfinedRoot>>,
@@ -43,8 +53,10 @@ impl BootRoutes {
         cfg: Arc<Config>,
         registry: Arc<Registry>,
         programs: Option<Arc<ConfinedRoot>>,
+        live: LiveArgs,
     ) -> Self {
         Self {
+            live,
             kernel_name: file_name(&cfg.boot.kernel),
             initrd_name: file_name(&cfg.boot.initrd),
             cfg,
@@ -59,7 +71,7 @@ impl BootRoutes {
         match mode {
             BootMode::Live => {
                 let b = &self.cfg.boot;
-                let server = b.server_url.clone().unwrap_or_else(|| base.clone());
+                let server = &self.live.server_url;
                 let mut args = format!(
                     "initrd={initrd} BOOTIF=01-{dashed} aula.server={server}",
                     initrd = self.initrd_name,
@@ -68,7 +80,7 @@ impl BootRoutes {
                 if let Some(core) = &b.core_url {
                     args.push_str(&format!(" aula.core={core}"));
                 }
-                if let Some(fp) = &b.server_fingerprint {
+                if let Some(fp) = &self.live.server_fp {
                     args.push_str(&format!(" aula.server_fp={fp}"));
                 }
                 if !b.cmdline.trim().is_empty() {

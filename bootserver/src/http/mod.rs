@@ -111,9 +111,11 @@ pub fn error_json(status: StatusCode, message: &str) -> HttpResponse {
     json(status, &serde_json::json!({ "error": message }))
 }
 
-/// Binds the listener and spawns the accept loop on `tracker`.
+/// Binds the listener and spawns the accept loop on `tracker`. With `tls`,
+/// every connection is a TLS connection (same route groups).
 pub async fn start(
     bind: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     groups: Vec<Arc<dyn RouteGroup>>,
     max_connections: usize,
     cancel: CancellationToken,
@@ -126,13 +128,14 @@ pub async fn start(
         .local_addr()
         .map_err(|source| HttpError { addr: bind, source })?;
     let groups: Arc<[Arc<dyn RouteGroup>]> = groups.into();
-    tracing::info!(%local, groups = ?groups.iter().map(|g| g.name()).collect::<Vec<_>>(), "HTTP service started");
-    tracker.spawn(accept_loop(listener, groups, max_connections, cancel));
+    tracing::info!(%local, tls = tls.is_some(), groups = ?groups.iter().map(|g| g.name()).collect::<Vec<_>>(), "HTTP service started");
+    tracker.spawn(accept_loop(listener, tls, groups, max_connections, cancel));
     Ok(local)
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     groups: Arc<[Arc<dyn RouteGroup>]>,
     max_connections: usize,
     cancel: CancellationToken,
@@ -161,20 +164,34 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let groups = groups.clone();
-        let service = hyper::service::service_fn(move |req: HttpRequest| {
-            let groups = groups.clone();
-            async move { Ok::<_, Infallible>(dispatch(&groups, req, RequestContext { remote }).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .header_read_timeout(Duration::from_secs(30))
-            .timer(hyper_util::rt::TokioTimer::new())
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        // Subscribed before the task starts, so a shutdown signalled from here
+        // on reaches this connection too (handshaking ones drop out on cancel).
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let cancel = cancel.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
+            match tls {
+                None => serve(TokioIo::new(stream), remote, groups, watcher).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                    let tls_stream = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = handshake => match r {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                return;
+                            }
+                        },
+                    };
+                    serve(TokioIo::new(tls_stream), remote, groups, watcher).await
+                }
             }
         });
     }
@@ -186,6 +203,28 @@ async fn accept_loop(
         tracing::warn!("HTTP connections still open after 5 s; closing them");
     }
     tracing::debug!("HTTP service stopped");
+}
+
+async fn serve<I>(
+    io: TokioIo<I>,
+    remote: SocketAddr,
+    groups: Arc<[Arc<dyn RouteGroup>]>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: HttpRequest| {
+        let groups = groups.clone();
+        async move { Ok::<_, Infallible>(dispatch(&groups, req, RequestContext { remote }).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .header_read_timeout(Duration::from_secs(30))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(io, service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
+    }
 }
 
 async fn dispatch(
