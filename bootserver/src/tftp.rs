@@ -550,8 +550,9 @@ impl Shared {
                 sock.send(&oack).await.map_err(|_| "send failed")?;
                 match self.recv_ack(sock, &mut rbuf, timeout).await? {
                     Some(0) => break,
-                    Some(_) => continue,
-                    None => {
+                    // A wrong ACK counts as a failed try, so a confused or
+                    // hostile client cannot keep the transfer alive forever.
+                    Some(_) | None => {
                         tries += 1;
                         if tries > self.cfg.retries {
                             return Err("no ACK for OACK");
@@ -577,9 +578,18 @@ impl Shared {
                 sock.send(&pkt).await.map_err(|_| "send failed")?;
             }
             // Wait for an ACK inside the window; older ACKs are duplicates and
-            // ignored (no retransmission on duplicates: Sorcerer's Apprentice).
+            // ignored (no retransmission on duplicates: Sorcerer's Apprentice),
+            // but only until the window's deadline, so a stream of stale ACKs
+            // cannot hold the transfer open.
+            let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                match self.recv_ack(sock, &mut rbuf, timeout).await? {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let ack = if left.is_zero() {
+                    None
+                } else {
+                    self.recv_ack(sock, &mut rbuf, left).await?
+                };
+                match ack {
                     Some(wire) => {
                         let lo = base - 1;
                         let ahead = usize::from(wire.wrapping_sub(lo as u16));
