@@ -1,0 +1,946 @@
+//! Configuration: a TOML file (see `aula-bootserver.example.toml`, which is also the
+//! embedded default), parsed strictly (unknown keys are errors) and then validated.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::mac::MacAddr;
+
+/// The embedded default configuration: the documented example, good for a demo
+/// inside the `10.213.0.0/24` test network.
+pub const DEFAULT_CONFIG: &str = include_str!("../aula-bootserver.example.toml");
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or mistyped keys.
+    #[error("parsing config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid config: {key}: {message}")]
+    Invalid {
+        /// Dotted key path of the offending value.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity of this server on the boot network.
+    pub server: ServerConfig,
+    /// DHCP / proxyDHCP.
+    #[serde(default)]
+    pub dhcp: DhcpConfig,
+    /// TFTP (iPXE programs only).
+    #[serde(default)]
+    pub tftp: TftpConfig,
+    /// HTTP (iPXE scripts, live kernel/initrd, API).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// What clients boot.
+    #[serde(default)]
+    pub boot: BootConfig,
+    /// IPv6 router advertisements on the boot interface.
+    #[serde(default)]
+    pub ra: RaConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// This server's IPv4 address on the boot network (DHCP server id, next-server, URLs).
+    pub address: Ipv4Addr,
+    /// The boot network interface. When absent it is the interface holding `address`.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// Where leases, boot modes and the agent registry are kept.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/aula-bootserver")
+}
+
+/// DHCP operating mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// Full DHCP server: leases from the configured subnets.
+    Full,
+    /// ProxyDHCP beside the site's own DHCP server: boot information for PXE clients only.
+    Proxy,
+}
+
+/// `[dhcp]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpConfig {
+    /// Run the DHCP service at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `full` or `proxy`.
+    #[serde(default = "default_mode")]
+    pub mode: DhcpMode,
+    /// Server port (67). Changing it is only useful for tests.
+    #[serde(default = "default_dhcp_port")]
+    pub port: u16,
+    /// Client port replies go to (68).
+    #[serde(default = "default_dhcp_client_port")]
+    pub client_port: u16,
+    /// PXE boot-server discovery port (4011); 0 disables that listener.
+    #[serde(default = "default_pxe_port")]
+    pub pxe_port: u16,
+    /// Answer NAK to requests for addresses this server does not know (full mode).
+    #[serde(default = "yes")]
+    pub authoritative: bool,
+    /// Default lease time in seconds.
+    #[serde(default = "default_lease_time")]
+    pub lease_time: u32,
+    /// How long an offered address is held for the client, in seconds.
+    #[serde(default = "default_offer_time")]
+    pub offer_time: u32,
+    /// How long a declined address stays out of the pool, in seconds.
+    #[serde(default = "default_decline_time")]
+    pub decline_time: u32,
+    /// Address pools (full mode). The one containing `giaddr`, or `server.address`
+    /// for directly attached clients, is used.
+    #[serde(default, rename = "subnet")]
+    pub subnets: Vec<SubnetConfig>,
+    /// Static reservations by MAC.
+    #[serde(default, rename = "reservation")]
+    pub reservations: Vec<ReservationConfig>,
+}
+
+/// `[[dhcp.subnet]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetConfig {
+    /// The network, CIDR (`10.213.0.0/24`).
+    pub network: String,
+    /// First and last address handed out dynamically.
+    pub range: [Ipv4Addr; 2],
+    /// Default gateway (option 3).
+    #[serde(default)]
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers (option 6).
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// Domain name (option 15).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Lease time for this subnet, seconds (default: `dhcp.lease_time`).
+    #[serde(default)]
+    pub lease_time: Option<u32>,
+}
+
+/// `[[dhcp.reservation]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationConfig {
+    /// The client.
+    pub mac: MacAddr,
+    /// Its fixed address (inside one of the subnets; may be outside the dynamic range).
+    pub ip: Ipv4Addr,
+    /// Host name sent as option 12.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+impl DhcpConfig {
+    /// `"full"` or `"proxy"`.
+    pub fn mode_name(&self) -> &'static str {
+        match self.mode {
+            DhcpMode::Full => "full",
+            DhcpMode::Proxy => "proxy",
+        }
+    }
+}
+
+impl Default for DhcpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            mode: DhcpMode::Full,
+            port: default_dhcp_port(),
+            client_port: default_dhcp_client_port(),
+            pxe_port: default_pxe_port(),
+            authoritative: true,
+            lease_time: default_lease_time(),
+            offer_time: default_offer_time(),
+            decline_time: default_decline_time(),
+            subnets: Vec::new(),
+            reservations: Vec::new(),
+        }
+    }
+}
+
+/// `[tftp]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TftpConfig {
+    /// Run the TFTP service.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Listen address (default: `server.address`, port 69).
+    #[serde(default)]
+    pub bind: Option<SocketAddr>,
+    /// Directory served read-only (default: Debian's `/usr/lib/ipxe`).
+    #[serde(default = "default_tftp_root")]
+    pub root: PathBuf,
+    /// Largest block size granted (RFC 2348); 1468 fits a 1500-byte MTU.
+    #[serde(default = "default_max_blksize")]
+    pub max_blksize: u16,
+    /// Largest window granted (RFC 7440).
+    #[serde(default = "default_max_windowsize")]
+    pub max_windowsize: u16,
+    /// Concurrent transfers; more are refused with a TFTP error.
+    #[serde(default = "default_max_transfers")]
+    pub max_transfers: usize,
+    /// Retransmission timeout in milliseconds when the client asks for none.
+    #[serde(default = "default_tftp_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retransmissions before a transfer is abandoned.
+    #[serde(default = "default_tftp_retries")]
+    pub retries: u32,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: None,
+            root: default_tftp_root(),
+            max_blksize: default_max_blksize(),
+            max_windowsize: default_max_windowsize(),
+            max_transfers: default_max_transfers(),
+            timeout_ms: default_tftp_timeout_ms(),
+            retries: default_tftp_retries(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Run the HTTP service.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Listen address.
+    #[serde(default = "default_http_bind")]
+    pub bind: SocketAddr,
+    /// Base URL clients use to reach this server (default `http://<server.address>:<port>`).
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// Bearer token required for API writes. Without one, API writes are refused.
+    #[serde(default)]
+    pub api_token: Option<String>,
+    /// File holding the bearer token (first line), instead of `api_token`.
+    #[serde(default)]
+    pub api_token_file: Option<PathBuf>,
+    /// Concurrent connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// An HTTPS listener serving the same routes (agents register over it).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[http.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Listen address.
+    #[serde(default = "default_https_bind")]
+    pub bind: SocketAddr,
+    /// PEM certificate chain (server certificate first).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+fn default_https_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: default_http_bind(),
+            public_url: None,
+            api_token: None,
+            api_token_file: None,
+            max_connections: default_max_connections(),
+            tls: None,
+        }
+    }
+}
+
+/// A machine's boot mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// Boot the live system (kernel + initrd over HTTP).
+    Live,
+    /// Boot the installed operating system from the local disk.
+    Local,
+}
+
+impl std::fmt::Display for BootMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootMode::Live => "live",
+            BootMode::Local => "local",
+        })
+    }
+}
+
+/// How a UEFI machine in `local` mode leaves iPXE.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UefiLocal {
+    /// `exit`: back to the firmware, which tries its next boot entry.
+    Exit,
+    /// `sanboot --no-describe --drive 0x80`.
+    Sanboot,
+}
+
+/// `[boot.programs]`: boot program per firmware, paths relative to the TFTP root.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramsConfig {
+    /// PC BIOS (option 93 = 0).
+    #[serde(default = "default_bios_program")]
+    pub bios: Option<String>,
+    /// x86-64 UEFI (7, 9) and x86-64 UEFI HTTP boot (16).
+    #[serde(default = "default_uefi_x64_program")]
+    pub uefi_x64: Option<String>,
+    /// 32-bit x86 UEFI (6, 15).
+    #[serde(default)]
+    pub uefi_ia32: Option<String>,
+    /// 64-bit ARM UEFI (11) and its HTTP boot (19).
+    #[serde(default = "default_arm64_program")]
+    pub uefi_arm64: Option<String>,
+}
+
+impl Default for ProgramsConfig {
+    fn default() -> Self {
+        Self {
+            bios: default_bios_program(),
+            uefi_x64: default_uefi_x64_program(),
+            uefi_ia32: None,
+            uefi_arm64: default_arm64_program(),
+        }
+    }
+}
+
+/// `[boot]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    /// Mode of machines nobody has set a mode for.
+    #[serde(default = "default_boot_mode")]
+    pub default_mode: BootMode,
+    /// Live kernel file.
+    #[serde(default = "default_kernel")]
+    pub kernel: PathBuf,
+    /// Live initrd file.
+    #[serde(default = "default_initrd")]
+    pub initrd: PathBuf,
+    /// Extra kernel command line (after the `aula.*` arguments).
+    #[serde(default)]
+    pub cmdline: String,
+    /// `aula.core=` URL (where agents send webhooks); omitted when absent.
+    #[serde(default)]
+    pub core_url: Option<String>,
+    /// `aula.server_fp=` value (`sha256:<hex>`) pinning the server's TLS
+    /// certificate (default: computed from `[http.tls]`'s certificate).
+    #[serde(default)]
+    pub server_fingerprint: Option<String>,
+    /// Override of the `aula.server=` URL (default: the HTTPS URL when
+    /// `[http.tls]` is set, else the HTTP public URL).
+    #[serde(default)]
+    pub server_url: Option<String>,
+    /// UEFI local boot method.
+    #[serde(default = "default_uefi_local")]
+    pub uefi_local: UefiLocal,
+    /// Boot programs per firmware.
+    #[serde(default)]
+    pub programs: ProgramsConfig,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            default_mode: default_boot_mode(),
+            kernel: default_kernel(),
+            initrd: default_initrd(),
+            cmdline: String::new(),
+            core_url: None,
+            server_fingerprint: None,
+            server_url: None,
+            uefi_local: default_uefi_local(),
+            programs: ProgramsConfig::default(),
+        }
+    }
+}
+
+/// `[ra]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaConfig {
+    /// Send router advertisements on the boot interface.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The ULA prefix advertised (must be a /64), e.g. `fd00:213::/64`.
+    #[serde(default = "default_ra_prefix")]
+    pub prefix: String,
+    /// Seconds between unsolicited advertisements.
+    #[serde(default = "default_ra_interval")]
+    pub interval: u32,
+}
+
+impl Default for RaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            prefix: default_ra_prefix(),
+            interval: default_ra_interval(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_mode() -> DhcpMode {
+    DhcpMode::Full
+}
+fn default_dhcp_port() -> u16 {
+    67
+}
+fn default_dhcp_client_port() -> u16 {
+    68
+}
+fn default_pxe_port() -> u16 {
+    4011
+}
+fn default_lease_time() -> u32 {
+    3600
+}
+fn default_offer_time() -> u32 {
+    30
+}
+fn default_decline_time() -> u32 {
+    600
+}
+fn default_tftp_root() -> PathBuf {
+    PathBuf::from("/usr/lib/ipxe")
+}
+fn default_max_blksize() -> u16 {
+    1468
+}
+fn default_max_windowsize() -> u16 {
+    16
+}
+fn default_max_transfers() -> usize {
+    64
+}
+fn default_tftp_timeout_ms() -> u64 {
+    1000
+}
+fn default_tftp_retries() -> u32 {
+    5
+}
+fn default_http_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_max_connections() -> usize {
+    512
+}
+fn default_boot_mode() -> BootMode {
+    BootMode::Live
+}
+fn default_kernel() -> PathBuf {
+    PathBuf::from("/srv/aula/live/vmlinuz")
+}
+fn default_initrd() -> PathBuf {
+    PathBuf::from("/srv/aula/live/initrd.gz")
+}
+fn default_uefi_local() -> UefiLocal {
+    UefiLocal::Exit
+}
+fn default_bios_program() -> Option<String> {
+    Some("undionly.kpxe".into())
+}
+fn default_uefi_x64_program() -> Option<String> {
+    Some("ipxe.efi".into())
+}
+fn default_arm64_program() -> Option<String> {
+    Some("arm64/snponly.efi".into())
+}
+fn default_ra_prefix() -> String {
+    "fd00:213::/64".into()
+}
+fn default_ra_interval() -> u32 {
+    30
+}
+
+/// An IPv4 network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    /// Network address (host bits zero).
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    /// Parses `a.b.c.d/n`, refusing host bits.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not in CIDR form (a.b.c.d/len)"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{p:?} is not a prefix length 0-32"))?;
+        let net = Self { addr, prefix };
+        if u32::from(addr) & !net.mask_u32() != 0 {
+            return Err(format!("{s} has host bits set"));
+        }
+        Ok(net)
+    }
+
+    /// The netmask as an integer.
+    pub fn mask_u32(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        }
+    }
+
+    /// The netmask.
+    pub fn mask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.mask_u32())
+    }
+
+    /// The directed broadcast address.
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask_u32())
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask_u32() == u32::from(self.addr)
+    }
+}
+
+/// Parses an IPv6 /64 prefix such as `fd00:213::/64`.
+pub fn parse_ra_prefix(s: &str) -> Result<Ipv6Addr, String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not in CIDR form (prefix/64)"))?;
+    if p != "64" {
+        return Err(format!("prefix length must be 64 for SLAAC, got /{p}"));
+    }
+    let addr: Ipv6Addr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IPv6 address"))?;
+    let seg = addr.segments();
+    if seg[4..].iter().any(|s| *s != 0) {
+        return Err(format!("{s} has bits set beyond /64"));
+    }
+    if seg[0] & 0xfe00 != 0xfc00 {
+        return Err(format!(
+            "{s} is not a unique local (fc00::/7) prefix; only ULA prefixes are advertised"
+        ));
+    }
+    Ok(addr)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// The embedded default.
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_CONFIG)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The HTTP base URL clients use (no trailing slash).
+    pub fn public_url(&self) -> String {
+        match &self.http.public_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => format!("http://{}:{}", self.server.address, self.http.bind.port()),
+        }
+    }
+
+    /// Checks everything that can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let addr = self.server.address;
+        if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+            return Err(invalid(
+                "server.address",
+                format!("{addr} cannot be a server address"),
+            ));
+        }
+        if let Some(i) = &self.server.interface {
+            if i.is_empty() || i.len() > 15 || i.contains('/') {
+                return Err(invalid(
+                    "server.interface",
+                    format!("{i:?} is not an interface name"),
+                ));
+            }
+        }
+        self.validate_dhcp()?;
+        let t = &self.tftp;
+        if !(8..=65464).contains(&t.max_blksize) {
+            return Err(invalid("tftp.max_blksize", "must be 8..=65464 (RFC 2348)"));
+        }
+        if t.max_windowsize == 0 {
+            return Err(invalid(
+                "tftp.max_windowsize",
+                "must be 1..=65535 (RFC 7440)",
+            ));
+        }
+        if t.max_transfers == 0 {
+            return Err(invalid("tftp.max_transfers", "must be at least 1"));
+        }
+        if !(10..=255_000).contains(&t.timeout_ms) {
+            return Err(invalid("tftp.timeout_ms", "must be 10..=255000"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.http.api_token.is_some() && self.http.api_token_file.is_some() {
+            return Err(invalid(
+                "http.api_token",
+                "set api_token or api_token_file, not both",
+            ));
+        }
+        if let Some(tok) = &self.http.api_token {
+            if tok.len() < 16 {
+                return Err(invalid("http.api_token", "must be at least 16 characters"));
+            }
+        }
+        for (key, url) in [
+            ("http.public_url", &self.http.public_url),
+            ("boot.core_url", &self.boot.core_url),
+            ("boot.server_url", &self.boot.server_url),
+        ] {
+            if let Some(u) = url {
+                if !(u.starts_with("http://") || u.starts_with("https://"))
+                    || u.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(invalid(key, format!("{u:?} is not an http(s) URL")));
+                }
+            }
+        }
+        if let Some(fp) = &self.boot.server_fingerprint {
+            let ok = fp
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !ok {
+                return Err(invalid(
+                    "boot.server_fingerprint",
+                    "must be sha256:<64 hex digits>",
+                ));
+            }
+        }
+        if self.boot.cmdline.chars().any(|c| c.is_control()) {
+            return Err(invalid("boot.cmdline", "must be a single line"));
+        }
+        for (key, p) in [
+            ("boot.programs.bios", &self.boot.programs.bios),
+            ("boot.programs.uefi_x64", &self.boot.programs.uefi_x64),
+            ("boot.programs.uefi_ia32", &self.boot.programs.uefi_ia32),
+            ("boot.programs.uefi_arm64", &self.boot.programs.uefi_arm64),
+        ] {
+            if let Some(p) = p {
+                if crate::tftp::safe_relative_path(p).is_none() || p.len() > 100 {
+                    return Err(invalid(
+                        key,
+                        format!("{p:?} must be a relative path inside the TFTP root"),
+                    ));
+                }
+            }
+        }
+        for (key, p) in [
+            ("boot.kernel", &self.boot.kernel),
+            ("boot.initrd", &self.boot.initrd),
+        ] {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+            {
+                return Err(invalid(
+                    key,
+                    "file name must be plain ASCII (letters, digits, . _ - +): it appears in URLs and on the kernel line",
+                ));
+            }
+        }
+        if self.ra.enabled {
+            parse_ra_prefix(&self.ra.prefix).map_err(|m| invalid("ra.prefix", m))?;
+            if !(4..=1800).contains(&self.ra.interval) {
+                return Err(invalid(
+                    "ra.interval",
+                    "must be 4..=1800 seconds (RFC 4861)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_dhcp(&self) -> Result<(), ConfigError> {
+        let d = &self.dhcp;
+        if !d.enabled {
+            return Ok(());
+        }
+        if d.lease_time < 60 {
+            return Err(invalid("dhcp.lease_time", "must be at least 60 seconds"));
+        }
+        if d.offer_time == 0 || d.offer_time > 600 {
+            return Err(invalid("dhcp.offer_time", "must be 1..=600 seconds"));
+        }
+        if d.port == 0 || d.client_port == 0 {
+            return Err(invalid("dhcp.port", "ports must be non-zero"));
+        }
+        let mut nets: Vec<Ipv4Net> = Vec::new();
+        for (i, s) in d.subnets.iter().enumerate() {
+            let key = format!("dhcp.subnet[{i}]");
+            let net =
+                Ipv4Net::parse(&s.network).map_err(|m| invalid(format!("{key}.network"), m))?;
+            if net.prefix > 30 || net.prefix < 8 {
+                return Err(invalid(
+                    format!("{key}.network"),
+                    "prefix must be /8 to /30",
+                ));
+            }
+            let [a, b] = s.range;
+            if u32::from(a) > u32::from(b) {
+                return Err(invalid(format!("{key}.range"), format!("{a} is after {b}")));
+            }
+            for ip in [a, b] {
+                if !net.contains(ip) || ip == net.addr || ip == net.broadcast() {
+                    return Err(invalid(
+                        format!("{key}.range"),
+                        format!("{ip} is not a host address of {}", s.network),
+                    ));
+                }
+            }
+            if let Some(lt) = s.lease_time {
+                if lt < 60 {
+                    return Err(invalid(
+                        format!("{key}.lease_time"),
+                        "must be at least 60 seconds",
+                    ));
+                }
+            }
+            if let Some(dom) = &s.domain {
+                if dom.is_empty() || dom.len() > 253 || dom.chars().any(|c| c.is_whitespace()) {
+                    return Err(invalid(format!("{key}.domain"), "not a domain name"));
+                }
+            }
+            if nets
+                .iter()
+                .any(|n| n.contains(net.addr) || net.contains(n.addr))
+            {
+                return Err(invalid(format!("{key}.network"), "overlaps another subnet"));
+            }
+            nets.push(net);
+        }
+        match d.mode {
+            DhcpMode::Full => {
+                if d.subnets.is_empty() {
+                    return Err(invalid(
+                        "dhcp.subnet",
+                        "full mode needs at least one [[dhcp.subnet]]",
+                    ));
+                }
+                if !nets.iter().any(|n| n.contains(self.server.address)) {
+                    return Err(invalid(
+                        "server.address",
+                        format!(
+                            "{} is in none of the [[dhcp.subnet]] networks; directly attached clients would get no pool",
+                            self.server.address
+                        ),
+                    ));
+                }
+                for (i, s) in d.subnets.iter().enumerate() {
+                    let [a, b] = s.range;
+                    if (u32::from(a)..=u32::from(b)).contains(&u32::from(self.server.address)) {
+                        return Err(invalid(
+                            format!("dhcp.subnet[{i}].range"),
+                            "contains server.address",
+                        ));
+                    }
+                }
+            }
+            DhcpMode::Proxy => {
+                if !d.reservations.is_empty() {
+                    return Err(invalid("dhcp.reservation", "reservations need full mode"));
+                }
+            }
+        }
+        let mut macs = HashSet::new();
+        let mut ips = HashSet::new();
+        for (i, r) in d.reservations.iter().enumerate() {
+            let key = format!("dhcp.reservation[{i}]");
+            if !macs.insert(r.mac) {
+                return Err(invalid(
+                    format!("{key}.mac"),
+                    format!("{} reserved twice", r.mac),
+                ));
+            }
+            if !ips.insert(r.ip) {
+                return Err(invalid(
+                    format!("{key}.ip"),
+                    format!("{} reserved twice", r.ip),
+                ));
+            }
+            if r.ip == self.server.address {
+                return Err(invalid(format!("{key}.ip"), "is the server's own address"));
+            }
+            if !nets
+                .iter()
+                .any(|n| n.contains(r.ip) && r.ip != n.addr && r.ip != n.broadcast())
+            {
+                return Err(invalid(
+                    format!("{key}.ip"),
+                    format!("{} is in no subnet", r.ip),
+                ));
+            }
+            if let Some(h) = &r.hostname {
+                if h.is_empty()
+                    || h.len() > 63
+                    || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    return Err(invalid(format!("{key}.hostname"), "not a host name"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The TFTP listen address.
+    pub fn tftp_bind(&self) -> SocketAddr {
+        self.tftp
+            .bind
+            .unwrap_or(SocketAddr::new(IpAddr::V4(self.server.address), 69))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_validates() {
+        let cfg = Config::embedded_default().expect("the example config must be valid");
+        assert_eq!(cfg.dhcp.mode, DhcpMode::Full);
+        assert!(cfg.dhcp.enabled && cfg.tftp.enabled && cfg.http.enabled && cfg.ra.enabled);
+        assert_eq!(cfg.public_url(), "http://10.213.0.1:8080");
+    }
+
+    fn with(extra: &str) -> String {
+        format!("[server]\naddress = \"10.213.0.1\"\n{extra}")
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse(&with("bogus = 1\n")).expect_err("unknown key");
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn full_mode_needs_a_subnet_holding_the_server() {
+        let err = Config::parse(&with("[dhcp]\nmode = \"full\"\n")).expect_err("no subnet");
+        assert!(err.to_string().contains("dhcp.subnet"), "{err}");
+        let err = Config::parse(&with(
+            "[dhcp]\n[[dhcp.subnet]]\nnetwork = \"10.9.0.0/24\"\nrange = [\"10.9.0.10\", \"10.9.0.20\"]\n",
+        ))
+        .expect_err("server outside");
+        assert!(err.to_string().contains("server.address"), "{err}");
+    }
+
+    #[test]
+    fn range_outside_network_or_reversed_is_refused() {
+        for range in [
+            "[\"10.213.1.10\", \"10.213.1.20\"]",
+            "[\"10.213.0.20\", \"10.213.0.10\"]",
+        ] {
+            let text = with(&format!(
+                "[dhcp]\n[[dhcp.subnet]]\nnetwork = \"10.213.0.0/24\"\nrange = {range}\n"
+            ));
+            assert!(Config::parse(&text).is_err(), "range {range} accepted");
+        }
+    }
+
+    #[test]
+    fn proxy_mode_needs_no_subnet() {
+        let cfg = Config::parse(&with("[dhcp]\nmode = \"proxy\"\n")).expect("proxy config");
+        assert_eq!(cfg.dhcp.mode, DhcpMode::Proxy);
+    }
+
+    #[test]
+    fn ra_prefix_must_be_ula_slash_64() {
+        assert!(parse_ra_prefix("fd00:213::/64").is_ok());
+        assert!(parse_ra_prefix("2001:db8::/64").is_err());
+        assert!(parse_ra_prefix("fd00:213::/48").is_err());
+        assert!(parse_ra_prefix("fd00:213::1/64").is_err());
+    }
+
+    #[test]
+    fn escaping_program_paths_are_refused() {
+        let text = with("[boot.programs]\nbios = \"../etc/passwd\"\n");
+        let err = Config::parse(&text).expect_err("escaping program");
+        assert!(err.to_string().contains("boot.programs.bios"), "{err}");
+    }
+}

@@ -1,0 +1,345 @@
+//! Start-up and shutdown of all services in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{parse_ra_prefix, Config};
+use crate::dhcp::{self, DhcpService};
+use crate::http::{self, api::ApiRoutes, boot::BootRoutes, boot::LiveArgs, RouteGroup};
+use crate::state::{Registry, StateError};
+use crate::tftp::{self, ConfinedRoot};
+use crate::{netutil, ra};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory cannot be created.
+    #[error("creating data directory {path}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file cannot be read.
+    #[error("reading api_token_file {path}")]
+    TokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No interface holds `server.address`.
+    #[error("no interface holds {0}; set server.interface or add the address")]
+    NoInterface(std::net::Ipv4Addr),
+    /// Interface lookup failed.
+    #[error("listing interfaces")]
+    Interfaces(#[source] std::io::Error),
+    /// State store.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// DHCP.
+    #[error(transparent)]
+    Dhcp(#[from] dhcp::server_error::DhcpError),
+    /// TFTP.
+    #[error(transparent)]
+    Tftp(#[from] tftp::TftpError),
+    /// HTTP.
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    /// Router advertisements.
+    #[error(transparent)]
+    Ra(#[from] ra::RaError),
+    /// TLS certificate or key.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+struct Started {
+    dhcp: Option<DhcpService>,
+    tftp_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
+    tls_fingerprint: Option<String>,
+}
+
+/// A running server.
+pub struct Server {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    /// HTTP listening address, if HTTP runs.
+    pub http_addr: Option<SocketAddr>,
+    /// HTTPS listening address, if `[http.tls]` is set.
+    pub https_addr: Option<SocketAddr>,
+    /// `sha256:<hex>` of the HTTPS certificate.
+    pub tls_fingerprint: Option<String>,
+    /// TFTP listening address, if TFTP runs.
+    pub tftp_addr: Option<SocketAddr>,
+    /// DHCP service handle, if DHCP runs.
+    pub dhcp: Option<DhcpService>,
+    /// The state store.
+    pub registry: Arc<Registry>,
+    /// The boot interface, if one was needed.
+    pub interface: Option<String>,
+}
+
+impl Server {
+    /// Starts every enabled service. `extra_routes` are HTTP route groups
+    /// consulted before the built-in ones.
+    pub async fn start(
+        cfg: Config,
+        extra_routes: Vec<Arc<dyn RouteGroup>>,
+    ) -> Result<Self, ServerError> {
+        cfg.validate()?;
+        let cfg = Arc::new(cfg);
+        let data_dir = cfg.server.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let token = match (&cfg.http.api_token, &cfg.http.api_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(p)) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ServerError::TokenFile {
+                    path: p.clone(),
+                    source,
+                })?;
+                let t = text.lines().next().unwrap_or("").trim().to_owned();
+                if t.len() < 16 {
+                    return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+                        key: "http.api_token_file".into(),
+                        message: "token must be at least 16 characters".into(),
+                    }));
+                }
+                Some(t)
+            }
+            (None, None) => None,
+        };
+        if cfg.http.enabled && token.is_none() {
+            tracing::warn!("no http.api_token configured: API writes (boot modes) are refused");
+        }
+        let registry = Arc::new(Registry::load(&data_dir)?);
+        let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
+        let interface = if needs_iface {
+            match &cfg.server.interface {
+                Some(i) => Some(i.clone()),
+                None => Some(
+                    netutil::interface_for(cfg.server.address)
+                        .map_err(ServerError::Interfaces)?
+                        .ok_or(ServerError::NoInterface(cfg.server.address))?,
+                ),
+            }
+        } else {
+            cfg.server.interface.clone()
+        };
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let started = Self::start_services(
+            &cfg,
+            &registry,
+            interface.as_deref(),
+            token,
+            extra_routes,
+            &cancel,
+            &tracker,
+        )
+        .await;
+        let Started {
+            dhcp,
+            tftp_addr,
+            http_addr,
+            https_addr,
+            tls_fingerprint,
+        } = match started {
+            Ok(v) => v,
+            Err(e) => {
+                cancel.cancel();
+                tracker.close();
+                tracker.wait().await;
+                return Err(e);
+            }
+        };
+        tracker.spawn(
+            registry
+                .clone()
+                .autosave(Duration::from_secs(2), cancel.clone()),
+        );
+        tracker.close();
+        Ok(Self {
+            cancel,
+            tracker,
+            http_addr,
+            https_addr,
+            tls_fingerprint,
+            tftp_addr,
+            dhcp,
+            registry,
+            interface,
+        })
+    }
+
+    async fn start_services(
+        cfg: &Arc<Config>,
+        registry: &Arc<Registry>,
+        interface: Option<&str>,
+        token: Option<String>,
+        extra_routes: Vec<Arc<dyn RouteGroup>>,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Started, ServerError> {
+        let dhcp = match (cfg.dhcp.enabled, interface) {
+            (true, Some(i)) => Some(dhcp::start(
+                cfg.clone(),
+                i,
+                registry.clone(),
+                cancel.clone(),
+                tracker,
+            )?),
+            _ => None,
+        };
+        let tftp_addr = if cfg.tftp.enabled {
+            Some(
+                tftp::start(
+                    &cfg.tftp,
+                    programs_of(cfg),
+                    cfg.tftp_bind(),
+                    None,
+                    cancel.clone(),
+                    tracker,
+                )?
+                .local_addr,
+            )
+        } else {
+            None
+        };
+        let tls = match (&cfg.http.tls, cfg.http.enabled) {
+            (Some(t), true) => Some(crate::tls::load(t)?),
+            _ => None,
+        };
+        let tls_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+        let (mut http_addr, mut https_addr) = (None, None);
+        if cfg.http.enabled {
+            let programs = match ConfinedRoot::open_with_programs(&cfg.tftp.root, programs_of(cfg))
+            {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::warn!(root = %cfg.tftp.root.display(), error = %e, "boot programs unavailable over HTTP");
+                    None
+                }
+            };
+            let https_url = cfg
+                .http
+                .tls
+                .as_ref()
+                .map(|t| format!("https://{}:{}", cfg.server.address, t.bind.port()));
+            let live = LiveArgs {
+                server_url: cfg
+                    .boot
+                    .server_url
+                    .clone()
+                    .or(https_url)
+                    .unwrap_or_else(|| cfg.public_url()),
+                server_fp: cfg
+                    .boot
+                    .server_fingerprint
+                    .clone()
+                    .or(tls_fingerprint.clone()),
+            };
+            let mut groups = extra_routes;
+            groups.push(Arc::new(BootRoutes::new(
+                cfg.clone(),
+                registry.clone(),
+                programs,
+                live,
+            )));
+            groups.push(Arc::new(ApiRoutes::new(
+                cfg.clone(),
+                registry.clone(),
+                dhcp.clone(),
+                token,
+            )));
+            http_addr = Some(
+                http::start(
+                    cfg.http.bind,
+                    None,
+                    groups.clone(),
+                    cfg.http.max_connections,
+                    cancel.clone(),
+                    tracker,
+                )
+                .await?,
+            );
+            if let (Some(t), Some(tls)) = (&cfg.http.tls, tls) {
+                tracing::info!(fingerprint = %tls.fingerprint, "HTTPS certificate");
+                https_addr = Some(
+                    http::start(
+                        t.bind,
+                        Some(tls.acceptor),
+                        groups,
+                        cfg.http.max_connections,
+                        cancel.clone(),
+                        tracker,
+                    )
+                    .await?,
+                );
+            }
+        }
+        if cfg.ra.enabled {
+            if let Some(i) = interface {
+                let prefix = parse_ra_prefix(&cfg.ra.prefix).map_err(|message| {
+                    crate::config::ConfigError::Invalid {
+                        key: "ra.prefix".into(),
+                        message,
+                    }
+                })?;
+                ra::start(
+                    i,
+                    prefix,
+                    Duration::from_secs(u64::from(cfg.ra.interval)),
+                    cancel.clone(),
+                    tracker,
+                )?;
+            }
+        }
+        Ok(Started {
+            dhcp,
+            tftp_addr,
+            http_addr,
+            https_addr,
+            tls_fingerprint,
+        })
+    }
+
+    /// Asks every service to stop.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// A token that is cancelled when the server stops.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Waits until every task has finished (after [`Server::shutdown`]).
+    pub async fn wait(self) {
+        self.tracker.wait().await;
+    }
+}
+
+/// The boot programs named in the configuration.
+fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
+    let p = &cfg.boot.programs;
+    [&p.bios, &p.uefi_x64, &p.uefi_ia32, &p.uefi_arm64]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+}

@@ -1,0 +1,766 @@
+//! A read-only TFTP server (RFC 1350) with option negotiation (RFC 2347),
+//! `blksize` (RFC 2348), `tsize` and `timeout` (RFC 2349) and `windowsize`
+//! (RFC 7440).
+//!
+//! Why not the `tftpd` crate: it runs a thread per transfer with no limit,
+//! grants any blksize/windowsize a client asks for (65464-byte blocks mean IP
+//! fragmentation), logs with `println!`, and follows symlinks out of its root.
+//! This server is a tokio task per transfer under a semaphore, caps the
+//! options, logs through `tracing`, and confines every open to the root three
+//! ways: the name must consist of plain path components (no `..`, no absolute
+//! path); the canonical path (symlinks resolved) must have the canonical root
+//! as a component-wise prefix; and the file is opened with
+//! `openat2(RESOLVE_BENEATH)` relative to the root, so the kernel refuses an
+//! escape even if a symlink is swapped in between the check and the open.
+//!
+//! Files are read whole into memory (at most [`MAX_FILE`]): TFTP only carries
+//! the iPXE programs (under 1 MiB); kernels and initrds go over HTTP.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::TftpConfig;
+
+/// Largest file served.
+pub const MAX_FILE: u64 = 32 << 20;
+
+const OP_RRQ: u16 = 1;
+const OP_WRQ: u16 = 2;
+const OP_DATA: u16 = 3;
+const OP_ACK: u16 = 4;
+const OP_ERROR: u16 = 5;
+const OP_OACK: u16 = 6;
+
+/// TFTP error codes (RFC 1350, 2347).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Not defined, see message.
+    Undefined = 0,
+    /// File not found.
+    NotFound = 1,
+    /// Access violation.
+    AccessViolation = 2,
+    /// Illegal operation.
+    IllegalOperation = 4,
+    /// Option negotiation refused.
+    BadOption = 8,
+}
+
+/// Errors starting the TFTP service.
+#[derive(Debug, thiserror::Error)]
+pub enum TftpError {
+    /// The root directory is unusable.
+    #[error("TFTP root {path}")]
+    Root {
+        /// The root.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket could not be bound.
+    #[error("binding TFTP socket {addr}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Turns a client-supplied name into a relative path of plain components, or
+/// `None` if it is absolute, contains `..`/`.`, a NUL, or is empty. Backslashes
+/// count as separators (some firmware sends DOS-style names).
+pub fn safe_relative_path(name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.contains('\0') || name.len() > 512 {
+        return None;
+    }
+    let name = name.replace('\\', "/");
+    let p = Path::new(&name);
+    if p.is_absolute() || name.starts_with('/') {
+        return None;
+    }
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir
+            | Component::ParentDir
+            | Component::RootDir
+            | Component::Prefix(_) => return None,
+        }
+    }
+    // Path::components drops interior "." silently; refuse them explicitly.
+    if name.split('/').any(|s| s == "." || s == "..") {
+        return None;
+    }
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+/// Why a file cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The name is not a plain relative path.
+    #[error("path not allowed")]
+    BadName,
+    /// Nothing there.
+    #[error("file not found")]
+    NotFound,
+    /// Resolves outside the root.
+    #[error("path escapes the root")]
+    Escape,
+    /// Not a regular file.
+    #[error("not a regular file")]
+    NotFile,
+    /// Too large for TFTP.
+    #[error("file too large for TFTP (use HTTP)")]
+    TooLarge,
+    /// Other I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// A root directory that files are opened beneath, never outside.
+///
+/// One exception, decided by the administrator and fixed at start-up: a boot
+/// program named in the configuration may be a symlink leading out of the
+/// root (Debian's `/usr/lib/ipxe/ipxe.efi` points to `/boot/ipxe.efi`). Its
+/// target is resolved once and pinned; the name is served only while it still
+/// resolves to exactly that file. No client-chosen name gets this treatment.
+#[derive(Debug)]
+pub struct ConfinedRoot {
+    canonical: PathBuf,
+    dir: File,
+    pinned: std::collections::HashMap<PathBuf, PathBuf>,
+}
+
+impl ConfinedRoot {
+    /// Opens the root.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let canonical = std::fs::canonicalize(root)?;
+        let dir = File::open(&canonical)?;
+        if !dir.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a directory",
+            ));
+        }
+        Ok(Self {
+            canonical,
+            dir,
+            pinned: Default::default(),
+        })
+    }
+
+    /// Opens the root and pins the configured boot programs that resolve
+    /// outside it (see the type's documentation).
+    pub fn open_with_programs<'a>(
+        root: &Path,
+        programs: impl IntoIterator<Item = &'a str>,
+    ) -> io::Result<Self> {
+        let mut r = Self::open(root)?;
+        for name in programs {
+            let Some(rel) = safe_relative_path(name) else {
+                continue;
+            };
+            let Ok(target) = std::fs::canonicalize(r.canonical.join(&rel)) else {
+                continue;
+            };
+            if !target.starts_with(&r.canonical) && target.is_file() {
+                tracing::info!(program = name, target = %target.display(), "configured boot program resolves outside the root; serving that file for this name only");
+                r.pinned.insert(rel, target);
+            }
+        }
+        Ok(r)
+    }
+
+    /// The canonical root path.
+    pub fn path(&self) -> &Path {
+        &self.canonical
+    }
+
+    /// Opens a regular file named by a client, confined to the root.
+    pub fn open_file(&self, name: &str) -> Result<(File, u64), OpenError> {
+        let rel = safe_relative_path(name).ok_or(OpenError::BadName)?;
+        let canon = match std::fs::canonicalize(self.canonical.join(&rel)) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(OpenError::NotFound),
+            Err(e) => return Err(OpenError::Io(e)),
+        };
+        // Component-wise prefix check: /srv/tftp-private is not under /srv/tftp.
+        let file = if canon.starts_with(&self.canonical) {
+            self.open_beneath(&rel, &canon)?
+        } else if self.pinned.get(&rel) == Some(&canon) {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&canon)
+                .map_err(OpenError::Io)?
+        } else {
+            return Err(OpenError::Escape);
+        };
+        let meta = file.metadata().map_err(OpenError::Io)?;
+        if !meta.is_file() {
+            return Err(OpenError::NotFile);
+        }
+        if meta.len() > MAX_FILE {
+            return Err(OpenError::TooLarge);
+        }
+        Ok((file, meta.len()))
+    }
+
+    fn open_beneath(&self, rel: &Path, canon: &Path) -> Result<File, OpenError> {
+        use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        match openat2(self.dir.as_raw_fd(), rel, how) {
+            // SAFETY: openat2 returned a new, open descriptor that nothing else
+            // owns; the File takes sole ownership and closes it.
+            Ok(fd) => Ok(unsafe { File::from_raw_fd(fd) }),
+            Err(nix::errno::Errno::EXDEV) => Err(OpenError::Escape),
+            Err(nix::errno::Errno::ENOENT) => Err(OpenError::NotFound),
+            Err(nix::errno::Errno::ENOSYS) => {
+                // Kernels before 5.6: open the checked canonical path, refusing
+                // a final symlink swapped in since the check.
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(canon)
+                    .map_err(OpenError::Io)
+            }
+            Err(e) => Err(OpenError::Io(e.into())),
+        }
+    }
+}
+
+/// A parsed read or write request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TftpRequest {
+    /// RRQ or WRQ.
+    pub write: bool,
+    /// File name as sent.
+    pub filename: String,
+    /// Transfer mode.
+    pub netascii: bool,
+    /// blksize asked for.
+    pub blksize: Option<u16>,
+    /// tsize asked for.
+    pub tsize: bool,
+    /// timeout asked for (seconds).
+    pub timeout: Option<u8>,
+    /// windowsize asked for.
+    pub windowsize: Option<u16>,
+}
+
+/// Parses an RRQ/WRQ strictly: `None` for anything malformed (no reply is sent).
+pub fn parse_request(buf: &[u8]) -> Option<TftpRequest> {
+    let op = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]);
+    if op != OP_RRQ && op != OP_WRQ {
+        return None;
+    }
+    let body = &buf[2..];
+    if body.last() != Some(&0) {
+        return None;
+    }
+    let mut fields = body[..body.len() - 1].split(|b| *b == 0);
+    let filename = std::str::from_utf8(fields.next()?).ok()?;
+    let mode = std::str::from_utf8(fields.next()?).ok()?;
+    if filename.is_empty() {
+        return None;
+    }
+    let netascii = if mode.eq_ignore_ascii_case("octet") {
+        false
+    } else if mode.eq_ignore_ascii_case("netascii") {
+        true
+    } else {
+        return None;
+    };
+    let mut req = TftpRequest {
+        write: op == OP_WRQ,
+        filename: filename.to_owned(),
+        netascii,
+        blksize: None,
+        tsize: false,
+        timeout: None,
+        windowsize: None,
+    };
+    while let Some(name) = fields.next() {
+        let value = fields.next()?; // an option name without a value is malformed
+        let name = std::str::from_utf8(name).ok()?;
+        let value = std::str::from_utf8(value).ok()?;
+        if name.is_empty() {
+            return None;
+        }
+        let num: Option<u64> =
+            (!value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| value.parse().ok())
+                .flatten();
+        if name.eq_ignore_ascii_case("blksize") {
+            req.blksize = num.filter(|n| (8..=65464).contains(n)).map(|n| n as u16);
+        } else if name.eq_ignore_ascii_case("tsize") {
+            req.tsize = num.is_some();
+        } else if name.eq_ignore_ascii_case("timeout") {
+            req.timeout = num.filter(|n| (1..=255).contains(n)).map(|n| n as u8);
+        } else if name.eq_ignore_ascii_case("windowsize") {
+            req.windowsize = num.filter(|n| (1..=65535).contains(n)).map(|n| n as u16);
+        }
+    }
+    Some(req)
+}
+
+fn error_packet(code: ErrorCode, msg: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + msg.len());
+    v.extend_from_slice(&OP_ERROR.to_be_bytes());
+    v.extend_from_slice(&(code as u16).to_be_bytes());
+    v.extend_from_slice(msg.as_bytes());
+    v.push(0);
+    v
+}
+
+/// The running TFTP service.
+#[derive(Debug, Clone)]
+pub struct TftpService {
+    /// Listening address.
+    pub local_addr: SocketAddr,
+}
+
+struct Shared {
+    root: ConfinedRoot,
+    cfg: TftpConfig,
+    slots: Arc<Semaphore>,
+    bind_ip: std::net::IpAddr,
+}
+
+/// Binds the socket and spawns the listener on `tracker`.
+pub fn start<'a>(
+    cfg: &TftpConfig,
+    programs: impl IntoIterator<Item = &'a str>,
+    bind: SocketAddr,
+    device: Option<&str>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<TftpService, TftpError> {
+    let root = ConfinedRoot::open_with_programs(&cfg.root, programs).map_err(|source| {
+        TftpError::Root {
+            path: cfg.root.clone(),
+            source,
+        }
+    })?;
+    let std_sock = crate::netutil::udp_socket(bind, device, false)
+        .map_err(|source| TftpError::Bind { addr: bind, source })?;
+    let sock =
+        UdpSocket::from_std(std_sock).map_err(|source| TftpError::Bind { addr: bind, source })?;
+    let local_addr = sock
+        .local_addr()
+        .map_err(|source| TftpError::Bind { addr: bind, source })?;
+    let shared = Arc::new(Shared {
+        root,
+        slots: Arc::new(Semaphore::new(cfg.max_transfers)),
+        cfg: cfg.clone(),
+        bind_ip: bind.ip(),
+    });
+    tracing::info!(%local_addr, root = %shared.root.path().display(), "TFTP service started");
+    let t2 = tracker.clone();
+    tracker.spawn(async move { shared.listen(sock, cancel, t2).await });
+    Ok(TftpService { local_addr })
+}
+
+impl Shared {
+    async fn listen(
+        self: Arc<Self>,
+        sock: UdpSocket,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, peer) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TFTP receive error");
+                        continue;
+                    }
+                },
+            };
+            let Some(req) = parse_request(&buf[..n]) else {
+                tracing::trace!(%peer, "dropping malformed TFTP datagram");
+                continue;
+            };
+            if req.write {
+                let _ = sock
+                    .send_to(
+                        &error_packet(ErrorCode::AccessViolation, "read-only server"),
+                        peer,
+                    )
+                    .await;
+                continue;
+            }
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                let _ = sock
+                    .send_to(
+                        &error_packet(ErrorCode::Undefined, "server busy, retry later"),
+                        peer,
+                    )
+                    .await;
+                continue;
+            };
+            let me = self.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                me.transfer(req, peer, cancel).await;
+            });
+        }
+        tracing::debug!("TFTP listener stopped");
+    }
+
+    async fn transfer(
+        self: Arc<Self>,
+        req: TftpRequest,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+    ) {
+        let sock = match UdpSocket::bind(SocketAddr::new(self.bind_ip, 0)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "TFTP transfer socket");
+                return;
+            }
+        };
+        if let Err(e) = sock.connect(peer).await {
+            tracing::debug!(%peer, error = %e, "TFTP connect");
+            return;
+        }
+        let me = self.clone();
+        let name = req.filename.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<Bytes, OpenError> {
+            let (mut f, len) = me.root.open_file(&name)?;
+            let mut data = Vec::with_capacity(len as usize);
+            f.by_ref()
+                .take(MAX_FILE + 1)
+                .read_to_end(&mut data)
+                .map_err(OpenError::Io)?;
+            if data.len() as u64 > MAX_FILE {
+                return Err(OpenError::TooLarge);
+            }
+            Ok(Bytes::from(data))
+        })
+        .await;
+        let data = match loaded {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                let code = match e {
+                    OpenError::NotFound | OpenError::NotFile => ErrorCode::NotFound,
+                    OpenError::BadName | OpenError::Escape => ErrorCode::AccessViolation,
+                    OpenError::TooLarge | OpenError::Io(_) => ErrorCode::Undefined,
+                };
+                tracing::info!(%peer, file = %req.filename, error = %e, "TFTP request refused");
+                let _ = sock.send(&error_packet(code, &e.to_string())).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TFTP file reader failed");
+                return;
+            }
+        };
+        let data = if req.netascii {
+            to_netascii(&data)
+        } else {
+            data
+        };
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => Err("server shutting down"),
+            r = self.send_file(&sock, &req, &data) => r,
+        };
+        match result {
+            Ok(stats) => tracing::info!(
+                %peer, file = %req.filename, bytes = data.len(), blksize = stats.0, windowsize = stats.1,
+                ms = started.elapsed().as_millis() as u64, "TFTP transfer complete"
+            ),
+            Err(why) => {
+                tracing::info!(%peer, file = %req.filename, why, "TFTP transfer ended early")
+            }
+        }
+    }
+
+    /// Negotiates options and sends `data`; returns (blksize, windowsize).
+    async fn send_file(
+        &self,
+        sock: &UdpSocket,
+        req: &TftpRequest,
+        data: &[u8],
+    ) -> Result<(usize, usize), &'static str> {
+        let blksize = req
+            .blksize
+            .map(|b| b.min(self.cfg.max_blksize))
+            .unwrap_or(512) as usize;
+        let window = req
+            .windowsize
+            .map(|w| w.min(self.cfg.max_windowsize))
+            .unwrap_or(1) as usize;
+        let timeout = req
+            .timeout
+            .map(|t| Duration::from_secs(u64::from(t)))
+            .unwrap_or(Duration::from_millis(self.cfg.timeout_ms));
+        let mut rbuf = [0u8; 1024];
+
+        // Option acknowledgement (RFC 2347), answered by ACK 0.
+        let mut oack = Vec::new();
+        if req.blksize.is_some() || req.tsize || req.timeout.is_some() || req.windowsize.is_some() {
+            oack.extend_from_slice(&OP_OACK.to_be_bytes());
+            let mut opt = |k: &str, v: String| {
+                oack.extend_from_slice(k.as_bytes());
+                oack.push(0);
+                oack.extend_from_slice(v.as_bytes());
+                oack.push(0);
+            };
+            if req.blksize.is_some() {
+                opt("blksize", blksize.to_string());
+            }
+            if req.tsize {
+                opt("tsize", data.len().to_string());
+            }
+            if let Some(t) = req.timeout {
+                opt("timeout", t.to_string());
+            }
+            if req.windowsize.is_some() {
+                opt("windowsize", window.to_string());
+            }
+            let mut tries = 0;
+            loop {
+                sock.send(&oack).await.map_err(|_| "send failed")?;
+                match self.recv_ack(sock, &mut rbuf, timeout).await? {
+                    Some(0) => break,
+                    // A wrong ACK counts as a failed try, so a confused or
+                    // hostile client cannot keep the transfer alive forever.
+                    Some(_) | None => {
+                        tries += 1;
+                        if tries > self.cfg.retries {
+                            return Err("no ACK for OACK");
+                        }
+                    }
+                }
+            }
+        }
+
+        let blocks = data.len() / blksize + 1; // last one is short, maybe empty
+        let mut base = 1usize; // first unacknowledged block
+        let mut tries = 0u32;
+        let mut pkt = Vec::with_capacity(blksize + 4);
+        while base <= blocks {
+            let end = (base + window - 1).min(blocks);
+            for b in base..=end {
+                let start = (b - 1) * blksize;
+                let stop = (start + blksize).min(data.len());
+                pkt.clear();
+                pkt.extend_from_slice(&OP_DATA.to_be_bytes());
+                pkt.extend_from_slice(&(b as u16).to_be_bytes()); // wraps after 65535 (rollover to 0)
+                pkt.extend_from_slice(&data[start..stop]);
+                sock.send(&pkt).await.map_err(|_| "send failed")?;
+            }
+            // Wait for an ACK inside the window; older ACKs are duplicates and
+            // ignored (no retransmission on duplicates: Sorcerer's Apprentice),
+            // but only until the window's deadline, so a stream of stale ACKs
+            // cannot hold the transfer open.
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let ack = if left.is_zero() {
+                    None
+                } else {
+                    self.recv_ack(sock, &mut rbuf, left).await?
+                };
+                match ack {
+                    Some(wire) => {
+                        let lo = base - 1;
+                        let ahead = usize::from(wire.wrapping_sub(lo as u16));
+                        if ahead == 0 || lo + ahead > end {
+                            continue;
+                        }
+                        base = lo + ahead + 1;
+                        tries = 0;
+                        break;
+                    }
+                    None => {
+                        tries += 1;
+                        if tries > self.cfg.retries {
+                            return Err("client stopped acknowledging");
+                        }
+                        break; // resend the window from `base`
+                    }
+                }
+            }
+        }
+        Ok((blksize, window))
+    }
+
+    /// Waits for an ACK; `Ok(None)` on timeout, `Err` if the client sent an error.
+    async fn recv_ack(
+        &self,
+        sock: &UdpSocket,
+        buf: &mut [u8],
+        timeout: Duration,
+    ) -> Result<Option<u16>, &'static str> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let n = match tokio::time::timeout_at(deadline, sock.recv(buf)).await {
+                Err(_) => return Ok(None),
+                Ok(Err(_)) => return Err("receive failed"),
+                Ok(Ok(n)) => n,
+            };
+            if n < 4 {
+                continue;
+            }
+            match u16::from_be_bytes([buf[0], buf[1]]) {
+                OP_ACK => return Ok(Some(u16::from_be_bytes([buf[2], buf[3]]))),
+                OP_ERROR => return Err("client sent an error"),
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// RFC 764 netascii: LF becomes CR LF, a bare CR becomes CR NUL.
+fn to_netascii(data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 16);
+    for &b in data {
+        match b {
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b'\r' => out.extend_from_slice(b"\r\0"),
+            _ => out.push(b),
+        }
+    }
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_relative_path_accepts_plain_names_only() {
+        assert_eq!(
+            safe_relative_path("ipxe.efi"),
+            Some(PathBuf::from("ipxe.efi"))
+        );
+        assert_eq!(
+            safe_relative_path("arm64/snponly.efi"),
+            Some(PathBuf::from("arm64/snponly.efi"))
+        );
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "\\..\\x",
+            "a\0b",
+            "./x",
+            "..",
+        ] {
+            assert_eq!(safe_relative_path(bad), None, "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn parses_requests_with_options_and_refuses_malformed_ones() {
+        let r = parse_request(
+            b"\x00\x01ipxe.efi\x00octet\x00blksize\x001468\x00tsize\x000\x00windowsize\x004\x00",
+        )
+        .expect("valid RRQ");
+        assert_eq!(r.blksize, Some(1468));
+        assert!(r.tsize);
+        assert_eq!(r.windowsize, Some(4));
+        assert!(!r.write);
+        for bad in [
+            &b"\x00\x01ipxe.efi"[..],
+            b"\x00\x01ipxe.efi\x00",
+            b"\x00\x01ipxe.efi\x00octet",
+            b"\x00\x01ipxe.efi\x00mail\x00",
+            b"\x00\x01\x00octet\x00",
+            b"\x00\x01ipxe.efi\x00octet\x00blksize\x00",
+            b"\x00\x03\x00\x01data",
+            b"\x00",
+        ] {
+            assert_eq!(parse_request(bad), None, "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn confined_root_refuses_symlink_escapes_and_sibling_prefixes() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let root = base.path().join("tftp");
+        let sibling = base.path().join("tftp-private");
+        std::fs::create_dir_all(root.join("sub")).expect("mkdir");
+        std::fs::create_dir_all(&sibling).expect("mkdir");
+        std::fs::write(root.join("ok.bin"), b"ok").expect("write");
+        std::fs::write(sibling.join("secret"), b"secret").expect("write");
+        std::os::unix::fs::symlink(&sibling, root.join("sub/out")).expect("symlink");
+        std::os::unix::fs::symlink("../ok.bin", root.join("sub/in")).expect("symlink");
+        let r = ConfinedRoot::open(&root).expect("root");
+        assert!(r.open_file("ok.bin").is_ok());
+        assert!(
+            r.open_file("sub/in").is_ok(),
+            "a symlink staying inside is fine"
+        );
+        assert!(matches!(
+            r.open_file("sub/out/secret"),
+            Err(OpenError::Escape)
+        ));
+        assert!(matches!(
+            r.open_file("../tftp-private/secret"),
+            Err(OpenError::BadName)
+        ));
+        assert!(matches!(r.open_file("sub"), Err(OpenError::NotFile)));
+        assert!(matches!(r.open_file("nope"), Err(OpenError::NotFound)));
+    }
+
+    #[test]
+    fn netascii_converts_line_ends() {
+        assert_eq!(&to_netascii(b"a\nb\rc")[..], b"a\r\nb\r\0c");
+    }
+
+    #[test]
+    fn configured_programs_may_point_outside_but_only_to_the_pinned_file() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let root = base.path().join("root");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::write(base.path().join("ipxe.efi"), b"efi").expect("write");
+        std::fs::write(base.path().join("other"), b"other").expect("write");
+        std::os::unix::fs::symlink(base.path().join("ipxe.efi"), root.join("ipxe.efi"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(base.path().join("other"), root.join("unlisted"))
+            .expect("symlink");
+        let r = ConfinedRoot::open_with_programs(&root, ["ipxe.efi", "unlisted-not-configured"])
+            .expect("root");
+        assert!(
+            r.open_file("ipxe.efi").is_ok(),
+            "configured program refused"
+        );
+        assert!(matches!(r.open_file("unlisted"), Err(OpenError::Escape)));
+        // Re-pointing the configured name elsewhere is refused.
+        std::fs::remove_file(root.join("ipxe.efi")).expect("rm");
+        std::os::unix::fs::symlink(base.path().join("other"), root.join("ipxe.efi"))
+            .expect("symlink");
+        assert!(matches!(r.open_file("ipxe.efi"), Err(OpenError::Escape)));
+    }
+}
