@@ -66,6 +66,58 @@ pub struct Config {
     /// IPv6 router advertisements on the boot interface.
     #[serde(default)]
     pub ra: RaConfig,
+    /// The image repository service (served by the HTTP listeners).
+    #[serde(default)]
+    pub repository: RepositorySection,
+}
+
+/// `[repository]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositorySection {
+    /// Serve the image repository.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Repository directory; default `<data_dir>/repo`.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// Token that uploads, publishing, deletion and maintenance need.
+    #[serde(default)]
+    pub write_token: Option<String>,
+    /// File holding the write token (first line).
+    #[serde(default)]
+    pub write_token_file: Option<PathBuf>,
+    /// When set, reads need this token too.
+    #[serde(default)]
+    pub read_token: Option<String>,
+    /// Unreferenced chunks younger than this (seconds) survive garbage
+    /// collection: their upload may still be in progress.
+    #[serde(default = "default_gc_grace")]
+    pub gc_grace_s: u64,
+    /// Chunk uploads buffered at once.
+    #[serde(default = "default_max_uploads")]
+    pub max_uploads: usize,
+}
+
+fn default_gc_grace() -> u64 {
+    3600
+}
+fn default_max_uploads() -> usize {
+    16
+}
+
+impl Default for RepositorySection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            root: None,
+            write_token: None,
+            write_token_file: None,
+            read_token: None,
+            gc_grace_s: default_gc_grace(),
+            max_uploads: default_max_uploads(),
+        }
+    }
 }
 
 /// `[server]`
@@ -724,6 +776,32 @@ impl Config {
                     key,
                     "file name must be plain ASCII (letters, digits, . _ - +): it appears in URLs and on the kernel line",
                 ));
+            }
+        }
+        let r = &self.repository;
+        if r.enabled {
+            if !self.http.enabled {
+                return Err(invalid(
+                    "repository.enabled",
+                    "the repository is served over HTTP: enable [http] too",
+                ));
+            }
+            if r.write_token.is_some() && r.write_token_file.is_some() {
+                return Err(invalid(
+                    "repository.write_token",
+                    "set write_token or write_token_file, not both",
+                ));
+            }
+            for (key, t) in [
+                ("repository.write_token", &r.write_token),
+                ("repository.read_token", &r.read_token),
+            ] {
+                if t.as_ref().is_some_and(|t| t.len() < 16) {
+                    return Err(invalid(key, "must be at least 16 characters"));
+                }
+            }
+            if r.max_uploads == 0 {
+                return Err(invalid("repository.max_uploads", "must be at least 1"));
             }
         }
         if self.ra.enabled {

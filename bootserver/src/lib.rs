@@ -37,6 +37,5 @@ mod server;
 pub mod state;
 pub mod tftp;
 pub mod tls;
-pub mod tlsutil;
 
 pub use server::{Server, ServerError};

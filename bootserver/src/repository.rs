@@ -38,7 +38,7 @@ use aula_imager::progress::Progress;
 use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{
     HeaderValue, ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
@@ -46,12 +46,9 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
-/// Response body type of the service.
-pub type Body = BoxBody<Bytes, io::Error>;
+use crate::http::Body;
 
 /// Largest chunk frame accepted (zstd bound of the largest chunk).
 const MAX_FRAME: usize = (64 << 20) + (64 << 20) / 255 + 1024;
@@ -905,85 +902,22 @@ fn zstd_frame_content_size(frame: &[u8]) -> Option<u64> {
     Some(v)
 }
 
-/// Serve the repository on `listener` until `shutdown` fires (plain HTTP, or
-/// HTTPS with `tls`). One task per connection; at most `max_conns` at once.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    svc: Arc<RepoService>,
-    shutdown: CancellationToken,
-    max_conns: usize,
-) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let limit = Arc::new(Semaphore::new(max_conns.max(1)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let svc = svc.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let svc = svc.clone();
-            async move {
-                let t0 = Instant::now();
-                let (m, p) = (req.method().clone(), req.uri().path().to_string());
-                let r = svc.handle(req).await;
-                tracing::debug!(method = %m, path = %p, status = r.status().as_u16(), latency_us = t0.elapsed().as_micros() as u64, %peer, "request completed");
-                Ok::<_, Infallible>(r)
-            }
-        });
-        let builder = hyper::server::conn::http1::Builder::new();
-        match &acceptor {
-            None => {
-                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Err(e) = conn.await {
-                        tracing::debug!("connection from {peer}: {e}");
-                    }
-                });
-            }
-            Some(acc) => {
-                let acc = acc.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let tls =
-                        match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => return tracing::debug!("TLS handshake with {peer}: {e}"),
-                            Err(_) => {
-                                return tracing::debug!("TLS handshake with {peer} timed out")
-                            }
-                        };
-                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!("connection from {peer}: {e}");
-                    }
-                });
-            }
-        }
+/// The repository as a route group of the server's HTTP listeners.
+pub struct RepoRoutes(pub Arc<RepoService>);
+
+impl crate::http::RouteGroup for RepoRoutes {
+    fn name(&self) -> &'static str {
+        "repository"
     }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("connections still open after 10 s; closing"),
+    fn matches(&self, path: &str) -> bool {
+        RepoService::owns(path)
+    }
+    fn handle(
+        &self,
+        req: crate::http::HttpRequest,
+        _ctx: crate::http::RequestContext,
+    ) -> crate::http::BoxFuture<'_, crate::http::HttpResponse> {
+        Box::pin(async move { self.0.handle(req).await })
     }
 }
 

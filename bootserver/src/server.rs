@@ -62,6 +62,9 @@ pub enum ServerError {
     /// TLS certificate or key.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The image repository could not be opened.
+    #[error("image repository")]
+    Repository(#[from] crate::repository::RepoServiceError),
 }
 
 struct Started {
@@ -255,6 +258,11 @@ impl Server {
                     .or(tls_fingerprint.clone()),
             };
             let mut groups = extra_routes;
+            if cfg.repository.enabled {
+                groups.push(Arc::new(crate::repository::RepoRoutes(open_repository(
+                    cfg,
+                )?)));
+            }
             groups.push(Arc::new(BootRoutes::new(
                 cfg.clone(),
                 registry.clone(),
@@ -342,4 +350,35 @@ fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
         .into_iter()
         .flatten()
         .map(String::as_str)
+}
+
+/// Opens the image repository described by `[repository]`.
+fn open_repository(cfg: &Config) -> Result<Arc<crate::repository::RepoService>, ServerError> {
+    let r = &cfg.repository;
+    let root = r
+        .root
+        .clone()
+        .unwrap_or_else(|| cfg.server.data_dir.join("repo"));
+    let write_token = match (&r.write_token, &r.write_token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(p)) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ServerError::TokenFile {
+                path: p.clone(),
+                source,
+            })?;
+            Some(text.lines().next().unwrap_or("").trim().to_owned()).filter(|t| !t.is_empty())
+        }
+        (None, None) => None,
+    };
+    if write_token.is_none() {
+        tracing::warn!("no repository.write_token configured: uploads are refused");
+    }
+    let mut rc = crate::repository::RepoConfig::new(root);
+    rc.write_token = write_token;
+    rc.read_token = r.read_token.clone();
+    rc.gc_grace_s = r.gc_grace_s;
+    rc.max_uploads = r.max_uploads;
+    let svc = crate::repository::RepoService::open(rc)?;
+    tracing::info!(root = %svc.repo().root().display(), "image repository");
+    Ok(Arc::new(svc))
 }

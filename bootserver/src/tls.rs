@@ -1,5 +1,6 @@
-//! The optional HTTPS listener's TLS set-up (rustls with the ring provider,
-//! the workspace's one crypto provider).
+//! Server-side TLS set-up (rustls with the ring provider, the workspace's
+//! one crypto provider): certificates from PEM files, or a fresh
+//! self-signed pair for demos and tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,23 +13,35 @@ use crate::config::TlsConfig;
 /// TLS set-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A PEM file could not be read or holds nothing usable.
-    #[error("reading {what} from {path}")]
-    Pem {
-        /// Certificate or key.
-        what: &'static str,
+    /// A file could not be read.
+    #[error("reading {path}")]
+    Read {
         /// The file.
         path: PathBuf,
         /// Why.
         #[source]
+        source: std::io::Error,
+    },
+    /// PEM text holds nothing usable.
+    #[error("reading {what} from {origin}")]
+    Pem {
+        /// Certificate or key.
+        what: &'static str,
+        /// Where the PEM text came from.
+        origin: String,
+        /// Why.
+        #[source]
         source: rustls::pki_types::pem::Error,
     },
-    /// The file holds no certificate.
+    /// The PEM text holds no certificate.
     #[error("no certificate in {0}")]
-    NoCertificate(PathBuf),
+    NoCertificate(String),
     /// rustls refused the certificate/key pair.
     #[error("TLS configuration")]
     Rustls(#[from] rustls::Error),
+    /// Making a self-signed certificate failed.
+    #[error("generating a certificate: {0}")]
+    Generate(String),
 }
 
 /// A ready acceptor and the `sha256:<hex>` fingerprint of the server certificate.
@@ -39,37 +52,50 @@ pub struct Tls {
     pub fingerprint: String,
 }
 
+/// A certificate chain and private key, PEM.
+#[derive(Debug, Clone)]
+pub struct PemPair {
+    /// Certificate chain (leaf first).
+    pub cert_pem: String,
+    /// Private key.
+    pub key_pem: String,
+}
+
 /// `sha256:<hex>` of DER bytes.
 pub fn fingerprint(der: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, der);
-    let mut s = String::from("sha256:");
-    for b in d.as_ref() {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    aula_imager::tls::fingerprint(der)
 }
 
-fn pem_err(
-    what: &'static str,
-    path: &Path,
-) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError {
-    let path = path.to_owned();
-    move |source| TlsError::Pem { what, path, source }
+/// A fresh self-signed certificate for these DNS names or IP addresses.
+pub fn self_signed(names: &[String]) -> Result<PemPair, TlsError> {
+    let ck = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok(PemPair {
+        cert_pem: ck.cert.pem(),
+        key_pem: ck.key_pair.serialize_pem(),
+    })
 }
 
-/// Loads the certificate chain and key.
-pub fn load(cfg: &TlsConfig) -> Result<Tls, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
-        .map_err(pem_err("certificates", &cfg.cert))?
-        .collect::<Result<_, _>>()
-        .map_err(pem_err("certificates", &cfg.cert))?;
+/// Builds the acceptor from PEM text; `origin` names it in errors.
+pub fn from_pem(pair: &PemPair, origin: &str) -> Result<Tls, TlsError> {
+    let pem = |what| {
+        let origin = origin.to_owned();
+        move |source| TlsError::Pem {
+            what,
+            origin,
+            source,
+        }
+    };
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(pem("certificates"))?;
     let leaf = certs
         .first()
-        .ok_or_else(|| TlsError::NoCertificate(cfg.cert.clone()))?;
+        .ok_or_else(|| TlsError::NoCertificate(origin.to_owned()))?;
     let fingerprint = fingerprint(leaf.as_ref());
-    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(pem_err("private key", &cfg.key))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).map_err(pem("private key"))?;
+    let mut sc = rustls::ServerConfig::builder_with_provider(aula_imager::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
@@ -78,4 +104,23 @@ pub fn load(cfg: &TlsConfig) -> Result<Tls, TlsError> {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)),
         fingerprint,
     })
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Loads the certificate chain and key named by the configuration.
+pub fn load(cfg: &TlsConfig) -> Result<Tls, TlsError> {
+    let pair = PemPair {
+        cert_pem: read(&cfg.cert)?,
+        key_pem: read(&cfg.key)?,
+    };
+    from_pem(
+        &pair,
+        &format!("{} / {}", cfg.cert.display(), cfg.key.display()),
+    )
 }

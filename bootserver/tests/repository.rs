@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aula_bootserver::repository::{serve, RepoConfig, RepoService};
+use aula_bootserver::repository::{RepoConfig, RepoRoutes, RepoService};
 use aula_imager::create::{create_partition, CreateOptions, SourceInfo};
 use aula_imager::device::{Device, OpenMode, Region};
 use aula_imager::progress::Progress;
@@ -56,7 +56,7 @@ impl Server {
     fn start(
         root: &Path,
         addr: Option<SocketAddr>,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Server {
         let mut cfg = RepoConfig::new(root.to_path_buf());
         cfg.write_token = Some(TOKEN.into());
@@ -72,14 +72,20 @@ impl Server {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-                sock.set_reuseaddr(true).expect("reuseaddr");
-                sock.bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr")))
-                    .expect("bind");
-                let listener = sock.listen(128).expect("listen");
-                tx.send(listener.local_addr().expect("addr"))
-                    .expect("send addr");
-                serve(listener, tls, svc, stop2, 256).await;
+                // The server's own HTTP service with only the repository
+                // routes, as `[repository]` mounts them.
+                let tracker = tokio_util::task::TaskTracker::new();
+                let bind = addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
+                let groups: Vec<Arc<dyn aula_bootserver::http::RouteGroup>> =
+                    vec![Arc::new(RepoRoutes(svc))];
+                let local =
+                    aula_bootserver::http::start(bind, tls, groups, 256, stop2.clone(), &tracker)
+                        .await
+                        .expect("start HTTP");
+                tx.send(local).expect("send addr");
+                stop2.cancelled().await;
+                tracker.close();
+                tracker.wait().await;
             });
         });
         let addr = rx.recv().expect("server address");
@@ -445,7 +451,7 @@ fn proxy_conn(
         }
         if n > 300 && take(&budget) {
             let k = faults.fetch_add(1, Ordering::SeqCst);
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 chunk[n - 100] ^= 0xff;
             } else {
                 let _ = client.write_all(&chunk[..n / 2]);
@@ -557,12 +563,12 @@ fn killing_and_restarting_the_server_mid_restore_completes_the_restore() {
 #[test]
 fn https_with_a_pinned_fingerprint_works_and_a_wrong_pin_is_refused() {
     let dir = tempfile::tempdir().expect("tmp");
-    let pair = aula_bootserver::tlsutil::self_signed(&["127.0.0.1".into(), "localhost".into()])
-        .expect("cert");
-    let cfg = aula_bootserver::tlsutil::server_config(&pair).expect("tls config");
-    let srv = Server::start(&dir.path().join("repo"), None, Some(cfg));
+    let pair =
+        aula_bootserver::tls::self_signed(&["127.0.0.1".into(), "localhost".into()]).expect("cert");
+    let tls = aula_bootserver::tls::from_pem(&pair, "test").expect("tls config");
+    let pin = aula_imager::tls::parse_fingerprint(&tls.fingerprint).expect("pin");
+    let srv = Server::start(&dir.path().join("repo"), None, Some(tls.acceptor));
     let url = format!("https://{}", srv.addr);
-    let pin = aula_imager::tls::parse_fingerprint(&pair.fingerprint().expect("fp")).expect("pin");
     let data = source_data(7, 4);
     let src = write_file(&dir.path().join("src.raw"), &data);
     let mk = |trust: ServerTrust, token: Option<&str>| {
