@@ -262,6 +262,25 @@ impl Device {
         next as u64 >= offset + len
     }
 
+    /// Ask the kernel to re-read a block device's partition table, retrying
+    /// a few times while the device is busy. Regular files: nothing to do.
+    pub fn reread_partition_table(&self) -> io::Result<()> {
+        if self.kind != DeviceKind::Block {
+            return Ok(());
+        }
+        let mut delay = std::time::Duration::from_millis(100);
+        for attempt in 1..=5 {
+            match ioctl::reread_partition_table(self.file.as_fd()) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 5 => {
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                other => return other,
+            }
+        }
+        Ok(())
+    }
+
     /// Flush written data to stable storage. An error here is fatal for the
     /// job: a failed fsync may have dropped the dirty pages.
     pub fn sync(&self) -> io::Result<()> {

@@ -61,6 +61,15 @@ pub enum Error {
         /// Bytes available.
         have: u64,
     },
+    /// A multi-step disk operation failed half-way; `state` says what the
+    /// disk looks like now.
+    #[error("{source}; {state}")]
+    Incomplete {
+        /// The disk's state after the failure.
+        state: String,
+        /// What failed.
+        source: Box<Error>,
+    },
     /// The job was cancelled (Ctrl-C or an API cancel).
     #[error("cancelled")]
     Cancelled,

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use aula_imager::create::{CreateOptions, SourceInfo};
-use aula_imager::device::{Device, DeviceKind, OpenMode, Region};
+use aula_imager::create::CreateOptions;
+use aula_imager::device::{Device, DeviceKind, OpenMode};
+use aula_imager::manifest::ImageKind;
 use aula_imager::manifest::Manifest;
 use aula_imager::progress::{Progress, ProgressEvent};
 use aula_imager::repo::{
@@ -224,46 +225,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Open a source or target and select the region to work on.
-fn select_region(dev: Device, partition: Option<u32>) -> Result<(Region, Option<String>)> {
-    let dev = Arc::new(dev);
-    let hint = (dev.kind() == DeviceKind::Block).then(|| dev.sector_size());
-    let path = dev.path().display().to_string();
-    let table = aula_imager::table::read(dev.as_ref(), hint)
-        .with_context(|| format!("reading the partition table of {path}"))?;
-    match partition {
-        None => Ok((Region::whole(dev), None)),
-        Some(n) => {
-            let t = table.ok_or_else(|| {
-                usage(format!(
-                    "{path} has no partition table, so it has no partition {n}"
-                ))
-            })?;
-            let p = t.partition(n).ok_or_else(|| {
-                let have: Vec<String> = t.partitions.iter().map(|p| p.number.to_string()).collect();
-                usage(format!(
-                    "{path} has no partition {n} (it has: {})",
-                    have.join(", ")
-                ))
-            })?;
-            if p.extended {
-                bail!(usage(format!(
-                    "partition {n} of {path} is an extended container; pick a logical partition"
-                )));
-            }
-            Ok((Region::new(dev, p.start, p.size)?, Some(p.ptype.clone())))
-        }
-    }
-}
-
-fn has_table(r: &Region) -> bool {
-    let hint = (r.device().kind() == DeviceKind::Block).then(|| r.device().sector_size());
-    matches!(
-        aula_imager::table::read(r.device().as_ref(), hint),
-        Ok(Some(_)) | Err(_)
-    )
-}
-
 /// Shows progress while a job runs: a bar on a terminal, plain lines
 /// otherwise, JSON lines with `--json`.
 struct Reporter {
@@ -456,13 +417,9 @@ fn run(cli: Cli) -> Result<()> {
                 .ok_or_else(|| usage("--chunk-kib must be a power of two between 64 and 65536"))?;
             let dev = Device::open_read(&source)
                 .with_context(|| format!("opening {}", source.display()))?;
-            let sector_size = dev.sector_size();
-            let (region, ptype) = select_region(dev, partition)?;
-            if partition.is_none() && !raw && has_table(&region) {
-                bail!(usage(format!(
-                    "{} holds a partition table: image one partition with --partition N, or every byte with --raw",
-                    source.display()
-                )));
+            let dev = Arc::new(dev);
+            if let Some(n) = partition {
+                aula_imager::image::find_partition(&dev, n).map_err(|e| usage(e.to_string()))?;
             }
             let repo = open_repo(&repo, true, &net)?;
             let opts = CreateOptions {
@@ -477,13 +434,10 @@ fn run(cli: Cli) -> Result<()> {
             install_ctrlc(progress.clone());
             let rep = Reporter::start(progress.clone(), &out);
             let t0 = std::time::Instant::now();
-            let res = aula_imager::create::create_partition(
+            let res = aula_imager::image::create_image(
                 &name,
-                &region,
-                &SourceInfo {
-                    sector_size,
-                    partition_type: ptype,
-                },
+                dev,
+                partition,
                 repo.as_ref(),
                 &opts,
                 &progress,
@@ -495,7 +449,7 @@ fn run(cli: Cli) -> Result<()> {
             print_result(
                 &out,
                 serde_json::json!({
-                    "name": m.name, "version": m.image_version, "used_bytes": m.used_bytes,
+                    "name": m.name, "version": m.image_version, "kind": m.kind, "used_bytes": m.total_used_bytes(),
                     "stored_bytes": stored, "chunks": m.chunks.len(), "map": m.map,
                     "filesystem": m.filesystem, "seconds": secs,
                 }),
@@ -540,7 +494,13 @@ fn run(cli: Cli) -> Result<()> {
             let m = repo
                 .manifest(&name, version)
                 .with_context(|| format!("reading image {name}"))?;
-            let region = open_target(&target, m.source_size, partition, force)?;
+            let dev = open_target(
+                &target,
+                m.source_size,
+                partition,
+                force,
+                m.kind == ImageKind::Partition,
+            )?;
             let opts = RestoreOptions {
                 threads: threads.unwrap_or_else(|| repo.preferred_threads()),
                 delta: !no_delta,
@@ -549,9 +509,10 @@ fn run(cli: Cli) -> Result<()> {
             install_ctrlc(progress.clone());
             let rep = Reporter::start(progress.clone(), &out);
             let t0 = std::time::Instant::now();
-            let res = aula_imager::restore::restore_partition(
+            let res = aula_imager::image::restore_image(
                 &m,
-                &region,
+                dev,
+                partition,
                 repo.as_ref(),
                 &opts,
                 &progress,
@@ -629,9 +590,14 @@ fn run(cli: Cli) -> Result<()> {
                 Some(t) => {
                     let dev = Device::open_read(&t)
                         .with_context(|| format!("opening {}", t.display()))?;
-                    let (region, _) = select_region(dev, partition)?;
                     let rep = Reporter::start(progress.clone(), &out);
-                    let res = aula_imager::verify::compare_target(&m, &region, threads, &progress);
+                    let res = aula_imager::verify::compare_image(
+                        &m,
+                        Arc::new(dev),
+                        partition,
+                        threads,
+                        &progress,
+                    );
                     rep.finish();
                     let r = res?;
                     print_result(
@@ -925,8 +891,15 @@ fn info_legacy(name: &str, out: &Output, net: &NetOpts) -> Result<()> {
 }
 
 /// Open a restore target: created when missing (sized `size`), exclusive
-/// for block devices, refusing a partitioned whole device without --force.
-fn open_target(target: &Path, size: u64, partition: Option<u32>, force: bool) -> Result<Region> {
+/// for block devices. A partition image over a whole partitioned device
+/// needs --force; --partition N must exist.
+fn open_target(
+    target: &Path,
+    size: u64,
+    partition: Option<u32>,
+    force: bool,
+    partition_image: bool,
+) -> Result<Arc<Device>> {
     let created = !target.exists();
     let mut dev = Device::open(
         target,
@@ -960,14 +933,24 @@ fn open_target(target: &Path, size: u64, partition: Option<u32>, force: bool) ->
         dev.grow_to(size)
             .with_context(|| format!("sizing {}", target.display()))?;
     }
-    let (region, _) = select_region(dev, partition)?;
-    if partition.is_none() && !force && !created && has_table(&region) {
-        bail!(usage(format!(
-            "{} holds a partition table: restore onto --partition N, or pass --force to overwrite the whole device",
-            target.display()
-        )));
+    let dev = Arc::new(dev);
+    match partition {
+        Some(n) => {
+            aula_imager::image::find_partition(&dev, n).map_err(|e| usage(e.to_string()))?;
+        }
+        None if partition_image
+            && !force
+            && !created
+            && aula_imager::image::read_table(&dev).map_or(true, |t| t.is_some()) =>
+        {
+            bail!(usage(format!(
+                "{} holds a partition table: restore onto --partition N, or pass --force to overwrite the whole device",
+                target.display()
+            )));
+        }
+        None => {}
     }
-    Ok(region)
+    Ok(dev)
 }
 
 fn restore_legacy(
@@ -980,7 +963,8 @@ fn restore_legacy(
 ) -> Result<()> {
     let stream = open_legacy(name, net)?;
     let info = stream.info().clone();
-    let region = open_target(target, info.device_size, partition, force)?;
+    let dev = open_target(target, info.device_size, partition, force, true)?;
+    let (region, _) = aula_imager::image::region_of(&dev, partition)?;
     let progress = Arc::new(Progress::new());
     install_ctrlc(progress.clone());
     progress.start_phase("restore", info.used_bytes());

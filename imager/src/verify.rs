@@ -93,6 +93,70 @@ pub struct CompareReport {
     pub bytes_checked: u64,
 }
 
+/// Compare a device with an image, as `restore_image` would have written
+/// it: a partition image against partition `partition` (or the whole
+/// device); a disk image against every partition and the boot areas (or
+/// only partition `partition`). On a disk of another size the GPT backup
+/// area is not compared (a restore rebuilds it at the new end).
+pub fn compare_image(
+    m: &Manifest,
+    dev: std::sync::Arc<crate::device::Device>,
+    partition: Option<u32>,
+    threads: usize,
+    progress: &Progress,
+) -> Result<CompareReport> {
+    use crate::manifest::ImageKind;
+    match (m.kind, partition) {
+        (ImageKind::Partition, _) => {
+            let (region, _) = crate::image::region_of(&dev, partition)?;
+            compare_target(m, &region, threads, progress)
+        }
+        (ImageKind::Disk, Some(n)) => {
+            let p =
+                m.partitions.iter().find(|p| p.number == n).ok_or_else(|| {
+                    Error::Invalid(format!("image {} has no partition {n}", m.name))
+                })?;
+            let (region, _) = crate::image::region_of(&dev, Some(n))?;
+            compare_target(&p.image, &region, threads, progress)
+        }
+        (ImageKind::Disk, None) => {
+            let mut total = CompareReport::default();
+            let mut merge = |r: CompareReport, base: u64| {
+                total.windows_checked += r.windows_checked;
+                total.bytes_checked += r.bytes_checked;
+                total.bytes_differing += r.bytes_differing;
+                total
+                    .windows_differing
+                    .extend(r.windows_differing.iter().map(|w| base + w));
+            };
+            for p in &m.partitions {
+                let region = Region::new(dev.clone(), p.start, p.size).map_err(|e| Error::Io {
+                    what: format!("partition {}", p.number),
+                    source: e,
+                })?;
+                let r = compare_target(&p.image, &region, threads, progress)?;
+                merge(r, p.start / m.chunk_size);
+            }
+            let mut areas = m.clone();
+            if dev.size() != m.source_size {
+                if let Some(last) = m.table.as_ref().and_then(|t| t.last_usable_lba) {
+                    let cut = (last + 1) * u64::from(m.sector_size);
+                    areas.used.clip(cut);
+                    areas.used_bytes = areas.used.used_bytes();
+                    let used = areas.used.clone();
+                    let cs = m.chunk_size;
+                    areas.chunks.retain(|c| used.touches(c.index * cs, cs));
+                }
+            }
+            areas.source_size = areas.source_size.min(dev.size());
+            let r = compare_target(&areas, &Region::whole(dev), threads, progress)?;
+            merge(r, 0);
+            total.windows_differing.sort_unstable();
+            Ok(total)
+        }
+    }
+}
+
 /// Compare the used bytes of a partition-sized `target` with image `m`.
 pub fn compare_target(
     m: &Manifest,

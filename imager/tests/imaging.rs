@@ -200,23 +200,13 @@ fn mbr_logical_partition_round_trip() {
 }
 
 #[test]
-fn whole_device_with_a_table_needs_partition_or_raw() {
+fn raw_image_of_a_partitioned_device_needs_force_to_overwrite_a_partitioned_target() {
     let t = Tmp::new();
     let disk = t.p("disk.img");
     sh(&format!(
         "truncate -s 16M {d} && sgdisk -o -n 1:2048:0 {d} >/dev/null",
         d = disk.display()
     ));
-    let o = imager(&[
-        "create",
-        &disk.display().to_string(),
-        "--repo",
-        &t.s("repo"),
-        "--name",
-        "x",
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("--partition"), "{}", stderr(&o));
     imager_ok(&[
         "create",
         &disk.display().to_string(),
@@ -226,12 +216,17 @@ fn whole_device_with_a_table_needs_partition_or_raw() {
         "--name",
         "x",
     ]);
+    assert_eq!(
+        manifest(&t.p("repo"), "x").kind,
+        aula_imager::manifest::ImageKind::Partition
+    );
     // Restoring that raw image over a partitioned file needs --force.
     let target = t.p("t.img");
     sh(&format!(
         "truncate -s 16M {d} && sgdisk -o -n 1:2048:0 {d} >/dev/null",
         d = target.display()
     ));
+    let before = sha256_file(&target);
     let o = imager(&[
         "restore",
         "x",
@@ -240,6 +235,7 @@ fn whole_device_with_a_table_needs_partition_or_raw() {
         &target.display().to_string(),
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(sha256_file(&target), before);
     imager_ok(&[
         "restore",
         "x",
