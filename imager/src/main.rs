@@ -595,6 +595,7 @@ fn run(cli: Cli) -> Result<()> {
                         &m,
                         Arc::new(dev),
                         partition,
+                        repo.as_ref(),
                         threads,
                         &progress,
                     );

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::{is_zero, ChunkId, Decoder};
 use crate::device::{ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
+use crate::extent::ExtentMap;
 use crate::manifest::Manifest;
 use crate::pool;
 use crate::progress::Progress;
@@ -102,6 +103,7 @@ pub fn compare_image(
     m: &Manifest,
     dev: std::sync::Arc<crate::device::Device>,
     partition: Option<u32>,
+    repo: &dyn Repository,
     threads: usize,
     progress: &Progress,
 ) -> Result<CompareReport> {
@@ -121,40 +123,104 @@ pub fn compare_image(
         }
         (ImageKind::Disk, None) => {
             let mut total = CompareReport::default();
-            let mut merge = |r: CompareReport, base: u64| {
-                total.windows_checked += r.windows_checked;
-                total.bytes_checked += r.bytes_checked;
-                total.bytes_differing += r.bytes_differing;
-                total
-                    .windows_differing
-                    .extend(r.windows_differing.iter().map(|w| base + w));
-            };
+
             for p in &m.partitions {
                 let region = Region::new(dev.clone(), p.start, p.size).map_err(|e| Error::Io {
                     what: format!("partition {}", p.number),
                     source: e,
                 })?;
                 let r = compare_target(&p.image, &region, threads, progress)?;
-                merge(r, p.start / m.chunk_size);
+                merge(&mut total, r, p.start / m.chunk_size);
             }
             let mut areas = m.clone();
-            if dev.size() != m.source_size {
-                if let Some(last) = m.table.as_ref().and_then(|t| t.last_usable_lba) {
-                    let cut = (last + 1) * u64::from(m.sector_size);
-                    areas.used.clip(cut);
-                    areas.used_bytes = areas.used.used_bytes();
-                    let used = areas.used.clone();
-                    let cs = m.chunk_size;
-                    areas.chunks.retain(|c| used.touches(c.index * cs, cs));
+            let gpt_resized = dev.size() != m.source_size
+                && m.table
+                    .as_ref()
+                    .is_some_and(|t| t.kind == crate::table::TableKind::Gpt);
+            if gpt_resized {
+                // A restore onto a disk of another size rebuilds the GPT
+                // backup at the new end and rewrites the primary header and
+                // the protective MBR entry: compare everything else of the
+                // head byte by byte, and skip the old backup area.
+                let t = m
+                    .table
+                    .as_ref()
+                    .ok_or_else(|| Error::Invalid("disk image without a table".into()))?;
+                let ss = u64::from(t.sector_size);
+                let first = t
+                    .partitions
+                    .iter()
+                    .map(|p| p.start)
+                    .min()
+                    .unwrap_or(1 << 20);
+                let head_windows = first.div_ceil(m.chunk_size).max(1);
+                let mut dec = Decoder::new()?;
+                let (mut frame, mut content) = (Vec::new(), Vec::new());
+                let mut tbuf = Vec::new();
+                for c in m.chunks.iter().filter(|c| c.index < head_windows) {
+                    let (start, len) = m.window(c.index);
+                    match c.id {
+                        Some(id) => {
+                            repo.get_chunk(&id, &mut frame)?;
+                            dec.decode_verified(&id, &frame, len as usize, &mut content)?;
+                        }
+                        None => content = vec![0u8; len as usize],
+                    }
+                    tbuf.resize(len as usize, 0);
+                    let skip = |o: u64| (446..512).contains(&o) || (ss..2 * ss).contains(&o);
+                    let mut differs = false;
+                    let mut checked = 0u64;
+                    for (s0, e0) in m.used.window(start, len) {
+                        dev.read_exact_at(&mut tbuf[s0..e0], start + s0 as u64)
+                            .map_err(|e| Error::Io {
+                                what: "reading the target".into(),
+                                source: e,
+                            })?;
+                        for i in s0..e0 {
+                            if !skip(start + i as u64) && tbuf[i] != content[i] {
+                                differs = true;
+                            }
+                        }
+                        checked += (e0 - s0) as u64;
+                    }
+                    total.windows_checked += 1;
+                    total.bytes_checked += checked;
+                    if differs {
+                        total.windows_differing.push(c.index);
+                        total.bytes_differing += checked;
+                    }
                 }
+                let backup = t.last_usable_lba.map_or(u64::MAX, |l| (l + 1) * ss);
+                let cs = m.chunk_size;
+                areas
+                    .chunks
+                    .retain(|c| c.index >= head_windows && (c.index + 1) * cs <= backup);
+                let keep = ExtentMap::from_ranges(areas.chunks.iter().map(|c| (c.index * cs, cs)));
+                areas.used = ExtentMap::from_ranges(m.used.extents().iter().flat_map(|e| {
+                    keep.window(e.start, e.len)
+                        .into_iter()
+                        .map(move |(a, b)| (e.start + a as u64, (b - a) as u64))
+                }));
+                areas.used_bytes = areas.used.used_bytes();
             }
             areas.source_size = areas.source_size.min(dev.size());
-            let r = compare_target(&areas, &Region::whole(dev), threads, progress)?;
-            merge(r, 0);
+            if !areas.chunks.is_empty() {
+                let r = compare_target(&areas, &Region::whole(dev), threads, progress)?;
+                merge(&mut total, r, 0);
+            }
             total.windows_differing.sort_unstable();
             Ok(total)
         }
     }
+}
+
+fn merge(total: &mut CompareReport, r: CompareReport, base: u64) {
+    total.windows_checked += r.windows_checked;
+    total.bytes_checked += r.bytes_checked;
+    total.bytes_differing += r.bytes_differing;
+    total
+        .windows_differing
+        .extend(r.windows_differing.iter().map(|w| base + w));
 }
 
 /// Compare the used bytes of a partition-sized `target` with image `m`.
