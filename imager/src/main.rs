@@ -171,6 +171,55 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
+    /// List this machine's disks in OpenGnsys `dsk` order, or describe a
+    /// disk image file.
+    Disks {
+        /// Describe this disk image file or block device instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the device path of disk number N (1-based).
+        #[arg(long)]
+        dsk: Option<u32>,
+        /// Include loop, RAM, network and device-mapper devices.
+        #[arg(long)]
+        all: bool,
+        /// Include read-only media.
+        #[arg(long)]
+        read_only: bool,
+        /// Compute used space per filesystem (slower).
+        #[arg(long)]
+        usage: bool,
+        /// Do not look at filesystems.
+        #[arg(long)]
+        no_fs: bool,
+        /// Logical sector size of a disk image file.
+        #[arg(long)]
+        sector_size: Option<u32>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Partition a disk or disk image file and make its filesystems.
+    Partition {
+        /// The disk (block device or image file); or use --dsk.
+        device: Option<PathBuf>,
+        /// Disk number N (1-based, as `disks` lists them).
+        #[arg(long)]
+        dsk: Option<u32>,
+        /// Native layout (JSON; see the disk::layout documentation).
+        #[arg(long, conflicts_with = "opengnsys")]
+        layout: Option<PathBuf>,
+        /// An OpenGnsys `setup` (Configurar) body, or @FILE.
+        #[arg(long)]
+        opengnsys: Option<String>,
+        /// Logical sector size of a disk image file.
+        #[arg(long)]
+        sector_size: Option<u32>,
+        /// Show the plan without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Delete an image (all versions) from a repository.
     Delete {
         /// Image name.
@@ -683,6 +732,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Disks {
+            file,
+            dsk,
+            all,
+            read_only,
+            usage,
+            no_fs,
+            sector_size,
+            out,
+        } => cmd_disks(file, dsk, all, read_only, usage, no_fs, sector_size, &out),
+        Cmd::Partition {
+            device,
+            dsk,
+            layout,
+            opengnsys,
+            sector_size,
+            dry_run,
+            out,
+        } => cmd_partition(device, dsk, layout, opengnsys, sector_size, dry_run, &out),
         Cmd::Delete { name, repo } => {
             aula_imager::manifest::validate_name(&name)?;
             let repo = open_repo(&repo, false, &net)?;
@@ -999,5 +1067,231 @@ fn restore_legacy(
             s.bytes_written as f64 / 1048576.0 / secs.max(1e-9)
         ),
     );
+    Ok(())
+}
+
+fn gib(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / 1048576.0)
+    }
+}
+
+fn print_disk(d: &aula_imager::disk::DiskInfo) {
+    let num = d.dsk.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "disk {num}  {}  {}  {:?}  {}/{}  {}  {}",
+        d.path.display(),
+        gib(d.size),
+        d.transport,
+        d.logical_sector_size,
+        d.physical_sector_size,
+        d.model
+            .as_deref()
+            .map(|m| format!("{m:?}"))
+            .unwrap_or_else(|| "-".into()),
+        d.serial.as_deref().unwrap_or("-")
+    );
+    match &d.table {
+        Some(t) => println!("        {:?}  {}", t.kind, t.disk_id),
+        None => println!("        no partition table"),
+    }
+    for p in &d.partitions {
+        println!(
+            "   {:<2} {:>10} {:>10}  {:<5} {:<24} {:<6} {}{}",
+            p.number,
+            gib(p.start),
+            gib(p.size),
+            p.code.as_deref().unwrap_or("-"),
+            p.type_name.as_deref().unwrap_or(&p.ptype),
+            p.filesystem.as_deref().unwrap_or("-"),
+            p.label
+                .as_deref()
+                .map(|l| format!("{l:?}"))
+                .unwrap_or_default(),
+            p.used
+                .map(|u| format!("  used {}", gib(u)))
+                .unwrap_or_default()
+        );
+    }
+    for w in &d.warnings {
+        println!("        warning: {w}");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_disks(
+    file: Option<PathBuf>,
+    dsk: Option<u32>,
+    all: bool,
+    read_only: bool,
+    usage: bool,
+    no_fs: bool,
+    sector_size: Option<u32>,
+    out: &Output,
+) -> Result<()> {
+    use aula_imager::disk;
+    if let Some(n) = dsk {
+        let p = disk::resolve_dsk_with(
+            n,
+            &disk::InventoryOptions {
+                include_virtual: all,
+                include_read_only: read_only,
+                ..Default::default()
+            },
+        )?;
+        println!("{}", p.display());
+        return Ok(());
+    }
+    if let Some(f) = file {
+        let d = disk::inspect(&f, &disk::InspectOptions { sector_size, usage })?;
+        if out.json {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        } else {
+            print_disk(&d);
+        }
+        return Ok(());
+    }
+    let opts = disk::InventoryOptions {
+        include_virtual: all,
+        include_read_only: read_only,
+        usage,
+        filesystems: !no_fs,
+        ..Default::default()
+    };
+    let disks = disk::inventory(&opts)?;
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&disks)?);
+    } else if disks.is_empty() {
+        println!("no disks (loop and RAM devices are listed with --all)");
+    } else {
+        for d in &disks {
+            print_disk(d);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_partition(
+    device: Option<PathBuf>,
+    dsk: Option<u32>,
+    layout: Option<PathBuf>,
+    opengnsys: Option<String>,
+    sector_size: Option<u32>,
+    dry_run: bool,
+    out: &Output,
+) -> Result<()> {
+    use aula_imager::disk::{self, layout as lay};
+    let (spec, og_disk) = match (&layout, &opengnsys) {
+        (Some(f), None) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| usage(format!("reading {}: {e}", f.display())))?;
+            let spec: lay::LayoutSpec =
+                serde_json::from_str(&text).map_err(|e| usage(format!("{}: {e}", f.display())))?;
+            (spec, None)
+        }
+        (None, Some(body)) => {
+            let text = match body.strip_prefix('@') {
+                Some(f) => {
+                    std::fs::read_to_string(f).map_err(|e| usage(format!("reading {f}: {e}")))?
+                }
+                None => body.clone(),
+            };
+            let setup = lay::OpenGnsysSetup::parse(&text).map_err(|e| usage(e.to_string()))?;
+            let n = setup.disk()?;
+            (setup.to_spec()?, Some(n))
+        }
+        _ => bail!(usage(
+            "give a layout: --layout FILE or --opengnsys JSON|@FILE"
+        )),
+    };
+    let target = match (device, dsk.or(og_disk)) {
+        (Some(d), _) => d,
+        (None, Some(n)) => disk::resolve_dsk(n)?,
+        (None, None) => bail!(usage("name the disk: DEVICE or --dsk N")),
+    };
+    if dry_run {
+        let dev =
+            Device::open_read(&target).with_context(|| format!("opening {}", target.display()))?;
+        let ss = if dev.kind() == DeviceKind::Block {
+            dev.sector_size()
+        } else {
+            sector_size.unwrap_or(512)
+        };
+        let plan = lay::plan(&spec, dev.size(), ss)?;
+        if out.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            println!(
+                "plan for {} ({}, {}-byte sectors): {:?} table",
+                target.display(),
+                gib(dev.size()),
+                ss,
+                plan.table.kind
+            );
+            for p in &plan.table.partitions {
+                println!(
+                    "   {:<2} start {:>10} size {:>10}  type {}",
+                    p.number,
+                    gib(p.start),
+                    gib(p.size),
+                    p.ptype
+                );
+            }
+            for f in &plan.formats {
+                println!(
+                    "   {:<2} mkfs {:?} {}",
+                    f.number,
+                    f.filesystem,
+                    f.label.as_deref().unwrap_or("")
+                );
+            }
+        }
+        return Ok(());
+    }
+    let opts = disk::layout::ApplyOptions {
+        sector_size,
+        ..Default::default()
+    };
+    let applied = lay::apply(&target, &spec, &opts)
+        .with_context(|| format!("partitioning {}", target.display()))?;
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&applied)?);
+    } else {
+        println!(
+            "partitioned {}: {:?} table {}",
+            target.display(),
+            applied.table.kind,
+            applied.table.disk_id
+        );
+        for p in &applied.table.partitions {
+            println!(
+                "   {:<2} start {:>10} size {:>10}  type {}",
+                p.number,
+                gib(p.start),
+                gib(p.size),
+                p.ptype
+            );
+        }
+        for f in &applied.formatted {
+            let via = match &f.via {
+                disk::layout::FormatVia::Node(n) => format!("via {}", n.display()),
+                disk::layout::FormatVia::Offset => "by offset".into(),
+            };
+            println!(
+                "   {:<2} {:?} {} {via}",
+                f.number,
+                f.filesystem,
+                f.label
+                    .as_deref()
+                    .map(|l| format!("{l:?}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(n) = &applied.note {
+            println!("note: {n}");
+        }
+    }
     Ok(())
 }
