@@ -432,6 +432,14 @@ impl Registry {
         self.save().await
     }
 
+    /// The registered token of the agent that owns `mac`, if any.
+    pub fn agent_token(&self, mac: MacAddr) -> Option<String> {
+        self.agents(true)
+            .into_iter()
+            .find(|a| a.macs.contains(&mac))
+            .and_then(|a| a.token)
+    }
+
     /// Registered agents, tokens removed unless `with_tokens`.
     pub fn agents(&self, with_tokens: bool) -> Vec<AgentRecord> {
         let g = self.lock();

@@ -673,3 +673,81 @@ async fn https_listener_serves_the_same_routes_and_the_kernel_line_pins_its_cert
     server.shutdown();
     server.wait().await;
 }
+
+#[tokio::test]
+async fn an_agent_may_set_only_its_own_machines_boot_mode_and_post_signed_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, addr) = start(dir.path(), Some(TOKEN)).await;
+    let agent_token = "agent-own-token-abcdef0123456789";
+    let reg = serde_json::json!({
+        "mac": MAC, "ips": ["10.213.0.100"], "agent_version": "0.1.0",
+        "token": agent_token, "cert_fingerprint": format!("sha256:{}", "cd".repeat(32)), "port": 8000
+    })
+    .to_string();
+    assert_eq!(
+        req(addr, "POST", "/v1/agents/register", &[], Some(&reg))
+            .await
+            .status,
+        200
+    );
+    let auth = format!("Bearer {agent_token}");
+    let body = r#"{"mode":"local","once":true}"#;
+    // Its own machine: allowed.
+    let r = req(
+        addr,
+        "PUT",
+        &format!("/v1/clients/{MAC}/boot"),
+        &[("Authorization", &auth)],
+        Some(body),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Another machine: refused.
+    let r = req(
+        addr,
+        "PUT",
+        "/v1/clients/52:54:00:99:99:99/boot",
+        &[("Authorization", &auth)],
+        Some(body),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+
+    // Webhook events: accepted only with a valid HMAC of the body.
+    let event = serde_json::json!({"agent": {"mac": MAC, "ip": "10.213.0.100"}, "job_id": "RestaurarImagen-0011aabb", "state": "running", "seq": 1}).to_string();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, agent_token.as_bytes());
+    let sig: String = ring::hmac::sign(&key, event.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let good = format!("sha256={sig}");
+    let r = req(
+        addr,
+        "POST",
+        "/v1/agents/events",
+        &[("X-Aula-Signature", &good)],
+        Some(&event),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bad = format!("sha256={}", "00".repeat(32));
+    let r = req(
+        addr,
+        "POST",
+        "/v1/agents/events",
+        &[("X-Aula-Signature", &bad)],
+        Some(&event),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let r = req(addr, "POST", "/v1/agents/events", &[], Some(&event)).await;
+    assert_eq!(r.status, 401);
+    let events = req(addr, "GET", &format!("/v1/agents/{MAC}/events"), &[], None)
+        .await
+        .json();
+    assert_eq!(events.as_array().map(Vec::len), Some(1), "{events}");
+    assert_eq!(events[0]["job_id"], "RestaurarImagen-0011aabb");
+    server.shutdown();
+    server.wait().await;
+}

@@ -10,6 +10,12 @@
 //! | `GET /v1/leases` | open | bound DHCP leases |
 //! | `POST /v1/agents/register` | open | agent registration |
 //! | `GET /v1/agents` | open; tokens only with the API token | registered agents |
+//! | `POST /v1/agents/events` | HMAC of the agent's token | the default webhook sink (`aula.core` unset) |
+//! | `GET /v1/agents/{mac}/events` | open | the last events an agent posted |
+//!
+//! `PUT /v1/clients/{mac}/boot` also accepts the registered token of the
+//! agent running on that machine (so `IniciarSesion` can ask for one local
+//! boot of its own machine), never another machine's.
 //!
 //! Registration is open because an agent has no secret before it registers;
 //! everything that changes how a machine boots needs `Authorization: Bearer`.
@@ -92,12 +98,18 @@ pub struct SetBoot {
     pub once: bool,
 }
 
+/// Events kept per agent.
+const EVENTS_KEPT: usize = 200;
+
 /// The API route group.
 pub struct ApiRoutes {
     cfg: Arc<Config>,
     registry: Arc<Registry>,
     dhcp: Option<DhcpService>,
     token: Option<String>,
+    events: std::sync::Mutex<
+        std::collections::HashMap<MacAddr, std::collections::VecDeque<serde_json::Value>>,
+    >,
 }
 
 /// Compares without an early exit, so timing does not reveal the token.
@@ -121,7 +133,69 @@ impl ApiRoutes {
             registry,
             dhcp,
             token,
+            events: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    fn bearer(req: &HttpRequest) -> Option<&str> {
+        req.headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+    }
+
+    /// The API token, or the registered token of the agent on `mac`.
+    fn require_auth_for(&self, req: &HttpRequest, mac: MacAddr) -> Result<(), ApiError> {
+        if self.authorized(req) {
+            return Ok(());
+        }
+        let own = self.registry.agent_token(mac);
+        match (Self::bearer(req), own) {
+            (Some(b), Some(t)) if constant_time_eq(b.as_bytes(), t.as_bytes()) => Ok(()),
+            _ => self.require_auth(req),
+        }
+    }
+
+    /// Accept a webhook an agent signed with its registered token.
+    async fn agent_event(&self, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+        let sig = req
+            .headers()
+            .get("x-aula-signature")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("sha256="))
+            .map(str::to_owned)
+            .ok_or(ApiError::Unauthorized("missing X-Aula-Signature"))?;
+        let bytes = Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|_| ApiError::TooLarge)?
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+        let mac = v["agent"]["mac"]
+            .as_str()
+            .ok_or_else(|| ApiError::BadRequest("agent.mac is required".into()))?;
+        let mac = parse_mac(mac)?;
+        let token = self
+            .registry
+            .agent_token(mac)
+            .ok_or(ApiError::Unauthorized("no agent registered for that MAC"))?;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+        let sig = decode_hex(&sig).ok_or(ApiError::Unauthorized("malformed signature"))?;
+        ring::hmac::verify(&key, &bytes, &sig)
+            .map_err(|_| ApiError::Unauthorized("bad signature"))?;
+        if let Ok(mut ev) = self.events.lock() {
+            let q = ev.entry(mac).or_default();
+            if q.len() >= EVENTS_KEPT {
+                q.pop_front();
+            }
+            q.push_back(v);
+        }
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "accepted": true }),
+        ))
     }
 
     fn authorized(&self, req: &HttpRequest) -> bool {
@@ -217,8 +291,8 @@ impl ApiRoutes {
                 Ok(json(StatusCode::OK, &c))
             }
             (Method::PUT, ["v1", "clients", mac, "boot"]) => {
-                self.require_auth(&req)?;
                 let mac = parse_mac(mac)?;
+                self.require_auth_for(&req, mac)?;
                 let body: SetBoot = Self::body_json(req).await?;
                 let setting = self.registry.set_boot(mac, body.mode, body.once).await?;
                 tracing::info!(%mac, mode = %body.mode, once = body.once, "boot mode set");
@@ -261,6 +335,20 @@ impl ApiRoutes {
                     &serde_json::json!({ "registered": true, "macs": macs }),
                 ))
             }
+            (Method::POST, ["v1", "agents", "events"]) => self.agent_event(req).await,
+            (Method::GET, ["v1", "agents", mac, "events"]) => {
+                let mac = parse_mac(mac)?;
+                let list: Vec<serde_json::Value> = self
+                    .events
+                    .lock()
+                    .map(|e| {
+                        e.get(&mac)
+                            .map(|q| q.iter().cloned().collect())
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_default();
+                Ok(json(StatusCode::OK, &list))
+            }
             (Method::GET, ["v1", "agents"]) => {
                 let with_tokens = self.authorized(&req);
                 Ok(json(StatusCode::OK, &self.registry.agents(with_tokens)))
@@ -268,10 +356,21 @@ impl ApiRoutes {
             (_, ["v1", "status" | "clients" | "leases" | "agents"])
             | (_, ["v1", "clients", _])
             | (_, ["v1", "clients", _, "boot"])
-            | (_, ["v1", "agents", "register"]) => Err(ApiError::Method),
+            | (_, ["v1", "agents", "register" | "events"])
+            | (_, ["v1", "agents", _, "events"]) => Err(ApiError::Method),
             _ => Err(ApiError::NotFound),
         }
     }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
