@@ -16,9 +16,7 @@ use crate::device::{ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
 use crate::fs::{FsMeta, MapOptions};
-use crate::manifest::{
-    ChunkRef, Compression, ImageKind, Manifest, DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION,
-};
+use crate::manifest::{ChunkRef, ImageKind, Manifest, DEFAULT_CHUNK_SIZE};
 use crate::pool;
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -250,36 +248,21 @@ pub fn build_partition_manifest(
         repo,
         progress,
     )?;
-    Ok(Manifest {
-        format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION,
-        name: name.to_string(),
-        image_version: 0,
-        created: crate::manifest::now_rfc3339(),
-        tool: concat!("aula-imager ", env!("CARGO_PKG_VERSION")).into(),
-        kind: ImageKind::Partition,
-        source_size: src.size(),
-        sector_size: if info.sector_size == 0 {
-            512
-        } else {
-            info.sector_size
-        },
-        filesystem: scan.filesystem,
-        partition_type: info.partition_type.clone(),
-        map: scan.map,
-        used_bytes: scan.used.used_bytes(),
-        used: scan.used,
-        chunk_size: opts.chunk_size,
-        compression: Compression {
-            algorithm: "zstd".into(),
-            level: opts.level,
-        },
-        hash: "sha256".into(),
+    let mut m = Manifest::new(
+        name,
+        ImageKind::Partition,
+        src.size(),
+        info.sector_size,
+        scan.map,
+        scan.used,
+        opts.chunk_size,
+        opts.level,
         chunks,
-        table: None,
-        partitions: vec![],
-        description: opts.description.clone(),
-    })
+    );
+    m.filesystem = scan.filesystem;
+    m.partition_type = info.partition_type.clone();
+    m.description = opts.description.clone();
+    Ok(m)
 }
 
 /// Create and publish a partition image of `src`. Returns the published

@@ -281,6 +281,22 @@ impl Device {
         Ok(())
     }
 
+    /// Hint that `[offset, offset+len)` will be read soon, so the kernel
+    /// starts reading it in the background. Best effort.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fadvise only takes the descriptor and plain integers;
+        // it never touches memory we own.
+        let _ = unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     /// Flush written data to stable storage. An error here is fatal for the
     /// job: a failed fsync may have dropped the dirty pages.
     pub fn sync(&self) -> io::Result<()> {
@@ -377,6 +393,13 @@ impl Region {
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let at = self.check(offset, len as usize)?;
         self.dev.zero_range(at, len)
+    }
+
+    /// Read-ahead hint for a range inside the region.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        if let Ok(at) = self.check(offset, len.min(self.len.saturating_sub(offset)) as usize) {
+            self.dev.will_need(at, len.min(self.len - offset));
+        }
     }
 
     /// True when the range is a hole of a regular file.

@@ -26,9 +26,7 @@ use crate::device::{Device, ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
 use crate::image::{read_table, region_of};
-use crate::manifest::{
-    Compression, DiskPartition, ImageKind, Manifest, FORMAT_NAME, FORMAT_VERSION,
-};
+use crate::manifest::{DiskPartition, ImageKind, Manifest};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restore::{preflight, restore_chunks, restore_partition, RestoreOptions, RestoreStats};
@@ -135,32 +133,20 @@ pub fn create_disk(
         repo,
         progress,
     )?;
-    let mut m = Manifest {
-        format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION,
-        name: name.to_string(),
-        image_version: 0,
-        created: crate::manifest::now_rfc3339(),
-        tool: concat!("aula-imager ", env!("CARGO_PKG_VERSION")).into(),
-        kind: ImageKind::Disk,
-        source_size: disk_size,
-        sector_size: table.sector_size,
-        filesystem: None,
-        partition_type: None,
-        map: "disk".into(),
-        used_bytes: boot.used_bytes(),
-        used: boot,
-        chunk_size: opts.chunk_size,
-        compression: Compression {
-            algorithm: "zstd".into(),
-            level: opts.level,
-        },
-        hash: "sha256".into(),
+    let mut m = Manifest::new(
+        name,
+        ImageKind::Disk,
+        disk_size,
+        table.sector_size,
+        "disk".into(),
+        boot,
+        opts.chunk_size,
+        opts.level,
         chunks,
-        table: Some(table),
-        partitions: images,
-        description: opts.description.clone(),
-    };
+    );
+    m.table = Some(table);
+    m.partitions = images;
+    m.description = opts.description.clone();
     progress.set_phase("publish");
     m.image_version = repo.publish(&m)?;
     progress.set_phase("done");
@@ -269,17 +255,10 @@ fn restore_disk_steps(
             opts,
             progress,
         )?;
-        add(&mut stats, &s);
+        stats.add(&s);
     }
-    // The beginning of the disk: every window touching the space before the
-    // first partition.
-    let first = table
-        .partitions
-        .iter()
-        .map(|p| p.start)
-        .min()
-        .unwrap_or(1 << 20);
-    let head_windows = first.div_ceil(m.chunk_size).max(1);
+    // The beginning of the disk is written last.
+    let head_windows = head_windows(m, table);
     let same_size = dev.size() == m.source_size;
     let gpt = table.kind == TableKind::Gpt;
     let backup_start = match (gpt, table.last_usable_lba) {
@@ -312,7 +291,7 @@ fn restore_disk_steps(
         opts,
         progress,
     )?;
-    add(&mut stats, &s);
+    stats.add(&s);
     let s = restore_chunks(
         &used,
         m.chunk_size,
@@ -323,7 +302,7 @@ fn restore_disk_steps(
         opts,
         progress,
     )?;
-    add(&mut stats, &s);
+    stats.add(&s);
     if gpt && !same_size {
         crate::table::relocate_gpt_backup(dev)?;
     }
@@ -339,19 +318,21 @@ fn restore_disk_steps(
     Ok(stats)
 }
 
-fn add(a: &mut RestoreStats, b: &RestoreStats) {
-    a.chunks += b.chunks;
-    a.chunks_fetched += b.chunks_fetched;
-    a.chunks_skipped += b.chunks_skipped;
-    a.bytes_used += b.bytes_used;
-    a.bytes_fetched += b.bytes_fetched;
-    a.bytes_skipped += b.bytes_skipped;
-    a.bytes_written += b.bytes_written;
+/// Windows of a disk image that touch the space before its first
+/// partition (boot code, MBR, primary GPT): restored last.
+pub(crate) fn head_windows(m: &Manifest, table: &PartitionTable) -> u64 {
+    let first = table
+        .partitions
+        .iter()
+        .map(|p| p.start)
+        .min()
+        .unwrap_or(1 << 20);
+    first.div_ceil(m.chunk_size).max(1)
 }
 
 /// Fetch and verify the content of window `index` of `m`'s own chunks
 /// (zeros for an all-zero window).
-fn window_content(m: &Manifest, index: u64, repo: &dyn Repository) -> Result<Vec<u8>> {
+pub(crate) fn window_content(m: &Manifest, index: u64, repo: &dyn Repository) -> Result<Vec<u8>> {
     let (_, len) = m.window(index);
     let Some(c) = m.chunks.iter().find(|c| c.index == index) else {
         return Ok(vec![0u8; len as usize]);

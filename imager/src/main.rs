@@ -430,6 +430,26 @@ fn print_result(out: &Output, value: serde_json::Value, human: String) {
     }
 }
 
+/// Run a job with the progress view and Ctrl-C handling; returns its
+/// result and how many seconds it took.
+fn run_job<T, E>(
+    out: &Output,
+    what: &str,
+    job: impl FnOnce(&Arc<Progress>) -> std::result::Result<T, E>,
+) -> Result<(T, f64)>
+where
+    E: Into<anyhow::Error>,
+{
+    let progress = Arc::new(Progress::new());
+    install_ctrlc(progress.clone());
+    let rep = Reporter::start(progress.clone(), out);
+    let t0 = std::time::Instant::now();
+    let res = job(&progress);
+    rep.finish();
+    let v = res.map_err(|e| cancelled_hint(e.into(), what))?;
+    Ok((v, t0.elapsed().as_secs_f64()))
+}
+
 fn cancelled_hint(e: anyhow::Error, what: &str) -> anyhow::Error {
     if matches!(
         e.downcast_ref::<aula_imager::Error>(),
@@ -479,21 +499,9 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 description,
             };
-            let progress = Arc::new(Progress::new());
-            install_ctrlc(progress.clone());
-            let rep = Reporter::start(progress.clone(), &out);
-            let t0 = std::time::Instant::now();
-            let res = aula_imager::image::create_image(
-                &name,
-                dev,
-                partition,
-                repo.as_ref(),
-                &opts,
-                &progress,
-            );
-            rep.finish();
-            let m = res.map_err(|e| cancelled_hint(e.into(), "create"))?;
-            let secs = t0.elapsed().as_secs_f64();
+            let (m, secs) = run_job(&out, "create", |p| {
+                aula_imager::image::create_image(&name, dev, partition, repo.as_ref(), &opts, p)
+            })?;
             let stored = m.stored_bytes();
             print_result(
                 &out,
@@ -554,21 +562,9 @@ fn run(cli: Cli) -> Result<()> {
                 threads: threads.unwrap_or_else(|| repo.preferred_threads()),
                 delta: !no_delta,
             };
-            let progress = Arc::new(Progress::new());
-            install_ctrlc(progress.clone());
-            let rep = Reporter::start(progress.clone(), &out);
-            let t0 = std::time::Instant::now();
-            let res = aula_imager::image::restore_image(
-                &m,
-                dev,
-                partition,
-                repo.as_ref(),
-                &opts,
-                &progress,
-            );
-            rep.finish();
-            let s = res.map_err(|e| cancelled_hint(e.into(), "restore"))?;
-            let secs = t0.elapsed().as_secs_f64();
+            let (s, secs) = run_job(&out, "restore", |p| {
+                aula_imager::image::restore_image(&m, dev, partition, repo.as_ref(), &opts, p)
+            })?;
             print_result(
                 &out,
                 serde_json::json!({"name": m.name, "version": m.image_version, "stats": s, "seconds": secs}),
@@ -602,18 +598,14 @@ fn run(cli: Cli) -> Result<()> {
                 .manifest(&name, version)
                 .with_context(|| format!("reading image {name}"))?;
             let threads = threads.unwrap_or_else(|| repo.preferred_threads());
-            let progress = Arc::new(Progress::new());
-            install_ctrlc(progress.clone());
             match target {
                 None => {
                     if partition.is_some() {
                         bail!(usage("--partition needs a TARGET"));
                     }
-                    let rep = Reporter::start(progress.clone(), &out);
-                    let res =
-                        aula_imager::verify::verify_repo(&m, repo.as_ref(), threads, &progress);
-                    rep.finish();
-                    let r = res?;
+                    let (r, _) = run_job(&out, "verify", |p| {
+                        aula_imager::verify::verify_repo(&m, repo.as_ref(), threads, p)
+                    })?;
                     for (id, why) in &r.bad {
                         eprintln!("bad chunk {id}: {why}");
                     }
@@ -639,17 +631,17 @@ fn run(cli: Cli) -> Result<()> {
                 Some(t) => {
                     let dev = Device::open_read(&t)
                         .with_context(|| format!("opening {}", t.display()))?;
-                    let rep = Reporter::start(progress.clone(), &out);
-                    let res = aula_imager::verify::compare_image(
-                        &m,
-                        Arc::new(dev),
-                        partition,
-                        repo.as_ref(),
-                        threads,
-                        &progress,
-                    );
-                    rep.finish();
-                    let r = res?;
+                    let dev = Arc::new(dev);
+                    let (r, _) = run_job(&out, "verify", |p| {
+                        aula_imager::verify::compare_image(
+                            &m,
+                            dev,
+                            partition,
+                            repo.as_ref(),
+                            threads,
+                            p,
+                        )
+                    })?;
                     print_result(
                         &out,
                         serde_json::to_value(&r).unwrap_or_default(),
@@ -1034,25 +1026,21 @@ fn restore_legacy(
     let info = stream.info().clone();
     let dev = open_target(target, info.device_size, partition, force, true)?;
     let (region, _) = aula_imager::image::region_of(&dev, partition)?;
-    let progress = Arc::new(Progress::new());
-    install_ctrlc(progress.clone());
-    progress.start_phase("restore", info.used_bytes());
-    let rep = Reporter::start(progress.clone(), out);
-    let t0 = std::time::Instant::now();
-    let mut last = 0u64;
-    let p2 = progress.clone();
-    let res = stream.restore_to(
-        &region,
-        &mut |done| {
-            p2.add_done(done.saturating_sub(last));
-            p2.add_written(done.saturating_sub(last));
-            last = done;
-        },
-        &CANCEL,
-    );
-    rep.finish();
-    let s = res.with_context(|| format!("restoring {name}"))?;
-    let secs = t0.elapsed().as_secs_f64();
+    let (s, secs) = run_job(out, "restore", |p| {
+        p.start_phase("restore", info.used_bytes());
+        let mut last = 0u64;
+        stream
+            .restore_to(
+                &region,
+                &mut |done| {
+                    p.add_done(done.saturating_sub(last));
+                    p.add_written(done.saturating_sub(last));
+                    last = done;
+                },
+                &CANCEL,
+            )
+            .with_context(|| format!("restoring {name}"))
+    })?;
     print_result(
         out,
         serde_json::json!({"legacy": legacy_json(&info), "stats": s, "seconds": secs}),

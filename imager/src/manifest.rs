@@ -133,6 +133,49 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A new (unpublished) manifest with the fields every image has; the
+    /// optional ones (filesystem, partition type, table, partitions,
+    /// description) start empty.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        kind: ImageKind,
+        source_size: u64,
+        sector_size: u32,
+        map: String,
+        used: ExtentMap,
+        chunk_size: u64,
+        level: i32,
+        chunks: Vec<ChunkRef>,
+    ) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            name: name.to_string(),
+            image_version: 0,
+            created: now_rfc3339(),
+            tool: concat!("aula-imager ", env!("CARGO_PKG_VERSION")).into(),
+            kind,
+            source_size,
+            sector_size: if sector_size == 0 { 512 } else { sector_size },
+            filesystem: None,
+            partition_type: None,
+            map,
+            used_bytes: used.used_bytes(),
+            used,
+            chunk_size,
+            compression: Compression {
+                algorithm: "zstd".into(),
+                level,
+            },
+            hash: "sha256".into(),
+            chunks,
+            table: None,
+            partitions: vec![],
+            description: None,
+        }
+    }
+
     /// Parse and validate a manifest. `origin` names it in errors.
     pub fn from_json(bytes: &[u8], origin: &str) -> Result<Manifest> {
         let bad = |why: String| Error::BadManifest {

@@ -57,7 +57,8 @@ pub struct RestoreStats {
 }
 
 impl RestoreStats {
-    fn add(&mut self, o: &RestoreStats) {
+    /// Add another restore's counts (a disk restore sums its parts).
+    pub fn add(&mut self, o: &RestoreStats) {
         self.chunks += o.chunks;
         self.chunks_fetched += o.chunks_fetched;
         self.chunks_skipped += o.chunks_skipped;
@@ -162,6 +163,14 @@ pub fn restore_chunks(
         |w, k| {
             let c = &chunks[k];
             let start = c.index * chunk_size;
+            if opts.delta {
+                // Start reading the window a few chunks ahead so the disk
+                // works while this one is hashed.
+                if let Some(ahead) = chunks.get(k + 2 * opts.threads.max(1)) {
+                    let s = ahead.index * chunk_size;
+                    target.will_need(s, chunk_size.min(source_size - s));
+                }
+            }
             let len = chunk_size.min(source_size - start) as usize;
             let ranges = used.window(start, len as u64);
             let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();

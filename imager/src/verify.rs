@@ -147,25 +147,11 @@ pub fn compare_image(
                     .as_ref()
                     .ok_or_else(|| Error::Invalid("disk image without a table".into()))?;
                 let ss = u64::from(t.sector_size);
-                let first = t
-                    .partitions
-                    .iter()
-                    .map(|p| p.start)
-                    .min()
-                    .unwrap_or(1 << 20);
-                let head_windows = first.div_ceil(m.chunk_size).max(1);
-                let mut dec = Decoder::new()?;
-                let (mut frame, mut content) = (Vec::new(), Vec::new());
+                let head_windows = crate::disk_image::head_windows(m, t);
                 let mut tbuf = Vec::new();
                 for c in m.chunks.iter().filter(|c| c.index < head_windows) {
                     let (start, len) = m.window(c.index);
-                    match c.id {
-                        Some(id) => {
-                            repo.get_chunk(&id, &mut frame)?;
-                            dec.decode_verified(&id, &frame, len as usize, &mut content)?;
-                        }
-                        None => content = vec![0u8; len as usize],
-                    }
+                    let content = crate::disk_image::window_content(m, c.index, repo)?;
                     tbuf.resize(len as usize, 0);
                     let skip = |o: u64| (446..512).contains(&o) || (ss..2 * ss).contains(&o);
                     let mut differs = false;
