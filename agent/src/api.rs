@@ -235,7 +235,9 @@ async fn body_json(req: Request<Incoming>, allow_empty: bool) -> Result<Value, A
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 ApiError::TooLarge
             } else {
                 ApiError::BadRequest(BadRequest::body("could not read the request body"))
@@ -265,9 +267,10 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         (Method::GET, ["v1", "status"]) => Ok(json_response(StatusCode::OK, &ctx.status())),
         (Method::GET, ["v1", "inventory"]) => {
             let c = ctx.clone();
-            let hw = tokio::task::spawn_blocking(move || crate::system::hardware(&c.settings.disks))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let hw =
+                tokio::task::spawn_blocking(move || crate::system::hardware(&c.settings.disks))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
             Ok(json_response(StatusCode::OK, &hw))
         }
         (Method::GET, ["v1", "openapi.json"]) => {
@@ -373,8 +376,9 @@ fn prepare(ctx: &Ctx, spec: &JobSpec) -> Result<Locks, BadRequest> {
         JobSpec::Layout(l) => {
             let path = disk(l.disk, "disk")?;
             // Refuse layouts that cannot fit before accepting the job.
-            let dev = aula_imager::device::Device::open_read(&path)
-                .map_err(|e| BadRequest::field("disk", format!("opening {}: {e}", path.display())))?;
+            let dev = aula_imager::device::Device::open_read(&path).map_err(|e| {
+                BadRequest::field("disk", format!("opening {}: {e}", path.display()))
+            })?;
             aula_imager::disk::layout::plan(&l.layout, dev.size(), dev.sector_size())
                 .map_err(|e| BadRequest::field("layout", crate::tls::error_chain(&e)))?;
             locks.disks.push(path);
@@ -473,9 +477,7 @@ impl hyper::body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|o| o.map(|b| Ok(Frame::data(b))))
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
 
@@ -549,4 +551,3 @@ fn events(ctx: &Arc<Ctx>, id: &str) -> Result<Response<Body>, ApiError> {
         .insert("cache-control", HeaderValue::from_static("no-cache"));
     Ok(r)
 }
-

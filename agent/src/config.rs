@@ -505,7 +505,10 @@ pub struct Settings {
 fn check_url(key: &str, url: &str) -> Result<String, ConfigError> {
     let u = url.trim().trim_end_matches('/');
     if !(u.starts_with("http://") || u.starts_with("https://")) {
-        return Err(invalid(key, format!("{url:?} must start with http:// or https://")));
+        return Err(invalid(
+            key,
+            format!("{url:?} must start with http:// or https://"),
+        ));
     }
     u.parse::<hyper::Uri>()
         .map_err(|e| invalid(key, format!("{url:?}: {e}")))?;
@@ -549,11 +552,12 @@ impl Settings {
         };
         let core_url = match kernel.core.as_deref().or(file.core.url.as_deref()) {
             Some(u) => Some(check_url("aula.core / core.url", u)?),
-            None => server_url
-                .as_ref()
-                .map(|s| format!("{s}/v1/agents/events")),
+            None => server_url.as_ref().map(|s| format!("{s}/v1/agents/events")),
         };
-        let core_fp = kernel.core_fp.as_deref().or(file.core.fingerprint.as_deref());
+        let core_fp = kernel
+            .core_fp
+            .as_deref()
+            .or(file.core.fingerprint.as_deref());
         let same_origin = match (&core_url, &server_url) {
             (Some(c), Some(s)) => authority_of(c).is_some() && authority_of(c) == authority_of(s),
             _ => false,

@@ -85,18 +85,24 @@ pub fn inspect(path: &Path) -> Result<DiskInfo, DiskError> {
 
 /// Partition `n` of a disk.
 pub fn partition(info: &DiskInfo, n: u32) -> Result<PartitionInfo, DiskError> {
-    info.partition(n).cloned().ok_or_else(|| DiskError::NoPartition {
-        path: info.path.clone(),
-        number: n,
-        have: {
-            let v: Vec<String> = info.partitions.iter().map(|p| p.number.to_string()).collect();
-            if v.is_empty() {
-                "none".into()
-            } else {
-                v.join(", ")
-            }
-        },
-    })
+    info.partition(n)
+        .cloned()
+        .ok_or_else(|| DiskError::NoPartition {
+            path: info.path.clone(),
+            number: n,
+            have: {
+                let v: Vec<String> = info
+                    .partitions
+                    .iter()
+                    .map(|p| p.number.to_string())
+                    .collect();
+                if v.is_empty() {
+                    "none".into()
+                } else {
+                    v.join(", ")
+                }
+            },
+        })
 }
 
 /// True for a block device.
@@ -148,7 +154,9 @@ pub fn file_range_busy(file: &Path, start: u64, len: u64) -> Option<String> {
             return Some(format!(
                 "loop device /dev/{name} is attached to {} over bytes {off}..{}",
                 file.display(),
-                limit.map(|l| (off + l).to_string()).unwrap_or_else(|| "end".into())
+                limit
+                    .map(|l| (off + l).to_string())
+                    .unwrap_or_else(|| "end".into())
             ));
         }
     }
@@ -201,7 +209,10 @@ pub fn claim_partition(disk: &Path, p: &PartitionInfo) -> Result<PartitionGuard,
         return Ok(PartitionGuard { node: None });
     }
     if let Some(why) = file_range_busy(disk, p.start, p.size) {
-        return Err(DiskError::Busy(format!("partition {} is in use: {why}", p.number)));
+        return Err(DiskError::Busy(format!(
+            "partition {} is in use: {why}",
+            p.number
+        )));
     }
     Ok(PartitionGuard { node: None })
 }
@@ -210,7 +221,10 @@ pub fn claim_partition(disk: &Path, p: &PartitionInfo) -> Result<PartitionGuard,
 pub fn check_file_unused(disk: &Path) -> Result<(), DiskError> {
     if !is_block(disk) {
         if let Some(why) = file_range_busy(disk, 0, u64::MAX / 2) {
-            return Err(DiskError::Busy(format!("{} is in use: {why}", disk.display())));
+            return Err(DiskError::Busy(format!(
+                "{} is in use: {why}",
+                disk.display()
+            )));
         }
     }
     Ok(())
@@ -250,7 +264,10 @@ impl Drop for Mounted {
         nix::unistd::sync();
         if let Err(e) = run(Command::new("umount").arg(&self.dir), "unmounting") {
             tracing::warn!(dir = %self.dir.display(), error = %e, "unmount failed; retrying lazily");
-            let _ = run(Command::new("umount").arg("-l").arg(&self.dir), "unmounting");
+            let _ = run(
+                Command::new("umount").arg("-l").arg(&self.dir),
+                "unmounting",
+            );
         }
         if let Some(l) = &self.loopdev {
             let _ = run(Command::new("losetup").arg("-d").arg(l), "detaching");

@@ -441,7 +441,10 @@ impl Jobs {
     /// Every stored job, oldest first.
     pub fn list(&self) -> Vec<Arc<Job>> {
         let t = self.table();
-        t.order.iter().filter_map(|id| t.jobs.get(id).cloned()).collect()
+        t.order
+            .iter()
+            .filter_map(|id| t.jobs.get(id).cloned())
+            .collect()
     }
 
     /// Counts of queued and running jobs.
@@ -529,7 +532,8 @@ impl Jobs {
             }
             job
         };
-        job.span.in_scope(|| tracing::info!(spec = ?job.spec, "job accepted"));
+        job.span
+            .in_scope(|| tracing::info!(spec = ?job.spec, "job accepted"));
         self.schedule(ctx);
         Ok((job, true))
     }
@@ -642,7 +646,8 @@ impl Jobs {
             }
         };
         if was_queued {
-            job.span.in_scope(|| tracing::info!("job cancelled while queued"));
+            job.span
+                .in_scope(|| tracing::info!("job cancelled while queued"));
             let mut t = self.table();
             t.active.retain(|j| !Arc::ptr_eq(j, &job));
             drop(t);

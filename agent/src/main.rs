@@ -47,7 +47,9 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
 }
 
 async fn run(s: Settings) -> anyhow::Result<()> {
-    let agent = aula_agent::Agent::start(s).await.context("starting the agent")?;
+    let agent = aula_agent::Agent::start(s)
+        .await
+        .context("starting the agent")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -71,7 +71,12 @@ fn fields(op: &str) -> Option<&'static [(&'static str, bool)]> {
         "InventarioHardware" | "Apagar" | "Reiniciar" => &[("nfn", false), ("ids", false)],
         "InventarioSoftware" => &[("dsk", true), ("par", true), ("nfn", false), ("ids", false)],
         "EjecutarScript" => &[("scp", true), ("nfn", false), ("ids", false)],
-        "IniciarSesion" => &[("dsk", false), ("par", false), ("nfn", false), ("ids", false)],
+        "IniciarSesion" => &[
+            ("dsk", false),
+            ("par", false),
+            ("nfn", false),
+            ("ids", false),
+        ],
         _ => return None,
     })
 }
@@ -137,7 +142,8 @@ pub fn parse(op: &str, body: Value, settings: &Settings) -> Result<OgRequest, Ba
         .find(|o| **o == op)
         .copied()
         .ok_or_else(|| BadRequest::body(format!("unknown operation {op:?}")))?;
-    let allowed = fields(op).ok_or_else(|| BadRequest::body(format!("unknown operation {op:?}")))?;
+    let allowed =
+        fields(op).ok_or_else(|| BadRequest::body(format!("unknown operation {op:?}")))?;
     let map: Map<String, Value> = match body {
         Value::Object(m) => m,
         Value::Null => Map::new(),
@@ -246,8 +252,9 @@ pub fn parse(op: &str, body: Value, settings: &Settings) -> Result<OgRequest, Ba
         }
         "InventarioHardware" => JobSpec::HardwareInventory(Empty {}),
         "InventarioSoftware" => {
-            let partition = par()?
-                .ok_or_else(|| BadRequest::field("par", "a partition number (1, 2, …) is needed"))?;
+            let partition = par()?.ok_or_else(|| {
+                BadRequest::field("par", "a partition number (1, 2, …) is needed")
+            })?;
             JobSpec::SoftwareInventory(PartitionRef {
                 disk: dsk(true)?,
                 partition,
@@ -329,7 +336,9 @@ fn setup(map: &Map<String, Value>) -> Result<OpenGnsysSetup, BadRequest> {
             }
         }
         let field = |k: &str| -> Result<Loose, BadRequest> {
-            let v = m.get(k).ok_or_else(|| BadRequest::field(at(k), "missing"))?;
+            let v = m
+                .get(k)
+                .ok_or_else(|| BadRequest::field(at(k), "missing"))?;
             loose(&at(k), v)
         };
         // Sizes and numbers must be numbers; check here to name the entry.
@@ -352,7 +361,10 @@ fn setup(map: &Map<String, Value>) -> Result<OpenGnsysSetup, BadRequest> {
                 .map(|v| scalar(&at("filesystem"), v))
                 .transpose()?,
             size: field("size")?,
-            format: m.get("format").map(|v| loose(&at("format"), v)).transpose()?,
+            format: m
+                .get("format")
+                .map(|v| loose(&at("format"), v))
+                .transpose()?,
         });
     }
     Ok(OpenGnsysSetup {
@@ -394,14 +406,38 @@ mod tests {
         let ok = serde_json::json!({"dsk":1,"par":2,"nci":"x","ipr":"10.0.0.1"});
         assert!(parse("RestaurarImagen", ok, &settings()).is_ok());
         let cases = [
-            (serde_json::json!({"dsk":"a","par":"2","nci":"x","ipr":"1.2.3.4"}), "dsk"),
-            (serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"1.2.3.4","method":"multicast"}), "method"),
-            (serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"1.2.3.4","extra":"1"}), "extra"),
-            (serde_json::json!({"dsk":"1","par":"2","ipr":"1.2.3.4"}), "nci"),
-            (serde_json::json!({"dsk":"1","par":"2","nci":"../x","ipr":"1.2.3.4"}), "nci"),
-            (serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"1.2.3.4","nfn":"CrearImagen"}), "nfn"),
-            (serde_json::json!({"dsk":"1","par":[2],"nci":"x","ipr":"1.2.3.4"}), "par"),
-            (serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"a b"}), "ipr"),
+            (
+                serde_json::json!({"dsk":"a","par":"2","nci":"x","ipr":"1.2.3.4"}),
+                "dsk",
+            ),
+            (
+                serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"1.2.3.4","method":"multicast"}),
+                "method",
+            ),
+            (
+                serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"1.2.3.4","extra":"1"}),
+                "extra",
+            ),
+            (
+                serde_json::json!({"dsk":"1","par":"2","ipr":"1.2.3.4"}),
+                "nci",
+            ),
+            (
+                serde_json::json!({"dsk":"1","par":"2","nci":"../x","ipr":"1.2.3.4"}),
+                "nci",
+            ),
+            (
+                serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"1.2.3.4","nfn":"CrearImagen"}),
+                "nfn",
+            ),
+            (
+                serde_json::json!({"dsk":"1","par":[2],"nci":"x","ipr":"1.2.3.4"}),
+                "par",
+            ),
+            (
+                serde_json::json!({"dsk":"1","par":"2","nci":"x","ipr":"a b"}),
+                "ipr",
+            ),
         ];
         for (body, field) in cases {
             let e = parse("RestaurarImagen", body.clone(), &settings()).expect_err("refused");

@@ -59,7 +59,11 @@ pub fn after_job(ctx: &std::sync::Arc<Ctx>, job: &Job) {
 }
 
 async fn perform(ctx: &Ctx, action: Action) {
-    tracing::warn!(action = action.as_str(), mode = ctx.power_mode(), "power action");
+    tracing::warn!(
+        action = action.as_str(),
+        mode = ctx.power_mode(),
+        "power action"
+    );
     ctx.record_power(action);
     match ctx.settings.power.mode {
         PowerMode::DryRun => {}
@@ -102,14 +106,19 @@ pub async fn boot_os(ctx: &Ctx, b: &BootOsSpec) -> Outcome {
         )
     })?;
     let mac = ctx.identity.mac.clone().ok_or_else(|| {
-        Failure::new("invalid", "this machine's MAC is unknown (set identity.mac or BOOTIF=)")
+        Failure::new(
+            "invalid",
+            "this machine's MAC is unknown (set identity.mac or BOOTIF=)",
+        )
     })?;
     let client = ctx
         .server_client
         .as_ref()
         .ok_or_else(|| Failure::new("tls", "no HTTPS client for the server"))?;
     let url = format!("{server}/v1/clients/{mac}/boot");
-    let body = json!({"mode": "local", "once": true}).to_string().into_bytes();
+    let body = json!({"mode": "local", "once": true})
+        .to_string()
+        .into_bytes();
     let auth = format!("Bearer {}", ctx.token);
     let mut delay = Duration::from_millis(200);
     let mut last = String::new();

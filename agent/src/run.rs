@@ -38,8 +38,8 @@ pub async fn run(job: Arc<Job>, ctx: Arc<Ctx>) -> Outcome {
             let span = job.span.clone();
             let j = job.clone();
             let c = ctx.clone();
-            let r = tokio::task::spawn_blocking(move || span.in_scope(|| blocking(&j, &c, spec)))
-                .await;
+            let r =
+                tokio::task::spawn_blocking(move || span.in_scope(|| blocking(&j, &c, spec))).await;
             match r {
                 Ok(o) => o,
                 Err(e) => Err(Failure::new(
@@ -266,8 +266,10 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
                 (_, Some(p)) if m.kind == ImageKind::Partition || r.partition.is_some() => {
                     scrub_partition(&dev, p)
                 }
-                _ => "unknown: the restore stopped part-way; restore again before booting this disk"
-                    .into(),
+                _ => {
+                    "unknown: the restore stopped part-way; restore again before booting this disk"
+                        .into()
+                }
             };
             Err(f.disk_state(state))
         }
@@ -275,15 +277,17 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
 }
 
 /// OpenGnsys `cpt`: warn when the target partition's type differs.
-fn partition_type_warnings(
-    job: &Job,
-    p: Option<&aula_imager::disk::PartitionInfo>,
-) -> Vec<String> {
+fn partition_type_warnings(job: &Job, p: Option<&aula_imager::disk::PartitionInfo>) -> Vec<String> {
     let (Some(cpt), Some(p)) = (job.echo.as_ref().and_then(|e| e.get("cpt")), p) else {
         return Vec::new();
     };
     let code = p.code.clone().unwrap_or_default();
-    let norm = |s: &str| s.trim().trim_start_matches("0x").trim_start_matches('0').to_ascii_lowercase();
+    let norm = |s: &str| {
+        s.trim()
+            .trim_start_matches("0x")
+            .trim_start_matches('0')
+            .to_ascii_lowercase()
+    };
     if norm(cpt) == norm(&code) {
         Vec::new()
     } else {
@@ -320,14 +324,20 @@ fn create(job: &Job, ctx: &Ctx, c: &CreateSpec) -> Outcome {
         .map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
     let url = repo_url(ctx, &c.repository)?;
     if ctx.settings.repo_write_token.is_none() {
-        tracing::warn!("no repository.write_token configured: the repository will refuse the upload");
+        tracing::warn!(
+            "no repository.write_token configured: the repository will refuse the upload"
+        );
     }
     let repo = http_repo(ctx, &url, true)?;
     let _guard = match c.partition {
         Some(n) => {
             let info = disks::inspect(&disk).map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
-            let p = disks::partition(&info, n).map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
-            Some(disks::claim_partition(&disk, &p).map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?)
+            let p =
+                disks::partition(&info, n).map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
+            Some(
+                disks::claim_partition(&disk, &p)
+                    .map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?,
+            )
         }
         None => None,
     };

@@ -118,12 +118,18 @@ pub async fn run(job: &Job, ctx: &Ctx, s: &ScriptSpec) -> Outcome {
     if timed_out {
         return Err(fail(
             "timeout",
-            format!("the script ran longer than {} s and was killed", limit.as_secs()),
+            format!(
+                "the script ran longer than {} s and was killed",
+                limit.as_secs()
+            ),
         ));
     }
     match code {
         Some(0) => Ok(result),
-        Some(c) => Err(fail("exit_status", format!("the script exited with status {c}"))),
+        Some(c) => Err(fail(
+            "exit_status",
+            format!("the script exited with status {c}"),
+        )),
         None => Err(fail(
             "exit_status",
             format!("the script was killed by signal {}", signal.unwrap_or(0)),

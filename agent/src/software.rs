@@ -121,10 +121,7 @@ fn linux(root: &Path) -> Option<Os> {
     kernels.sort();
     Some(Os {
         family: "linux".into(),
-        name: m
-            .get("NAME")
-            .cloned()
-            .unwrap_or_else(|| "Linux".into()),
+        name: m.get("NAME").cloned().unwrap_or_else(|| "Linux".into()),
         version: m.get("VERSION_ID").or(m.get("VERSION")).cloned(),
         pretty_name: m.get("PRETTY_NAME").cloned(),
         id: m.get("ID").cloned(),
@@ -142,11 +139,10 @@ fn find_nocase(root: &Path, rel: &str) -> Option<PathBuf> {
             cur = exact;
             continue;
         }
-        let found = std::fs::read_dir(&cur).ok()?.flatten().find(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .eq_ignore_ascii_case(part)
-        })?;
+        let found = std::fs::read_dir(&cur)
+            .ok()?
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(part))?;
         cur = found.path();
     }
     Some(cur)
@@ -156,8 +152,15 @@ fn windows(root: &Path) -> Option<Os> {
     let hive_path = find_nocase(root, "Windows/System32/config/SOFTWARE")?;
     let data = std::fs::read(hive_path).ok()?;
     let hive = regf::Hive::new(&data).ok()?;
-    let key = hive.find(&["Microsoft", "Windows NT", "CurrentVersion"]).ok()?;
-    let s = |n: &str| hive.value(key, n).ok().flatten().and_then(|v| v.as_string());
+    let key = hive
+        .find(&["Microsoft", "Windows NT", "CurrentVersion"])
+        .ok()?;
+    let s = |n: &str| {
+        hive.value(key, n)
+            .ok()
+            .flatten()
+            .and_then(|v| v.as_string())
+    };
     let d = |n: &str| hive.value(key, n).ok().flatten().and_then(|v| v.as_u32());
     let product = s("ProductName").unwrap_or_else(|| "Windows".into());
     let build_no: Option<u32> = s("CurrentBuild")
@@ -173,12 +176,15 @@ fn windows(root: &Path) -> Option<Os> {
         Some(u) => format!("{b}.{u}"),
         None => b.to_string(),
     });
-    let version = s("DisplayVersion")
-        .or_else(|| s("ReleaseId"))
-        .or_else(|| match (d("CurrentMajorVersionNumber"), d("CurrentMinorVersionNumber")) {
+    let version = s("DisplayVersion").or_else(|| s("ReleaseId")).or_else(|| {
+        match (
+            d("CurrentMajorVersionNumber"),
+            d("CurrentMinorVersionNumber"),
+        ) {
             (Some(a), Some(b)) => Some(format!("{a}.{b}")),
             _ => s("CurrentVersion"),
-        });
+        }
+    });
     Some(Os {
         family: "windows".into(),
         pretty_name: Some(match &version {
@@ -354,7 +360,9 @@ pub mod regf {
         pub fn find(&self, path: &[&str]) -> Result<u32, RegError> {
             let mut k = self.root;
             for p in path {
-                k = self.child(k, p)?.ok_or_else(|| RegError::NoKey(p.to_string()))?;
+                k = self
+                    .child(k, p)?
+                    .ok_or_else(|| RegError::NoKey(p.to_string()))?;
             }
             Ok(k)
         }
@@ -429,8 +437,11 @@ mod tests {
         let root = d.path();
         std::fs::create_dir_all(root.join("etc")).expect("etc");
         std::fs::create_dir_all(root.join("usr/lib")).expect("usr/lib");
-        std::fs::write(root.join("usr/lib/os-release"), "NAME=Debian GNU/Linux\nVERSION_ID=\"12\"\n")
-            .expect("write");
+        std::fs::write(
+            root.join("usr/lib/os-release"),
+            "NAME=Debian GNU/Linux\nVERSION_ID=\"12\"\n",
+        )
+        .expect("write");
         std::os::unix::fs::symlink("/usr/lib/os-release", root.join("etc/os-release"))
             .expect("symlink");
         let os = detect(root).expect("found");

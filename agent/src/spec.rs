@@ -250,7 +250,9 @@ impl JobSpec {
     }
 
     /// Parse `{"op": …, …}` (without `id`).
-    pub fn parse(mut map: serde_json::Map<String, serde_json::Value>) -> Result<JobSpec, BadRequest> {
+    pub fn parse(
+        mut map: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<JobSpec, BadRequest> {
         let op = match map.remove("op") {
             Some(serde_json::Value::String(s)) => s,
             Some(_) => return Err(BadRequest::field("op", "must be a string")),
@@ -311,7 +313,10 @@ impl JobSpec {
             JobSpec::SoftwareInventory(p) => {
                 disk(p.disk)?;
                 if p.partition == 0 {
-                    return Err(BadRequest::field("partition", "partition numbers start at 1"));
+                    return Err(BadRequest::field(
+                        "partition",
+                        "partition numbers start at 1",
+                    ));
                 }
             }
             JobSpec::Script(s) => {

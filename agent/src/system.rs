@@ -112,9 +112,7 @@ pub fn firmware() -> &'static str {
 
 /// Secure Boot state from the EFI variable, when readable.
 pub fn secure_boot() -> Option<bool> {
-    let p = Path::new(
-        "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c",
-    );
+    let p = Path::new("/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c");
     // 4 bytes of attributes, then the value.
     let v = fs::read(p).ok()?;
     v.get(4).map(|b| *b == 1)

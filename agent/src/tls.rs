@@ -53,8 +53,8 @@ pub fn self_signed(hostname: Option<&str>, ips: &[IpAddr]) -> Result<Identity, T
     names.extend(ips.iter().map(|ip| ip.to_string()));
     names.push("127.0.0.1".into());
     names.dedup();
-    let ck = rcgen::generate_simple_self_signed(names)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let ck =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
     let der: CertificateDer<'static> = ck.cert.der().clone();
     let fingerprint = aula_imager::tls::fingerprint(der.as_ref());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
@@ -98,7 +98,10 @@ pub fn random_hex(n: usize) -> String {
 /// `sha256=<hex>` HMAC of `body` keyed with `key` (the webhook signature).
 pub fn sign(key: &str, body: &[u8]) -> String {
     let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
-    format!("sha256={}", hex::encode(ring::hmac::sign(&k, body).as_ref()))
+    format!(
+        "sha256={}",
+        hex::encode(ring::hmac::sign(&k, body).as_ref())
+    )
 }
 
 /// Compare without an early exit.
@@ -141,8 +144,8 @@ pub enum CallError {
 impl HttpClient {
     /// A client trusting servers as `trust` says.
     pub fn new(trust: &ServerTrust, timeout: Duration) -> Result<HttpClient, TlsError> {
-        let tls = aula_imager::tls::client_config(trust)
-            .map_err(|e| TlsError::Client(e.to_string()))?;
+        let tls =
+            aula_imager::tls::client_config(trust).map_err(|e| TlsError::Client(e.to_string()))?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);

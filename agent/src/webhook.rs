@@ -194,7 +194,10 @@ impl Webhooks {
                 ("x-aula-event", kind.to_string()),
                 ("x-aula-job", job_id.clone()),
                 ("x-aula-seq", seq.to_string()),
-                ("user-agent", format!("aula-agent/{}", env!("CARGO_PKG_VERSION"))),
+                (
+                    "user-agent",
+                    format!("aula-agent/{}", env!("CARGO_PKG_VERSION")),
+                ),
             ];
             let r = tokio::select! {
                 _ = stop.cancelled() => {
