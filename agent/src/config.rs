@@ -135,7 +135,7 @@ impl Default for ListenSection {
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// Boot server URL (`aula.server=` wins).
@@ -154,6 +154,17 @@ pub struct ServerSection {
 
 fn default_register_backoff() -> u64 {
     30
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            url: None,
+            fingerprint: None,
+            ca_bundle: None,
+            register_max_backoff_s: default_register_backoff(),
+        }
+    }
 }
 
 /// `[core]`
@@ -703,6 +714,15 @@ mod tests {
             s.default_repo_url().as_deref(),
             Some("http://10.1.2.3:8080")
         );
+    }
+
+    #[test]
+    fn the_example_file_parses_to_the_defaults() {
+        let text = include_str!("../aula-agent.example.toml");
+        let f = FileConfig::parse(text, "example").expect("example parses");
+        let s = Settings::new(f, &KernelParams::default()).expect("settings");
+        let d = Settings::new(FileConfig::default(), &KernelParams::default()).expect("defaults");
+        assert_eq!(format!("{s:?}"), format!("{d:?}"));
     }
 
     #[test]
