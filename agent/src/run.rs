@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use aula_imager::device::{Device, OpenMode};
 use aula_imager::disk::layout::{ApplyOptions, LayoutError};
-use aula_imager::manifest::ImageKind;
 use aula_imager::repo::{CachedRepo, HttpOptions, HttpRepo, LocalRepo, Repository};
 use serde_json::json;
 
@@ -263,13 +262,9 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
                 (aula_imager::Error::Incomplete { state, .. }, _) => state.clone(),
                 // Nothing was written before the restore phase began.
                 _ if job.progress.snapshot().phase == "manifest" => UNCHANGED.into(),
-                (_, Some(p)) if m.kind == ImageKind::Partition || r.partition.is_some() => {
-                    scrub_partition(&dev, p)
-                }
-                _ => {
-                    "unknown: the restore stopped part-way; restore again before booting this disk"
-                        .into()
-                }
+                (_, Some(p)) => scrub(&dev, p.start, p.size, &format!("partition {}", p.number)),
+                // A partition image restored onto the whole device.
+                (_, None) => scrub(&dev, 0, dev.size(), "the disk"),
             };
             Err(f.disk_state(state))
         }
@@ -298,22 +293,21 @@ fn partition_type_warnings(job: &Job, p: Option<&aula_imager::disk::PartitionInf
     }
 }
 
-/// After an interrupted partition restore: zero the partition's first MiB
-/// so the half-written filesystem is not recognised, mounted or booted.
-fn scrub_partition(dev: &Device, p: &aula_imager::disk::PartitionInfo) -> String {
-    let len = p.size.min(1 << 20);
+/// After an interrupted restore of a filesystem image: zero the first MiB
+/// of its target range so the half-written filesystem is not recognised,
+/// mounted or booted.
+fn scrub(dev: &Device, start: u64, size: u64, what: &str) -> String {
+    let len = size.min(1 << 20);
     let zeros = vec![0u8; len as usize];
     let res = dev
-        .write_all_at(&zeros, p.start)
+        .write_all_at(&zeros, start)
         .and_then(|()| dev.file().sync_all());
     match res {
         Ok(()) => format!(
-            "partition {} was partly written and its first MiB zeroed: it holds no recognisable filesystem and will not mount or boot; the rest of the disk is untouched; restoring again finishes it (delta restore fetches only what is missing)",
-            p.number
+            "{what} was partly written and its first MiB zeroed: it holds no recognisable filesystem and will not mount or boot; the rest of the disk is untouched; restoring again finishes it (delta restore fetches only what is missing)"
         ),
         Err(e) => format!(
-            "partition {} was partly written and zeroing its first MiB failed ({e}): do not boot it before restoring again",
-            p.number
+            "{what} was partly written and zeroing its first MiB failed ({e}): do not boot it before restoring again"
         ),
     }
 }

@@ -431,6 +431,124 @@ mod tests {
         assert_eq!(m["PRETTY_NAME"], "Ubuntu 24.04.1 LTS");
     }
 
+    /// A minimal registry hive writer (test only): one hive bin, cells
+    /// appended in order.
+    struct HiveBuilder {
+        bin: Vec<u8>,
+    }
+
+    impl HiveBuilder {
+        fn new() -> Self {
+            let mut bin = vec![0u8; 32];
+            bin[..4].copy_from_slice(b"hbin");
+            HiveBuilder { bin }
+        }
+        fn cell(&mut self, data: &[u8]) -> u32 {
+            let off = self.bin.len() as u32;
+            let size = (data.len() + 4).div_ceil(8) * 8;
+            self.bin.extend_from_slice(&(-(size as i32)).to_le_bytes());
+            self.bin.extend_from_slice(data);
+            self.bin.resize(off as usize + size, 0);
+            off
+        }
+        fn utf16z(s: &str) -> Vec<u8> {
+            s.encode_utf16()
+                .chain([0])
+                .flat_map(u16::to_le_bytes)
+                .collect()
+        }
+        fn value_sz(&mut self, name: &str, v: &str) -> u32 {
+            let data = Self::utf16z(v);
+            let d = self.cell(&data);
+            self.vk(name, data.len() as u32, d, 1)
+        }
+        fn value_dword(&mut self, name: &str, v: u32) -> u32 {
+            self.vk(name, 0x8000_0004, v, 4)
+        }
+        fn vk(&mut self, name: &str, size: u32, data: u32, typ: u32) -> u32 {
+            let mut c = b"vk".to_vec();
+            c.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            c.extend_from_slice(&size.to_le_bytes());
+            c.extend_from_slice(&data.to_le_bytes());
+            c.extend_from_slice(&typ.to_le_bytes());
+            c.extend_from_slice(&1u16.to_le_bytes());
+            c.extend_from_slice(&0u16.to_le_bytes());
+            c.extend_from_slice(name.as_bytes());
+            self.cell(&c)
+        }
+        fn key(&mut self, name: &str, subkeys: &[u32], values: &[u32]) -> u32 {
+            let mut list = 0u32;
+            if !subkeys.is_empty() {
+                let mut l = b"lf".to_vec();
+                l.extend_from_slice(&(subkeys.len() as u16).to_le_bytes());
+                for k in subkeys {
+                    l.extend_from_slice(&k.to_le_bytes());
+                    l.extend_from_slice(&0u32.to_le_bytes());
+                }
+                list = self.cell(&l);
+            }
+            let mut vlist = 0u32;
+            if !values.is_empty() {
+                let v: Vec<u8> = values.iter().flat_map(|o| o.to_le_bytes()).collect();
+                vlist = self.cell(&v);
+            }
+            let mut c = vec![0u8; 76];
+            c[..2].copy_from_slice(b"nk");
+            c[2..4].copy_from_slice(&0x20u16.to_le_bytes());
+            c[20..24].copy_from_slice(&(subkeys.len() as u32).to_le_bytes());
+            c[28..32].copy_from_slice(&list.to_le_bytes());
+            c[36..40].copy_from_slice(&(values.len() as u32).to_le_bytes());
+            c[40..44].copy_from_slice(&vlist.to_le_bytes());
+            c[72..74].copy_from_slice(&(name.len() as u16).to_le_bytes());
+            c.extend_from_slice(name.as_bytes());
+            self.cell(&c)
+        }
+        fn finish(mut self, root: u32) -> Vec<u8> {
+            let len = self.bin.len().div_ceil(4096) * 4096;
+            self.bin.resize(len, 0);
+            self.bin[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+            let mut file = vec![0u8; 4096];
+            file[..4].copy_from_slice(b"regf");
+            file[0x24..0x28].copy_from_slice(&root.to_le_bytes());
+            file.extend_from_slice(&self.bin);
+            file
+        }
+    }
+
+    #[test]
+    fn windows_name_version_and_build_come_from_the_software_hive() {
+        let mut h = HiveBuilder::new();
+        let vals = vec![
+            h.value_sz("ProductName", "Windows 10 Pro"),
+            h.value_sz("DisplayVersion", "23H2"),
+            h.value_sz("CurrentBuild", "22631"),
+            h.value_dword("UBR", 2861),
+            h.value_sz("EditionID", "Professional"),
+        ];
+        let cv = h.key("CurrentVersion", &[], &vals);
+        let other = h.key("Other", &[], &[]);
+        let nt = h.key("Windows NT", &[other, cv], &[]);
+        let ms = h.key("Microsoft", &[nt], &[]);
+        let root = h.key("ROOT", &[ms], &[]);
+        let hive = h.finish(root);
+        let d = tempfile::tempdir().expect("tmp");
+        // Windows paths are case-insensitive.
+        let cfg = d.path().join("windows/system32/CONFIG");
+        std::fs::create_dir_all(&cfg).expect("mkdir");
+        std::fs::write(cfg.join("software"), &hive).expect("hive");
+        let os = detect(d.path()).expect("windows found");
+        assert_eq!(os.family, "windows");
+        assert_eq!(os.name, "Windows 11 Pro");
+        assert_eq!(os.version.as_deref(), Some("23H2"));
+        assert_eq!(os.build.as_deref(), Some("22631.2861"));
+        assert_eq!(os.id.as_deref(), Some("Professional"));
+        // A truncated hive is an error, not a panic.
+        let bad = regf::Hive::new(&hive[..4200]).expect("header");
+        assert!(bad
+            .find(&["Microsoft", "Windows NT", "CurrentVersion"])
+            .is_err());
+    }
+
     #[test]
     fn absolute_symlinks_resolve_inside_the_partition() {
         let d = tempfile::tempdir().expect("tmp");
