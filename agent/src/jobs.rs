@@ -715,11 +715,12 @@ async fn progress_ticker(job: Arc<Job>, ctx: Arc<Ctx>) {
         return;
     }
     let period = Duration::from_millis(ctx.settings.webhooks.progress_interval_ms.max(100));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The next report is due one full period after the last one was
+    // published, so two reports are never closer than `period`.
+    let mut due = tokio::time::Instant::now() + period;
     let mut last: Option<(String, u64, u64, u64, u64)> = None;
     loop {
-        tick.tick().await;
+        tokio::time::sleep_until(due).await;
         let mut st = job.lock();
         if st.state != JobState::Running {
             return;
@@ -733,11 +734,14 @@ async fn progress_ticker(job: Arc<Job>, ctx: Arc<Ctx>) {
             p.bytes_written,
         );
         if last.as_ref() == Some(&key) {
+            due = tokio::time::Instant::now() + Duration::from_millis(100);
             continue;
         }
         last = Some(key);
         st.last_progress = Some(p);
         job.publish(&ctx, &mut st, "progress");
+        drop(st);
+        due = tokio::time::Instant::now() + period;
     }
 }
 
