@@ -1,0 +1,255 @@
+//! `aula-agent`: the agent of the Aula live system.
+//!
+//! It serves an HTTPS API (native `/v1/…` and OpenGnsys
+//! `/CloningEngine/…`), runs imaging jobs through `aula-imager` on their own
+//! threads, reports every state change and throttled progress to the core
+//! by signed webhooks and to event-stream listeners, and registers itself
+//! (token, certificate fingerprint, addresses) with the boot server.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use aula_agent::config::{FileConfig, KernelParams, Settings};
+//! let file = FileConfig::load(std::path::Path::new("/etc/aula/agent.toml"))?;
+//! let cmdline = std::fs::read_to_string("/proc/cmdline")?;
+//! let settings = Settings::new(file, &KernelParams::parse(&cmdline))?;
+//! let agent = aula_agent::Agent::start(settings).await?;
+//! println!("listening on {}, token {}", agent.addr, agent.token());
+//! agent.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`config`] (file + kernel command line), [`server`] (HTTPS
+//! listener), [`api`] (routes, auth, errors, event streams), [`opengnsys`]
+//! (CloningEngine bodies), [`spec`] (job specs), [`jobs`] (table, ordering,
+//! cancel, events), [`run`] (the ops), [`disks`] (disk numbers, exclusive
+//! access, mounts, CACHE), [`software`] (OS detection), [`system`] (identity
+//! and hardware inventory), [`script`], [`power`], [`webhook`],
+//! [`register`], [`tls`] (certificate, token, HMAC, HTTPS client).
+
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod disks;
+pub mod jobs;
+pub mod opengnsys;
+pub mod power;
+pub mod register;
+pub mod run;
+pub mod script;
+pub mod server;
+pub mod software;
+pub mod spec;
+pub mod system;
+pub mod tls;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{PowerMode, Settings};
+use crate::jobs::{AgentRef, Jobs};
+use crate::system::Identity;
+use crate::tls::HttpClient;
+use crate::webhook::Webhooks;
+
+/// Everything jobs and handlers share.
+pub struct Ctx {
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// The bearer token (also the webhook HMAC key).
+    pub token: String,
+    /// `sha256:<hex>` of the agent's certificate.
+    pub fingerprint: String,
+    /// The port actually listened on.
+    pub port: u16,
+    /// Who this machine is.
+    pub identity: Identity,
+    /// Webhook queue.
+    pub webhooks: Webhooks,
+    /// The CACHE partition mount.
+    pub cache: disks::Cache,
+    /// HTTPS client for the boot server.
+    pub server_client: Option<HttpClient>,
+    /// Jobs.
+    pub jobs: Arc<Jobs>,
+    /// Registration state.
+    pub registration: register::Registration,
+    power_log: Mutex<Vec<String>>,
+    started: Instant,
+}
+
+impl Ctx {
+    /// The agent as events name it.
+    pub fn agent_ref(&self) -> AgentRef {
+        AgentRef {
+            mac: self.identity.mac.clone(),
+            ip: self.identity.ips.first().copied(),
+            hostname: self.identity.hostname.clone(),
+        }
+    }
+
+    /// `syscall`, `command` or `dry-run`.
+    pub fn power_mode(&self) -> &'static str {
+        match self.settings.power.mode {
+            PowerMode::Syscall => "syscall",
+            PowerMode::Command => "command",
+            PowerMode::DryRun => "dry-run",
+        }
+    }
+
+    /// Remember a power action (shown in the status).
+    pub fn record_power(&self, a: power::Action) {
+        if let Ok(mut l) = self.power_log.lock() {
+            l.push(format!("{} {}", jobs::now(), a.as_str()));
+        }
+    }
+
+    /// `GET /v1/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let (queued, running) = self.jobs.counts();
+        json!({
+            "service": "aula-agent",
+            "version": env!("CARGO_PKG_VERSION"),
+            "state": if running > 0 { "busy" } else { "idle" },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "jobs": {"queued": queued, "running": running},
+            "registration": self.registration.get(),
+            "webhooks": self.webhooks.stats(),
+            "power": {
+                "mode": self.power_mode(),
+                "actions": self.power_log.lock().map(|l| l.clone()).unwrap_or_default(),
+            },
+        })
+    }
+}
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS identity or clients.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The listener.
+    #[error("listening on {addr}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running agent.
+pub struct Agent {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Shared state.
+    pub ctx: Arc<Ctx>,
+    /// The certificate (PEM).
+    pub cert_pem: String,
+    stop_http: CancellationToken,
+    stop_bg: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Agent {
+    /// Start: certificate, token, listener, webhook sender, registration.
+    pub async fn start(settings: Settings) -> Result<Agent, StartError> {
+        let settings = Arc::new(settings);
+        let identity = Identity::discover(&settings.identity);
+        let token = tls::random_token()?;
+        let id = tls::self_signed(identity.hostname.as_deref(), &identity.ips)?;
+        let bind = SocketAddr::new(settings.listen.address, settings.listen.port);
+        let listener = server::bind(bind)
+            .await
+            .map_err(|source| StartError::Bind { addr: bind, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: bind, source })?;
+        let timeout = Duration::from_secs(settings.webhooks.timeout_s.max(1));
+        let server_client = match &settings.server_url {
+            Some(_) => Some(HttpClient::new(&settings.server_trust, timeout)?),
+            None => None,
+        };
+        let core_client = match &settings.core_url {
+            Some(_) => Some(HttpClient::new(&settings.core_trust, timeout)?),
+            None => None,
+        };
+        let webhooks = Webhooks::new(
+            settings.core_url.clone(),
+            core_client,
+            token.clone(),
+            settings.webhooks.queue,
+            Duration::from_secs(settings.webhooks.max_backoff_s.max(1)),
+        );
+        let ctx = Arc::new(Ctx {
+            settings: settings.clone(),
+            token,
+            fingerprint: id.fingerprint.clone(),
+            port: addr.port(),
+            identity,
+            webhooks: webhooks.clone(),
+            cache: disks::Cache::new(),
+            server_client,
+            jobs: Arc::new(Jobs::new()),
+            registration: register::Registration::default(),
+            power_log: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        });
+        let stop_http = CancellationToken::new();
+        let stop_bg = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(webhooks.run(stop_bg.clone()));
+        tracker.spawn(server::serve(
+            listener,
+            id.acceptor,
+            ctx.clone(),
+            stop_http.clone(),
+        ));
+        tracker.spawn(register::run(ctx.clone(), stop_bg.clone()));
+        tracker.close();
+        tracing::info!(%addr, fingerprint = %ctx.fingerprint, mac = ?ctx.identity.mac, "agent started");
+        Ok(Agent {
+            addr,
+            ctx,
+            cert_pem: id.cert_pem,
+            stop_http,
+            stop_bg,
+            tracker,
+        })
+    }
+
+    /// The bearer token.
+    pub fn token(&self) -> &str {
+        &self.ctx.token
+    }
+
+    /// The certificate fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.ctx.fingerprint
+    }
+
+    /// Graceful stop: no new connections or jobs, running jobs cancelled
+    /// (each reaches its stated safe state; bounded wait), pending webhooks
+    /// flushed (bounded), then every task ends.
+    pub async fn shutdown(self) {
+        self.stop_http.cancel();
+        self.ctx
+            .jobs
+            .shutdown(&self.ctx, Duration::from_secs(60))
+            .await;
+        if !self.ctx.webhooks.flush(Duration::from_secs(5)).await {
+            tracing::warn!("shutting down with undelivered webhooks");
+        }
+        self.stop_bg.cancel();
+        self.tracker.wait().await;
+        tracing::info!("agent stopped");
+    }
+}
