@@ -112,56 +112,7 @@ pub fn is_block(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Loop devices backed by `file`, with the byte range each covers.
-fn loops_over(file: &Path) -> Vec<(String, u64, Option<u64>)> {
-    let Ok(target) = std::fs::canonicalize(file) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/sys/block") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let l = e.path().join("loop");
-        let Ok(bf) = std::fs::read_to_string(l.join("backing_file")) else {
-            continue;
-        };
-        let bf = bf.trim().trim_end_matches(" (deleted)");
-        if Path::new(bf) != target {
-            continue;
-        }
-        let num = |f: &str| {
-            std::fs::read_to_string(l.join(f))
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-        };
-        let offset = num("offset").unwrap_or(0);
-        let limit = num("sizelimit").filter(|s| *s > 0);
-        out.push((name, offset, limit));
-    }
-    out
-}
-
-/// Why the byte range `[start, start+len)` of image file `file` is in use.
-pub fn file_range_busy(file: &Path, start: u64, len: u64) -> Option<String> {
-    for (name, off, limit) in loops_over(file) {
-        let end = limit.map(|l| off + l).unwrap_or(u64::MAX);
-        if off < start + len && start < end {
-            return Some(format!(
-                "loop device /dev/{name} is attached to {} over bytes {off}..{}",
-                file.display(),
-                limit
-                    .map(|l| (off + l).to_string())
-                    .unwrap_or_else(|| "end".into())
-            ));
-        }
-    }
-    None
-}
+pub use aula_imager::disk::busy::file_range_busy;
 
 /// Held while a job writes one partition: the partition node opened with
 /// `O_EXCL` (block devices with partition nodes).

@@ -119,8 +119,11 @@ pub fn disk_failure(e: &DiskError) -> Failure {
 
 const UNCHANGED: &str = "unchanged: nothing was written";
 
-fn http_repo(ctx: &Ctx, url: &str, write: bool) -> Result<HttpRepo, Failure> {
+/// The repository client of a job: its downloads stop as soon as the job is
+/// cancelled, not only at the next chunk boundary.
+fn http_repo(ctx: &Ctx, job: &Job, url: &str, write: bool) -> Result<HttpRepo, Failure> {
     let opts = HttpOptions {
+        cancel: Some(job.progress.cancel_flag()),
         trust: ctx.settings.repo_trust.clone(),
         token: if write {
             ctx.settings.repo_write_token.clone()
@@ -150,7 +153,7 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
     let disk = disks::resolve(&ctx.settings.disks, r.disk)
         .map_err(|e| disk_failure(&e).disk_state(UNCHANGED))?;
     let url = repo_url(ctx, &r.repository)?;
-    let remote = http_repo(ctx, &url, false)?;
+    let remote = http_repo(ctx, job, &url, false)?;
     job.progress.set_phase("manifest");
     let (name, version) = aula_imager::repo::parse_image_ref(&r.image)
         .map_err(|e| imager_failure(&e).disk_state(UNCHANGED))?;
@@ -322,7 +325,7 @@ fn create(job: &Job, ctx: &Ctx, c: &CreateSpec) -> Outcome {
             "no repository.write_token configured: the repository will refuse the upload"
         );
     }
-    let repo = http_repo(ctx, &url, true)?;
+    let repo = http_repo(ctx, job, &url, true)?;
     let _guard = match c.partition {
         Some(n) => {
             let info = disks::inspect(&disk).map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;

@@ -403,15 +403,19 @@ fn report_loop(progress: Arc<Progress>, mode: Mode, stop: Arc<AtomicBool>) {
     }
 }
 
-/// Set by Ctrl-C (the legacy restore polls it; pipelines use `Progress`).
-static CANCEL: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl-C: the legacy restore and HTTP downloads poll it; pipelines
+/// also see it through `Progress::cancel`.
+fn cancel_flag() -> &'static Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
 
 fn install_ctrlc(progress: Arc<Progress>) {
     let hits = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let _ = ctrlc::set_handler(move || {
         if hits.fetch_add(1, Ordering::SeqCst) == 0 {
             eprintln!("\naula-imager: stopping after the chunks in flight (Ctrl-C again to abort at once)");
-            CANCEL.store(true, Ordering::SeqCst);
+            cancel_flag().store(true, Ordering::SeqCst);
             progress.cancel();
         } else {
             std::process::exit(130);
@@ -867,6 +871,7 @@ fn http_options(net: &NetOpts) -> Result<HttpOptions> {
         token,
         retry_for: Duration::from_secs(net.retry_for),
         parallel: net.parallel.max(1),
+        cancel: Some(cancel_flag().clone()),
         ..Default::default()
     })
 }
@@ -1037,7 +1042,7 @@ fn restore_legacy(
                     p.add_written(done.saturating_sub(last));
                     last = done;
                 },
-                &CANCEL,
+                cancel_flag(),
             )
             .with_context(|| format!("restoring {name}"))
     })?;

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,7 @@ pub struct Progress {
     fetched: AtomicU64,
     skipped: AtomicU64,
     written: AtomicU64,
-    cancelled: AtomicBool,
+    cancelled: Arc<AtomicBool>,
     samples: Mutex<VecDeque<(Instant, u64)>>,
 }
 
@@ -63,7 +63,7 @@ impl Progress {
             fetched: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             written: AtomicU64::new(0),
-            cancelled: AtomicBool::new(false),
+            cancelled: Arc::new(AtomicBool::new(false)),
             samples: Mutex::new(VecDeque::new()),
         }
     }
@@ -110,6 +110,12 @@ impl Progress {
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
     }
+    /// The cancellation flag itself, for code that must notice a cancel
+    /// while blocked inside one chunk (e.g. an HTTP download).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancelled.clone()
+    }
+
     /// True once cancelled.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)

@@ -80,7 +80,7 @@ fn unescape(s: &str) -> String {
 }
 
 /// Why the block device `path` (a whole disk) is busy, or `None`.
-pub(crate) fn block_device_busy(path: &Path) -> Option<String> {
+pub fn block_device_busy(path: &Path) -> Option<String> {
     let name = kernel_name(path)?;
     let devs = disk_and_partitions(&name);
     let by_num = |mm: &str| devs.iter().find(|(d, _)| d == mm).map(|(_, n)| n.clone());
@@ -141,31 +141,71 @@ pub(crate) fn block_device_busy(path: &Path) -> Option<String> {
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 
-/// Why the regular file `path` is busy (a loop device reads it), or `None`.
-pub(crate) fn file_busy(path: &Path) -> Option<String> {
-    let me = fs::canonicalize(path).ok()?;
-    let meta = fs::metadata(&me).ok()?;
-    let rd = fs::read_dir("/sys/block").ok()?;
-    let mut loops = Vec::new();
+/// Loop devices backed by `file` (same inode, or same path), with the byte
+/// range each covers: `(name, offset, sizelimit)`.
+fn loops_over(file: &Path) -> Vec<(String, u64, Option<u64>)> {
+    let Ok(me) = fs::canonicalize(file) else {
+        return Vec::new();
+    };
+    let Ok(meta) = fs::metadata(&me) else {
+        return Vec::new();
+    };
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
     for e in rd.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with("loop") {
             continue;
         }
-        let backing = e.path().join("loop/backing_file");
-        let Ok(b) = fs::read_to_string(&backing) else {
+        let l = e.path().join("loop");
+        let Ok(b) = fs::read_to_string(l.join("backing_file")) else {
             continue;
         };
         let b = b.trim().trim_end_matches(" (deleted)");
         let same = fs::metadata(b)
             .map(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
             .unwrap_or(false);
-        if same || Path::new(b) == me {
-            loops.push(format!("/dev/{name}"));
+        if !(same || Path::new(b) == me) {
+            continue;
         }
+        let num = |f: &str| {
+            fs::read_to_string(l.join(f))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        out.push((
+            name,
+            num("offset").unwrap_or(0),
+            num("sizelimit").filter(|s| *s > 0),
+        ));
     }
-    loops.sort();
-    (!loops.is_empty()).then(|| format!("it is attached to {}", loops.join(", ")))
+    out.sort();
+    out
+}
+
+/// Why the byte range `[start, start+len)` of the image file `file` is in
+/// use (a loop device covers part of it), or `None`.
+pub fn file_range_busy(file: &Path, start: u64, len: u64) -> Option<String> {
+    let hits: Vec<String> = loops_over(file)
+        .into_iter()
+        .filter(|(_, off, limit)| {
+            let end = limit.map_or(u64::MAX, |l| off.saturating_add(l));
+            *off < start.saturating_add(len) && start < end
+        })
+        .map(|(name, off, limit)| match limit {
+            Some(l) => format!("/dev/{name} (bytes {off}..{})", off + l),
+            None if off > 0 => format!("/dev/{name} (from byte {off})"),
+            None => format!("/dev/{name}"),
+        })
+        .collect();
+    (!hits.is_empty()).then(|| format!("it is attached to {}", hits.join(", ")))
+}
+
+/// Why the regular file `path` is busy (a loop device reads it), or `None`.
+pub fn file_busy(path: &Path) -> Option<String> {
+    file_range_busy(path, 0, u64::MAX)
 }
 
 #[cfg(test)]

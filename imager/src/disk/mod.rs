@@ -54,7 +54,7 @@ use crate::device::{Device, DeviceKind, Region};
 use crate::table::{self, PartitionTable, TableKind};
 
 mod apply;
-mod busy;
+pub mod busy;
 mod format;
 pub mod layout;
 

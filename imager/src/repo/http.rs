@@ -48,6 +48,10 @@ pub struct HttpOptions {
     pub timeout: Duration,
     /// Chunks fetched at once by a restore.
     pub parallel: usize,
+    /// When set (e.g. `Progress::cancel_flag`), a download in progress stops
+    /// between two pieces of body and retries stop: the call returns
+    /// `Error::Cancelled` instead of waiting for the chunk to finish.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for HttpOptions {
@@ -58,6 +62,7 @@ impl Default for HttpOptions {
             retry_for: Duration::from_secs(300),
             timeout: Duration::from_secs(30),
             parallel: 8,
+            cancel: None,
         }
     }
 }
@@ -163,6 +168,13 @@ impl HttpRepo {
         format!("{}{path}", self.base)
     }
 
+    fn cancelled(&self) -> bool {
+        self.opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.handle.block_on(f)
     }
@@ -179,6 +191,9 @@ impl HttpRepo {
         let mut tries = 0u32;
         loop {
             tries += 1;
+            if self.cancelled() {
+                return Err(Error::Cancelled);
+            }
             match self.block_on(attempt()) {
                 Ok(v) => return Ok(v),
                 Err(Fail::Fatal(e)) => return Err(e),
@@ -241,6 +256,9 @@ impl HttpRepo {
         let mut body = resp.into_body();
         let mut out = Vec::new();
         loop {
+            if self.cancelled() {
+                return Err(Fail::Fatal(Error::Cancelled));
+            }
             match tokio::time::timeout(self.opts.timeout, body.frame()).await {
                 Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
                 Ok(None) => break,
@@ -368,6 +386,9 @@ impl HttpRepo {
                 };
                 let mut body = resp.into_body();
                 loop {
+                    if self.cancelled() {
+                        return Err(Fail::Fatal(Error::Cancelled));
+                    }
                     match tokio::time::timeout(self.opts.timeout, body.frame()).await {
                         Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
                         Ok(None) => break,
