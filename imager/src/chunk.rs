@@ -73,6 +73,41 @@ impl<'de> Deserialize<'de> for ChunkId {
     }
 }
 
+/// BLAKE3 of a chunk's uncompressed content: a second, much faster digest
+/// used only to decide whether a target already holds a chunk (the delta
+/// check hashes the whole target, so its speed matters most there). Fetched
+/// data is always verified against the SHA-256 id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint some content.
+    pub fn of(content: &[u8]) -> Fingerprint {
+        Fingerprint(*blake3::hash(content).as_bytes())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", hex::encode(self.0))
+    }
+}
+
+impl Serialize for Fingerprint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Fingerprint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<ChunkId>()
+            .map(|c| Fingerprint(c.0))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// True when every byte is zero (vectorises well).
 pub fn is_zero(buf: &[u8]) -> bool {
     let (head, body, tail) = {

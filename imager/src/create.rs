@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::chunk::{is_zero, ChunkId, Encoder};
+use crate::chunk::{is_zero, ChunkId, Encoder, Fingerprint};
 use crate::device::{ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
@@ -161,6 +161,7 @@ pub fn store_chunks(
                     index,
                     id: None,
                     stored: 0,
+                    b3: None,
                 }
             } else {
                 let id = ChunkId::of(buf);
@@ -191,6 +192,7 @@ pub fn store_chunks(
                     index,
                     id: Some(id),
                     stored: 0,
+                    b3: Some(Fingerprint::of(buf)),
                 }
             };
             results.lock().map_err(|_| lock_err())?[k] = Some(entry);

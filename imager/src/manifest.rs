@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::ChunkId;
+use crate::chunk::{ChunkId, Fingerprint};
 use crate::error::{Error, Result};
 use crate::extent::ExtentMap;
 use crate::fs::FsMeta;
@@ -53,6 +53,10 @@ pub struct ChunkRef {
     /// Stored (compressed) size in bytes; 0 for zero chunks.
     #[serde(default)]
     pub stored: u64,
+    /// BLAKE3 of the content, for fast delta checks (absent for zero
+    /// chunks; optional: readers fall back to the SHA-256 id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b3: Option<Fingerprint>,
 }
 
 /// A partition inside a disk image.
@@ -447,11 +451,13 @@ mod tests {
                     index: 0,
                     id: Some(ChunkId::of(b"a")),
                     stored: 10,
+                    b3: Some(Fingerprint::of(b"a")),
                 },
                 ChunkRef {
                     index: 2,
                     id: None,
                     stored: 0,
+                    b3: None,
                 },
             ],
             table: None,
@@ -499,6 +505,7 @@ mod tests {
             index: 1,
             id: None,
             stored: 0,
+            b3: None,
         });
         assert!(m.validate().is_err());
         let mut m = sample();

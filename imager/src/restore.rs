@@ -10,7 +10,7 @@
 //! Memory: each worker owns a window buffer, a target-read buffer and a
 //! compressed-frame buffer: about `threads × 3 × chunk_size`.
 
-use crate::chunk::{is_zero, ChunkId, Decoder};
+use crate::chunk::{is_zero, ChunkId, Decoder, Fingerprint};
 use crate::device::{ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
@@ -99,9 +99,10 @@ fn target_matches(
     used: &ExtentMap,
     start: u64,
     len: usize,
-    id: Option<&ChunkId>,
+    c: &ChunkRef,
     tbuf: &mut [u8],
 ) -> Result<bool> {
+    let id = c.id.as_ref();
     if target.is_hole(start, len as u64) {
         return Ok(id.is_none());
     }
@@ -120,7 +121,10 @@ fn target_matches(
     Ok(match id {
         None => zero,
         Some(_) if zero => false,
-        Some(id) => ChunkId::of(tbuf) == *id,
+        Some(id) => match &c.b3 {
+            Some(fp) => Fingerprint::of(tbuf) == *fp,
+            None => ChunkId::of(tbuf) == *id,
+        },
     })
 }
 
@@ -176,7 +180,7 @@ pub fn restore_chunks(
             let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
             w.stats.chunks += 1;
             w.stats.bytes_used += used_here;
-            if opts.delta && target_matches(target, used, start, len, c.id.as_ref(), &mut w.tbuf)? {
+            if opts.delta && target_matches(target, used, start, len, c, &mut w.tbuf)? {
                 w.stats.chunks_skipped += 1;
                 w.stats.bytes_skipped += used_here;
                 progress.add_skipped(used_here);
@@ -214,6 +218,14 @@ pub fn restore_chunks(
                                 return Err(e);
                             }
                         }
+                    }
+                    if c.b3.is_some_and(|fp| Fingerprint::of(&w.buf) != fp) {
+                        return Err(Error::BadManifest {
+                            source_name: None,
+                            why: format!(
+                                "the fingerprint of chunk {id} does not match its content"
+                            ),
+                        });
                     }
                     w.stats.chunks_fetched += 1;
                     for &(s, e) in &coalesced(&ranges) {

@@ -33,12 +33,13 @@ pub fn verify_repo(
     threads: usize,
     progress: &Progress,
 ) -> Result<RepoReport> {
-    // Expected content length per id: the window length where it is used.
-    let mut lens: HashMap<ChunkId, usize> = HashMap::new();
+    // Expected content length and fingerprint per id.
+    let mut lens: HashMap<ChunkId, (usize, Option<crate::chunk::Fingerprint>)> = HashMap::new();
     let mut visit = |img: &Manifest| {
         for c in &img.chunks {
             if let Some(id) = c.id {
-                lens.entry(id).or_insert(img.window(c.index).1 as usize);
+                lens.entry(id)
+                    .or_insert((img.window(c.index).1 as usize, c.b3));
             }
         }
     };
@@ -46,8 +47,9 @@ pub fn verify_repo(
     for p in &m.partitions {
         visit(&p.image);
     }
-    let items: Vec<(ChunkId, usize)> = lens.into_iter().collect();
-    let total: u64 = items.iter().map(|(_, l)| *l as u64).sum();
+    let items: Vec<(ChunkId, (usize, Option<crate::chunk::Fingerprint>))> =
+        lens.into_iter().collect();
+    let total: u64 = items.iter().map(|(_, (l, _))| *l as u64).sum();
     progress.start_phase("verify", total);
     let report = Mutex::new(RepoReport::default());
     let lock_err = || Error::Invalid("verify bookkeeping lock poisoned".into());
@@ -57,10 +59,19 @@ pub fn verify_repo(
         progress,
         || Ok((Decoder::new()?, Vec::new(), Vec::new())),
         |(dec, frame, out), k| {
-            let (id, len) = items[k];
+            let (id, (len, fp)) = items[k];
             let res = repo
                 .get_chunk(&id, frame)
-                .and_then(|_| dec.decode_verified(&id, frame, len, out));
+                .and_then(|_| dec.decode_verified(&id, frame, len, out))
+                .and_then(|_| match fp {
+                    Some(fp) if crate::chunk::Fingerprint::of(out) != fp => {
+                        Err(Error::ChunkCorrupt {
+                            id,
+                            why: "content does not match the manifest's fingerprint".into(),
+                        })
+                    }
+                    _ => Ok(()),
+                });
             let mut r = report.lock().map_err(|_| lock_err())?;
             r.chunks_checked += 1;
             r.bytes_read += frame.len() as u64;
@@ -242,9 +253,10 @@ pub fn compare_target(
                     .read_exact_at(&mut buf[s..e], start + s as u64)
                     .ctx(|| format!("reading the target at byte {}", start + s as u64))?;
             }
-            let equal = match &c.id {
-                None => is_zero(buf),
-                Some(id) => ChunkId::of(buf) == *id,
+            let equal = match (&c.id, &c.b3) {
+                (None, _) => is_zero(buf),
+                (Some(_), Some(fp)) => crate::chunk::Fingerprint::of(buf) == *fp,
+                (Some(id), None) => ChunkId::of(buf) == *id,
             };
             let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
             let mut r = report.lock().map_err(|_| lock_err())?;

@@ -801,3 +801,45 @@ fn block_device_round_trip_through_loop_devices() {
     sh(&format!("sync; blockdev --flushbufs {ldst}"));
     assert_used_equal(&m, &src, 0, &dst, 0);
 }
+
+#[test]
+fn a_manifest_with_a_wrong_fingerprint_is_caught_by_verify_and_by_restore() {
+    let t = Tmp::new();
+    let src = t.p("src.raw");
+    std::fs::write(&src, pseudo_random(41, (4 * MIB) as usize)).expect("write");
+    imager_ok(&[
+        "create",
+        &src.display().to_string(),
+        "--raw",
+        "--repo",
+        &t.s("repo"),
+        "--name",
+        "fp",
+        "--chunk-kib",
+        "1024",
+    ]);
+    let m = manifest(&t.p("repo"), "fp");
+    assert!(
+        m.chunks.iter().all(|c| c.b3.is_some()),
+        "create records fingerprints"
+    );
+    let mf = t.p("repo/images/fp/1.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&mf).expect("manifest")).expect("json");
+    v["chunks"][2]["b3"] = serde_json::Value::String("00".repeat(32));
+    std::fs::write(&mf, serde_json::to_vec(&v).expect("ser")).expect("write");
+    let o = imager(&["verify", "fp", "--repo", &t.s("repo")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("fingerprint"), "{}", stderr(&o));
+    let o = imager(&[
+        "restore",
+        "fp",
+        "--repo",
+        &t.s("repo"),
+        &t.s("out.raw"),
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("fingerprint"), "{}", stderr(&o));
+}
