@@ -66,7 +66,7 @@ kernel_config_has() {
 # needed for NAMEs, dependencies first, each once. Names the kernel has built
 # in are skipped; unknown names are an error unless OPTIONAL_MODULES=1.
 modules_closure() {
-  local name line out=() seen=""
+  local name line paths=() seen=""
   for name in "$@"; do
     if ! line=$(modprobe -d "$KROOT" -S "$KVER" --show-depends "$name" 2>&1); then
       [ "${OPTIONAL_MODULES:-0}" = 1 ] && { log "module $name: not in $KVER, skipped"; continue; }
@@ -77,10 +77,10 @@ modules_closure() {
       path=${path#"$KROOT/lib/modules/$KVER/"}
       case " $seen " in *" $path "*) continue ;; esac
       seen="$seen $path"
-      out+=("$path")
+      paths+=("$path")
     done <<<"$line"
   done
-  [ ${#out[@]} -eq 0 ] || printf '%s\n' "${out[@]}"
+  [ ${#paths[@]} -eq 0 ] || printf '%s\n' "${paths[@]}"
 }
 
 # install_modules ROOT NAME...: copies the closure of NAMEs into
@@ -103,21 +103,27 @@ install_modules() {
 }
 
 # copy_elf ROOT FILE...: copies each executable to the same path under ROOT,
-# plus every shared library ldd names and the dynamic loader (static
-# binaries are copied alone). Symlinks are copied as symlinks and followed.
+# plus its shared libraries (copy_libs). Symlinks are copied as symlinks and
+# followed.
 copy_elf() {
-  local root=$1 f real lib
+  local root=$1 f
   shift
   for f in "$@"; do
     [ -e "$f" ] || die "copy_elf: $f does not exist"
     copy_path "$root" "$f"
-    real=$(readlink -f "$f")
-    if ldd "$real" >/dev/null 2>&1; then
-      while read -r lib; do
-        copy_path "$root" "$lib"
-      done < <(ldd "$real" | awk '/=> \// {print $3} /^\t\/[^ ]+ \(0x/ {print $1}')
-    fi
+    copy_libs "$root" "$f"
   done
+}
+
+# copy_libs ROOT FILE: copies every shared library ldd names for FILE and the
+# dynamic loader into ROOT (nothing for static executables and scripts).
+copy_libs() {
+  local root=$1 real lib
+  real=$(readlink -f "$2")
+  ldd "$real" >/dev/null 2>&1 || return 0
+  while read -r lib; do
+    copy_path "$root" "$lib"
+  done < <(ldd "$real" | awk '/=> \// {print $3} /^\t\/[^ ]+ \(0x/ {print $1}')
 }
 
 # copy_path ROOT PATH: copies PATH (following and recreating symlinks) into ROOT.

@@ -61,8 +61,8 @@ vm_stop() {
   [ -n "$VM_PID" ] || return 0
   if kill -0 "$VM_PID" 2>/dev/null; then
     kill -TERM "$VM_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 50); do
+    local _
+    for _ in $(seq 50); do
       kill -0 "$VM_PID" 2>/dev/null || break
       sleep 0.1
     done
