@@ -29,10 +29,12 @@ netns_up() {
 netns_down() { ip netns del "$1" 2>/dev/null || true; }
 
 # vm_nic_args MAC [ROMFILE]: QEMU arguments for a virtio NIC on the namespace's
-# tap, first in the boot order. ROMFILE "" means QEMU's own iPXE ROM.
+# tap, first in the boot order. Without ROMFILE the NIC has QEMU's iPXE ROM;
+# "none" leaves it without one (UEFI then uses OVMF's own PXE client).
 vm_nic_args() {
   local rom=""
-  [ -n "${2:-}" ] && rom=",romfile=$2"
+  [ "${2:-}" = none ] && rom=",romfile="
+  [ -n "${2:-}" ] && [ "$2" != none ] && rom=",romfile=$2"
   printf '%s\n' -netdev "tap,id=n0,ifname=$E2E_TAP,script=no,downscript=no" \
     -device "virtio-net-pci,netdev=n0,mac=$1,bootindex=1$rom"
 }
