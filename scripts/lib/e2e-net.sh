@@ -31,12 +31,13 @@ netns_down() { ip netns del "$1" 2>/dev/null || true; }
 # vm_nic_args MAC [ROMFILE]: QEMU arguments for a virtio NIC on the namespace's
 # tap, first in the boot order. Without ROMFILE the NIC has QEMU's iPXE ROM;
 # "none" leaves it without one (UEFI then uses OVMF's own PXE client).
+# NIC_MODEL picks the QEMU NIC (virtio-net-pci, e1000, e1000e, rtl8139 …).
 vm_nic_args() {
   local rom=""
   [ "${2:-}" = none ] && rom=",romfile="
   [ -n "${2:-}" ] && [ "$2" != none ] && rom=",romfile=$2"
   printf '%s\n' -netdev "tap,id=n0,ifname=$E2E_TAP,script=no,downscript=no" \
-    -device "virtio-net-pci,netdev=n0,mac=$1,bootindex=1$rom"
+    -device "${NIC_MODEL:-virtio-net-pci},netdev=n0,mac=$1,bootindex=1$rom"
 }
 
 # http_ok NS URL: true when URL answers 2xx from inside NS.

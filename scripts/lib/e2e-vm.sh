@@ -28,6 +28,17 @@ vm_common_args() {
     -nographic -monitor none -serial stdio -no-reboot
 }
 
+# vm_disk_args FILE: the machine's disk: DISK_MODEL=virtio (default), nvme or
+# sata (q35's AHCI controller).
+vm_disk_args() {
+  case ${DISK_MODEL:-virtio} in
+    virtio) printf '%s\n' -drive "file=$1,format=raw,if=virtio" ;;
+    nvme) printf '%s\n' -drive "file=$1,format=raw,if=none,id=d0" -device "nvme,drive=d0,serial=aula0" ;;
+    sata) printf '%s\n' -drive "file=$1,format=raw,if=none,id=d0" -device "ide-hd,drive=d0,bus=ide.0" ;;
+    *) die "DISK_MODEL must be virtio, nvme or sata" ;;
+  esac
+}
+
 # vm_uefi_args VARS_COPY: pflash drives for OVMF with a private copy of the variables.
 vm_uefi_args() {
   cp -f "$OVMF_VARS_TEMPLATE" "$1"
