@@ -125,8 +125,16 @@ fn http_repo(ctx: &Ctx, job: &Job, url: &str, write: bool) -> Result<HttpRepo, F
     let opts = HttpOptions {
         cancel: Some(job.progress.cancel_flag()),
         trust: ctx.settings.repo_trust.clone(),
+        // Uploads use the configured repository token, else the agent's own
+        // registered token: the boot server's repository accepts it for
+        // machines the operator granted capture rights
+        // (`PUT /v1/clients/{mac}/capture`), so no repository secret has to
+        // travel in the live image or on the kernel line.
         token: if write {
-            ctx.settings.repo_write_token.clone()
+            ctx.settings
+                .repo_write_token
+                .clone()
+                .or_else(|| Some(ctx.token.clone()))
         } else {
             None
         },
@@ -321,8 +329,8 @@ fn create(job: &Job, ctx: &Ctx, c: &CreateSpec) -> Outcome {
         .map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
     let url = repo_url(ctx, &c.repository)?;
     if ctx.settings.repo_write_token.is_none() {
-        tracing::warn!(
-            "no repository.write_token configured: the repository will refuse the upload"
+        tracing::info!(
+            "no repository.write_token configured: uploading with this agent's registered token (the server must grant this machine capture rights)"
         );
     }
     let repo = http_repo(ctx, job, &url, true)?;

@@ -113,9 +113,14 @@ struct PersistedState {
     corrupt: HashSet<String>,
 }
 
+/// Decides whether a bearer token that is not the write token may write
+/// (the boot server accepts granted agents' own tokens).
+pub type WriteAuth = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// The repository service.
 pub struct RepoService {
     repo: Arc<LocalRepo>,
+    extra_writer: Option<WriteAuth>,
     cfg: RepoConfig,
     /// Names with chunk uploads in progress, and when the last one came.
     uploads: Mutex<HashMap<String, Instant>>,
@@ -252,11 +257,18 @@ impl RepoService {
             .unwrap_or_default();
         Ok(RepoService {
             repo: Arc::new(repo),
+            extra_writer: None,
             upload_slots: Semaphore::new(cfg.max_uploads.max(1)),
             cfg,
             uploads: Mutex::new(HashMap::new()),
             state: Mutex::new(state),
         })
+    }
+
+    /// Also accept writes with bearer tokens `auth` approves.
+    pub fn with_write_auth(mut self, auth: WriteAuth) -> Self {
+        self.extra_writer = Some(auth);
+        self
     }
 
     /// The underlying repository.
@@ -287,10 +299,12 @@ impl RepoService {
     }
 
     fn can_write(&self, req: &Request<Incoming>) -> bool {
-        match (&self.cfg.write_token, bearer(req)) {
-            (Some(t), Some(b)) => token_matches(b, t),
-            _ => false,
-        }
+        let Some(b) = bearer(req) else { return false };
+        self.cfg
+            .write_token
+            .as_deref()
+            .is_some_and(|t| token_matches(b, t))
+            || self.extra_writer.as_ref().is_some_and(|f| f(b))
     }
 
     fn save_state(&self) {

@@ -260,7 +260,7 @@ impl Server {
             let mut groups = extra_routes;
             if cfg.repository.enabled {
                 groups.push(Arc::new(crate::repository::RepoRoutes(open_repository(
-                    cfg,
+                    cfg, registry,
                 )?)));
             }
             groups.push(Arc::new(BootRoutes::new(
@@ -353,7 +353,10 @@ fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
 }
 
 /// Opens the image repository described by `[repository]`.
-fn open_repository(cfg: &Config) -> Result<Arc<crate::repository::RepoService>, ServerError> {
+fn open_repository(
+    cfg: &Config,
+    registry: &Arc<Registry>,
+) -> Result<Arc<crate::repository::RepoService>, ServerError> {
     let r = &cfg.repository;
     let root = r
         .root
@@ -371,14 +374,20 @@ fn open_repository(cfg: &Config) -> Result<Arc<crate::repository::RepoService>, 
         (None, None) => None,
     };
     if write_token.is_none() {
-        tracing::warn!("no repository.write_token configured: uploads are refused");
+        tracing::warn!(
+            "no repository.write_token configured: only agents granted capture rights can upload"
+        );
     }
     let mut rc = crate::repository::RepoConfig::new(root);
     rc.write_token = write_token;
     rc.read_token = r.read_token.clone();
     rc.gc_grace_s = r.gc_grace_s;
     rc.max_uploads = r.max_uploads;
-    let svc = crate::repository::RepoService::open(rc)?;
+    // Agents on machines the operator granted capture rights upload with
+    // their own registered token.
+    let reg = registry.clone();
+    let svc = crate::repository::RepoService::open(rc)?
+        .with_write_auth(Arc::new(move |token: &str| reg.token_may_capture(token)));
     tracing::info!(root = %svc.repo().root().display(), "image repository");
     Ok(Arc::new(svc))
 }

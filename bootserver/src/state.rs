@@ -277,6 +277,9 @@ pub struct Registry {
     dirty: AtomicBool,
     path: PathBuf,
     write_lock: tokio::sync::Mutex<()>,
+    /// Machines allowed to upload images with their agent's own token, and
+    /// until when (unix seconds). In memory: grants are short-lived.
+    capture: Mutex<std::collections::HashMap<MacAddr, u64>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -305,6 +308,47 @@ impl Registry {
             dirty: AtomicBool::new(false),
             path,
             write_lock: tokio::sync::Mutex::new(()),
+            capture: Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// Let the agent on `mac` upload images with its own token until
+    /// `until` (unix seconds).
+    pub fn grant_capture(&self, mac: MacAddr, until: u64) {
+        if let Ok(mut g) = self.capture.lock() {
+            g.insert(mac, until);
+        }
+    }
+
+    /// Withdraw a capture grant.
+    pub fn revoke_capture(&self, mac: MacAddr) {
+        if let Ok(mut g) = self.capture.lock() {
+            g.remove(&mac);
+        }
+    }
+
+    /// Until when (unix seconds) `mac` may upload, if a grant is active.
+    pub fn capture_until(&self, mac: MacAddr) -> Option<u64> {
+        let now = unix_now();
+        self.capture
+            .lock()
+            .ok()?
+            .get(&mac)
+            .copied()
+            .filter(|&t| t > now)
+    }
+
+    /// True when `token` is the registered token of an agent on a machine
+    /// with an active capture grant.
+    pub fn token_may_capture(&self, token: &str) -> bool {
+        self.agents(true).iter().any(|a| {
+            a.token.as_deref().is_some_and(|t| {
+                t.len() == token.len()
+                    && t.bytes()
+                        .zip(token.bytes())
+                        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                        == 0
+            }) && a.macs.iter().any(|m| self.capture_until(*m).is_some())
         })
     }
 

@@ -751,3 +751,86 @@ async fn an_agent_may_set_only_its_own_machines_boot_mode_and_post_signed_events
     server.shutdown();
     server.wait().await;
 }
+
+#[tokio::test]
+async fn an_agent_uploads_with_its_own_token_only_while_its_machine_has_a_capture_grant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), Some(TOKEN));
+    cfg.repository.enabled = true;
+    cfg.repository.root = Some(dir.path().join("repo"));
+    let server = Server::start(cfg, Vec::new()).await.expect("start");
+    let addr = server.http_addr.expect("http");
+    let agent_token = "agent-capture-token-0123456789";
+    let reg = serde_json::json!({
+        "mac": MAC, "agent_version": "0.1.0", "token": agent_token,
+        "cert_fingerprint": format!("sha256:{}", "ef".repeat(32)), "port": 8000
+    })
+    .to_string();
+    assert_eq!(
+        req(addr, "POST", "/v1/agents/register", &[], Some(&reg))
+            .await
+            .status,
+        200
+    );
+    // A chunk upload: zstd frame of 1000 'a' bytes, sent raw.
+    let content = vec![b'a'; 1000];
+    let frame = zstd::bulk::compress(&content, 3).expect("zstd");
+    let id: String = ring::digest::digest(&ring::digest::SHA256, &content)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let put = |auth: String| {
+        let frame = frame.clone();
+        let id = id.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let head = format!(
+                "PUT /v1/chunks/{id} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                frame.len()
+            );
+            s.write_all(head.as_bytes()).await.expect("write");
+            s.write_all(&frame).await.expect("write");
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.expect("read");
+            String::from_utf8_lossy(&out)
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(put(agent_token.into()).await, 401, "no grant yet");
+    let r = req(
+        addr,
+        "PUT",
+        &format!("/v1/clients/{MAC}/capture"),
+        &[("Authorization", &format!("Bearer {agent_token}"))],
+        Some(r#"{"minutes":5}"#),
+    )
+    .await;
+    assert_eq!(r.status, 401, "an agent cannot grant itself capture rights");
+    let r = req(
+        addr,
+        "PUT",
+        &format!("/v1/clients/{MAC}/capture"),
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        Some(r#"{"minutes":5}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(put(agent_token.into()).await, 201, "granted");
+    assert_eq!(put("some-other-token-0123456789".into()).await, 401);
+    let r = req(
+        addr,
+        "DELETE",
+        &format!("/v1/clients/{MAC}/capture"),
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(put(agent_token.into()).await, 401, "revoked");
+    server.shutdown();
+    server.wait().await;
+}

@@ -7,6 +7,8 @@
 //! | `GET /v1/clients/{mac}` | open | one machine |
 //! | `PUT /v1/clients/{mac}/boot` | token | `{"mode": "live"\|"local", "once": bool}` |
 //! | `DELETE /v1/clients/{mac}/boot` | token | back to the default mode |
+//! | `PUT /v1/clients/{mac}/capture` | token | `{"minutes": n}`: the agent on that machine may upload images to the repository with its own token for n minutes (default 60, at most 1440) |
+//! | `DELETE /v1/clients/{mac}/capture` | token | withdraw that right |
 //! | `GET /v1/leases` | open | bound DHCP leases |
 //! | `POST /v1/agents/register` | open | agent registration |
 //! | `GET /v1/agents` | open; tokens only with the API token | registered agents |
@@ -314,6 +316,37 @@ impl ApiRoutes {
                     &serde_json::json!({ "mac": mac, "boot_mode": self.cfg.boot.default_mode }),
                 ))
             }
+            (Method::PUT, ["v1", "clients", mac, "capture"]) => {
+                self.require_auth(&req)?;
+                let mac = parse_mac(mac)?;
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Grant {
+                    #[serde(default)]
+                    minutes: Option<u64>,
+                }
+                let g: Grant = Self::body_json(req).await?;
+                let minutes = g.minutes.unwrap_or(60);
+                if !(1..=1440).contains(&minutes) {
+                    return Err(ApiError::BadRequest("minutes must be 1..=1440".into()));
+                }
+                let until = unix_now() + minutes * 60;
+                self.registry.grant_capture(mac, until);
+                tracing::info!(%mac, minutes, "capture granted");
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "mac": mac, "capture_until": crate::state::rfc3339(until) }),
+                ))
+            }
+            (Method::DELETE, ["v1", "clients", mac, "capture"]) => {
+                self.require_auth(&req)?;
+                let mac = parse_mac(mac)?;
+                self.registry.revoke_capture(mac);
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "mac": mac, "capture_until": null }),
+                ))
+            }
             (Method::GET, ["v1", "leases"]) => {
                 let leases = self
                     .dhcp
@@ -355,7 +388,7 @@ impl ApiRoutes {
             }
             (_, ["v1", "status" | "clients" | "leases" | "agents"])
             | (_, ["v1", "clients", _])
-            | (_, ["v1", "clients", _, "boot"])
+            | (_, ["v1", "clients", _, "boot" | "capture"])
             | (_, ["v1", "agents", "register" | "events"])
             | (_, ["v1", "agents", _, "events"]) => Err(ApiError::Method),
             _ => Err(ApiError::NotFound),
