@@ -1,0 +1,124 @@
+# The end-to-end script acting as the core server (as OpenGnsys' ogCore would):
+# finds a registered agent, checks its certificate against the fingerprint it
+# registered, calls its CloningEngine API, and follows the job through the
+# webhooks the agent posts to the boot server (GET /v1/agents/{mac}/events).
+# Source it; needs E2E netns helpers, NS, HTTP_URL and API_TOKEN.
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # JOB_* are read by the sourcing script
+
+# core_agent MAC: sets AGENT_IP, AGENT_PORT, AGENT_TOKEN and AGENT_FP from the
+# boot server's registry (GET /v1/agents with the API token).
+core_agent() {
+  local json
+  json=$(ip netns exec "$NS" curl -fsS --max-time 5 -H "Authorization: Bearer $API_TOKEN" "$HTTP_URL/v1/agents") ||
+    return 1
+  local line
+  line=$(MAC="$1" python3 -c '
+import json, os, sys
+mac = os.environ["MAC"].lower()
+for a in json.load(sys.stdin):
+    if mac in [m.lower() for m in a.get("macs", [])]:
+        ips = [i for i in a.get("ips", []) if ":" not in i]
+        print(ips[0] if ips else "", a["port"], a.get("token") or "", a["cert_fingerprint"])
+        break
+' <<<"$json")
+  [ -n "$line" ] || return 1
+  read -r AGENT_IP AGENT_PORT AGENT_TOKEN AGENT_FP <<<"$line"
+  [ -n "$AGENT_IP" ] && [ -n "$AGENT_TOKEN" ]
+}
+
+# core_check_cert: the agent's TLS certificate is the one it registered.
+core_check_cert() {
+  local der_fp
+  der_fp=$(ip netns exec "$NS" openssl s_client -connect "$AGENT_IP:$AGENT_PORT" </dev/null 2>/dev/null |
+    openssl x509 -outform DER 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "sha256:$der_fp" = "$AGENT_FP" ]
+}
+
+# core_call OP JSON [TOKEN]: POST /CloningEngine/OP to the agent; prints the
+# job id. Fails (with the agent's answer on stderr) unless it is accepted.
+core_call() {
+  local op=$1 body=$2 token=${3:-$AGENT_TOKEN} out code
+  out=$(ip netns exec "$NS" curl -sS -k --max-time 15 -w '\n%{http_code}' \
+    -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+    -d "$body" "https://$AGENT_IP:$AGENT_PORT/CloningEngine/$op") || {
+    echo "core: POST /CloningEngine/$op: no answer from the agent" >&2
+    return 1
+  }
+  code=${out##*$'\n'}
+  out=${out%$'\n'*}
+  if [ "$code" != 200 ] && [ "$code" != 202 ]; then
+    echo "core: POST /CloningEngine/$op answered $code: $out" >&2
+    return 1
+  fi
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])' <<<"$out"
+}
+
+# core_follow MAC JOB TIMEOUT_S [ON_PROGRESS]: follows JOB through the agent's
+# webhooks (stored by the boot server) until it ends; prints progress as it
+# comes. Sets JOB_STATE, JOB_SUMMARY (one line), JOB_RUN_S (running →
+# end, from the events' timestamps), JOB_BYTES (used bytes of a restore or
+# create) and JOB_ERROR. Calls ON_PROGRESS (a function name) once per new
+# progress event with the bytes done as its argument. Returns 0 when the job
+# succeeded.
+core_follow() {
+  local mac=$1 job=$2 deadline=$((SECONDS + $3)) hook=${4:-} seen=0 events line
+  JOB_STATE="" JOB_SUMMARY="" JOB_RUN_S="" JOB_BYTES="" JOB_ERROR=""
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    events=$(ip netns exec "$NS" curl -fsS --max-time 3 "$HTTP_URL/v1/agents/$mac/events" 2>/dev/null) || events="[]"
+    while IFS= read -r line; do
+      case $line in
+        P\ *)
+          printf '    %s\n' "${line#P }" >&2
+          [ -n "$hook" ] && "$hook" "$(awk '{print $NF}' <<<"$line")"
+          ;;
+        S\ *) printf '    %s\n' "${line#S }" >&2 ;;
+        END\ *) read -r _ JOB_STATE JOB_RUN_S JOB_BYTES <<<"$line" ;;
+        SUMMARY\ *) JOB_SUMMARY=${line#SUMMARY } ;;
+        ERROR\ *) JOB_ERROR=${line#ERROR } ;;
+        SEEN\ *) seen=${line#SEEN } ;;
+      esac
+    done < <(JOB="$job" SEEN="$seen" python3 -c '
+import json, os, sys
+from datetime import datetime
+job, seen = os.environ["JOB"], int(os.environ["SEEN"])
+evs = [e for e in json.load(sys.stdin) if e.get("job_id") == job]
+evs.sort(key=lambda e: e.get("seq", 0))
+def ts(e):
+    return datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+mib = lambda b: b / 1048576
+for e in evs:
+    if e.get("seq", 0) <= seen:
+        continue
+    p = e.get("progress") or {}
+    if e.get("event") == "progress" and p:
+        rate = p.get("rate_bps", 0) / 1048576
+        print("P %s %s: %.1f/%.1f MiB, %.1f MiB/s, fetched %.1f MiB, in place %.1f MiB %d" % (
+            e["op"], p.get("phase", ""), mib(p.get("bytes_done", 0)), mib(p.get("bytes_total", 0)), rate,
+            mib(p.get("bytes_fetched", 0)), mib(p.get("bytes_skipped", 0)), p.get("bytes_done", 0)))
+    elif e.get("event") == "state":
+        print("S %s %s (seq %d)" % (e["op"], e["state"], e["seq"]))
+    seen = max(seen, e.get("seq", 0))
+print("SEEN %d" % seen)
+end = [e for e in evs if e.get("state") in ("succeeded", "failed", "cancelled") and e.get("event") == "state"]
+if end:
+    e = end[-1]
+    running = [x for x in evs if x.get("state") == "running"]
+    run_s = ts(e) - ts(running[0]) if running else 0.0
+    r = e.get("result") or {}
+    stats = r.get("stats") or {}
+    used = stats.get("bytes_used") or r.get("used_bytes") or 0
+    print("END %s %.2f %d" % (e["state"], run_s, used))
+    print("SUMMARY " + json.dumps(r, sort_keys=True)[:400])
+    if e.get("error"):
+        print("ERROR " + e["error"].get("message", "") + " | disk: " + e["error"].get("disk_state", ""))
+' <<<"$events")
+    if [ -n "$JOB_STATE" ]; then
+      [ "$JOB_STATE" = succeeded ]
+      return
+    fi
+    sleep 0.5
+  done
+  JOB_STATE=timeout
+  return 1
+}
