@@ -54,15 +54,18 @@ core_call() {
   python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])' <<<"$out"
 }
 
-# core_follow MAC JOB TIMEOUT_S [ON_PROGRESS]: follows JOB through the agent's
+# core_follow MAC JOB TIMEOUT_S [ON_PROGRESS] [CALLED_AT]: follows JOB through the agent's
 # webhooks (stored by the boot server) until it ends; prints progress as it
-# comes. Sets JOB_STATE, JOB_SUMMARY (one line), JOB_RUN_S (running →
+# comes (the last two words of a progress line, phase and bytes fetched, go
+# to ON_PROGRESS). Sets JOB_STATE, JOB_SUMMARY (one line), JOB_RUN_S (running →
 # end, from the events' timestamps), JOB_BYTES (used bytes of a restore or
 # create) and JOB_ERROR. Calls ON_PROGRESS (a function name) once per new
-# progress event with the bytes done as its argument. Returns 0 when the job
-# succeeded.
+# progress event with the bytes done as its argument. CALLED_AT (epoch
+# seconds) stands in for the job's start when its "running" event is gone
+# (the boot server keeps events in memory: a restart loses them). Returns 0
+# when the job succeeded.
 core_follow() {
-  local mac=$1 job=$2 deadline=$((SECONDS + $3)) hook=${4:-} seen=0 events line
+  local mac=$1 job=$2 deadline=$((SECONDS + $3)) hook=${4:-} called=${5:-0} seen=0 events line
   JOB_STATE="" JOB_SUMMARY="" JOB_RUN_S="" JOB_BYTES="" JOB_ERROR=""
   while [ "$SECONDS" -lt "$deadline" ]; do
     events=$(ip netns exec "$NS" curl -fsS --max-time 3 "$HTTP_URL/v1/agents/$mac/events" 2>/dev/null) || events="[]"
@@ -70,7 +73,11 @@ core_follow() {
       case $line in
         P\ *)
           printf '    %s\n' "${line#P }" >&2
-          [ -n "$hook" ] && "$hook" "$(awk '{print $NF}' <<<"$line")"
+          if [ -n "$hook" ]; then
+            local words
+            read -r -a words <<<"$line"
+            "$hook" "${words[-2]}" "${words[-1]}"
+          fi
           ;;
         S\ *) printf '    %s\n' "${line#S }" >&2 ;;
         END\ *) read -r _ JOB_STATE JOB_RUN_S JOB_BYTES <<<"$line" ;;
@@ -78,7 +85,7 @@ core_follow() {
         ERROR\ *) JOB_ERROR=${line#ERROR } ;;
         SEEN\ *) seen=${line#SEEN } ;;
       esac
-    done < <(JOB="$job" SEEN="$seen" python3 -c '
+    done < <(JOB="$job" SEEN="$seen" CALLED="$called" python3 -c '
 import json, os, sys
 from datetime import datetime
 job, seen = os.environ["JOB"], int(os.environ["SEEN"])
@@ -93,9 +100,9 @@ for e in evs:
     p = e.get("progress") or {}
     if e.get("event") == "progress" and p:
         rate = p.get("rate_bps", 0) / 1048576
-        print("P %s %s: %.1f/%.1f MiB, %.1f MiB/s, fetched %.1f MiB, in place %.1f MiB %d" % (
+        print("P %s %s: %.1f/%.1f MiB, %.1f MiB/s, fetched %.1f MiB, in place %.1f MiB %s %d" % (
             e["op"], p.get("phase", ""), mib(p.get("bytes_done", 0)), mib(p.get("bytes_total", 0)), rate,
-            mib(p.get("bytes_fetched", 0)), mib(p.get("bytes_skipped", 0)), p.get("bytes_done", 0)))
+            mib(p.get("bytes_fetched", 0)), mib(p.get("bytes_skipped", 0)), p.get("phase", "-"), p.get("bytes_fetched", 0)))
     elif e.get("event") == "state":
         print("S %s %s (seq %d)" % (e["op"], e["state"], e["seq"]))
     seen = max(seen, e.get("seq", 0))
@@ -104,7 +111,7 @@ end = [e for e in evs if e.get("state") in ("succeeded", "failed", "cancelled") 
 if end:
     e = end[-1]
     running = [x for x in evs if x.get("state") == "running"]
-    run_s = ts(e) - ts(running[0]) if running else 0.0
+    run_s = ts(e) - (ts(running[0]) if running else float(os.environ["CALLED"]))
     r = e.get("result") or {}
     stats = r.get("stats") or {}
     used = stats.get("bytes_used") or r.get("used_bytes") or 0

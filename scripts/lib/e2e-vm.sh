@@ -31,10 +31,13 @@ vm_common_args() {
 # vm_disk_args FILE: the machine's disk: DISK_MODEL=virtio (default), nvme or
 # sata (q35's AHCI controller).
 vm_disk_args() {
+  # bootindex=2: after the NIC (bootindex=1). With a QEMU boot order, OVMF
+  # drops devices that have none, so a local boot (iPXE "exit") would never
+  # reach the disk.
   case ${DISK_MODEL:-virtio} in
-    virtio) printf '%s\n' -drive "file=$1,format=raw,if=virtio" ;;
-    nvme) printf '%s\n' -drive "file=$1,format=raw,if=none,id=d0" -device "nvme,drive=d0,serial=aula0" ;;
-    sata) printf '%s\n' -drive "file=$1,format=raw,if=none,id=d0" -device "ide-hd,drive=d0,bus=ide.0" ;;
+    virtio) printf '%s\n' -drive "file=$1,format=raw,if=none,id=d0" -device "virtio-blk-pci,drive=d0,bootindex=2" ;;
+    nvme) printf '%s\n' -drive "file=$1,format=raw,if=none,id=d0" -device "nvme,drive=d0,serial=aula0,bootindex=2" ;;
+    sata) printf '%s\n' -drive "file=$1,format=raw,if=none,id=d0" -device "ide-hd,drive=d0,bus=ide.0,bootindex=2" ;;
     *) die "DISK_MODEL must be virtio, nvme or sata" ;;
   esac
 }
@@ -42,8 +45,12 @@ vm_disk_args() {
 # vm_uefi_args VARS_COPY: pflash drives for OVMF with a private copy of the variables.
 vm_uefi_args() {
   cp -f "$OVMF_VARS_TEMPLATE" "$1"
+  # IPv6 network boot off, as lab PCs usually have it: the boot network has
+  # no DHCPv6 server, and OVMF would spend ~70 s on PXEv6 before trying the
+  # disk when a machine boots locally.
   printf '%s\n' -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE" \
-    -drive "if=pflash,format=raw,unit=1,file=$1"
+    -drive "if=pflash,format=raw,unit=1,file=$1" \
+    -fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=n
 }
 
 # vm_start LOG [NETNS] -- QEMU-ARGS...: starts QEMU in the background (inside

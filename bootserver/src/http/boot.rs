@@ -105,7 +105,11 @@ impl BootRoutes {
             }
             BootMode::Local => {
                 let uefi = match self.cfg.boot.uefi_local {
-                    UefiLocal::Exit => "exit",
+                    // A non-zero exit status: UEFI boot managers (EDK2's
+                    // BDS among them) stop at a boot option that returns
+                    // success and show their menu; an error makes them go
+                    // on to the next option, the disk.
+                    UefiLocal::Exit => "exit 1",
                     UefiLocal::Sanboot => "sanboot --no-describe --drive 0x80 || goto failed",
                 };
                 format!(
