@@ -265,7 +265,10 @@ async fn uefi_local_boot_can_exit_to_the_firmware_or_sanboot() {
         .await
         .text();
     let uefi_part = t.split(":uefi\n").nth(1).expect("uefi label");
-    assert!(uefi_part.starts_with("exit 1\n"), "a failing exit status, so the firmware tries the disk next: {t}");
+    assert!(
+        uefi_part.starts_with("exit 1\n"),
+        "a failing exit status, so the firmware tries the disk next: {t}"
+    );
     server.shutdown();
     server.wait().await;
 }

@@ -17,11 +17,14 @@ apt_need() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
+  # QEMU 7.2 (bookworm) conflicts with a newer qemu-utils from backports:
+  # take bookworm's along with it.
+  case " ${missing[*]} " in
+    *" qemu-system-x86 "*) missing+=(qemu-utils/bookworm) ;;
+  esac
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  # qemu-utils may come from backports on these machines; QEMU 7.2 needs the
-  # bookworm one, so allow that downgrade.
   apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}" >/dev/null
 }
 

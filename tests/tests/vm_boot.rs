@@ -61,6 +61,6 @@ fn whole_disk_images_boot_after_restore_onto_a_larger_disk() {
 }
 
 #[test]
-fn pxe_boot_from_aula_bootserver_reaches_agent_ready() {
+fn pxe_booted_machines_are_partitioned_restored_and_boot_their_restored_os() {
     run_script("e2e");
 }
