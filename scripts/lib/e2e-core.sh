@@ -54,10 +54,17 @@ core_call() {
   python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])' <<<"$out"
 }
 
+# core_job_state JOB: the job's state as the agent reports it (GET /v1/jobs/JOB).
+core_job_state() {
+  ip netns exec "$NS" curl -fsS -k --max-time 5 -H "Authorization: Bearer $AGENT_TOKEN" \
+    "https://$AGENT_IP:$AGENT_PORT/v1/jobs/$1" 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin).get("state",""))' 2>/dev/null
+}
+
 # core_follow MAC JOB TIMEOUT_S [ON_PROGRESS] [CALLED_AT]: follows JOB through the agent's
 # webhooks (stored by the boot server) until it ends; prints progress as it
-# comes (the last two words of a progress line, phase and bytes fetched, go
-# to ON_PROGRESS). Sets JOB_STATE, JOB_SUMMARY (one line), JOB_RUN_S (running →
+# comes. ON_PROGRESS gets (phase, bytes fetched) for each progress event and
+# ("state:STATE", 0) for each state change. Sets JOB_STATE, JOB_SUMMARY (one line), JOB_RUN_S (running →
 # end, from the events' timestamps), JOB_BYTES (used bytes of a restore or
 # create) and JOB_ERROR. Calls ON_PROGRESS (a function name) once per new
 # progress event with the bytes done as its argument. CALLED_AT (epoch
@@ -65,7 +72,7 @@ core_call() {
 # (the boot server keeps events in memory: a restart loses them). Returns 0
 # when the job succeeded.
 core_follow() {
-  local mac=$1 job=$2 deadline=$((SECONDS + $3)) hook=${4:-} called=${5:-0} seen=0 events line
+  local mac=$1 job=$2 deadline=$((SECONDS + $3)) hook=${4:-} called=${5:-0} seen=0 events line ended_at=""
   JOB_STATE="" JOB_SUMMARY="" JOB_RUN_S="" JOB_BYTES="" JOB_ERROR=""
   while [ "$SECONDS" -lt "$deadline" ]; do
     events=$(ip netns exec "$NS" curl -fsS --max-time 3 "$HTTP_URL/v1/agents/$mac/events" 2>/dev/null) || events="[]"
@@ -79,7 +86,14 @@ core_follow() {
             "$hook" "${words[-2]}" "${words[-1]}"
           fi
           ;;
-        S\ *) printf '    %s\n' "${line#S }" >&2 ;;
+        S\ *)
+          printf '    %s\n' "${line#S }" >&2
+          if [ -n "$hook" ]; then
+            local sw
+            read -r -a sw <<<"$line"
+            "$hook" "state:${sw[2]}" 0
+          fi
+          ;;
         END\ *) read -r _ JOB_STATE JOB_RUN_S JOB_BYTES <<<"$line" ;;
         SUMMARY\ *) JOB_SUMMARY=${line#SUMMARY } ;;
         ERROR\ *) JOB_ERROR=${line#ERROR } ;;
@@ -123,6 +137,24 @@ if end:
     if [ -n "$JOB_STATE" ]; then
       [ "$JOB_STATE" = succeeded ]
       return
+    fi
+    # Reconcile with the agent: a webhook the boot server stored just before
+    # it restarted is gone with its memory. When the agent says the job has
+    # ended but no event told us within 10 s, take the agent's word.
+    if [ $((SECONDS % 5)) = 0 ]; then
+      local st
+      st=$(core_job_state "$job")
+      case $st in
+        succeeded | failed | cancelled)
+          : "${ended_at:=$SECONDS}"
+          if [ $((SECONDS - ended_at)) -ge 10 ]; then
+            echo "    (no webhook for the end of $job: the core restarted; state from the agent's API)" >&2
+            JOB_STATE=$st JOB_SUMMARY="state from GET /v1/jobs/$job" JOB_RUN_S=${JOB_RUN_S:-0}
+            [ "$JOB_STATE" = succeeded ]
+            return
+          fi
+          ;;
+      esac
     fi
     sleep 0.5
   done
