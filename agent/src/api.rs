@@ -219,7 +219,7 @@ fn authorized(ctx: &Ctx, req: &Request<Incoming>) -> bool {
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| crate::tls::constant_time_eq(t.trim().as_bytes(), ctx.token.as_bytes()))
+        .is_some_and(|t| aula_imager::tls::secrets_equal(t.trim().as_bytes(), ctx.token.as_bytes()))
 }
 
 async fn body_json(req: Request<Incoming>, allow_empty: bool) -> Result<Value, ApiError> {

@@ -67,6 +67,10 @@ pub struct FileConfig {
     /// Kernel command line to read (default `/proc/cmdline`).
     #[serde(default)]
     pub kernel_cmdline: Option<PathBuf>,
+    /// Where restore records are kept (see `aula_imager::record`); an empty
+    /// string turns them off. Default `/run/aula/records`.
+    #[serde(default)]
+    pub restore_records: Option<PathBuf>,
     /// `[listen]`
     #[serde(default)]
     pub listen: ListenSection,
@@ -511,6 +515,8 @@ pub struct Settings {
     pub identity: IdentitySection,
     /// Registration backoff cap.
     pub register_max_backoff: Duration,
+    /// Restore records directory; None: off.
+    pub restore_records: Option<PathBuf>,
 }
 
 fn check_url(key: &str, url: &str) -> Result<String, ConfigError> {
@@ -653,6 +659,11 @@ impl Settings {
             power: file.power.clone(),
             identity,
             register_max_backoff: Duration::from_secs(file.server.register_max_backoff_s.max(1)),
+            restore_records: match &file.restore_records {
+                None => Some(PathBuf::from("/run/aula/records")),
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(p.clone()),
+            },
         })
     }
 

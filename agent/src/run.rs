@@ -241,6 +241,8 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
     let opts = aula_imager::restore::RestoreOptions {
         threads,
         delta: r.delta,
+        records: ctx.settings.restore_records.clone(),
+        scan: false,
     };
     let res = aula_imager::image::restore_image(
         &m,

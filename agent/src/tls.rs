@@ -104,11 +104,6 @@ pub fn sign(key: &str, body: &[u8]) -> String {
     )
 }
 
-/// Compare without an early exit.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 type Inner = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// An HTTP(S) client for JSON calls with a fixed server trust.
@@ -236,7 +231,7 @@ mod tests {
         let b = random_token().expect("token");
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
-        assert!(constant_time_eq(a.as_bytes(), a.as_bytes()));
-        assert!(!constant_time_eq(a.as_bytes(), b.as_bytes()));
+        assert!(aula_imager::tls::secrets_equal(a.as_bytes(), a.as_bytes()));
+        assert!(!aula_imager::tls::secrets_equal(a.as_bytes(), b.as_bytes()));
     }
 }

@@ -417,6 +417,68 @@ async fn a_cancelled_restore_stops_midway_and_leaves_partition_2_unrecognisable_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_restore_in_the_same_boot_reads_nothing_unless_the_partition_was_written_since() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
+    let (src, files) = source_disk(dir.path(), 12);
+    upload(&server.repo_url(), &src, Some(1), "again").await;
+    let target = target_disk(dir.path());
+    let agent = start_agent(AgentOpts {
+        dir: dir.path(),
+        disks: vec![(1, target.clone())],
+        server: None,
+        core: None,
+        repo_port: server.http.port(),
+        extra: "",
+    })
+    .await;
+    let api = Api::new(&agent);
+    let restore = || async {
+        let (s, r) = api
+            .call(
+                Method::POST,
+                "/CloningEngine/RestaurarImagen",
+                Some(json!({"dsk":"1","par":"2","nci":"again","ipr":"127.0.0.1","method":"unicast","ids":"1"})),
+            )
+            .await;
+        assert_eq!(s, 200, "{r}");
+        let job = r["job_id"].as_str().expect("id").to_string();
+        let v = api.wait_job(&job, Duration::from_secs(60)).await;
+        assert_eq!(v["state"], "succeeded", "{v:#}");
+        v["result"]["stats"].clone()
+    };
+    let first = restore().await;
+    assert_eq!(first["chunks_unread"], 0, "{first}");
+    assert!(first["chunks_fetched"].as_u64().expect("n") > 0, "{first}");
+    // Nothing wrote to the disk since: the record says what it holds.
+    let second = restore().await;
+    assert_eq!(second["chunks_fetched"], 0, "{second}");
+    assert_eq!(second["chunks_unread"], first["chunks"], "{second}");
+    // Someone writes into partition 2 (its superblock): the record no longer
+    // holds, the disk is read, and the damaged window is fetched again.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .expect("open target");
+        f.write_all_at(&[0x5a; 512], part_range(&target, 2).0 + 1024)
+            .expect("write");
+    }
+    let third = restore().await;
+    assert_eq!(third["chunks_unread"], 0, "{third}");
+    assert_eq!(third["chunks_fetched"], 1, "{third}");
+    agent.shutdown().await;
+    let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+    let got = read_files(&target, 2, &names);
+    for (n, data) in &files {
+        assert!(got[*n] == *data, "{n} differs after the restores");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_on_one_disk_run_in_order_while_read_only_jobs_run_at_once() {
     init_logs();
     let dir = tempfile::tempdir().expect("tmp");

@@ -182,18 +182,6 @@ fn error(status: StatusCode, msg: &str) -> Response<Body> {
     json(status, &serde_json::json!({ "error": msg }))
 }
 
-/// Token comparison whose time does not depend on where the inputs differ:
-/// both are hashed to fixed-length digests, compared without branching.
-fn token_matches(given: &str, expected: &str) -> bool {
-    let a = ring::digest::digest(&ring::digest::SHA256, given.as_bytes());
-    let b = ring::digest::digest(&ring::digest::SHA256, expected.as_bytes());
-    a.as_ref()
-        .iter()
-        .zip(b.as_ref())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 fn bearer(req: &Request<Incoming>) -> Option<&str> {
     req.headers()
         .get(AUTHORIZATION)
@@ -288,12 +276,10 @@ impl RepoService {
         match &self.cfg.read_token {
             None => true,
             Some(t) => bearer(req).is_some_and(|b| {
-                token_matches(b, t)
-                    || self
-                        .cfg
-                        .write_token
-                        .as_deref()
-                        .is_some_and(|w| token_matches(b, w))
+                aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes())
+                    || self.cfg.write_token.as_deref().is_some_and(|w| {
+                        aula_imager::tls::secrets_equal(b.as_bytes(), w.as_bytes())
+                    })
             }),
         }
     }
@@ -303,7 +289,7 @@ impl RepoService {
         self.cfg
             .write_token
             .as_deref()
-            .is_some_and(|t| token_matches(b, t))
+            .is_some_and(|t| aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes()))
             || self.extra_writer.as_ref().is_some_and(|f| f(b))
     }
 
@@ -964,12 +950,5 @@ mod tests {
         assert_eq!(zstd_content_size(b"not zstd at all"), None);
         let small = zstd::bulk::compress(b"x", 3).expect("compress");
         assert_eq!(zstd_content_size(&small), Some(1));
-    }
-
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(token_matches("abc", "abc"));
-        assert!(!token_matches("abc", "abd"));
-        assert!(!token_matches("ab", "abc"));
     }
 }

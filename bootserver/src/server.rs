@@ -29,9 +29,11 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    /// The token file cannot be read.
-    #[error("reading api_token_file {path}")]
+    /// A token file cannot be read.
+    #[error("reading {key} {path}")]
     TokenFile {
+        /// The configuration key naming it.
+        key: String,
         /// The file.
         path: std::path::PathBuf,
         /// Why.
@@ -109,24 +111,17 @@ impl Server {
             path: data_dir.clone(),
             source,
         })?;
-        let token = match (&cfg.http.api_token, &cfg.http.api_token_file) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(p)) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ServerError::TokenFile {
-                    path: p.clone(),
-                    source,
-                })?;
-                let t = text.lines().next().unwrap_or("").trim().to_owned();
-                if t.len() < 16 {
-                    return Err(ServerError::Config(crate::config::ConfigError::Invalid {
-                        key: "http.api_token_file".into(),
-                        message: "token must be at least 16 characters".into(),
-                    }));
-                }
-                Some(t)
-            }
-            (None, None) => None,
-        };
+        let token = read_secret(
+            cfg.http.api_token.as_ref(),
+            cfg.http.api_token_file.as_ref(),
+            "http.api_token_file",
+        )?;
+        if cfg.http.api_token.is_none() && token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+                key: "http.api_token_file".into(),
+                message: "token must be at least 16 characters".into(),
+            }));
+        }
         if cfg.http.enabled && token.is_none() {
             tracing::warn!("no http.api_token configured: API writes (boot modes) are refused");
         }
@@ -352,6 +347,27 @@ fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
         .map(String::as_str)
 }
 
+/// A secret given inline, or else as the first line of a file (`key` names
+/// the file's setting in errors).
+fn read_secret(
+    inline: Option<&String>,
+    file: Option<&std::path::PathBuf>,
+    key: &str,
+) -> Result<Option<String>, ServerError> {
+    match (inline, file) {
+        (Some(t), _) => Ok(Some(t.clone())),
+        (None, Some(p)) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ServerError::TokenFile {
+                key: key.into(),
+                path: p.clone(),
+                source,
+            })?;
+            Ok(Some(text.lines().next().unwrap_or("").trim().to_owned()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// Opens the image repository described by `[repository]`.
 fn open_repository(
     cfg: &Config,
@@ -362,17 +378,12 @@ fn open_repository(
         .root
         .clone()
         .unwrap_or_else(|| cfg.server.data_dir.join("repo"));
-    let write_token = match (&r.write_token, &r.write_token_file) {
-        (Some(t), _) => Some(t.clone()),
-        (None, Some(p)) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ServerError::TokenFile {
-                path: p.clone(),
-                source,
-            })?;
-            Some(text.lines().next().unwrap_or("").trim().to_owned()).filter(|t| !t.is_empty())
-        }
-        (None, None) => None,
-    };
+    let write_token = read_secret(
+        r.write_token.as_ref(),
+        r.write_token_file.as_ref(),
+        "repository.write_token_file",
+    )?
+    .filter(|t| !t.is_empty());
     if write_token.is_none() {
         tracing::warn!(
             "no repository.write_token configured: only agents granted capture rights can upload"

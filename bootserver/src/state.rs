@@ -342,13 +342,10 @@ impl Registry {
     /// with an active capture grant.
     pub fn token_may_capture(&self, token: &str) -> bool {
         self.agents(true).iter().any(|a| {
-            a.token.as_deref().is_some_and(|t| {
-                t.len() == token.len()
-                    && t.bytes()
-                        .zip(token.bytes())
-                        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-                        == 0
-            }) && a.macs.iter().any(|m| self.capture_until(*m).is_some())
+            a.token
+                .as_deref()
+                .is_some_and(|t| aula_imager::tls::secrets_equal(token.as_bytes(), t.as_bytes()))
+                && a.macs.iter().any(|m| self.capture_until(*m).is_some())
         })
     }
 

@@ -181,6 +181,7 @@ fn restore(
         &RestoreOptions {
             threads,
             delta: true,
+            ..Default::default()
         },
         &Progress::new(),
     )
@@ -486,6 +487,7 @@ fn corrupted_and_cut_downloads_are_detected_refetched_and_never_written() {
         &RestoreOptions {
             threads: 2,
             delta: true,
+            ..Default::default()
         },
         &Progress::new(),
     )
@@ -531,6 +533,7 @@ fn killing_and_restarting_the_server_mid_restore_completes_the_restore() {
             &RestoreOptions {
                 threads: 2,
                 delta: true,
+                ..Default::default()
             },
             &p2,
         )

@@ -253,6 +253,7 @@ fn restore_disk_steps(
             &region,
             repo,
             opts,
+            None,
             progress,
         )?;
         stats.add(&s);
@@ -289,6 +290,7 @@ fn restore_disk_steps(
         &whole,
         repo,
         opts,
+        None,
         progress,
     )?;
     stats.add(&s);
@@ -300,6 +302,7 @@ fn restore_disk_steps(
         &whole,
         repo,
         opts,
+        None,
         progress,
     )?;
     stats.add(&s);

@@ -22,6 +22,7 @@ pub mod legacy;
 pub mod manifest;
 pub mod pool;
 pub mod progress;
+pub mod record;
 pub mod repo;
 pub mod restore;
 pub mod table;

@@ -123,6 +123,14 @@ enum Cmd {
         /// Fetch and write every chunk, even those the target already holds.
         #[arg(long)]
         no_delta: bool,
+        /// Read and hash the target to find the chunks it holds, even when a
+        /// restore record of this boot says what it holds.
+        #[arg(long, conflicts_with = "no_delta")]
+        scan: bool,
+        /// Restore records directory (default: /run/aula/records for root,
+        /// $XDG_RUNTIME_DIR/aula/records otherwise).
+        #[arg(long, value_name = "DIR", env = "AULA_RECORDS")]
+        records: Option<PathBuf>,
         /// Overwrite a whole partitioned device with a partition image.
         #[arg(long)]
         force: bool,
@@ -303,6 +311,8 @@ impl Reporter {
     fn finish(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {
+            // Wake the reporter from its pause so it reports and ends now.
+            h.thread().unpark();
             let _ = h.join();
         }
     }
@@ -396,7 +406,7 @@ fn report_loop(progress: Arc<Progress>, mode: Mode, stop: Arc<AtomicBool>) {
         if stopping {
             break;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::park_timeout(Duration::from_millis(50));
     }
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -536,6 +546,8 @@ fn run(cli: Cli) -> Result<()> {
             target,
             partition,
             no_delta,
+            scan,
+            records,
             force,
             threads,
             out,
@@ -565,6 +577,8 @@ fn run(cli: Cli) -> Result<()> {
             let opts = RestoreOptions {
                 threads: threads.unwrap_or_else(|| repo.preferred_threads()),
                 delta: !no_delta,
+                records: records.or_else(aula_imager::record::default_dir),
+                scan,
             };
             let (s, secs) = run_job(&out, "restore", |p| {
                 aula_imager::image::restore_image(&m, dev, partition, repo.as_ref(), &opts, p)
@@ -573,7 +587,7 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
                 serde_json::json!({"name": m.name, "version": m.image_version, "stats": s, "seconds": secs}),
                 format!(
-                    "restored {}@{} onto {}: {} used, {} fetched, {} already in place ({} of {} chunks skipped), {:.1} s ({:.0} MiB/s)",
+                    "restored {}@{} onto {}: {} used, {} fetched, {} already in place ({} of {} chunks skipped{}), {:.1} s ({:.0} MiB/s)",
                     m.name,
                     m.image_version,
                     target.display(),
@@ -582,6 +596,11 @@ fn run(cli: Cli) -> Result<()> {
                     mib(s.bytes_skipped),
                     s.chunks_skipped,
                     s.chunks,
+                    if s.chunks_unread > 0 {
+                        format!(", {} known from this boot's restore record without reading", s.chunks_unread)
+                    } else {
+                        String::new()
+                    },
                     secs,
                     s.bytes_used as f64 / 1048576.0 / secs.max(1e-9)
                 ),

@@ -10,6 +10,8 @@
 //! Memory: each worker owns a window buffer, a target-read buffer and a
 //! compressed-frame buffer: about `threads × 3 × chunk_size`.
 
+use std::path::PathBuf;
+
 use crate::chunk::{is_zero, ChunkId, Decoder, Fingerprint};
 use crate::device::{ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
@@ -17,6 +19,7 @@ use crate::extent::ExtentMap;
 use crate::manifest::{ChunkRef, ImageKind, Manifest};
 use crate::pool;
 use crate::progress::Progress;
+use crate::record::{self, Known};
 use crate::repo::Repository;
 
 /// Options for `restore`.
@@ -26,6 +29,14 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Skip chunks the target already holds.
     pub delta: bool,
+    /// Keep restore records here (see `record`): a partition restore
+    /// writes one when it finishes, and a later delta restore in the same
+    /// boot trusts it instead of reading the target, if nothing has written
+    /// to the target since. None: no records.
+    pub records: Option<PathBuf>,
+    /// Read and hash the target even when a valid record says what it
+    /// holds (the record is still written afterwards).
+    pub scan: bool,
 }
 
 impl Default for RestoreOptions {
@@ -33,6 +44,8 @@ impl Default for RestoreOptions {
         RestoreOptions {
             threads: pool::default_threads(),
             delta: true,
+            records: None,
+            scan: false,
         }
     }
 }
@@ -52,6 +65,10 @@ pub struct RestoreStats {
     pub bytes_fetched: u64,
     /// Used bytes skipped by the delta check.
     pub bytes_skipped: u64,
+    /// Of the skipped chunks, those known to be in place from a restore
+    /// record, without reading the target.
+    #[serde(default)]
+    pub chunks_unread: u64,
     /// Bytes written to the target.
     pub bytes_written: u64,
 }
@@ -65,6 +82,7 @@ impl RestoreStats {
         self.bytes_used += o.bytes_used;
         self.bytes_fetched += o.bytes_fetched;
         self.bytes_skipped += o.bytes_skipped;
+        self.chunks_unread += o.chunks_unread;
         self.bytes_written += o.bytes_written;
     }
 }
@@ -129,8 +147,9 @@ fn target_matches(
 }
 
 /// Restore the chunks of one used map onto `target` (a partition-sized
-/// region). `only` filters windows by index (used to hold back the first
-/// window of a disk until the end).
+/// region). With `known` (a valid restore record of the target) the
+/// target is not read: a window the record shows in place is skipped, any
+/// other is fetched.
 #[allow(clippy::too_many_arguments)]
 pub fn restore_chunks(
     used: &ExtentMap,
@@ -140,6 +159,7 @@ pub fn restore_chunks(
     target: &Region,
     repo: &dyn Repository,
     opts: &RestoreOptions,
+    known: Option<&Known>,
     progress: &Progress,
 ) -> Result<RestoreStats> {
     if target.len() < source_size {
@@ -167,7 +187,8 @@ pub fn restore_chunks(
         |w, k| {
             let c = &chunks[k];
             let start = c.index * chunk_size;
-            if opts.delta {
+            let scan = opts.delta && known.is_none();
+            if scan {
                 // Start reading the window a few chunks ahead so the disk
                 // works while this one is hashed.
                 if let Some(ahead) = chunks.get(k + 2 * opts.threads.max(1)) {
@@ -180,7 +201,12 @@ pub fn restore_chunks(
             let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
             w.stats.chunks += 1;
             w.stats.bytes_used += used_here;
-            if opts.delta && target_matches(target, used, start, len, c, &mut w.tbuf)? {
+            let in_place = match known {
+                Some(k) => k.holds(used, c, start, len as u64),
+                None => scan && target_matches(target, used, start, len, c, &mut w.tbuf)?,
+            };
+            if in_place {
+                w.stats.chunks_unread += u64::from(known.is_some());
                 w.stats.chunks_skipped += 1;
                 w.stats.bytes_skipped += used_here;
                 progress.add_skipped(used_here);
@@ -293,6 +319,19 @@ pub fn restore_partition(
         });
     }
     preflight(m, repo)?;
+    let known = match &opts.records {
+        Some(dir) if opts.delta && !opts.scan => {
+            record::load(dir, target, m.chunk_size, m.source_size)
+        }
+        _ => None,
+    };
+    if let Some(k) = &known {
+        tracing::info!(
+            "{} holds {} as restored earlier in this boot and unwritten since; comparing manifests instead of reading it",
+            target.device().path().display(),
+            k.image()
+        );
+    }
     progress.start_phase("restore", m.used_bytes);
     let stats = restore_chunks(
         &m.used,
@@ -302,6 +341,7 @@ pub fn restore_partition(
         target,
         repo,
         opts,
+        known.as_ref(),
         progress,
     )?;
     progress.set_phase("sync");
@@ -311,6 +351,11 @@ pub fn restore_partition(
             target.device().path().display()
         )
     })?;
+    if let Some(dir) = &opts.records {
+        if let Err(e) = record::save(dir, target, m) {
+            tracing::warn!("could not write the restore record: {e}");
+        }
+    }
     progress.set_phase("done");
     Ok(stats)
 }

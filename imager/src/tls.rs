@@ -30,6 +30,20 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// True when a secret someone presented (a bearer token) equals the
+/// expected one, in time that depends on neither.
+pub fn secrets_equal(given: &[u8], expected: &[u8]) -> bool {
+    // Comparing digests in constant time hides both where the first
+    // difference lies and the expected secret's length.
+    let a = ring::digest::digest(&ring::digest::SHA256, given);
+    let b = ring::digest::digest(&ring::digest::SHA256, expected);
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
 /// `sha256:<hex>` fingerprint of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     format!(
@@ -181,6 +195,15 @@ pub fn client_config(trust: &ServerTrust) -> Result<rustls::ClientConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_compare_exactly_whatever_their_lengths() {
+        assert!(secrets_equal(b"abc", b"abc"));
+        assert!(!secrets_equal(b"abc", b"abd"));
+        assert!(!secrets_equal(b"ab", b"abc"));
+        assert!(!secrets_equal(b"", b"abc"));
+        assert!(secrets_equal(b"", b""));
+    }
 
     #[test]
     fn fingerprints_parse_in_every_usual_spelling() {

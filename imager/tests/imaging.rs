@@ -553,6 +553,160 @@ fn delta_restore_after_changing_5_percent_of_chunks_fetches_only_those() {
     assert_eq!(list[0].versions, vec![1, 2]);
 }
 
+/// Two versions of a raw image of 100 windows of 256 KiB, v2 differing from
+/// v1 in 5 windows; returns (repo, v1 data, v2 data).
+fn two_versions(t: &Tmp) -> (String, Vec<u8>, Vec<u8>) {
+    let src = t.p("src.raw");
+    let v1 = pseudo_random(33, (25 * MIB) as usize);
+    let repo = t.s("repo");
+    let create = |data: &[u8]| {
+        std::fs::write(&src, data).expect("write source");
+        imager_ok(&[
+            "create",
+            &src.display().to_string(),
+            "--repo",
+            &repo,
+            "--name",
+            "v",
+            "--raw",
+            "--chunk-kib",
+            "256",
+        ]);
+    };
+    create(&v1);
+    let mut v2 = v1.clone();
+    for w in [3usize, 17, 42, 66, 99] {
+        let off = w * (256 << 10) + 5000;
+        for b in &mut v2[off..off + 64] {
+            *b = !*b;
+        }
+    }
+    create(&v2);
+    (repo, v1, v2)
+}
+
+fn restore_json(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["restore"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    restore_stats(&imager_ok(&a))
+}
+
+#[test]
+fn after_our_own_restore_a_delta_restore_trusts_the_record_and_reads_no_window() {
+    let t = Tmp::new();
+    let (repo, v1, v2) = two_versions(&t);
+    let rec = t.s("records");
+    let target = t.s("target.img");
+    let s = restore_json(&["v@1", "--repo", &repo, &target, "--records", &rec]);
+    assert_eq!(s["chunks_fetched"], 100, "{s}");
+    assert_eq!(std::fs::read(&target).expect("read"), v1);
+    let s = restore_json(&["v", "--repo", &repo, &target, "--records", &rec]);
+    assert_eq!(s["chunks_fetched"], 5, "{s}");
+    assert_eq!(s["chunks_skipped"], 95, "{s}");
+    assert_eq!(s["chunks_unread"], 95, "{s}");
+    assert_eq!(std::fs::read(&target).expect("read"), v2);
+    // The record now names v2: going back to v1 also needs no read.
+    let s = restore_json(&["v@1", "--repo", &repo, &target, "--records", &rec]);
+    assert_eq!(
+        (s["chunks_fetched"].as_u64(), s["chunks_unread"].as_u64()),
+        (Some(5), Some(95)),
+        "{s}"
+    );
+    assert_eq!(std::fs::read(&target).expect("read"), v1);
+    // --scan reads the target although the record is valid.
+    let s = restore_json(&["v", "--repo", &repo, &target, "--records", &rec, "--scan"]);
+    assert_eq!(
+        (s["chunks_fetched"].as_u64(), s["chunks_unread"].as_u64()),
+        (Some(5), Some(0)),
+        "{s}"
+    );
+    assert_eq!(std::fs::read(&target).expect("read"), v2);
+    // The record directory is private.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(t.p("records"))
+            .expect("records dir")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
+
+#[test]
+fn a_write_to_the_target_after_a_restore_voids_its_record() {
+    let t = Tmp::new();
+    let (repo, _v1, v2) = two_versions(&t);
+    let rec = t.s("records");
+    let target = t.s("target.img");
+    restore_json(&["v@1", "--repo", &repo, &target, "--records", &rec]);
+    // Another writer changes window 50, which v1 and v2 share, straight
+    // after the restore.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .expect("open target");
+        f.write_all_at(b"not from the image", 50 * (256 << 10) + 77)
+            .expect("write");
+    }
+    let s = restore_json(&["v", "--repo", &repo, &target, "--records", &rec]);
+    assert_eq!(s["chunks_unread"], 0, "{s}");
+    assert_eq!(
+        s["chunks_fetched"], 6,
+        "the 5 changed windows and the overwritten one: {s}"
+    );
+    assert_eq!(std::fs::read(&target).expect("read"), v2);
+}
+
+#[test]
+fn records_of_another_boot_or_range_or_in_a_shared_directory_are_not_trusted() {
+    let t = Tmp::new();
+    let (repo, _v1, v2) = two_versions(&t);
+    let rec = t.p("records");
+    let recs = t.s("records");
+    let target = t.s("target.img");
+    let fresh_v1 = || {
+        restore_json(&["v@1", "--repo", &repo, &target, "--records", &recs]);
+    };
+    let only_record = || {
+        let mut files: Vec<_> = std::fs::read_dir(&rec)
+            .expect("records")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files.remove(0)
+    };
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let p = only_record();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).expect("read record")).expect("json");
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_vec(&v).expect("json")).expect("write record");
+    };
+    let delta_is_a_scan = || {
+        let s = restore_json(&["v", "--repo", &repo, &target, "--records", &recs]);
+        assert_eq!(
+            (s["chunks_fetched"].as_u64(), s["chunks_unread"].as_u64()),
+            (Some(5), Some(0)),
+            "{s}"
+        );
+        assert_eq!(std::fs::read(&target).expect("read"), v2);
+    };
+    // Another boot.
+    fresh_v1();
+    edit(&|v| v["mark"]["boot_id"] = "00000000-0000-0000-0000-000000000000".into());
+    delta_is_a_scan();
+    // Another byte range than the one restored.
+    fresh_v1();
+    edit(&|v| v["offset"] = 4096.into());
+    delta_is_a_scan();
+    // A record directory other users may write to.
+    fresh_v1();
+    std::fs::set_permissions(&rec, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    delta_is_a_scan();
+}
+
 /// A repository wrapper that cancels the job after `after` chunk fetches.
 struct CancelAfter<'a> {
     inner: &'a LocalRepo,
@@ -649,6 +803,7 @@ fn cancelled_restore_stops_and_a_rerun_finishes_fetching_only_the_rest() {
     let opts = RestoreOptions {
         threads: 2,
         delta: true,
+        ..Default::default()
     };
     let r = restore_partition(&m, &region, &wrapped, &opts, &progress);
     assert!(matches!(r, Err(aula_imager::Error::Cancelled)), "{r:?}");

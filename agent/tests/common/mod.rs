@@ -534,7 +534,8 @@ pub async fn start_agent(o: AgentOpts<'_>) -> Agent {
     }
     let power_log = o.dir.join("power.log");
     let text = format!(
-        r#"[listen]
+        r#"restore_records = "{records}"
+[listen]
 address = "127.0.0.1"
 port = 0
 [repository]
@@ -555,6 +556,7 @@ mac = "{MAC}"
 "#,
         port = o.repo_port,
         cache = o.dir.join("cache-mnt").display(),
+        records = o.dir.join("records").display(),
         log = power_log.display(),
         extra = o.extra,
     );

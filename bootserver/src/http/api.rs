@@ -114,14 +114,6 @@ pub struct ApiRoutes {
     >,
 }
 
-/// Compares without an early exit, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl ApiRoutes {
     /// Creates the group.
     pub fn new(
@@ -154,7 +146,9 @@ impl ApiRoutes {
         }
         let own = self.registry.agent_token(mac);
         match (Self::bearer(req), own) {
-            (Some(b), Some(t)) if constant_time_eq(b.as_bytes(), t.as_bytes()) => Ok(()),
+            (Some(b), Some(t)) if aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes()) => {
+                Ok(())
+            }
             _ => self.require_auth(req),
         }
     }
@@ -208,7 +202,7 @@ impl ApiRoutes {
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()))
+            .is_some_and(|t| aula_imager::tls::secrets_equal(t.trim().as_bytes(), token.as_bytes()))
     }
 
     fn require_auth(&self, req: &HttpRequest) -> Result<(), ApiError> {

@@ -235,6 +235,23 @@ impl HttpRepo {
             .map_err(|e| Fail::Fatal(Error::Invalid(format!("building request for {path}: {e}"))))
     }
 
+    /// Send a request and wait, bounded, for the response head; a timeout
+    /// or transport failure is worth retrying.
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> std::result::Result<hyper::Response<hyper::body::Incoming>, Fail> {
+        let uri = req.uri().to_string();
+        match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
+            Err(_) => Err(Fail::Retry(format!(
+                "{uri}: no response within {:?}",
+                self.opts.timeout
+            ))),
+            Ok(Err(e)) => Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
     /// Send and read the whole body (bounded), classifying failures.
     async fn exchange(
         &self,
@@ -242,16 +259,7 @@ impl HttpRepo {
         limit: usize,
     ) -> std::result::Result<(StatusCode, Vec<u8>), Fail> {
         let uri = req.uri().to_string();
-        let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req)).await {
-            Err(_) => {
-                return Err(Fail::Retry(format!(
-                    "{uri}: no response within {:?}",
-                    self.opts.timeout
-                )))
-            }
-            Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
-            Ok(Ok(r)) => r,
-        };
+        let resp = self.send(req).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         let mut out = Vec::new();
@@ -320,13 +328,7 @@ impl HttpRepo {
                     }
                 }
                 let uri = self.url(&path);
-                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req))
-                    .await
-                {
-                    Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
-                    Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
-                    Ok(Ok(r)) => r,
-                };
+                let resp = self.send(req).await?;
                 let status = resp.status();
                 match status {
                     StatusCode::OK => {
@@ -472,13 +474,7 @@ impl HttpStream {
                     }
                 }
                 let uri = req.uri().to_string();
-                let resp = match tokio::time::timeout(repo.opts.timeout, repo.client.request(req))
-                    .await
-                {
-                    Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
-                    Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
-                    Ok(Ok(r)) => r,
-                };
+                let resp = repo.send(req).await?;
                 let st = resp.status();
                 let ok = (offset == 0 && st == StatusCode::OK)
                     || (offset > 0 && st == StatusCode::PARTIAL_CONTENT);
@@ -625,13 +621,7 @@ impl Repository for HttpRepo {
             async move {
                 let req = req?;
                 let uri = req.uri().to_string();
-                let resp = match tokio::time::timeout(self.opts.timeout, self.client.request(req))
-                    .await
-                {
-                    Err(_) => return Err(Fail::Retry(format!("{uri}: no response"))),
-                    Ok(Err(e)) => return Err(Fail::Retry(format!("{uri}: {}", error_chain(&e)))),
-                    Ok(Ok(r)) => r,
-                };
+                let resp = self.send(req).await?;
                 match resp.status() {
                     StatusCode::OK => Ok(resp
                         .headers()

@@ -17,6 +17,11 @@ pub fn imager(args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)
         .env("AULA_LOG", "warn")
+        // Restore records of the tests stay out of the machine's /run.
+        .env(
+            "AULA_RECORDS",
+            std::env::temp_dir().join("aula-test-records"),
+        )
         .output()
         .expect("running aula-imager")
 }
