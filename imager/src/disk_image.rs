@@ -29,7 +29,10 @@ use crate::image::{read_table, region_of};
 use crate::manifest::{DiskPartition, ImageKind, Manifest};
 use crate::progress::Progress;
 use crate::repo::Repository;
-use crate::restore::{preflight, restore_chunks, restore_partition, RestoreOptions, RestoreStats};
+use crate::restore::{
+    preflight, restore_chunks, restore_partition_unrecorded, save_record, RestoreOptions,
+    RestoreStats,
+};
 use crate::table::{PartitionTable, TableKind};
 
 /// The byte ranges of a disk that lie outside its partitions and matter:
@@ -386,7 +389,7 @@ pub fn restore_disk_partition(
     } else {
         None
     };
-    let stats = restore_partition(&part.image, &region, repo, opts, progress)?;
+    let stats = restore_partition_unrecorded(&part.image, &region, repo, opts, progress)?;
     if let Some(head) = head {
         let img_first = image_table
             .partitions
@@ -423,6 +426,10 @@ pub fn restore_disk_partition(
         dev.sync()
             .ctx(|| format!("flushing {}", dev.path().display()))?;
     }
+    // Recorded only now: the boot code written above changes the disk's
+    // write counters, and a record made before it would never hold.
+    save_record(opts, &region, &part.image);
+    progress.set_phase("done");
     Ok(stats)
 }
 

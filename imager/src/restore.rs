@@ -297,8 +297,35 @@ pub fn preflight(m: &Manifest, repo: &dyn Repository) -> Result<()> {
     }
 }
 
-/// Restore a partition image onto `target` and flush it to stable storage.
+/// Restore a partition image onto `target`, flush it to stable storage,
+/// and leave a restore record when `opts.records` is set.
 pub fn restore_partition(
+    m: &Manifest,
+    target: &Region,
+    repo: &dyn Repository,
+    opts: &RestoreOptions,
+    progress: &Progress,
+) -> Result<RestoreStats> {
+    let stats = restore_partition_unrecorded(m, target, repo, opts, progress)?;
+    save_record(opts, target, m);
+    progress.set_phase("done");
+    Ok(stats)
+}
+
+/// Write the restore record of `target` holding `m` (after the job's last
+/// write and flush). A failure only costs the next delta restore its
+/// shortcut, so it is logged, not returned.
+pub(crate) fn save_record(opts: &RestoreOptions, target: &Region, m: &Manifest) {
+    if let Some(dir) = &opts.records {
+        if let Err(e) = record::save(dir, target, m) {
+            tracing::warn!("could not write the restore record: {e}");
+        }
+    }
+}
+
+/// `restore_partition` without the record (for callers that write more to
+/// the device afterwards and record at the end).
+pub(crate) fn restore_partition_unrecorded(
     m: &Manifest,
     target: &Region,
     repo: &dyn Repository,
@@ -351,12 +378,6 @@ pub fn restore_partition(
             target.device().path().display()
         )
     })?;
-    if let Some(dir) = &opts.records {
-        if let Err(e) = record::save(dir, target, m) {
-            tracing::warn!("could not write the restore record: {e}");
-        }
-    }
-    progress.set_phase("done");
     Ok(stats)
 }
 

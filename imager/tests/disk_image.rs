@@ -354,4 +354,20 @@ fn one_partition_of_a_disk_image_restores_with_its_bios_boot_code_and_active_fla
     // The target's own table is kept.
     let d = sh_out(&format!("sfdisk -d {}", target.display()));
     assert!(d.contains("size=       81920"), "{d}");
+    // Restoring it again knows the partition's content from the restore
+    // record, which was made after the boot code was written.
+    let o = imager_ok(&[
+        "restore",
+        "os",
+        "--repo",
+        &t.s("repo"),
+        &target.display().to_string(),
+        "--partition",
+        "1",
+        "--json",
+    ]);
+    let s = json_result(&o)["stats"].clone();
+    assert_eq!(s["chunks_fetched"], 0, "{s}");
+    assert_eq!(s["chunks_unread"], s["chunks"], "{s}");
+    assert_eq!(&std::fs::read(&target).expect("read")[..440], &code[..]);
 }
