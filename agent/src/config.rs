@@ -660,7 +660,7 @@ impl Settings {
             identity,
             register_max_backoff: Duration::from_secs(file.server.register_max_backoff_s.max(1)),
             restore_records: match &file.restore_records {
-                None => Some(PathBuf::from("/run/aula/records")),
+                None => Some(PathBuf::from(aula_imager::record::ROOT_DIR)),
                 Some(p) if p.as_os_str().is_empty() => None,
                 Some(p) => Some(p.clone()),
             },

@@ -41,14 +41,14 @@ use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{
-    HeaderValue, ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+    HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Semaphore;
 
-use crate::http::Body;
+use crate::http::{bearer, Body};
 
 /// Largest chunk frame accepted (zstd bound of the largest chunk).
 const MAX_FRAME: usize = (64 << 20) + (64 << 20) / 255 + 1024;
@@ -180,14 +180,6 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
 
 fn error(status: StatusCode, msg: &str) -> Response<Body> {
     json(status, &serde_json::json!({ "error": msg }))
-}
-
-fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
 }
 
 fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {

@@ -285,30 +285,21 @@ fn restore_disk_steps(
     if !same_size {
         used.clip(backup_start.min(dev.size()));
     }
-    let s = restore_chunks(
-        &used,
-        m.chunk_size,
-        m.source_size.min(dev.size()),
-        &rest,
-        &whole,
-        repo,
-        opts,
-        None,
-        progress,
-    )?;
-    stats.add(&s);
-    let s = restore_chunks(
-        &used,
-        m.chunk_size,
-        m.source_size.min(dev.size()),
-        &head,
-        &whole,
-        repo,
-        opts,
-        None,
-        progress,
-    )?;
-    stats.add(&s);
+    // The rest first, the head last.
+    for chunks in [&rest, &head] {
+        let s = restore_chunks(
+            &used,
+            m.chunk_size,
+            m.source_size.min(dev.size()),
+            chunks,
+            &whole,
+            repo,
+            opts,
+            None,
+            progress,
+        )?;
+        stats.add(&s);
+    }
     if gpt && !same_size {
         crate::table::relocate_gpt_backup(dev)?;
     }

@@ -35,6 +35,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nix::sys::stat::{major, minor};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::ChunkId;
@@ -44,6 +45,10 @@ use crate::extent::ExtentMap;
 use crate::manifest::{ChunkRef, Manifest};
 
 const FORMAT: &str = "aula-restore-record";
+
+/// The records directory of root (the agent, the imager run as root): on
+/// `/run`, a RAM filesystem emptied at every boot.
+pub const ROOT_DIR: &str = "/run/aula/records";
 const VERSION: u32 = 1;
 
 /// The kernel's evidence about a target's writes, compared for equality.
@@ -125,12 +130,12 @@ impl Known {
     }
 }
 
-/// Where records are kept by default: `/run/aula/records` for root (a RAM
-/// filesystem emptied at every boot), `$XDG_RUNTIME_DIR/aula/records` for
-/// other users, none when neither applies.
+/// Where records are kept by default: `ROOT_DIR` for root,
+/// `$XDG_RUNTIME_DIR/aula/records` for other users, none when neither
+/// applies.
 pub fn default_dir() -> Option<PathBuf> {
     if nix::unistd::geteuid().is_root() {
-        return Some(PathBuf::from("/run/aula/records"));
+        return Some(PathBuf::from(ROOT_DIR));
     }
     std::env::var_os("XDG_RUNTIME_DIR")
         .filter(|v| !v.is_empty())
@@ -142,14 +147,6 @@ fn boot_id() -> Option<String> {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
-}
-
-fn dev_major(d: u64) -> u64 {
-    ((d >> 8) & 0xfff) | ((d >> 32) & 0xffff_f000)
-}
-
-fn dev_minor(d: u64) -> u64 {
-    (d & 0xff) | ((d >> 12) & 0xffff_ff00)
 }
 
 fn file_mark(dev: &Device, boot_id: String) -> Option<Mark> {
@@ -168,7 +165,7 @@ fn file_mark(dev: &Device, boot_id: String) -> Option<Mark> {
 /// (normally `/sys`), when its write counters can be trusted: (diskseq,
 /// writes, write sectors, discards, discard sectors).
 fn disk_counters(sys: &Path, rdev: u64) -> std::result::Result<(u64, [u64; 4]), String> {
-    let node = sys.join(format!("dev/block/{}:{}", dev_major(rdev), dev_minor(rdev)));
+    let node = sys.join(format!("dev/block/{}:{}", major(rdev), minor(rdev)));
     let node = fs::canonicalize(&node).map_err(|e| format!("{}: {e}", node.display()))?;
     let disk = if node.join("partition").exists() {
         node.parent()
@@ -281,8 +278,8 @@ fn key(dev: &Device, region: &Region) -> Option<String> {
         ),
         DeviceKind::Block => format!(
             "block-{}-{}-{}-{}.json",
-            dev_major(m.rdev()),
-            dev_minor(m.rdev()),
+            major(m.rdev()),
+            minor(m.rdev()),
             region.offset(),
             region.len()
         ),
@@ -456,21 +453,5 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         sysfs(t.path(), "vdd", "1 2 3 4 5 6 7 8 9 10 11\n", Some("3"));
         assert!(disk_counters(t.path(), 254 << 8).is_err());
-    }
-
-    /// glibc's makedev.
-    fn makedev(major: u64, minor: u64) -> u64 {
-        ((major & 0xffff_f000) << 32)
-            | ((major & 0xfff) << 8)
-            | ((minor & 0xffff_ff00) << 12)
-            | (minor & 0xff)
-    }
-
-    #[test]
-    fn device_numbers_split_like_the_kernels() {
-        for (ma, mi) in [(8, 0), (259, 5), (8, 300), (4095, 1 << 19), (5000, 70000)] {
-            let d = makedev(ma, mi);
-            assert_eq!((dev_major(d), dev_minor(d)), (ma, mi), "{ma}:{mi}");
-        }
     }
 }

@@ -171,6 +171,8 @@ pub fn restore_chunks(
     }
     let totals = std::sync::Mutex::new(RestoreStats::default());
     let attempts = repo.fetch_attempts().max(1);
+    // Read the target to find what it holds, unless a record already says.
+    let scan = opts.delta && known.is_none();
     pool::for_each(
         opts.threads,
         chunks.len(),
@@ -187,7 +189,6 @@ pub fn restore_chunks(
         |w, k| {
             let c = &chunks[k];
             let start = c.index * chunk_size;
-            let scan = opts.delta && known.is_none();
             if scan {
                 // Start reading the window a few chunks ahead so the disk
                 // works while this one is hashed.

@@ -25,11 +25,13 @@
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Limited};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::{error_json, json, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup};
+use super::{
+    bearer, error_json, json, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup,
+};
 use crate::config::{BootMode, Config};
 use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
@@ -131,21 +133,13 @@ impl ApiRoutes {
         }
     }
 
-    fn bearer(req: &HttpRequest) -> Option<&str> {
-        req.headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-    }
-
     /// The API token, or the registered token of the agent on `mac`.
     fn require_auth_for(&self, req: &HttpRequest, mac: MacAddr) -> Result<(), ApiError> {
         if self.authorized(req) {
             return Ok(());
         }
         let own = self.registry.agent_token(mac);
-        match (Self::bearer(req), own) {
+        match (bearer(req), own) {
             (Some(b), Some(t)) if aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes()) => {
                 Ok(())
             }
@@ -198,11 +192,7 @@ impl ApiRoutes {
         let Some(token) = &self.token else {
             return false;
         };
-        req.headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| aula_imager::tls::secrets_equal(t.trim().as_bytes(), token.as_bytes()))
+        bearer(req).is_some_and(|t| aula_imager::tls::secrets_equal(t.as_bytes(), token.as_bytes()))
     }
 
     fn require_auth(&self, req: &HttpRequest) -> Result<(), ApiError> {

@@ -88,6 +88,15 @@ pub fn response(
     r
 }
 
+/// The bearer token of a request's `Authorization` header, trimmed.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// A JSON response.
 pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> HttpResponse {
     match serde_json::to_vec_pretty(value) {

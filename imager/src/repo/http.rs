@@ -94,6 +94,27 @@ enum Fail {
     Fatal(Error),
 }
 
+/// The next data frame of a response body, waiting at most `timeout` for
+/// each frame (trailers are skipped): None at the end, or why the body
+/// broke off.
+async fn next_data(
+    body: &mut hyper::body::Incoming,
+    timeout: Duration,
+) -> std::result::Result<Option<Bytes>, String> {
+    loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(format!("body stalled for {timeout:?}")),
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    return Ok(Some(d));
+                }
+            }
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct MissingReq {
     ids: Vec<ChunkId>,
@@ -267,21 +288,18 @@ impl HttpRepo {
             if self.cancelled() {
                 return Err(Fail::Fatal(Error::Cancelled));
             }
-            match tokio::time::timeout(self.opts.timeout, body.frame()).await {
-                Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(Fail::Retry(format!("{uri}: reading body: {e}"))),
-                Ok(Some(Ok(f))) => {
-                    if let Ok(d) = f.into_data() {
-                        if out.len() + d.len() > limit {
-                            return Err(Fail::Fatal(Error::Repo(format!(
-                                "{uri}: response larger than {limit} bytes"
-                            ))));
-                        }
-                        out.extend_from_slice(&d);
-                    }
-                }
+            let Some(d) = next_data(&mut body, self.opts.timeout)
+                .await
+                .map_err(|e| Fail::Retry(format!("{uri}: reading body: {e}")))?
+            else {
+                break;
+            };
+            if out.len() + d.len() > limit {
+                return Err(Fail::Fatal(Error::Repo(format!(
+                    "{uri}: response larger than {limit} bytes"
+                ))));
             }
+            out.extend_from_slice(&d);
         }
         Ok((status, out))
     }
@@ -391,28 +409,23 @@ impl HttpRepo {
                     if self.cancelled() {
                         return Err(Fail::Fatal(Error::Cancelled));
                     }
-                    match tokio::time::timeout(self.opts.timeout, body.frame()).await {
-                        Err(_) => return Err(Fail::Retry(format!("{uri}: body stalled"))),
-                        Ok(None) => break,
-                        Ok(Some(Err(e))) => {
-                            return Err(Fail::Retry(format!("{uri}: cut after partial body: {e}")))
-                        }
-                        Ok(Some(Ok(f))) => {
-                            if let Ok(d) = f.into_data() {
-                                let mut v = cell.lock().map_err(|_| {
-                                    Fail::Fatal(Error::Repo("lock poisoned".into()))
-                                })?;
-                                if v.len() + d.len() > MAX_FRAME {
-                                    v.clear();
-                                    return Err(Fail::Fatal(Error::ChunkCorrupt {
-                                        id: *id,
-                                        why: "server sent more than any chunk can hold".into(),
-                                    }));
-                                }
-                                v.extend_from_slice(&d);
-                            }
-                        }
+                    let Some(d) = next_data(&mut body, self.opts.timeout)
+                        .await
+                        .map_err(|e| Fail::Retry(format!("{uri}: cut after partial body: {e}")))?
+                    else {
+                        break;
+                    };
+                    let mut v = cell
+                        .lock()
+                        .map_err(|_| Fail::Fatal(Error::Repo("lock poisoned".into())))?;
+                    if v.len() + d.len() > MAX_FRAME {
+                        v.clear();
+                        return Err(Fail::Fatal(Error::ChunkCorrupt {
+                            id: *id,
+                            why: "server sent more than any chunk can hold".into(),
+                        }));
                     }
+                    v.extend_from_slice(&d);
                 }
                 let got = cell.lock().map(|v| v.len()).unwrap_or(0);
                 if let Some(total) = expect_total {
@@ -510,21 +523,13 @@ impl HttpStream {
         self.repo.handle.spawn(async move {
             let mut body = resp.into_body();
             loop {
-                let item = match tokio::time::timeout(timeout, body.frame()).await {
-                    Err(_) => Some(Err("body stalled".to_string())),
-                    Ok(None) => None,
-                    Ok(Some(Err(e))) => Some(Err(e.to_string())),
-                    Ok(Some(Ok(f))) => match f.into_data() {
-                        Ok(d) => Some(Ok(d)),
-                        Err(_) => continue,
-                    },
+                let item = match next_data(&mut body, timeout).await {
+                    Ok(Some(d)) => Ok(d),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
                 };
-                let end = !matches!(item, Some(Ok(_)));
-                let send = match item {
-                    Some(x) => tx.send(x),
-                    None => break,
-                };
-                if send.is_err() || end {
+                let end = item.is_err();
+                if tx.send(item).is_err() || end {
                     break;
                 }
             }
