@@ -668,8 +668,11 @@ impl Registry {
                         }
                 });
             if repeat {
-                return Ok(Ok(Registered::Repeat));
-            }
+                // The same agent (it holds the token): its port or
+                // addresses may have changed with the restart.
+                g.agents.insert(key, rec);
+                Ok(Registered::Repeat)
+            } else {
             let verdict = match &session {
                 None => Err(Refusal::NoSession(key)),
                 Some(s) if s.bound => Err(Refusal::Bound(key)),
@@ -716,6 +719,7 @@ impl Registry {
                 g.agents.insert(key, rec);
             }
             verdict
+            }
         };
         if verdict.is_ok() {
             self.save().await?;
