@@ -414,6 +414,11 @@ async fn apagar_powers_off_after_its_webhook_and_iniciar_sesion_sets_local_boot_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The live system, idle: what OpenGnsys' core polls.
+    let (s, st) = api.call(Method::GET, "/CloningEngine/status", None).await;
+    assert_eq!(s, 200, "{st}");
+    assert_eq!(st["status"], "OPG", "{st}");
+    assert_eq!(st["session"], "live", "{st}");
     let (s, r) = api
         .call(
             Method::POST,
@@ -425,6 +430,11 @@ async fn apagar_powers_off_after_its_webhook_and_iniciar_sesion_sets_local_boot_
     let id = r["job_id"].as_str().expect("id").to_string();
     let v = api.wait_job(&id, Duration::from_secs(20)).await;
     assert_eq!(v["state"], "succeeded", "{v:#}");
+    // Until the reboot, the status says the machine is leaving for its OS.
+    let (_, st) = api.call(Method::GET, "/CloningEngine/status", None).await;
+    assert_eq!(st["session"], "booting-os", "{st}");
+    assert_eq!(st["status"], "BSY", "{st}");
+    assert_eq!(st["os"]["disk"], 1, "{st}");
     let boots = core.state.boots.lock().expect("boots").clone();
     assert_eq!(boots.len(), 1);
     assert_eq!(boots[0].0, format!("/v1/clients/{MAC}/boot"));

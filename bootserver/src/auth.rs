@@ -7,8 +7,8 @@
 //!
 //! | credential | principal | may |
 //! |---|---|---|
-//! | `http.api_token` | [`Principal::Admin`] | everything in the API: boot modes, capture grants, agents' tokens, every read |
-//! | `http.viewer_token` | [`Principal::Viewer`] | read machines, leases, agents (no tokens) and agents' events; change nothing |
+//! | `http.api_token` | [`Principal::Admin`] | everything in the API: boot modes, capture grants, agents' tokens, every read (repository reads too) |
+//! | `http.viewer_token` | [`Principal::Viewer`] | read machines, leases, agents (no tokens), agents' events and the repository; change nothing |
 //! | an agent's registered token | [`Principal::Agent`] | set the boot mode of its own machine (`IniciarSesion`) |
 //! | an agent's upload token, while its machine has a capture grant | [`Principal::Upload`] | repository reads, chunk uploads, publishing the one granted image name |
 //! | `repository.write_token` | [`Principal::RepoWriter`] | every repository read and write: publish, delete, gc, check |
@@ -93,7 +93,11 @@ impl Principal {
     pub fn can_read_repo(&self) -> bool {
         matches!(
             self,
-            Principal::RepoReader | Principal::RepoWriter | Principal::Upload { .. }
+            Principal::Admin
+                | Principal::Viewer
+                | Principal::RepoReader
+                | Principal::RepoWriter
+                | Principal::Upload { .. }
         )
     }
 
@@ -272,6 +276,7 @@ mod tests {
         let other: MacAddr = "52:54:00:00:00:08".parse().expect("mac");
         let a = Principal::Agent { mac };
         assert!(a.can_set_boot(mac) && !a.can_set_boot(other) && !a.can_read_repo());
+        assert!(Principal::Admin.can_read_repo() && !Principal::Admin.can_publish("x"));
         let u = Principal::Upload {
             mac,
             image: "lab".into(),

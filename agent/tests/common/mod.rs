@@ -156,11 +156,17 @@ pub struct BootServer {
 
 impl BootServer {
     pub async fn start(dir: &Path, api_token: &str) -> BootServer {
-        Self::start_with(dir, api_token, "").await
+        Self::start_with(dir, api_token, "", true).await
     }
 
-    /// With extra lines in `[repository]` (e.g. a read token).
-    pub async fn start_with(dir: &Path, api_token: &str, repo_extra: &str) -> BootServer {
+    /// With extra lines in `[repository]` (e.g. a read token), and HTTPS
+    /// on (the default) or turned off.
+    pub async fn start_with(
+        dir: &Path,
+        api_token: &str,
+        repo_extra: &str,
+        tls: bool,
+    ) -> BootServer {
         std::fs::create_dir_all(dir).expect("server dir");
         let live = dir.join("live");
         std::fs::create_dir_all(&live).expect("live");
@@ -181,6 +187,7 @@ enabled = false
 bind = "127.0.0.1:0"
 api_token = "{api_token}"
 [http.tls]
+enabled = {tls}
 bind = "127.0.0.1:0"
 [boot]
 kernel = "{live}/vmlinuz"
@@ -201,9 +208,17 @@ gc_grace_s = 0
             .expect("boot server starts");
         BootServer {
             http: server.http_addr.expect("http"),
-            https: server.https_addr.expect("https"),
-            fingerprint: server.tls_fingerprint.clone().expect("fingerprint"),
+            https: server.https_addr.unwrap_or(server.http_addr.expect("http")),
+            fingerprint: server.tls_fingerprint.clone().unwrap_or_default(),
             server: Some(server),
+        }
+    }
+
+    /// The server's own certificate and key (made on first start).
+    pub fn pem_pair(dir: &Path) -> aula_bootserver::tls::PemPair {
+        aula_bootserver::tls::PemPair {
+            cert_pem: std::fs::read_to_string(dir.join("data/tls/server.crt")).expect("cert"),
+            key_pem: std::fs::read_to_string(dir.join("data/tls/server.key")).expect("key"),
         }
     }
 
@@ -235,6 +250,23 @@ gc_grace_s = 0
             .find_map(|w| w.strip_prefix("aula.boot="))
             .unwrap_or_else(|| panic!("no live script for {mac}: {text}"))
             .to_string()
+    }
+
+    /// A GET over HTTPS without any credential: (status, JSON).
+    pub async fn anonymous(&self, path: &str) -> (u16, Value) {
+        let c = HttpClient::new(
+            &ServerTrust::Pin(aula_imager::tls::parse_fingerprint(&self.fingerprint).expect("fp")),
+            Duration::from_secs(10),
+        )
+        .expect("client");
+        let r = c
+            .call(Method::GET, &format!("{}{path}", self.url()), &[], Vec::new())
+            .await
+            .expect("call");
+        (
+            r.status.as_u16(),
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
     }
 
     /// The API over HTTPS with the API token: (status, JSON).
@@ -297,6 +329,8 @@ pub struct Hook {
 
 #[derive(Default)]
 pub struct CoreState {
+    /// Every request: method, path, Authorization header (empty if none).
+    pub requests: Mutex<Vec<(String, String, String)>>,
     pub hooks: Mutex<Vec<Hook>>,
     pub registrations: Mutex<Vec<Value>>,
     pub boots: Mutex<Vec<(String, String, Value)>>,
@@ -329,6 +363,11 @@ impl RouteGroup for CoreRoutes {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
+            self.0.requests.lock().expect("requests").push((
+                method.to_string(),
+                path.clone(),
+                auth.clone(),
+            ));
             let body = req
                 .into_body()
                 .collect()
@@ -409,6 +448,12 @@ impl TestCore {
             .expect("cert");
         let state = Arc::new(CoreState::default());
         Self::start_with(pair, state, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// A recorder on `bind` presenting the certificate `pair` (e.g. a
+    /// copy of the boot server's, as a second server of the lab might).
+    pub async fn start_as(pair: aula_bootserver::tls::PemPair, bind: SocketAddr) -> TestCore {
+        Self::start_with(pair, Arc::new(CoreState::default()), bind).await
     }
 
     async fn start_with(
@@ -578,6 +623,8 @@ pub struct AgentOpts<'a> {
     pub boot: Option<String>,
     /// Extra lines for `[repository]`.
     pub repo_extra: &'a str,
+    /// `repository.write_token` (default the repository's).
+    pub write_token: Option<&'a str>,
     pub extra: &'a str,
 }
 
@@ -593,6 +640,7 @@ impl<'a> AgentOpts<'a> {
             repo_fp: None,
             boot: None,
             repo_extra: "",
+            write_token: Some(REPO_TOKEN),
             extra: "",
         }
     }
@@ -625,8 +673,8 @@ address = "127.0.0.1"
 port = 0
 [repository]
 port = {port}
-write_token = "{REPO_TOKEN}"
-retry_s = 30
+{write_token}
+{retry}
 {repo_pin}
 {repo_extra}
 [cache]
@@ -648,6 +696,15 @@ mac = "{MAC}"
         log = power_log.display(),
         extra = o.extra,
         repo_extra = o.repo_extra,
+        retry = if o.repo_extra.contains("retry_s") {
+            ""
+        } else {
+            "retry_s = 30"
+        },
+        write_token = o
+            .write_token
+            .map(|t| format!("write_token = \"{t}\""))
+            .unwrap_or_default(),
     );
     let file = FileConfig::parse(&text, "test").expect("agent config");
     let mut cmdline = String::from("quiet");
