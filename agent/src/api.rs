@@ -225,10 +225,12 @@ async fn body_json(
             BodyError::Read(_) => {
                 ApiError::BadRequest(BadRequest::body("could not read the request body"))
             }
-            BodyError::Empty => {
-                ApiError::BadRequest(BadRequest::body("the body is empty (a JSON object is expected)"))
+            BodyError::Empty => ApiError::BadRequest(BadRequest::body(
+                "the body is empty (a JSON object is expected)",
+            )),
+            BodyError::Json(m) => {
+                ApiError::BadRequest(BadRequest::body(format!("invalid JSON: {m}")))
             }
-            BodyError::Json(m) => ApiError::BadRequest(BadRequest::body(format!("invalid JSON: {m}"))),
         })
 }
 

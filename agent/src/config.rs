@@ -756,7 +756,9 @@ impl Settings {
     pub fn repo_url_for(&self, ipr: &str) -> String {
         if let Some(server) = &self.server_url {
             if let Some((scheme, host, port)) = origin_of(server) {
-                let ipr_host = ipr.trim_matches(|c| c == '[' || c == ']').to_ascii_lowercase();
+                let ipr_host = ipr
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .to_ascii_lowercase();
                 if ipr_host == host {
                     let h = if host.contains(':') {
                         format!("[{host}]")
@@ -810,7 +812,10 @@ impl Settings {
     /// The agent pins the server or holds a CA bundle: it then refuses
     /// plain `http://` repositories unless asked.
     pub fn strict_tls(&self) -> bool {
-        matches!(self.server_trust, ServerTrust::Pin(_) | ServerTrust::CaFile(_))
+        matches!(
+            self.server_trust,
+            ServerTrust::Pin(_) | ServerTrust::CaFile(_)
+        )
     }
 
     /// How to trust the repository at `url`.
@@ -875,7 +880,9 @@ mod tests {
         let s = Settings::new(FileConfig::default(), &k).expect("settings");
         assert_eq!(s.boot_nonce.as_deref(), Some("0123abcd"));
         assert_eq!(s.repo_url_for("10.0.0.1"), "https://10.0.0.1:8443");
-        assert!(s.is_server("https://10.0.0.1:8443") && s.is_configured_repo("https://10.0.0.1:8443/"));
+        assert!(
+            s.is_server("https://10.0.0.1:8443") && s.is_configured_repo("https://10.0.0.1:8443/")
+        );
         assert!(!s.is_configured_repo("https://10.0.0.9:8443"));
         assert!(!s.is_configured_repo("http://10.0.0.1:8443"));
         assert_eq!(s.trust_for("https://10.0.0.1:8443"), s.server_trust);

@@ -385,8 +385,8 @@ mod tests {
     use crate::config::{FileConfig, KernelParams, Settings};
 
     fn settings() -> Settings {
-        let f = FileConfig::parse("[repository]\nscheme = \"http\"\nport = 9000\n", "t")
-            .expect("cfg");
+        let f =
+            FileConfig::parse("[repository]\nscheme = \"http\"\nport = 9000\n", "t").expect("cfg");
         Settings::new(f, &KernelParams::default()).expect("settings")
     }
 

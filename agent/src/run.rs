@@ -168,9 +168,11 @@ fn http_repo(
         None
     };
     let read_token = if server {
-        ctx.registration
-            .read_token()
-            .or_else(|| configured.then(|| s.repository.read_token.clone()).flatten())
+        ctx.registration.read_token().or_else(|| {
+            configured
+                .then(|| s.repository.read_token.clone())
+                .flatten()
+        })
     } else if configured {
         s.repository.read_token.clone()
     } else {
@@ -377,7 +379,8 @@ fn create(job: &Job, ctx: &Ctx, c: &CreateSpec) -> Outcome {
     let disk = disks::resolve(&ctx.settings.disks, c.disk)
         .map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
     let url = repo_url(ctx, &c.repository)?;
-    let repo = http_repo(ctx, job, &url, true, c.allow_http).map_err(|f| f.disk_state(READ_ONLY))?;
+    let repo =
+        http_repo(ctx, job, &url, true, c.allow_http).map_err(|f| f.disk_state(READ_ONLY))?;
     let _guard = match c.partition {
         Some(n) => {
             let info = disks::inspect(&disk).map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;

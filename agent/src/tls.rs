@@ -98,11 +98,17 @@ pub fn boot_identity(
                             tracing::info!(file = %f.display(), "kept token and certificate of this boot");
                             return Ok((k.token, id));
                         }
-                        Err(e) => tracing::warn!(file = %f.display(), error = %e, "kept identity unusable; making a new one"),
+                        Err(e) => {
+                            tracing::warn!(file = %f.display(), error = %e, "kept identity unusable; making a new one")
+                        }
                     }
                 }
-                Ok(_) => tracing::info!(file = %f.display(), "kept identity is from another boot; making a new one"),
-                Err(e) => tracing::warn!(file = %f.display(), error = %e, "kept identity unreadable; making a new one"),
+                Ok(_) => {
+                    tracing::info!(file = %f.display(), "kept identity is from another boot; making a new one")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "kept identity unreadable; making a new one")
+                }
             }
         }
     }

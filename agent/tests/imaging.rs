@@ -44,7 +44,10 @@ async fn restaurar_imagen_with_the_documented_body_restores_partition_2_and_the_
     // server's, over HTTPS with its pin.
     let proxy = Proxy::start(server.https, 6 << 20).await;
     let agent = start_agent(AgentOpts {
-        server: Some((format!("https://{}", proxy.addr), server.fingerprint.clone())),
+        server: Some((
+            format!("https://{}", proxy.addr),
+            server.fingerprint.clone(),
+        )),
         core: Some((core.url(), core.fingerprint.clone())),
         boot: Some(server.live_boot(MAC).await),
         ..AgentOpts::new(dir.path(), vec![(1, target.clone())])

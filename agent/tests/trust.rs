@@ -18,7 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn wait_agent_registered(agent: &aula_agent::Agent) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !agent.ctx.registration.get().registered {
-        assert!(std::time::Instant::now() < deadline, "the agent never registered");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never registered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -227,7 +230,11 @@ async fn the_read_token_comes_with_the_registration_and_a_capture_grant_publishe
     let (src, files) = source_disk(dir.path(), 2);
     upload(&server, &src, Some(1), "lab").await;
     let target = target_disk(dir.path());
-    fill(&target, 1, &[("captured.txt", b"from the lab machine\n".to_vec())]);
+    fill(
+        &target,
+        1,
+        &[("captured.txt", b"from the lab machine\n".to_vec())],
+    );
     let agent = start_agent(AgentOpts {
         server: Some((server.url(), server.fingerprint.clone())),
         boot: Some(server.live_boot(MAC).await),
@@ -245,12 +252,13 @@ async fn the_read_token_comes_with_the_registration_and_a_capture_grant_publishe
         json!({"dsk":"1","par":"2","nci":"lab","ipr":"127.0.0.1"}),
     )
     .await;
-    assert_eq!(v["state"], "succeeded", "restore with the read token: {v:#}");
+    assert_eq!(
+        v["state"], "succeeded",
+        "restore with the read token: {v:#}"
+    );
 
     // Capture: refused without a grant, allowed for the granted name only.
-    let capture = |nci: &str| {
-        json!({"dsk":"1","par":"1","nci": nci,"ipr":"127.0.0.1"})
-    };
+    let capture = |nci: &str| json!({"dsk":"1","par":"1","nci": nci,"ipr":"127.0.0.1"});
     let v = run_job(&api, "/CloningEngine/CrearImagen", capture("pc-image")).await;
     assert_eq!(v["state"], "failed", "{v:#}");
     let (s, r) = server
@@ -316,10 +324,15 @@ async fn a_manifest_planted_in_the_cache_partition_is_ignored() {
         json!({"table": "mbr", "partitions": [
             {"number": 1, "type": "linux", "size": "48MiB", "filesystem": "ext4"}]}),
     );
-    fill(&evil_src, 1, &[("hello.txt", b"the student's system\n".to_vec())]);
+    fill(
+        &evil_src,
+        1,
+        &[("hello.txt", b"the student's system\n".to_vec())],
+    );
     let target = target_disk(dir.path());
     with_mounted(&target, 4, false, |cache| {
-        let local = aula_imager::repo::LocalRepo::open(&cache.join("aula"), true).expect("cache repo");
+        let local =
+            aula_imager::repo::LocalRepo::open(&cache.join("aula"), true).expect("cache repo");
         let dev = aula_imager::device::Device::open_read(&evil_src).expect("open");
         aula_imager::image::create_image(
             "lab",
@@ -342,7 +355,8 @@ async fn a_manifest_planted_in_the_cache_partition_is_ignored() {
     .await;
     let api = Api::new(&agent);
     let restore = |extra: Value| {
-        let mut b = json!({"op":"restore","disk":1,"partition":2,"image":"lab","method":"unicast-cache"});
+        let mut b =
+            json!({"op":"restore","disk":1,"partition":2,"image":"lab","method":"unicast-cache"});
         if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
             o.extend(e.clone());
         }
@@ -492,7 +506,12 @@ async fn ogcores_documented_restaurar_imagen_call_starts_a_restore_that_succeeds
     // Anything that is not JSON is refused, whatever the content type says.
     let (status, r) = raw(None, "/CloningEngine/RestaurarImagen", "dsk=1&par=2").await;
     assert_eq!(status, 400, "{r}");
-    let (status, r) = raw(Some("application/xml"), "/CloningEngine/RestaurarImagen", body).await;
+    let (status, r) = raw(
+        Some("application/xml"),
+        "/CloningEngine/RestaurarImagen",
+        body,
+    )
+    .await;
     assert_eq!(status, 415, "{r}");
     agent.shutdown().await;
     let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();

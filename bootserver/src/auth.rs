@@ -264,7 +264,10 @@ mod tests {
             },
             Some(reg),
         );
-        assert_eq!(auth.identify("api-token-0123456789"), Some(Principal::Admin));
+        assert_eq!(
+            auth.identify("api-token-0123456789"),
+            Some(Principal::Admin)
+        );
         assert_eq!(
             auth.identify("viewer-token-0123456789"),
             Some(Principal::Viewer)

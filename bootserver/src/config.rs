@@ -1044,25 +1044,36 @@ mod tests {
         assert_eq!(cfg.public_url(), "http://10.213.0.1:8080");
         assert!(cfg.http.tls.enabled, "HTTPS is on by default");
         assert_eq!(cfg.http.tls.bind.port(), 8443);
-        assert!(cfg.http.tls.cert.is_none(), "the server makes its own certificate");
+        assert!(
+            cfg.http.tls.cert.is_none(),
+            "the server makes its own certificate"
+        );
         assert_eq!(cfg.boot.registration_window_s, 600);
     }
 
     #[test]
     fn https_is_on_without_a_tls_section_and_off_only_when_asked() {
-        let cfg = Config::parse(&with("[http]
-")).expect("config");
+        let cfg = Config::parse(&with(
+            "[http]
+",
+        ))
+        .expect("config");
         assert!(cfg.http.tls.enabled);
-        let cfg = Config::parse(&with("[http]
+        let cfg = Config::parse(&with(
+            "[http]
 [http.tls]
 enabled = false
-")).expect("config");
+",
+        ))
+        .expect("config");
         assert!(!cfg.http.tls.enabled);
-        let err = Config::parse(&with("[http]
+        let err = Config::parse(&with(
+            "[http]
 [http.tls]
 cert = \"/x.crt\"
-"))
-            .expect_err("cert without key");
+",
+        ))
+        .expect_err("cert without key");
         assert!(err.to_string().contains("http.tls"), "{err}");
     }
 

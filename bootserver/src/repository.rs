@@ -254,8 +254,12 @@ impl RepoService {
             || path.starts_with("/v1/repo/")
     }
 
-    /// The caller's right to `action` (`None` when the action is open).
-    fn authorize(&self, req: &Request<Incoming>, action: Action<'_>) -> Result<(), Response<Body>> {
+    /// The caller's right to `action`: the refusal's status and reason.
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        action: Action<'_>,
+    ) -> Result<(), (StatusCode, String)> {
         if action == Action::Read && !self.auth.repo_reads_need_token() {
             return Ok(());
         }
@@ -264,7 +268,7 @@ impl RepoService {
                 Action::Read => "this repository needs a token to read",
                 _ => "this operation needs the repository's write token or a capture grant",
             };
-            return Err(error(StatusCode::UNAUTHORIZED, msg));
+            return Err((StatusCode::UNAUTHORIZED, msg.into()));
         };
         let ok = match action {
             Action::Read => p.can_read_repo(),
@@ -288,7 +292,7 @@ impl RepoService {
             _ => format!("{} may not do this", p.name()),
         };
         tracing::warn!(caller = %p.name(), path = %req.uri().path(), reason = %why, "repository request refused");
-        Err(error(StatusCode::FORBIDDEN, &why))
+        Err((StatusCode::FORBIDDEN, why))
     }
 
     fn save_state(&self) {
@@ -325,8 +329,8 @@ impl RepoService {
             (&Method::POST, ["v1", "repo", ..]) => Action::Maintain,
             _ => Action::Read,
         };
-        if let Err(r) = self.authorize(&req, action) {
-            return r;
+        if let Err((status, why)) = self.authorize(&req, action) {
+            return error(status, &why);
         }
         match (method.clone(), segs.as_slice()) {
             (Method::GET, ["v1", "images"]) => self.list().await,
@@ -440,7 +444,8 @@ impl RepoService {
             return error(StatusCode::BAD_REQUEST, &e.to_string());
         }
         let (parts, body) = req.into_parts();
-        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_MANIFEST).await {
+        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_MANIFEST).await
+        {
             Ok(b) => b,
             Err(e) => return error(e.status(), &format!("reading the manifest: {e}")),
         };
@@ -573,7 +578,8 @@ impl RepoService {
                 )
             }
         };
-        let (status, start, count) = match aula_httpkit::range::parse(req.headers().get(RANGE), len) {
+        let (status, start, count) = match aula_httpkit::range::parse(req.headers().get(RANGE), len)
+        {
             RangeSpec::Full => (StatusCode::OK, 0, len),
             RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
             RangeSpec::Unsatisfiable => {

@@ -275,7 +275,8 @@ impl Server {
                 }
                 None => None,
             };
-            let https_url = https_addr.map(|a| format!("https://{}:{}", cfg.server.address, a.port()));
+            let https_url =
+                https_addr.map(|a| format!("https://{}:{}", cfg.server.address, a.port()));
             let programs = match ConfinedRoot::open_with_programs(&cfg.tftp.root, programs_of(cfg))
             {
                 Ok(r) => Some(Arc::new(r)),
@@ -318,7 +319,9 @@ impl Server {
                 auth,
             )));
             let serves = match &https_url {
-                Some(u) => Serves::PlainOnly { https_url: u.clone() },
+                Some(u) => Serves::PlainOnly {
+                    https_url: u.clone(),
+                },
                 None => Serves::All,
             };
             http::spawn(

@@ -673,52 +673,54 @@ impl Registry {
                 g.agents.insert(key, rec);
                 Ok(Registered::Repeat)
             } else {
-            let verdict = match &session {
-                None => Err(Refusal::NoSession(key)),
-                Some(s) if s.bound => Err(Refusal::Bound(key)),
-                Some(s) if now > s.opened_at.saturating_add(window_s) => Err(Refusal::Expired {
-                    mac: key,
-                    ago: now - s.opened_at.saturating_add(window_s),
-                }),
-                Some(s)
-                    if !nonce.is_some_and(|n| {
-                        aula_imager::tls::secrets_equal(n.as_bytes(), s.nonce.as_bytes())
-                    }) =>
-                {
-                    Err(Refusal::Nonce(key))
-                }
-                Some(s) if s.source != source => Err(Refusal::Source {
-                    mac: key,
-                    got: source,
-                    want: s.source,
-                }),
-                Some(_) if lease.full_dhcp && lease.lease.map(IpAddr::V4) != Some(source) => {
-                    Err(Refusal::Lease {
+                let verdict = match &session {
+                    None => Err(Refusal::NoSession(key)),
+                    Some(s) if s.bound => Err(Refusal::Bound(key)),
+                    Some(s) if now > s.opened_at.saturating_add(window_s) => {
+                        Err(Refusal::Expired {
+                            mac: key,
+                            ago: now - s.opened_at.saturating_add(window_s),
+                        })
+                    }
+                    Some(s)
+                        if !nonce.is_some_and(|n| {
+                            aula_imager::tls::secrets_equal(n.as_bytes(), s.nonce.as_bytes())
+                        }) =>
+                    {
+                        Err(Refusal::Nonce(key))
+                    }
+                    Some(s) if s.source != source => Err(Refusal::Source {
                         mac: key,
                         got: source,
-                        want: lease
-                            .lease
-                            .map(|l| l.to_string())
-                            .unwrap_or_else(|| "no address".into()),
-                    })
+                        want: s.source,
+                    }),
+                    Some(_) if lease.full_dhcp && lease.lease.map(IpAddr::V4) != Some(source) => {
+                        Err(Refusal::Lease {
+                            mac: key,
+                            got: source,
+                            want: lease
+                                .lease
+                                .map(|l| l.to_string())
+                                .unwrap_or_else(|| "no address".into()),
+                        })
+                    }
+                    Some(_) => Ok(Registered::New),
+                };
+                if verdict.is_ok() {
+                    if let Some(s) = g.clients.get_mut(&key).and_then(|c| c.session.as_mut()) {
+                        s.bound = true;
+                    }
+                    let c = g.clients.entry(key).or_default();
+                    c.last_seen = Some(rec.registered_at);
+                    if let Some(IpAddr::V4(v4)) = rec.ips.iter().find(|i| i.is_ipv4()) {
+                        c.ip = Some(*v4);
+                    }
+                    if rec.hostname.is_some() {
+                        c.hostname = rec.hostname.clone();
+                    }
+                    g.agents.insert(key, rec);
                 }
-                Some(_) => Ok(Registered::New),
-            };
-            if verdict.is_ok() {
-                if let Some(s) = g.clients.get_mut(&key).and_then(|c| c.session.as_mut()) {
-                    s.bound = true;
-                }
-                let c = g.clients.entry(key).or_default();
-                c.last_seen = Some(rec.registered_at);
-                if let Some(IpAddr::V4(v4)) = rec.ips.iter().find(|i| i.is_ipv4()) {
-                    c.ip = Some(*v4);
-                }
-                if rec.hostname.is_some() {
-                    c.hostname = rec.hostname.clone();
-                }
-                g.agents.insert(key, rec);
-            }
-            verdict
+                verdict
             }
         };
         if verdict.is_ok() {
@@ -739,9 +741,9 @@ impl Registry {
         g.agents
             .iter()
             .find(|(_, a)| {
-                a.token
-                    .as_deref()
-                    .is_some_and(|t| aula_imager::tls::secrets_equal(token.as_bytes(), t.as_bytes()))
+                a.token.as_deref().is_some_and(|t| {
+                    aula_imager::tls::secrets_equal(token.as_bytes(), t.as_bytes())
+                })
             })
             .map(|(m, _)| *m)
     }
@@ -850,7 +852,9 @@ mod tests {
         let reg = Registry::load(dir.path()).expect("reload");
         // A request that is not the machine's own consumes nothing.
         assert_eq!(
-            reg.take_boot(mac, BootMode::Live, None).await.expect("take"),
+            reg.take_boot(mac, BootMode::Live, None)
+                .await
+                .expect("take"),
             (BootMode::Local, None)
         );
         let (mode, nonce) = reg
@@ -858,7 +862,10 @@ mod tests {
             .await
             .expect("take");
         assert_eq!(mode, BootMode::Live);
-        assert!(nonce.is_some_and(|n| n.len() == 32), "a live boot opens a session");
+        assert!(
+            nonce.is_some_and(|n| n.len() == 32),
+            "a live boot opens a session"
+        );
         let reg = Registry::load(dir.path()).expect("reload after consume");
         assert_eq!(
             reg.take_boot(mac, BootMode::Live, Some(SRC))
@@ -894,7 +901,13 @@ mod tests {
             lease: None,
         };
         let r = reg
-            .register_agent(record(mac, "token-a-0123456789"), Some("x"), SRC, 600, no_dhcp)
+            .register_agent(
+                record(mac, "token-a-0123456789"),
+                Some("x"),
+                SRC,
+                600,
+                no_dhcp,
+            )
             .await
             .expect("io");
         assert_eq!(r, Err(Refusal::NoSession(mac)));
@@ -905,12 +918,24 @@ mod tests {
         let nonce = nonce.expect("nonce");
         let other = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 66));
         let r = reg
-            .register_agent(record(mac, "token-a-0123456789"), Some("wrong"), SRC, 600, no_dhcp)
+            .register_agent(
+                record(mac, "token-a-0123456789"),
+                Some("wrong"),
+                SRC,
+                600,
+                no_dhcp,
+            )
             .await
             .expect("io");
         assert_eq!(r, Err(Refusal::Nonce(mac)));
         let r = reg
-            .register_agent(record(mac, "token-a-0123456789"), Some(&nonce), other, 600, no_dhcp)
+            .register_agent(
+                record(mac, "token-a-0123456789"),
+                Some(&nonce),
+                other,
+                600,
+                no_dhcp,
+            )
             .await
             .expect("io");
         assert!(matches!(r, Err(Refusal::Source { .. })), "{r:?}");
@@ -919,23 +944,47 @@ mod tests {
             lease: Some(Ipv4Addr::new(10, 213, 0, 101)),
         };
         let r = reg
-            .register_agent(record(mac, "token-a-0123456789"), Some(&nonce), SRC, 600, full)
+            .register_agent(
+                record(mac, "token-a-0123456789"),
+                Some(&nonce),
+                SRC,
+                600,
+                full,
+            )
             .await
             .expect("io");
         assert!(matches!(r, Err(Refusal::Lease { .. })), "{r:?}");
         let r = reg
-            .register_agent(record(mac, "token-a-0123456789"), Some(&nonce), SRC, 600, no_dhcp)
+            .register_agent(
+                record(mac, "token-a-0123456789"),
+                Some(&nonce),
+                SRC,
+                600,
+                no_dhcp,
+            )
             .await
             .expect("io");
         assert_eq!(r, Ok(Registered::New));
         // Bound: another token is refused, the same agent again is a repeat.
         let r = reg
-            .register_agent(record(mac, "token-b-0123456789"), Some(&nonce), SRC, 600, no_dhcp)
+            .register_agent(
+                record(mac, "token-b-0123456789"),
+                Some(&nonce),
+                SRC,
+                600,
+                no_dhcp,
+            )
             .await
             .expect("io");
         assert_eq!(r, Err(Refusal::Bound(mac)));
         let r = reg
-            .register_agent(record(mac, "token-a-0123456789"), Some(&nonce), SRC, 600, no_dhcp)
+            .register_agent(
+                record(mac, "token-a-0123456789"),
+                Some(&nonce),
+                SRC,
+                600,
+                no_dhcp,
+            )
             .await
             .expect("io");
         assert_eq!(r, Ok(Registered::Repeat));
@@ -946,7 +995,13 @@ mod tests {
             .await
             .expect("take");
         let r = reg
-            .register_agent(record(mac, "token-b-0123456789"), n2.as_deref(), SRC, 600, no_dhcp)
+            .register_agent(
+                record(mac, "token-b-0123456789"),
+                n2.as_deref(),
+                SRC,
+                600,
+                no_dhcp,
+            )
             .await
             .expect("io");
         assert_eq!(r, Ok(Registered::New));

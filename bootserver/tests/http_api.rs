@@ -194,11 +194,23 @@ struct T {
 
 impl T {
     /// Over plain HTTP (what firmware fetches).
-    async fn plain(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    async fn plain(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
         req(self.http, method, path, headers, body).await
     }
     /// Over HTTPS, pinned.
-    async fn api(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
         sreq(self.https, &self.fp, method, path, headers, body).await
     }
     /// The script of `MAC` as the machine itself asks for it (iPXE puts its
@@ -219,9 +231,7 @@ impl T {
 }
 
 async fn start_cfg(cfg: Config) -> T {
-    let server = Server::start(cfg, Vec::new())
-        .await
-        .expect("server starts");
+    let server = Server::start(cfg, Vec::new()).await.expect("server starts");
     T {
         http: server.http_addr.expect("http enabled"),
         https: server.https_addr.expect("https on by default"),
@@ -296,7 +306,10 @@ async fn ipxe_script_follows_the_boot_mode_and_a_one_shot_mode_reverts_after_one
     assert_eq!(r.status, 200, "{}", r.text());
     for _ in 0..2 {
         let text = t.own_script().await.text();
-        assert!(text.contains("sanboot --no-describe --drive 0x80"), "{text}");
+        assert!(
+            text.contains("sanboot --no-describe --drive 0x80"),
+            "{text}"
+        );
         assert!(text.contains("iseq ${platform} efi && goto uefi"), "{text}");
         assert!(!text.contains("kernel "), "{text}");
     }
@@ -339,7 +352,12 @@ async fn ipxe_script_follows_the_boot_mode_and_a_one_shot_mode_reverts_after_one
         "one-shot mode did not revert"
     );
     let c = t
-        .api("GET", &format!("/v1/clients/{MAC}"), &[("Authorization", &auth)], None)
+        .api(
+            "GET",
+            &format!("/v1/clients/{MAC}"),
+            &[("Authorization", &auth)],
+            None,
+        )
         .await
         .json();
     assert_eq!(c["boot_mode"], "local");
@@ -357,7 +375,12 @@ async fn ipxe_script_follows_the_boot_mode_and_a_one_shot_mode_reverts_after_one
         .await;
     assert_eq!(r.status, 200);
     assert!(t.own_script().await.text().contains("kernel "));
-    assert_eq!(t.plain("GET", "/boot/ipxe/not-a-mac", &[], None).await.status, 400);
+    assert_eq!(
+        t.plain("GET", "/boot/ipxe/not-a-mac", &[], None)
+            .await
+            .status,
+        400
+    );
     t.stop().await;
 }
 
@@ -371,7 +394,12 @@ async fn a_script_request_from_another_address_consumes_no_one_shot_mode_and_ope
     let auth = bearer(TOKEN);
     for body in [r#"{"mode":"local"}"#, r#"{"mode":"live","once":true}"#] {
         let r = t
-            .api("PUT", &format!("/v1/clients/{MAC}/boot"), &[("Authorization", &auth)], Some(body))
+            .api(
+                "PUT",
+                &format!("/v1/clients/{MAC}/boot"),
+                &[("Authorization", &auth)],
+                Some(body),
+            )
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
@@ -392,16 +420,29 @@ async fn a_script_request_from_another_address_consumes_no_one_shot_mode_and_ope
         );
     }
     let c = t
-        .api("GET", &format!("/v1/clients/{MAC}"), &[("Authorization", &auth)], None)
+        .api(
+            "GET",
+            &format!("/v1/clients/{MAC}"),
+            &[("Authorization", &auth)],
+            None,
+        )
         .await
         .json();
-    assert_eq!(c["boot"]["once"], "live", "one-shot consumed by a stranger: {c}");
+    assert_eq!(
+        c["boot"]["once"], "live",
+        "one-shot consumed by a stranger: {c}"
+    );
     assert!(c["session"].is_null(), "a stranger opened a window: {c}");
     // The machine itself still gets its one live boot, and a window.
     let text = t.own_script().await.text();
     assert!(text.contains("kernel "), "{text}");
     let c = t
-        .api("GET", &format!("/v1/clients/{MAC}"), &[("Authorization", &auth)], None)
+        .api(
+            "GET",
+            &format!("/v1/clients/{MAC}"),
+            &[("Authorization", &auth)],
+            None,
+        )
         .await
         .json();
     assert!(c["boot"].get("once").is_none(), "{c}");
@@ -442,14 +483,18 @@ async fn api_writes_without_the_right_token_get_401_or_403_and_change_nothing() 
         assert_eq!(r.status, 401);
     }
     // The viewer reads but changes nothing.
-    let r = t.api("PUT", &path, &[("Authorization", &bearer(VIEWER))], body).await;
+    let r = t
+        .api("PUT", &path, &[("Authorization", &bearer(VIEWER))], body)
+        .await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(
         t.own_script().await.text().contains("kernel "),
         "mode changed without auth"
     );
     // Over plain HTTP the API is not served at all while HTTPS is on.
-    let r = t.plain("PUT", &path, &[("Authorization", &bearer(TOKEN))], body).await;
+    let r = t
+        .plain("PUT", &path, &[("Authorization", &bearer(TOKEN))], body)
+        .await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.text().contains("HTTPS"), "{}", r.text());
     // The token as OpenGnsys sends it, without a scheme, is accepted.
@@ -462,13 +507,20 @@ async fn api_writes_without_the_right_token_get_401_or_403_and_change_nothing() 
         r#"{"mode":"local","extra":1}"#,
         "not json",
     ] {
-        let r = t.api("PUT", &path, &[("Authorization", &auth)], Some(bad)).await;
+        let r = t
+            .api("PUT", &path, &[("Authorization", &auth)], Some(bad))
+            .await;
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
     assert_eq!(
-        t.api("PUT", "/v1/clients/zz/boot", &[("Authorization", &auth)], body)
-            .await
-            .status,
+        t.api(
+            "PUT",
+            "/v1/clients/zz/boot",
+            &[("Authorization", &auth)],
+            body
+        )
+        .await
+        .status,
         400
     );
     t.stop().await;
@@ -476,7 +528,9 @@ async fn api_writes_without_the_right_token_get_401_or_403_and_change_nothing() 
     // Without a configured token, writes are refused outright.
     let dir = tempfile::tempdir().expect("tempdir");
     let t = start(dir.path(), None).await;
-    let r = t.api("PUT", &path, &[("Authorization", &bearer(TOKEN))], body).await;
+    let r = t
+        .api("PUT", &path, &[("Authorization", &bearer(TOKEN))], body)
+        .await;
     assert_eq!(r.status, 401);
     assert!(r.text().contains("no api_token"), "{}", r.text());
     t.stop().await;
@@ -497,15 +551,22 @@ async fn clients_leases_agents_and_events_need_the_api_or_viewer_token() {
     // Make the machine known so /v1/clients/{mac} exists.
     t.own_script().await;
     for path in &reads {
-        for headers in [vec![], vec![("Authorization", "Bearer not-a-token-0123456789")]] {
+        for headers in [
+            vec![],
+            vec![("Authorization", "Bearer not-a-token-0123456789")],
+        ] {
             let r = t.api("GET", path, &headers, None).await;
             assert_eq!(r.status, 401, "{path} {headers:?}: {}", r.text());
         }
         for who in [TOKEN, VIEWER] {
-            let r = t.api("GET", path, &[("Authorization", &bearer(who))], None).await;
+            let r = t
+                .api("GET", path, &[("Authorization", &bearer(who))], None)
+                .await;
             assert_eq!(r.status, 200, "{path} as {who}: {}", r.text());
         }
-        let r = t.plain("GET", path, &[("Authorization", &bearer(TOKEN))], None).await;
+        let r = t
+            .plain("GET", path, &[("Authorization", &bearer(TOKEN))], None)
+            .await;
         assert_eq!(r.status, 403, "{path} over plain HTTP: {}", r.text());
     }
     assert_eq!(t.api("GET", "/v1/status", &[], None).await.status, 200);
@@ -541,7 +602,12 @@ async fn agent_registration_is_stored_and_tokens_are_shown_only_to_the_admin() {
 
     assert_eq!(t.api("GET", "/v1/agents", &[], None).await.status, 401);
     let viewer = t
-        .api("GET", "/v1/agents", &[("Authorization", &bearer(VIEWER))], None)
+        .api(
+            "GET",
+            "/v1/agents",
+            &[("Authorization", &bearer(VIEWER))],
+            None,
+        )
         .await;
     assert!(
         !viewer.text().contains("agent-secret-token"),
@@ -554,12 +620,22 @@ async fn agent_registration_is_stored_and_tokens_are_shown_only_to_the_admin() {
     assert_eq!(a["cert_fingerprint"], fp);
     assert!(a["token"].is_null());
     let admin = t
-        .api("GET", "/v1/agents", &[("Authorization", &bearer(TOKEN))], None)
+        .api(
+            "GET",
+            "/v1/agents",
+            &[("Authorization", &bearer(TOKEN))],
+            None,
+        )
         .await;
     assert_eq!(admin.json()[0]["token"], "agent-secret-token-1234567890");
 
     let clients = t
-        .api("GET", "/v1/clients", &[("Authorization", &bearer(VIEWER))], None)
+        .api(
+            "GET",
+            "/v1/clients",
+            &[("Authorization", &bearer(VIEWER))],
+            None,
+        )
         .await
         .json();
     let c = clients
@@ -607,11 +683,16 @@ async fn agent_registration_is_stored_and_tokens_are_shown_only_to_the_admin() {
         413
     );
     assert_eq!(
-        t.api("GET", "/v1/agents", &[("Authorization", &bearer(TOKEN))], None)
-            .await
-            .json()
-            .as_array()
-            .map(Vec::len),
+        t.api(
+            "GET",
+            "/v1/agents",
+            &[("Authorization", &bearer(TOKEN))],
+            None
+        )
+        .await
+        .json()
+        .as_array()
+        .map(Vec::len),
         Some(1)
     );
 
@@ -619,9 +700,14 @@ async fn agent_registration_is_stored_and_tokens_are_shown_only_to_the_admin() {
     t.stop().await;
     let t = start(dir.path(), Some(TOKEN)).await;
     assert_eq!(
-        t.api("GET", "/v1/agents", &[("Authorization", &bearer(TOKEN))], None)
-            .await
-            .json()[0]["hostname"],
+        t.api(
+            "GET",
+            "/v1/agents",
+            &[("Authorization", &bearer(TOKEN))],
+            None
+        )
+        .await
+        .json()[0]["hostname"],
         "pc01"
     );
     t.stop().await;
@@ -636,7 +722,17 @@ async fn a_takeover_of_a_registered_machine_is_refused_and_an_exact_repeat_is_no
     let evil_fp = format!("sha256:{}", "ee".repeat(32));
     // Without a live boot of the machine there is no window at all.
     let r = t
-        .api("POST", "/v1/agents/register", &[], Some(&registration(MAC, "agent-early-token-0123456789", &fp, "00")))
+        .api(
+            "POST",
+            "/v1/agents/register",
+            &[],
+            Some(&registration(
+                MAC,
+                "agent-early-token-0123456789",
+                &fp,
+                "00",
+            )),
+        )
         .await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.text().contains("PXE-boot"), "{}", r.text());
@@ -644,7 +740,17 @@ async fn a_takeover_of_a_registered_machine_is_refused_and_an_exact_repeat_is_no
     let nonce = nonce_of(&t.own_script().await.text());
     // A wrong nonce is refused even inside the window.
     let r = t
-        .api("POST", "/v1/agents/register", &[], Some(&registration(MAC, "agent-evil-token-0123456789", &evil_fp, "0123")))
+        .api(
+            "POST",
+            "/v1/agents/register",
+            &[],
+            Some(&registration(
+                MAC,
+                "agent-evil-token-0123456789",
+                &evil_fp,
+                "0123",
+            )),
+        )
         .await;
     assert_eq!(r.status, 403, "{}", r.text());
     let good = registration(MAC, "agent-real-token-0123456789", &fp, &nonce);
@@ -658,7 +764,12 @@ async fn a_takeover_of_a_registered_machine_is_refused_and_an_exact_repeat_is_no
     assert_eq!(r.status, 403, "takeover accepted: {}", r.text());
     assert!(r.text().contains("bound"), "{}", r.text());
     let agents = t
-        .api("GET", "/v1/agents", &[("Authorization", &bearer(TOKEN))], None)
+        .api(
+            "GET",
+            "/v1/agents",
+            &[("Authorization", &bearer(TOKEN))],
+            None,
+        )
         .await
         .json();
     assert_eq!(agents.as_array().map(Vec::len), Some(1), "{agents}");
@@ -700,20 +811,31 @@ async fn https_is_on_by_default_with_a_kept_certificate_pinned_on_the_kernel_lin
     assert_eq!(t.fp, fp);
     let text = t.own_script().await.text();
     assert!(
-        text.contains(&format!("aula.server=https://10.213.0.1:{} ", t.https.port())),
+        text.contains(&format!(
+            "aula.server=https://10.213.0.1:{} ",
+            t.https.port()
+        )),
         "{text}"
     );
     assert!(text.contains(&format!("aula.server_fp={fp} ")), "{text}");
     assert!(!text.contains("aula.tls=off"), "{text}");
     // A client trusting only that pin gets the API; a wrong pin gets nothing.
-    assert_eq!(t.api("GET", "/v1/status", &[], None).await.json()["tls"], true);
+    assert_eq!(
+        t.api("GET", "/v1/status", &[], None).await.json()["tls"],
+        true
+    );
     let wrong = format!("sha256:{}", "00".repeat(32));
     let pin = aula_imager::tls::parse_fingerprint(&wrong).expect("pin");
     let c = aula_imager::tls::client_config(&aula_imager::tls::ServerTrust::Pin(pin)).expect("cfg");
-    let tcp = tokio::net::TcpStream::connect(t.https).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(t.https)
+        .await
+        .expect("connect");
     let name = rustls::pki_types::ServerName::try_from("x").expect("name");
     assert!(
-        tokio_rustls::TlsConnector::from(Arc::new(c)).connect(name, tcp).await.is_err(),
+        tokio_rustls::TlsConnector::from(Arc::new(c))
+            .connect(name, tcp)
+            .await
+            .is_err(),
         "a wrong pin was accepted"
     );
     // The certificate survives a restart: machines booted before keep
@@ -752,13 +874,26 @@ async fn the_data_directory_is_0700_and_state_keys_and_leases_are_0600() {
     let dir = tempfile::tempdir().expect("tempdir");
     // An existing data directory readable by all is narrowed.
     std::fs::create_dir_all(dir.path().join("data")).expect("mkdir");
-    std::fs::set_permissions(dir.path().join("data"), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        dir.path().join("data"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
     let t = start(dir.path(), Some(TOKEN)).await;
     let nonce = nonce_of(&t.own_script().await.text());
     let fp = format!("sha256:{}", "ab".repeat(32));
     let r = t
-        .api("POST", "/v1/agents/register", &[], Some(&registration(MAC, "agent-secret-token-0123456789", &fp, &nonce)))
+        .api(
+            "POST",
+            "/v1/agents/register",
+            &[],
+            Some(&registration(
+                MAC,
+                "agent-secret-token-0123456789",
+                &fp,
+                &nonce,
+            )),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let mode = |p: &str| {
@@ -771,8 +906,15 @@ async fn the_data_directory_is_0700_and_state_keys_and_leases_are_0600() {
     assert_eq!(mode("data"), 0o700);
     assert_eq!(mode("data/tls"), 0o700);
     let state = std::fs::read_to_string(dir.path().join("data/state.json")).expect("state");
-    assert!(state.contains("agent-secret-token"), "the state holds tokens");
-    assert_eq!(mode("data/state.json"), 0o600, "state.json holds agents' tokens");
+    assert!(
+        state.contains("agent-secret-token"),
+        "the state holds tokens"
+    );
+    assert_eq!(
+        mode("data/state.json"),
+        0o600,
+        "state.json holds agents' tokens"
+    );
     assert_eq!(mode("data/tls/server.key"), 0o600);
     assert_eq!(mode("data/tls/server.crt"), 0o600);
     t.stop().await;
@@ -994,7 +1136,10 @@ async fn a_configured_certificate_is_served_and_pinned_on_the_kernel_line() {
         text.contains(&format!("aula.server=https://10.213.0.1:{port} ")),
         "{text}"
     );
-    assert!(text.contains(&format!("aula.server_fp={expected_fp}")), "{text}");
+    assert!(
+        text.contains(&format!("aula.server_fp={expected_fp}")),
+        "{text}"
+    );
     // A client that trusts only this certificate reaches the API over TLS.
     let out = tokio::process::Command::new("curl")
         .args(["-s", "--max-time", "10", "--cacert"])
@@ -1019,9 +1164,16 @@ async fn an_agent_may_set_only_its_own_machines_boot_mode_and_post_signed_events
     let t = start(dir.path(), Some(TOKEN)).await;
     let agent_token = "agent-own-token-abcdef0123456789";
     let nonce = nonce_of(&t.own_script().await.text());
-    let reg = registration(MAC, agent_token, &format!("sha256:{}", "cd".repeat(32)), &nonce);
+    let reg = registration(
+        MAC,
+        agent_token,
+        &format!("sha256:{}", "cd".repeat(32)),
+        &nonce,
+    );
     assert_eq!(
-        t.api("POST", "/v1/agents/register", &[], Some(&reg)).await.status,
+        t.api("POST", "/v1/agents/register", &[], Some(&reg))
+            .await
+            .status,
         200
     );
     let auth = bearer(agent_token);
@@ -1079,7 +1231,12 @@ async fn an_agent_may_set_only_its_own_machines_boot_mode_and_post_signed_events
     assert_eq!(r.status, 401);
     // The agent's own token does not read the lab.
     let r = t
-        .api("GET", &format!("/v1/agents/{MAC}/events"), &[("Authorization", &auth)], None)
+        .api(
+            "GET",
+            &format!("/v1/agents/{MAC}/events"),
+            &[("Authorization", &auth)],
+            None,
+        )
         .await;
     assert_eq!(r.status, 403, "{}", r.text());
     let events = t
@@ -1108,15 +1265,24 @@ async fn a_capture_grant_uploads_and_publishes_one_image_name_and_nothing_else()
     let agent_token = "agent-capture-token-0123456789";
     let upload = aula_imager::tls::upload_token(agent_token);
     let nonce = nonce_of(&t.own_script().await.text());
-    let reg = registration(MAC, agent_token, &format!("sha256:{}", "ef".repeat(32)), &nonce);
+    let reg = registration(
+        MAC,
+        agent_token,
+        &format!("sha256:{}", "ef".repeat(32)),
+        &nonce,
+    );
     assert_eq!(
-        t.api("POST", "/v1/agents/register", &[], Some(&reg)).await.status,
+        t.api("POST", "/v1/agents/register", &[], Some(&reg))
+            .await
+            .status,
         200
     );
     // A real image made locally, to upload chunk by chunk.
     let local = aula_imager::repo::LocalRepo::open(&dir.path().join("local"), true).expect("local");
     let src = dir.path().join("src.raw");
-    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8 ^ (i >> 12) as u8).collect();
+    let data: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+        .collect();
     std::fs::write(&src, &data).expect("src");
     let dev = Arc::new(aula_imager::device::Device::open_read(&src).expect("open"));
     let m = aula_imager::image::create_image(
@@ -1141,11 +1307,17 @@ async fn a_capture_grant_uploads_and_publishes_one_image_name_and_nothing_else()
         let fp = fp.clone();
         async move {
             let pin = aula_imager::tls::parse_fingerprint(&fp).expect("fp");
-            let cfg = aula_imager::tls::client_config(&aula_imager::tls::ServerTrust::Pin(pin)).expect("cfg");
+            let cfg = aula_imager::tls::client_config(&aula_imager::tls::ServerTrust::Pin(pin))
+                .expect("cfg");
             let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let name = rustls::pki_types::ServerName::try_from("aula-bootserver").expect("name");
-            let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.expect("tls");
-            let extra = image.map(|i| format!("X-Aula-Image: {i}\r\n")).unwrap_or_default();
+            let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .expect("tls");
+            let extra = image
+                .map(|i| format!("X-Aula-Image: {i}\r\n"))
+                .unwrap_or_default();
             let head = format!(
                 "PUT {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {auth}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -1162,7 +1334,11 @@ async fn a_capture_grant_uploads_and_publishes_one_image_name_and_nothing_else()
         }
     };
     let chunk_path = format!("/v1/chunks/{id}");
-    assert_eq!(put(chunk_path.clone(), upload.clone(), frame.clone(), None).await, 401, "no grant yet");
+    assert_eq!(
+        put(chunk_path.clone(), upload.clone(), frame.clone(), None).await,
+        401,
+        "no grant yet"
+    );
     let r = t
         .api(
             "PUT",
@@ -1183,9 +1359,18 @@ async fn a_capture_grant_uploads_and_publishes_one_image_name_and_nothing_else()
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["image"], "lab-os");
     // The agent's own token opens its API, not the repository.
-    assert_eq!(put(chunk_path.clone(), agent_token.into(), frame.clone(), None).await, 403);
     assert_eq!(
-        put(chunk_path.clone(), upload.clone(), frame.clone(), Some("other-image")).await,
+        put(chunk_path.clone(), agent_token.into(), frame.clone(), None).await,
+        403
+    );
+    assert_eq!(
+        put(
+            chunk_path.clone(),
+            upload.clone(),
+            frame.clone(),
+            Some("other-image")
+        )
+        .await,
         403,
         "chunks announced for another image"
     );
@@ -1193,11 +1378,23 @@ async fn a_capture_grant_uploads_and_publishes_one_image_name_and_nothing_else()
     for (cid, _) in m.unique_chunks() {
         let mut f = Vec::new();
         aula_imager::repo::Repository::get_chunk(&local, &cid, &mut f).expect("frame");
-        let code = put(format!("/v1/chunks/{cid}"), upload.clone(), f, Some("lab-os")).await;
+        let code = put(
+            format!("/v1/chunks/{cid}"),
+            upload.clone(),
+            f,
+            Some("lab-os"),
+        )
+        .await;
         assert!(code == 201 || code == 200, "chunk upload: {code}");
     }
     assert_eq!(
-        put("/v1/images/lab-os".into(), upload.clone(), m.to_json(), None).await,
+        put(
+            "/v1/images/lab-os".into(),
+            upload.clone(),
+            m.to_json(),
+            None
+        )
+        .await,
         201,
         "publishing the granted image"
     );
@@ -1205,13 +1402,26 @@ async fn a_capture_grant_uploads_and_publishes_one_image_name_and_nothing_else()
     let mut other = m.clone();
     other.name = "win11-lab".into();
     assert_eq!(
-        put("/v1/images/win11-lab".into(), upload.clone(), other.to_json(), None).await,
+        put(
+            "/v1/images/win11-lab".into(),
+            upload.clone(),
+            other.to_json(),
+            None
+        )
+        .await,
         403,
         "the grant published another image name"
     );
     // No delete, gc or check with the grant.
     let a = bearer(&upload);
-    let r = t.api("DELETE", "/v1/images/lab-os", &[("Authorization", &a)], None).await;
+    let r = t
+        .api(
+            "DELETE",
+            "/v1/images/lab-os",
+            &[("Authorization", &a)],
+            None,
+        )
+        .await;
     assert_eq!(r.status, 403, "{}", r.text());
     for p in ["/v1/repo/gc?purge_trash=1", "/v1/repo/check"] {
         let r = t.api("POST", p, &[("Authorization", &a)], None).await;
@@ -1227,7 +1437,12 @@ async fn a_capture_grant_uploads_and_publishes_one_image_name_and_nothing_else()
     assert_eq!(names, ["lab-os"], "{list}");
     // Withdrawn: the upload token opens nothing any more.
     let r = t
-        .api("DELETE", &format!("/v1/clients/{MAC}/capture"), &[("Authorization", &bearer(TOKEN))], None)
+        .api(
+            "DELETE",
+            &format!("/v1/clients/{MAC}/capture"),
+            &[("Authorization", &bearer(TOKEN))],
+            None,
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(put(chunk_path, upload, frame, None).await, 401, "revoked");

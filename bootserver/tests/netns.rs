@@ -35,10 +35,7 @@ fn udhcpc_gets_a_full_mode_lease_and_keeps_it_across_a_server_restart() {
     require_root!();
     let net = NetPair::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = base_config(
-        dir.path(),
-        &format!("{FULL_DHCP}\n{}", http_api()),
-    );
+    let cfg = base_config(dir.path(), &format!("{FULL_DHCP}\n{}", http_api()));
     let server = ServerProc::start(
         &net.srv,
         dir.path(),
@@ -258,7 +255,10 @@ fn proxy_mode_answers_only_pxe_clients_on_67_and_4011() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = base_config(
         dir.path(),
-        &format!("[dhcp]\nmode = \"proxy\"\n{}\n[tftp]\nenabled = false\n", http_api()),
+        &format!(
+            "[dhcp]\nmode = \"proxy\"\n{}\n[tftp]\nenabled = false\n",
+            http_api()
+        ),
     );
     net.cli_addr("10.213.0.50/16");
     net.cli_addr("10.213.0.61/16");
@@ -361,14 +361,25 @@ fn proxy_mode_answers_only_pxe_clients_on_67_and_4011() {
             &net,
             dir.path(),
             &format!("/v1/clients/{mac}/boot"),
-            &["-X", "PUT", "-H", "Content-Type: application/json", "-d", body],
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+            ],
         );
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     }
     let script_from = |src: &str| {
         let (_, body) = curl(
             &net,
-            &["--interface", src, "http://10.213.0.1:8080/boot/ipxe/02-00-00-00-20-04"],
+            &[
+                "--interface",
+                src,
+                "http://10.213.0.1:8080/boot/ipxe/02-00-00-00-20-04",
+            ],
         );
         String::from_utf8_lossy(&body).into_owned()
     };
@@ -447,10 +458,7 @@ fn release_and_decline_return_or_quarantine_addresses() {
     require_root!();
     let net = NetPair::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = base_config(
-        dir.path(),
-        &format!("{FULL_DHCP}\n{}", http_api()),
-    );
+    let cfg = base_config(dir.path(), &format!("{FULL_DHCP}\n{}", http_api()));
     net.cli_addr("10.213.0.50/16");
     let server = ServerProc::start(
         &net.srv,
@@ -905,9 +913,13 @@ fn the_one_shot_mode_and_the_registration_window_belong_to_the_leased_address() 
     let mac = "02:00:00:00:51:01";
     let leased = net.in_cli(|| {
         let s = client_socket(68);
-        let d = dhcp_msg(MACB, MessageType::Discover, 0x5100, pxe_opts(0, b"PXEClient", true));
-        let (offer, _, _) =
-            exchange(&s, &d, broadcast67(), Duration::from_secs(3)).expect("OFFER");
+        let d = dhcp_msg(
+            MACB,
+            MessageType::Discover,
+            0x5100,
+            pxe_opts(0, b"PXEClient", true),
+        );
+        let (offer, _, _) = exchange(&s, &d, broadcast67(), Duration::from_secs(3)).expect("OFFER");
         let mut opts = pxe_opts(0, b"PXEClient", true);
         opts.push(DhcpOption::ServerIdentifier(SERVER_IP));
         opts.push(DhcpOption::RequestedIpAddress(offer.yiaddr()));
@@ -925,7 +937,14 @@ fn the_one_shot_mode_and_the_registration_window_belong_to_the_leased_address() 
             &net,
             dir.path(),
             &format!("/v1/clients/{mac}/boot"),
-            &["-X", "PUT", "-H", "Content-Type: application/json", "-d", body],
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+            ],
         );
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     }
@@ -968,7 +987,16 @@ fn the_one_shot_mode_and_the_registration_window_belong_to_the_leased_address() 
             &net,
             dir.path(),
             "/v1/agents/register",
-            &["--interface", src, "-X", "POST", "-H", "Content-Type: application/json", "-d", &body],
+            &[
+                "--interface",
+                src,
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body,
+            ],
         );
         (code, String::from_utf8_lossy(&out).into_owned())
     };

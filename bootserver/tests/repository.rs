@@ -784,7 +784,9 @@ fn a_repository_with_a_read_token_serves_clients_that_send_it() {
         )
         .expect("client")
     };
-    let e = reader(None).manifest("secret", None).expect_err("read without a token");
+    let e = reader(None)
+        .manifest("secret", None)
+        .expect_err("read without a token");
     assert!(e.to_string().contains("401"), "{e}");
     let e = reader(Some("wrong-token-0123456789"))
         .list()
@@ -793,7 +795,10 @@ fn a_repository_with_a_read_token_serves_clients_that_send_it() {
     let c = reader(Some(READ));
     let t = target(&dir.path().join("out.raw"), data.len() as u64);
     restore(&c, "secret", &t, 2).expect("restore with the read token");
-    assert_eq!(std::fs::read(dir.path().join("out.raw")).expect("read"), data);
+    assert_eq!(
+        std::fs::read(dir.path().join("out.raw")).expect("read"),
+        data
+    );
     let m = c.manifest("secret", None).expect("manifest");
     let v = aula_imager::verify::verify_repo(&m, &c, 2, &Progress::new()).expect("verify");
     assert!(v.bad.is_empty(), "{:?}", v.bad);

@@ -237,7 +237,9 @@ gc_grace_s = 0
     /// (`aula.boot=`) the agent registers with.
     pub async fn live_boot(&self, mac: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.http).await.expect("connect");
+        let mut s = tokio::net::TcpStream::connect(self.http)
+            .await
+            .expect("connect");
         let req = format!(
             "GET /boot/ipxe/{}?ip=127.0.0.1&mac={mac} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
             mac.replace(':', "-")
@@ -260,7 +262,12 @@ gc_grace_s = 0
         )
         .expect("client");
         let r = c
-            .call(Method::GET, &format!("{}{path}", self.url()), &[], Vec::new())
+            .call(
+                Method::GET,
+                &format!("{}{path}", self.url()),
+                &[],
+                Vec::new(),
+            )
             .await
             .expect("call");
         (
@@ -663,7 +670,12 @@ pub async fn start_agent(o: AgentOpts<'_>) -> Agent {
     let repo_pin = o
         .repo_fp
         .as_ref()
-        .map(|fp| format!("fingerprint = \"{fp}\"\nurl = \"https://127.0.0.1:{}\"", o.repo_port))
+        .map(|fp| {
+            format!(
+                "fingerprint = \"{fp}\"\nurl = \"https://127.0.0.1:{}\"",
+                o.repo_port
+            )
+        })
         .unwrap_or_default();
     let text = format!(
         r#"restore_records = "{records}"

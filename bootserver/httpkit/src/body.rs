@@ -151,8 +151,12 @@ mod tests {
     #[test]
     fn content_types_follow_the_policy() {
         assert!(check_content_type(&HeaderMap::new(), JsonTypes::Json).is_ok());
-        assert!(check_content_type(&ct("application/json; charset=utf-8"), JsonTypes::Json).is_ok());
-        assert!(check_content_type(&ct("application/x-www-form-urlencoded"), JsonTypes::Json).is_err());
+        assert!(
+            check_content_type(&ct("application/json; charset=utf-8"), JsonTypes::Json).is_ok()
+        );
+        assert!(
+            check_content_type(&ct("application/x-www-form-urlencoded"), JsonTypes::Json).is_err()
+        );
         assert!(
             check_content_type(&ct("application/x-www-form-urlencoded"), JsonTypes::Lenient)
                 .is_ok()

@@ -23,7 +23,10 @@ pub fn empty() -> Body {
 }
 
 /// `value` as a one-line JSON response.
-pub fn json_response<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
+pub fn json_response<T: serde::Serialize + ?Sized>(
+    status: StatusCode,
+    value: &T,
+) -> Response<Body> {
     let (status, bytes) = match serde_json::to_vec(value) {
         Ok(mut b) => {
             b.push(b'\n');

@@ -102,9 +102,7 @@ pub async fn serve(
             async move {
                 let _permit = permit;
                 match tls {
-                    None => {
-                        connection(TokioIo::new(stream), remote, handler, &opts, watcher).await
-                    }
+                    None => connection(TokioIo::new(stream), remote, handler, &opts, watcher).await,
                     Some(acceptor) => {
                         let handshake =
                             tokio::time::timeout(opts.handshake_timeout, acceptor.accept(stream));
@@ -122,8 +120,7 @@ pub async fn serve(
                                 }
                             },
                         };
-                        connection(TokioIo::new(tls_stream), remote, handler, &opts, watcher)
-                            .await
+                        connection(TokioIo::new(tls_stream), remote, handler, &opts, watcher).await
                     }
                 }
             }

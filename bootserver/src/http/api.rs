@@ -148,7 +148,9 @@ impl ApiRoutes {
             return Ok(p);
         }
         if super::credential(req).is_none() {
-            Err(ApiError::Unauthorized("this route needs Authorization: Bearer <token>"))
+            Err(ApiError::Unauthorized(
+                "this route needs Authorization: Bearer <token>",
+            ))
         } else if !self.auth.has_api_token() {
             Err(ApiError::Unauthorized(
                 "unknown token (and no api_token is configured: admin calls are disabled)",
@@ -228,11 +230,18 @@ impl ApiRoutes {
             .map(|l| l.ip)
     }
 
-    async fn register(&self, req: HttpRequest, ctx: RequestContext) -> Result<HttpResponse, ApiError> {
+    async fn register(
+        &self,
+        req: HttpRequest,
+        ctx: RequestContext,
+    ) -> Result<HttpResponse, ApiError> {
         let reg: AgentRegistration = Self::body_json(req).await?;
         let nonce = reg.boot_nonce.clone();
         let source = match ctx.remote.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ctx.remote.ip()),
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(ctx.remote.ip()),
             v4 => v4,
         };
         let rec = reg
@@ -324,7 +333,11 @@ impl ApiRoutes {
             }
             (Method::PUT, ["v1", "clients", mac, "boot"]) => {
                 let mac = parse_mac(mac)?;
-                let who = self.require(&req, |p| p.can_set_boot(mac), "set this machine's boot mode")?;
+                let who = self.require(
+                    &req,
+                    |p| p.can_set_boot(mac),
+                    "set this machine's boot mode",
+                )?;
                 let body: SetBoot = Self::body_json(req).await?;
                 let setting = self.registry.set_boot(mac, body.mode, body.once).await?;
                 tracing::info!(%mac, mode = %body.mode, once = body.once, by = %who.name(), "boot mode set");

@@ -145,7 +145,13 @@ impl BootRoutes {
         for kv in query.unwrap_or("").split('&') {
             match kv.split_once('=') {
                 Some(("ip", v)) => q_ip = v.parse::<IpAddr>().ok(),
-                Some(("mac", v)) => q_mac = v.replace("%3A", ":").replace("%3a", ":").parse::<MacAddr>().ok(),
+                Some(("mac", v)) => {
+                    q_mac = v
+                        .replace("%3A", ":")
+                        .replace("%3a", ":")
+                        .parse::<MacAddr>()
+                        .ok()
+                }
                 _ => {}
             }
         }
@@ -153,9 +159,9 @@ impl BootRoutes {
             (Some(ip), Some(m)) if m == mac && (Some(ip) == src4.map(IpAddr::V4) || ip == src) => {
                 Ok(Origin::Url)
             }
-            (Some(ip), Some(m)) if m == mac => {
-                Err(format!("the URL says {ip}, but the request came from {src}"))
-            }
+            (Some(ip), Some(m)) if m == mac => Err(format!(
+                "the URL says {ip}, but the request came from {src}"
+            )),
             (Some(_), Some(m)) => Err(format!("the URL names {m}, not {mac}")),
             _ => Err(format!(
                 "no lease or proxyDHCP announcement of {mac}, and no ip=/mac= in the URL"

@@ -105,14 +105,20 @@ impl ConfirmedManifests {
                 .open(p)
                 .and_then(|mut f| writeln!(f, "{}", hex::encode(digest)));
             if let Err(e) = r {
-                tracing::warn!("could not record a confirmed manifest in {}: {e}", p.display());
+                tracing::warn!(
+                    "could not record a confirmed manifest in {}: {e}",
+                    p.display()
+                );
             }
         }
     }
 
     /// Whether a manifest with this digest was confirmed.
     pub fn is_confirmed(&self, digest: &[u8; 32]) -> bool {
-        self.known.lock().map(|k| k.contains(digest)).unwrap_or(false)
+        self.known
+            .lock()
+            .map(|k| k.contains(digest))
+            .unwrap_or(false)
     }
 }
 
