@@ -13,7 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use ring::rand::SecureRandom;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use aula_imager::tls::ServerTrust;
 
@@ -50,9 +50,9 @@ pub struct Identity {
 pub fn identity_from_pem(cert_pem: &str, key_pem: &str) -> Result<Identity, TlsError> {
     use rustls::pki_types::pem::PemObject;
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-        .map_err(|e| TlsError::Generate(format!("kept certificate: {e}")))?;
+        .map_err(|e| TlsError::Generate(format!("certificate: {e}")))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| TlsError::Generate(format!("kept key: {e}")))?;
+        .map_err(|e| TlsError::Generate(format!("key: {e}")))?;
     let fingerprint = aula_imager::tls::fingerprint(der.as_ref());
     let mut sc = rustls::ServerConfig::builder_with_provider(aula_imager::tls::provider())
         .with_safe_default_protocol_versions()?
@@ -158,20 +158,7 @@ pub fn self_signed(hostname: Option<&str>, ips: &[IpAddr]) -> Result<Identity, T
     names.dedup();
     let ck =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    let der: CertificateDer<'static> = ck.cert.der().clone();
-    let fingerprint = aula_imager::tls::fingerprint(der.as_ref());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-    let mut sc = rustls::ServerConfig::builder_with_provider(aula_imager::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![der], key)?;
-    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Identity {
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)),
-        fingerprint,
-        cert_pem: ck.cert.pem(),
-        key_pem: ck.key_pair.serialize_pem(),
-    })
+    identity_from_pem(&ck.cert.pem(), &ck.key_pair.serialize_pem())
 }
 
 /// A random bearer token: 32 bytes, hex (64 characters).

@@ -254,19 +254,29 @@ gc_grace_s = 0
             .to_string()
     }
 
-    /// A GET over HTTPS without any credential: (status, JSON).
-    pub async fn anonymous(&self, path: &str) -> (u16, Value) {
+    /// A call over HTTPS pinned to the server, with `token` if any:
+    /// (status, JSON).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let c = HttpClient::new(
             &ServerTrust::Pin(aula_imager::tls::parse_fingerprint(&self.fingerprint).expect("fp")),
             Duration::from_secs(10),
         )
         .expect("client");
+        let headers: Vec<(&'static str, String)> = token
+            .map(|t| vec![("authorization", format!("Bearer {t}"))])
+            .unwrap_or_default();
         let r = c
             .call(
-                Method::GET,
+                method,
                 &format!("{}{path}", self.url()),
-                &[],
-                Vec::new(),
+                &headers,
+                body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
             )
             .await
             .expect("call");
@@ -276,45 +286,19 @@ gc_grace_s = 0
         )
     }
 
+    /// A GET over HTTPS without any credential: (status, JSON).
+    pub async fn anonymous(&self, path: &str) -> (u16, Value) {
+        self.call(Method::GET, path, None, None).await
+    }
+
     /// The API over HTTPS with the API token: (status, JSON).
     pub async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let c = HttpClient::new(
-            &ServerTrust::Pin(aula_imager::tls::parse_fingerprint(&self.fingerprint).expect("fp")),
-            Duration::from_secs(10),
-        )
-        .expect("client");
-        let r = c
-            .call(
-                method,
-                &format!("{}{path}", self.url()),
-                &[("authorization", format!("Bearer {API_TOKEN}"))],
-                body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
-            )
-            .await
-            .expect("API call");
-        (
-            r.status.as_u16(),
-            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-        )
+        self.call(method, path, Some(API_TOKEN), body).await
     }
 
     /// Registered agents, with tokens (API token).
     pub async fn agents(&self) -> Value {
-        let c = HttpClient::new(
-            &ServerTrust::Pin(aula_imager::tls::parse_fingerprint(&self.fingerprint).expect("fp")),
-            Duration::from_secs(10),
-        )
-        .expect("client");
-        let r = c
-            .call(
-                Method::GET,
-                &format!("{}/v1/agents", self.url()),
-                &[("authorization", format!("Bearer {API_TOKEN}"))],
-                Vec::new(),
-            )
-            .await
-            .expect("agents");
-        serde_json::from_slice(&r.body).expect("json")
+        self.api(Method::GET, "/v1/agents", None).await.1
     }
 
     pub async fn stop(mut self) {
