@@ -168,7 +168,7 @@ fn http_repo(
         None
     };
     let read_token = if server {
-        ctx.registration.read_token().or_else(|| {
+        server_read_token(ctx).or_else(|| {
             configured
                 .then(|| s.repository.read_token.clone())
                 .flatten()
@@ -187,6 +187,26 @@ fn http_repo(
         ..HttpOptions::default()
     };
     HttpRepo::new(url, opts).map_err(|e| imager_failure(&e).disk_state(UNCHANGED))
+}
+
+/// The read token the registration answered. A job that arrives while the
+/// registration is still under way (a core that knew this agent before it
+/// restarted) waits for its answer, at most 10 s (blocking thread).
+fn server_read_token(ctx: &Ctx) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = ctx.registration.get();
+        let settled = st.registered
+            || ctx.settings.server_url.is_none()
+            || st
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("refused"));
+        if settled || std::time::Instant::now() >= deadline {
+            return ctx.registration.read_token();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn repo_url(ctx: &Ctx, given: &Option<String>) -> Result<String, Failure> {
