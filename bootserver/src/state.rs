@@ -1007,4 +1007,31 @@ mod tests {
         assert_eq!(r, Ok(Registered::New));
         assert_eq!(reg.agent_token(mac).as_deref(), Some("token-b-0123456789"));
     }
+
+    #[tokio::test]
+    async fn a_registration_after_the_window_closed_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mac: MacAddr = "52:54:00:00:00:03".parse().expect("mac");
+        let reg = Registry::load(dir.path()).expect("load");
+        let (_, nonce) = reg
+            .take_boot(mac, BootMode::Live, Some(SRC))
+            .await
+            .expect("take");
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let r = reg
+            .register_agent(
+                record(mac, "token-late-0123456789"),
+                nonce.as_deref(),
+                SRC,
+                0,
+                LeaseCheck {
+                    full_dhcp: false,
+                    lease: None,
+                },
+            )
+            .await
+            .expect("io");
+        assert!(matches!(r, Err(Refusal::Expired { .. })), "{r:?}");
+        assert!(reg.agent_token(mac).is_none());
+    }
 }
