@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod chunk;
+pub mod crashsafe;
 pub mod create;
 pub mod device;
 pub mod disk;

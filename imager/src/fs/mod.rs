@@ -138,7 +138,7 @@ pub fn detect(src: &dyn ReadAt) -> Result<Option<FsMeta>, FsError> {
         None => None,
         Some(Found::Ext(s)) => Some(s.meta()),
         Some(Found::Fat(f)) => Some(f.meta()),
-        Some(Found::Ntfs(n)) => Some(n.meta(src)),
+        Some(Found::Ntfs(n)) => Some(n.meta(src)?),
         Some(Found::DetectOnly(m)) | Some(Found::Swap(m, _)) => Some(m),
     })
 }
