@@ -38,4 +38,47 @@ pub mod state;
 pub mod tftp;
 pub mod tls;
 
+/// Entry points of the fuzz targets (`imager/fuzz`), also replayed on the
+/// committed corpora by `tests/fuzz_corpus.rs`. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// A DHCP packet as the server parses it.
+    pub fn dhcp(input: &[u8]) {
+        if let Ok(r) = crate::dhcp::packet::parse(input) {
+            let _ = r.broadcast_flag();
+            let _ = r.hostname_str();
+        }
+        let _ = crate::dhcp::packet::option_codes(input);
+    }
+
+    /// A TFTP request.
+    pub fn tftp(input: &[u8]) {
+        if let Some(r) = crate::tftp::parse_request(input) {
+            let _ = crate::tftp::safe_relative_path(&r.filename);
+        }
+    }
+
+    /// A `Range` header against a length (the first 8 input bytes): both
+    /// route groups give the same answer, inside the file.
+    pub fn range(input: &[u8]) {
+        use crate::http::files::{parse_range, RangeSpec};
+        let (len, header) = match input.split_first_chunk::<8>() {
+            Some((l, h)) => (u64::from_le_bytes(*l) >> (l[7] % 64), h),
+            None => return,
+        };
+        let Ok(v) = hyper::header::HeaderValue::from_bytes(header) else {
+            return;
+        };
+        let files = parse_range(Some(&v), len);
+        let repo = crate::repository::parse_range(Some(&v), len);
+        match (&files, &repo) {
+            (RangeSpec::Full, Ok(None)) | (RangeSpec::Unsatisfiable, Err(())) => {}
+            (RangeSpec::Partial(a, b), Ok(Some((c, d)))) if (a, b) == (c, d) => {
+                assert!(a <= b && *b < len, "range {a}-{b} of {len} bytes");
+            }
+            _ => panic!("the parsers disagree on {v:?} / {len}: {files:?} against {repo:?}"),
+        }
+    }
+}
+
 pub use server::{Server, ServerError};

@@ -193,38 +193,14 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
 
 /// Parse a single `bytes=a-b` / `bytes=a-` / `bytes=-n` range against `len`.
 /// `Ok(None)` means no usable Range header (serve everything); `Err` means
-/// unsatisfiable.
-fn parse_range(h: Option<&HeaderValue>, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(v) = h.and_then(|v| v.to_str().ok()) else {
-        return Ok(None);
-    };
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return Ok(None);
-    };
-    if spec.contains(',') {
-        // Multiple ranges are not supported: serve the whole entity.
-        return Ok(None);
+/// unsatisfiable (416). The one parser of the boot server's files decides,
+/// so chunks and boot files answer a Range alike.
+pub(crate) fn parse_range(h: Option<&HeaderValue>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    match crate::http::files::parse_range(h, len) {
+        crate::http::files::RangeSpec::Full => Ok(None),
+        crate::http::files::RangeSpec::Partial(s, e) => Ok(Some((s, e))),
+        crate::http::files::RangeSpec::Unsatisfiable => Err(()),
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().map_err(|_| ())?;
-            if n == 0 {
-                return Err(());
-            }
-            (len.saturating_sub(n), len - 1)
-        }
-        (s, "") => (s.parse().map_err(|_| ())?, len.saturating_sub(1)),
-        (s, e) => {
-            let s: u64 = s.parse().map_err(|_| ())?;
-            let e: u64 = e.parse().map_err(|_| ())?;
-            (s, e.min(len.saturating_sub(1)))
-        }
-    };
-    if len == 0 || start >= len || end < start {
-        return Err(());
-    }
-    Ok(Some((start, end)))
 }
 
 impl RepoService {
@@ -929,7 +905,9 @@ mod tests {
             Ok(Some((50, 99)))
         );
         assert_eq!(parse_range(Some(&h("bytes=100-")), 100), Err(()));
-        assert_eq!(parse_range(Some(&h("bytes=5-1")), 100), Err(()));
+        assert_eq!(parse_range(Some(&h("bytes=-0")), 100), Err(()));
+        // An invalid range (last before first) is ignored, as for boot files.
+        assert_eq!(parse_range(Some(&h("bytes=5-1")), 100), Ok(None));
         assert_eq!(parse_range(Some(&h("bytes=0-1,5-6")), 100), Ok(None));
         assert_eq!(parse_range(Some(&h("items=0-1")), 100), Ok(None));
     }

@@ -84,7 +84,7 @@ pub const SIGNATURE_BYTES: u64 = 4096;
 
 /// What goes where, in which order.
 #[derive(Debug)]
-pub(crate) struct Plan {
+pub struct Plan {
     /// W: zeroed first (offsets in the partition).
     pub wipe: ExtentMap,
     /// P: the image's bytes written last.
@@ -96,7 +96,8 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub(crate) fn new(m: &Manifest, region_len: u64) -> Plan {
+    /// The plan of restoring `m` onto a partition of `region_len` bytes.
+    pub fn new(m: &Manifest, region_len: u64) -> Plan {
         let (s, l) = (m.source_size, region_len.max(m.source_size));
         let tail = |end: u64| (end - WIPE_BYTES.min(end), WIPE_BYTES.min(end));
         let wipe = ExtentMap::from_ranges([(0, WIPE_BYTES.min(l)), tail(s), tail(l)]);

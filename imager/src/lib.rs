@@ -31,3 +31,96 @@ pub mod tls;
 pub mod verify;
 
 pub use error::{Error, Result};
+
+/// Entry points of the fuzz targets (`imager/fuzz`), also replayed on the
+/// committed corpora by `tests/fuzz_corpus.rs`. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::device::ReadAt;
+
+    /// A region made of the input followed by zeros: the first byte says
+    /// how large (4 KiB << (b % 15), at least the input), so a small input
+    /// can describe a filesystem of up to 64 MiB whose tail is empty.
+    pub struct Sparse<'a> {
+        data: &'a [u8],
+        size: u64,
+    }
+
+    impl<'a> Sparse<'a> {
+        /// Split the input into its size byte and contents.
+        pub fn new(input: &'a [u8]) -> Sparse<'a> {
+            let (code, data) = match input.split_first() {
+                Some((c, d)) => (*c, d),
+                None => (0, input),
+            };
+            let size = (4096u64 << (code % 15)).max(data.len() as u64);
+            Sparse { data, size }
+        }
+    }
+
+    impl ReadAt for Sparse<'_> {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let end = offset
+                .checked_add(buf.len() as u64)
+                .filter(|&e| e <= self.size)
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end")
+                })?;
+            buf.fill(0);
+            let len = self.data.len() as u64;
+            if offset < len {
+                let n = (end.min(len) - offset) as usize;
+                buf[..n].copy_from_slice(&self.data[offset as usize..offset as usize + n]);
+            }
+            Ok(())
+        }
+        fn size(&self) -> u64 {
+            self.size
+        }
+    }
+
+    /// ext2/3/4 walker.
+    pub fn fs_ext(input: &[u8]) {
+        crate::fs::fuzzing::ext(&Sparse::new(input));
+    }
+    /// FAT walker.
+    pub fn fs_fat(input: &[u8]) {
+        crate::fs::fuzzing::fat(&Sparse::new(input));
+    }
+    /// NTFS walker.
+    pub fn fs_ntfs(input: &[u8]) {
+        crate::fs::fuzzing::ntfs(&Sparse::new(input));
+    }
+    /// GPT.
+    pub fn table_gpt(input: &[u8]) {
+        crate::table::fuzzing::gpt(&Sparse::new(input));
+    }
+    /// MBR and extended boot records.
+    pub fn table_mbr(input: &[u8]) {
+        crate::table::fuzzing::mbr(&Sparse::new(input));
+    }
+    /// partclone header, bitmap and stream (any compression).
+    pub fn partclone(input: &[u8]) {
+        crate::legacy::fuzzing::partclone(input);
+    }
+    /// lzop container and LZO1X.
+    pub fn lzop(input: &[u8]) {
+        crate::legacy::fuzzing::lzop(input);
+    }
+    /// Manifest parse and validation, and what restore derives from it.
+    pub fn manifest(input: &[u8]) {
+        let Ok(m) = crate::manifest::Manifest::from_json(input, "fuzz") else {
+            return;
+        };
+        let _ = m.unique_chunks();
+        let _ = m.total_used_bytes();
+        for c in &m.chunks {
+            let (start, len) = m.window(c.index);
+            assert!(start + len <= m.source_size);
+            let _ = m.used.window(start, len);
+        }
+        let plan = crate::crashsafe::Plan::new(&m, m.source_size);
+        assert_eq!(plan.held.len() + plan.rest.len(), m.chunks.len());
+        let _ = m.to_json();
+    }
+}

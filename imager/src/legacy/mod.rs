@@ -468,7 +468,7 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
 
 /// Gathers verified runs of blocks into large writes.
 struct Writer<'a> {
-    target: &'a Region,
+    target: &'a mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     /// Byte offset of `buf[0]` on the target.
     at: u64,
     buf: Vec<u8>,
@@ -481,7 +481,7 @@ impl Writer<'_> {
             self.flush(progress)?;
         }
         if self.buf.is_empty() && data.len() >= WRITE_BATCH {
-            self.target.write_all_at(data, offset)?;
+            (self.target)(offset, data)?;
             self.written += data.len() as u64;
             progress(self.written);
             return Ok(());
@@ -498,7 +498,7 @@ impl Writer<'_> {
 
     fn flush(&mut self, progress: &mut dyn FnMut(u64)) -> io::Result<()> {
         if !self.buf.is_empty() {
-            self.target.write_all_at(&self.buf, self.at)?;
+            (self.target)(self.at, &self.buf)?;
             self.written += self.buf.len() as u64;
             self.buf.clear();
             progress(self.written);
@@ -531,16 +531,31 @@ impl PartcloneStream {
     /// Blocks not in use are left as they are on the target. `on_progress`
     /// receives the bytes written so far; `cancel` is checked between strips.
     pub fn restore_to(
-        mut self,
+        self,
         target: &Region,
         on_progress: &mut dyn FnMut(u64),
         cancel: &AtomicBool,
     ) -> Result<LegacyStats, LegacyError> {
+        let mut write = |at: u64, data: &[u8]| target.write_all_at(data, at);
+        let stats = self.restore_with(target.len(), &mut write, on_progress, cancel)?;
+        target.device().sync()?;
+        Ok(stats)
+    }
+
+    /// [`PartcloneStream::restore_to`] onto any writer of `target_len`
+    /// bytes (`write(offset, bytes)`), without the final sync.
+    pub fn restore_with(
+        mut self,
+        target_len: u64,
+        write: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        on_progress: &mut dyn FnMut(u64),
+        cancel: &AtomicBool,
+    ) -> Result<LegacyStats, LegacyError> {
         let need = self.info.device_size;
-        if target.len() < need {
+        if target_len < need {
             return Err(LegacyError::TargetTooSmall {
                 need,
-                have: target.len(),
+                have: target_len,
             });
         }
         let bs = u64::from(self.info.block_size);
@@ -555,7 +570,7 @@ impl PartcloneStream {
         let mut run = next_set_run(&self.bitmap, total, 0);
 
         let mut writer = Writer {
-            target,
+            target: write,
             at: 0,
             buf: Vec::with_capacity(WRITE_BATCH),
             written: 0,
@@ -661,8 +676,55 @@ impl PartcloneStream {
                 "trailing data after the last partclone block ignored"
             );
         }
-        target.device().sync()?;
         Ok(stats)
+    }
+}
+
+/// Entry points for the fuzz targets.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Open a partclone image and restore it into memory accounting: every
+    /// write must land inside the device the header states.
+    pub fn partclone(data: &[u8]) {
+        let Ok(s) = open(Box::new(io::Cursor::new(data.to_vec()))) else {
+            return;
+        };
+        let info = s.info().clone();
+        let used = s.used_map();
+        assert!(used.end() <= info.device_size, "used map past the device");
+        let mut written = 0u64;
+        let mut write = |at: u64, b: &[u8]| -> io::Result<()> {
+            assert!(
+                at.checked_add(b.len() as u64)
+                    .is_some_and(|e| e <= info.device_size),
+                "a write at {at} of {} bytes past the device ({})",
+                b.len(),
+                info.device_size
+            );
+            written += b.len() as u64;
+            Ok(())
+        };
+        let cancel = AtomicBool::new(false);
+        if let Ok(st) = s.restore_with(info.device_size, &mut write, &mut |_| {}, &cancel) {
+            assert_eq!(st.bytes_written, info.used_bytes());
+        }
+    }
+
+    /// Decode an lzop stream to its end (at most 256 MiB of output).
+    pub fn lzop(data: &[u8]) {
+        let Ok(mut r) = lzop::LzopReader::new(io::Cursor::new(data)) else {
+            return;
+        };
+        let mut buf = vec![0u8; 64 << 10];
+        let mut total = 0usize;
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 || total > 256 << 20 {
+                break;
+            }
+            total += n;
+        }
     }
 }
 
