@@ -79,6 +79,49 @@ pub mod fuzzing {
         }
     }
 
+    /// The hostile volumes of issue 15, made from real ones: tests of the
+    /// CLI and the agent feed them to the inventory and to create.
+    pub mod craft {
+        fn le16(b: &[u8], o: usize) -> usize {
+            usize::from(u16::from_le_bytes([b[o], b[o + 1]]))
+        }
+        fn le32(b: &[u8], o: usize) -> usize {
+            u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) as usize
+        }
+
+        /// Turn the `$DATA` of `$MFT` (record 0) of an NTFS volume made by
+        /// `mkntfs` into an `$ATTRIBUTE_LIST` of 2^44 bytes: the volume that
+        /// made `aula-imager disks` abort with a 16 TiB allocation.
+        pub fn ntfs_huge_attribute_list(vol: &mut [u8]) {
+            let cluster = le16(vol, 0x0B) * usize::from(vol[0x0D]);
+            let mft = u64::from_le_bytes(vol[0x30..0x38].try_into().expect("8 bytes")) as usize;
+            let rec = mft * cluster;
+            assert_eq!(&vol[rec..rec + 4], b"FILE", "an mkntfs volume");
+            let mut pos = rec + le16(vol, rec + 0x14);
+            loop {
+                let (ty, len) = (le32(vol, pos), le32(vol, pos + 4));
+                assert!(ty != 0xFFFF_FFFF && len != 0, "no $DATA in record 0");
+                if ty == 0x80 {
+                    vol[pos..pos + 4].copy_from_slice(&0x20u32.to_le_bytes());
+                    vol[pos + 0x30..pos + 0x38].copy_from_slice(&(1u64 << 44).to_le_bytes());
+                    return;
+                }
+                pos += len;
+            }
+        }
+
+        /// Give an ext2/3/4 volume `blocks_per_group` blocks per group (below
+        /// 256 the descriptor table of a large volume grows to GiBs).
+        pub fn ext_blocks_per_group(vol: &mut [u8], blocks_per_group: u32) {
+            assert_eq!(
+                &vol[1024 + 0x38..1024 + 0x3A],
+                &[0x53, 0xEF],
+                "an ext volume"
+            );
+            vol[1024 + 0x20..1024 + 0x24].copy_from_slice(&blocks_per_group.to_le_bytes());
+        }
+    }
+
     /// ext2/3/4 walker.
     pub fn fs_ext(input: &[u8]) {
         crate::fs::fuzzing::ext(&Sparse::new(input));

@@ -11,7 +11,7 @@
 //! | document | at most [`MAX_MANIFEST_BYTES`] (256 MiB: a 2 TiB disk of 4 MiB chunks needs about 130 MB) |
 //! | `used` | at most [`crate::extent::MAX_EXTENTS`] extents, sorted, disjoint, no overflow, inside `source_size` |
 //! | `chunk_size` | a power of two in 64 KiB ..= 64 MiB |
-//! | `source_size` | any `u64`: validation walks the used extents and the chunk list, never the windows, so `source_size = 2^64 − 1` with `used: []` is checked in microseconds |
+//! | `source_size` | at most [`MAX_SOURCE_SIZE`] (1 EiB); validation walks the used extents and the chunk list, never the windows, so even 1 EiB with `used: []` is checked in microseconds, and `2^64 − 1` is refused as quickly |
 //! | `chunks` | exactly one per window touched by `used`, in order: no more entries than the map touches |
 //! | `partitions` | inside the disk, not overlapping, each a valid partition image (nesting stops there) |
 
@@ -35,6 +35,9 @@ pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Largest manifest document read.
 pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
+/// Largest source an image may describe: 1 EiB, more than any disk, and
+/// every byte offset stays below 2^63 (the kernel's `off_t`).
+pub const MAX_SOURCE_SIZE: u64 = 1 << 60;
 
 /// What an image holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +325,12 @@ impl Manifest {
                 self.chunk_size
             ));
         }
+        if self.source_size > MAX_SOURCE_SIZE {
+            return Err(format!(
+                "source size {} is larger than {MAX_SOURCE_SIZE} bytes (1 EiB)",
+                self.source_size
+            ));
+        }
         if !matches!(self.sector_size, 512 | 1024 | 2048 | 4096) {
             return Err(format!(
                 "sector size {} is not 512, 1024, 2048 or 4096",
@@ -589,9 +598,26 @@ mod tests {
     }
 
     #[test]
-    fn a_manifest_of_two_to_the_64_bytes_is_checked_in_microseconds() {
+    fn a_manifest_of_two_to_the_64_bytes_is_refused_in_milliseconds() {
         let mut m = sample();
         m.source_size = u64::MAX;
+        m.used = ExtentMap::new();
+        m.used_bytes = 0;
+        m.chunks.clear();
+        let t = std::time::Instant::now();
+        let e = Manifest::from_json(&m.to_json(), "evil").expect_err("2^64 - 1 bytes");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_exabyte_manifest_is_validated_by_its_extents_not_its_windows() {
+        let mut m = sample();
+        m.source_size = MAX_SOURCE_SIZE;
         m.used = ExtentMap::new();
         m.used_bytes = 0;
         m.chunks.clear();
@@ -599,7 +625,7 @@ mod tests {
         m.validate().expect("an empty image of any size is valid");
         // One chunk entry for a window without data: refused.
         m.chunks.push(ChunkRef {
-            index: (u64::MAX / m.chunk_size) - 1,
+            index: (MAX_SOURCE_SIZE / m.chunk_size) - 1,
             id: None,
             stored: 0,
             b3: None,
@@ -607,10 +633,18 @@ mod tests {
         assert!(m.validate().is_err());
         // Data at the very end: one entry expected, and only there.
         m.chunks.clear();
-        m.used = ExtentMap::from_ranges([(u64::MAX - 10, 10)]);
+        m.used = ExtentMap::from_ranges([(MAX_SOURCE_SIZE - 10, 10)]);
         m.used_bytes = 10;
         let e = m.validate().expect_err("missing entry");
         assert!(e.contains("no chunk entry"), "{e}");
+        m.chunks.push(ChunkRef {
+            index: (MAX_SOURCE_SIZE - 1) / m.chunk_size,
+            id: None,
+            stored: 0,
+            b3: None,
+        });
+        m.validate().expect("one entry at the end");
+        // 2^44 windows, walked in microseconds.
         assert!(
             t.elapsed() < std::time::Duration::from_millis(50),
             "{:?}",

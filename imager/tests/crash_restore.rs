@@ -142,8 +142,8 @@ fn restore_of(t: &Tmp, disk: &Path, image: &str) -> Command {
 }
 
 #[test]
-fn a_partition_restore_killed_at_20_random_points_never_leaves_an_old_filesystem_over_mixed_blocks(
-) {
+fn a_partition_restore_killed_at_20_random_points_never_leaves_an_old_filesystem_over_mixed_blocks()
+{
     require_root();
     let t = Tmp::new();
     std::fs::create_dir_all(t.p("records")).expect("records");
@@ -298,7 +298,11 @@ struct Mount(std::path::PathBuf);
 
 impl Mount {
     fn rw(img: &Path, dir: &Path) -> Mount {
-        sh(&format!("mount -o loop {} {}", img.display(), dir.display()));
+        sh(&format!(
+            "mount -o loop {} {}",
+            img.display(),
+            dir.display()
+        ));
         Mount(dir.to_path_buf())
     }
     fn ro(img: &Path, dir: &Path) -> Mount {
