@@ -229,7 +229,23 @@ impl Drop for Mounted {
     }
 }
 
-/// Mount partition `p` of `disk` at `dir` (created if missing). Block
+/// Mount options for a partition whose filesystem (`fs`, as probed) a
+/// student may have written: never a device node, set-uid program or
+/// executable from it (`nodev,nosuid,noexec`); read-only looks also skip
+/// the ext journal replay, which would write.
+pub fn mount_options(fs: &str, read_only: bool) -> Vec<&'static str> {
+    let mut opts = vec!["nodev", "nosuid", "noexec"];
+    if read_only {
+        opts.push("ro");
+        if fs.starts_with("ext") {
+            opts.push("noload");
+        }
+    }
+    opts
+}
+
+/// Mount partition `p` of `disk` at `dir` (created if missing), with
+/// [`mount_options`]. Block
 /// devices with a partition node mount the node; otherwise a loop device
 /// is set up over the partition's byte range. `fstype` `None` lets mount
 /// probe (ntfs goes through ntfs-3g).
@@ -262,26 +278,14 @@ pub fn mount(
         }
     };
     let fs = p.filesystem.as_deref().unwrap_or("");
+    let opts = mount_options(fs, read_only).join(",");
     let mut c = if fs == "ntfs" {
         let mut c = Command::new("ntfs-3g");
-        if read_only {
-            c.arg("-o").arg("ro");
-        }
-        c.arg(&source).arg(dir);
+        c.arg("-o").arg(&opts).arg(&source).arg(dir);
         c
     } else {
         let mut c = Command::new("mount");
-        let mut opts = vec![];
-        if read_only {
-            opts.push("ro");
-            if fs.starts_with("ext") {
-                // No journal replay: a read-only look must not write.
-                opts.push("noload");
-            }
-        }
-        if !opts.is_empty() {
-            c.arg("-o").arg(opts.join(","));
-        }
+        c.arg("-o").arg(&opts);
         match fs {
             "ext2" | "ext3" | "ext4" => {
                 c.arg("-t").arg(fs);

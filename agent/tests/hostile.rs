@@ -102,3 +102,103 @@ async fn crafted_ntfs_and_ext4_partitions_are_reported_and_the_agent_stays_up() 
     assert_eq!(s, 200);
     agent.shutdown().await;
 }
+
+/// Whether this process is root (the software inventory mounts).
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (the agent mounts the partition): run it as root, as scripts/test does"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_node_and_a_20_gb_file_in_a_partition_do_not_hurt_the_software_inventory() {
+    require_root();
+    init_logs();
+    let dir = tempfile::tempdir().expect("tmp");
+    let disk = dir.path().join("disk.img");
+    make_disk(
+        &disk,
+        64,
+        json!({"table": "mbr", "partitions": [
+            {"number": 1, "type": "linux", "size": "48MiB", "filesystem": "ext4"}
+        ]}),
+    );
+    // etc/os-release: a device node reading zeros forever; the fallback
+    // usr/lib/os-release: a 20 GB sparse file; the Windows hive: another
+    // device node.
+    with_mounted(&disk, 1, false, |root| {
+        for d in ["etc", "usr/lib", "Windows/System32/config"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        for node in ["etc/os-release", "Windows/System32/config/SOFTWARE"] {
+            sh(Command::new("mknod")
+                .arg(root.join(node))
+                .args(["c", "1", "5"]));
+        }
+        let f = std::fs::File::create(root.join("usr/lib/os-release")).expect("file");
+        f.set_len(20_000_000_000).expect("20 GB");
+    });
+    let agent = start_agent(AgentOpts {
+        dir: dir.path(),
+        disks: vec![(1, disk.clone())],
+        server: None,
+        core: None,
+        repo_port: 9,
+        extra: "",
+    })
+    .await;
+    let api = Api::new(&agent);
+    let t0 = std::time::Instant::now();
+    let (s, v) = api
+        .call(
+            Method::POST,
+            "/CloningEngine/InventarioSoftware",
+            Some(json!({"dsk": "1", "par": "1"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["job_id"].as_str().expect("job id").to_string();
+    let job = api.wait_job(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["result"]["os"], Value::Null, "{job:#}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let (s, _) = api.call(Method::GET, "/v1/status", None).await;
+    assert_eq!(s, 200, "the agent is up");
+    agent.shutdown().await;
+}
+
+#[test]
+fn the_agent_mounts_untrusted_partitions_nodev_nosuid_noexec() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tmp");
+    let disk = dir.path().join("disk.img");
+    make_disk(
+        &disk,
+        32,
+        json!({"table": "mbr", "partitions": [
+            {"number": 1, "type": "linux", "size": "16MiB", "filesystem": "ext4"}
+        ]}),
+    );
+    let info = aula_agent::disks::inspect(&disk).expect("inspect");
+    let p = aula_agent::disks::partition(&info, 1).expect("partition 1");
+    let at = dir.path().join("mnt");
+    for read_only in [true, false] {
+        let m = aula_agent::disks::mount(&disk, &p, &at, read_only, false).expect("mount");
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let line = mountinfo
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(at.to_str().expect("utf8")))
+            .unwrap_or_else(|| panic!("{} not mounted: {mountinfo}", at.display()));
+        let opts = line.split_whitespace().nth(5).expect("options");
+        for o in ["nodev", "nosuid", "noexec"] {
+            assert!(opts.split(',').any(|x| x == o), "{o} missing: {line}");
+        }
+        assert_eq!(opts.split(',').any(|x| x == "ro"), read_only, "{line}");
+        drop(m);
+    }
+    assert_eq!(
+        aula_agent::disks::mount_options("ntfs", true),
+        ["nodev", "nosuid", "noexec", "ro"]
+    );
+}
