@@ -229,6 +229,46 @@ impl Drop for Mounted {
     }
 }
 
+/// Run `program` (the live system's `aula-disklinks`) after a job changed
+/// partitions or filesystems, when it exists: best effort, at most 60 s,
+/// failures logged.
+pub fn after_disk_change(program: &Path) {
+    if !program.is_file() {
+        return;
+    }
+    let mut child = match Command::new(program)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("running {}: {e}", program.display());
+            return;
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return,
+            Ok(Some(st)) => {
+                tracing::warn!("{} ended with {st}", program.display());
+                return;
+            }
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!("{} did not finish within 60 s", program.display());
+                return;
+            }
+        }
+    }
+}
+
 /// Mount options for a partition whose filesystem (`fs`, as probed) a
 /// student may have written: never a device node, set-uid program or
 /// executable from it (`nodev,nosuid,noexec`); read-only looks also skip

@@ -202,3 +202,79 @@ fn the_agent_mounts_untrusted_partitions_nodev_nosuid_noexec() {
         ["nodev", "nosuid", "noexec", "ro"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_links_program_runs_after_a_restore_and_after_a_layout() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tmp");
+    let disk = target_disk(dir.path());
+    let marker = dir.path().join("links-ran");
+    let prog = dir.path().join("disklinks.sh");
+    std::fs::write(
+        &prog,
+        format!("#!/bin/sh\necho ran >> {}\n", marker.display()),
+    )
+    .expect("program");
+    sh(Command::new("chmod").arg("+x").arg(&prog));
+    let extra = format!("[jobs]\nafter_disk_change = \"{}\"\n", prog.display());
+    // A repository that answers (404 for the image restored below).
+    let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
+    let agent = start_agent(AgentOpts {
+        dir: dir.path(),
+        disks: vec![(1, disk)],
+        server: None,
+        core: None,
+        repo_port: server.http.port(),
+        extra: &extra,
+    })
+    .await;
+    let api = Api::new(&agent);
+    let runs = || {
+        std::fs::read_to_string(&marker)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    // A layout (Configurar) that changes the table.
+    let (s, v) = api
+        .call(
+            Method::POST,
+            "/CloningEngine/Configurar",
+            Some(json!({"type": "MSDOS", "disk": "1", "partition_setup": [
+                {"partition": "1", "code": "LINUX", "filesystem": "EMPTY", "size": "32768", "format": "0"}
+            ]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let job = api
+        .wait_job(v["job_id"].as_str().expect("id"), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(runs(), 1, "after the layout");
+    // A restore, even one that fails (the image does not exist).
+    let (s, v) = api
+        .call(
+            Method::POST,
+            "/CloningEngine/RestaurarImagen",
+            Some(json!({"dsk": "1", "par": "1", "nci": "none", "ipr": "127.0.0.1"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let job = api
+        .wait_job(v["job_id"].as_str().expect("id"), Duration::from_secs(120))
+        .await;
+    assert_ne!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(runs(), 2, "after the restore");
+    // A hardware inventory changes nothing and runs nothing.
+    let (_, v) = api
+        .call(
+            Method::POST,
+            "/v1/jobs",
+            Some(json!({"op": "hardware_inventory"})),
+        )
+        .await;
+    api.wait_job(v["id"].as_str().expect("id"), Duration::from_secs(30))
+        .await;
+    assert_eq!(runs(), 2);
+    agent.shutdown().await;
+    server.stop().await;
+}
