@@ -59,6 +59,10 @@
 //! sector (step 5) would see the new, complete filesystem but for its
 //! first 4 KiB, its own boot sector and bootstrap code.
 //!
+//! Streamed images (partclone, `legacy`) follow the same order through
+//! [`Held`]: the first write wipes W, bytes bound for W wait in memory
+//! (at most 3 MiB), and the end of the stream writes them, P last.
+//!
 //! Running the restore again finishes it: the delta check skips what is in
 //! place (held windows included: their bytes in W are kept across the
 //! wipe), and the same order repeats. A delta restore that finds most
@@ -342,6 +346,105 @@ pub(crate) fn restore(
     Ok(stats)
 }
 
+/// The same order for a writer that produces its bytes as a stream (a
+/// partclone image): the areas of W are wiped before the first write, bytes
+/// bound for W are held in memory (at most 3 MiB) while everything else is
+/// written at once, and [`Held::finish`] writes the held bytes last, the
+/// image's last and then first 4 KiB at the very end, flushing between.
+pub struct Held<'a> {
+    target: &'a Region,
+    wipe: ExtentMap,
+    last: ExtentMap,
+    wiped: bool,
+    held: Vec<(u64, Vec<u8>)>,
+}
+
+impl<'a> Held<'a> {
+    /// For an image of `source_size` bytes written to `target`.
+    pub fn new(target: &'a Region, source_size: u64) -> Held<'a> {
+        let (s, l) = (source_size, target.len().max(source_size));
+        let tail = |end: u64| (end - WIPE_BYTES.min(end), WIPE_BYTES.min(end));
+        let p = SIGNATURE_BYTES.min(s);
+        Held {
+            target,
+            wipe: ExtentMap::from_ranges([(0, WIPE_BYTES.min(l)), tail(s), tail(l)]),
+            last: ExtentMap::from_ranges([(0, p), (s - p, p)]),
+            wiped: false,
+            held: Vec::new(),
+        }
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.target.device().sync()
+    }
+
+    /// Steps 1 and 2: the first page, flushed, then the rest of W, flushed.
+    fn wipe(&mut self) -> std::io::Result<()> {
+        let first = SIGNATURE_BYTES.min(self.target.len());
+        self.target.zero_range(0, first)?;
+        self.sync()?;
+        for e in self.wipe.extents() {
+            let s = e.start.max(first);
+            if s < e.end() {
+                self.target.zero_range(s, e.end() - s)?;
+            }
+        }
+        self.sync()?;
+        self.wiped = true;
+        Ok(())
+    }
+
+    /// Write `bytes` at `at`, holding back what falls in W.
+    pub fn write(&mut self, at: u64, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.wiped {
+            self.wipe()?;
+        }
+        let mut pos = 0usize;
+        for (s, e) in self.wipe.window(at, bytes.len() as u64) {
+            if pos < s {
+                self.target.write_all_at(&bytes[pos..s], at + pos as u64)?;
+            }
+            self.held.push((at + s as u64, bytes[s..e].to_vec()));
+            pos = e;
+        }
+        if pos < bytes.len() {
+            self.target.write_all_at(&bytes[pos..], at + pos as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Steps 3 to 6: flush, the held bytes but P, flush, P's tail, flush,
+    /// P's head, flush.
+    pub fn finish(self) -> std::io::Result<()> {
+        if !self.wiped {
+            return Ok(());
+        }
+        self.sync()?;
+        let mut deferred = Vec::new();
+        for (at, b) in &self.held {
+            let mut pos = 0usize;
+            for (s, e) in self.last.window(*at, b.len() as u64) {
+                if pos < s {
+                    self.target.write_all_at(&b[pos..s], at + pos as u64)?;
+                }
+                deferred.push((at + s as u64, &b[s..e]));
+                pos = e;
+            }
+            if pos < b.len() {
+                self.target.write_all_at(&b[pos..], at + pos as u64)?;
+            }
+        }
+        self.sync()?;
+        for p in self.last.extents().iter().rev() {
+            for (at, b) in deferred.iter().filter(|(at, _)| p.start <= *at && *at < p.end()) {
+                self.target.write_all_at(b, *at)?;
+            }
+            self.sync()?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +495,37 @@ mod tests {
         let p = Plan::new(&m, 100_000);
         assert_eq!(p.rest.len(), 0);
         assert_eq!(p.wipe.len(), 1);
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_end_leaves_both_ends_zero() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("t.img");
+        let mib = 1usize << 20;
+        std::fs::write(&path, vec![0xEEu8; 4 * mib]).expect("old content");
+        let dev = std::sync::Arc::new(
+            crate::device::Device::open(
+                &path,
+                crate::device::OpenMode {
+                    write: true,
+                    ..Default::default()
+                },
+            )
+            .expect("open"),
+        );
+        let r = Region::whole(dev);
+        let data: Vec<u8> = (0..4 * mib).map(|i| (i % 251) as u8).collect();
+        let mut h = Held::new(&r, 4 * mib as u64);
+        // The whole stream but its end: nothing at either end yet.
+        for (i, piece) in data.chunks(64 << 10).enumerate() {
+            h.write((i * (64 << 10)) as u64, piece).expect("write");
+        }
+        let got = std::fs::read(&path).expect("read");
+        assert!(got[..mib].iter().all(|&b| b == 0), "head wiped, held back");
+        assert!(got[3 * mib..].iter().all(|&b| b == 0), "tail wiped, held back");
+        assert_eq!(&got[mib..3 * mib], &data[mib..3 * mib], "middle written");
+        h.finish().expect("finish");
+        assert_eq!(std::fs::read(&path).expect("read"), data);
     }
 
     #[test]

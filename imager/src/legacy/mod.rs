@@ -524,8 +524,10 @@ impl PartcloneStream {
     }
 
     /// Writes the image's used blocks to `target` at their offsets and syncs
-    /// it. Refuses, before writing anything, a target smaller than the
-    /// image's device. Each strip is read whole and its checksum verified
+    /// it, in the crash-safe order of [`crate::crashsafe`] (the first write
+    /// wipes the partition's signature areas; the image's first and last
+    /// 4 KiB are written last). Refuses, before writing anything, a target
+    /// smaller than the image's device. Each strip is read whole and its checksum verified
     /// before any of its blocks is written; a strip that fails is not
     /// written and the restore stops with [`LegacyError::Checksum`].
     /// Blocks not in use are left as they are on the target. `on_progress`
@@ -536,8 +538,13 @@ impl PartcloneStream {
         on_progress: &mut dyn FnMut(u64),
         cancel: &AtomicBool,
     ) -> Result<LegacyStats, LegacyError> {
-        let mut write = |at: u64, data: &[u8]| target.write_all_at(data, at);
+        // In the crash-safe order of `crashsafe`: the partition's signature
+        // areas are wiped before the first write, and the image's own are
+        // written last.
+        let mut held = crate::crashsafe::Held::new(target, self.info.device_size);
+        let mut write = |at: u64, data: &[u8]| held.write(at, data);
         let stats = self.restore_with(target.len(), &mut write, on_progress, cancel)?;
+        held.finish()?;
         target.device().sync()?;
         Ok(stats)
     }
