@@ -157,52 +157,64 @@ fn write_except(
     put(pos, bytes.len())
 }
 
-/// Fetch and verify chunk `c` (a window of `len` bytes) into `out`.
-fn fetch(
-    c: &ChunkRef,
-    len: usize,
-    repo: &dyn Repository,
-    dec: &mut Decoder,
-    frame: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-    stats: &mut RestoreStats,
-    progress: &Progress,
-) -> Result<()> {
-    let Some(id) = &c.id else {
-        out.clear();
-        out.resize(len, 0);
-        return Ok(());
-    };
-    let attempts = repo.fetch_attempts().max(1);
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        repo.get_chunk(id, frame)?;
-        stats.bytes_fetched += frame.len() as u64;
-        progress.add_fetched(frame.len() as u64);
-        match dec.decode_verified(id, frame, len, out) {
-            Ok(()) => {
-                repo.verified(id, frame);
-                break;
-            }
-            Err(e @ Error::ChunkCorrupt { .. }) if tries < attempts => {
-                repo.invalid(id);
-                tracing::warn!("{e}; fetching it again ({tries}/{attempts})");
-            }
-            Err(e) => {
-                repo.invalid(id);
-                return Err(e);
+/// Fetches and verifies the held windows, one at a time.
+struct Fetcher {
+    dec: Decoder,
+    frame: Vec<u8>,
+    /// The last window fetched.
+    content: Vec<u8>,
+}
+
+impl Fetcher {
+    /// Fetch and verify chunk `c` (a window of `len` bytes) into
+    /// `self.content`.
+    fn fetch(
+        &mut self,
+        c: &ChunkRef,
+        len: usize,
+        repo: &dyn Repository,
+        stats: &mut RestoreStats,
+        progress: &Progress,
+    ) -> Result<()> {
+        let Some(id) = &c.id else {
+            self.content.clear();
+            self.content.resize(len, 0);
+            return Ok(());
+        };
+        let attempts = repo.fetch_attempts().max(1);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            repo.get_chunk(id, &mut self.frame)?;
+            stats.bytes_fetched += self.frame.len() as u64;
+            progress.add_fetched(self.frame.len() as u64);
+            match self
+                .dec
+                .decode_verified(id, &self.frame, len, &mut self.content)
+            {
+                Ok(()) => {
+                    repo.verified(id, &self.frame);
+                    break;
+                }
+                Err(e @ Error::ChunkCorrupt { .. }) if tries < attempts => {
+                    repo.invalid(id);
+                    tracing::warn!("{e}; fetching it again ({tries}/{attempts})");
+                }
+                Err(e) => {
+                    repo.invalid(id);
+                    return Err(e);
+                }
             }
         }
+        if c.b3.is_some_and(|fp| Fingerprint::of(&self.content) != fp) {
+            return Err(Error::BadManifest {
+                source_name: None,
+                why: format!("the fingerprint of chunk {id} does not match its content"),
+            });
+        }
+        stats.chunks_fetched += 1;
+        Ok(())
     }
-    if c.b3.is_some_and(|fp| Fingerprint::of(out) != fp) {
-        return Err(Error::BadManifest {
-            source_name: None,
-            why: format!("the fingerprint of chunk {id} does not match its content"),
-        });
-    }
-    stats.chunks_fetched += 1;
-    Ok(())
 }
 
 /// Restore the chunks of partition image `m` onto `target` in the order of
@@ -284,8 +296,11 @@ pub(crate) fn restore(
 
     // 4. The held windows, tail first, except P.
     let mut deferred: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut dec = Decoder::new()?;
-    let (mut frame, mut content) = (Vec::new(), Vec::new());
+    let mut f = Fetcher {
+        dec: Decoder::new()?,
+        frame: Vec::new(),
+        content: Vec::new(),
+    };
     for c in &plan.held {
         cancelled()?;
         let (start, len) = m.window(c.index);
@@ -304,17 +319,9 @@ pub(crate) fn restore(
             continue;
         }
         let mut s = RestoreStats::default();
-        fetch(
-            c,
-            len as usize,
-            repo,
-            &mut dec,
-            &mut frame,
-            &mut content,
-            &mut s,
-            progress,
-        )?;
+        f.fetch(c, len as usize, repo, &mut s, progress)?;
         stats.add(&s);
+        let content = &f.content;
         for (a, b) in coalesced(&m.used.window(start, len)) {
             write_except(
                 target,
@@ -436,7 +443,10 @@ impl<'a> Held<'a> {
         }
         self.sync()?;
         for p in self.last.extents().iter().rev() {
-            for (at, b) in deferred.iter().filter(|(at, _)| p.start <= *at && *at < p.end()) {
+            for (at, b) in deferred
+                .iter()
+                .filter(|(at, _)| p.start <= *at && *at < p.end())
+            {
                 self.target.write_all_at(b, *at)?;
             }
             self.sync()?;
@@ -522,7 +532,10 @@ mod tests {
         }
         let got = std::fs::read(&path).expect("read");
         assert!(got[..mib].iter().all(|&b| b == 0), "head wiped, held back");
-        assert!(got[3 * mib..].iter().all(|&b| b == 0), "tail wiped, held back");
+        assert!(
+            got[3 * mib..].iter().all(|&b| b == 0),
+            "tail wiped, held back"
+        );
         assert_eq!(&got[mib..3 * mib], &data[mib..3 * mib], "middle written");
         h.finish().expect("finish");
         assert_eq!(std::fs::read(&path).expect("read"), data);

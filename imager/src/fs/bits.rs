@@ -80,7 +80,7 @@ pub fn next_set_run(bitmap: &[u8], nbits: u64, from: u64) -> Option<(u64, u64)> 
 fn find_bit(bitmap: &[u8], nbits: u64, from: u64, set: bool) -> Option<u64> {
     let mut i = from;
     while i < nbits {
-        if i % 64 == 0 && i + 64 <= nbits {
+        if i.is_multiple_of(64) && i + 64 <= nbits {
             let byte = (i / 8) as usize;
             let mut w = [0u8; 8];
             w.copy_from_slice(&bitmap[byte..byte + 8]);
