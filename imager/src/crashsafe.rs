@@ -44,7 +44,7 @@
 //! | 1 | the old content, or it without its first 4 KiB | the old filesystem unchanged, or nothing for ext2/3/4, FAT, NTFS, XFS, swap, LUKS (their signature is gone) |
 //! | 2 | the old content without its first MiB or its tail | nothing |
 //! | 3 | new windows over old data; W zero | nothing |
-//! | 4 | the new image but for its held windows | nothing (the held windows hold W's zeros or new bytes; P is zero) |
+//! | 4 | the new image but for some held windows and P | nothing when the filesystem's signature lies in P (ext2/3/4, FAT, NTFS, XFS, swap); one whose signature lies deeper (btrfs at 64 KiB) appears when its window is written, over new blocks only: old data remains only in W, which is zero |
 //! | 5 | the new image but for its first and, partly, last 4 KiB | nothing; a torn last 4 KiB can only hold new bytes |
 //! | 6 | the new image, complete except part of its first 4 KiB | nothing, or the new filesystem complete (the first 4 KiB is one page: the kernel writes it back whole) |
 //! | after 6 | the new image | the new filesystem |
