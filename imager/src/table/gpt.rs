@@ -9,7 +9,7 @@
 //! | entry size | 128 × 2^n, at most 1024 |
 //! | entries | at most [`MAX_ENTRIES`] (16384) |
 //! | entry array | at most [`MAX_ARRAY_BYTES`] (4 MiB), inside the disk |
-//! | partition ranges | first ≤ last, inside the disk |
+//! | partition ranges | first ≤ last, the last sector whole inside the disk |
 
 use super::{Partition, PartitionTable, TableError, TableKind};
 use crate::device::{Device, ReadAt};
@@ -172,7 +172,14 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
         }
         let first = le64(e, 32);
         let last = le64(e, 40);
-        if last < first || last.checked_mul(ssu).is_none_or(|v| v >= size) {
+        // The last sector must lie whole on the disk (a disk image file
+        // need not be a whole number of sectors).
+        if last < first
+            || last
+                .checked_add(1)
+                .and_then(|e| e.checked_mul(ssu))
+                .is_none_or(|e| e > size)
+        {
             return Err(invalid(format!(
                 "partition {} has an invalid range {first}..{last}",
                 i + 1
@@ -552,6 +559,20 @@ pub(super) fn relocate_backup(dev: &Device) -> Result<(), TableError> {
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `table_gpt` fuzz target (regression input
+    /// `imager/fuzz/regressions/table_gpt/partial-last-sector`): on a disk
+    /// of 48626 bytes (not a whole number of sectors) a partition whose
+    /// last sector starts inside the disk but ends past it was accepted.
+    #[test]
+    fn a_partition_whose_last_sector_runs_past_the_disk_is_refused() {
+        let input = include_bytes!("../../fuzz/regressions/table_gpt/partial-last-sector");
+        let disk = input[1..].to_vec();
+        assert_eq!(disk.len(), 48626);
+        let e = super::read(&disk, 512).expect_err("partition 2 runs past the disk");
+        assert!(e.to_string().contains("partition 2"), "{e}");
+        crate::fuzzing::table_gpt(input);
+    }
+
     use super::*;
 
     #[test]
