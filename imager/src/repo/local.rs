@@ -234,8 +234,12 @@ impl LocalRepo {
 
     fn read_manifest_file(&self, path: &Path) -> Result<Manifest> {
         let mut bytes = Vec::new();
+        // One byte more than a manifest may have: from_json names the bound.
         File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .and_then(|f| {
+                f.take(crate::manifest::MAX_MANIFEST_BYTES as u64 + 1)
+                    .read_to_end(&mut bytes)
+            })
             .ctx(|| format!("reading {}", path.display()))?;
         Manifest::from_json(&bytes, &path.display().to_string())
     }
