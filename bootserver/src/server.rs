@@ -329,7 +329,7 @@ impl Server {
                 None,
                 groups.clone(),
                 serves,
-                cfg.http.max_connections,
+                cfg.http.listener_options(),
                 cancel.clone(),
                 tracker,
             );
@@ -340,7 +340,7 @@ impl Server {
                     Some(tls.acceptor),
                     groups,
                     Serves::All,
-                    cfg.http.max_connections,
+                    cfg.http.listener_options(),
                     cancel.clone(),
                     tracker,
                 );
