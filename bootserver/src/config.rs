@@ -69,6 +69,46 @@ pub struct Config {
     /// The image repository service (served by the HTTP listeners).
     #[serde(default)]
     pub repository: RepositorySection,
+    /// How much state the server keeps at most.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: how much the server keeps, so that nothing on the network
+/// can grow it without bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Machines known at most (boot modes, DHCP sightings, boot sessions,
+    /// registered agents).
+    #[serde(default = "default_max_machines")]
+    pub max_machines: usize,
+    /// Agents' events kept per machine, in KiB.
+    #[serde(default = "default_events_per_machine_kib")]
+    pub events_per_machine_kib: usize,
+    /// Agents' events kept in all, in MiB.
+    #[serde(default = "default_events_total_mib")]
+    pub events_total_mib: usize,
+}
+
+fn default_max_machines() -> usize {
+    crate::state::DEFAULT_MAX_MACHINES
+}
+fn default_events_per_machine_kib() -> usize {
+    256
+}
+fn default_events_total_mib() -> usize {
+    64
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_machines: default_max_machines(),
+            events_per_machine_kib: default_events_per_machine_kib(),
+            events_total_mib: default_events_total_mib(),
+        }
+    }
 }
 
 /// `[repository]`
@@ -989,6 +1029,19 @@ impl Config {
             if r.max_uploads == 0 {
                 return Err(invalid("repository.max_uploads", "must be at least 1"));
             }
+        }
+        let l = &self.limits;
+        if !(1..=10_000_000).contains(&l.max_machines) {
+            return Err(invalid("limits.max_machines", "must be 1..=10000000"));
+        }
+        if !(64..=65_536).contains(&l.events_per_machine_kib) {
+            return Err(invalid(
+                "limits.events_per_machine_kib",
+                "must be 64..=65536 (an event may be 64 KiB)",
+            ));
+        }
+        if !(1..=65_536).contains(&l.events_total_mib) {
+            return Err(invalid("limits.events_total_mib", "must be 1..=65536"));
         }
         if self.ra.enabled {
             parse_ra_prefix(&self.ra.prefix).map_err(|m| invalid("ra.prefix", m))?;

@@ -238,25 +238,27 @@ pub async fn serve(
             );
             continue;
         };
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if waiting.evict_oldest() {
-                    warn_throttled(
-                        &warned_full,
-                        "all connection slots taken: closed the oldest connection that sent no request",
-                        remote,
-                    );
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    p = slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                }
+        // A free slot, or one made by closing a connection that sent no
+        // request (checked again as such connections age), or else wait
+        // for a connection to end.
+        let permit = loop {
+            if let Ok(p) = slots.clone().try_acquire_owned() {
+                break Some(p);
+            }
+            if waiting.evict_oldest() {
+                warn_throttled(
+                    &warned_full,
+                    "all connection slots taken: closed the oldest connection that sent no request",
+                    remote,
+                );
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break None,
+                p = slots.clone().acquire_owned() => break p.ok(),
+                _ = tokio::time::sleep(EVICT_AFTER / 4) => {}
             }
         };
+        let Some(permit) = permit else { break };
         let _ = stream.set_nodelay(true);
         let stream = crate::stall::StallGuard::new(stream, opts.send_stall_timeout);
         // Subscribed before the task starts, so a shutdown signalled from
