@@ -236,7 +236,10 @@ impl RepoService {
         let repo = LocalRepo::open(&cfg.root, true)?;
         let swept = repo.sweep_tmp()?;
         if swept > 0 {
-            tracing::info!(files = swept, "removed temporary files of writers that died");
+            tracing::info!(
+                files = swept,
+                "removed temporary files of writers that died"
+            );
         }
         sweep_state_temps(&cfg.root);
         let state = std::fs::read(cfg.root.join("service-state.json"))
@@ -563,9 +566,9 @@ impl RepoService {
                     &serde_json::json!({ "name": name, "version": version }),
                 )
             }
-            Ok(Err(e @ (aula_imager::Error::BadManifest { .. } | aula_imager::Error::Invalid(_)))) => {
-                error(StatusCode::BAD_REQUEST, &e.to_string())
-            }
+            Ok(Err(
+                e @ (aula_imager::Error::BadManifest { .. } | aula_imager::Error::Invalid(_)),
+            )) => error(StatusCode::BAD_REQUEST, &e.to_string()),
             Ok(Err(e @ aula_imager::Error::Repo(_))) => error(StatusCode::CONFLICT, &e.to_string()),
             Ok(Err(e)) => failure(&format!("publishing {name}"), &e),
             Err(r) => r,

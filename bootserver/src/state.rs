@@ -1187,7 +1187,10 @@ mod tests {
                 nth_mac(i)
             );
         }
-        assert!(list.iter().any(|c| c.mac == nth_mac(149)), "the newest boot is kept");
+        assert!(
+            list.iter().any(|c| c.mac == nth_mac(149)),
+            "the newest boot is kept"
+        );
         // DHCP sightings of new machines do not push anybody out.
         reg.note_dhcp(nth_mac(500), None, None, None);
         assert!(!reg

@@ -93,7 +93,9 @@ impl ApiError {
                 tracing::warn!(error = %e, "refused: machine table full");
                 StatusCode::INSUFFICIENT_STORAGE
             }
-            ApiError::Storage(e @ (StateError::Io(_) | StateError::Corrupt { .. } | StateError::Join(_))) => {
+            ApiError::Storage(
+                e @ (StateError::Io(_) | StateError::Corrupt { .. } | StateError::Join(_)),
+            ) => {
                 tracing::error!(error = %e, "API storage error");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

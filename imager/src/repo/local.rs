@@ -212,8 +212,8 @@ impl LocalRepo {
                 .to_str()
                 .and_then(|n| n.split_once('-'))
                 .and_then(|(pid, _)| pid.parse::<u32>().ok());
-            let alive = owner
-                .is_some_and(|pid| pid != me && Path::new(&format!("/proc/{pid}")).exists());
+            let alive =
+                owner.is_some_and(|pid| pid != me && Path::new(&format!("/proc/{pid}")).exists());
             if alive {
                 continue;
             }
