@@ -38,7 +38,7 @@
 //! |---|---|
 //! | `PUT /v1/chunks/{id}` answers 201 | the chunk file is fsynced, renamed into place and its directory fsynced |
 //! | garbage collection | exclusive against uploads, missing-checks, publishing and deletion (a lock they share), so a publish never links a manifest whose chunks gc is removing |
-//! | a chunk a missing-check or an upload finds present | its modification time is refreshed, so gc's grace period keeps it until the capture that reuses it publishes |
+//! | a chunk a missing-check, an upload, or a capture's `HEAD` (one with `X-Aula-Image`) finds present | its modification time is refreshed, so gc's grace period keeps it until the capture that reuses it publishes |
 //! | a full filesystem | `507 Insufficient Storage` naming it; the failed write leaves no temporary file and publishes nothing |
 //! | start | temporary files of writers that died are removed from `tmp/` |
 //! | `GET /v1/images` | served from a listing rebuilt only when an image directory changed (publish, delete, or a local `aula-imager` writing into the same directory) |
@@ -659,6 +659,16 @@ impl RepoService {
             Ok(id) => id,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
+        if req.method() == Method::HEAD && req.headers().contains_key("x-aula-image") {
+            // A capture asking whether it must upload this chunk (it names
+            // its image on every request): present means it will be reused,
+            // so it is refreshed for gc's grace period, under the gc lock.
+            let _gc = self.gc_lock.read().await;
+            let svc = self.clone();
+            if let Ok(Err(e)) = self.blocking(move || svc.refresh_chunk(&id)).await {
+                tracing::warn!(%id, error = %e, "refreshing a reused chunk");
+            }
+        }
         let path = self.repo.chunk_path(&id);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
