@@ -37,7 +37,7 @@
 //! | what | guarantee |
 //! |---|---|
 //! | `PUT /v1/chunks/{id}` answers 201 | the chunk file is fsynced, renamed into place and its directory fsynced |
-//! | garbage collection | exclusive against uploads, missing-checks, publishing and deletion (a lock they share), so a publish never links a manifest whose chunks gc is removing |
+//! | garbage collection | exclusive against uploads, missing-checks, publishing and deletion (a lock they share), so a publish never links a manifest whose chunks gc is removing; while a capture is in progress it keeps every chunk younger than that capture, however long it runs |
 //! | a chunk a missing-check, an upload, or a capture's `HEAD` (one with `X-Aula-Image`) finds present | its modification time is refreshed, so gc's grace period keeps it until the capture that reuses it publishes |
 //! | a full filesystem | `507 Insufficient Storage` naming it; the failed write leaves no temporary file and publishes nothing |
 //! | start | temporary files of writers that died are removed from `tmp/` |
@@ -143,15 +143,16 @@ pub struct RepoService {
     repo: Arc<LocalRepo>,
     auth: Arc<Auth>,
     cfg: RepoConfig,
-    /// Names with chunk uploads in progress, and when the last one came.
-    uploads: Mutex<HashMap<String, Instant>>,
+    /// Captures in progress: image name, when it started and when its
+    /// last request came.
+    uploads: Mutex<HashMap<String, (Instant, Instant)>>,
     state: Mutex<PersistedState>,
     upload_slots: Semaphore,
     publish_slots: Semaphore,
     /// Shared by writers, exclusive for garbage collection.
     gc_lock: tokio::sync::RwLock<()>,
     /// The last listing and the image directories' state it was made from.
-    listing: Mutex<Option<(Vec<(String, i64, i64)>, Arc<Vec<ImageSummary>>)>>,
+    listing: Mutex<Option<(DirsStamp, Arc<Vec<ImageSummary>>)>>,
 }
 
 /// Result of a garbage collection.
@@ -441,7 +442,7 @@ impl RepoService {
         // Uploads in progress for names not yet published.
         let recent = Duration::from_secs(self.cfg.gc_grace_s.max(60));
         if let Ok(u) = self.uploads.lock() {
-            for (name, at) in u.iter() {
+            for (name, (_, at)) in u.iter() {
                 if at.elapsed() > recent {
                     continue;
                 }
@@ -663,6 +664,17 @@ impl RepoService {
             // A capture asking whether it must upload this chunk (it names
             // its image on every request): present means it will be reused,
             // so it is refreshed for gc's grace period, under the gc lock.
+            let name = req
+                .headers()
+                .get("x-aula-image")
+                .and_then(|v| v.to_str().ok());
+            if let Some(name) = name.filter(|n| {
+                self.auth
+                    .principal(req.headers())
+                    .is_some_and(|p| p.can_upload_chunks(Some(n)))
+            }) {
+                self.note_capture(name);
+            }
             let _gc = self.gc_lock.read().await;
             let svc = self.clone();
             if let Ok(Err(e)) = self.blocking(move || svc.refresh_chunk(&id)).await {
@@ -747,11 +759,7 @@ impl RepoService {
             .get("x-aula-image")
             .and_then(|v| v.to_str().ok())
         {
-            if validate_name(name).is_ok() {
-                if let Ok(mut u) = self.uploads.lock() {
-                    u.insert(name.to_string(), Instant::now());
-                }
-            }
+            self.note_capture(name);
         }
         {
             // Content addressed: already present means already correct. It
@@ -821,6 +829,23 @@ impl RepoService {
         }
     }
 
+    /// Records a request of the capture of image `name` (one that may
+    /// upload it): see [`RepoService::gc_blocking`].
+    fn note_capture(&self, name: &str) {
+        if validate_name(name).is_err() {
+            return;
+        }
+        let stale = Duration::from_secs(self.cfg.gc_grace_s.max(60));
+        if let Ok(mut u) = self.uploads.lock() {
+            let now = Instant::now();
+            let e = u.entry(name.to_string()).or_insert((now, now));
+            if e.1.elapsed() > stale {
+                *e = (now, now);
+            }
+            e.1 = now;
+        }
+    }
+
     /// Whether chunk `id` is present; a present one older than a quarter
     /// of the grace period gets its modification time set to now
     /// (blocking).
@@ -857,8 +882,25 @@ impl RepoService {
     /// Garbage-collect unreferenced chunks (blocking; not on an async
     /// worker). Waits for uploads, missing-checks and publishes in
     /// progress, and keeps new ones waiting until it is done.
+    ///
+    /// An unreferenced chunk is kept while it is younger than the grace
+    /// period, and, while a capture is in progress (a request in the last
+    /// grace period), when it is younger than that capture's start (less
+    /// a quarter of the grace period, the refresh granularity): every
+    /// chunk a capture uploads or finds present has such a time, so a
+    /// capture that takes longer than the grace period loses nothing
+    /// either.
     pub fn gc_blocking(&self, purge_trash: bool) -> Result<GcReport, aula_imager::Error> {
         let _exclusive = self.gc_lock.blocking_write();
+        let grace = Duration::from_secs(self.cfg.gc_grace_s);
+        let oldest_capture = self.uploads.lock().ok().and_then(|mut u| {
+            u.retain(|_, (_, last)| last.elapsed() <= grace.max(Duration::from_secs(60)));
+            u.values().map(|(first, _)| first.elapsed()).max()
+        });
+        let keep_window = match oldest_capture {
+            Some(running) => grace.max(running + grace / 4 + Duration::from_secs(60)),
+            None => grace,
+        };
         let mut referenced: HashSet<ChunkId> = HashSet::new();
         for img in self.repo.list()? {
             for v in &img.versions {
@@ -870,7 +912,6 @@ impl RepoService {
             referenced: referenced.len() as u64,
             ..Default::default()
         };
-        let grace = Duration::from_secs(self.cfg.gc_grace_s);
         let now = SystemTime::now();
         let chunks_dir = self.repo.root().join("chunks");
         let io_err = |what: String| move |source| aula_imager::Error::Io { what, source };
@@ -903,7 +944,7 @@ impl RepoService {
                     .modified()
                     .ok()
                     .and_then(|m| now.duration_since(m).ok())
-                    .is_none_or(|age| age < grace);
+                    .is_none_or(|age| age < keep_window);
                 if young {
                     report.kept_recent += 1;
                     continue;
@@ -1041,9 +1082,12 @@ fn failure(what: &str, e: &aula_imager::Error) -> Response<Body> {
     }
 }
 
+/// Each image directory's name and modification time (s, ns).
+type DirsStamp = Vec<(String, i64, i64)>;
+
 /// What the listing depends on: each image directory and its modification
 /// time (a new version file changes it).
-fn image_dirs_stamp(root: &std::path::Path) -> Result<Vec<(String, i64, i64)>, aula_imager::Error> {
+fn image_dirs_stamp(root: &std::path::Path) -> Result<DirsStamp, aula_imager::Error> {
     use std::os::unix::fs::MetadataExt;
     let dir = root.join("images");
     let io_err = |source| aula_imager::Error::Io {

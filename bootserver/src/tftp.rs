@@ -703,8 +703,6 @@ impl Shared {
             .unwrap_or(Duration::from_millis(self.cfg.timeout_ms));
         let end = tokio::time::Instant::now() + Duration::from_secs(self.cfg.max_transfer_s);
         let mut rbuf = [0u8; 1024];
-        let confirm =
-            |admission: &mut Admission| -> Result<(), &'static str> { admission.confirm() };
         let refuse = |why: &'static str| async move {
             let _ = sock.send(&error_packet(ErrorCode::Undefined, why)).await;
             why
@@ -753,7 +751,7 @@ impl Shared {
                     Err(Ended::TooLong) => return Err(refuse(TOO_LONG).await),
                 }
             }
-            if let Err(why) = confirm(admission) {
+            if let Err(why) = admission.confirm() {
                 return Err(refuse(why).await);
             }
         }
@@ -796,7 +794,7 @@ impl Shared {
                         if ahead == 0 || lo + ahead > last {
                             continue;
                         }
-                        if let Err(why) = confirm(admission) {
+                        if let Err(why) = admission.confirm() {
                             return Err(refuse(why).await);
                         }
                         base = lo + ahead + 1;

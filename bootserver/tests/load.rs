@@ -181,7 +181,7 @@ async fn run_machine(
             r?;
         }
         // Progress, about once a second.
-        if next % 16 == 0 {
+        if next.is_multiple_of(16) {
             seq += 1;
             let ev = serde_json::to_vec(&serde_json::json!({
                 "agent": {"mac": mac}, "job": "restore", "seq": seq, "phase": "restore",

@@ -554,3 +554,30 @@ fn the_image_list_is_served_from_a_cache_that_follows_every_change() {
         vec![("three".to_string(), 1), ("two".to_string(), 1)]
     );
 }
+
+#[test]
+fn a_capture_running_longer_than_the_grace_period_keeps_its_chunks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().join("repo");
+    let srv = Server::start(&root, 2);
+    let c = srv.client();
+    c.begin_upload("long");
+    let content = random(8, 256 << 10);
+    let id = aula_imager::chunk::ChunkId::of(&content);
+    let frame = zstd::bulk::compress(&content, 1).expect("zstd");
+    c.put_chunk(&id, &frame).expect("upload");
+    // The capture goes on (its next request) past the 2 s grace period.
+    std::thread::sleep(Duration::from_secs(3));
+    let other = random(9, 256 << 10);
+    let other_id = aula_imager::chunk::ChunkId::of(&other);
+    c.put_chunk(&other_id, &zstd::bulk::compress(&other, 1).expect("zstd"))
+        .expect("upload");
+    let (st, body) = srv.call("POST", "/v1/repo/gc", b"");
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        c.missing_chunks(&[id, other_id])
+            .expect("missing")
+            .is_empty(),
+        "gc removed a chunk of a capture in progress: {body}"
+    );
+}

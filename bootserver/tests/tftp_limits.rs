@@ -232,7 +232,7 @@ fn the_client_timeout_option_is_acknowledged_only_up_to_the_cap() {
     let started = Instant::now();
     let mut buf = [0u8; 2048];
     let mut last = started;
-    while started.elapsed() < Duration::from_secs(20) {
+    while started.elapsed() < Duration::from_secs(10) {
         if s.recv_from(&mut buf).is_ok() {
             last = Instant::now();
         }

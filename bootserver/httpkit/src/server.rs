@@ -3,7 +3,7 @@
 //!
 //! | limit | default | what happens |
 //! |---|---|---|
-//! | `max_connections` | 512 | more connections wait in the kernel's backlog, except that a full table first closes the oldest connection that has sent no complete request head for over a second (see below) |
+//! | `max_connections` | 512 | more connections wait in the kernel's backlog, except that a full table first closes the oldest connection that has been waiting for a request head for over a second (see below) |
 //! | `max_connections_per_ip` | 32 | a further connection from that address is closed at once |
 //! | `handshake_timeout` | 10 s | the TLS handshake is abandoned |
 //! | `header_read_timeout` | 20 s | a request head (the first, or the next on a kept-alive connection) not complete in time closes the connection |
@@ -13,9 +13,11 @@
 //!
 //! Slow request heads are the cheapest way to hold a slot (Slowloris).
 //! When every slot is taken, a new connection therefore closes the oldest
-//! connection that is still waiting for its first request head (or its
-//! TLS handshake) after [`EVICT_AFTER`]; a client that sends its request
-//! promptly is never closed that way. Transient accept errors (EMFILE …)
+//! connection that has been waiting for a request head (its first, or the
+//! next one on a kept-alive connection whose last response is sent) or for
+//! its TLS handshake for over [`EVICT_AFTER`]; a connection with a request
+//! in progress is never closed that way, and an idle kept-alive one only
+//! when the table is full (HTTP clients reopen such connections). Transient accept errors (EMFILE …)
 //! are logged and retried after 100 ms.
 //!
 //! Shutdown: when `cancel` fires the listener closes, handshakes in progress
@@ -130,8 +132,9 @@ impl Drop for IpSlot {
     }
 }
 
-/// Connections that have not sent a complete request head yet: the ones a
-/// full table may close (see the module doc).
+/// Connections waiting for a request head (their first, or the next one
+/// after a complete response): the ones a full table may close (see the
+/// module doc).
 #[derive(Default)]
 struct Waiting {
     next: AtomicU64,
@@ -142,11 +145,16 @@ impl Waiting {
     fn add(&self) -> (u64, CancellationToken) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
+        self.wait(id, &token);
+        (id, token)
+    }
+
+    /// Connection `id` waits (again) for a head from now on.
+    fn wait(&self, id: u64, token: &CancellationToken) {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, (Instant::now(), token.clone()));
-        (id, token)
     }
 
     fn remove(&self, id: u64) {
@@ -280,6 +288,7 @@ pub async fn serve(
                     opts: &opts,
                     waiting: &waiting,
                     wait_id,
+                    evict: evicted.clone(),
                 };
                 let serve = async {
                     match tls {
@@ -337,6 +346,47 @@ struct Conn<'a> {
     opts: &'a Options,
     waiting: &'a Arc<Waiting>,
     wait_id: u64,
+    evict: CancellationToken,
+}
+
+/// A response body that, once sent (or abandoned), puts its connection
+/// back among those waiting for a head.
+struct Tracked {
+    inner: Body,
+    waiting: Arc<Waiting>,
+    id: u64,
+    evict: CancellationToken,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // Hyper drops a response body when it is written out (or the
+        // connection failed; then the connection task ends right after and
+        // removes this entry itself).
+        if !self.evict.is_cancelled() {
+            self.waiting.wait(self.id, &self.evict);
+        }
+    }
 }
 
 impl Conn<'_> {
@@ -350,6 +400,7 @@ impl Conn<'_> {
             opts,
             waiting,
             wait_id,
+            evict,
         } = self;
         let (idle, request_timeout) = (opts.body_idle_timeout, opts.request_timeout);
         let waiting = waiting.clone();
@@ -362,10 +413,18 @@ impl Conn<'_> {
                 idle,
                 until: tokio::time::Instant::now() + request_timeout,
             };
+            let (waiting, evict) = (waiting.clone(), evict.clone());
             async move {
-                Ok::<_, Infallible>(
-                    crate::body::with_deadlines(deadlines, handler.handle(req, remote)).await,
-                )
+                let resp =
+                    crate::body::with_deadlines(deadlines, handler.handle(req, remote)).await;
+                Ok::<_, Infallible>(resp.map(|inner| {
+                    http_body_util::BodyExt::boxed(Tracked {
+                        inner,
+                        waiting,
+                        id: wait_id,
+                        evict,
+                    })
+                }))
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()

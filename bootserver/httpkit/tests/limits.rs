@@ -309,3 +309,76 @@ async fn a_full_table_closes_the_oldest_connection_without_a_request_for_a_newco
         );
     }
 }
+
+#[tokio::test]
+async fn a_full_table_closes_an_idle_kept_alive_connection_but_never_one_serving_a_request() {
+    let srv = start(Options {
+        max_connections: 8,
+        header_read_timeout: Duration::from_secs(60),
+        body_idle_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(60),
+        ..opts()
+    })
+    .await;
+    // Four connections that sent a request, got the answer, and stay open.
+    let mut idle = Vec::new();
+    for i in 0..4 {
+        let mut s = connect_from(&format!("127.0.2.{}", i + 1), srv.addr).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.expect("answer");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(s);
+    }
+    // Four with a request in progress (a body that has not come yet).
+    let mut busy = Vec::new();
+    for i in 0..4 {
+        let mut s = connect_from(&format!("127.0.3.{}", i + 1), srv.addr).await;
+        s.write_all(b"POST /body HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nab")
+            .await
+            .expect("write");
+        busy.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Newcomers that keep their connections: each needs a slot.
+    let mut newcomers = Vec::new();
+    for round in 0..4 {
+        let mut s = connect_from("127.0.0.2", srv.addr).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("served in time")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "newcomer {round} waited {:?}",
+            started.elapsed()
+        );
+        newcomers.push(s);
+    }
+    // The idle ones made room (the oldest first); the busy ones are intact.
+    for s in idle.iter_mut() {
+        assert_eq!(
+            read_until_closed(s, Duration::from_millis(300))
+                .await
+                .as_deref(),
+            Some(""),
+            "an idle kept-alive connection was closed"
+        );
+    }
+    for s in busy.iter_mut() {
+        assert!(
+            read_until_closed(s, Duration::from_millis(50))
+                .await
+                .is_none(),
+            "a connection serving a request was closed"
+        );
+    }
+}
