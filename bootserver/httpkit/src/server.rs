@@ -256,7 +256,7 @@ pub async fn serve(
             if waiting.evict_oldest() {
                 warn_throttled(
                     &warned_full,
-                    "all connection slots taken: closed the oldest connection that sent no request",
+                    "all connection slots taken: closed the connection waiting longest for a request",
                     remote,
                 );
             }
@@ -318,7 +318,7 @@ pub async fn serve(
                 };
                 tokio::select! {
                     _ = evicted.cancelled() => {
-                        tracing::debug!("closed: no request head while every slot was taken");
+                        tracing::debug!("closed: waiting for a request while every slot was taken");
                     }
                     _ = serve => {}
                 }
