@@ -9,6 +9,7 @@
 //!   fetches); the management API, the agent registry and the repository
 //!   over HTTPS with the server's own certificate. More route groups plug
 //!   in through [`http::RouteGroup`]. Who may call what: [`auth`].
+//! * Agents' events ([`events`]): the default webhook sink, bounded.
 //! * IPv6 router advertisements ([`ra`]) so iPXE does not wait for one.
 //! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
 //!
@@ -29,6 +30,7 @@
 pub mod auth;
 pub mod config;
 pub mod dhcp;
+pub mod events;
 pub mod http;
 pub mod mac;
 pub mod netutil;

@@ -149,7 +149,8 @@ impl Server {
                 message: format!("must differ from {a}: each token names one kind of caller"),
             }));
         }
-        let registry = Arc::new(Registry::load(&data_dir)?);
+        let registry =
+            Arc::new(Registry::load(&data_dir)?.with_max_machines(cfg.limits.max_machines));
         let auth = Arc::new(Auth::new(secrets, Some(registry.clone())));
         let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
         let interface = if needs_iface {
@@ -329,7 +330,7 @@ impl Server {
                 None,
                 groups.clone(),
                 serves,
-                cfg.http.max_connections,
+                cfg.http.listener_options(),
                 cancel.clone(),
                 tracker,
             );
@@ -340,7 +341,7 @@ impl Server {
                     Some(tls.acceptor),
                     groups,
                     Serves::All,
-                    cfg.http.max_connections,
+                    cfg.http.listener_options(),
                     cancel.clone(),
                     tracker,
                 );

@@ -6,8 +6,23 @@
 //! bearer token) with an atomic write. Changes made through the API (boot
 //! modes, registrations), the consumption of a one-shot mode and the opening
 //! of a boot session are written before the request is answered; sightings
-//! from DHCP only mark the state dirty and a background task saves it at
+//! from DHCP only mark the state changed and a background task saves it at
 //! most every couple of seconds, so the packet path never waits for the disk.
+//!
+//! Writes are group commits: each change bumps a generation, and a caller
+//! that must wait for the disk waits only for the first write that starts
+//! after its change. A room booting at once (a hundred script requests in
+//! a second) costs a few writes, not a hundred.
+//!
+//! # Bounded
+//!
+//! At most `max_machines` (`[limits]`, default 10 000) machines are known.
+//! A new one takes the place of the least recently seen machine that holds
+//! nothing an operator or an agent gave it (no boot mode, no registered
+//! agent; those without a boot session first). When every record holds
+//! something, a boot-mode write for a new machine is refused
+//! ([`StateError::Full`], 507), its script is served without recording it,
+//! and DHCP sightings of new machines are ignored.
 //!
 //! # Registration is bound to the boot
 //!
@@ -25,7 +40,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -55,10 +70,13 @@ pub enum StateError {
     /// A background task failed to run.
     #[error("state writer task failed")]
     Join(#[from] tokio::task::JoinError),
+    /// No room for another machine.
+    #[error("the server knows {0} machines, its limit ([limits] max_machines), and each holds a boot mode or a registered agent; reset some machines' boot modes or raise the limit")]
+    Full(usize),
 }
 
-/// Most machines recorded from DHCP sightings alone.
-pub const MAX_CLIENTS: usize = 50_000;
+/// Machines known at most, unless `[limits] max_machines` says otherwise.
+pub const DEFAULT_MAX_MACHINES: usize = 10_000;
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -409,7 +427,13 @@ pub fn rfc3339(secs: u64) -> String {
 /// The state store.
 pub struct Registry {
     inner: Mutex<Inner>,
-    dirty: AtomicBool,
+    /// Bumped (under `inner`'s lock) by every change.
+    generation: AtomicU64,
+    /// The generation the file on disk holds.
+    saved: AtomicU64,
+    /// Writes of the state file so far.
+    writes: AtomicU64,
+    max_machines: usize,
     path: PathBuf,
     write_lock: tokio::sync::Mutex<()>,
     /// Capture grants. In memory: grants are short-lived.
@@ -441,12 +465,53 @@ impl Registry {
         };
         Ok(Self {
             inner: Mutex::new(inner),
-            dirty: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            max_machines: DEFAULT_MAX_MACHINES,
             path,
             write_lock: tokio::sync::Mutex::new(()),
             capture: Mutex::new(std::collections::HashMap::new()),
             announced: Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// At most `n` machines are known (see the module's bounds).
+    pub fn with_max_machines(mut self, n: usize) -> Self {
+        self.max_machines = n.max(1);
+        self
+    }
+
+    /// How many times the state file was written since start.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Records a change; call with `inner` locked.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Makes room for a record of `mac` if it has none (see the module's
+    /// bounds); false when there is no room. Call with `inner` locked.
+    fn room_for(&self, g: &mut Inner, mac: MacAddr) -> bool {
+        if g.clients.contains_key(&mac) || g.clients.len() < self.max_machines {
+            return true;
+        }
+        let victim = g
+            .clients
+            .iter()
+            .filter(|(m, c)| c.boot == BootSetting::default() && !g.agents.contains_key(m))
+            .min_by_key(|(_, c)| (c.session.is_some(), c.last_seen.unwrap_or(0)))
+            .map(|(m, _)| *m);
+        match victim {
+            Some(v) => {
+                g.clients.remove(&v);
+                tracing::debug!(evicted = %v, new = %mac, "machine table full: forgot the least recently seen machine that held nothing");
+                true
+            }
+            None => false,
+        }
     }
 
     /// Let the agent on `mac` upload chunks and publish image `image` until
@@ -493,7 +558,7 @@ impl Registry {
     /// boot-server discovery request from a client that has an address).
     pub fn note_announce(&self, mac: MacAddr, ip: Ipv4Addr) {
         if let Ok(mut a) = self.announced.lock() {
-            if a.len() >= MAX_CLIENTS && !a.contains_key(&mac) {
+            if a.len() >= self.max_machines && !a.contains_key(&mac) {
                 return;
             }
             a.insert(mac, (ip, unix_now()));
@@ -526,9 +591,10 @@ impl Registry {
         hostname: Option<&str>,
     ) {
         let mut g = self.lock();
-        if g.clients.len() >= MAX_CLIENTS && !g.clients.contains_key(&mac) {
+        if !g.clients.contains_key(&mac) && g.clients.len() >= self.max_machines {
             // Forged netboot requests with random MACs must not grow the
-            // state file without bound; known machines are still updated.
+            // state without bound, nor push out other sightings: a new
+            // machine seen only by DHCP is recorded while there is room.
             return;
         }
         let c = g.clients.entry(mac).or_default();
@@ -544,7 +610,7 @@ impl Registry {
             }
         }
         c.last_seen = Some(unix_now());
-        self.dirty.store(true, Ordering::Relaxed);
+        self.changed();
     }
 
     /// Sets a machine's boot mode and persists it before returning.
@@ -556,6 +622,10 @@ impl Registry {
     ) -> Result<BootSetting, StateError> {
         let setting = {
             let mut g = self.lock();
+            if !self.room_for(&mut g, mac) {
+                return Err(StateError::Full(self.max_machines));
+            }
+            self.changed();
             let c = g.clients.entry(mac).or_default();
             if once {
                 c.boot.once = Some(mode);
@@ -576,6 +646,7 @@ impl Registry {
             if let Some(c) = g.clients.get_mut(&mac) {
                 c.boot = BootSetting::default();
             }
+            self.changed();
         }
         self.save().await
     }
@@ -606,6 +677,11 @@ impl Registry {
         };
         let (mode, nonce, persist) = {
             let mut g = self.lock();
+            if !self.room_for(&mut g, mac) {
+                tracing::warn!(%mac, max = self.max_machines, "machine table full: serving the default mode without recording the boot (no registration window)");
+                return Ok((default, None));
+            }
+            self.changed();
             let c = g.clients.entry(mac).or_default();
             let now = unix_now();
             let (mode, consumed) = match c.boot.once.take() {
@@ -634,8 +710,6 @@ impl Registry {
         };
         if persist {
             self.save().await?;
-        } else {
-            self.dirty.store(true, Ordering::Relaxed);
         }
         Ok((mode, nonce))
     }
@@ -670,6 +744,7 @@ impl Registry {
             if repeat {
                 // The same agent (it holds the token): its port or
                 // addresses may have changed with the restart.
+                self.changed();
                 g.agents.insert(key, rec);
                 Ok(Registered::Repeat)
             } else {
@@ -707,6 +782,7 @@ impl Registry {
                     Some(_) => Ok(Registered::New),
                 };
                 if verdict.is_ok() {
+                    self.changed();
                     if let Some(s) = g.clients.get_mut(&key).and_then(|c| c.session.as_mut()) {
                         s.bound = true;
                     }
@@ -795,20 +871,32 @@ impl Registry {
             .collect()
     }
 
-    /// Writes the state now (serialised with other writers).
+    /// Makes every change made so far durable: returns once a write that
+    /// started after them has finished (a group commit: callers waiting
+    /// together share one write).
     pub async fn save(&self) -> Result<(), StateError> {
+        let wanted = self.generation.load(Ordering::SeqCst);
         let _w = self.write_lock.lock().await;
-        self.dirty.store(false, Ordering::Relaxed);
-        let bytes = {
+        if self.saved.load(Ordering::SeqCst) >= wanted {
+            return Ok(());
+        }
+        let (bytes, generation) = {
             let g = self.lock();
-            serde_json::to_vec_pretty(&*g).map_err(|source| StateError::Corrupt {
+            let bytes = serde_json::to_vec_pretty(&*g).map_err(|source| StateError::Corrupt {
                 path: self.path.clone(),
                 source,
-            })?
+            })?;
+            (bytes, self.generation.load(Ordering::SeqCst))
         };
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || atomic_write(&path, &bytes)).await??;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.saved.store(generation, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn unsaved(&self) -> bool {
+        self.generation.load(Ordering::SeqCst) > self.saved.load(Ordering::SeqCst)
     }
 
     /// Saves sightings every `period` while there are unsaved ones, until cancelled.
@@ -818,13 +906,13 @@ impl Registry {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(period) => {}
             }
-            if self.dirty.load(Ordering::Relaxed) {
+            if self.unsaved() {
                 if let Err(e) = self.save().await {
                     tracing::error!(error = %e, "saving client state");
                 }
             }
         }
-        if self.dirty.load(Ordering::Relaxed) {
+        if self.unsaved() {
             if let Err(e) = self.save().await {
                 tracing::error!(error = %e, "saving client state at shutdown");
             }
@@ -1033,5 +1121,104 @@ mod tests {
             .expect("io");
         assert!(matches!(r, Err(Refusal::Expired { .. })), "{r:?}");
         assert!(reg.agent_token(mac).is_none());
+    }
+
+    fn nth_mac(i: u32) -> MacAddr {
+        let b = i.to_be_bytes();
+        MacAddr([0x52, 0x54, b[0], b[1], b[2], b[3]])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_room_booting_at_once_is_written_in_a_few_group_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Arc::new(Registry::load(dir.path()).expect("load"));
+        let tasks: Vec<_> = (0..200u32)
+            .map(|i| {
+                let reg = reg.clone();
+                tokio::spawn(async move {
+                    let src = IpAddr::V4(Ipv4Addr::new(10, 213, 1, (i % 250) as u8));
+                    reg.take_boot(nth_mac(i), BootMode::Live, Some(src)).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (mode, nonce) = t.await.expect("task").expect("take_boot");
+            assert_eq!(mode, BootMode::Live);
+            assert!(nonce.is_some());
+        }
+        let writes = reg.writes();
+        assert!(writes < 40, "{writes} writes for 200 script requests");
+        // Every session is on disk although most callers wrote nothing.
+        let again = Registry::load(dir.path()).expect("reload");
+        let sessions = again
+            .clients(BootMode::Live, |_| None)
+            .iter()
+            .filter(|c| c.session.is_some())
+            .count();
+        assert_eq!(sessions, 200);
+        println!("RESULT script_requests=200 state_writes={writes}");
+    }
+
+    #[tokio::test]
+    async fn the_machine_table_is_bounded_and_keeps_what_operators_and_agents_gave() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::load(dir.path())
+            .expect("load")
+            .with_max_machines(10);
+        for i in 0..3 {
+            reg.set_boot(nth_mac(i), BootMode::Local, false)
+                .await
+                .expect("set");
+        }
+        // Scripts for 50 unknown machines (from one address, as a flood
+        // through the URL's ip=/mac= would be): the table stays at 10.
+        for i in 100..150 {
+            reg.take_boot(nth_mac(i), BootMode::Live, Some(SRC))
+                .await
+                .expect("take");
+        }
+        let list = reg.clients(BootMode::Live, |_| None);
+        assert_eq!(list.len(), 10);
+        for i in 0..3 {
+            assert!(
+                list.iter()
+                    .any(|c| c.mac == nth_mac(i) && c.boot.mode == Some(BootMode::Local)),
+                "the operator's boot mode of {} was dropped",
+                nth_mac(i)
+            );
+        }
+        assert!(
+            list.iter().any(|c| c.mac == nth_mac(149)),
+            "the newest boot is kept"
+        );
+        // DHCP sightings of new machines do not push anybody out.
+        reg.note_dhcp(nth_mac(500), None, None, None);
+        assert!(!reg
+            .clients(BootMode::Live, |_| None)
+            .iter()
+            .any(|c| c.mac == nth_mac(500)));
+        // Operators' settings fill the table; then a new one is refused.
+        for i in 3..10 {
+            reg.set_boot(nth_mac(i), BootMode::Live, true)
+                .await
+                .expect("room made by forgetting machines that held nothing");
+        }
+        let e = reg
+            .set_boot(nth_mac(10), BootMode::Local, false)
+            .await
+            .expect_err("full");
+        assert!(matches!(e, StateError::Full(10)), "{e}");
+        assert!(e.to_string().contains("max_machines"), "{e}");
+        // A script for a new machine is still served, unrecorded.
+        let (mode, nonce) = reg
+            .take_boot(nth_mac(11), BootMode::Live, Some(SRC))
+            .await
+            .expect("served");
+        assert_eq!((mode, nonce), (BootMode::Live, None));
+        assert_eq!(reg.clients(BootMode::Live, |_| None).len(), 10);
+        // Known machines are still updated.
+        reg.set_boot(nth_mac(0), BootMode::Live, false)
+            .await
+            .expect("known machine");
     }
 }
