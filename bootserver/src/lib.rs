@@ -10,6 +10,8 @@
 //!   [`http::RouteGroup`].
 //! * IPv6 router advertisements ([`ra`]) so iPXE does not wait for one.
 //! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
+//! * The lab console ([`console`]): rooms, machines, deployments ([`deploy`]),
+//!   operators and the web pages at `/`, with its state in SQLite ([`db`]).
 //!
 //! Embedding:
 //!
@@ -26,6 +28,9 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console;
+pub mod db;
+pub mod deploy;
 pub mod dhcp;
 pub mod http;
 pub mod mac;

@@ -67,6 +67,12 @@ pub enum ServerError {
     /// The image repository could not be opened.
     #[error("image repository")]
     Repository(#[from] crate::repository::RepoServiceError),
+    /// The console's database.
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    /// The operators file.
+    #[error(transparent)]
+    Users(#[from] crate::console::auth::UsersError),
 }
 
 struct Started {
@@ -75,6 +81,7 @@ struct Started {
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
     tls_fingerprint: Option<String>,
+    deployments: Option<Arc<crate::deploy::DeployService>>,
 }
 
 /// A running server.
@@ -95,6 +102,8 @@ pub struct Server {
     pub registry: Arc<Registry>,
     /// The boot interface, if one was needed.
     pub interface: Option<String>,
+    /// The deployment service (rooms, deployments, console), if it runs.
+    pub deployments: Option<Arc<crate::deploy::DeployService>>,
 }
 
 impl Server {
@@ -157,6 +166,7 @@ impl Server {
             http_addr,
             https_addr,
             tls_fingerprint,
+            deployments,
         } = match started {
             Ok(v) => v,
             Err(e) => {
@@ -182,6 +192,7 @@ impl Server {
             dhcp,
             registry,
             interface,
+            deployments,
         })
     }
 
@@ -225,6 +236,7 @@ impl Server {
         };
         let tls_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
         let (mut http_addr, mut https_addr) = (None, None);
+        let mut deployments = None;
         if cfg.http.enabled {
             let programs = match ConfinedRoot::open_with_programs(&cfg.tftp.root, programs_of(cfg))
             {
@@ -252,42 +264,70 @@ impl Server {
                     .clone()
                     .or(tls_fingerprint.clone()),
             };
-            let mut groups = extra_routes;
-            if cfg.repository.enabled {
-                groups.push(Arc::new(crate::repository::RepoRoutes(open_repository(
-                    cfg, registry,
-                )?)));
-            }
-            groups.push(Arc::new(BootRoutes::new(
-                cfg.clone(),
-                registry.clone(),
-                programs,
-                live,
-            )));
-            groups.push(Arc::new(ApiRoutes::new(
-                cfg.clone(),
-                registry.clone(),
-                dhcp.clone(),
-                token,
-            )));
-            http_addr = Some(
-                http::start(
-                    cfg.http.bind,
-                    None,
-                    groups.clone(),
-                    cfg.http.max_connections,
+            let repo = if cfg.repository.enabled {
+                Some(open_repository(cfg, registry)?)
+            } else {
+                None
+            };
+            let console = if cfg.console.enabled {
+                let db = crate::db::Db::open(&cfg.server.data_dir)?;
+                let users_path = cfg
+                    .console
+                    .users_file
+                    .clone()
+                    .unwrap_or_else(|| cfg.server.data_dir.join("users.toml"));
+                let users = Arc::new(crate::console::auth::Users::open(users_path)?);
+                let svc = crate::deploy::DeployService::start(
+                    db,
+                    registry.clone(),
+                    cfg.clone(),
+                    repo.clone(),
+                    dhcp.clone(),
                     cancel.clone(),
                     tracker,
-                )
-                .await?,
-            );
+                );
+                deployments = Some(svc.clone());
+                Some(crate::console::Console {
+                    svc,
+                    users,
+                    token: token.clone(),
+                    cancel: cancel.clone(),
+                })
+            } else {
+                None
+            };
+            // Route groups in order; the console's differs per listener
+            // (Secure cookies under TLS; plain HTTP pages redirect to TLS).
+            let groups_for = |console_group: Option<Arc<dyn RouteGroup>>| {
+                let mut g: Vec<Arc<dyn RouteGroup>> = extra_routes.clone();
+                g.extend(console_group);
+                if let Some(r) = &repo {
+                    g.push(Arc::new(crate::repository::RepoRoutes(r.clone())));
+                }
+                g.push(Arc::new(BootRoutes::new(
+                    cfg.clone(),
+                    registry.clone(),
+                    programs.clone(),
+                    live.clone(),
+                )));
+                g.push(Arc::new(ApiRoutes::new(
+                    cfg.clone(),
+                    registry.clone(),
+                    dhcp.clone(),
+                    token.clone(),
+                )));
+                g
+            };
             if let (Some(t), Some(tls)) = (&cfg.http.tls, tls) {
                 tracing::info!(fingerprint = %tls.fingerprint, "HTTPS certificate");
+                let cg = console
+                    .as_ref()
+                    .map(|c| Arc::new(c.routes(true, None)) as Arc<dyn RouteGroup>);
                 https_addr = Some(
                     http::start(
                         t.bind,
                         Some(tls.acceptor),
-                        groups,
+                        groups_for(cg),
                         cfg.http.max_connections,
                         cancel.clone(),
                         tracker,
@@ -295,6 +335,20 @@ impl Server {
                     .await?,
                 );
             }
+            let cg = console.as_ref().map(|c| {
+                Arc::new(c.routes(false, https_addr.map(|a| a.port()))) as Arc<dyn RouteGroup>
+            });
+            http_addr = Some(
+                http::start(
+                    cfg.http.bind,
+                    None,
+                    groups_for(cg),
+                    cfg.http.max_connections,
+                    cancel.clone(),
+                    tracker,
+                )
+                .await?,
+            );
         }
         if cfg.ra.enabled {
             if let Some(i) = interface {
@@ -319,6 +373,7 @@ impl Server {
             http_addr,
             https_addr,
             tls_fingerprint,
+            deployments,
         })
     }
 
