@@ -400,6 +400,9 @@ impl Runner {
             };
             if a.dep.state == DeploymentState::Scheduled {
                 if a.dep.start_at.is_some_and(|t| t > now) {
+                    // Not yet; but a scheduled deployment cancelled as a
+                    // whole ends now.
+                    self.finish_if_done(id).await;
                     return;
                 }
                 a.dep.state = DeploymentState::Running;
