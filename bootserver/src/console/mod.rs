@@ -438,7 +438,7 @@ impl ConsoleRoutes {
         let method = req.method().clone();
         // Pages and assets: open (they hold no data).
         match (&method, segs.as_slice()) {
-            (&Method::GET | &Method::HEAD, [""] | ["console", ..]) => {
+            (&Method::GET | &Method::HEAD, [] | [""] | ["console", ..]) => {
                 if let (false, Some(port)) = (self.tls, self.https_port) {
                     let host = req
                         .headers()

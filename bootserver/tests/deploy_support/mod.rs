@@ -233,19 +233,38 @@ impl Drop for ServerProc {
     }
 }
 
-/// A plain HTTP client for the API.
+type Conn = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// An HTTP(S) client for the API (HTTPS pinned to the server's certificate).
 pub struct Client {
-    inner: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    inner: hyper_util::client::legacy::Client<Conn, Full<Bytes>>,
     pub base: String,
 }
 
 impl Client {
     pub fn new(base: &str) -> Client {
+        Self::pinned(base, None)
+    }
+
+    pub fn pinned(base: &str, fingerprint: Option<&str>) -> Client {
+        // Plain HTTP needs no trust; a pin that matches nothing is fine there.
+        let pin = fingerprint
+            .map(|f| aula_imager::tls::parse_fingerprint(f).expect("fingerprint"))
+            .unwrap_or([0; 32]);
+        let tls = aula_imager::tls::client_config(&aula_imager::tls::ServerTrust::Pin(pin))
+            .expect("tls config");
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         Client {
             inner: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
-            .build_http(),
+            .build(conn),
             base: base.to_owned(),
         }
     }
