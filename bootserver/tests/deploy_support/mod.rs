@@ -108,6 +108,11 @@ pub struct ServerProc {
 impl ServerProc {
     /// Writes a configuration (extra TOML appended) and starts the server.
     pub fn start(dir: &Path, extra: &str) -> ServerProc {
+        Self::start_at(dir, "127.0.0.1", extra)
+    }
+
+    /// With another `server.address` (HTTP stays on loopback).
+    pub fn start_at(dir: &Path, address: &str, extra: &str) -> ServerProc {
         std::fs::create_dir_all(dir.join("live")).expect("live dir");
         std::fs::write(dir.join("live/vmlinuz"), b"kernel").expect("kernel");
         std::fs::write(dir.join("live/initrd.gz"), b"initrd").expect("initrd");
@@ -122,7 +127,7 @@ impl ServerProc {
         let config = dir.join("server.toml");
         let text = format!(
             r#"[server]
-address = "127.0.0.1"
+address = "{address}"
 data_dir = "{data}"
 [dhcp]
 enabled = false
