@@ -195,17 +195,39 @@ fn dep_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
 
 fn machine_row(r: &Row<'_>) -> rusqlite::Result<DeploymentMachine> {
     let mac: String = r.get(0)?;
+    let mac: MacAddr = mac.parse().unwrap_or_default();
     let run: String = r.get(3)?;
-    let run: Run = serde_json::from_str(&run).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
-    })?;
+    let run: Run = match serde_json::from_str(&run) {
+        Ok(run) => run,
+        // Ended rows are compacted (see `compact`): rebuild from columns.
+        Err(_) => {
+            let state: String = r.get(5)?;
+            let mut run = Run::new(String::new(), r.get(9)?);
+            run.phase = Phase::parse(&state).unwrap_or(Phase::Failed);
+            run.reason = r.get(6)?;
+            run.bytes_done = r.get::<_, i64>(7)? as u64;
+            run.bytes_total = r.get::<_, i64>(8)? as u64;
+            run
+        }
+    };
     Ok(DeploymentMachine {
-        mac: mac.parse().unwrap_or_default(),
+        mac,
         machine_id: r.get(1)?,
         name: r.get(2)?,
         run,
         finished_at: r.get(4)?,
     })
+}
+
+/// Drops the state-machine details of an ended deployment's rows (the
+/// columns keep state, reason, bytes and times): a year of history stays
+/// small.
+pub fn compact(c: &Connection, id: i64) -> Result<(), DbError> {
+    c.execute(
+        "UPDATE deployment_machines SET run = '' WHERE deployment_id = ?1",
+        [id],
+    )?;
+    Ok(())
 }
 
 /// The key agent job ids of one machine start with.
@@ -284,7 +306,8 @@ pub fn get(c: &Connection, id: i64) -> Result<Deployment, DbError> {
 /// A deployment's machines, in the order they were given.
 pub fn machines(c: &Connection, id: i64) -> Result<Vec<DeploymentMachine>, DbError> {
     let mut st = c.prepare_cached(
-        "SELECT dm.mac, dm.machine_id, dm.name, dm.run, dm.finished_at FROM deployment_machines dm \
+        "SELECT dm.mac, dm.machine_id, dm.name, dm.run, dm.finished_at, dm.state, dm.reason, \
+         dm.bytes_done, dm.bytes_total, dm.updated_at FROM deployment_machines dm \
          LEFT JOIN machines m ON m.id = dm.machine_id \
          WHERE dm.deployment_id = ?1 ORDER BY m.seat IS NULL, m.seat, dm.name",
     )?;

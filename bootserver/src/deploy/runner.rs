@@ -522,6 +522,7 @@ impl Runner {
                     rooms::set_machine_image(c, *mac, &image, version, *at)?;
                 }
                 deployments::set_state(c, id, state)?;
+                deployments::compact(c, id)?;
                 deployments::get(c, id)
             })
             .await;
