@@ -205,6 +205,20 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
     assert!(lines.iter().any(|l| l == "root|deploy img|ok"), "{lines:#?}");
     assert!(lines.iter().any(|l| l.starts_with("ana|session.create|refused")), "{lines:#?}");
 
+    // Every documented route is routed (event streams are exercised by the
+    // browser test).
+    for (m, path) in aula_bootserver::console::ROUTES {
+        if path.ends_with("/events") {
+            continue;
+        }
+        let path = path.replace("{id}", "1").replace("{mac}", "52:54:00:e0:00:01");
+        let method: Method = m.parse().expect("method");
+        let (s, _, v) = api
+            .raw(method, &path, &[("authorization", &format!("Bearer {API_TOKEN}"))], Some(("application/json", b"{}".to_vec())))
+            .await;
+        assert!(s != 405 && v["error"] != "no such route", "{m} {path}: {s} {v}");
+    }
+
     // Sign-out ends the session.
     let (s, h, _) = c.raw(Method::DELETE, "/v1/session", &with, None).await;
     assert_eq!(s, 200);

@@ -1222,6 +1222,26 @@ impl ConsoleRoutes {
     }
 }
 
+/// Whether the console group serves `path`.
+pub fn claims(path: &str) -> bool {
+    if path == "/" || path == "/console" || path.starts_with("/console/") || path.starts_with("/assets/") {
+        return true;
+    }
+    let p = path.trim_end_matches('/');
+    [
+        "/v1/rooms",
+        "/v1/machines",
+        "/v1/deployments",
+        "/v1/captures",
+        "/v1/session",
+        "/v1/log",
+        "/v1/console",
+    ]
+    .iter()
+    .any(|pre| p == *pre || p.strip_prefix(pre).is_some_and(|r| r.starts_with('/')))
+        || p == "/v1/openapi.json"
+}
+
 /// A deployment as the API shows it.
 pub fn deployment_json(d: &Deployment) -> Value {
     let mut v = json!(d);
@@ -1258,26 +1278,7 @@ impl RouteGroup for ConsoleRoutes {
     }
 
     fn matches(&self, path: &str) -> bool {
-        if path == "/"
-            || path == "/console"
-            || path.starts_with("/console/")
-            || path.starts_with("/assets/")
-        {
-            return true;
-        }
-        let p = path.trim_end_matches('/');
-        [
-            "/v1/rooms",
-            "/v1/machines",
-            "/v1/deployments",
-            "/v1/captures",
-            "/v1/session",
-            "/v1/log",
-            "/v1/console",
-        ]
-        .iter()
-        .any(|pre| p == *pre || p.strip_prefix(pre).is_some_and(|r| r.starts_with('/')))
-            || p == "/v1/openapi.json"
+        claims(path)
     }
 
     fn handle(&self, req: HttpRequest, _ctx: RequestContext) -> BoxFuture<'_, HttpResponse> {
@@ -1290,7 +1291,74 @@ impl RouteGroup for ConsoleRoutes {
     }
 }
 
+/// Every API route of this group, `(method, path template)`; the OpenAPI
+/// document lists exactly these (a test checks both ways, and one asks a
+/// running server each of them).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/openapi.json"),
+    ("POST", "/v1/session"),
+    ("GET", "/v1/session"),
+    ("DELETE", "/v1/session"),
+    ("GET", "/v1/rooms"),
+    ("POST", "/v1/rooms"),
+    ("GET", "/v1/rooms/{id}"),
+    ("PATCH", "/v1/rooms/{id}"),
+    ("DELETE", "/v1/rooms/{id}"),
+    ("GET", "/v1/machines"),
+    ("POST", "/v1/machines"),
+    ("POST", "/v1/machines/import"),
+    ("GET", "/v1/machines/unadopted"),
+    ("POST", "/v1/machines/adopt"),
+    ("GET", "/v1/machines/{id}"),
+    ("PATCH", "/v1/machines/{id}"),
+    ("DELETE", "/v1/machines/{id}"),
+    ("PUT", "/v1/machines/{id}/boot"),
+    ("GET", "/v1/deployments"),
+    ("POST", "/v1/deployments"),
+    ("POST", "/v1/deployments/preview"),
+    ("GET", "/v1/deployments/{id}"),
+    ("GET", "/v1/deployments/{id}/events"),
+    ("POST", "/v1/deployments/{id}/cancel"),
+    ("POST", "/v1/deployments/{id}/machines/{mac}/cancel"),
+    ("POST", "/v1/deployments/{id}/retry"),
+    ("POST", "/v1/captures"),
+    ("GET", "/v1/console/events"),
+    ("GET", "/v1/console/images"),
+    ("GET", "/v1/console/boot"),
+    ("GET", "/v1/log"),
+];
+
 /// The phases, for documents and the console.
 pub fn phases() -> Vec<&'static str> {
     Phase::ALL.iter().map(|p| p.as_str()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut listed: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for m in ops.as_object().expect("ops").keys() {
+                if m != "parameters" {
+                    listed.push((m.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        listed.sort();
+        let mut routes: Vec<(String, String)> =
+            ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        routes.sort();
+        assert_eq!(listed, routes);
+        for (_, p) in ROUTES {
+            assert!(claims(p), "{p} is not claimed by the console group");
+        }
+        for p in ["/v1/clients", "/v1/agents", "/v1/images", "/boot/ipxe/x", "/v1/status", "/v1/roomsx"] {
+            assert!(!claims(p), "{p} belongs to another group");
+        }
+    }
 }
