@@ -274,14 +274,17 @@ pub fn tile_state(
     let c = fleet.clients.get(&m.mac);
     let agent = fleet.agents.get(&m.mac);
     let last = c.and_then(|c| c.last_boot);
+    let last_dep = m.last_deployment.as_ref().map(|(_, s)| s.as_str());
     let state = match (last, agent) {
         (Some((BootMode::Live, at)), Some(a)) if a.registered_at >= at => "live",
         (Some((BootMode::Live, _)), _) => "booting",
         (Some((BootMode::Local, _)), _) => "os",
-        (None, _) => match &m.last_deployment {
-            Some((_, s)) if s == "failed" => "failed",
-            _ => "unseen",
-        },
+        // No boot seen by this server (an agent started elsewhere, or a
+        // machine never booted): say what the last deployment left.
+        (None, _) if last_dep == Some("failed") => "failed",
+        (None, _) if last_dep == Some("done") => "done",
+        (None, Some(_)) => "live",
+        (None, None) => "unseen",
     };
     let state = match (&m.last_deployment, state) {
         (Some((_, s)), "os") if s == "failed" => "failed",

@@ -380,8 +380,73 @@ pub async fn upload(server: &ServerProc, source: &Path, name: &str, chunk: u64) 
     .expect("upload thread");
 }
 
+/// A TCP proxy passing server-to-client bytes at `rate` bytes/s in total
+/// (to make restores last long enough to be watched). Runs until dropped.
+pub struct Throttle {
+    pub port: u16,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Throttle {
+    pub async fn start(upstream: u16, rate: u64) -> Throttle {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s2 = stop.clone();
+        let pace = Arc::new(tokio::sync::Mutex::new(()));
+        tokio::spawn(async move {
+            loop {
+                let (mut c, _) = tokio::select! {
+                    _ = s2.cancelled() => return,
+                    r = l.accept() => match r { Ok(v) => v, Err(_) => return },
+                };
+                let (s3, pace) = (s2.clone(), pace.clone());
+                tokio::spawn(async move {
+                    let Ok(mut u) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = c.split();
+                    let (mut ur, mut uw) = u.split();
+                    let up = tokio::io::copy(&mut cr, &mut uw);
+                    let down = async {
+                        let mut buf = vec![0u8; 16 << 10];
+                        loop {
+                            let n = ur.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            let turn = pace.lock().await;
+                            cw.write_all(&buf[..n]).await?;
+                            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                            drop(turn);
+                        }
+                    };
+                    tokio::select! {
+                        _ = s3.cancelled() => {}
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Throttle { port, stop }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Starts an agent for `mac` with disk 1 = `disk`, registering with the server.
 pub async fn start_agent(server: &ServerProc, dir: &Path, mac: &str, disk: &Path) -> Agent {
+    start_agent_via(server, server.http, dir, mac, disk).await
+}
+
+/// [`start_agent`], fetching images through `repo_port`.
+pub async fn start_agent_via(server: &ServerProc, repo_port: u16, dir: &Path, mac: &str, disk: &Path) -> Agent {
     std::fs::create_dir_all(dir).expect("agent dir");
     let text = format!(
         r#"restore_records = ""
@@ -405,7 +470,7 @@ ips = ["127.0.0.1"]
 [disks]
 1 = "{disk}"
 "#,
-        http = server.http,
+        http = repo_port,
         dir = dir.display(),
         disk = disk.display(),
         tag = mac.replace(':', ""),

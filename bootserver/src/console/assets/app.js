@@ -162,9 +162,11 @@ async function pageRooms() {
         route();
       } catch (e) { toast(e.message); }
     } }, "Import"));
+  // Operators limited to rooms cannot add rooms or machines.
+  const all = !S.rooms;
   page("Rooms", rooms.length ? h("div", { class: "grid-rooms" }, cards) :
     h("p", { class: "card muted" }, "No rooms yet: add one, import a CSV/TOML file, or adopt machines DHCP has seen."),
-    tools, await adoptCard(rooms));
+    all ? tools : "", all ? await adoptCard(rooms) : "");
   stream("/v1/console/events", "tiles", updateTiles);
 }
 async function adoptCard(rooms) {
