@@ -32,14 +32,25 @@ fn add_user(users: &std::path::Path, name: &str, password: &str, rooms: Option<&
         .write_all(format!("{password}\n").as_bytes())
         .expect("password");
     let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn sign_in(c: &Client, user: &str, password: &str) -> (u16, Option<String>, Value) {
-    let body = json!({"user": user, "password": password}).to_string().into_bytes();
+    let body = json!({"user": user, "password": password})
+        .to_string()
+        .into_bytes();
     let (s, h, v) = c
-        .raw(Method::POST, "/v1/session", &[], Some(("application/json", body)))
+        .raw(
+            Method::POST,
+            "/v1/session",
+            &[],
+            Some(("application/json", body)),
+        )
         .await;
     let cookie = h
         .get("set-cookie")
@@ -49,7 +60,8 @@ async fn sign_in(c: &Client, user: &str, password: &str) -> (u16, Option<String>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_cannot_deploy_to_room_b() {
+async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_cannot_deploy_to_room_b(
+) {
     if !in_netns("writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_cannot_deploy_to_room_b") {
         return;
     }
@@ -59,7 +71,10 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
     assert!(said.contains("rooms: A"), "{said}");
     add_user(&users, "root", "root-password-1", None);
     let text = std::fs::read_to_string(&users).expect("users");
-    assert!(text.contains("$argon2id$") && !text.contains("ana-password-1"), "{text}");
+    assert!(
+        text.contains("$argon2id$") && !text.contains("ana-password-1"),
+        "{text}"
+    );
 
     let server = ServerProc::start(
         &dir.path().join("server"),
@@ -68,17 +83,29 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
     let api = Client::new(&server.base());
     let src = ext4_image(dir.path(), 8, &[("a.txt", b"a".to_vec())]);
     upload(&server, &src, "img", 1 << 20).await;
-    api.ok(Method::POST, "/v1/rooms", Some(json!({"name": "A"}))).await;
-    api.ok(Method::POST, "/v1/rooms", Some(json!({"name": "B"}))).await;
-    api.ok(Method::POST, "/v1/machines", Some(json!({"mac": "52:54:00:e0:00:01", "name": "a1", "room": "A"})))
+    api.ok(Method::POST, "/v1/rooms", Some(json!({"name": "A"})))
         .await;
-    api.ok(Method::POST, "/v1/machines", Some(json!({"mac": "52:54:00:e0:00:02", "name": "b1", "room": "B"})))
+    api.ok(Method::POST, "/v1/rooms", Some(json!({"name": "B"})))
         .await;
+    api.ok(
+        Method::POST,
+        "/v1/machines",
+        Some(json!({"mac": "52:54:00:e0:00:01", "name": "a1", "room": "A"})),
+    )
+    .await;
+    api.ok(
+        Method::POST,
+        "/v1/machines",
+        Some(json!({"mac": "52:54:00:e0:00:02", "name": "b1", "room": "B"})),
+    )
+    .await;
 
     // Plain HTTP beside a TLS listener: no sign-in, pages go to HTTPS.
     let (s, _, v) = sign_in(&api, "ana", "ana-password-1").await;
     assert_eq!(s, 403, "{v}");
-    let (s, h, _) = api.raw(Method::GET, "/", &[("host", "127.0.0.1")], None).await;
+    let (s, h, _) = api
+        .raw(Method::GET, "/", &[("host", "127.0.0.1")], None)
+        .await;
     assert_eq!(s, 308);
     assert_eq!(
         h.get("location").and_then(|v| v.to_str().ok()),
@@ -89,7 +116,14 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
     // Nothing without a session or the token.
     let (s, _, _) = c.raw(Method::GET, "/v1/rooms", &[], None).await;
     assert_eq!(s, 401);
-    let (s, _, _) = c.raw(Method::GET, "/v1/rooms", &[("authorization", "Bearer wrong-token-0123456789")], None).await;
+    let (s, _, _) = c
+        .raw(
+            Method::GET,
+            "/v1/rooms",
+            &[("authorization", "Bearer wrong-token-0123456789")],
+            None,
+        )
+        .await;
     assert_eq!(s, 401);
     // The page itself is open and embedded.
     let (s, h, page) = c.raw(Method::GET, "/", &[], None).await;
@@ -112,17 +146,35 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
     assert!(csrf.len() >= 32);
 
     // Reads with the cookie; ana sees room A only.
-    let (s, _, rooms) = c.raw(Method::GET, "/v1/rooms", &[("cookie", &session)], None).await;
+    let (s, _, rooms) = c
+        .raw(Method::GET, "/v1/rooms", &[("cookie", &session)], None)
+        .await;
     assert_eq!(s, 200);
-    let names: Vec<_> = rooms.as_array().expect("rooms").iter().map(|r| r["name"].clone()).collect();
+    let names: Vec<_> = rooms
+        .as_array()
+        .expect("rooms")
+        .iter()
+        .map(|r| r["name"].clone())
+        .collect();
     assert_eq!(names, vec![json!("A")]);
-    let (_, _, ms) = c.raw(Method::GET, "/v1/machines", &[("cookie", &session)], None).await;
+    let (_, _, ms) = c
+        .raw(Method::GET, "/v1/machines", &[("cookie", &session)], None)
+        .await;
     assert_eq!(ms["total"], 1, "{ms}");
 
-    let deploy = |room: &str| json!({"room": room, "image": "img", "partition": 1}).to_string().into_bytes();
+    let deploy = |room: &str| {
+        json!({"room": room, "image": "img", "partition": 1})
+            .to_string()
+            .into_bytes()
+    };
     // Writes without the CSRF token, or with a wrong one: refused, nothing stored.
     let (s, _, v) = c
-        .raw(Method::POST, "/v1/deployments", &[("cookie", &session)], Some(("application/json", deploy("A"))))
+        .raw(
+            Method::POST,
+            "/v1/deployments",
+            &[("cookie", &session)],
+            Some(("application/json", deploy("A"))),
+        )
         .await;
     assert_eq!(s, 403, "{v}");
     assert!(v["error"].as_str().unwrap_or("").contains("CSRF"), "{v}");
@@ -136,26 +188,57 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
         .await;
     assert_eq!(s, 403);
     let (s, _, _) = c
-        .raw(Method::POST, "/v1/rooms", &[("x-csrf-token", &csrf)], Some(("application/json", b"{\"name\":\"C\"}".to_vec())))
+        .raw(
+            Method::POST,
+            "/v1/rooms",
+            &[("x-csrf-token", &csrf)],
+            Some(("application/json", b"{\"name\":\"C\"}".to_vec())),
+        )
         .await;
     assert_eq!(s, 401, "a CSRF token without its session is nothing");
     let list = api.ok(Method::GET, "/v1/deployments", None).await;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
 
     // ana may not deploy to room B, nor name B's machine, nor make rooms.
-    let with = [("cookie", session.as_str()), ("x-csrf-token", csrf.as_str())];
+    let with = [
+        ("cookie", session.as_str()),
+        ("x-csrf-token", csrf.as_str()),
+    ];
     let (s, _, v) = c
-        .raw(Method::POST, "/v1/deployments", &with, Some(("application/json", deploy("B"))))
+        .raw(
+            Method::POST,
+            "/v1/deployments",
+            &with,
+            Some(("application/json", deploy("B"))),
+        )
         .await;
     assert_eq!(s, 403, "{v}");
-    assert!(v["error"].as_str().unwrap_or("").contains("ana may not deploy to b1"), "{v}");
-    let body = json!({"machines": ["52:54:00:e0:00:02"], "image": "img", "partition": 1}).to_string().into_bytes();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ana may not deploy to b1"),
+        "{v}"
+    );
+    let body = json!({"machines": ["52:54:00:e0:00:02"], "image": "img", "partition": 1})
+        .to_string()
+        .into_bytes();
     let (s, _, _) = c
-        .raw(Method::POST, "/v1/deployments", &with, Some(("application/json", body)))
+        .raw(
+            Method::POST,
+            "/v1/deployments",
+            &with,
+            Some(("application/json", body)),
+        )
         .await;
     assert_eq!(s, 403);
     let (s, _, _) = c
-        .raw(Method::POST, "/v1/rooms", &with, Some(("application/json", b"{\"name\":\"C\"}".to_vec())))
+        .raw(
+            Method::POST,
+            "/v1/rooms",
+            &with,
+            Some(("application/json", b"{\"name\":\"C\"}".to_vec())),
+        )
         .await;
     assert_eq!(s, 403);
     let list = api.ok(Method::GET, "/v1/deployments", None).await;
@@ -163,19 +246,34 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
 
     // Room A with session and token: accepted, recorded under ana's name.
     let (s, _, d) = c
-        .raw(Method::POST, "/v1/deployments", &with, Some(("application/json", deploy("A"))))
+        .raw(
+            Method::POST,
+            "/v1/deployments",
+            &with,
+            Some(("application/json", deploy("A"))),
+        )
         .await;
     assert_eq!(s, 201, "{d}");
     assert_eq!(d["created_by"], "ana");
     let id = d["id"].as_i64().expect("id");
     let (s, _, _) = c
-        .raw(Method::POST, &format!("/v1/deployments/{id}/cancel"), &with, None)
+        .raw(
+            Method::POST,
+            &format!("/v1/deployments/{id}/cancel"),
+            &with,
+            None,
+        )
         .await;
     assert_eq!(s, 200);
 
     // root (every room) may act on B; the API token too.
     let (_, cookie, v) = sign_in(&c, "root", "root-password-1").await;
-    let root_session = cookie.expect("cookie").split(';').next().expect("pair").to_owned();
+    let root_session = cookie
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
     let root_csrf = v["csrf"].as_str().expect("csrf").to_owned();
     let (s, _, d) = c
         .raw(
@@ -187,9 +285,17 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
         .await;
     assert_eq!(s, 201, "{d}");
     let rid = d["id"].as_i64().expect("id");
-    api.ok(Method::POST, &format!("/v1/deployments/{rid}/cancel"), None).await;
+    api.ok(Method::POST, &format!("/v1/deployments/{rid}/cancel"), None)
+        .await;
     // ana cannot see root's deployment to B.
-    let (s, _, _) = c.raw(Method::GET, &format!("/v1/deployments/{rid}"), &[("cookie", &session)], None).await;
+    let (s, _, _) = c
+        .raw(
+            Method::GET,
+            &format!("/v1/deployments/{rid}"),
+            &[("cookie", &session)],
+            None,
+        )
+        .await;
     assert_eq!(s, 403);
 
     // The log says who did what, including the refusals.
@@ -198,12 +304,32 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
         .as_array()
         .expect("log")
         .iter()
-        .map(|e| format!("{}|{}|{}", e["who"].as_str().unwrap_or(""), e["action"].as_str().unwrap_or(""), e["outcome"].as_str().unwrap_or("")))
+        .map(|e| {
+            format!(
+                "{}|{}|{}",
+                e["who"].as_str().unwrap_or(""),
+                e["action"].as_str().unwrap_or(""),
+                e["outcome"].as_str().unwrap_or("")
+            )
+        })
         .collect();
-    assert!(lines.iter().any(|l| l.starts_with("ana|deploy img|refused")), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ana|deploy img|refused")),
+        "{lines:#?}"
+    );
     assert!(lines.iter().any(|l| l == "ana|deploy img|ok"), "{lines:#?}");
-    assert!(lines.iter().any(|l| l == "root|deploy img|ok"), "{lines:#?}");
-    assert!(lines.iter().any(|l| l.starts_with("ana|session.create|refused")), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l == "root|deploy img|ok"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ana|session.create|refused")),
+        "{lines:#?}"
+    );
 
     // Every documented route is routed (event streams are exercised by the
     // browser test).
@@ -211,18 +337,34 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
         if path.ends_with("/events") {
             continue;
         }
-        let path = path.replace("{id}", "1").replace("{mac}", "52:54:00:e0:00:01");
+        let path = path
+            .replace("{id}", "1")
+            .replace("{mac}", "52:54:00:e0:00:01");
         let method: Method = m.parse().expect("method");
         let (s, _, v) = api
-            .raw(method, &path, &[("authorization", &format!("Bearer {API_TOKEN}"))], Some(("application/json", b"{}".to_vec())))
+            .raw(
+                method,
+                &path,
+                &[("authorization", &format!("Bearer {API_TOKEN}"))],
+                Some(("application/json", b"{}".to_vec())),
+            )
             .await;
-        assert!(s != 405 && v["error"] != "no such route", "{m} {path}: {s} {v}");
+        assert!(
+            s != 405 && v["error"] != "no such route",
+            "{m} {path}: {s} {v}"
+        );
     }
 
     // Sign-out ends the session.
     let (s, h, _) = c.raw(Method::DELETE, "/v1/session", &with, None).await;
     assert_eq!(s, 200);
-    assert!(h.get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or("").contains("Max-Age=0"));
-    let (s, _, _) = c.raw(Method::GET, "/v1/rooms", &[("cookie", &session)], None).await;
+    assert!(h
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .contains("Max-Age=0"));
+    let (s, _, _) = c
+        .raw(Method::GET, "/v1/rooms", &[("cookie", &session)], None)
+        .await;
     assert_eq!(s, 401);
 }

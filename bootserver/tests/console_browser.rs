@@ -65,10 +65,18 @@ impl Driver {
             }
         }}});
         let (s, _, v) = c
-            .raw(Method::POST, "/session", &[], Some(("application/json", caps.to_string().into_bytes())))
+            .raw(
+                Method::POST,
+                "/session",
+                &[],
+                Some(("application/json", caps.to_string().into_bytes())),
+            )
             .await;
         assert_eq!(s, 200, "new WebDriver session: {v}");
-        let session = v["value"]["sessionId"].as_str().expect("session id").to_owned();
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .expect("session id")
+            .to_owned();
         Driver {
             child,
             c,
@@ -79,7 +87,8 @@ impl Driver {
 
     async fn cmd(&self, method: Method, path: &str, body: Value) -> Value {
         let p = format!("/session/{}{path}", self.session);
-        let body = (method != Method::GET).then(|| ("application/json", body.to_string().into_bytes()));
+        let body =
+            (method != Method::GET).then(|| ("application/json", body.to_string().into_bytes()));
         let (s, _, v) = self.c.raw(method.clone(), &p, &[], body).await;
         assert_eq!(s, 200, "WebDriver {method} {path}: {v}");
         v["value"].clone()
@@ -90,17 +99,30 @@ impl Driver {
     }
 
     async fn js(&self, script: &str) -> Value {
-        self.cmd(Method::POST, "/execute/sync", json!({"script": script, "args": []})).await
+        self.cmd(
+            Method::POST,
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
     }
 
     async fn find(&self, css: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let p = format!("/session/{}/element", self.session);
-            let body = json!({"using": "css selector", "value": css}).to_string().into_bytes();
-            let (s, _, v) = self.c.raw(Method::POST, &p, &[], Some(("application/json", body))).await;
+            let body = json!({"using": "css selector", "value": css})
+                .to_string()
+                .into_bytes();
+            let (s, _, v) = self
+                .c
+                .raw(Method::POST, &p, &[], Some(("application/json", body)))
+                .await;
             if s == 200 {
-                return v["value"][ELEMENT].as_str().unwrap_or_else(|| panic!("element id in {v}")).to_owned();
+                return v["value"][ELEMENT]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("element id in {v}"))
+                    .to_owned();
             }
             assert!(Instant::now() < deadline, "no element {css}");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -109,12 +131,18 @@ impl Driver {
 
     async fn click(&self, css: &str) {
         let e = self.find(css).await;
-        self.cmd(Method::POST, &format!("/element/{e}/click"), json!({})).await;
+        self.cmd(Method::POST, &format!("/element/{e}/click"), json!({}))
+            .await;
     }
 
     async fn type_into(&self, css: &str, text: &str) {
         let e = self.find(css).await;
-        self.cmd(Method::POST, &format!("/element/{e}/value"), json!({ "text": text })).await;
+        self.cmd(
+            Method::POST,
+            &format!("/element/{e}/value"),
+            json!({ "text": text }),
+        )
+        .await;
     }
 
     /// Waits until `script` returns something truthy; returns it.
@@ -128,8 +156,13 @@ impl Driver {
             if Instant::now() > deadline {
                 let shot = std::env::temp_dir().join("aula-console-timeout.png");
                 self.screenshot(&shot).await;
-                let html = self.js("return document.getElementById('main').innerText").await;
-                panic!("timed out waiting for {what}; screenshot {}; page: {html}", shot.display());
+                let html = self
+                    .js("return document.getElementById('main').innerText")
+                    .await;
+                panic!(
+                    "timed out waiting for {what}; screenshot {}; page: {html}",
+                    shot.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -140,11 +173,20 @@ impl Driver {
         let b64 = b64.as_str().expect("base64");
         let tmp = path.with_extension("b64");
         std::fs::write(&tmp, b64).expect("b64");
-        let png = sh(Command::new("sh").arg("-c").arg(format!("base64 -d {} > {} && echo ok", tmp.display(), path.display())));
+        let png = sh(Command::new("sh").arg("-c").arg(format!(
+            "base64 -d {} > {} && echo ok",
+            tmp.display(),
+            path.display()
+        )));
         assert_eq!(png.trim(), "ok");
         let _ = std::fs::remove_file(tmp);
         let bytes = std::fs::read(path).expect("png");
-        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is a PNG", path.display());
+        assert_eq!(
+            &bytes[..8],
+            b"\x89PNG\r\n\x1a\n",
+            "{} is a PNG",
+            path.display()
+        );
     }
 }
 
@@ -155,18 +197,36 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let users = dir.path().join("users.toml");
-    aula_bootserver::console::auth::add_user(&users, "tecnico", "aula-lab-2026", Some(vec!["Aula 3".into()]))
-        .expect("user");
+    aula_bootserver::console::auth::add_user(
+        &users,
+        "tecnico",
+        "aula-lab-2026",
+        Some(vec!["Aula 3".into()]),
+    )
+    .expect("user");
     let server = ServerProc::start(
         &dir.path().join("server"),
         &format!("[console]\nusers_file = \"{}\"\n", users.display()),
     );
     let api = Client::new(&server.base());
-    let files = vec![("data/blob.bin", pseudo_random(5, 40 << 20)), ("etc/os-release", b"NAME=Lab\n".to_vec())];
+    let files = vec![
+        ("data/blob.bin", pseudo_random(5, 40 << 20)),
+        ("etc/os-release", b"NAME=Lab\n".to_vec()),
+    ];
     let src = ext4_image(dir.path(), 64, &files);
     upload(&server, &src, "lab-ubuntu-24.04", 1 << 20).await;
-    api.ok(Method::POST, "/v1/rooms", Some(json!({"name": "Aula 3", "description": "second floor, 4 seats"}))).await;
-    api.ok(Method::POST, "/v1/rooms", Some(json!({"name": "Aula 4", "description": "library"}))).await;
+    api.ok(
+        Method::POST,
+        "/v1/rooms",
+        Some(json!({"name": "Aula 3", "description": "second floor, 4 seats"})),
+    )
+    .await;
+    api.ok(
+        Method::POST,
+        "/v1/rooms",
+        Some(json!({"name": "Aula 4", "description": "library"})),
+    )
+    .await;
     let layout = json!({"table": "mbr", "partitions": [
         {"number": 1, "type": "linux", "size": "16MiB", "filesystem": "ext4"},
         {"number": 2, "type": "linux", "size": "64MiB", "format": false}
@@ -178,7 +238,8 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
         let mac = format!("52:54:00:c0:03:{:02x}", i + 1);
         let disk = dir.path().join(format!("disk{i}.img"));
         let f = std::fs::File::create(&disk).expect("disk");
-        f.set_len(if i == 2 { 64 * MIB } else { 128 * MIB }).expect("size");
+        f.set_len(if i == 2 { 64 * MIB } else { 128 * MIB })
+            .expect("size");
         drop(f);
         api.ok(
             Method::POST,
@@ -187,7 +248,16 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
                         "expected_ip": format!("10.0.3.{}", 11 + i), "disk_layout": layout})),
         )
         .await;
-        agents.push(start_agent_via(&server, throttle.port, &dir.path().join(format!("agent{i}")), &mac, &disk).await);
+        agents.push(
+            start_agent_via(
+                &server,
+                throttle.port,
+                &dir.path().join(format!("agent{i}")),
+                &mac,
+                &disk,
+            )
+            .await,
+        );
     }
     for i in 0..6u64 {
         api.ok(
@@ -205,29 +275,55 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
     d.type_into("#user", "tecnico").await;
     d.type_into("#password", "aula-lab-2026").await;
     d.click("#signin button[type=submit]").await;
-    d.wait_for("return document.getElementById('whoami') && document.getElementById('whoami').textContent", Duration::from_secs(20), "the signed-in user").await;
+    d.wait_for(
+        "return document.getElementById('whoami') && document.getElementById('whoami').textContent",
+        Duration::from_secs(20),
+        "the signed-in user",
+    )
+    .await;
     // Limited to Aula 3: Aula 4 is not shown.
     let rooms = d
-        .wait_for("return document.querySelectorAll('section.card[data-room]').length", Duration::from_secs(20), "room cards")
+        .wait_for(
+            "return document.querySelectorAll('section.card[data-room]').length",
+            Duration::from_secs(20),
+            "room cards",
+        )
         .await;
     assert_eq!(rooms, 1);
 
     d.goto(&format!("{base}/#/deploy?room=1")).await;
     d.find("#d-image option").await;
-    d.js("const s = document.getElementById('d-partition'); s.value = '2';
+    d.js(
+        "const s = document.getElementById('d-partition'); s.value = '2';
           document.getElementById('d-layout-mode').value = 'machine';
-          document.getElementById('d-max').value = '2'; return true;")
-        .await;
+          document.getElementById('d-max').value = '2'; return true;",
+    )
+    .await;
     d.click("#review").await;
     let confirm = d
-        .wait_for("const b = document.querySelector('#confirm-box .confirm'); return b && b.textContent", Duration::from_secs(20), "the confirmation")
+        .wait_for(
+            "const b = document.querySelector('#confirm-box .confirm'); return b && b.textContent",
+            Duration::from_secs(20),
+            "the confirmation",
+        )
         .await;
     let confirm = confirm.as_str().unwrap_or("").to_owned();
     assert!(confirm.contains("on 4 machine(s)"), "{confirm}");
-    assert!(confirm.contains("a3-pc01") && confirm.contains("a3-pc04"), "{confirm}");
-    assert!(confirm.contains("partition 2 of disk 1"), "the confirmation names what is overwritten: {confirm}");
+    assert!(
+        confirm.contains("a3-pc01") && confirm.contains("a3-pc04"),
+        "{confirm}"
+    );
+    assert!(
+        confirm.contains("partition 2 of disk 1"),
+        "the confirmation names what is overwritten: {confirm}"
+    );
     d.click("#confirm-deploy").await;
-    d.wait_for("return location.hash.startsWith('#/deployments/')", Duration::from_secs(20), "the deployment page").await;
+    d.wait_for(
+        "return location.hash.startsWith('#/deployments/')",
+        Duration::from_secs(20),
+        "the deployment page",
+    )
+    .await;
 
     let shots = match std::env::var_os("AULA_UPDATE_SCREENSHOTS") {
         Some(_) => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs"),
@@ -243,7 +339,8 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
         )
         .await;
     assert_eq!(moving, json!(true));
-    d.screenshot(&shots.join("console-deployment-live.png")).await;
+    d.screenshot(&shots.join("console-deployment-live.png"))
+        .await;
     let end = d
         .wait_for(
             "const p = [...document.querySelectorAll('#dep-machines .progress')];
@@ -259,7 +356,11 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
         .await;
     assert_eq!(end["done"], 3, "{end}");
     assert_eq!(end["failed"], 1, "{end}");
-    assert_eq!(end["reasons"], json!(["disk 1 is 64 MiB, the layout needs 81 MiB"]), "{end}");
+    assert_eq!(
+        end["reasons"],
+        json!(["disk 1 is 64 MiB, the layout needs 81 MiB"]),
+        "{end}"
+    );
     d.wait_for("return document.getElementById('dep-state').textContent === 'finished' && !document.getElementById('retry').hidden", Duration::from_secs(20), "the retry button").await;
     d.screenshot(&shots.join("console-deployment.png")).await;
 
@@ -267,7 +368,14 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
     d.wait_for("return document.querySelectorAll('.tile.s-os, .tile.s-done').length >= 3 && document.querySelectorAll('.tile.s-failed').length === 1", Duration::from_secs(20), "room tiles").await;
     d.screenshot(&shots.join("console-rooms.png")).await;
 
-    let _ = d.c.raw(Method::DELETE, &format!("/session/{}", d.session), &[], None).await;
+    let _ =
+        d.c.raw(
+            Method::DELETE,
+            &format!("/session/{}", d.session),
+            &[],
+            None,
+        )
+        .await;
     drop(d);
     for a in agents {
         a.shutdown().await;

@@ -126,11 +126,19 @@ fn a_year_of_deployments_keeps_room_tables_and_lists_fast() {
     let fill_s = t0.elapsed().as_secs_f64();
     let size_mib = std::fs::metadata(db.path()).expect("stat").len() as f64 / 1048576.0;
 
-    let room_ms = time(|| db.call_blocking(|c| rooms::room_machines(c, 1)).expect("room"));
-    let n = db.call_blocking(|c| rooms::room_machines(c, 1)).expect("room");
+    let room_ms = time(|| {
+        db.call_blocking(|c| rooms::room_machines(c, 1))
+            .expect("room")
+    });
+    let n = db
+        .call_blocking(|c| rooms::room_machines(c, 1))
+        .expect("room");
     assert_eq!(n.len(), 200);
     let with_history = n.iter().filter(|m| m.last_deployment.is_some()).count();
-    assert!(with_history >= 40, "latest deployment per machine: {with_history}");
+    assert!(
+        with_history >= 40,
+        "latest deployment per machine: {with_history}"
+    );
     let table_first = time(|| {
         db.call_blocking(|c| rooms::list_machines(c, &rooms::MachineFilter::default(), 0, 50))
             .expect("page")
@@ -157,14 +165,38 @@ fn a_year_of_deployments_keeps_room_tables_and_lists_fast() {
         db.call_blocking(|c| rooms::list_machines(c, &rooms::MachineFilter::default(), 0, 1000))
             .expect("tiles")
     });
-    let deps_first = time(|| db.call_blocking(|c| ddb::list(c, None, None, 50)).expect("list"));
-    let deps_deep = time(|| db.call_blocking(|c| ddb::list(c, None, Some(1_000), 50)).expect("list"));
-    let deps_scoped = time(|| db.call_blocking(|c| ddb::list(c, Some(&[1, 2]), None, 50)).expect("list"));
-    let dep_rows = time(|| db.call_blocking(|c| ddb::machines(c, 49_950)).expect("rows"));
-    let failed = time(|| db.call_blocking(|c| ddb::failed_macs(c, 33)).expect("failed"));
-    let log_first = time(|| db.call_blocking(|c| log::list(c, None, None, 100)).expect("log"));
-    let log_user = time(|| db.call_blocking(|c| log::list(c, Some("ana"), Some(100_000), 100)).expect("log"));
-    let images = time(|| db.call_blocking(|c| ddb::machines_per_image(c)).expect("images"));
+    let deps_first = time(|| {
+        db.call_blocking(|c| ddb::list(c, None, None, 50))
+            .expect("list")
+    });
+    let deps_deep = time(|| {
+        db.call_blocking(|c| ddb::list(c, None, Some(1_000), 50))
+            .expect("list")
+    });
+    let deps_scoped = time(|| {
+        db.call_blocking(|c| ddb::list(c, Some(&[1, 2]), None, 50))
+            .expect("list")
+    });
+    let dep_rows = time(|| {
+        db.call_blocking(|c| ddb::machines(c, 49_950))
+            .expect("rows")
+    });
+    let failed = time(|| {
+        db.call_blocking(|c| ddb::failed_macs(c, 33))
+            .expect("failed")
+    });
+    let log_first = time(|| {
+        db.call_blocking(|c| log::list(c, None, None, 100))
+            .expect("log")
+    });
+    let log_user = time(|| {
+        db.call_blocking(|c| log::list(c, Some("ana"), Some(100_000), 100))
+            .expect("log")
+    });
+    let images = time(|| {
+        db.call_blocking(|c| ddb::machines_per_image(c))
+            .expect("images")
+    });
     let active = time(|| db.call_blocking(|c| ddb::active(c)).expect("active"));
 
     let figures = [
@@ -183,7 +215,9 @@ fn a_year_of_deployments_keeps_room_tables_and_lists_fast() {
         ("images_usage_ms", images),
         ("active_deployments_ms", active),
     ];
-    let mut line = format!("RESULT fill_s={fill_s:.1} db_mib={size_mib:.0} rows={ROWS} deployments={DEPLOYMENTS}");
+    let mut line = format!(
+        "RESULT fill_s={fill_s:.1} db_mib={size_mib:.0} rows={ROWS} deployments={DEPLOYMENTS}"
+    );
     for (k, v) in &figures {
         line.push_str(&format!(" {k}={v:.2}"));
     }

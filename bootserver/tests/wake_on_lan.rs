@@ -36,7 +36,9 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
         }
     }
     let _del = Del(room_ns.clone());
-    ip(&["link", "add", "vs", "type", "veth", "peer", "name", "vr", "netns", &room_ns]);
+    ip(&[
+        "link", "add", "vs", "type", "veth", "peer", "name", "vr", "netns", &room_ns,
+    ]);
     ip(&["addr", "add", "10.213.1.1/24", "dev", "vs"]);
     ip(&["addr", "add", "10.213.2.1/24", "dev", "vs"]);
     ip(&["link", "set", "vs", "up"]);
@@ -46,7 +48,8 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
     ip(&["-n", &room_ns, "link", "set", "lo", "up"]);
 
     // Listeners in the room namespace, one per broadcast address.
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let seen: Seen = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut threads = Vec::new();
     for bcast in ["10.213.1.255", "10.213.2.255"] {
@@ -56,16 +59,21 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
             let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
             nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             let s = UdpSocket::bind((bcast, 9)).expect("bind broadcast listener");
-            s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
             ready_tx.send(()).expect("ready");
             let mut buf = [0u8; 2048];
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 if let Ok((n, _)) = s.recv_from(&mut buf) {
-                    seen.lock().expect("seen").push((bcast.to_owned(), buf[..n].to_vec()));
+                    seen.lock()
+                        .expect("seen")
+                        .push((bcast.to_owned(), buf[..n].to_vec()));
                 }
             }
         }));
-        ready_rx.recv_timeout(Duration::from_secs(5)).expect("listener ready");
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("listener ready");
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -77,7 +85,8 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
     let c = Client::new(&server.base());
     let src = ext4_image(dir.path(), 8, &[("a.txt", b"a".to_vec())]);
     upload(&server, &src, "img", 1 << 20).await;
-    c.ok(Method::POST, "/v1/rooms", Some(json!({"name": "Lab"}))).await;
+    c.ok(Method::POST, "/v1/rooms", Some(json!({"name": "Lab"})))
+        .await;
     let machines = [
         ("52:54:00:f0:00:01", Some("10.213.1.50"), "10.213.1.255"),
         ("52:54:00:f0:00:02", Some("10.213.2.60"), "10.213.2.255"),
@@ -88,12 +97,18 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
         c.ok(
             Method::POST,
             "/v1/machines",
-            Some(json!({"mac": mac, "name": format!("w{i}"), "room": "Lab", "expected_ip": ipaddr})),
+            Some(
+                json!({"mac": mac, "name": format!("w{i}"), "room": "Lab", "expected_ip": ipaddr}),
+            ),
         )
         .await;
     }
     let dep = c
-        .ok(Method::POST, "/v1/deployments", Some(json!({"room": "Lab", "image": "img", "partition": 1})))
+        .ok(
+            Method::POST,
+            "/v1/deployments",
+            Some(json!({"room": "Lab", "image": "img", "partition": 1})),
+        )
         .await;
     let id = dep["id"].as_i64().expect("id");
 
@@ -113,7 +128,10 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
                     return None;
                 }
                 let mac = &p[6..12];
-                p[6..].chunks(6).all(|c| c == mac).then(|| (hex::encode(mac), b.clone()))
+                p[6..]
+                    .chunks(6)
+                    .all(|c| c == mac)
+                    .then(|| (hex::encode(mac), b.clone()))
             })
             .collect();
         if got.len() == want.len() || Instant::now() > deadline {
@@ -125,17 +143,26 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
     for t in threads {
         let _ = t.join();
     }
-    assert_eq!(got, want, "packets seen: {:?}\n{}", seen.lock().expect("seen"), server.logs());
+    assert_eq!(
+        got,
+        want,
+        "packets seen: {:?}\n{}",
+        seen.lock().expect("seen"),
+        server.logs()
+    );
     let all = seen.lock().expect("seen").len();
     assert_eq!(all, 3, "one packet per machine (no resend within 600 s)");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v = c.ok(Method::GET, &format!("/v1/deployments/{id}"), None).await;
+        let v = c
+            .ok(Method::GET, &format!("/v1/deployments/{id}"), None)
+            .await;
         if states(&v).iter().all(|(_, s, _)| s == "waking") {
             break;
         }
         assert!(Instant::now() < deadline, "{v:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.ok(Method::POST, &format!("/v1/deployments/{id}/cancel"), None).await;
+    c.ok(Method::POST, &format!("/v1/deployments/{id}/cancel"), None)
+        .await;
 }

@@ -697,7 +697,7 @@ impl ConsoleRoutes {
                     .filter(|(m, _)| !known.contains(m))
                     .map(|(m, c)| {
                         json!({"mac": m, "ip": c.ip, "hostname": c.hostname,
-                               "last_seen": c.last_seen.map(|s| crate::state::rfc3339(s)),
+                               "last_seen": c.last_seen.map(crate::state::rfc3339),
                                "agent": fleet.agents.contains_key(m)})
                     })
                     .collect();
@@ -1227,7 +1227,11 @@ impl ConsoleRoutes {
 
 /// Whether the console group serves `path`.
 pub fn claims(path: &str) -> bool {
-    if path == "/" || path == "/console" || path.starts_with("/console/") || path.starts_with("/assets/") {
+    if path == "/"
+        || path == "/console"
+        || path.starts_with("/console/")
+        || path.starts_with("/assets/")
+    {
         return true;
     }
     let p = path.trim_end_matches('/');
@@ -1353,14 +1357,23 @@ mod tests {
             }
         }
         listed.sort();
-        let mut routes: Vec<(String, String)> =
-            ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
         routes.sort();
         assert_eq!(listed, routes);
         for (_, p) in ROUTES {
             assert!(claims(p), "{p} is not claimed by the console group");
         }
-        for p in ["/v1/clients", "/v1/agents", "/v1/images", "/boot/ipxe/x", "/v1/status", "/v1/roomsx"] {
+        for p in [
+            "/v1/clients",
+            "/v1/agents",
+            "/v1/images",
+            "/boot/ipxe/x",
+            "/v1/status",
+            "/v1/roomsx",
+        ] {
             assert!(!claims(p), "{p} belongs to another group");
         }
     }

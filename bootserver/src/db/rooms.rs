@@ -671,8 +671,11 @@ struct TomlMachine {
     layout: Option<toml::Value>,
 }
 
+/// Rooms of an import: name and description.
+pub type RoomDescriptions = Vec<(String, String)>;
+
 /// Parses the TOML form; returns the machines and room descriptions.
-pub fn parse_toml(text: &str) -> Result<(Vec<MachineInput>, Vec<(String, String)>), DbError> {
+pub fn parse_toml(text: &str) -> Result<(Vec<MachineInput>, RoomDescriptions), DbError> {
     let t: TomlImport = toml::from_str(text).map_err(|e| DbError::Invalid(format!("TOML: {e}")))?;
     let conv = |m: TomlMachine, room: Option<&str>| -> Result<MachineInput, DbError> {
         let layout = match m.layout {

@@ -56,7 +56,10 @@ pub fn in_netns(test_name: &str) -> bool {
     };
     let status = run();
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-    assert!(status.success(), "{test_name} failed inside namespace {ns} ({status}); its output is above");
+    assert!(
+        status.success(),
+        "{test_name} failed inside namespace {ns} ({status}); its output is above"
+    );
     false
 }
 
@@ -266,10 +269,9 @@ impl Client {
             .enable_http1()
             .wrap_connector(http);
         Client {
-            inner: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build(conn),
+            inner:
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build(conn),
             base: base.to_owned(),
         }
     }
@@ -390,7 +392,9 @@ pub struct Throttle {
 impl Throttle {
     pub async fn start(upstream: u16, rate: u64) -> Throttle {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = l.local_addr().expect("addr").port();
         let stop = tokio_util::sync::CancellationToken::new();
         let s2 = stop.clone();
@@ -403,7 +407,8 @@ impl Throttle {
                 };
                 let (s3, pace) = (s2.clone(), pace.clone());
                 tokio::spawn(async move {
-                    let Ok(mut u) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    let Ok(mut u) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
                         return;
                     };
                     let (mut cr, mut cw) = c.split();
@@ -418,7 +423,8 @@ impl Throttle {
                             }
                             let turn = pace.lock().await;
                             cw.write_all(&buf[..n]).await?;
-                            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64))
+                                .await;
                             drop(turn);
                         }
                     };
@@ -446,7 +452,13 @@ pub async fn start_agent(server: &ServerProc, dir: &Path, mac: &str, disk: &Path
 }
 
 /// [`start_agent`], fetching images through `repo_port`.
-pub async fn start_agent_via(server: &ServerProc, repo_port: u16, dir: &Path, mac: &str, disk: &Path) -> Agent {
+pub async fn start_agent_via(
+    server: &ServerProc,
+    repo_port: u16,
+    dir: &Path,
+    mac: &str,
+    disk: &Path,
+) -> Agent {
     std::fs::create_dir_all(dir).expect("agent dir");
     let text = format!(
         r#"restore_records = ""
@@ -502,7 +514,9 @@ pub async fn wait_agents(c: &Client, n: usize) {
 pub async fn wait_deployment(c: &Client, id: i64, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let (s, v) = c.call(Method::GET, &format!("/v1/deployments/{id}"), None).await;
+        let (s, v) = c
+            .call(Method::GET, &format!("/v1/deployments/{id}"), None)
+            .await;
         if s == 200 && matches!(v["state"].as_str(), Some("finished" | "cancelled")) {
             return v;
         }
@@ -550,7 +564,11 @@ pub fn partition_equals_image(repo_dir: &Path, name: &str, disk: &Path, n: u32) 
         &aula_imager::progress::Progress::new(),
     )
     .expect("compare");
-    assert_eq!(r.bytes_checked, m.total_used_bytes(), "every used byte compared");
+    assert_eq!(
+        r.bytes_checked,
+        m.total_used_bytes(),
+        "every used byte compared"
+    );
     (r.bytes_checked, r.windows_differing)
 }
 
