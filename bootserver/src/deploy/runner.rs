@@ -1110,6 +1110,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tick_document_of_a_200_machine_room_stays_small() {
+        let dep = Deployment {
+            id: 12,
+            kind: Kind::Restore,
+            room_id: Some(1),
+            room: Some("Aula 3".into()),
+            image: "win11-lab".into(),
+            version: Some(7),
+            disk: 1,
+            partition: Some(2),
+            method: "unicast".into(),
+            layout: None,
+            after: super::super::machine::After::RebootLocal,
+            start_at: None,
+            max_concurrent: 0,
+            state: DeploymentState::Running,
+            created_by: "ana".into(),
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            retry_of: None,
+            total: 200,
+            done: 0,
+            failed: 0,
+            cancelled: 0,
+        };
+        let rows: Vec<(MacAddr, String, Run)> = (0..200u32)
+            .map(|i| {
+                let mac = MacAddr([0x52, 0x54, 0, 0, (i >> 8) as u8, i as u8]);
+                let mut r = Run::new(format!("d12-{i}"), 1_790_000_000_000);
+                r.phase = Phase::Restoring;
+                r.bytes_done = 12_345_678_901;
+                r.bytes_total = 40_000_000_000;
+                r.rate_bps = 112_345_678.0;
+                (mac, format!("a3-pc{i:03}"), r)
+            })
+            .collect();
+        let doc = document(&dep, rows.iter().map(|(m, n, r)| (*m, n.as_str(), r)));
+        let v: Value = serde_json::from_str(&doc).expect("json");
+        assert_eq!(v["machines"].as_array().map(Vec::len), Some(200));
+        println!(
+            "RESULT tick_bytes_200_machines={} per_machine={}",
+            doc.len(),
+            doc.len() / 200
+        );
+        assert!(doc.len() < 32 << 10, "{} bytes", doc.len());
+    }
+
+    #[test]
     fn layout_need_is_the_smallest_disk_the_plan_accepts() {
         let spec: aula_imager::disk::layout::LayoutSpec = serde_json::from_value(json!({
             "table": "mbr",
