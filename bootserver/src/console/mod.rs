@@ -140,7 +140,12 @@ pub struct ConsoleRoutes {
     /// refused and pages redirect there.
     https_port: Option<u16>,
     cancel: CancellationToken,
+    signins: Arc<tokio::sync::Semaphore>,
 }
+
+/// Password checks at once (argon2 is slow on purpose; a flood of sign-ins
+/// must not take every blocking thread).
+const SIGNINS_AT_ONCE: usize = 2;
 
 /// Shared parts, built once and given to both listeners' groups.
 #[derive(Clone)]
@@ -155,6 +160,13 @@ pub struct Console {
     pub cancel: CancellationToken,
 }
 
+fn signin_slots() -> Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SLOTS
+        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(SIGNINS_AT_ONCE)))
+        .clone()
+}
+
 impl Console {
     /// The route group for one listener.
     pub fn routes(&self, tls: bool, https_port: Option<u16>) -> ConsoleRoutes {
@@ -165,6 +177,7 @@ impl Console {
             tls,
             https_port,
             cancel: self.cancel.clone(),
+            signins: signin_slots(),
         }
     }
 }
@@ -390,9 +403,16 @@ impl ConsoleRoutes {
         let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| {
             "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Ot1oZ6E8iDNPIcY1RVxjTZq7+XR8vEdsoxmEl9uCbVs".into()
         });
-        let good = tokio::task::spawn_blocking(move || auth::verify_password(&pw, &hash))
-            .await
-            .unwrap_or(false);
+        let good = {
+            let _slot = self
+                .signins
+                .acquire()
+                .await
+                .map_err(|_| ConsoleError::Internal("sign-in slots closed".into()))?;
+            tokio::task::spawn_blocking(move || auth::verify_password(&pw, &hash))
+                .await
+                .unwrap_or(false)
+        };
         let Some(user) = user.filter(|_| good) else {
             self.svc
                 .log(
