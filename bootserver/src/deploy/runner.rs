@@ -1047,7 +1047,12 @@ impl IoCtx {
             return;
         };
         let path = format!("/v1/jobs/{}", j.id);
-        match self.clients.call(&a, Method::GET, &path, None, CALL).await {
+        // A machine told to reboot goes away: do not wait long for it.
+        let limit = match self.phase {
+            Phase::Rebooting | Phase::PoweringOff => Duration::from_secs(3),
+            _ => CALL,
+        };
+        match self.clients.call(&a, Method::GET, &path, None, limit).await {
             Ok(r) if r.status == StatusCode::OK => {
                 let v = r.json;
                 let p = &v["progress"];
