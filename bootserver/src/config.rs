@@ -401,25 +401,53 @@ pub struct HttpConfig {
     /// File holding the bearer token (first line), instead of `api_token`.
     #[serde(default)]
     pub api_token_file: Option<PathBuf>,
+    /// Read-only token: lists machines, leases, agents and agents' events
+    /// (never agents' tokens), changes nothing.
+    #[serde(default)]
+    pub viewer_token: Option<String>,
+    /// File holding the viewer token (first line), instead of `viewer_token`.
+    #[serde(default)]
+    pub viewer_token_file: Option<PathBuf>,
     /// Concurrent connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// An HTTPS listener serving the same routes (agents register over it).
+    /// The HTTPS listener (on by default): the API, agent registration and
+    /// the repository are served over it; plain HTTP keeps only what
+    /// firmware fetches.
     #[serde(default)]
-    pub tls: Option<TlsConfig>,
+    pub tls: TlsConfig,
 }
 
 /// `[http.tls]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// Serve HTTPS. `false` turns it off: everything is then served over
+    /// plain HTTP and the live kernel line says `aula.tls=off`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Listen address.
     #[serde(default = "default_https_bind")]
     pub bind: SocketAddr,
-    /// PEM certificate chain (server certificate first).
-    pub cert: PathBuf,
+    /// PEM certificate chain (server certificate first). Without `cert`
+    /// and `key` the server makes its own certificate on first start and
+    /// keeps it in `<data_dir>/tls/` (key mode 0600).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
     /// PEM private key.
-    pub key: PathBuf,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: default_https_bind(),
+            cert: None,
+            key: None,
+        }
+    }
 }
 
 fn default_https_bind() -> SocketAddr {
@@ -434,8 +462,10 @@ impl Default for HttpConfig {
             public_url: None,
             api_token: None,
             api_token_file: None,
+            viewer_token: None,
+            viewer_token_file: None,
             max_connections: default_max_connections(),
-            tls: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -525,6 +555,10 @@ pub struct BootConfig {
     /// `[http.tls]` is set, else the HTTP public URL).
     #[serde(default)]
     pub server_url: Option<String>,
+    /// Seconds after a machine's live boot script was served during which
+    /// its agent may register (the registration window).
+    #[serde(default = "default_registration_window")]
+    pub registration_window_s: u64,
     /// UEFI local boot method.
     #[serde(default = "default_uefi_local")]
     pub uefi_local: UefiLocal,
@@ -543,6 +577,7 @@ impl Default for BootConfig {
             core_url: None,
             server_fingerprint: None,
             server_url: None,
+            registration_window_s: default_registration_window(),
             uefi_local: default_uefi_local(),
             programs: ProgramsConfig::default(),
         }
@@ -630,6 +665,9 @@ fn default_kernel() -> PathBuf {
 }
 fn default_initrd() -> PathBuf {
     PathBuf::from("/srv/aula/live/initrd.gz")
+}
+fn default_registration_window() -> u64 {
+    600
 }
 fn default_uefi_local() -> UefiLocal {
     UefiLocal::Exit
@@ -806,6 +844,45 @@ impl Config {
             if tok.len() < 16 {
                 return Err(invalid("http.api_token", "must be at least 16 characters"));
             }
+        }
+        if self.http.viewer_token.is_some() && self.http.viewer_token_file.is_some() {
+            return Err(invalid(
+                "http.viewer_token",
+                "set viewer_token or viewer_token_file, not both",
+            ));
+        }
+        if let Some(tok) = &self.http.viewer_token {
+            if tok.len() < 16 {
+                return Err(invalid(
+                    "http.viewer_token",
+                    "must be at least 16 characters",
+                ));
+            }
+            if self.http.api_token.as_deref() == Some(tok.as_str()) {
+                return Err(invalid(
+                    "http.viewer_token",
+                    "must differ from http.api_token",
+                ));
+            }
+        }
+        let t = &self.http.tls;
+        if t.cert.is_some() != t.key.is_some() {
+            return Err(invalid(
+                "http.tls",
+                "give both cert and key, or neither (then the server makes its own)",
+            ));
+        }
+        if t.enabled && self.http.enabled && t.bind == self.http.bind && t.bind.port() != 0 {
+            return Err(invalid(
+                "http.tls.bind",
+                "must differ from http.bind (plain HTTP stays for firmware)",
+            ));
+        }
+        if !(10..=86_400).contains(&self.boot.registration_window_s) {
+            return Err(invalid(
+                "boot.registration_window_s",
+                "must be 10..=86400 seconds",
+            ));
         }
         for (key, url) in [
             ("http.public_url", &self.http.public_url),
@@ -1075,6 +1152,39 @@ mod tests {
         assert_eq!(cfg.dhcp.mode, DhcpMode::Full);
         assert!(cfg.dhcp.enabled && cfg.tftp.enabled && cfg.http.enabled && cfg.ra.enabled);
         assert_eq!(cfg.public_url(), "http://10.213.0.1:8080");
+        assert!(cfg.http.tls.enabled, "HTTPS is on by default");
+        assert_eq!(cfg.http.tls.bind.port(), 8443);
+        assert!(
+            cfg.http.tls.cert.is_none(),
+            "the server makes its own certificate"
+        );
+        assert_eq!(cfg.boot.registration_window_s, 600);
+    }
+
+    #[test]
+    fn https_is_on_without_a_tls_section_and_off_only_when_asked() {
+        let cfg = Config::parse(&with(
+            "[http]
+",
+        ))
+        .expect("config");
+        assert!(cfg.http.tls.enabled);
+        let cfg = Config::parse(&with(
+            "[http]
+[http.tls]
+enabled = false
+",
+        ))
+        .expect("config");
+        assert!(!cfg.http.tls.enabled);
+        let err = Config::parse(&with(
+            "[http]
+[http.tls]
+cert = \"/x.crt\"
+",
+        ))
+        .expect_err("cert without key");
+        assert!(err.to_string().contains("http.tls"), "{err}");
     }
 
     fn with(extra: &str) -> String {

@@ -5,9 +5,10 @@
 //!   detection picks the boot program, iPXE gets its per-MAC script URL.
 //! * TFTP ([`tftp`]): read-only, confined, with blksize/tsize/windowsize.
 //! * HTTP ([`http`]): iPXE scripts that follow each machine's boot mode, the
-//!   live kernel and initrd with `Range`, the management API and the agent
-//!   registry. More route groups (the image repository) plug in through
-//!   [`http::RouteGroup`].
+//!   live kernel and initrd with `Range` over plain HTTP (what firmware
+//!   fetches); the management API, the agent registry and the repository
+//!   over HTTPS with the server's own certificate. More route groups plug
+//!   in through [`http::RouteGroup`]. Who may call what: [`auth`].
 //! * IPv6 router advertisements ([`ra`]) so iPXE does not wait for one.
 //! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
 //! * The lab console ([`console`]): rooms, machines, deployments ([`deploy`]),
@@ -27,6 +28,7 @@
 
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod config;
 pub mod console;
 pub mod db;

@@ -18,9 +18,14 @@
 //! Image states: `uploading` (chunks arriving with `X-Aula-Image: NAME`, not
 //! yet published), `ready`, `corrupt` (the last check found bad chunks).
 //!
-//! Writes need `Authorization: Bearer <write token>`; reads are open unless
-//! a read token is configured. Names and chunk ids are validated before any
-//! path is built from them (see `aula_imager::manifest::validate_name`).
+//! Who may do what is [`crate::auth`]'s table: writes need the write token,
+//! or a capture grant's upload token, which uploads chunks and publishes the
+//! one granted image name only (no other name, no delete, gc or check).
+//! Reads are open unless a read token is configured. No credential or an
+//! unknown one: 401; a known one without the right: 403. Names and chunk
+//! ids are validated before any path is built from them (see
+//! `aula_imager::manifest::validate_name`). A body over its limit is 413; a
+//! body the client failed to send is 400.
 //! Memory per connection is bounded: chunk downloads are streamed from the
 //! file in 256 KiB pieces; uploads are bounded by the largest possible
 //! chunk frame, and at most `max_uploads` are buffered at once.
@@ -38,7 +43,7 @@ use aula_imager::progress::Progress;
 use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{
     HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
@@ -48,7 +53,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Semaphore;
 
-use crate::http::{bearer, Body};
+use crate::auth::{Auth, Principal, Secrets};
+use crate::http::Body;
+use aula_httpkit::range::RangeSpec;
 
 /// Largest chunk frame accepted (zstd bound of the largest chunk).
 const MAX_FRAME: usize = (64 << 20) + (64 << 20) / 255 + 1024;
@@ -113,14 +120,10 @@ struct PersistedState {
     corrupt: HashSet<String>,
 }
 
-/// Decides whether a bearer token that is not the write token may write
-/// (the boot server accepts granted agents' own tokens).
-pub type WriteAuth = Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
 /// The repository service.
 pub struct RepoService {
     repo: Arc<LocalRepo>,
-    extra_writer: Option<WriteAuth>,
+    auth: Arc<Auth>,
     cfg: RepoConfig,
     /// Names with chunk uploads in progress, and when the last one came.
     uploads: Mutex<HashMap<String, Instant>>,
@@ -191,40 +194,17 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// Parse a single `bytes=a-b` / `bytes=a-` / `bytes=-n` range against `len`.
-/// `Ok(None)` means no usable Range header (serve everything); `Err` means
-/// unsatisfiable.
-fn parse_range(h: Option<&HeaderValue>, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(v) = h.and_then(|v| v.to_str().ok()) else {
-        return Ok(None);
-    };
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return Ok(None);
-    };
-    if spec.contains(',') {
-        // Multiple ranges are not supported: serve the whole entity.
-        return Ok(None);
-    }
-    let (a, b) = spec.split_once('-').ok_or(())?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().map_err(|_| ())?;
-            if n == 0 {
-                return Err(());
-            }
-            (len.saturating_sub(n), len - 1)
-        }
-        (s, "") => (s.parse().map_err(|_| ())?, len.saturating_sub(1)),
-        (s, e) => {
-            let s: u64 = s.parse().map_err(|_| ())?;
-            let e: u64 = e.parse().map_err(|_| ())?;
-            (s, e.min(len.saturating_sub(1)))
-        }
-    };
-    if len == 0 || start >= len || end < start {
-        return Err(());
-    }
-    Ok(Some((start, end)))
+/// What a request wants to do, for [`RepoService::authorize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action<'a> {
+    /// Read manifests, chunks, lists, the missing-chunk query.
+    Read,
+    /// Upload a chunk, for the image named in `X-Aula-Image` if any.
+    UploadChunk(Option<&'a str>),
+    /// Publish a version of this image.
+    Publish(&'a str),
+    /// Delete, gc, check.
+    Maintain,
 }
 
 impl RepoService {
@@ -235,9 +215,17 @@ impl RepoService {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        let auth = Arc::new(Auth::new(
+            Secrets {
+                repo_write: cfg.write_token.clone(),
+                repo_read: cfg.read_token.clone(),
+                ..Default::default()
+            },
+            None,
+        ));
         Ok(RepoService {
             repo: Arc::new(repo),
-            extra_writer: None,
+            auth,
             upload_slots: Semaphore::new(cfg.max_uploads.max(1)),
             cfg,
             uploads: Mutex::new(HashMap::new()),
@@ -245,9 +233,11 @@ impl RepoService {
         })
     }
 
-    /// Also accept writes with bearer tokens `auth` approves.
-    pub fn with_write_auth(mut self, auth: WriteAuth) -> Self {
-        self.extra_writer = Some(auth);
+    /// Decide who may read and write with `auth` (the server's one
+    /// [`Auth`]: its capture grants' upload tokens, the repository tokens)
+    /// instead of the repository tokens alone.
+    pub fn with_auth(mut self, auth: Arc<Auth>) -> Self {
+        self.auth = auth;
         self
     }
 
@@ -264,25 +254,45 @@ impl RepoService {
             || path.starts_with("/v1/repo/")
     }
 
-    fn can_read(&self, req: &Request<Incoming>) -> bool {
-        match &self.cfg.read_token {
-            None => true,
-            Some(t) => bearer(req).is_some_and(|b| {
-                aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes())
-                    || self.cfg.write_token.as_deref().is_some_and(|w| {
-                        aula_imager::tls::secrets_equal(b.as_bytes(), w.as_bytes())
-                    })
-            }),
+    /// The caller's right to `action`: the refusal's status and reason.
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        action: Action<'_>,
+    ) -> Result<(), (StatusCode, String)> {
+        if action == Action::Read && !self.auth.repo_reads_need_token() {
+            return Ok(());
         }
-    }
-
-    fn can_write(&self, req: &Request<Incoming>) -> bool {
-        let Some(b) = bearer(req) else { return false };
-        self.cfg
-            .write_token
-            .as_deref()
-            .is_some_and(|t| aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes()))
-            || self.extra_writer.as_ref().is_some_and(|f| f(b))
+        let Some(p) = self.auth.principal(req.headers()) else {
+            let msg = match action {
+                Action::Read => "this repository needs a token to read",
+                _ => "this operation needs the repository's write token or a capture grant",
+            };
+            return Err((StatusCode::UNAUTHORIZED, msg.into()));
+        };
+        let ok = match action {
+            Action::Read => p.can_read_repo(),
+            Action::UploadChunk(image) => p.can_upload_chunks(image),
+            Action::Publish(name) => p.can_publish(name),
+            Action::Maintain => p.can_maintain_repo(),
+        };
+        if ok {
+            return Ok(());
+        }
+        let why = match (&p, action) {
+            (Principal::Upload { image, .. }, Action::Publish(name)) => format!(
+                "the capture grant allows publishing image {image:?} only, not {name:?}"
+            ),
+            (Principal::Upload { image, .. }, Action::UploadChunk(Some(name))) => format!(
+                "the capture grant is for image {image:?}, not {name:?}"
+            ),
+            (Principal::Upload { .. }, _) => {
+                "a capture grant uploads and publishes its image; it cannot delete, collect garbage or check".into()
+            }
+            _ => format!("{} may not do this", p.name()),
+        };
+        tracing::warn!(caller = %p.name(), path = %req.uri().path(), reason = %why, "repository request refused");
+        Err((StatusCode::FORBIDDEN, why))
     }
 
     fn save_state(&self) {
@@ -290,12 +300,8 @@ impl RepoService {
             Ok(s) => serde_json::to_vec(&*s).unwrap_or_default(),
             Err(_) => return,
         };
-        let tmp = self.cfg.root.join("tmp").join("service-state.json.partial");
         let dest = self.cfg.root.join("service-state.json");
-        let r = std::fs::write(&tmp, body)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &dest));
-        if let Err(e) = r {
+        if let Err(e) = crate::persist::atomic_write(&dest, &body) {
             tracing::warn!("could not save the repository state: {e}");
         }
     }
@@ -311,19 +317,20 @@ impl RepoService {
         {
             return error(StatusCode::BAD_REQUEST, &format!("invalid path {path:?}"));
         }
-        let is_write = matches!(method, Method::PUT | Method::DELETE)
-            || (method == Method::POST && path.starts_with("/v1/repo/"));
-        if is_write && !self.can_write(&req) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "this operation needs the repository's write token",
-            );
-        }
-        if !is_write && !self.can_read(&req) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "this repository needs a token to read",
-            );
+        let image_header = req
+            .headers()
+            .get("x-aula-image")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let action = match (&method, segs.as_slice()) {
+            (&Method::PUT, ["v1", "chunks", _]) => Action::UploadChunk(image_header.as_deref()),
+            (&Method::PUT, ["v1", "images", name]) => Action::Publish(name),
+            (&Method::DELETE, _) | (&Method::PUT, _) => Action::Maintain,
+            (&Method::POST, ["v1", "repo", ..]) => Action::Maintain,
+            _ => Action::Read,
+        };
+        if let Err((status, why)) = self.authorize(&req, action) {
+            return error(status, &why);
         }
         match (method.clone(), segs.as_slice()) {
             (Method::GET, ["v1", "images"]) => self.list().await,
@@ -436,14 +443,11 @@ impl RepoService {
         if let Err(e) = validate_name(name) {
             return error(StatusCode::BAD_REQUEST, &e.to_string());
         }
-        let body = match Limited::new(req.into_body(), MAX_MANIFEST).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("reading the manifest: {e}"),
-                )
-            }
+        let (parts, body) = req.into_parts();
+        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_MANIFEST).await
+        {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), &format!("reading the manifest: {e}")),
         };
         let m = match Manifest::from_json(&body, "uploaded manifest") {
             Ok(m) => m,
@@ -525,14 +529,10 @@ impl RepoService {
         struct Q {
             ids: Vec<ChunkId>,
         }
-        let body = match Limited::new(req.into_body(), MAX_QUERY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("reading the query: {e}"),
-                )
-            }
+        let (parts, body) = req.into_parts();
+        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_QUERY).await {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), &format!("reading the query: {e}")),
         };
         let q: Q = match serde_json::from_slice(&body) {
             Ok(q) => q,
@@ -578,10 +578,11 @@ impl RepoService {
                 )
             }
         };
-        let (status, start, count) = match parse_range(req.headers().get(RANGE), len) {
-            Ok(None) => (StatusCode::OK, 0, len),
-            Ok(Some((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
-            Err(()) => {
+        let (status, start, count) = match aula_httpkit::range::parse(req.headers().get(RANGE), len)
+        {
+            RangeSpec::Full => (StatusCode::OK, 0, len),
+            RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
+            RangeSpec::Unsatisfiable => {
                 let mut r = error(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                     r.headers_mut().insert(CONTENT_RANGE, v);
@@ -651,14 +652,10 @@ impl RepoService {
             Ok(s) => s,
             Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
         };
-        let body = match Limited::new(req.into_body(), MAX_FRAME).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("reading the chunk: {e}"),
-                )
-            }
+        let (parts, body) = req.into_parts();
+        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_FRAME).await {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), &format!("reading the chunk: {e}")),
         };
         let repo = self.repo.clone();
         let res = self
@@ -916,23 +913,6 @@ impl crate::http::RouteGroup for RepoRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges_parse_like_rfc_9110() {
-        let h = |s: &str| HeaderValue::from_str(s).expect("header");
-        assert_eq!(parse_range(None, 100), Ok(None));
-        assert_eq!(parse_range(Some(&h("bytes=0-9")), 100), Ok(Some((0, 9))));
-        assert_eq!(parse_range(Some(&h("bytes=90-")), 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range(Some(&h("bytes=-10")), 100), Ok(Some((90, 99))));
-        assert_eq!(
-            parse_range(Some(&h("bytes=50-500")), 100),
-            Ok(Some((50, 99)))
-        );
-        assert_eq!(parse_range(Some(&h("bytes=100-")), 100), Err(()));
-        assert_eq!(parse_range(Some(&h("bytes=5-1")), 100), Err(()));
-        assert_eq!(parse_range(Some(&h("bytes=0-1,5-6")), 100), Ok(None));
-        assert_eq!(parse_range(Some(&h("items=0-1")), 100), Ok(None));
-    }
 
     #[test]
     fn zstd_frame_header_gives_the_content_size() {

@@ -80,7 +80,7 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
         &dir.path().join("server"),
         &format!("[console]\nusers_file = \"{}\"\n", users.display()),
     );
-    let api = Client::new(&server.base());
+    let api = server.client();
     let src = ext4_image(dir.path(), 8, &[("a.txt", b"a".to_vec())]);
     upload(&server, &src, "img", 1 << 20).await;
     api.ok(Method::POST, "/v1/rooms", Some(json!({"name": "A"})))
@@ -101,9 +101,12 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
     .await;
 
     // Plain HTTP beside a TLS listener: no sign-in, pages go to HTTPS.
-    let (s, _, v) = sign_in(&api, "ana", "ana-password-1").await;
+    let plain = Client::new(&server.base());
+    let (s, _, v) = sign_in(&plain, "ana", "ana-password-1").await;
     assert_eq!(s, 403, "{v}");
-    let (s, h, _) = api
+    let (s, v) = plain.call(Method::GET, "/v1/rooms", None).await;
+    assert_eq!(s, 403, "the console API answered over plain HTTP: {v}");
+    let (s, h, _) = plain
         .raw(Method::GET, "/", &[("host", "127.0.0.1")], None)
         .await;
     assert_eq!(s, 308);

@@ -208,7 +208,7 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
         &dir.path().join("server"),
         &format!("[console]\nusers_file = \"{}\"\n", users.display()),
     );
-    let api = Client::new(&server.base());
+    let api = server.client();
     let files = vec![
         ("data/blob.bin", pseudo_random(5, 40 << 20)),
         ("etc/os-release", b"NAME=Lab\n".to_vec()),
@@ -233,7 +233,7 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
     ]});
     let mut agents = Vec::new();
     // Images reach the agents at 12 MB/s in all, so the restores can be watched.
-    let throttle = Throttle::start(server.http, 12_000_000).await;
+    let throttle = Throttle::start(server.https, 12_000_000).await;
     for i in 0..4u64 {
         let mac = format!("52:54:00:c0:03:{:02x}", i + 1);
         let disk = dir.path().join(format!("disk{i}.img"));

@@ -43,7 +43,7 @@ async fn a_room_of_four_restores_three_fails_one_with_its_reason_survives_a_serv
         &dir.path().join("server"),
         "[console]\nlive_boot_timeout_s = 60\nstall_timeout_s = 120\npower_timeout_s = 60\nagent_gone_s = 30\n",
     );
-    let c = Client::new(&server.base());
+    let c = server.client();
 
     // The image: a 48 MiB ext4 filesystem with 20 MiB of data, in 1 MiB chunks.
     let files = vec![
@@ -266,7 +266,7 @@ async fn cancelling_a_machine_and_a_scheduled_deployment() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let server = ServerProc::start(&dir.path().join("server"), "");
-    let c = Client::new(&server.base());
+    let c = server.client();
     let src = ext4_image(dir.path(), 16, &[("a.txt", b"a".to_vec())]);
     upload(&server, &src, "small", 1 << 20).await;
     c.ok(Method::POST, "/v1/rooms", Some(json!({"name": "B"})))

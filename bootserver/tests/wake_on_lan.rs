@@ -82,7 +82,7 @@ async fn each_woken_machine_gets_a_magic_packet_on_its_subnets_broadcast_address
         "10.213.1.1",
         "[console]\nwol_networks = [\"10.213.1.0/24\", \"10.213.2.0/24\"]\nwol_resend_s = 600\n",
     );
-    let c = Client::new(&server.base());
+    let c = server.client();
     let src = ext4_image(dir.path(), 8, &[("a.txt", b"a".to_vec())]);
     upload(&server, &src, "img", 1 << 20).await;
     c.ok(Method::POST, "/v1/rooms", Some(json!({"name": "Lab"})))

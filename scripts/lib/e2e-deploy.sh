@@ -5,8 +5,8 @@
 # checks of each step (PXE → live system → restored disk → restored OS).
 #
 # Source it from scripts/e2e after the boot server runs and the reference
-# images are published; needs NS, HTTP_URL, API_TOKEN, W, MAC-free globals of
-# e2e and the vm_* helpers. One VM runs at a time (two cores), so the
+# images are published; needs NS, HTTPS_URL, SERVER_PIN, API_TOKEN, W, the
+# server_api helper of e2e-core.sh and the vm_* helpers. One VM runs at a time (two cores), so the
 # deployment restores one machine at a time (max_concurrent 1); the machines
 # waiting for their turn stay in "waking" (their one-shot live boot is set).
 # shellcheck shell=bash
@@ -15,11 +15,12 @@ DEMO_MACHINES=${DEMO_MACHINES:-2}
 DEMO_IMAGE=${DEMO_IMAGE:-ref-bios}
 DEMO_ROOM=${DEMO_ROOM:-Demo room}
 
-# api METHOD PATH [JSON]: the boot server's API with the API token; prints the body.
+# api METHOD PATH [JSON]: the boot server's API over HTTPS (its certificate
+# pinned) with the API token; prints the body.
 api() {
-  local args=(-fsS --max-time 10 -X "$1" -H "Authorization: Bearer $API_TOKEN")
+  local args=(--max-time 10 -X "$1")
   [ -n "${3:-}" ] && args+=(-H 'Content-Type: application/json' -d "$3")
-  ip netns exec "$NS" curl "${args[@]}" "$HTTP_URL$2"
+  server_api "${args[@]}" "$HTTPS_URL$2"
 }
 
 # jget JSON EXPR: a value from JSON (python3 expression over `d`).

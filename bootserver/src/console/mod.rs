@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Limited};
-use hyper::header::{HeaderValue, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, COOKIE, SET_COOKIE, WWW_AUTHENTICATE};
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -129,13 +129,13 @@ impl ConsoleError {
 
 type Result<T> = std::result::Result<T, ConsoleError>;
 
-/// The console route group. One instance per listener: `tls` says whether
-/// its cookies are `Secure`.
+/// The console route group, served on the HTTPS listener (and on plain
+/// HTTP only when TLS is off). Cookies are `Secure` on requests that came
+/// over TLS.
 pub struct ConsoleRoutes {
     svc: Arc<DeployService>,
     users: Arc<Users>,
-    token: Option<String>,
-    tls: bool,
+    auth: Arc<crate::auth::Auth>,
     /// The HTTPS port, when there is one: sign-in over plain HTTP is then
     /// refused and pages redirect there.
     https_port: Option<u16>,
@@ -154,8 +154,8 @@ pub struct Console {
     pub svc: Arc<DeployService>,
     /// Operators.
     pub users: Arc<Users>,
-    /// The API token.
-    pub token: Option<String>,
+    /// Who a bearer credential names (the API token for programs).
+    pub auth: Arc<crate::auth::Auth>,
     /// Stops event streams at shutdown.
     pub cancel: CancellationToken,
 }
@@ -168,13 +168,12 @@ fn signin_slots() -> Arc<tokio::sync::Semaphore> {
 }
 
 impl Console {
-    /// The route group for one listener.
-    pub fn routes(&self, tls: bool, https_port: Option<u16>) -> ConsoleRoutes {
+    /// The route group; `https_port` is the HTTPS listener's, if any.
+    pub fn routes(&self, https_port: Option<u16>) -> ConsoleRoutes {
         ConsoleRoutes {
             svc: self.svc.clone(),
             users: self.users.clone(),
-            token: self.token.clone(),
-            tls,
+            auth: self.auth.clone(),
             https_port,
             cancel: self.cancel.clone(),
             signins: signin_slots(),
@@ -223,14 +222,6 @@ fn cookie(req: &HttpRequest, name: &str) -> Option<String> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
-}
-
-fn bearer(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
 }
 
 async fn body_bytes(req: HttpRequest, max: usize) -> Result<bytes::Bytes> {
@@ -287,20 +278,29 @@ pub fn tile_state(
     let c = fleet.clients.get(&m.mac);
     let agent = fleet.agents.get(&m.mac);
     let last = c.and_then(|c| c.last_boot);
-    let last_dep = m.last_deployment.as_ref().map(|(_, s)| s.as_str());
-    let state = match (last, agent) {
-        (Some((BootMode::Live, at)), Some(a)) if a.registered_at >= at => "live",
-        (Some((BootMode::Live, _)), _) => "booting",
-        (Some((BootMode::Local, _)), _) => "os",
-        // No boot seen by this server (an agent started elsewhere, or a
-        // machine never booted): say what the last deployment left.
-        (None, _) if last_dep == Some("failed") => "failed",
-        (None, _) if last_dep == Some("done") => "done",
-        (None, Some(_)) => "live",
-        (None, None) => "unseen",
+    let boot_ms = last.map(|(_, at)| (at as i64).saturating_mul(1000));
+    // What the last deployment left, when nothing booted since it ended (or
+    // no boot was ever seen by this server: an agent started elsewhere).
+    let outcome = m.last_deployment.as_ref().and_then(|(_, s, end)| {
+        let since = match (boot_ms, end) {
+            (None, _) => true,
+            (Some(b), Some(e)) => *e >= b,
+            (Some(_), None) => false,
+        };
+        (since && (s == "done" || s == "failed")).then_some(s.as_str())
+    });
+    let state = match (outcome, last, agent) {
+        (Some(o), _, _) => o,
+        (None, Some((BootMode::Live, at)), Some(a)) if a.registered_at >= at => "live",
+        (None, Some((BootMode::Live, _)), _) => "booting",
+        (None, Some((BootMode::Local, _)), _) => "os",
+        (None, None, Some(_)) => "live",
+        (None, None, None) => "unseen",
     };
+    // A machine whose last deployment failed stays marked failed when it
+    // boots its (old) OS.
     let state = match (&m.last_deployment, state) {
-        (Some((_, s)), "os") if s == "failed" => "failed",
+        (Some((_, s, _)), "os") if s == "failed" => "failed",
         _ => state,
     };
     (
@@ -312,11 +312,9 @@ pub fn tile_state(
 
 impl ConsoleRoutes {
     async fn principal(&self, req: &HttpRequest) -> Result<Principal> {
-        if let Some(b) = bearer(req) {
-            return match &self.token {
-                Some(t) if aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes()) => {
-                    Ok(Principal::Token)
-                }
+        if crate::http::credential(req).is_some() {
+            return match self.auth.principal(req.headers()) {
+                Some(crate::auth::Principal::Admin) => Ok(Principal::Token),
                 _ => Err(ConsoleError::Unauthorized("wrong bearer token".into())),
             };
         }
@@ -375,16 +373,16 @@ impl ConsoleRoutes {
         self.svc.log(p.who(), action, target, &outcome, None).await;
     }
 
-    fn session_cookie(&self, value: &str, max_age: i64) -> HeaderValue {
-        let secure = if self.tls { "; Secure" } else { "" };
+    fn session_cookie(&self, value: &str, max_age: i64, tls: bool) -> HeaderValue {
+        let secure = if tls { "; Secure" } else { "" };
         HeaderValue::from_str(&format!(
             "{COOKIE_NAME}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
         ))
         .unwrap_or_else(|_| HeaderValue::from_static("aula_session=; Max-Age=0"))
     }
 
-    async fn sign_in(&self, req: HttpRequest) -> Result<HttpResponse> {
-        if !self.tls && self.https_port.is_some() {
+    async fn sign_in(&self, req: HttpRequest, tls: bool) -> Result<HttpResponse> {
+        if !tls && self.https_port.is_some() {
             return Err(ConsoleError::Forbidden(
                 "sign in over HTTPS: this server has a TLS listener".into(),
             ));
@@ -451,34 +449,17 @@ impl ConsoleRoutes {
             &json!({"user": user.name, "rooms": user.rooms, "csrf": csrf}),
         );
         r.headers_mut()
-            .insert(SET_COOKIE, self.session_cookie(&secret, ttl / 1000));
+            .insert(SET_COOKIE, self.session_cookie(&secret, ttl / 1000, tls));
         Ok(r)
     }
 
-    async fn route(&self, req: HttpRequest) -> Result<HttpResponse> {
+    async fn route(&self, req: HttpRequest, tls: bool) -> Result<HttpResponse> {
         let path = req.uri().path().trim_end_matches('/').to_owned();
         let segs: Vec<&str> = path.split('/').skip(1).collect();
         let method = req.method().clone();
         // Pages and assets: open (they hold no data).
         match (&method, segs.as_slice()) {
             (&Method::GET | &Method::HEAD, [] | [""] | ["console", ..]) => {
-                if let (false, Some(port)) = (self.tls, self.https_port) {
-                    let host = req
-                        .headers()
-                        .get(hyper::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(|h| h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_owned())
-                        .unwrap_or_else(|| self.svc.config().server.address.to_string());
-                    let mut r = crate::http::response(
-                        StatusCode::PERMANENT_REDIRECT,
-                        "text/plain",
-                        "use HTTPS\n",
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}:{port}/")) {
-                        r.headers_mut().insert(LOCATION, v);
-                    }
-                    return Ok(r);
-                }
                 return Ok(pages::index());
             }
             (&Method::GET | &Method::HEAD, ["assets", name]) => return Ok(pages::asset(name)),
@@ -489,7 +470,7 @@ impl ConsoleRoutes {
                     OPENAPI,
                 ));
             }
-            (&Method::POST, ["v1", "session"]) => return self.sign_in(req).await,
+            (&Method::POST, ["v1", "session"]) => return self.sign_in(req, tls).await,
             _ => {}
         }
         let p = self.principal(&req).await?;
@@ -521,7 +502,7 @@ impl ConsoleRoutes {
                     .await;
                 let mut r = json_response(StatusCode::OK, &json!({"signed_out": true}));
                 r.headers_mut()
-                    .insert(SET_COOKIE, self.session_cookie("", 0));
+                    .insert(SET_COOKIE, self.session_cookie("", 0, tls));
                 Ok(r)
             }
             (Method::GET, ["v1", "rooms"]) => {
@@ -1308,9 +1289,13 @@ impl RouteGroup for ConsoleRoutes {
         claims(path)
     }
 
-    fn handle(&self, req: HttpRequest, _ctx: RequestContext) -> BoxFuture<'_, HttpResponse> {
+    fn redirect_plain_get(&self, path: &str) -> bool {
+        path == "/" || path == "/console" || path.starts_with("/console/")
+    }
+
+    fn handle(&self, req: HttpRequest, ctx: RequestContext) -> BoxFuture<'_, HttpResponse> {
         Box::pin(async move {
-            match self.route(req).await {
+            match self.route(req, ctx.secure).await {
                 Ok(r) => r,
                 Err(e) => e.into_response(),
             }

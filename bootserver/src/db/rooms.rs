@@ -50,8 +50,9 @@ pub struct Machine {
     pub image_version: Option<i64>,
     /// When (ms).
     pub imaged_at: Option<i64>,
-    /// The machine's latest deployment: id and per-machine state.
-    pub last_deployment: Option<(i64, String)>,
+    /// The machine's latest deployment: id, per-machine state, and when
+    /// that machine's part of it ended (ms), if it has.
+    pub last_deployment: Option<(i64, String, Option<i64>)>,
 }
 
 /// Create or update a machine.
@@ -96,7 +97,8 @@ pub struct MachineFilter {
 
 const MACHINE_COLS: &str = "m.id, m.mac, m.name, m.room_id, r.name, m.seat, m.expected_ip, \
     m.disk_layout, m.image, m.image_version, m.imaged_at, \
-    (SELECT dm.deployment_id || ' ' || dm.state FROM deployment_machines dm \
+    (SELECT dm.deployment_id || ' ' || dm.state || ' ' || COALESCE(dm.finished_at, '') \
+       FROM deployment_machines dm \
        WHERE dm.mac = m.mac ORDER BY dm.deployment_id DESC LIMIT 1)";
 
 fn machine_row(r: &Row<'_>) -> rusqlite::Result<Machine> {
@@ -117,8 +119,10 @@ fn machine_row(r: &Row<'_>) -> rusqlite::Result<Machine> {
         image_version: r.get(9)?,
         imaged_at: r.get(10)?,
         last_deployment: last.and_then(|s| {
-            let (id, st) = s.split_once(' ')?;
-            Some((id.parse().ok()?, st.to_owned()))
+            let mut w = s.split(' ');
+            let id = w.next()?.parse().ok()?;
+            let st = w.next()?.to_owned();
+            Some((id, st, w.next().and_then(|t| t.parse().ok())))
         }),
     })
 }

@@ -729,12 +729,9 @@ fn active_document(a: &Active) -> String {
     )
 }
 
-/// Lets the agent of `mac` upload `image`.
-///
-/// The registry's grant is per machine today; the image name is passed so
-/// the scoped grant (one named image) is a one-line change here.
+/// Lets the agent of `mac` upload chunks and publish `image`, nothing else.
 fn grant_capture(svc: &DeployService, mac: MacAddr, image: &str, until: u64) {
-    svc.registry.grant_capture(mac, until);
+    svc.registry.grant_capture(mac, image.to_owned(), until);
     tracing::info!(%mac, image, "capture granted for the deployment");
 }
 

@@ -233,6 +233,45 @@ gc_grace_s = 0
     pub fn repo_dir(&self) -> PathBuf {
         self.dir.join("data/repo")
     }
+
+    /// A client of the API over HTTPS, pinned to the server's certificate
+    /// (the console and the API are served there only).
+    pub fn client(&self) -> Client {
+        Client::pinned(&self.https_base(), Some(&self.fingerprint))
+    }
+
+    /// A live boot of `mac` as the machine starts it: a one-shot live mode
+    /// set through the API, then the machine's own iPXE script fetch over
+    /// plain HTTP from its address (loopback, with the `ip=`/`mac=` iPXE
+    /// puts in the URL). Returns the boot's nonce (`aula.boot=`) its agent
+    /// registers with in the window this opened.
+    pub async fn live_boot(&self, mac: &str) -> String {
+        self.client()
+            .ok(
+                Method::PUT,
+                &format!("/v1/clients/{mac}/boot"),
+                Some(serde_json::json!({"mode": "live", "once": true})),
+            )
+            .await;
+        let plain = Client::new(&self.base());
+        let (s, _, v) = plain
+            .raw(
+                Method::GET,
+                &format!(
+                    "/boot/ipxe/{}?ip=127.0.0.1&mac={mac}",
+                    mac.replace(':', "-")
+                ),
+                &[],
+                None,
+            )
+            .await;
+        let text = v.as_str().unwrap_or_default().to_owned();
+        assert_eq!(s, 200, "live script of {mac}: {text}");
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix("aula.boot="))
+            .unwrap_or_else(|| panic!("no live boot for {mac}: {text}"))
+            .to_owned()
+    }
 }
 
 impl Drop for ServerProc {
@@ -352,13 +391,15 @@ pub fn ext4_image(dir: &Path, size_mib: u64, files: &[(&str, Vec<u8>)]) -> PathB
 
 /// Uploads a partition image of `source` to the server's repository.
 pub async fn upload(server: &ServerProc, source: &Path, name: &str, chunk: u64) {
-    let url = server.base();
+    let url = server.https_base();
+    let pin = aula_imager::tls::parse_fingerprint(&server.fingerprint).expect("fingerprint");
     let source = source.to_owned();
     let name = name.to_owned();
     tokio::task::spawn_blocking(move || {
         let repo = aula_imager::repo::HttpRepo::new(
             &url,
             aula_imager::repo::HttpOptions {
+                trust: aula_imager::tls::ServerTrust::Pin(pin),
                 token: Some(REPO_TOKEN.into()),
                 ..Default::default()
             },
@@ -446,12 +487,16 @@ impl Drop for Throttle {
     }
 }
 
-/// Starts an agent for `mac` with disk 1 = `disk`, registering with the server.
+/// Starts an agent for `mac` with disk 1 = `disk`, after a live boot of
+/// `mac` (the agent registers in the window it opened, with its nonce).
+/// The repository is the server's (HTTPS, pinned, with the read token the
+/// registration hands out; uploads with the agent's upload token).
 pub async fn start_agent(server: &ServerProc, dir: &Path, mac: &str, disk: &Path) -> Agent {
-    start_agent_via(server, server.http, dir, mac, disk).await
+    start_agent_via(server, server.https, dir, mac, disk).await
 }
 
-/// [`start_agent`], fetching images through `repo_port`.
+/// [`start_agent`], fetching images through `repo_port` (a proxy in front
+/// of the server's HTTPS port; the pin stays the server's).
 pub async fn start_agent_via(
     server: &ServerProc,
     repo_port: u16,
@@ -459,16 +504,37 @@ pub async fn start_agent_via(
     mac: &str,
     disk: &Path,
 ) -> Agent {
+    let nonce = server.live_boot(mac).await;
+    start_agent_in_boot(server, repo_port, dir, mac, disk, &nonce).await
+}
+
+/// An agent started in the live boot whose nonce is `nonce`.
+pub async fn start_agent_in_boot(
+    server: &ServerProc,
+    repo_port: u16,
+    dir: &Path,
+    mac: &str,
+    disk: &Path,
+    nonce: &str,
+) -> Agent {
     std::fs::create_dir_all(dir).expect("agent dir");
+    let repo = if repo_port == server.https {
+        String::new()
+    } else {
+        format!(
+            "url = \"https://127.0.0.1:{repo_port}\"\nfingerprint = \"{}\"",
+            server.fingerprint
+        )
+    };
     let text = format!(
         r#"restore_records = ""
+state_dir = "{dir}/agent-state"
 [listen]
 address = "127.0.0.1"
 port = 0
 [repository]
-port = {http}
-write_token = "{REPO_TOKEN}"
 retry_s = 60
+{repo}
 [cache]
 mount_dir = "{dir}/cache-mnt"
 [power]
@@ -482,14 +548,13 @@ ips = ["127.0.0.1"]
 [disks]
 1 = "{disk}"
 "#,
-        http = repo_port,
         dir = dir.display(),
         disk = disk.display(),
         tag = mac.replace(':', ""),
     );
     let file = FileConfig::parse(&text, "test").expect("agent config");
     let cmdline = format!(
-        "quiet aula.server={} aula.server_fp={}",
+        "quiet aula.server={} aula.server_fp={} aula.boot={nonce}",
         server.https_base(),
         server.fingerprint
     );

@@ -36,12 +36,16 @@ const MAX_FRAME: usize = (64 << 20) + (64 << 20) / 255 + 1024;
 const MAX_JSON: usize = 256 << 20;
 
 /// Client settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpOptions {
     /// How to trust an https:// server.
     pub trust: ServerTrust,
-    /// Bearer token for writes (upload, publish, delete).
+    /// Bearer token for writes (upload, publish, delete); also sent with
+    /// reads when no `read_token` is given.
     pub token: Option<String>,
+    /// Bearer token for reads (manifests, chunks, lists), for a repository
+    /// that needs one to read (`repository.read_token`).
+    pub read_token: Option<String>,
     /// Keep retrying a failing call for this long.
     pub retry_for: Duration,
     /// A response (or the next piece of its body) must arrive within this.
@@ -59,6 +63,7 @@ impl Default for HttpOptions {
         HttpOptions {
             trust: ServerTrust::System,
             token: None,
+            read_token: None,
             retry_for: Duration::from_secs(300),
             timeout: Duration::from_secs(30),
             parallel: 8,
@@ -77,6 +82,19 @@ pub struct HttpRepo {
     _rt: Option<tokio::runtime::Runtime>,
     opts: HttpOptions,
     upload_name: std::sync::Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpOptions")
+            .field("trust", &self.trust)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("read_token", &self.read_token.as_ref().map(|_| "…"))
+            .field("retry_for", &self.retry_for)
+            .field("timeout", &self.timeout)
+            .field("parallel", &self.parallel)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for HttpRepo {
@@ -241,10 +259,13 @@ impl HttpRepo {
         body: Bytes,
     ) -> std::result::Result<Request<Full<Bytes>>, Fail> {
         let mut b = Request::builder().method(method).uri(self.url(path));
-        if auth {
-            if let Some(t) = &self.opts.token {
-                b = b.header(AUTHORIZATION, format!("Bearer {t}"));
-            }
+        let credential = if auth {
+            self.opts.token.as_ref()
+        } else {
+            self.opts.read_token.as_ref().or(self.opts.token.as_ref())
+        };
+        if let Some(t) = credential {
+            b = b.header(AUTHORIZATION, format!("Bearer {t}"));
         }
         if !body.is_empty() {
             b = b.header(CONTENT_TYPE, "application/octet-stream");

@@ -184,7 +184,9 @@ impl LocalRepo {
     }
 
     /// Store a manifest under its own `image_version` (used by caches that
-    /// mirror another repository). A version already present is left alone.
+    /// mirror another repository). A version already present is left alone
+    /// when it is the same manifest, and replaced when it differs: the
+    /// repository mirrored is the source of truth, not what a cache holds.
     pub fn store_version(&self, m: &Manifest) -> Result<()> {
         m.validate().map_err(|why| Error::BadManifest {
             source_name: Some(m.name.clone()),
@@ -200,7 +202,22 @@ impl LocalRepo {
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let dest = dir.join(format!("{}.json", m.image_version));
         if dest.exists() {
-            return Ok(());
+            match self.read_manifest_file(&dest) {
+                Ok(old) if old.to_json() == m.to_json() => return Ok(()),
+                _ => {
+                    tracing::warn!(
+                        "the cached manifest {} differs from the repository's; replacing it",
+                        dest.display()
+                    );
+                    let tmp = self.write_temp(&m.to_json())?;
+                    let r = fs::rename(&tmp, &dest);
+                    if r.is_err() {
+                        let _ = fs::remove_file(&tmp);
+                    }
+                    r.ctx(|| format!("replacing {}", dest.display()))?;
+                    return sync_dir(&dir);
+                }
+            }
         }
         let tmp = self.write_temp(&m.to_json())?;
         let r = fs::hard_link(&tmp, &dest);
