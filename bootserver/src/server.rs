@@ -158,7 +158,16 @@ impl Server {
                 message: format!("must differ from {a}: each token names one kind of caller"),
             }));
         }
-        let registry = Arc::new(Registry::load(&data_dir)?);
+        // One database for the registry and the console (blocking: opens,
+        // migrates, imports an old state.json, reads the registry's rows).
+        let registry = {
+            let dir = data_dir.clone();
+            let reg =
+                tokio::task::spawn_blocking(move || Registry::open(crate::db::Db::open(&dir)?))
+                    .await
+                    .map_err(|_| ServerError::Db(crate::db::DbError::Worker))??;
+            Arc::new(reg)
+        };
         let auth = Arc::new(Auth::new(secrets, Some(registry.clone())));
         let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
         let interface = if needs_iface {
@@ -318,7 +327,7 @@ impl Server {
             };
             let mut groups = extra_routes;
             if cfg.console.enabled {
-                let db = crate::db::Db::open(&cfg.server.data_dir)?;
+                let db = registry.db().clone();
                 let users_path = cfg
                     .console
                     .users_file

@@ -1,5 +1,7 @@
-//! The console's state in SQLite: rooms, machines, deployments and their
-//! per-machine rows, operator sessions and the command log.
+//! The boot server's state in SQLite: rooms, machines, deployments and
+//! their per-machine rows, operator sessions, the command log, and the
+//! registry (machines seen, boot modes, boot sessions, agents, capture
+//! grants; `crate::state` keeps it in memory and writes its rows here).
 //!
 //! * One file, `<data_dir>/aula.db`, created `0600` in a `0700` directory,
 //!   in WAL mode (readers never wait for the writer), `synchronous=NORMAL`
@@ -169,6 +171,49 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX command_log_by_who ON command_log(who, id);
     "#,
+    // 2: the boot server's registry (was state.json): machines seen and
+    // their boot settings and live boot sessions, bound agents, capture
+    // grants; and a record of one-time imports.
+    r#"
+    CREATE TABLE clients (
+        mac                TEXT PRIMARY KEY,
+        firmware           TEXT,
+        ip                 TEXT,
+        hostname           TEXT,
+        last_seen          INTEGER,
+        boot_mode          TEXT,
+        boot_once          TEXT,
+        last_boot_mode     TEXT,
+        last_boot_at       INTEGER,
+        session_nonce      TEXT,
+        session_source     TEXT,
+        session_opened_at  INTEGER,
+        session_bound      INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE agents (
+        mac               TEXT PRIMARY KEY,
+        macs              TEXT NOT NULL,
+        ips               TEXT NOT NULL,
+        hostname          TEXT,
+        firmware          TEXT,
+        agent_version     TEXT NOT NULL,
+        token             TEXT,
+        cert_fingerprint  TEXT NOT NULL,
+        port              INTEGER NOT NULL,
+        registered_at     INTEGER NOT NULL,
+        source            TEXT
+    ) WITHOUT ROWID;
+    CREATE TABLE capture_grants (
+        mac    TEXT PRIMARY KEY,
+        image  TEXT NOT NULL,
+        until  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE registry_imports (
+        name  TEXT PRIMARY KEY,
+        at    INTEGER NOT NULL,
+        rows  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this binary writes.
@@ -242,21 +287,21 @@ impl Db {
     /// Opens (creating) `<dir>/aula.db`: the directory is made `0700`, the
     /// file `0600`, WAL mode, migrations applied.
     pub fn open(dir: &Path) -> Result<Db, DbError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("restricting", dir))?;
+        use std::os::unix::fs::PermissionsExt;
+        crate::persist::private_dir(dir).map_err(|e| DbError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        })?;
         let path = dir.join("aula.db");
         // Create the file ourselves so it never exists with looser rights;
         // SQLite gives its -wal and -shm files the same mode.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("creating", &path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err("restricting", &path))?;
+        crate::persist::create_private(&path, false).map_err(io_err("creating", &path))?;
+        std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(crate::persist::FILE_MODE),
+        )
+        .map_err(io_err("restricting", &path))?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;

@@ -41,7 +41,7 @@ pub struct ClientFacts {
 /// A snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct Fleet {
-    /// Agents by every MAC they registered.
+    /// Agents by the MAC of the machine they registered for.
     pub agents: HashMap<MacAddr, AgentView>,
     /// Machines the registry knows.
     pub clients: HashMap<MacAddr, ClientFacts>,
@@ -95,8 +95,10 @@ impl Fleet {
                 },
                 registered_at: a.registered_at,
             };
-            for m in &a.macs {
-                agents.insert(*m, view.clone());
+            // Only the machine's own MAC (the one it booted from, bound by
+            // the registration): the other MACs an agent lists confer nothing.
+            if let Some(m) = a.macs.first() {
+                agents.insert(*m, view);
             }
         }
         let clients = registry
