@@ -362,12 +362,13 @@ impl Server {
                 programs,
                 live,
             )));
-            groups.push(Arc::new(ApiRoutes::new(
-                cfg.clone(),
-                registry.clone(),
-                dhcp.clone(),
-                auth,
-            )));
+            let api = ApiRoutes::new(cfg.clone(), registry.clone(), dhcp.clone(), auth);
+            // Webhooks reach the deployment runner at once.
+            let api = match &deployments {
+                Some(d) => api.with_event_sink(d.clone()),
+                None => api,
+            };
+            groups.push(Arc::new(api));
             let serves = match (&https_url, https_addr) {
                 (Some(u), Some(a)) => Serves::PlainOnly {
                     https_url: u.clone(),

@@ -59,6 +59,9 @@ async fn a_room_of_four_restores_three_fails_one_with_its_reason_survives_a_serv
         .await;
     let mut disks = Vec::new();
     let mut agents = Vec::new();
+    // Images reach the agents at 16 MB/s in all, so the server can be
+    // killed while they restore (webhooks make the rest quick).
+    let throttle = Throttle::start(server.https, 16_000_000).await;
     for (i, mac) in MACS.iter().enumerate() {
         let disk = dir.path().join(format!("disk{i}.img"));
         let f = std::fs::File::create(&disk).expect("disk");
@@ -71,7 +74,16 @@ async fn a_room_of_four_restores_three_fails_one_with_its_reason_survives_a_serv
             Some(json!({"mac": mac, "name": format!("pc{:02}", i + 1), "room_id": room["id"], "seat": i + 1})),
         )
         .await;
-        agents.push(start_agent(&server, &dir.path().join(format!("agent{i}")), mac, &disk).await);
+        agents.push(
+            start_agent_via(
+                &server,
+                throttle.port,
+                &dir.path().join(format!("agent{i}")),
+                mac,
+                &disk,
+            )
+            .await,
+        );
         disks.push(disk);
     }
     wait_agents(&c, 4).await;

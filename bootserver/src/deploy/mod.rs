@@ -142,9 +142,60 @@ pub(crate) enum Msg {
         input: machine::Input,
         /// The I/O task of this machine is over.
         io_done: bool,
+        /// The job (and the agent's event count for it) this observation is
+        /// about: dropped when the machine has moved on to another job, or
+        /// when a newer observation of the job was applied already.
+        about: Option<Observed>,
     },
+    /// A webhook the machine's agent signed (`POST /v1/agents/events`).
+    Event { mac: MacAddr, event: AgentEvent },
     /// A poll failed to reach the agent.
     Unreachable { dep: i64, mac: MacAddr },
+}
+
+/// Which job, and which of its events, an observation reflects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Observed {
+    /// The job id.
+    pub job: String,
+    /// The agent's `seq` for the job when the observation was made (the
+    /// webhook's own, or the job's event count in a `GET /v1/jobs/{id}`).
+    pub seq: Option<u64>,
+}
+
+/// The parts of an agent's webhook the runner follows.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AgentEvent {
+    /// `job_id`.
+    pub job: String,
+    /// `seq`.
+    pub seq: u64,
+    /// `state`: queued, running, succeeded, failed, cancelled.
+    pub state: String,
+    /// `progress`: bytes done, total, rate.
+    pub progress: Option<(u64, u64, f64)>,
+    /// The whole event (for the failure's `error`).
+    pub body: serde_json::Value,
+}
+
+impl AgentEvent {
+    /// The fields of a webhook body (`agent/WEBHOOKS.md`), if it is one.
+    pub fn parse(v: &serde_json::Value) -> Option<AgentEvent> {
+        let p = &v["progress"];
+        Some(AgentEvent {
+            job: v["job_id"].as_str()?.to_owned(),
+            seq: v["seq"].as_u64()?,
+            state: v["state"].as_str()?.to_owned(),
+            progress: p.is_object().then(|| {
+                (
+                    p["bytes_done"].as_u64().unwrap_or(0),
+                    p["bytes_total"].as_u64().unwrap_or(0),
+                    p["rate_bps"].as_f64().unwrap_or(0.0),
+                )
+            }),
+            body: v.clone(),
+        })
+    }
 }
 
 /// The live state of one machine in a running deployment (room tiles).
@@ -184,6 +235,12 @@ pub struct DeployService {
 impl std::fmt::Debug for DeployService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeployService").finish_non_exhaustive()
+    }
+}
+
+impl crate::http::api::EventSink for DeployService {
+    fn agent_event(&self, mac: MacAddr, event: &serde_json::Value) {
+        DeployService::agent_event(self, mac, event);
     }
 }
 
@@ -239,6 +296,15 @@ impl DeployService {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// A webhook the agent of `mac` signed (checked by the caller): handed
+    /// to the runner at once, which applies it to the machine whose current
+    /// job it names (newer events only). Never blocks.
+    pub fn agent_event(&self, mac: MacAddr, event: &serde_json::Value) {
+        if let Some(event) = AgentEvent::parse(event) {
+            let _ = self.tx.send(Msg::Event { mac, event });
+        }
     }
 
     /// The registry.

@@ -8,11 +8,17 @@
 //! rows in one transaction, and publishes one JSON document per deployment
 //! for the console's event streams.
 //!
-//! Jobs are followed by polling the agent's job API (`GET /v1/jobs/{id}`,
-//! about once a second per running job): the same call answers whether a
-//! webhook was missed or the server restarted, so a resumed deployment
-//! needs nothing else. Job ids are deterministic, so posting a job again
-//! after a restart is idempotent.
+//! Jobs are followed by the agents' signed webhooks, applied as they
+//! arrive ([`Msg::Event`], from `POST /v1/agents/events`), and by polling
+//! the agent's job API (`GET /v1/jobs/{id}`): about once a second until a
+//! job's first webhook arrives (an agent whose webhooks go to another core),
+//! then every [`POLL_FALLBACK_MS`] after the last one. The poll answers
+//! whether a webhook was missed or the server restarted, so a resumed
+//! deployment needs nothing else. Every observation names its job and the
+//! agent's event count (`seq`): one about a job the machine has left, or
+//! older than one applied already, is dropped, so a late poll cannot undo
+//! a webhook. Job ids are deterministic, so posting a job again after a
+//! restart is idempotent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -27,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::agent::{AgentAddr, AgentClients, CallError};
 use super::fleet::Fleet;
 use super::machine::{Action, Input, JobOp, JobRef, Kind, Ms, Phase, Plan, Run, Timeouts};
-use super::{DeployService, LiveMachine, Msg, Published};
+use super::{AgentEvent, DeployService, LiveMachine, Msg, Observed, Published};
 use crate::config::BootMode;
 use crate::db::deployments::{self, Deployment, DeploymentState};
 use crate::db::{now_ms, rooms, DbError};
@@ -35,8 +41,10 @@ use crate::mac::MacAddr;
 
 /// How often the runner looks at every machine.
 pub const TICK: Duration = Duration::from_millis(500);
-/// How often a running job is polled.
+/// How often a running job is polled while no webhook of it arrived.
 const POLL_MS: Ms = 1_000;
+/// How long after a job's last webhook it is polled (the fallback).
+pub const POLL_FALLBACK_MS: Ms = 5_000;
 /// Progress-only changes are written at most this often.
 const PROGRESS_SAVE_MS: Ms = 3_000;
 /// Minutes a capture grant lasts.
@@ -57,6 +65,57 @@ struct Slot {
     progress_dirty: bool,
     last_poll: Ms,
     unreachable_since: Option<Ms>,
+    /// The newest observation applied for the current job.
+    seen: Option<Seen>,
+}
+
+/// The newest observation applied for a job.
+struct Seen {
+    job: String,
+    seq: u64,
+    /// When its last webhook arrived.
+    event_at: Option<Ms>,
+}
+
+impl Slot {
+    /// Whether an observation `about` a job still applies; records it.
+    fn admit(&mut self, about: &Observed, webhook: Option<Ms>) -> bool {
+        let current = self.run.job.as_ref().map(|j| j.id.as_str());
+        if current != Some(about.job.as_str()) {
+            return false;
+        }
+        let seen = match &mut self.seen {
+            Some(s) if s.job == about.job => s,
+            other => other.insert(Seen {
+                job: about.job.clone(),
+                seq: 0,
+                event_at: None,
+            }),
+        };
+        if let Some(seq) = about.seq {
+            if seq < seen.seq {
+                return false;
+            }
+            seen.seq = seq;
+        }
+        if webhook.is_some() {
+            seen.event_at = webhook;
+        }
+        true
+    }
+
+    /// When the current job is next polled.
+    fn poll_due(&self, now: Ms) -> bool {
+        let event_at = self
+            .seen
+            .as_ref()
+            .filter(|s| self.run.job.as_ref().is_some_and(|j| j.id == s.job))
+            .and_then(|s| s.event_at);
+        match event_at {
+            Some(at) => now - self.last_poll.max(at) >= POLL_FALLBACK_MS,
+            None => now - self.last_poll >= POLL_MS,
+        }
+    }
 }
 
 struct Active {
@@ -263,6 +322,7 @@ impl Runner {
                     progress_dirty: false,
                     last_poll: 0,
                     unreachable_since: None,
+                    seen: None,
                 }
             })
             .collect();
@@ -312,35 +372,28 @@ impl Runner {
                 mac,
                 input,
                 io_done,
+                about,
             } => {
                 let now = now_ms();
-                let mut todo = None;
-                if let Some(a) = self.active.get_mut(&dep) {
-                    if let Some(i) = a.slots.iter().position(|s| s.mac == mac) {
-                        let plan = a.plan(&a.slots[i]);
+                let Some(i) = self.slot_of(dep, mac) else {
+                    return;
+                };
+                let admitted = match self.active.get_mut(&dep) {
+                    Some(a) => {
                         let s = &mut a.slots[i];
                         if io_done {
                             s.busy = false;
                         }
                         s.unreachable_since = None;
-                        let before = s.run.phase;
-                        let progress_only = matches!(input, Input::JobProgress { .. });
-                        let acts = s.run.step(&plan, input, now, &self.t);
-                        if s.run.phase != before || !progress_only {
-                            s.dirty = true;
-                        } else {
-                            s.progress_dirty = true;
-                        }
-                        if s.run.phase.is_final() && s.finished_at.is_none() {
-                            s.finished_at = Some(now);
-                        }
-                        todo = Some((i, acts));
+                        about.as_ref().is_none_or(|o| s.admit(o, None))
                     }
-                }
-                if let Some((i, acts)) = todo {
-                    self.exec(dep, i, acts);
+                    None => false,
+                };
+                if admitted {
+                    self.apply(dep, i, vec![input], now);
                 }
             }
+            Msg::Event { mac, event } => self.event(mac, event),
             Msg::Unreachable { dep, mac } => {
                 let now = now_ms();
                 let gone_ms = (self.svc.cfg.console.agent_gone_s as i64) * 1000;
@@ -368,6 +421,88 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// The slot of `mac` in deployment `dep`.
+    fn slot_of(&self, dep: i64, mac: MacAddr) -> Option<usize> {
+        self.active
+            .get(&dep)?
+            .slots
+            .iter()
+            .position(|s| s.mac == mac)
+    }
+
+    /// Steps machine `i` of `dep` through `inputs` and carries out what it
+    /// asks.
+    fn apply(&mut self, dep: i64, i: usize, inputs: Vec<Input>, now: Ms) {
+        let mut actions = Vec::new();
+        if let Some(a) = self.active.get_mut(&dep) {
+            let plan = a.plan(&a.slots[i]);
+            let s = &mut a.slots[i];
+            for input in inputs {
+                let before = s.run.phase;
+                let progress_only = matches!(input, Input::JobProgress { .. });
+                actions.extend(s.run.step(&plan, input, now, &self.t));
+                if s.run.phase != before || !progress_only {
+                    s.dirty = true;
+                } else {
+                    s.progress_dirty = true;
+                }
+                if s.run.phase.is_final() && s.finished_at.is_none() {
+                    s.finished_at = Some(now);
+                }
+            }
+        }
+        self.exec(dep, i, actions);
+    }
+
+    /// A signed webhook of the agent on `mac`: applied to the machine whose
+    /// current job it names, if it is newer than what was applied.
+    fn event(&mut self, mac: MacAddr, ev: AgentEvent) {
+        let now = now_ms();
+        let found = self.active.iter().find_map(|(id, a)| {
+            let i = a
+                .slots
+                .iter()
+                .position(|s| s.mac == mac && s.run.job.as_ref().is_some_and(|j| j.id == ev.job))?;
+            Some((*id, i))
+        });
+        let Some((dep, i)) = found else {
+            tracing::trace!(%mac, job = %ev.job, "webhook of no job a deployment follows");
+            return;
+        };
+        let Some(a) = self.active.get_mut(&dep) else {
+            return;
+        };
+        let about = Observed {
+            job: ev.job.clone(),
+            seq: Some(ev.seq),
+        };
+        let s = &mut a.slots[i];
+        if !s.admit(&about, Some(now)) {
+            tracing::debug!(%mac, job = %ev.job, seq = ev.seq, "older webhook dropped");
+            return;
+        }
+        s.unreachable_since = None;
+        let accepted = s.run.job.as_ref().is_some_and(|j| j.accepted);
+        let op = s.run.job.as_ref().map(|j| j.op);
+        let mut inputs = Vec::new();
+        if !accepted {
+            // The agent has the job, whatever the post's answer is doing.
+            inputs.push(Input::JobAccepted);
+        }
+        if let Some((done, total, rate)) = ev.progress {
+            inputs.push(Input::JobProgress { done, total, rate });
+        }
+        match (ev.state.as_str(), op) {
+            ("succeeded", _) => inputs.push(Input::JobSucceeded),
+            ("failed" | "cancelled", Some(op)) => inputs.push(Input::JobFailed {
+                reason: reason_of(op, &a.dep, &ev.body),
+            }),
+            _ => {}
+        }
+        tracing::debug!(%mac, job = %ev.job, seq = ev.seq, state = %ev.state, "webhook applied");
+        self.apply(dep, i, inputs, now);
     }
 
     async fn tick(&mut self) {
@@ -450,7 +585,7 @@ impl Runner {
                         if let Some(j) = s.run.job.clone() {
                             if !s.busy && !j.accepted {
                                 io.push((i, Io::Post(j)));
-                            } else if !s.busy && now - s.last_poll >= POLL_MS {
+                            } else if !s.busy && s.poll_due(now) {
                                 s.last_poll = now;
                                 io.push((i, Io::Poll(j)));
                             }
@@ -762,11 +897,17 @@ const CALL: Duration = Duration::from_secs(10);
 
 impl IoCtx {
     fn send(&self, input: Input, io_done: bool) {
+        self.send_about(input, io_done, None);
+    }
+
+    /// An observation about job `about` (see [`Observed`]).
+    fn send_about(&self, input: Input, io_done: bool, about: Option<Observed>) {
         let _ = self.tx.send(Msg::Input {
             dep: self.dep.id,
             mac: self.mac,
             input,
             io_done,
+            about,
         });
     }
 
@@ -969,25 +1110,32 @@ impl IoCtx {
     }
 
     async fn post(&self, j: JobRef) {
+        let about = || {
+            Some(Observed {
+                job: j.id.clone(),
+                seq: None,
+            })
+        };
         let Some(a) = self.agent.clone() else {
-            self.send(
+            self.send_about(
                 Input::JobFailed {
                     reason: "no agent is registered for this machine any more".into(),
                 },
                 true,
+                about(),
             );
             return;
         };
         if j.op == JobOp::Layout {
             if let Err(reason) = self.check_layout_fits(&a).await {
-                self.send(Input::JobFailed { reason }, true);
+                self.send_about(Input::JobFailed { reason }, true, about());
                 return;
             }
         }
         let body = match self.job_body(&j) {
             Ok(b) => b,
             Err(e) => {
-                self.send(Input::JobFailed { reason: e }, true);
+                self.send_about(Input::JobFailed { reason: e }, true, about());
                 return;
             }
         };
@@ -1003,7 +1151,7 @@ impl IoCtx {
             {
                 Ok(r) if r.status == StatusCode::ACCEPTED || r.status == StatusCode::OK => {
                     tracing::info!(mac = %self.mac, job = %j.id, op = j.op.as_str(), "job accepted");
-                    self.send(Input::JobAccepted, true);
+                    self.send_about(Input::JobAccepted, true, about());
                     return;
                 }
                 Ok(r)
@@ -1014,7 +1162,7 @@ impl IoCtx {
                 }
                 Ok(r) => {
                     let msg = r.json["error"].as_str().unwrap_or("no reason given");
-                    self.send(
+                    self.send_about(
                         Input::JobFailed {
                             reason: format!(
                                 "the machine's agent refused the {} job: {msg}",
@@ -1022,17 +1170,18 @@ impl IoCtx {
                             ),
                         },
                         true,
+                        about(),
                     );
                     return;
                 }
                 Err(CallError::Request(e)) => {
-                    self.send(Input::JobFailed { reason: e }, true);
+                    self.send_about(Input::JobFailed { reason: e }, true, about());
                     return;
                 }
                 Err(e) => last = format!("could not reach the agent at {}: {e}", a.base),
             }
         }
-        self.send(Input::JobFailed { reason: last }, true);
+        self.send_about(Input::JobFailed { reason: last }, true, about());
     }
 
     async fn poll(&self, j: JobRef) {
@@ -1049,44 +1198,52 @@ impl IoCtx {
             Phase::Rebooting | Phase::PoweringOff => Duration::from_secs(3),
             _ => CALL,
         };
+        let about = |seq: Option<u64>| {
+            Some(Observed {
+                job: j.id.clone(),
+                seq,
+            })
+        };
         match self.clients.call(&a, Method::GET, &path, None, limit).await {
             Ok(r) if r.status == StatusCode::OK => {
                 let v = r.json;
+                let seq = v["seq"].as_u64();
                 let p = &v["progress"];
                 if p.is_object() {
-                    self.send(
+                    self.send_about(
                         Input::JobProgress {
                             done: p["bytes_done"].as_u64().unwrap_or(0),
                             total: p["bytes_total"].as_u64().unwrap_or(0),
                             rate: p["rate_bps"].as_f64().unwrap_or(0.0),
                         },
                         false,
+                        about(seq),
                     );
                 }
                 match v["state"].as_str().unwrap_or("") {
-                    "succeeded" => self.send(Input::JobSucceeded, true),
-                    "failed" | "cancelled" => self.send(
+                    "succeeded" => self.send_about(Input::JobSucceeded, true, about(seq)),
+                    "failed" | "cancelled" => self.send_about(
                         Input::JobFailed {
                             reason: reason_of(j.op, &self.dep, &v),
                         },
                         true,
+                        about(seq),
                     ),
-                    _ => self.send(Input::Tick, true),
+                    _ => self.send_about(Input::Tick, true, about(seq)),
                 }
             }
             Ok(r) if r.status == StatusCode::NOT_FOUND => {
                 if matches!(self.phase, Phase::Rebooting | Phase::PoweringOff) {
-                    self.send(Input::AgentGone, true);
+                    self.send_about(Input::AgentGone, true, about(None));
                 } else {
-                    self.send(
+                    self.send_about(
                         Input::JobFailed {
                             reason: format!(
                                 "the machine's agent no longer knows job {} (did the machine restart?)",
                                 j.id
                             ),
                         },
-                        true,
-                    );
+                        true, about(None));
                 }
             }
             Ok(r) => {
@@ -1110,6 +1267,63 @@ impl IoCtx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slot_on(job: &str) -> Slot {
+        let mut run = Run::new("d1-525400000001", 0);
+        run.job = Some(JobRef {
+            id: job.into(),
+            op: JobOp::Restore,
+            accepted: true,
+        });
+        Slot {
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            name: "pc01".into(),
+            expected_ip: None,
+            layout: None,
+            run,
+            finished_at: None,
+            busy: false,
+            dirty: false,
+            progress_dirty: false,
+            last_poll: 0,
+            unreachable_since: None,
+            seen: None,
+        }
+    }
+
+    fn about(job: &str, seq: Option<u64>) -> Observed {
+        Observed {
+            job: job.into(),
+            seq,
+        }
+    }
+
+    #[test]
+    fn an_observation_of_another_job_or_older_than_one_applied_is_dropped() {
+        let mut s = slot_on("restore");
+        assert!(!s.admit(&about("layout", Some(9)), None), "the job left");
+        assert!(s.admit(&about("restore", Some(3)), Some(1_000)));
+        assert!(
+            s.admit(&about("restore", Some(3)), None),
+            "same event count"
+        );
+        assert!(!s.admit(&about("restore", Some(2)), None), "older");
+        assert!(s.admit(&about("restore", None), None), "a post's answer");
+        // Polls: every second until a webhook, then 5 s after the last one.
+        let mut fresh = slot_on("restore");
+        assert!(fresh.poll_due(1_000));
+        fresh.last_poll = 1_000;
+        assert!(!fresh.poll_due(1_500) && fresh.poll_due(2_000));
+        assert!(!s.poll_due(5_999) && s.poll_due(6_000));
+        // A new job starts over.
+        s.run.job = Some(JobRef {
+            id: "reboot".into(),
+            op: JobOp::Reboot,
+            accepted: false,
+        });
+        assert!(s.poll_due(1_000));
+        assert!(s.admit(&about("reboot", Some(1)), None));
+    }
 
     #[test]
     fn a_tick_document_of_a_200_machine_room_stays_small() {

@@ -114,6 +114,14 @@ pub struct SetCapture {
 /// Events kept per agent.
 const EVENTS_KEPT: usize = 200;
 
+/// Where verified agent webhooks go besides the list of recent events: the
+/// deployment runner follows its machines' jobs by them.
+pub trait EventSink: Send + Sync {
+    /// An event the agent of `mac` signed with its registered token.
+    /// Must not block (the agent waits for the answer).
+    fn agent_event(&self, mac: MacAddr, event: &serde_json::Value);
+}
+
 /// The API route group.
 pub struct ApiRoutes {
     cfg: Arc<Config>,
@@ -123,6 +131,7 @@ pub struct ApiRoutes {
     events: std::sync::Mutex<
         std::collections::HashMap<MacAddr, std::collections::VecDeque<serde_json::Value>>,
     >,
+    sink: Option<Arc<dyn EventSink>>,
 }
 
 impl ApiRoutes {
@@ -139,7 +148,14 @@ impl ApiRoutes {
             dhcp,
             auth,
             events: std::sync::Mutex::new(std::collections::HashMap::new()),
+            sink: None,
         }
+    }
+
+    /// Also hands every verified webhook to `sink`.
+    pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     /// The caller, or 401.
@@ -200,6 +216,9 @@ impl ApiRoutes {
         let sig = decode_hex(&sig).ok_or(ApiError::Unauthorized("malformed signature"))?;
         ring::hmac::verify(&key, &bytes, &sig)
             .map_err(|_| ApiError::Unauthorized("bad signature"))?;
+        if let Some(sink) = &self.sink {
+            sink.agent_event(mac, &v);
+        }
         if let Ok(mut ev) = self.events.lock() {
             let q = ev.entry(mac).or_default();
             if q.len() >= EVENTS_KEPT {
