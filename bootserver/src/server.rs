@@ -70,6 +70,12 @@ pub enum ServerError {
     Users(#[from] crate::console::auth::UsersError),
 }
 
+/// Who may do what: the credentials and, with the console, its operators.
+struct Access {
+    auth: Arc<Auth>,
+    users: Option<Arc<crate::console::auth::Users>>,
+}
+
 struct Started {
     dhcp: Option<DhcpService>,
     tftp_addr: Option<SocketAddr>,
@@ -168,7 +174,26 @@ impl Server {
                     .map_err(|_| ServerError::Db(crate::db::DbError::Worker))??;
             Arc::new(reg)
         };
-        let auth = Arc::new(Auth::new(secrets, Some(registry.clone())));
+        // Operators of the console sign in with sessions that are a
+        // principal like the tokens (auth.rs): one rights model.
+        let users = if cfg.http.enabled && cfg.console.enabled {
+            let path = cfg
+                .console
+                .users_file
+                .clone()
+                .unwrap_or_else(|| data_dir.join("users.toml"));
+            Some(Arc::new(crate::console::auth::Users::open(path)?))
+        } else {
+            None
+        };
+        let mut auth = Auth::new(secrets, Some(registry.clone()));
+        if let Some(u) = &users {
+            auth = auth.with_sessions(Arc::new(crate::console::auth::Sessions::new(
+                registry.db().clone(),
+                u.clone(),
+            )));
+        }
+        let auth = Arc::new(auth);
         let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
         let interface = if needs_iface {
             match &cfg.server.interface {
@@ -188,7 +213,7 @@ impl Server {
             &cfg,
             &registry,
             interface.as_deref(),
-            auth,
+            Access { auth, users },
             extra_routes,
             &cancel,
             &tracker,
@@ -234,11 +259,12 @@ impl Server {
         cfg: &Arc<Config>,
         registry: &Arc<Registry>,
         interface: Option<&str>,
-        auth: Arc<Auth>,
+        access: Access,
         extra_routes: Vec<Arc<dyn RouteGroup>>,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Started, ServerError> {
+        let Access { auth, users } = access;
         let dhcp = match (cfg.dhcp.enabled, interface) {
             (true, Some(i)) => Some(dhcp::start(
                 cfg.clone(),
@@ -326,14 +352,8 @@ impl Server {
                 None
             };
             let mut groups = extra_routes;
-            if cfg.console.enabled {
+            if let Some(users) = users {
                 let db = registry.db().clone();
-                let users_path = cfg
-                    .console
-                    .users_file
-                    .clone()
-                    .unwrap_or_else(|| cfg.server.data_dir.join("users.toml"));
-                let users = Arc::new(crate::console::auth::Users::open(users_path)?);
                 let svc = crate::deploy::DeployService::start(
                     db,
                     registry.clone(),

@@ -1,7 +1,8 @@
 //! Operators: users added with `aula-bootserver user add` (argon2), sign-in
 //! over HTTPS with a cookie that is HttpOnly, SameSite=Strict and Secure,
-//! CSRF tokens on writes, per-user room limits, and the API token still
-//! working for programs. The server is the real binary, in a network
+//! CSRF tokens on writes, per-user room limits, sessions as principals of
+//! the one rights model (the API sees them too), and the API and viewer
+//! tokens still working for programs. The server is the real binary, in a network
 //! namespace of its own (so any Wake-on-LAN packet stays inside).
 
 mod deploy_support;
@@ -300,6 +301,115 @@ async fn writes_need_a_session_and_its_csrf_token_and_a_user_limited_to_room_a_c
         )
         .await;
     assert_eq!(s, 403);
+
+    // One rights model for the console and the API (src/auth.rs): a
+    // session is a principal there too. ana (limited to A) may not read the
+    // lab's machine list or set any machine's boot through the API; root
+    // (every room) may, and a write needs the session's CSRF token there
+    // too.
+    let (s, _, v) = c
+        .raw(Method::GET, "/v1/clients", &[("cookie", &session)], None)
+        .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, _, v) = c
+        .raw(
+            Method::PUT,
+            "/v1/clients/52:54:00:e0:00:01/boot",
+            &with,
+            Some(("application/json", b"{\"mode\":\"local\"}".to_vec())),
+        )
+        .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, _, v) = c
+        .raw(
+            Method::GET,
+            "/v1/clients",
+            &[("cookie", &root_session)],
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _, v) = c
+        .raw(
+            Method::GET,
+            "/v1/agents",
+            &[("cookie", &root_session)],
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _, v) = c
+        .raw(
+            Method::PUT,
+            "/v1/clients/52:54:00:e0:00:02/boot",
+            &[("cookie", &root_session)],
+            Some(("application/json", b"{\"mode\":\"local\"}".to_vec())),
+        )
+        .await;
+    assert_eq!(s, 403, "no CSRF token: {v}");
+    let (s, _, v) = c
+        .raw(
+            Method::PUT,
+            "/v1/clients/52:54:00:e0:00:02/boot",
+            &[("cookie", &root_session), ("x-csrf-token", &root_csrf)],
+            Some(("application/json", b"{\"mode\":\"local\"}".to_vec())),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    // Agents' tokens and capture grants stay the API token's.
+    let (s, _, v) = c
+        .raw(
+            Method::PUT,
+            "/v1/clients/52:54:00:e0:00:02/capture",
+            &[("cookie", &root_session), ("x-csrf-token", &root_csrf)],
+            Some(("application/json", b"{\"image\":\"x\"}".to_vec())),
+        )
+        .await;
+    assert_eq!(s, 403, "{v}");
+    // A wrong token is refused even with a good cookie beside it.
+    let (s, _, _) = c
+        .raw(
+            Method::GET,
+            "/v1/rooms",
+            &[
+                ("cookie", &root_session),
+                ("authorization", "Bearer wrong-token-0123456789"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(s, 401);
+    // The viewer token reads the console's lists for programs, every room,
+    // and changes nothing.
+    let viewer = format!("Bearer {VIEWER_TOKEN}");
+    let (s, _, v) = c
+        .raw(
+            Method::GET,
+            "/v1/rooms",
+            &[("authorization", &viewer)],
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    let (s, _, v) = c
+        .raw(
+            Method::POST,
+            "/v1/deployments",
+            &[("authorization", &viewer)],
+            Some(("application/json", deploy("A"))),
+        )
+        .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, _, v) = c
+        .raw(
+            Method::GET,
+            &format!("/v1/deployments/{rid}"),
+            &[("authorization", &viewer)],
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
 
     // The log says who did what, including the refusals.
     let log = api.ok(Method::GET, "/v1/log", None).await;

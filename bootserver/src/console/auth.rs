@@ -1,6 +1,8 @@
 //! Operators: a users file with argon2 password hashes, sign-in sessions
 //! (HttpOnly, SameSite=Strict, Secure under TLS), CSRF tokens on writes,
-//! per-user room limits, and who a request acts as ([`Principal`]).
+//! per-user room limits. Who a request acts as, and what each caller may
+//! do, is `crate::auth` (`Principal::Operator` for a session); this module
+//! is where sessions are found ([`Sessions`]).
 //!
 //! The users file (TOML, `0600`):
 //!
@@ -246,48 +248,68 @@ pub fn add_user(
     })
 }
 
-/// Who a request acts as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// A program with the API token: every room.
-    Token,
-    /// A signed-in operator.
-    User {
-        /// Name.
-        name: String,
-        /// Room names, `None` = all.
-        rooms: Option<Vec<String>>,
-        /// The session's CSRF token.
-        csrf: String,
-    },
+/// The console's sessions as the boot server's [`crate::auth::Auth`] looks
+/// them up: the `sessions` table (SHA-256 of the cookie secret) and the
+/// users file as it is now (a removed user's sessions open nothing; changed
+/// rooms apply at once).
+pub struct Sessions {
+    db: crate::db::Db,
+    users: Arc<Users>,
 }
 
-impl Principal {
-    /// The name the command log records.
-    pub fn who(&self) -> &str {
-        match self {
-            Principal::Token => "api-token",
-            Principal::User { name, .. } => name,
-        }
+impl Sessions {
+    /// Sessions in `db` of the operators in `users`.
+    pub fn new(db: crate::db::Db, users: Arc<Users>) -> Sessions {
+        Sessions { db, users }
     }
+}
 
-    /// Room ids this principal may act on (`None` = all).
-    pub fn scope(&self, c: &rusqlite::Connection) -> Result<Option<Vec<i64>>, crate::db::DbError> {
-        match self {
-            Principal::Token | Principal::User { rooms: None, .. } => Ok(None),
-            Principal::User {
-                rooms: Some(names), ..
-            } => {
-                let mut ids = Vec::new();
-                for n in names {
-                    if let Some(id) = crate::db::rooms::room_id_by_name(c, n)? {
-                        ids.push(id);
-                    }
-                }
-                Ok(Some(ids))
-            }
+impl crate::auth::SessionStore for Sessions {
+    fn lookup(
+        &self,
+        secret: String,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<crate::auth::Session, crate::auth::SessionMiss>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let s = self
+                .db
+                .call(move |c| crate::db::sessions::lookup(c, &secret))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "reading sessions");
+                    crate::auth::SessionMiss::Ended
+                })?
+                .ok_or(crate::auth::SessionMiss::Ended)?;
+            let user = self
+                .users
+                .get(&s.user)
+                .ok_or(crate::auth::SessionMiss::NoUser)?;
+            Ok(crate::auth::Session {
+                user: user.name,
+                rooms: user.rooms,
+                csrf: s.csrf,
+            })
+        })
+    }
+}
+
+/// Room ids of `names` (rooms that do not exist are left out).
+pub fn room_ids(
+    c: &rusqlite::Connection,
+    names: &[String],
+) -> Result<Vec<i64>, crate::db::DbError> {
+    let mut ids = Vec::new();
+    for n in names {
+        if let Some(id) = crate::db::rooms::room_id_by_name(c, n)? {
+            ids.push(id);
         }
     }
+    Ok(ids)
 }
 
 /// A random URL-safe secret of `n` bytes (hex).

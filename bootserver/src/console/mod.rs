@@ -17,12 +17,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Limited};
-use hyper::header::{HeaderValue, CONTENT_TYPE, COOKIE, SET_COOKIE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, SET_COOKIE, WWW_AUTHENTICATE};
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Caller, Denied, Principal};
 use crate::config::BootMode;
 use crate::db::deployments::{self as ddb, Deployment};
 use crate::db::rooms::{self, MachineFilter, MachineInput, MachinePatch};
@@ -35,14 +36,14 @@ use crate::http::{
     RouteGroup,
 };
 use crate::mac::MacAddr;
-use auth::{Principal, Users};
+use auth::Users;
 
 /// Largest JSON body.
 const MAX_BODY: usize = 256 * 1024;
 /// Largest import file.
 const MAX_IMPORT: usize = 4 << 20;
 /// The session cookie.
-pub const COOKIE_NAME: &str = "aula_session";
+pub const COOKIE_NAME: &str = crate::auth::SESSION_COOKIE;
 /// The OpenAPI document of the console API.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
@@ -213,17 +214,6 @@ fn pct_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn cookie(req: &HttpRequest, name: &str) -> Option<String> {
-    req.headers()
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
-}
-
 async fn body_bytes(req: HttpRequest, max: usize) -> Result<bytes::Bytes> {
     Ok(Limited::new(req.into_body(), max)
         .collect()
@@ -311,58 +301,45 @@ pub fn tile_state(
 }
 
 impl ConsoleRoutes {
-    async fn principal(&self, req: &HttpRequest) -> Result<Principal> {
-        if crate::http::credential(req).is_some() {
-            return match self.auth.principal(req.headers()) {
-                Some(crate::auth::Principal::Admin) => Ok(Principal::Token),
-                _ => Err(ConsoleError::Unauthorized("wrong bearer token".into())),
-            };
-        }
-        let Some(secret) = cookie(req, COOKIE_NAME) else {
-            return Err(ConsoleError::Unauthorized(
-                "sign in, or send the API token as Authorization: Bearer".into(),
-            ));
-        };
-        let s2 = secret.clone();
-        let session = self
-            .svc
-            .db()
-            .call(move |c| db::sessions::lookup(c, &s2))
-            .await?
-            .ok_or_else(|| {
-                ConsoleError::Unauthorized("the session has ended: sign in again".into())
+    /// The caller (see `crate::auth`): a bearer token or an operator's
+    /// session; writes need a caller that may operate.
+    async fn caller(&self, req: &HttpRequest) -> Result<Caller> {
+        let c = self
+            .auth
+            .caller(req.headers(), req.method())
+            .await
+            .map_err(|d| match d {
+                Denied::Csrf => ConsoleError::Forbidden(d.to_string()),
+                d => ConsoleError::Unauthorized(d.to_string()),
             })?;
-        let user = self
-            .users
-            .get(&session.user)
-            .ok_or_else(|| ConsoleError::Unauthorized("this user no longer exists".into()))?;
-        let p = Principal::User {
-            name: user.name,
-            rooms: user.rooms,
-            csrf: session.csrf,
-        };
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            let sent = req
-                .headers()
-                .get("x-csrf-token")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let Principal::User { csrf, .. } = &p else {
-                return Ok(p);
-            };
-            if sent.is_empty() || !aula_imager::tls::secrets_equal(sent.as_bytes(), csrf.as_bytes())
-            {
-                return Err(ConsoleError::Forbidden(
-                    "missing or wrong CSRF token (X-CSRF-Token): reload the page".into(),
-                ));
-            }
+        let p = &c.principal;
+        if !p.can_view_console() {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} may not use the console",
+                p.name()
+            )));
         }
-        Ok(p)
+        let write = req.method() != Method::GET && req.method() != Method::HEAD;
+        if write && !p.can_operate() {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} may only read",
+                p.name()
+            )));
+        }
+        Ok(c)
     }
 
+    /// Room ids `p` may see and act on (`None` = every room).
     async fn scope(&self, p: &Principal) -> Result<Option<Vec<i64>>> {
-        let p = p.clone();
-        Ok(self.svc.db().call(move |c| p.scope(c)).await?)
+        let Some(names) = p.room_limit().map(<[String]>::to_vec) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            self.svc
+                .db()
+                .call(move |c| auth::room_ids(c, &names))
+                .await?,
+        ))
     }
 
     async fn log(&self, p: &Principal, action: &str, target: &str, r: &Result<HttpResponse>) {
@@ -370,7 +347,9 @@ impl ConsoleRoutes {
             Ok(_) => "ok".to_owned(),
             Err(e) => format!("refused: {e}"),
         };
-        self.svc.log(p.who(), action, target, &outcome, None).await;
+        self.svc
+            .log(&p.log_name(), action, target, &outcome, None)
+            .await;
     }
 
     fn session_cookie(&self, value: &str, max_age: i64, tls: bool) -> HeaderValue {
@@ -473,19 +452,21 @@ impl ConsoleRoutes {
             (&Method::POST, ["v1", "session"]) => return self.sign_in(req, tls).await,
             _ => {}
         }
-        let p = self.principal(&req).await?;
+        let caller = self.caller(&req).await?;
+        let p = caller.principal.clone();
         match (method, segs.as_slice()) {
             (Method::GET, ["v1", "session"]) => {
-                let (user, rooms, csrf) = match &p {
-                    Principal::Token => ("api-token".to_owned(), None, String::new()),
-                    Principal::User { name, rooms, csrf } => {
-                        (name.clone(), rooms.clone(), csrf.clone())
-                    }
-                };
+                let (user, rooms, csrf) = (
+                    p.log_name(),
+                    p.room_limit().map(<[String]>::to_vec),
+                    caller.csrf.clone().unwrap_or_default(),
+                );
                 ok(json!({"user": user, "rooms": rooms, "csrf": csrf}))
             }
             (Method::DELETE, ["v1", "session"]) => {
-                if let Some(secret) = cookie(&req, COOKIE_NAME) {
+                if let Some(secret) =
+                    crate::auth::cookie(req.headers(), COOKIE_NAME).map(str::to_owned)
+                {
                     self.svc
                         .db()
                         .call(move |c| db::sessions::delete(c, &secret))
@@ -493,9 +474,9 @@ impl ConsoleRoutes {
                 }
                 self.svc
                     .log(
-                        p.who(),
+                        &p.log_name(),
                         "session.delete",
-                        &format!("user {}", p.who()),
+                        &format!("user {}", p.log_name()),
                         "ok",
                         None,
                     )
@@ -890,7 +871,7 @@ impl ConsoleRoutes {
                 };
                 let r = async {
                     let targets = self.targets(&p, &b).await?;
-                    let d = self.svc.create(&b, targets, p.who(), None).await?;
+                    let d = self.svc.create(&b, targets, &p.log_name(), None).await?;
                     Ok(json_response(StatusCode::CREATED, &deployment_json(&d)))
                 }
                 .await;
@@ -908,7 +889,7 @@ impl ConsoleRoutes {
                         .next()
                         .ok_or_else(|| ConsoleError::NotFound("machine not found".into()))?;
                     self.need_room(&p, m.room_id).await?;
-                    let d = self.svc.capture(&b, m, p.who()).await?;
+                    let d = self.svc.capture(&b, m, &p.log_name()).await?;
                     Ok(json_response(StatusCode::CREATED, &deployment_json(&d)))
                 }
                 .await;
@@ -979,7 +960,7 @@ impl ConsoleRoutes {
                     }
                     (Method::POST, ["retry"]) => {
                         let r = async {
-                            let d = self.svc.retry(id, p.who()).await?;
+                            let d = self.svc.retry(id, &p.log_name()).await?;
                             Ok(json_response(StatusCode::CREATED, &deployment_json(&d)))
                         }
                         .await;
@@ -1040,16 +1021,9 @@ impl ConsoleRoutes {
                 let before = q.get("before").and_then(|s| s.parse().ok());
                 let limit = q.get("limit").and_then(|s| s.parse().ok()).unwrap_or(100);
                 // Operators limited to rooms see their own commands only.
-                let who = match (&p, q.get("who")) {
-                    (
-                        Principal::User {
-                            rooms: Some(_),
-                            name,
-                            ..
-                        },
-                        _,
-                    ) => Some(name.clone()),
-                    (_, Some(w)) if !w.is_empty() => Some(w.clone()),
+                let who = match (p.room_limit(), q.get("who")) {
+                    (Some(_), _) => Some(p.log_name()),
+                    (None, Some(w)) if !w.is_empty() => Some(w.clone()),
                     _ => None,
                 };
                 let list = self
@@ -1093,15 +1067,13 @@ impl ConsoleRoutes {
     }
 
     fn need_all_rooms(&self, p: &Principal) -> Result<()> {
-        match p {
-            Principal::User {
-                rooms: Some(_),
-                name,
-                ..
-            } => Err(ConsoleError::Forbidden(format!(
-                "{name} is limited to some rooms: only an operator with every room may do this"
-            ))),
-            _ => Ok(()),
+        if p.has_every_room() {
+            Ok(())
+        } else {
+            Err(ConsoleError::Forbidden(format!(
+                "{} is limited to some rooms: only an operator with every room may do this",
+                p.log_name()
+            )))
         }
     }
 
@@ -1121,12 +1093,12 @@ impl ConsoleRoutes {
                     .unwrap_or_else(|_| format!("room {r}"));
                 Err(ConsoleError::Forbidden(format!(
                     "{} may not act on {name}",
-                    p.who()
+                    p.log_name()
                 )))
             }
             None => Err(ConsoleError::Forbidden(format!(
                 "{} may act only on machines in their rooms",
-                p.who()
+                p.log_name()
             ))),
         }
     }
@@ -1185,7 +1157,7 @@ impl ConsoleRoutes {
                 if !m.room_id.is_some_and(|r| scope.contains(&r)) {
                     return Err(ConsoleError::Forbidden(format!(
                         "{} may not deploy to {} ({}): it is in {}",
-                        p.who(),
+                        p.log_name(),
                         m.name,
                         m.mac,
                         m.room.as_deref().unwrap_or("no room")

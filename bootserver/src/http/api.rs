@@ -29,7 +29,7 @@ use hyper::{Method, StatusCode};
 use serde::Deserialize;
 
 use super::{error_json, json, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup};
-use crate::auth::{Auth, Principal};
+use crate::auth::{Auth, Denied, Principal};
 use crate::config::{BootMode, Config, DhcpMode};
 use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
@@ -158,31 +158,37 @@ impl ApiRoutes {
         self
     }
 
-    /// The caller, or 401.
-    fn caller(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
-        if let Some(p) = self.auth.principal(req.headers()) {
-            return Ok(p);
-        }
-        if super::credential(req).is_none() {
-            Err(ApiError::Unauthorized(
+    /// The caller (a bearer credential, or an operator's session cookie
+    /// with its CSRF token on writes), or 401/403.
+    async fn caller(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
+        match self.auth.caller(req.headers(), req.method()).await {
+            Ok(c) => Ok(c.principal),
+            Err(Denied::Nothing) => Err(ApiError::Unauthorized(
                 "this route needs Authorization: Bearer <token>",
-            ))
-        } else if !self.auth.has_api_token() {
-            Err(ApiError::Unauthorized(
-                "unknown token (and no api_token is configured: admin calls are disabled)",
-            ))
-        } else {
-            Err(ApiError::Unauthorized("missing or wrong bearer token"))
+            )),
+            Err(Denied::BadCredential) if !self.auth.has_api_token() => {
+                Err(ApiError::Unauthorized(
+                    "unknown token (and no api_token is configured: admin calls are disabled)",
+                ))
+            }
+            Err(Denied::BadCredential) => {
+                Err(ApiError::Unauthorized("missing or wrong bearer token"))
+            }
+            Err(Denied::SessionEnded) => Err(ApiError::Unauthorized(
+                "the session has ended: sign in again",
+            )),
+            Err(Denied::NoUser) => Err(ApiError::Unauthorized("this user no longer exists")),
+            Err(Denied::Csrf) => Err(ApiError::Forbidden(Denied::Csrf.to_string())),
         }
     }
 
-    fn require(
+    async fn require(
         &self,
         req: &HttpRequest,
         allowed: impl Fn(&Principal) -> bool,
         what: &str,
     ) -> Result<Principal, ApiError> {
-        let p = self.caller(req)?;
+        let p = self.caller(req).await?;
         if allowed(&p) {
             Ok(p)
         } else {
@@ -332,14 +338,15 @@ impl ApiRoutes {
                 }),
             )),
             (Method::GET, ["v1", "clients"]) => {
-                self.require(&req, read_lab, "read the machine list")?;
+                self.require(&req, read_lab, "read the machine list")
+                    .await?;
                 let list = self
                     .registry
                     .clients(self.cfg.boot.default_mode, |m| self.lease_of(m));
                 Ok(json(StatusCode::OK, &list))
             }
             (Method::GET, ["v1", "clients", mac]) => {
-                self.require(&req, read_lab, "read machines")?;
+                self.require(&req, read_lab, "read machines").await?;
                 let mac = parse_mac(mac)?;
                 let list = self
                     .registry
@@ -352,11 +359,13 @@ impl ApiRoutes {
             }
             (Method::PUT, ["v1", "clients", mac, "boot"]) => {
                 let mac = parse_mac(mac)?;
-                let who = self.require(
-                    &req,
-                    |p| p.can_set_boot(mac),
-                    "set this machine's boot mode",
-                )?;
+                let who = self
+                    .require(
+                        &req,
+                        |p| p.can_set_boot(mac),
+                        "set this machine's boot mode",
+                    )
+                    .await?;
                 let body: SetBoot = Self::body_json(req).await?;
                 let setting = self.registry.set_boot(mac, body.mode, body.once).await?;
                 tracing::info!(%mac, mode = %body.mode, once = body.once, by = %who.name(), "boot mode set");
@@ -370,7 +379,8 @@ impl ApiRoutes {
                 ))
             }
             (Method::DELETE, ["v1", "clients", mac, "boot"]) => {
-                self.require(&req, Principal::is_admin, "reset boot modes")?;
+                self.require(&req, Principal::is_admin, "reset boot modes")
+                    .await?;
                 let mac = parse_mac(mac)?;
                 self.registry.clear_boot(mac).await?;
                 Ok(json(
@@ -379,7 +389,8 @@ impl ApiRoutes {
                 ))
             }
             (Method::PUT, ["v1", "clients", mac, "capture"]) => {
-                self.require(&req, Principal::is_admin, "grant capture rights")?;
+                self.require(&req, Principal::is_admin, "grant capture rights")
+                    .await?;
                 let mac = parse_mac(mac)?;
                 let g: SetCapture = Self::body_json(req).await?;
                 aula_imager::manifest::validate_name(&g.image)
@@ -401,7 +412,8 @@ impl ApiRoutes {
                 ))
             }
             (Method::DELETE, ["v1", "clients", mac, "capture"]) => {
-                self.require(&req, Principal::is_admin, "withdraw capture rights")?;
+                self.require(&req, Principal::is_admin, "withdraw capture rights")
+                    .await?;
                 let mac = parse_mac(mac)?;
                 self.registry.revoke_capture(mac);
                 Ok(json(
@@ -410,7 +422,7 @@ impl ApiRoutes {
                 ))
             }
             (Method::GET, ["v1", "leases"]) => {
-                self.require(&req, read_lab, "read the leases")?;
+                self.require(&req, read_lab, "read the leases").await?;
                 let leases = self
                     .dhcp
                     .as_ref()
@@ -421,7 +433,7 @@ impl ApiRoutes {
             (Method::POST, ["v1", "agents", "register"]) => self.register(req, ctx).await,
             (Method::POST, ["v1", "agents", "events"]) => self.agent_event(req).await,
             (Method::GET, ["v1", "agents", mac, "events"]) => {
-                self.require(&req, read_lab, "read agents' events")?;
+                self.require(&req, read_lab, "read agents' events").await?;
                 let mac = parse_mac(mac)?;
                 let list: Vec<serde_json::Value> = self
                     .events
@@ -435,7 +447,7 @@ impl ApiRoutes {
                 Ok(json(StatusCode::OK, &list))
             }
             (Method::GET, ["v1", "agents"]) => {
-                let who = self.require(&req, read_lab, "read the agent list")?;
+                let who = self.require(&req, read_lab, "read the agent list").await?;
                 Ok(json(
                     StatusCode::OK,
                     &self.registry.agents(who.sees_agent_tokens()),

@@ -20,6 +20,7 @@ use hyper::Method;
 use serde_json::Value;
 
 pub const API_TOKEN: &str = "deploy-test-api-token-0123456789";
+pub const VIEWER_TOKEN: &str = "deploy-test-viewer-token-0123456789";
 pub const REPO_TOKEN: &str = "deploy-test-repo-token-0123456789";
 pub const MIB: u64 = 1 << 20;
 
@@ -141,6 +142,7 @@ enabled = false
 [http]
 bind = "127.0.0.1:{http}"
 api_token = "{API_TOKEN}"
+viewer_token = "{VIEWER_TOKEN}"
 [http.tls]
 bind = "127.0.0.1:{https}"
 cert = "{dir}/server.crt"
