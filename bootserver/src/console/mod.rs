@@ -16,7 +16,6 @@ mod sse;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http_body_util::{BodyExt, Limited};
 use hyper::header::{HeaderValue, CONTENT_TYPE, SET_COOKIE, WWW_AUTHENTICATE};
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
@@ -68,9 +67,9 @@ pub enum ConsoleError {
     /// Wrong method.
     #[error("method not allowed")]
     Method,
-    /// Too large.
-    #[error("request body too large")]
-    TooLarge,
+    /// The body could not be used (too large, not JSON, …).
+    #[error(transparent)]
+    Body(#[from] aula_httpkit::body::BodyError),
     /// Internal failure.
     #[error("internal error")]
     Internal(String),
@@ -107,7 +106,7 @@ impl ConsoleError {
             ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,
             ConsoleError::Conflict(_) => StatusCode::CONFLICT,
             ConsoleError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ConsoleError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ConsoleError::Body(b) => b.status(),
             ConsoleError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -214,35 +213,16 @@ fn pct_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// A whole body of at most `max` bytes (the shared bounded reader).
 async fn body_bytes(req: HttpRequest, max: usize) -> Result<bytes::Bytes> {
-    Ok(Limited::new(req.into_body(), max)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ConsoleError::TooLarge
-            } else {
-                ConsoleError::BadRequest("could not read the request body".into())
-            }
-        })?
-        .to_bytes())
+    let (parts, body) = req.into_parts();
+    Ok(aula_httpkit::body::read_limited(&parts.headers, body, max).await?)
 }
 
+/// A JSON body (`application/json` or no content type), at most
+/// [`MAX_BODY`] bytes.
 async fn body_json<T: serde::de::DeserializeOwned>(req: HttpRequest) -> Result<T> {
-    let ct_ok = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_none_or(|v| v.starts_with("application/json"));
-    if !ct_ok {
-        return Err(ConsoleError::BadRequest(
-            "content type must be application/json".into(),
-        ));
-    }
-    let b = body_bytes(req, MAX_BODY).await?;
-    serde_json::from_slice(&b).map_err(|e| ConsoleError::BadRequest(format!("invalid JSON: {e}")))
+    Ok(aula_httpkit::body::read_json(req, MAX_BODY).await?)
 }
 
 fn parse_id(s: &str) -> Result<i64> {
