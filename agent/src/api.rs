@@ -101,6 +101,9 @@ pub enum ApiError {
     /// Body too large.
     #[error("request body larger than {MAX_BODY} bytes")]
     TooLarge,
+    /// The body came too slowly (the listener's body deadlines).
+    #[error("{0}")]
+    Timeout(String),
     /// A content type the route does not take.
     #[error("{0}")]
     MediaType(String),
@@ -141,6 +144,7 @@ impl ApiError {
             ApiError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::MediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -221,6 +225,7 @@ async fn body_json(
         .await
         .map_err(|e| match e {
             BodyError::TooLarge { .. } => ApiError::TooLarge,
+            BodyError::Timeout(_) => ApiError::Timeout(e.to_string()),
             BodyError::MediaType(_) => ApiError::MediaType(e.to_string()),
             BodyError::Read(_) => {
                 ApiError::BadRequest(BadRequest::body("could not read the request body"))

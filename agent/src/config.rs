@@ -315,6 +315,11 @@ pub struct JobsSection {
     /// Shell that runs scripts.
     #[serde(default = "default_shell")]
     pub shell: PathBuf,
+    /// Program run (when it exists) after a job changed partitions or
+    /// filesystems (restore, layout): the live system's `aula-disklinks`,
+    /// which rebuilds `/dev/disk/by-*` where there is no udev.
+    #[serde(default = "default_after_disk_change")]
+    pub after_disk_change: PathBuf,
 }
 
 fn default_keep() -> usize {
@@ -332,6 +337,9 @@ fn default_script_output() -> usize {
 fn default_shell() -> PathBuf {
     PathBuf::from("/bin/sh")
 }
+fn default_after_disk_change() -> PathBuf {
+    PathBuf::from("/usr/sbin/aula-disklinks")
+}
 
 impl Default for JobsSection {
     fn default() -> Self {
@@ -341,6 +349,7 @@ impl Default for JobsSection {
             script_timeout_s: default_script_timeout(),
             script_output_bytes: default_script_output(),
             shell: default_shell(),
+            after_disk_change: default_after_disk_change(),
         }
     }
 }

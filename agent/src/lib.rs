@@ -44,6 +44,41 @@ pub mod system;
 pub mod tls;
 pub mod webhook;
 
+/// Entry points of the fuzz targets (`imager/fuzz`), also replayed on the
+/// committed corpora by `tests/fuzz_corpus.rs`. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::OnceLock;
+
+    use crate::config::{FileConfig, KernelParams, Settings};
+
+    fn settings() -> &'static Settings {
+        static S: OnceLock<Settings> = OnceLock::new();
+        S.get_or_init(|| {
+            let k = KernelParams::parse("aula.server=https://192.0.2.1:8443");
+            // The defaults with a server URL are a valid configuration.
+            match Settings::new(FileConfig::default(), &k) {
+                Ok(s) => s,
+                Err(e) => panic!("default agent settings: {e}"),
+            }
+        })
+    }
+
+    /// An OpenGnsys `CloningEngine` body: the first byte picks the
+    /// operation, the rest is the JSON body as the API reads it.
+    pub fn opengnsys(input: &[u8]) {
+        let Some((op, body)) = input.split_first() else {
+            return;
+        };
+        let ops = crate::opengnsys::OPS;
+        let op = ops[usize::from(*op) % ops.len()];
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return;
+        };
+        let _ = crate::opengnsys::parse(op, v, settings());
+    }
+}
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

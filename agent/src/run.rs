@@ -52,9 +52,17 @@ pub async fn run(job: Arc<Job>, ctx: Arc<Ctx>) -> Outcome {
 
 fn blocking(job: &Job, ctx: &Ctx, spec: JobSpec) -> Outcome {
     match spec {
-        JobSpec::Restore(r) => restore(job, ctx, &r),
+        JobSpec::Restore(r) => {
+            let o = restore(job, ctx, &r);
+            disks::after_disk_change(&ctx.settings.jobs.after_disk_change);
+            o
+        }
         JobSpec::Create(c) => create(job, ctx, &c),
-        JobSpec::Layout(l) => layout(ctx, &l),
+        JobSpec::Layout(l) => {
+            let o = layout(ctx, &l);
+            disks::after_disk_change(&ctx.settings.jobs.after_disk_change);
+            o
+        }
         JobSpec::HardwareInventory(_) => {
             serde_json::to_value(crate::system::hardware(&ctx.settings.disks))
                 .map_err(|e| Failure::new("internal", e.to_string()))

@@ -1,7 +1,8 @@
 //! The HTTPS listener: `aula_httpkit`'s accept loop (one semaphore permit
-//! per connection, TLS handshake with a timeout, hyper HTTP/1.1, graceful
-//! shutdown with connections drained for at most 5 s) answering with
-//! [`crate::api::handle`].
+//! per connection, at most half of them per client address, deadlines for
+//! TLS handshakes, request heads and bodies and stalled responses, hyper
+//! HTTP/1.1, graceful shutdown with connections drained for at most 5 s)
+//! answering with [`crate::api::handle`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,8 +34,13 @@ pub async fn serve(
     ctx: Arc<Ctx>,
     stop: CancellationToken,
 ) {
+    let max = ctx.settings.listen.max_connections.max(1);
     let opts = aula_httpkit::server::Options {
-        max_connections: ctx.settings.listen.max_connections.max(1),
+        max_connections: max,
+        // The core (or console) may open many connections from one
+        // address; anyone else on the LAN may take at most half the slots
+        // from one address (and slow request heads make room when full).
+        max_connections_per_ip: (max / 2).max(1),
         ..Default::default()
     };
     aula_httpkit::server::serve(listener, Some(tls), Arc::new(Api(ctx)), opts, stop).await;

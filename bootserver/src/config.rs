@@ -72,6 +72,9 @@ pub struct Config {
     /// The lab console: rooms, deployments, operators (served by the HTTP listeners).
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// How much state the server keeps at most.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[console]`: rooms, machines, deployments, operators and the web console.
@@ -153,6 +156,43 @@ impl Default for ConsoleConfig {
             power_timeout_s: default_power_timeout(),
             wol_resend_s: default_wol_resend(),
             agent_gone_s: default_agent_gone(),
+        }
+    }
+}
+
+/// `[limits]`: how much the server keeps, so that nothing on the network
+/// can grow it without bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Machines known at most (boot modes, DHCP sightings, boot sessions,
+    /// registered agents).
+    #[serde(default = "default_max_machines")]
+    pub max_machines: usize,
+    /// Agents' events kept per machine, in KiB.
+    #[serde(default = "default_events_per_machine_kib")]
+    pub events_per_machine_kib: usize,
+    /// Agents' events kept in all, in MiB.
+    #[serde(default = "default_events_total_mib")]
+    pub events_total_mib: usize,
+}
+
+fn default_max_machines() -> usize {
+    crate::state::DEFAULT_MAX_MACHINES
+}
+fn default_events_per_machine_kib() -> usize {
+    256
+}
+fn default_events_total_mib() -> usize {
+    64
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_machines: default_max_machines(),
+            events_per_machine_kib: default_events_per_machine_kib(),
+            events_total_mib: default_events_total_mib(),
         }
     }
 }
@@ -356,15 +396,30 @@ pub struct TftpConfig {
     /// Largest window granted (RFC 7440).
     #[serde(default = "default_max_windowsize")]
     pub max_windowsize: u16,
-    /// Concurrent transfers; more are refused with a TFTP error.
+    /// Concurrent transfers whose client has acknowledged; more are
+    /// refused with a TFTP error.
     #[serde(default = "default_max_transfers")]
     pub max_transfers: usize,
+    /// Concurrent transfers from one client address.
+    #[serde(default = "default_max_transfers_per_ip")]
+    pub max_transfers_per_ip: usize,
+    /// Requests waiting for their client's first acknowledgement (a forged
+    /// source never sends one); when full, the oldest is dropped.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
     /// Retransmission timeout in milliseconds when the client asks for none.
     #[serde(default = "default_tftp_timeout_ms")]
     pub timeout_ms: u64,
+    /// Largest retransmission timeout a client may ask for (RFC 2349), in
+    /// seconds; a larger request is not acknowledged and `timeout_ms` applies.
+    #[serde(default = "default_tftp_max_timeout")]
+    pub max_timeout_s: u8,
     /// Retransmissions before a transfer is abandoned.
     #[serde(default = "default_tftp_retries")]
     pub retries: u32,
+    /// Longest time a whole transfer may take, in seconds.
+    #[serde(default = "default_tftp_max_transfer")]
+    pub max_transfer_s: u64,
 }
 
 impl Default for TftpConfig {
@@ -376,8 +431,12 @@ impl Default for TftpConfig {
             max_blksize: default_max_blksize(),
             max_windowsize: default_max_windowsize(),
             max_transfers: default_max_transfers(),
+            max_transfers_per_ip: default_max_transfers_per_ip(),
+            max_pending: default_max_pending(),
             timeout_ms: default_tftp_timeout_ms(),
+            max_timeout_s: default_tftp_max_timeout(),
             retries: default_tftp_retries(),
+            max_transfer_s: default_tftp_max_transfer(),
         }
     }
 }
@@ -408,14 +467,47 @@ pub struct HttpConfig {
     /// File holding the viewer token (first line), instead of `viewer_token`.
     #[serde(default)]
     pub viewer_token_file: Option<PathBuf>,
-    /// Concurrent connections.
+    /// Concurrent connections (per listener). When all are taken, the
+    /// oldest connection that has sent no request makes room.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Concurrent connections from one client address (per listener).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Seconds a request head may take to arrive.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_s: u64,
+    /// Longest gap, in seconds, between two pieces of a request body.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout_s: u64,
+    /// Seconds from a request's head to the end of its body.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
+    /// Seconds a response may wait for the client to read a byte before
+    /// its connection is dropped (slow readers of the kernel or chunks).
+    #[serde(default = "default_send_stall_timeout")]
+    pub send_stall_timeout_s: u64,
     /// The HTTPS listener (on by default): the API, agent registration and
     /// the repository are served over it; plain HTTP keeps only what
     /// firmware fetches.
     #[serde(default)]
     pub tls: TlsConfig,
+}
+
+impl HttpConfig {
+    /// The limits of each HTTP(S) listener.
+    pub fn listener_options(&self) -> aula_httpkit::server::Options {
+        let secs = std::time::Duration::from_secs;
+        aula_httpkit::server::Options {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            header_read_timeout: secs(self.header_timeout_s),
+            body_idle_timeout: secs(self.body_idle_timeout_s),
+            request_timeout: secs(self.request_timeout_s),
+            send_stall_timeout: secs(self.send_stall_timeout_s),
+            ..Default::default()
+        }
+    }
 }
 
 /// `[http.tls]`
@@ -465,6 +557,11 @@ impl Default for HttpConfig {
             viewer_token: None,
             viewer_token_file: None,
             max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            header_timeout_s: default_header_timeout(),
+            body_idle_timeout_s: default_body_idle_timeout(),
+            request_timeout_s: default_request_timeout(),
+            send_stall_timeout_s: default_send_stall_timeout(),
             tls: TlsConfig::default(),
         }
     }
@@ -645,8 +742,20 @@ fn default_max_windowsize() -> u16 {
 fn default_max_transfers() -> usize {
     64
 }
+fn default_max_transfers_per_ip() -> usize {
+    8
+}
+fn default_max_pending() -> usize {
+    256
+}
 fn default_tftp_timeout_ms() -> u64 {
     1000
+}
+fn default_tftp_max_timeout() -> u8 {
+    5
+}
+fn default_tftp_max_transfer() -> u64 {
+    60
 }
 fn default_tftp_retries() -> u32 {
     5
@@ -656,6 +765,21 @@ fn default_http_bind() -> SocketAddr {
 }
 fn default_max_connections() -> usize {
     512
+}
+fn default_max_connections_per_ip() -> usize {
+    32
+}
+fn default_header_timeout() -> u64 {
+    20
+}
+fn default_body_idle_timeout() -> u64 {
+    10
+}
+fn default_request_timeout() -> u64 {
+    60
+}
+fn default_send_stall_timeout() -> u64 {
+    30
 }
 fn default_boot_mode() -> BootMode {
     BootMode::Live
@@ -828,11 +952,36 @@ impl Config {
         if t.max_transfers == 0 {
             return Err(invalid("tftp.max_transfers", "must be at least 1"));
         }
+        if t.max_transfers_per_ip == 0 || t.max_pending == 0 {
+            return Err(invalid(
+                "tftp.max_transfers_per_ip",
+                "max_transfers_per_ip and max_pending must be at least 1",
+            ));
+        }
         if !(10..=255_000).contains(&t.timeout_ms) {
             return Err(invalid("tftp.timeout_ms", "must be 10..=255000"));
         }
+        if t.max_timeout_s == 0 {
+            return Err(invalid("tftp.max_timeout_s", "must be 1..=255"));
+        }
+        if !(1..=3600).contains(&t.max_transfer_s) {
+            return Err(invalid("tftp.max_transfer_s", "must be 1..=3600 seconds"));
+        }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.http.max_connections_per_ip == 0 {
+            return Err(invalid("http.max_connections_per_ip", "must be at least 1"));
+        }
+        for (key, v) in [
+            ("http.header_timeout_s", self.http.header_timeout_s),
+            ("http.body_idle_timeout_s", self.http.body_idle_timeout_s),
+            ("http.request_timeout_s", self.http.request_timeout_s),
+            ("http.send_stall_timeout_s", self.http.send_stall_timeout_s),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, "must be 1..=3600 seconds"));
+            }
         }
         if self.http.api_token.is_some() && self.http.api_token_file.is_some() {
             return Err(invalid(
@@ -967,6 +1116,19 @@ impl Config {
             if r.max_uploads == 0 {
                 return Err(invalid("repository.max_uploads", "must be at least 1"));
             }
+        }
+        let l = &self.limits;
+        if !(1..=10_000_000).contains(&l.max_machines) {
+            return Err(invalid("limits.max_machines", "must be 1..=10000000"));
+        }
+        if !(64..=65_536).contains(&l.events_per_machine_kib) {
+            return Err(invalid(
+                "limits.events_per_machine_kib",
+                "must be 64..=65536 (an event may be 64 KiB)",
+            ));
+        }
+        if !(1..=65_536).contains(&l.events_total_mib) {
+            return Err(invalid("limits.events_total_mib", "must be 1..=65536"));
         }
         if self.ra.enabled {
             parse_ra_prefix(&self.ra.prefix).map_err(|m| invalid("ra.prefix", m))?;

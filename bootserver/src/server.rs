@@ -172,7 +172,7 @@ impl Server {
                 tokio::task::spawn_blocking(move || Registry::open(crate::db::Db::open(&dir)?))
                     .await
                     .map_err(|_| ServerError::Db(crate::db::DbError::Worker))??;
-            Arc::new(reg)
+            Arc::new(reg.with_max_machines(cfg.limits.max_machines))
         };
         // Operators of the console sign in with sessions that are a
         // principal like the tokens (auth.rs): one rights model.
@@ -385,7 +385,7 @@ impl Server {
             let api = ApiRoutes::new(cfg.clone(), registry.clone(), dhcp.clone(), auth);
             // Webhooks reach the deployment runner at once.
             let api = match &deployments {
-                Some(d) => api.with_event_sink(d.clone()),
+                Some(d) => api.with_event_listener(d.clone()),
                 None => api,
             };
             groups.push(Arc::new(api));
@@ -401,7 +401,7 @@ impl Server {
                 None,
                 groups.clone(),
                 serves,
-                cfg.http.max_connections,
+                cfg.http.listener_options(),
                 cancel.clone(),
                 tracker,
             );
@@ -412,7 +412,7 @@ impl Server {
                     Some(tls.acceptor),
                     groups,
                     Serves::All,
-                    cfg.http.max_connections,
+                    cfg.http.listener_options(),
                     cancel.clone(),
                     tracker,
                 );

@@ -13,9 +13,25 @@
 //! | a registration accepted (session bound, agent stored) | before the answer, committed to disk |
 //! | DHCP sightings, capture grants | by [`Registry::autosave`] every couple of seconds, every machine seen since in one transaction (or with the next write above) |
 //!
+//! Writes are group commits: a caller that must wait for the disk takes
+//! every row marked dirty so far into one transaction, and callers whose
+//! rows an earlier writer already took find nothing left to write. A room
+//! booting at once (a hundred script requests in a second) costs a few
+//! commits, not a hundred.
+//!
 //! An older Aula kept all of this in `state.json`; the first start of this
 //! version imports it in one transaction and renames it
 //! `state.json.migrated`.
+//!
+//! # Bounded
+//!
+//! At most `max_machines` (`[limits]`, default 10 000) machines are known.
+//! A new one takes the place of the least recently seen machine that holds
+//! nothing an operator or an agent gave it (no boot mode, no registered
+//! agent; those without a boot session first); its row is deleted with the
+//! next commit. When every record holds something, a boot-mode write for a
+//! new machine is refused ([`StateError::Full`], 507), its script is served
+//! without recording it, and DHCP sightings of new machines are ignored.
 //!
 //! # Registration is bound to the boot
 //!
@@ -35,6 +51,7 @@ pub mod store;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -65,10 +82,13 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    /// No room for another machine.
+    #[error("the server knows {0} machines, its limit ([limits] max_machines), and each holds a boot mode or a registered agent; reset some machines' boot modes or raise the limit")]
+    Full(usize),
 }
 
-/// Most machines recorded from DHCP sightings alone.
-pub const MAX_CLIENTS: usize = 50_000;
+/// Machines known at most, unless `[limits] max_machines` says otherwise.
+pub const DEFAULT_MAX_MACHINES: usize = 10_000;
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -469,6 +489,9 @@ pub struct Registry {
     /// One writer at a time: each takes the current rows of what is dirty
     /// while holding it, so the last write of a row is its newest state.
     write_lock: tokio::sync::Mutex<()>,
+    /// Commits of registry rows so far.
+    writes: AtomicU64,
+    max_machines: usize,
     /// Addresses machines announced on the proxyDHCP port, and when.
     announced: Mutex<HashMap<MacAddr, (Ipv4Addr, u64)>>,
 }
@@ -519,8 +542,44 @@ impl Registry {
             }),
             db,
             write_lock: tokio::sync::Mutex::new(()),
+            writes: AtomicU64::new(0),
+            max_machines: DEFAULT_MAX_MACHINES,
             announced: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// At most `n` machines are known (see the module's bounds).
+    pub fn with_max_machines(mut self, n: usize) -> Self {
+        self.max_machines = n.max(1);
+        self
+    }
+
+    /// How many commits of registry rows were made since start.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Makes room for a record of `mac` if it has none (see the module's
+    /// bounds); false when there is no room. Call with `inner` locked.
+    fn room_for(&self, g: &mut Inner, mac: MacAddr) -> bool {
+        if g.clients.contains_key(&mac) || g.clients.len() < self.max_machines {
+            return true;
+        }
+        let victim = g
+            .clients
+            .iter()
+            .filter(|(m, c)| c.boot == BootSetting::default() && !g.agents.contains_key(m))
+            .min_by_key(|(_, c)| (c.session.is_some(), c.last_seen.unwrap_or(0)))
+            .map(|(m, _)| *m);
+        match victim {
+            Some(v) => {
+                g.clients.remove(&v);
+                g.dirty.clients.insert(v);
+                tracing::debug!(evicted = %v, new = %mac, "machine table full: forgot the least recently seen machine that held nothing");
+                true
+            }
+            None => false,
+        }
     }
 
     /// The database the registry lives in.
@@ -570,7 +629,7 @@ impl Registry {
     /// Kept in memory only: it matters for minutes.
     pub fn note_announce(&self, mac: MacAddr, ip: Ipv4Addr) {
         if let Ok(mut a) = self.announced.lock() {
-            if a.len() >= MAX_CLIENTS && !a.contains_key(&mac) {
+            if a.len() >= self.max_machines && !a.contains_key(&mac) {
                 return;
             }
             a.insert(mac, (ip, unix_now()));
@@ -604,9 +663,10 @@ impl Registry {
         hostname: Option<&str>,
     ) {
         let mut g = self.lock();
-        if g.clients.len() >= MAX_CLIENTS && !g.clients.contains_key(&mac) {
+        if !g.clients.contains_key(&mac) && g.clients.len() >= self.max_machines {
             // Forged netboot requests with random MACs must not grow the
-            // table without bound; known machines are still updated.
+            // table without bound, nor push out other sightings: a new
+            // machine seen only by DHCP is recorded while there is room.
             return;
         }
         let c = g.clients.entry(mac).or_default();
@@ -634,6 +694,9 @@ impl Registry {
     ) -> Result<BootSetting, StateError> {
         let setting = {
             let mut g = self.lock();
+            if !self.room_for(&mut g, mac) {
+                return Err(StateError::Full(self.max_machines));
+            }
             let c = g.clients.entry(mac).or_default();
             if once {
                 c.boot.once = Some(mode);
@@ -687,6 +750,10 @@ impl Registry {
         };
         let (mode, nonce, persist) = {
             let mut g = self.lock();
+            if !self.room_for(&mut g, mac) {
+                tracing::warn!(%mac, max = self.max_machines, "machine table full: serving the default mode without recording the boot (no registration window)");
+                return Ok((default, None));
+            }
             g.dirty.clients.insert(mac);
             let c = g.clients.entry(mac).or_default();
             let now = unix_now();
@@ -881,10 +948,15 @@ impl Registry {
     /// Writes every changed row now, the commit on disk before this
     /// returns (serialised with other writers).
     pub async fn save(&self) -> Result<(), StateError> {
-        self.flush(true).await
+        self.flush().await
     }
 
-    async fn flush(&self, durable: bool) -> Result<(), StateError> {
+    /// Every flush is durable (`synchronous=FULL` for its commit): a
+    /// caller of [`Registry::save`] whose rows the periodic flush took
+    /// finds nothing left to write, and must find them on disk. One sync
+    /// every couple of seconds costs nothing next to the group commits.
+    async fn flush(&self) -> Result<(), StateError> {
+        let durable = true;
         let _w = self.write_lock.lock().await;
         let (batch, marks) = self.lock().take_batch();
         if batch.is_empty() {
@@ -898,6 +970,7 @@ impl Registry {
             .await;
         match r {
             Ok(()) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     rows,
                     durable,
@@ -925,11 +998,11 @@ impl Registry {
             if self.lock().dirty.is_empty() {
                 continue;
             }
-            if let Err(e) = self.flush(false).await {
+            if let Err(e) = self.flush().await {
                 tracing::error!(error = %e, "saving client state");
             }
         }
-        if let Err(e) = self.flush(true).await {
+        if let Err(e) = self.flush().await {
             tracing::error!(error = %e, "saving client state at shutdown");
         }
     }
@@ -1136,6 +1209,108 @@ mod tests {
             .expect("io");
         assert!(matches!(r, Err(Refusal::Expired { .. })), "{r:?}");
         assert!(reg.agent_token(mac).is_none());
+    }
+
+    fn nth_mac(i: u32) -> MacAddr {
+        let b = i.to_be_bytes();
+        MacAddr([0x52, 0x54, b[0], b[1], b[2], b[3]])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_room_booting_at_once_is_written_in_a_few_group_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Arc::new(Registry::load(dir.path()).expect("load"));
+        let tasks: Vec<_> = (0..200u32)
+            .map(|i| {
+                let reg = reg.clone();
+                tokio::spawn(async move {
+                    let src = IpAddr::V4(Ipv4Addr::new(10, 213, 1, (i % 250) as u8));
+                    reg.take_boot(nth_mac(i), BootMode::Live, Some(src)).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (mode, nonce) = t.await.expect("task").expect("take_boot");
+            assert_eq!(mode, BootMode::Live);
+            assert!(nonce.is_some());
+        }
+        let writes = reg.writes();
+        assert!(writes < 40, "{writes} writes for 200 script requests");
+        // Every session is on disk although most callers wrote nothing.
+        let again = Registry::load(dir.path()).expect("reload");
+        let sessions = again
+            .clients(BootMode::Live, |_| None)
+            .iter()
+            .filter(|c| c.session.is_some())
+            .count();
+        assert_eq!(sessions, 200);
+        println!("RESULT script_requests=200 state_writes={writes}");
+    }
+
+    #[tokio::test]
+    async fn the_machine_table_is_bounded_and_keeps_what_operators_and_agents_gave() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::load(dir.path())
+            .expect("load")
+            .with_max_machines(10);
+        for i in 0..3 {
+            reg.set_boot(nth_mac(i), BootMode::Local, false)
+                .await
+                .expect("set");
+        }
+        // Scripts for 50 unknown machines (from one address, as a flood
+        // through the URL's ip=/mac= would be): the table stays at 10.
+        for i in 100..150 {
+            reg.take_boot(nth_mac(i), BootMode::Live, Some(SRC))
+                .await
+                .expect("take");
+        }
+        let list = reg.clients(BootMode::Live, |_| None);
+        assert_eq!(list.len(), 10);
+        // The forgotten machines' rows are gone from the database too.
+        let on_disk = Registry::load(dir.path()).expect("reload");
+        assert_eq!(on_disk.clients(BootMode::Live, |_| None).len(), 10);
+        for i in 0..3 {
+            assert!(
+                list.iter()
+                    .any(|c| c.mac == nth_mac(i) && c.boot.mode == Some(BootMode::Local)),
+                "the operator's boot mode of {} was dropped",
+                nth_mac(i)
+            );
+        }
+        assert!(
+            list.iter().any(|c| c.mac == nth_mac(149)),
+            "the newest boot is kept"
+        );
+        // DHCP sightings of new machines do not push anybody out.
+        reg.note_dhcp(nth_mac(500), None, None, None);
+        assert!(!reg
+            .clients(BootMode::Live, |_| None)
+            .iter()
+            .any(|c| c.mac == nth_mac(500)));
+        // Operators' settings fill the table; then a new one is refused.
+        for i in 3..10 {
+            reg.set_boot(nth_mac(i), BootMode::Live, true)
+                .await
+                .expect("room made by forgetting machines that held nothing");
+        }
+        let e = reg
+            .set_boot(nth_mac(10), BootMode::Local, false)
+            .await
+            .expect_err("full");
+        assert!(matches!(e, StateError::Full(10)), "{e}");
+        assert!(e.to_string().contains("max_machines"), "{e}");
+        // A script for a new machine is still served, unrecorded.
+        let (mode, nonce) = reg
+            .take_boot(nth_mac(11), BootMode::Live, Some(SRC))
+            .await
+            .expect("served");
+        assert_eq!((mode, nonce), (BootMode::Live, None));
+        assert_eq!(reg.clients(BootMode::Live, |_| None).len(), 10);
+        // Known machines are still updated.
+        reg.set_boot(nth_mac(0), BootMode::Live, false)
+            .await
+            .expect("known machine");
     }
 }
 
@@ -1355,7 +1530,7 @@ mod store_tests {
             0,
             "no write on the packet path"
         );
-        reg.flush(false).await.expect("flush");
+        reg.flush().await.expect("flush");
         assert_eq!(rows(dir.path(), "clients"), 200);
         // Nothing left to write: the next flush does nothing.
         assert!(reg.lock().dirty.is_empty());

@@ -1144,6 +1144,9 @@ fn print_disk(d: &aula_imager::disk::DiskInfo) {
                 .map(|u| format!("  used {}", gib(u)))
                 .unwrap_or_default()
         );
+        if let Some(e) = &p.error {
+            println!("        partition {}: {e}", p.number);
+        }
     }
     for w in &d.warnings {
         println!("        warning: {w}");

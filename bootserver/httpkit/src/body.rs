@@ -4,11 +4,24 @@
 //! |---|---|---|
 //! | `Content-Length` or the bytes received pass the limit | [`BodyError::TooLarge`] | 413 |
 //! | the client disconnected, or the body's framing is broken | [`BodyError::Read`] | 400 |
+//! | no body byte for the idle limit, or the body not complete by the request deadline | [`BodyError::Timeout`] | 408 |
 //! | a `Content-Type` the route does not take | [`BodyError::MediaType`] | 415 |
 //! | not JSON, or empty where JSON is needed | [`BodyError::Json`] / [`BodyError::Empty`] | 400 |
+//!
+//! # Deadlines
+//!
+//! A slow client must not hold a connection slot for ever by trickling a
+//! body. The accept loop ([`crate::server`]) runs every request's handler
+//! inside [`with_deadlines`]: the whole body must have arrived by the
+//! request deadline (`request_timeout` after its head), and no gap between
+//! two pieces of it may exceed `body_idle_timeout`. [`read_limited`] and the
+//! JSON readers enforce both. Outside a served request (a handler that moved
+//! the body to another task) the defaults apply, counted from the first read.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, StatusCode};
@@ -34,6 +47,43 @@ pub enum BodyError {
     /// No body where one is needed.
     #[error("the body is empty (a JSON object is expected)")]
     Empty,
+    /// The body came too slowly (see the module's deadlines).
+    #[error("request body too slow: {0}")]
+    Timeout(&'static str),
+}
+
+/// Longest gap between two pieces of a body, unless the listener says otherwise.
+pub const DEFAULT_BODY_IDLE: Duration = Duration::from_secs(10);
+/// Longest time from a request's head to the end of its body, unless the
+/// listener says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes reserved up front for a body, at most (the rest grows as it comes).
+const PREALLOCATE: usize = 1 << 20;
+
+/// The deadlines of the request being served.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// Longest gap between two pieces of the body.
+    pub idle: Duration,
+    /// When the whole body must have arrived.
+    pub until: tokio::time::Instant,
+}
+
+tokio::task_local! {
+    static DEADLINES: Deadlines;
+}
+
+/// Runs `f` (a request's handler) with `d` as the deadlines its body reads obey.
+pub async fn with_deadlines<F: std::future::Future>(d: Deadlines, f: F) -> F::Output {
+    DEADLINES.scope(d, f).await
+}
+
+/// The deadlines in force: the served request's, else the defaults from now.
+pub fn deadlines() -> Deadlines {
+    DEADLINES.try_with(|d| *d).unwrap_or_else(|_| Deadlines {
+        idle: DEFAULT_BODY_IDLE,
+        until: tokio::time::Instant::now() + DEFAULT_REQUEST_TIMEOUT,
+    })
 }
 
 impl BodyError {
@@ -41,6 +91,7 @@ impl BodyError {
     pub fn status(&self) -> StatusCode {
         match self {
             BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             BodyError::Read(_) | BodyError::Json(_) | BodyError::Empty => StatusCode::BAD_REQUEST,
             BodyError::MediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
@@ -80,10 +131,11 @@ pub fn check_content_type(headers: &HeaderMap, types: JsonTypes) -> Result<(), B
     }
 }
 
-/// Reads a whole body of at most `limit` bytes.
+/// Reads a whole body of at most `limit` bytes, within the deadlines of
+/// the request being served (see the module's deadlines).
 pub async fn read_limited(
     headers: &HeaderMap,
-    body: Incoming,
+    mut body: Incoming,
     limit: usize,
 ) -> Result<Bytes, BodyError> {
     let declared = headers
@@ -93,13 +145,35 @@ pub async fn read_limited(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(BodyError::TooLarge { limit })
+    let d = deadlines();
+    let reserve = declared.map_or(0, |n| n as usize).min(PREALLOCATE);
+    let mut buf = BytesMut::with_capacity(reserve);
+    loop {
+        let gap = tokio::time::Instant::now() + d.idle;
+        let wake = gap.min(d.until);
+        let frame = match tokio::time::timeout_at(wake, body.frame()).await {
+            Err(_) if wake == d.until => {
+                return Err(BodyError::Timeout(
+                    "the body did not arrive within the request deadline",
+                ))
+            }
+            Err(_) => {
+                return Err(BodyError::Timeout(
+                    "no part of the body arrived within the idle limit",
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(BodyError::TooLarge { limit });
+            }
+            buf.extend_from_slice(&data);
         }
-        Err(e) => Err(BodyError::Read(e.to_string())),
     }
+    Ok(buf.freeze())
 }
 
 /// Reads a request's body as a JSON value: content type per `types`, at

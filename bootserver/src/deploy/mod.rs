@@ -238,7 +238,7 @@ impl std::fmt::Debug for DeployService {
     }
 }
 
-impl crate::http::api::EventSink for DeployService {
+impl crate::http::api::EventListener for DeployService {
     fn agent_event(&self, mac: MacAddr, event: &serde_json::Value) {
         DeployService::agent_event(self, mac, event);
     }

@@ -15,10 +15,11 @@
 //! | `POST /v1/agents/register` | the machine's own live boot (window, nonce, address: see [`crate::state`]) | agent registration; answers the repository's read token |
 //! | `GET /v1/agents` | admin (with tokens), viewer (without) | registered agents |
 //! | `POST /v1/agents/events` | HMAC of the body with the agent's token | the default webhook sink (`aula.core` unset) |
-//! | `GET /v1/agents/{mac}/events` | admin, viewer | the last events an agent posted |
+//! | `GET /v1/agents/{mac}/events` | admin, viewer | the last events an agent posted (bounded: [`crate::events`]) |
 //!
 //! No credential, or one nobody issued: 401. A known credential without
 //! the right: 403. A refused registration: 403, logged with the reason.
+//! No room for another machine ([`crate::state`]'s bounds): 507.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -59,9 +60,23 @@ pub enum ApiError {
     /// The body could not be used.
     #[error(transparent)]
     Body(#[from] BodyError),
-    /// Storage failed.
-    #[error("storage error")]
+    /// Storage failed, or is full.
+    #[error("{}", storage_message(.0))]
     Storage(#[from] StateError),
+    /// An event larger than a machine's share of the event sink.
+    #[error(transparent)]
+    EventTooLarge(#[from] crate::events::TooLarge),
+}
+
+/// What a client is told about a storage error: the limit when full, else
+/// nothing more (the log has the details).
+fn storage_message(e: &StateError) -> String {
+    match e {
+        StateError::Full(_) => e.to_string(),
+        StateError::Io(_) | StateError::Corrupt { .. } | StateError::Db(_) => {
+            "storage error".into()
+        }
+    }
 }
 
 impl ApiError {
@@ -73,7 +88,14 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Body(b) => b.status(),
-            ApiError::Storage(e) => {
+            ApiError::EventTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Storage(e @ StateError::Full(_)) => {
+                tracing::warn!(error = %e, "refused: machine table full");
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            ApiError::Storage(
+                e @ (StateError::Io(_) | StateError::Corrupt { .. } | StateError::Db(_)),
+            ) => {
                 tracing::error!(error = %e, "API storage error");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -111,12 +133,10 @@ pub struct SetCapture {
     pub minutes: Option<u64>,
 }
 
-/// Events kept per agent.
-const EVENTS_KEPT: usize = 200;
-
-/// Where verified agent webhooks go besides the list of recent events: the
-/// deployment runner follows its machines' jobs by them.
-pub trait EventSink: Send + Sync {
+/// Where verified agent webhooks go besides the bounded list of recent
+/// events ([`crate::events`]): the deployment runner follows its
+/// machines' jobs by them.
+pub trait EventListener: Send + Sync {
     /// An event the agent of `mac` signed with its registered token.
     /// Must not block (the agent waits for the answer).
     fn agent_event(&self, mac: MacAddr, event: &serde_json::Value);
@@ -128,10 +148,8 @@ pub struct ApiRoutes {
     registry: Arc<Registry>,
     dhcp: Option<DhcpService>,
     auth: Arc<Auth>,
-    events: std::sync::Mutex<
-        std::collections::HashMap<MacAddr, std::collections::VecDeque<serde_json::Value>>,
-    >,
-    sink: Option<Arc<dyn EventSink>>,
+    events: crate::events::EventSink,
+    listener: Option<Arc<dyn EventListener>>,
 }
 
 impl ApiRoutes {
@@ -143,18 +161,21 @@ impl ApiRoutes {
         auth: Arc<Auth>,
     ) -> Self {
         Self {
-            cfg,
             registry,
             dhcp,
+            events: crate::events::EventSink::new(
+                cfg.limits.events_per_machine_kib << 10,
+                cfg.limits.events_total_mib << 20,
+            ),
+            cfg,
             auth,
-            events: std::sync::Mutex::new(std::collections::HashMap::new()),
-            sink: None,
+            listener: None,
         }
     }
 
-    /// Also hands every verified webhook to `sink`.
-    pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
-        self.sink = Some(sink);
+    /// Also hands every verified webhook to `listener`.
+    pub fn with_event_listener(mut self, listener: Arc<dyn EventListener>) -> Self {
+        self.listener = Some(listener);
         self
     }
 
@@ -210,6 +231,9 @@ impl ApiRoutes {
         let bytes = aula_httpkit::body::read_limited(&parts.headers, body, MAX_BODY).await?;
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(ApiError::BadRequest("an event is a JSON object".into()));
+        }
         let mac = v["agent"]["mac"]
             .as_str()
             .ok_or_else(|| ApiError::BadRequest("agent.mac is required".into()))?;
@@ -222,15 +246,9 @@ impl ApiRoutes {
         let sig = decode_hex(&sig).ok_or(ApiError::Unauthorized("malformed signature"))?;
         ring::hmac::verify(&key, &bytes, &sig)
             .map_err(|_| ApiError::Unauthorized("bad signature"))?;
-        if let Some(sink) = &self.sink {
-            sink.agent_event(mac, &v);
-        }
-        if let Ok(mut ev) = self.events.lock() {
-            let q = ev.entry(mac).or_default();
-            if q.len() >= EVENTS_KEPT {
-                q.pop_front();
-            }
-            q.push_back(v);
+        self.events.push(mac, bytes)?;
+        if let Some(l) = &self.listener {
+            l.agent_event(mac, &v);
         }
         Ok(json(
             StatusCode::OK,
@@ -435,16 +453,11 @@ impl ApiRoutes {
             (Method::GET, ["v1", "agents", mac, "events"]) => {
                 self.require(&req, read_lab, "read agents' events").await?;
                 let mac = parse_mac(mac)?;
-                let list: Vec<serde_json::Value> = self
-                    .events
-                    .lock()
-                    .map(|e| {
-                        e.get(&mac)
-                            .map(|q| q.iter().cloned().collect())
-                            .unwrap_or_default()
-                    })
-                    .unwrap_or_default();
-                Ok(json(StatusCode::OK, &list))
+                Ok(super::response(
+                    StatusCode::OK,
+                    "application/json",
+                    self.events.list_json(mac),
+                ))
             }
             (Method::GET, ["v1", "agents"]) => {
                 let who = self.require(&req, read_lab, "read the agent list").await?;

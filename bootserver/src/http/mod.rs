@@ -164,14 +164,14 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
         .map_err(|source| HttpError { addr, source })
 }
 
-/// Spawns the accept loop of `listener` on `tracker`. With `tls`, every
-/// connection is a TLS connection.
+/// Spawns the accept loop of `listener` on `tracker`, with the limits of
+/// `opts`. With `tls`, every connection is a TLS connection.
 pub fn spawn(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     groups: Vec<Arc<dyn RouteGroup>>,
     serves: Serves,
-    max_connections: usize,
+    opts: aula_httpkit::server::Options,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -185,17 +185,14 @@ pub fn spawn(
         serves,
         secure: tls.is_some(),
     });
-    let opts = aula_httpkit::server::Options {
-        max_connections,
-        ..Default::default()
-    };
     tracker.spawn(async move {
         aula_httpkit::server::serve(listener, tls, handler, opts, cancel).await;
         tracing::debug!("HTTP service stopped");
     });
 }
 
-/// Binds `bind` and serves every group on it (see [`spawn`]).
+/// Binds `bind` and serves every group on it (see [`spawn`]), with the
+/// default limits and `max_connections`.
 pub async fn start(
     bind_addr: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -214,7 +211,10 @@ pub async fn start(
         tls,
         groups,
         Serves::All,
-        max_connections,
+        aula_httpkit::server::Options {
+            max_connections,
+            ..Default::default()
+        },
         cancel,
         tracker,
     );

@@ -22,14 +22,15 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Skips a test (with a message) when not running as root.
+/// Fails a test that needs root when not running as root (it never passes
+/// silently: scripts/test runs as root).
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !common::is_root() {
-            eprintln!("SKIP: this test needs root (it creates network namespaces)");
-            return;
-        }
+        assert!(
+            common::is_root(),
+            "this test needs root (it creates network namespaces): run it as root, as scripts/test does"
+        );
     };
 }
 

@@ -609,7 +609,12 @@ fn classify(status: StatusCode, uri: &str, body: &[u8]) -> std::result::Result<(
             format!(": {text}")
         }
     );
-    if status.is_server_error()
+    if status == StatusCode::INSUFFICIENT_STORAGE {
+        // A full disk does not empty itself in seconds: fail now, clearly.
+        Err(Fail::Fatal(Error::Repo(format!(
+            "{msg} (the repository's filesystem is full)"
+        ))))
+    } else if status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
     {
