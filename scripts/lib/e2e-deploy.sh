@@ -14,6 +14,12 @@
 DEMO_MACHINES=${DEMO_MACHINES:-2}
 DEMO_IMAGE=${DEMO_IMAGE:-ref-bios}
 DEMO_ROOM=${DEMO_ROOM:-Demo room}
+# The console is forwarded from the host's 127.0.0.1:DEMO_CONSOLE_PORT (the
+# first free port from there) into the namespace, while the demo runs and
+# DEMO_HOLD seconds after it ends.
+DEMO_CONSOLE_PORT=${DEMO_CONSOLE_PORT:-8443}
+DEMO_HOLD=${DEMO_HOLD:-0}
+FORWARD_PID=""
 
 # api METHOD PATH [JSON]: the boot server's API over HTTPS (its certificate
 # pinned) with the API token; prints the body.
@@ -25,6 +31,44 @@ api() {
 
 # jget JSON EXPR: a value from JSON (python3 expression over `d`).
 jget() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2]))' "$1" "$2"; }
+
+# console_forward: forwards 127.0.0.1:PORT on the host to the server's
+# HTTPS listener in the namespace (socat, one `ip netns exec` per
+# connection), checks the console answers through it with the server's
+# pinned certificate, and sets CONSOLE_PORT and CONSOLE_URL.
+console_forward() {
+  local port=$DEMO_CONSOLE_PORT last=$((DEMO_CONSOLE_PORT + 20))
+  while [ "$port" -le "$last" ]; do
+    if ! ss -Hltn "sport = :$port" | grep -q .; then
+      socat "TCP4-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" \
+        "EXEC:ip netns exec $NS socat STDIO TCP4\:$E2E_ADDR4\:8443" 2>>"$W/console-forward.log" &
+      FORWARD_PID=$!
+      local i
+      for i in $(seq 1 20); do
+        ss -Hltn "sport = :$port" | grep -q . && break
+        sleep 0.1
+      done
+      if curl -fsS --max-time 5 -k --pinnedpubkey "$SERVER_PIN" -o /dev/null "https://127.0.0.1:$port/"; then
+        CONSOLE_PORT=$port
+        CONSOLE_URL=https://127.0.0.1:$port
+        return 0
+      fi
+      kill "$FORWARD_PID" 2>/dev/null || true
+      wait "$FORWARD_PID" 2>/dev/null || true
+      FORWARD_PID=""
+    fi
+    port=$((port + 1))
+  done
+  return 1
+}
+
+# console_forward_stop: ends the forwarder (cleanup calls it).
+console_forward_stop() {
+  [ -n "$FORWARD_PID" ] || return 0
+  kill "$FORWARD_PID" 2>/dev/null || true
+  wait "$FORWARD_PID" 2>/dev/null || true
+  FORWARD_PID=""
+}
 
 # demo_mac N: the MAC of demo machine N.
 demo_mac() { printf '52:54:00:a0:2b:%02x' "$1"; }
@@ -87,10 +131,16 @@ deploy_demo() {
   body='{"room":"'"$DEMO_ROOM"'","image":"'"$DEMO_IMAGE"'","disk":1,"method":"unicast","after":"reboot-local","max_concurrent":1}'
   dep=$(api POST /v1/deployments "$body") || fail "POST /v1/deployments was refused"
   id=$(jget "$dep" 'd["id"]')
+  console_forward || fail "could not forward the console to 127.0.0.1 (ports $DEMO_CONSOLE_PORT-$((DEMO_CONSOLE_PORT + 20)) taken, or no answer through socat)"
   echo
-  echo "  console: https://$E2E_ADDR4:8443/#/deployments/$id   (user demo, password $password)"
-  echo "  it lives in network namespace $NS; open it with e.g."
-  echo "    sudo ip netns exec $NS chromium --ignore-certificate-errors --user-data-dir=/tmp/aula-demo https://$E2E_ADDR4:8443/"
+  echo "  Watch it live in the lab console, from a browser on this machine:"
+  echo "    $CONSOLE_URL/#/deployments/$id"
+  echo "    user: demo   password: $password"
+  echo "  The certificate is the boot server's own (self-signed; accept it once). Its key"
+  echo "  is pinned on the machines' kernel line: $SERVER_FP"
+  echo "  From another machine: ssh -L $CONSOLE_PORT:127.0.0.1:$CONSOLE_PORT <this host>, then the same URL."
+  echo "  (The server runs in network namespace $NS, at $HTTPS_URL; 127.0.0.1 is forwarded there.)"
+  [ "$DEMO_HOLD" -gt 0 ] || echo "  Set DEMO_HOLD=600 to keep the console up for 10 minutes after the run."
   echo
 
   local started=$SECONDS deadline=$((SECONDS + 300 + DEMO_MACHINES * 300)) last="" now states cur="" n state
@@ -144,6 +194,10 @@ deploy_demo() {
   images=$(api GET "/v1/machines?room=$(jget "$(api GET /v1/rooms)" '[r["id"] for r in d if r["name"]=="'"$DEMO_ROOM"'"][0]')")
   [ "$(jget "$images" 'sorted(set(m["image"] for m in d["machines"]))')" = "['$DEMO_IMAGE']" ] ||
     fail "the machines do not record $DEMO_IMAGE as their image"
+  if [ "$DEMO_HOLD" -gt 0 ]; then
+    step "console kept up for ${DEMO_HOLD} s (DEMO_HOLD): $CONSOLE_URL/#/deployments/$id"
+    sleep "$DEMO_HOLD"
+  fi
   step "done"
   echo
   echo "PASS: one POST /v1/deployments re-imaged the $DEMO_MACHINES machines of \"$DEMO_ROOM\": each was woken, booted the live system, restored $DEMO_IMAGE, was switched to local boot, rebooted and booted the restored OS"
