@@ -168,7 +168,19 @@ impl Driver {
         }
     }
 
+    /// A PNG of the page once its bars have stopped moving (the progress
+    /// bars' width transitions), so the picture shows what the page says.
     async fn screenshot(&self, path: &std::path::Path) {
+        let settle = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < settle {
+            let running = self
+                .js("return document.getAnimations().filter(a => a.playState === 'running').length")
+                .await;
+            if running == json!(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let b64 = self.cmd(Method::GET, "/screenshot", json!({})).await;
         let b64 = b64.as_str().expect("base64");
         let tmp = path.with_extension("b64");
@@ -190,6 +202,65 @@ impl Driver {
     }
 }
 
+/// A room name as long as names may be (64 bytes), wider than a card.
+const LONG_ROOM: &str = "Laboratorio de Informática Aplicada y Sistemas Embebidos, B-204";
+
+/// Every room card's content stays inside the card: the name wraps onto
+/// two lines at most (then an ellipsis; the card's title and the room's
+/// page show it whole), the description keeps one line (ellipsis),
+/// the Deploy button stays within the card's right edge; the top bar keeps
+/// one line.
+async fn assert_room_cards_and_top_bar_fit(d: &Driver) {
+    let r = d
+        .js(
+            "return [...document.querySelectorAll('section.card[data-room]')].map(c => {
+               const box = c.getBoundingClientRect();
+               const h2 = c.querySelector('.room-title h2');
+               const desc = c.querySelector('.room-desc');
+               const btn = c.querySelector('.room-head > .btn').getBoundingClientRect();
+               const lh = parseFloat(getComputedStyle(h2).lineHeight);
+               return {name: h2.textContent,
+                       overflow: c.scrollWidth > c.clientWidth,
+                       name_lines: Math.round(h2.clientHeight / lh),
+                       name_clipped: h2.scrollHeight > h2.clientHeight + 1,
+                       desc_lines: Math.round(desc.clientHeight / parseFloat(getComputedStyle(desc).lineHeight)),
+                       button_inside: btn.right <= box.right && btn.left >= box.left,
+                       button_one_line: btn.height < 2 * lh};
+             });",
+        )
+        .await;
+    // The top bar keeps one line however many rooms the user has: menu
+    // entries do not wrap, the user's rooms end in an ellipsis.
+    let top = d
+        .js(
+            "const nav = [...document.querySelectorAll('nav a')];
+             const who = document.getElementById('whoami');
+             const bar = document.querySelector('header.top');
+             return {nav_one_line: nav.every(a => a.getBoundingClientRect().height < 40),
+                     who_clipped: who.scrollWidth > who.clientWidth,
+                     bar_overflow: bar.scrollWidth > bar.clientWidth};",
+        )
+        .await;
+    assert_eq!(top["nav_one_line"], true, "{top}");
+    assert_eq!(top["bar_overflow"], false, "{top}");
+    let cards = r.as_array().expect("cards");
+    assert!(!cards.is_empty(), "{r}");
+    for c in cards {
+        assert_eq!(c["overflow"], false, "a card overflows: {c}");
+        assert_eq!(c["button_inside"], true, "{c}");
+        assert_eq!(c["button_one_line"], true, "{c}");
+        assert_eq!(c["desc_lines"], 1, "{c}");
+        let lines = c["name_lines"].as_i64().expect("lines");
+        assert!((1..=2).contains(&lines), "{c}");
+        if c["name"] == LONG_ROOM {
+            assert_eq!(lines, 2, "the long name wraps onto two lines: {c}");
+            assert_eq!(c["name_clipped"], true, "and ends in an ellipsis: {c}");
+        } else {
+            assert_eq!(c["name_clipped"], false, "a short name is whole: {c}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromium() {
     if !in_netns("an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromium") {
@@ -201,7 +272,7 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
         &users,
         "tecnico",
         "aula-lab-2026",
-        Some(vec!["Aula 3".into()]),
+        Some(vec!["Aula 3".into(), LONG_ROOM.into()]),
     )
     .expect("user");
     let server = ServerProc::start(
@@ -227,6 +298,20 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
         Some(json!({"name": "Aula 4", "description": "library"})),
     )
     .await;
+    api.ok(
+        Method::POST,
+        "/v1/rooms",
+        Some(json!({"name": LONG_ROOM, "description": "Edificio Politécnico, planta 2, ala norte: 24 puestos con doble monitor y cabina de proyección"})),
+    )
+    .await;
+    for i in 0..5u64 {
+        api.ok(
+            Method::POST,
+            "/v1/machines",
+            Some(json!({"mac": format!("52:54:00:c0:05:{:02x}", i + 1), "name": format!("lab-sistemas-embebidos-pc{:02}", i + 1), "room": LONG_ROOM, "seat": i + 1})),
+        )
+        .await;
+    }
     let layout = json!({"table": "mbr", "partitions": [
         {"number": 1, "type": "linux", "size": "16MiB", "filesystem": "ext4"},
         {"number": 2, "type": "linux", "size": "64MiB", "format": false}
@@ -281,7 +366,7 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
         "the signed-in user",
     )
     .await;
-    // Limited to Aula 3: Aula 4 is not shown.
+    // Limited to Aula 3 and the long-named room: Aula 4 is not shown.
     let rooms = d
         .wait_for(
             "return document.querySelectorAll('section.card[data-room]').length",
@@ -289,7 +374,8 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
             "room cards",
         )
         .await;
-    assert_eq!(rooms, 1);
+    assert_eq!(rooms, 2);
+    assert_room_cards_and_top_bar_fit(&d).await;
 
     d.goto(&format!("{base}/#/deploy?room=1")).await;
     d.find("#d-image option").await;
@@ -366,6 +452,7 @@ async fn an_operator_signs_in_deploys_to_a_room_and_watches_it_finish_in_chromiu
 
     d.goto(&format!("{base}/#/rooms")).await;
     d.wait_for("return document.querySelectorAll('.tile.s-os, .tile.s-done').length >= 3 && document.querySelectorAll('.tile.s-failed').length === 1", Duration::from_secs(20), "room tiles").await;
+    assert_room_cards_and_top_bar_fit(&d).await;
     d.screenshot(&shots.join("console-rooms.png")).await;
 
     let _ =

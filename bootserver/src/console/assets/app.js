@@ -106,7 +106,8 @@ function signin() {
 function started() {
   $("nav").hidden = false;
   $("who").replaceChildren(
-    h("span", { id: "whoami" }, S.user + (S.rooms ? " · " + S.rooms.join(", ") : "")),
+    h("span", { id: "whoami", title: S.user + (S.rooms ? " · rooms: " + S.rooms.join(", ") : " · every room") },
+      S.user + (S.rooms ? " · " + S.rooms.join(", ") : "")),
     h("button", { class: "small", onclick: async () => { try { await api("DELETE", "/v1/session"); } catch (_) {} signin(); } }, "Sign out"));
   if (!location.hash || location.hash === "#/") location.hash = "#/rooms";
   else route();
@@ -139,9 +140,11 @@ async function pageRooms() {
   const byRoom = {};
   for (const m of ms.machines) (byRoom[m.room_id] = byRoom[m.room_id] || []).push(m);
   const cards = rooms.map((r) => h("section", { class: "card", "data-room": r.id },
-    h("div", { class: "room-head" }, h("h2", {}, h("a", { href: "#/rooms/" + r.id }, r.name)),
-      h("span", { class: "muted" }, r.machines + " machines" + (r.description ? " · " + r.description : "")),
-      h("span", { class: "spacer" }),
+    h("div", { class: "room-head" },
+      h("div", { class: "room-title" },
+        h("h2", { title: r.name }, h("a", { href: "#/rooms/" + r.id }, r.name)),
+        h("div", { class: "muted room-desc", title: r.description || "" },
+          r.machines + " machines" + (r.description ? " · " + r.description : ""))),
       h("a", { class: "btn", href: "#/deploy?room=" + r.id }, "Deploy…")),
     h("div", { class: "counts", "data-room": r.id }),
     h("div", { class: "tiles" }, (byRoom[r.id] || []).map((m) => tile(m)))));
