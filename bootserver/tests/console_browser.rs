@@ -232,14 +232,12 @@ async fn assert_room_cards_and_top_bar_fit(d: &Driver) {
     // The top bar keeps one line however many rooms the user has: menu
     // entries do not wrap, the user's rooms end in an ellipsis.
     let top = d
-        .js(
-            "const nav = [...document.querySelectorAll('nav a')];
+        .js("const nav = [...document.querySelectorAll('nav a')];
              const who = document.getElementById('whoami');
              const bar = document.querySelector('header.top');
              return {nav_one_line: nav.every(a => a.getBoundingClientRect().height < 40),
                      who_clipped: who.scrollWidth > who.clientWidth,
-                     bar_overflow: bar.scrollWidth > bar.clientWidth};",
-        )
+                     bar_overflow: bar.scrollWidth > bar.clientWidth};")
         .await;
     assert_eq!(top["nav_one_line"], true, "{top}");
     assert_eq!(top["bar_overflow"], false, "{top}");

@@ -43,6 +43,8 @@ const MAX_BODY: usize = 256 * 1024;
 const MAX_IMPORT: usize = 4 << 20;
 /// The session cookie.
 pub const COOKIE_NAME: &str = crate::auth::SESSION_COOKIE;
+/// Machines one bulk action may name.
+pub const MAX_BULK: usize = 10_000;
 /// The OpenAPI document of the console API.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
@@ -70,9 +72,21 @@ pub enum ConsoleError {
     /// The body could not be used (too large, not JSON, …).
     #[error(transparent)]
     Body(#[from] aula_httpkit::body::BodyError),
+    /// No room for another machine in the boot server's table.
+    #[error("{0}")]
+    Full(String),
     /// Internal failure.
     #[error("internal error")]
     Internal(String),
+}
+
+impl From<crate::state::StateError> for ConsoleError {
+    fn from(e: crate::state::StateError) -> Self {
+        match e {
+            e @ crate::state::StateError::Full(_) => ConsoleError::Full(e.to_string()),
+            other => ConsoleError::Internal(other.to_string()),
+        }
+    }
 }
 
 impl From<DbError> for ConsoleError {
@@ -107,6 +121,7 @@ impl ConsoleError {
             ConsoleError::Conflict(_) => StatusCode::CONFLICT,
             ConsoleError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ConsoleError::Body(b) => b.status(),
+            ConsoleError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
             ConsoleError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -466,6 +481,64 @@ impl ConsoleRoutes {
                     .insert(SET_COOKIE, self.session_cookie("", 0, tls));
                 Ok(r)
             }
+            (Method::GET, ["v1", "sessions"]) => {
+                // Operators limited to rooms see their own sessions; the
+                // API token, the viewer token and operators with every
+                // room see everybody's.
+                let own = match &p {
+                    Principal::Operator {
+                        name,
+                        rooms: Some(_),
+                    } => Some(name.clone()),
+                    _ => None,
+                };
+                let current =
+                    crate::auth::cookie(req.headers(), COOKIE_NAME).map(db::sessions::hash_secret);
+                let list = self
+                    .svc
+                    .db()
+                    .call(move |c| db::sessions::list(c, own.as_deref()))
+                    .await?;
+                let list: Vec<Value> = list
+                    .into_iter()
+                    .map(|s| {
+                        let mine = current.as_deref() == Some(s.id.as_str());
+                        json!({"id": s.id, "user": s.user, "current": mine,
+                               "created_at": db::rfc3339_ms(s.created_at),
+                               "expires_at": db::rfc3339_ms(s.expires_at)})
+                    })
+                    .collect();
+                ok(json!(list))
+            }
+            (Method::DELETE, ["v1", "sessions", id]) => {
+                let id = (*id).to_owned();
+                let target = format!("session {}", id.get(..12).unwrap_or(&id));
+                let r = async {
+                    let lookup = id.clone();
+                    let s = self
+                        .svc
+                        .db()
+                        .call(move |c| db::sessions::get(c, &lookup))
+                        .await?
+                        .ok_or_else(|| {
+                            ConsoleError::NotFound("no such session (it ended or expired)".into())
+                        })?;
+                    if !p.has_every_room() && p.log_name() != s.user {
+                        return Err(ConsoleError::Forbidden(format!(
+                            "{} may end only their own sessions",
+                            p.log_name()
+                        )));
+                    }
+                    self.svc
+                        .db()
+                        .call(move |c| db::sessions::revoke(c, &id))
+                        .await?;
+                    ok(json!({"revoked": s.id, "user": s.user}))
+                }
+                .await;
+                self.log(&p, "session.revoke", &target, &r).await;
+                r
+            }
             (Method::GET, ["v1", "rooms"]) => {
                 let scope = self.scope(&p).await?;
                 let list = self
@@ -709,6 +782,64 @@ impl ConsoleRoutes {
                 self.log(&p, "machine.adopt", &target, &r).await;
                 r
             }
+            (Method::POST, ["v1", "machines", "boot"]) => {
+                // Bulk: every named machine is looked up and checked
+                // against the caller's rooms before any changes.
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct SetBootMany {
+                    ids: Vec<i64>,
+                    mode: Option<BootMode>,
+                    #[serde(default)]
+                    once: bool,
+                }
+                let b: SetBootMany = body_json(req).await?;
+                let what = match b.mode {
+                    Some(m) => format!("{m}{}", if b.once { " once" } else { "" }),
+                    None => "default".into(),
+                };
+                let target = format!("{} machine(s)", b.ids.len());
+                let r = async {
+                    if b.ids.is_empty() || b.ids.len() > MAX_BULK {
+                        return Err(ConsoleError::BadRequest(format!(
+                            "ids: name 1 to {MAX_BULK} machines"
+                        )));
+                    }
+                    let ids = b.ids.clone();
+                    let machines = self
+                        .svc
+                        .db()
+                        .call(move |c| {
+                            ids.iter()
+                                .map(|id| rooms::get_machine(c, *id))
+                                .collect::<std::result::Result<Vec<_>, _>>()
+                        })
+                        .await?;
+                    for m in &machines {
+                        self.need_room(&p, m.room_id).await?;
+                    }
+                    // Concurrent writes share the registry's group commits.
+                    let reg = self.svc.registry();
+                    let results =
+                        futures_util::future::join_all(machines.iter().map(|m| async move {
+                            match b.mode {
+                                Some(mode) => reg.set_boot(m.mac, mode, b.once).await.map(|_| ()),
+                                None => reg.clear_boot(m.mac).await,
+                            }
+                        }))
+                        .await;
+                    let mut failed = Vec::new();
+                    for (m, r) in machines.iter().zip(results) {
+                        if let Err(e) = r {
+                            failed.push(json!({"id": m.id, "mac": m.mac, "error": e.to_string()}));
+                        }
+                    }
+                    ok(json!({"set": machines.len() - failed.len(), "failed": failed}))
+                }
+                .await;
+                self.log(&p, &format!("boot.set {what}"), &target, &r).await;
+                r
+            }
             (m, ["v1", "machines", id]) => {
                 let id = parse_id(id)?;
                 let cur = self
@@ -775,20 +906,11 @@ impl ConsoleRoutes {
                 let r = async {
                     let setting = match b.mode {
                         Some(mode) => {
-                            let s = self
-                                .svc
-                                .registry()
-                                .set_boot(cur.mac, mode, b.once)
-                                .await
-                                .map_err(|e| ConsoleError::Internal(e.to_string()))?;
+                            let s = self.svc.registry().set_boot(cur.mac, mode, b.once).await?;
                             json!(s)
                         }
                         None => {
-                            self.svc
-                                .registry()
-                                .clear_boot(cur.mac)
-                                .await
-                                .map_err(|e| ConsoleError::Internal(e.to_string()))?;
+                            self.svc.registry().clear_boot(cur.mac).await?;
                             json!({})
                         }
                     };
@@ -1194,6 +1316,7 @@ pub fn claims(path: &str) -> bool {
         "/v1/deployments",
         "/v1/captures",
         "/v1/session",
+        "/v1/sessions",
         "/v1/log",
         "/v1/console",
     ]
@@ -1263,6 +1386,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/session"),
     ("GET", "/v1/session"),
     ("DELETE", "/v1/session"),
+    ("GET", "/v1/sessions"),
+    ("DELETE", "/v1/sessions/{id}"),
     ("GET", "/v1/rooms"),
     ("POST", "/v1/rooms"),
     ("GET", "/v1/rooms/{id}"),
@@ -1273,6 +1398,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/machines/import"),
     ("GET", "/v1/machines/unadopted"),
     ("POST", "/v1/machines/adopt"),
+    ("POST", "/v1/machines/boot"),
     ("GET", "/v1/machines/{id}"),
     ("PATCH", "/v1/machines/{id}"),
     ("DELETE", "/v1/machines/{id}"),

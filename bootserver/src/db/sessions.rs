@@ -72,3 +72,59 @@ pub fn delete(c: &Connection, secret: &str) -> Result<(), DbError> {
 pub fn delete_user(c: &Connection, user: &str) -> Result<usize, DbError> {
     Ok(c.execute("DELETE FROM sessions WHERE user = ?1", [user])?)
 }
+
+/// A live session as operators see it (never its secret or CSRF token).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionInfo {
+    /// The SHA-256 of its cookie secret: names it, opens nothing.
+    pub id: String,
+    /// User name.
+    pub user: String,
+    /// Signed in at (ms).
+    pub created_at: i64,
+    /// Expires at (ms).
+    pub expires_at: i64,
+}
+
+/// Most sessions one listing returns.
+pub const LIST_MAX: usize = 1000;
+
+/// The unexpired sessions, newest first; only `user`'s when given.
+pub fn list(c: &Connection, user: Option<&str>) -> Result<Vec<SessionInfo>, DbError> {
+    let mut st = c.prepare(
+        "SELECT id, user, created_at, expires_at FROM sessions
+         WHERE expires_at > ?1 AND (?2 IS NULL OR user = ?2)
+         ORDER BY created_at DESC LIMIT ?3",
+    )?;
+    let rows = st.query_map(params![now_ms(), user, LIST_MAX as i64], |r| {
+        Ok(SessionInfo {
+            id: r.get(0)?,
+            user: r.get(1)?,
+            created_at: r.get(2)?,
+            expires_at: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The session named `id` (see [`SessionInfo::id`]), if live.
+pub fn get(c: &Connection, id: &str) -> Result<Option<SessionInfo>, DbError> {
+    Ok(c.query_row(
+        "SELECT id, user, created_at, expires_at FROM sessions WHERE id = ?1 AND expires_at > ?2",
+        params![id, now_ms()],
+        |r| {
+            Ok(SessionInfo {
+                id: r.get(0)?,
+                user: r.get(1)?,
+                created_at: r.get(2)?,
+                expires_at: r.get(3)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+/// Ends the session named `id`.
+pub fn revoke(c: &Connection, id: &str) -> Result<bool, DbError> {
+    Ok(c.execute("DELETE FROM sessions WHERE id = ?1", [id])? > 0)
+}

@@ -79,7 +79,7 @@ pub struct DeploymentRequest {
     /// Partition number; absent or 0 = the whole disk (disk images).
     #[serde(default)]
     pub partition: Option<u32>,
-    /// `unicast`, `unicast-cache` or `swarm`.
+    /// `unicast` or `unicast-cache` (`swarm` is refused until it exists).
     #[serde(default = "unicast")]
     pub method: String,
     /// A layout (`LayoutSpec`) to apply before restoring, or `"machine"`:
@@ -258,9 +258,14 @@ pub fn parse_time(s: &str) -> Result<i64, DeployError> {
 /// Checks a method name.
 pub fn check_method(m: &str) -> Result<(), DeployError> {
     match m {
-        "unicast" | "unicast-cache" | "swarm" => Ok(()),
+        "unicast" | "unicast-cache" => Ok(()),
+        // Issue 14 brings it; until then a deployment must not start with
+        // a method no agent runs.
+        "swarm" => Err(DeployError::Invalid(
+            "method swarm is not available yet: use unicast or unicast-cache".into(),
+        )),
         other => Err(DeployError::Invalid(format!(
-            "method {other:?} is not one of unicast, unicast-cache, swarm"
+            "method {other:?} is not one of unicast, unicast-cache"
         ))),
     }
 }
@@ -428,9 +433,17 @@ impl DeployService {
             return Ok((name, version, None));
         };
         let n2 = name.clone();
-        let kind = tokio::task::spawn_blocking(move || {
+        // Without a version, the newest now: a room ends on one version
+        // even if another is published while it restores.
+        let (kind, version) = tokio::task::spawn_blocking(move || {
             use aula_imager::repo::Repository;
-            repo.repo().manifest(&n2, version).map(|m| m.kind)
+            let version = match version {
+                Some(v) => Some(v),
+                None => repo.repo().versions(&n2)?.last().copied(),
+            };
+            repo.repo()
+                .manifest(&n2, version)
+                .map(|m| (m.kind, version))
         })
         .await
         .map_err(|_| DeployError::Db(DbError::Worker))?

@@ -218,8 +218,13 @@ async function pageMachines() {
   const input = h("input", { placeholder: "search name, MAC, IP", value: search, id: "search" });
   const go = (o) => { location.hash = "#/machines?offset=" + o + (input.value ? "&q=" + encodeURIComponent(input.value) : "") + (roomSel.value ? "&room=" + roomSel.value : ""); };
   const boot = async (mode, once) => {
-    for (const b of picked()) await api("PUT", "/v1/machines/" + b.value + "/boot", { mode, once });
-    toast("Boot mode set on " + picked().length + " machine(s)"); route();
+    const ids = picked().map((b) => Number(b.value));
+    if (!ids.length) return toast("Select machines first");
+    try {
+      const r = await api("POST", "/v1/machines/boot", { ids, mode, once });
+      toast("Boot mode set on " + r.set + " machine(s)" + (r.failed.length ? "; " + r.failed.length + " failed: " + r.failed[0].error : ""));
+    } catch (e) { toast(e.message); }
+    route();
   };
   page("Machines",
     h("div", { class: "card row" }, input, roomSel, h("button", { onclick: () => go(0) }, "Filter"), h("span", { class: "spacer" }),
@@ -247,7 +252,7 @@ async function pageDeploy() {
     version: h("select", { id: "d-version" }),
     disk: h("input", { id: "d-disk", type: "number", min: 1, value: 1 }),
     partition: h("input", { id: "d-partition", type: "number", min: 0, value: 1 }),
-    method: h("select", { id: "d-method" }, ["unicast", "unicast-cache", "swarm"].map((m) => h("option", {}, m))),
+    method: h("select", { id: "d-method" }, ["unicast", "unicast-cache"].map((m) => h("option", {}, m)), h("option", { disabled: true, title: "not available yet" }, "swarm (not available yet)")),
     after: h("select", { id: "d-after" }, h("option", { value: "reboot-local" }, "reboot into the restored system"),
       h("option", { value: "poweroff" }, "power off"), h("option", { value: "stay" }, "stay in the live system")),
     layoutMode: h("select", { id: "d-layout-mode" }, h("option", { value: "" }, "keep the partitions"),
@@ -410,6 +415,19 @@ async function pageLog() {
     list.length === 100 ? h("div", { class: "pager" }, h("a", { class: "btn", href: "#/log?before=" + list[list.length - 1].id }, "Older")) : "");
 }
 
+async function pageSessions() {
+  const list = await api("GET", "/v1/sessions");
+  const end = (sess) => async () => {
+    if (!confirm(sess.current ? "End your own session? You will have to sign in again." : "End " + sess.user + "'s session?")) return;
+    try { await api("DELETE", "/v1/sessions/" + sess.id); toast("Session ended"); if (sess.current) return signin(); route(); } catch (e) { toast(e.message); }
+  };
+  page("Sessions", h("p", { class: "muted" }, "Operators signed in now. Ending a session signs it out at once."),
+    h("table", { id: "sessions" }, h("tr", {}, ["User", "Signed in", "Expires", ""].map((t) => h("th", {}, t))),
+      list.map((x) => h("tr", { "data-session": x.id }, h("td", {}, x.user, x.current ? h("span", { class: "muted" }, " (this browser)") : ""),
+        h("td", { title: x.created_at }, when(x.created_at)), h("td", { title: x.expires_at }, x.expires_at.replace("T", " ").slice(0, 16)),
+        h("td", {}, h("button", { class: "small", onclick: end(x) }, "End session"))))));
+}
+
 // ---- router ----------------------------------------------------------------
 async function route() {
   if (!S.user) return;
@@ -426,6 +444,7 @@ async function route() {
     else if (parts[0] === "images") await pageImages();
     else if (parts[0] === "boot") await pageBoot();
     else if (parts[0] === "log") await pageLog();
+    else if (parts[0] === "sessions") await pageSessions();
     else await pageRooms();
   } catch (e) {
     if (e.message !== "signed out") page("Something went wrong", h("p", { class: "reason" }, e.message));
