@@ -115,6 +115,10 @@ pub struct ConsoleConfig {
     /// Seconds an agent may stop answering before its machine is given up.
     #[serde(default = "default_agent_gone")]
     pub agent_gone_s: u64,
+    /// Seconds between two questions to every registered agent (the
+    /// console's live/offline state).
+    #[serde(default = "default_presence_probe")]
+    pub presence_probe_s: u64,
 }
 
 fn default_session_hours() -> u32 {
@@ -138,6 +142,9 @@ fn default_power_timeout() -> u64 {
 fn default_wol_resend() -> u64 {
     60
 }
+fn default_presence_probe() -> u64 {
+    15
+}
 fn default_agent_gone() -> u64 {
     60
 }
@@ -156,6 +163,7 @@ impl Default for ConsoleConfig {
             power_timeout_s: default_power_timeout(),
             wol_resend_s: default_wol_resend(),
             agent_gone_s: default_agent_gone(),
+            presence_probe_s: default_presence_probe(),
         }
     }
 }
@@ -1157,6 +1165,7 @@ impl Config {
             ("power_timeout_s", c.power_timeout_s),
             ("wol_resend_s", c.wol_resend_s),
             ("agent_gone_s", c.agent_gone_s),
+            ("presence_probe_s", c.presence_probe_s),
         ] {
             if !(1..=86_400).contains(&v) {
                 return Err(invalid(format!("console.{k}"), "must be 1..=86400 seconds"));

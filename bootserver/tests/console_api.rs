@@ -602,3 +602,78 @@ async fn thousands_of_machines_page_by_fifty_and_filter_by_room_and_search() {
         N.div_ceil(50)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_whose_agent_stops_answering_shows_offline_not_live() {
+    if !in_netns("a_machine_whose_agent_stops_answering_shows_offline_not_live") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProc::start(
+        &dir.path().join("server"),
+        "[console]\npresence_probe_s = 1\n",
+    );
+    let c = server.client();
+    let mac = "52:54:00:f4:00:01";
+    c.ok(Method::POST, "/v1/rooms", Some(json!({"name": "A"})))
+        .await;
+    c.ok(
+        Method::POST,
+        "/v1/machines",
+        Some(json!({"mac": mac, "name": "a-pc01", "room": "A"})),
+    )
+    .await;
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .expect("disk")
+        .set_len(64 * MIB)
+        .expect("size");
+    let agent = start_agent(&server, &dir.path().join("agent"), mac, &disk).await;
+    wait_agents(&c, 1).await;
+    let (_, answered) = until(&c, "live").await;
+    // Within a probe or two the server has heard it answer.
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    let mut answered = answered;
+    while answered.is_null() {
+        assert!(Instant::now() < deadline, "never asked the agent");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        answered = machine_state(&c).await.1;
+    }
+    // Powered off (the agent gone): offline, not live, within seconds.
+    let gone = Instant::now();
+    agent.shutdown().await;
+    let (t, last) = until(&c, "offline").await;
+    assert!(!last.is_null(), "the last answer is still shown");
+    println!(
+        "RESULT offline_after_ms={} probe_s=1",
+        t.duration_since(gone).as_millis()
+    );
+    // Its tile says so too (the rooms view's stream document).
+    let tiles = c.ok(Method::GET, "/v1/machines?limit=10", None).await;
+    assert_eq!(tiles["machines"][0]["state"], "offline", "{tiles}");
+}
+
+/// The first machine's state and when its agent last answered.
+async fn machine_state(c: &Client) -> (String, Value) {
+    let v = c.ok(Method::GET, "/v1/machines?limit=10", None).await;
+    (
+        v["machines"][0]["state"].as_str().unwrap_or("").to_owned(),
+        v["machines"][0]["agent_answered_at"].clone(),
+    )
+}
+
+/// Waits (10 s at most) until the first machine is in state `want`.
+async fn until(c: &Client, want: &str) -> (Instant, Value) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (s, at) = machine_state(c).await;
+        if s == want {
+            return (Instant::now(), at);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the machine stayed {s}, not {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

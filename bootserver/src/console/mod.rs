@@ -274,11 +274,26 @@ pub fn tile_state(
         };
         (since && (s == "done" || s == "failed")).then_some(s.as_str())
     });
+    // A registered agent is live while it answers: asked since it
+    // registered and silent, it is offline.
+    let silent = agent.is_some_and(|a| {
+        fleet
+            .presence
+            .get(&m.mac)
+            .is_some_and(|p| !p.answered && p.checked_at >= a.registered_at)
+    });
     let state = match (outcome, last, agent) {
         (Some(o), _, _) => o,
-        (None, Some((BootMode::Live, at)), Some(a)) if a.registered_at >= at => "live",
+        (None, Some((BootMode::Live, at)), Some(a)) if a.registered_at >= at => {
+            if silent {
+                "offline"
+            } else {
+                "live"
+            }
+        }
         (None, Some((BootMode::Live, _)), _) => "booting",
         (None, Some((BootMode::Local, _)), _) => "os",
+        (None, None, Some(_)) if silent => "offline",
         (None, None, Some(_)) => "live",
         (None, None, None) => "unseen",
     };
@@ -1151,12 +1166,7 @@ impl ConsoleRoutes {
     }
 
     async fn fleet(&self) -> Fleet {
-        let reg = self.svc.registry().clone();
-        let default = self.svc.config().boot.default_mode;
-        let dhcp = self.svc.dhcp().cloned();
-        tokio::task::spawn_blocking(move || Fleet::read(&reg, default, dhcp.as_ref()))
-            .await
-            .unwrap_or_default()
+        self.svc.fleet().await
     }
 
     async fn tiles(&self, machines: &[rooms::Machine]) -> Vec<Value> {
@@ -1351,6 +1361,7 @@ pub fn machine_json(
         "ip": c.and_then(|c| c.ip),
         "last_seen": c.and_then(|c| c.last_seen).map(crate::state::rfc3339),
         "agent": fleet.agents.contains_key(&m.mac),
+        "agent_answered_at": fleet.presence.get(&m.mac).and_then(|p| p.answered_at).map(crate::state::rfc3339),
         "state": state, "percent": pct, "deployment": dep,
     })
 }

@@ -24,7 +24,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::rooms::{self, MachineFilter};
-use crate::deploy::fleet::Fleet;
 use crate::deploy::DeployService;
 use crate::http::HttpResponse;
 
@@ -143,14 +142,7 @@ pub async fn tiles_document(
         })
         .await
         .ok()?;
-    let fleet = {
-        let reg = svc.registry().clone();
-        let default = svc.config().boot.default_mode;
-        let dhcp = svc.dhcp().cloned();
-        tokio::task::spawn_blocking(move || Fleet::read(&reg, default, dhcp.as_ref()))
-            .await
-            .ok()?
-    };
+    let fleet = svc.fleet().await;
     let live = svc.live_machines();
     let mut counts: BTreeMap<i64, BTreeMap<String, u32>> = BTreeMap::new();
     let tiles: Vec<Value> = machines

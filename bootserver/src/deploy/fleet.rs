@@ -45,6 +45,8 @@ pub struct Fleet {
     pub agents: HashMap<MacAddr, AgentView>,
     /// Machines the registry knows.
     pub clients: HashMap<MacAddr, ClientFacts>,
+    /// The last probe of each registered agent (empty where nobody asked).
+    pub presence: HashMap<MacAddr, super::presence::Probe>,
 }
 
 fn parse_rfc3339(s: &str) -> Option<u64> {
@@ -124,6 +126,10 @@ impl Fleet {
                 )
             })
             .collect();
-        Fleet { agents, clients }
+        Fleet {
+            agents,
+            clients,
+            presence: HashMap::new(),
+        }
     }
 }

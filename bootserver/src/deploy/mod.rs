@@ -8,11 +8,13 @@
 pub mod agent;
 pub mod fleet;
 pub mod machine;
+pub mod presence;
 pub mod runner;
 pub mod wol;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
@@ -230,6 +232,8 @@ pub struct DeployService {
     pub(crate) tx: mpsc::UnboundedSender<Msg>,
     pub(crate) published: RwLock<Published>,
     pub(crate) ticks: watch::Sender<u64>,
+    /// Whether registered agents answer (see [`presence`]).
+    pub(crate) presence: presence::Presence,
 }
 
 impl std::fmt::Debug for DeployService {
@@ -293,9 +297,29 @@ impl DeployService {
             tx,
             published: RwLock::new(Published::default()),
             ticks,
+            presence: presence::Presence::default(),
         });
+        let period = Duration::from_secs(svc.cfg.console.presence_probe_s.max(1));
+        tracker.spawn(presence::run(svc.clone(), period, cancel.clone()));
         tracker.spawn(runner::run(svc.clone(), rx, cancel));
         svc
+    }
+
+    /// What the registry knows now (off the runtime), without the probes.
+    pub async fn fleet_without_presence(&self) -> fleet::Fleet {
+        let reg = self.registry.clone();
+        let default = self.cfg.boot.default_mode;
+        let dhcp = self.dhcp.clone();
+        tokio::task::spawn_blocking(move || fleet::Fleet::read(&reg, default, dhcp.as_ref()))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// What the registry knows now, with whether each agent answers.
+    pub async fn fleet(&self) -> fleet::Fleet {
+        let mut f = self.fleet_without_presence().await;
+        f.presence = self.presence.snapshot();
+        f
     }
 
     /// The database.

@@ -37,7 +37,7 @@ function when(s) {
   return d.toLocaleDateString() + " " + d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 const LABEL = {
-  unseen: "not seen", live: "live system", booting: "booting", os: "installed OS", pending: "pending",
+  unseen: "not seen", live: "live system", offline: "agent not answering", booting: "booting", os: "installed OS", pending: "pending",
   waking: "waking", "booting-live": "booting live", "agent-ready": "agent ready", partitioning: "partitioning",
   restoring: "restoring", capturing: "capturing", "setting-local-boot": "setting local boot",
   rebooting: "rebooting", "powering-off": "powering off", done: "done", failed: "failed", cancelled: "cancelled",
@@ -202,7 +202,7 @@ async function pageRoom(id) {
   stream("/v1/console/events?room=" + id, "tiles", updateTiles);
 }
 function legend() {
-  return h("div", { class: "legend" }, ["unseen", "live", "restoring", "os", "failed"].map(chip));
+  return h("div", { class: "legend" }, ["unseen", "live", "offline", "restoring", "os", "failed"].map(chip));
 }
 async function pageMachines() {
   const p = q();
