@@ -677,3 +677,90 @@ async fn until(c: &Client, want: &str) -> (Instant, Value) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_takes_a_machines_partition_as_a_new_image_through_the_same_steps() {
+    if !in_netns("a_capture_takes_a_machines_partition_as_a_new_image_through_the_same_steps") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProc::start(&dir.path().join("server"), "");
+    let c = server.client();
+    let mac = "52:54:00:f5:00:01";
+    c.ok(Method::POST, "/v1/rooms", Some(json!({"name": "A"})))
+        .await;
+    c.ok(
+        Method::POST,
+        "/v1/machines",
+        Some(json!({"mac": mac, "name": "teacher-pc", "room": "A"})),
+    )
+    .await;
+    // The teacher's machine: an MBR disk whose partition 1 holds ext4 with files.
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .expect("disk")
+        .set_len(64 * MIB)
+        .expect("size");
+    let mut sf = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(&disk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sfdisk");
+    sf.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"label: dos\nstart=2048, size=65536, type=83\n")
+        .expect("table");
+    assert!(sf.wait().expect("sfdisk").success());
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(content.join("etc")).expect("content");
+    std::fs::write(content.join("etc/os-release"), b"NAME=Teacher\n").expect("file");
+    std::fs::write(content.join("data.bin"), pseudo_random(9, 3 << 20)).expect("file");
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(&content)
+        .arg(&disk)
+        .arg("32M"));
+    let agent = start_agent(&server, &dir.path().join("agent"), mac, &disk).await;
+    wait_agents(&c, 1).await;
+
+    let d = c
+        .ok(
+            Method::POST,
+            "/v1/captures",
+            Some(json!({"machine": "teacher-pc", "disk": 1, "partition": 1,
+                        "image": "teacher-2026", "after": "stay"})),
+        )
+        .await;
+    let id = d["id"].as_i64().expect("id");
+    let end = wait_deployment(&c, id, std::time::Duration::from_secs(120)).await;
+    assert_eq!(
+        states(&end),
+        vec![("teacher-pc".to_owned(), "done".to_owned(), None)],
+        "{end}"
+    );
+    // Published under that name, and equal to the partition it came from.
+    let (checked, differing) = partition_equals_image(&server.repo_dir(), "teacher-2026", &disk, 1);
+    assert!(checked >= 3 << 20, "{checked}");
+    assert!(differing.is_empty(), "windows differ: {differing:?}");
+    // The capture grant ended with the capture: the agent's upload token
+    // uploads nothing more.
+    let agents = c.ok(Method::GET, "/v1/agents", None).await;
+    let token = agents[0]["token"].as_str().expect("agent token").to_owned();
+    let upload = aula_imager::tls::upload_token(&token);
+    let (s, _, v) = c
+        .raw(
+            Method::PUT,
+            &format!("/v1/chunks/{}", "0".repeat(64)),
+            &[("authorization", &format!("Bearer {upload}"))],
+            Some(("application/octet-stream", b"x".to_vec())),
+        )
+        .await;
+    assert!(
+        s == 401 || s == 403,
+        "the capture grant outlived the capture: {s} {v}"
+    );
+    agent.shutdown().await;
+}

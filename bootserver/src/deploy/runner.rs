@@ -637,6 +637,25 @@ impl Runner {
         let Some(a) = self.active.remove(&id) else {
             return;
         };
+        if a.dep.kind == Kind::Capture {
+            // The upload right ends with the capture (done, failed or
+            // cancelled), not when its time runs out; a grant given by
+            // hand for another image stays.
+            for s in &a.slots {
+                if self
+                    .svc
+                    .registry
+                    .capture_grant(s.mac)
+                    .is_some_and(|g| g.image == a.dep.image)
+                {
+                    self.svc.registry.revoke_capture(s.mac);
+                    if let Err(e) = self.svc.registry.save().await {
+                        tracing::error!(error = %e, mac = %s.mac, "storing the end of a capture grant");
+                    }
+                    tracing::info!(mac = %s.mac, image = %a.dep.image, "capture grant ended with the capture");
+                }
+            }
+        }
         let state = if a.cancel_all {
             DeploymentState::Cancelled
         } else {
