@@ -622,8 +622,16 @@ async fn the_binary_reads_the_kernel_command_line_registers_stops_on_sigterm_and
     );
     let (s, v) = api.call(Method::GET, "/v1/jobs", None).await;
     assert_eq!(s, 200, "{v}");
-    let (_, st) = api.call_with(Method::GET, "/v1/status", None, None).await;
-    assert_eq!(st["registration"]["registered"], true);
+    // The server stores the registration before the agent reads its answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, st) = api.call_with(Method::GET, "/v1/status", None, None).await;
+        if st["registration"]["registered"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The boot's identity is kept privately for a restart.
     let mode = |p: &std::path::Path| {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("stat").permissions())
@@ -646,8 +654,16 @@ async fn the_binary_reads_the_kernel_command_line_registers_stops_on_sigterm_and
         reg["token"].as_str().expect("token"),
         Duration::from_secs(10),
     );
-    let (_, st) = api.call_with(Method::GET, "/v1/status", None, None).await;
-    assert_eq!(st["registration"]["registered"], true, "{st:#}");
+    // The server stores the registration before the agent reads its answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, st) = api.call_with(Method::GET, "/v1/status", None, None).await;
+        if st["registration"]["registered"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop(child).await;
     server.stop().await;
 }

@@ -13,6 +13,13 @@
 //! | an agent's upload token, while its machine has a capture grant | [`Principal::Upload`] | repository reads, chunk uploads, publishing the one granted image name |
 //! | `repository.write_token` | [`Principal::RepoWriter`] | every repository read and write: publish, delete, gc, check |
 //! | `repository.read_token` | [`Principal::RepoReader`] | repository reads |
+//! | the `aula_session` cookie of a signed-in operator (console; writes also need the session's `X-CSRF-Token`) | [`Principal::Operator`] | the console within its rooms: rooms, machines, deployments, captures, boot modes of its machines; an operator with every room also reads the lab and sets boot modes through the API as an admin does, and manages rooms; never agents' tokens or capture grants by hand |
+//!
+//! The console's routes and the API take their caller from
+//! [`Auth::caller`] (a bearer credential, else a session cookie); the
+//! repository takes bearer credentials only ([`Auth::principal`]). The API
+//! and viewer tokens keep working for programs in the console's routes
+//! too: the API token acts on every room, the viewer token reads them.
 //!
 //! The upload token is `hex(HMAC-SHA256(agent_token, "aula-upload-v1"))`
 //! (`aula_imager::tls::upload_token`): an agent never sends its own token
@@ -20,9 +27,12 @@
 //! The configured secrets must differ from each other (checked at start),
 //! so a credential names exactly one principal.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use hyper::header::HeaderMap;
+use hyper::header::{HeaderMap, AUTHORIZATION};
+use hyper::Method;
 
 use crate::mac::MacAddr;
 use crate::state::Registry;
@@ -50,6 +60,14 @@ pub enum Principal {
     RepoWriter,
     /// The repository's read token.
     RepoReader,
+    /// A signed-in operator (console session).
+    Operator {
+        /// The user name.
+        name: String,
+        /// The rooms (by name) the operator may see and act on; `None` =
+        /// every room.
+        rooms: Option<Vec<String>>,
+    },
 }
 
 impl Principal {
@@ -62,12 +80,62 @@ impl Principal {
             Principal::Upload { mac, image } => format!("upload grant of {mac} for {image}"),
             Principal::RepoWriter => "repository writer".into(),
             Principal::RepoReader => "repository reader".into(),
+            Principal::Operator { name, .. } => format!("operator {name}"),
         }
+    }
+
+    /// Who gave a command, as the command log records it.
+    pub fn log_name(&self) -> String {
+        match self {
+            Principal::Admin => "api-token".into(),
+            Principal::Viewer => "viewer-token".into(),
+            Principal::Operator { name, .. } => name.clone(),
+            other => other.name(),
+        }
+    }
+
+    /// The rooms (by name) this principal is limited to, if it is.
+    pub fn room_limit(&self) -> Option<&[String]> {
+        match self {
+            Principal::Operator { rooms: Some(r), .. } => Some(r),
+            _ => None,
+        }
+    }
+
+    /// An operator with every room, or the API token: may create and
+    /// delete rooms and import machines.
+    pub fn has_every_room(&self) -> bool {
+        match self {
+            Principal::Admin => true,
+            Principal::Operator { rooms, .. } => rooms.is_none(),
+            _ => false,
+        }
+    }
+
+    /// See the console's lists (rooms, machines, deployments, images, boot
+    /// modes, the command log), within its rooms.
+    pub fn can_view_console(&self) -> bool {
+        matches!(
+            self,
+            Principal::Admin | Principal::Viewer | Principal::Operator { .. }
+        )
+    }
+
+    /// Act through the console's routes (deploy, capture, cancel, edit
+    /// rooms and machines, set boot modes), within its rooms.
+    pub fn can_operate(&self) -> bool {
+        matches!(self, Principal::Admin | Principal::Operator { .. })
     }
 
     /// Read the lab: machines, leases, agents, agents' events.
     pub fn can_read_lab(&self) -> bool {
-        matches!(self, Principal::Admin | Principal::Viewer)
+        matches!(self, Principal::Admin | Principal::Viewer) || self.is_lab_operator()
+    }
+
+    /// An operator with every room acts on the lab as the API token does
+    /// (except agents' tokens and capture grants by hand).
+    fn is_lab_operator(&self) -> bool {
+        matches!(self, Principal::Operator { rooms: None, .. })
     }
 
     /// See agents' bearer tokens (to call them, as a core does).
@@ -80,7 +148,9 @@ impl Principal {
         match self {
             Principal::Admin => true,
             Principal::Agent { mac: own } => *own == mac,
-            _ => false,
+            // Operators limited to rooms set boot modes through the
+            // console's machine routes, which check the machine's room.
+            p => p.is_lab_operator(),
         }
     }
 
@@ -161,10 +231,87 @@ impl Secrets {
     }
 }
 
+/// The session cookie of a signed-in operator.
+pub const SESSION_COOKIE: &str = "aula_session";
+
+/// A live operator session, as a [`SessionStore`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The user name.
+    pub user: String,
+    /// The user's rooms (`None` = every room), as the users file says now.
+    pub rooms: Option<Vec<String>>,
+    /// The CSRF token writes with this session must carry.
+    pub csrf: String,
+}
+
+/// Why a session cookie opens nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionMiss {
+    /// No such live session.
+    Ended,
+    /// The session's user is no longer in the users file.
+    NoUser,
+}
+
+/// Where operator sessions live (the console: the `sessions` table and the
+/// users file). Kept behind a trait so that rights stay here and the
+/// console depends on this module, not the other way round.
+pub trait SessionStore: Send + Sync {
+    /// The session of a cookie secret.
+    fn lookup(
+        &self,
+        secret: String,
+    ) -> Pin<Box<dyn Future<Output = Result<Session, SessionMiss>> + Send + '_>>;
+}
+
+/// A request's caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Who.
+    pub principal: Principal,
+    /// The session's CSRF token, for a caller signed in by cookie.
+    pub csrf: Option<String>,
+}
+
+/// Why a request has no caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// Neither a credential nor a session cookie.
+    #[error("sign in, or send a token as Authorization: Bearer <token>")]
+    Nothing,
+    /// A credential nobody issued.
+    #[error("missing or wrong bearer token")]
+    BadCredential,
+    /// The session cookie names no live session.
+    #[error("the session has ended: sign in again")]
+    SessionEnded,
+    /// The session's user was removed.
+    #[error("this user no longer exists")]
+    NoUser,
+    /// A write with a session but without its CSRF token (forbidden, not
+    /// unauthenticated).
+    #[error("missing or wrong CSRF token (X-CSRF-Token): reload the page")]
+    Csrf,
+}
+
+/// The value of cookie `name` in a request's headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
 /// Turns credentials into principals.
 pub struct Auth {
     secrets: Secrets,
     registry: Option<Arc<Registry>>,
+    sessions: Option<Arc<dyn SessionStore>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -188,7 +335,17 @@ impl Auth {
     /// `registry` resolves agents' and upload tokens; without it only the
     /// configured secrets are known.
     pub fn new(secrets: Secrets, registry: Option<Arc<Registry>>) -> Auth {
-        Auth { secrets, registry }
+        Auth {
+            secrets,
+            registry,
+            sessions: None,
+        }
+    }
+
+    /// Also recognise operators' session cookies, looked up in `store`.
+    pub fn with_sessions(mut self, store: Arc<dyn SessionStore>) -> Auth {
+        self.sessions = Some(store);
+        self
     }
 
     /// Whether an API token is configured (without one, admin calls are
@@ -240,10 +397,54 @@ impl Auth {
         None
     }
 
-    /// The principal of a request (`None` without a usable credential or
-    /// with one nobody issued).
+    /// The principal of a request's bearer credential (`None` without a
+    /// usable credential or with one nobody issued). Session cookies are
+    /// not looked at: see [`Auth::caller`].
     pub fn principal(&self, headers: &HeaderMap) -> Option<Principal> {
         aula_httpkit::auth::credential(headers).and_then(|c| self.identify(c))
+    }
+
+    /// The caller of a request: its bearer credential when it has one
+    /// (a wrong one is refused, whatever cookie comes with it), else an
+    /// operator's session cookie. A request that may change something
+    /// (any method but `GET`/`HEAD`) with a session must carry the
+    /// session's CSRF token in `X-CSRF-Token`.
+    pub async fn caller(&self, headers: &HeaderMap, method: &Method) -> Result<Caller, Denied> {
+        if aula_httpkit::auth::credential(headers).is_some() || headers.contains_key(AUTHORIZATION)
+        {
+            return self
+                .principal(headers)
+                .map(|principal| Caller {
+                    principal,
+                    csrf: None,
+                })
+                .ok_or(Denied::BadCredential);
+        }
+        let (Some(secret), Some(store)) = (cookie(headers, SESSION_COOKIE), &self.sessions) else {
+            return Err(Denied::Nothing);
+        };
+        let s = store.lookup(secret.to_owned()).await.map_err(|m| match m {
+            SessionMiss::Ended => Denied::SessionEnded,
+            SessionMiss::NoUser => Denied::NoUser,
+        })?;
+        if method != Method::GET && method != Method::HEAD {
+            let sent = headers
+                .get("x-csrf-token")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if sent.is_empty()
+                || !aula_imager::tls::secrets_equal(sent.as_bytes(), s.csrf.as_bytes())
+            {
+                return Err(Denied::Csrf);
+            }
+        }
+        Ok(Caller {
+            principal: Principal::Operator {
+                name: s.user,
+                rooms: s.rooms,
+            },
+            csrf: Some(s.csrf),
+        })
     }
 }
 
@@ -289,6 +490,128 @@ mod tests {
         assert!(!u.can_maintain_repo() && !u.can_read_lab());
         assert!(Principal::RepoWriter.can_maintain_repo());
         assert!(!Principal::RepoReader.can_upload_chunks(None));
+    }
+
+    #[test]
+    fn operators_act_within_their_rooms_and_one_with_every_room_reads_the_lab() {
+        let mac: MacAddr = "52:54:00:00:00:07".parse().expect("mac");
+        let ana = Principal::Operator {
+            name: "ana".into(),
+            rooms: Some(vec!["Aula 1".into()]),
+        };
+        let root = Principal::Operator {
+            name: "root".into(),
+            rooms: None,
+        };
+        for p in [&ana, &root] {
+            assert!(p.can_view_console() && p.can_operate());
+            assert!(!p.sees_agent_tokens() && !p.is_admin() && !p.can_read_repo());
+            assert!(!p.can_publish("x") && !p.can_maintain_repo());
+        }
+        assert_eq!(ana.room_limit(), Some(&["Aula 1".to_owned()][..]));
+        assert!(!ana.has_every_room() && !ana.can_read_lab() && !ana.can_set_boot(mac));
+        assert!(root.has_every_room() && root.can_read_lab() && root.can_set_boot(mac));
+        assert_eq!(ana.log_name(), "ana");
+        assert_eq!(Principal::Admin.log_name(), "api-token");
+        let v = Principal::Viewer;
+        assert!(v.can_view_console() && !v.can_operate() && v.room_limit().is_none());
+        assert!(Principal::Admin.can_operate() && Principal::Admin.has_every_room());
+        let agent = Principal::Agent { mac };
+        assert!(!agent.can_view_console() && !agent.can_operate());
+    }
+
+    struct OneSession;
+    impl SessionStore for OneSession {
+        fn lookup(
+            &self,
+            secret: String,
+        ) -> Pin<Box<dyn Future<Output = Result<Session, SessionMiss>> + Send + '_>> {
+            Box::pin(async move {
+                match secret.as_str() {
+                    "good" => Ok(Session {
+                        user: "ana".into(),
+                        rooms: Some(vec!["A".into()]),
+                        csrf: "csrf-0123456789".into(),
+                    }),
+                    "gone" => Err(SessionMiss::NoUser),
+                    _ => Err(SessionMiss::Ended),
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_cookie_is_an_operator_and_its_writes_need_the_csrf_token() {
+        let auth = Auth::new(
+            Secrets {
+                api: Some("api-token-0123456789".into()),
+                viewer: Some("viewer-token-0123456789".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .with_sessions(Arc::new(OneSession));
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, v.parse().expect("header"));
+            }
+            m
+        };
+        let c = auth
+            .caller(&h(&[("cookie", "x=1; aula_session=good")]), &Method::GET)
+            .await
+            .expect("session");
+        assert_eq!(
+            c.principal,
+            Principal::Operator {
+                name: "ana".into(),
+                rooms: Some(vec!["A".into()])
+            }
+        );
+        assert_eq!(c.csrf.as_deref(), Some("csrf-0123456789"));
+        let post = Method::POST;
+        let cookie = ("cookie", "aula_session=good");
+        assert_eq!(auth.caller(&h(&[cookie]), &post).await, Err(Denied::Csrf));
+        assert_eq!(
+            auth.caller(&h(&[cookie, ("x-csrf-token", "nope")]), &post)
+                .await,
+            Err(Denied::Csrf)
+        );
+        assert!(auth
+            .caller(&h(&[cookie, ("x-csrf-token", "csrf-0123456789")]), &post)
+            .await
+            .is_ok());
+        assert_eq!(
+            auth.caller(&h(&[("cookie", "aula_session=old")]), &Method::GET)
+                .await,
+            Err(Denied::SessionEnded)
+        );
+        assert_eq!(
+            auth.caller(&h(&[("cookie", "aula_session=gone")]), &Method::GET)
+                .await,
+            Err(Denied::NoUser)
+        );
+        assert_eq!(
+            auth.caller(&h(&[]), &Method::GET).await,
+            Err(Denied::Nothing)
+        );
+        // A credential decides alone: a wrong one with a good cookie fails,
+        // a token needs no CSRF token.
+        assert_eq!(
+            auth.caller(
+                &h(&[cookie, ("authorization", "Bearer wrong-0123456789")]),
+                &Method::GET
+            )
+            .await,
+            Err(Denied::BadCredential)
+        );
+        let c = auth
+            .caller(&h(&[("authorization", "viewer-token-0123456789")]), &post)
+            .await
+            .expect("viewer");
+        assert_eq!(c.principal, Principal::Viewer);
+        assert!(c.csrf.is_none());
     }
 
     #[test]

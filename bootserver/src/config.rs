@@ -69,9 +69,103 @@ pub struct Config {
     /// The image repository service (served by the HTTP listeners).
     #[serde(default)]
     pub repository: RepositorySection,
+    /// The lab console: rooms, deployments, operators (served by the HTTP listeners).
+    #[serde(default)]
+    pub console: ConsoleConfig,
     /// How much state the server keeps at most.
     #[serde(default)]
     pub limits: LimitsConfig,
+}
+
+/// `[console]`: rooms, machines, deployments, operators and the web console.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve the console and the deployment API.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The operators file (TOML, argon2 hashes); default `<data_dir>/users.toml`.
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
+    /// Hours a sign-in lasts.
+    #[serde(default = "default_session_hours")]
+    pub session_hours: u32,
+    /// UDP port of Wake-on-LAN packets.
+    #[serde(default = "default_wol_port")]
+    pub wol_port: u16,
+    /// Extra subnets (CIDR) whose broadcast addresses wake machines that
+    /// are not in a `[[dhcp.subnet]]` (relayed rooms, proxyDHCP sites).
+    #[serde(default)]
+    pub wol_networks: Vec<String>,
+    /// Seconds from waking a machine until its agent must have registered.
+    #[serde(default = "default_live_boot_timeout")]
+    pub live_boot_timeout_s: u64,
+    /// Seconds a layout job may take.
+    #[serde(default = "default_partition_timeout")]
+    pub partition_timeout_s: u64,
+    /// Seconds a restore or capture may go without progress.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_s: u64,
+    /// Seconds a reboot or power-off may take.
+    #[serde(default = "default_power_timeout")]
+    pub power_timeout_s: u64,
+    /// Seconds between Wake-on-LAN packets while waiting.
+    #[serde(default = "default_wol_resend")]
+    pub wol_resend_s: u64,
+    /// Seconds an agent may stop answering before its machine is given up.
+    #[serde(default = "default_agent_gone")]
+    pub agent_gone_s: u64,
+    /// Seconds between two questions to every registered agent (the
+    /// console's live/offline state).
+    #[serde(default = "default_presence_probe")]
+    pub presence_probe_s: u64,
+}
+
+fn default_session_hours() -> u32 {
+    12
+}
+fn default_wol_port() -> u16 {
+    9
+}
+fn default_live_boot_timeout() -> u64 {
+    600
+}
+fn default_partition_timeout() -> u64 {
+    600
+}
+fn default_stall_timeout() -> u64 {
+    600
+}
+fn default_power_timeout() -> u64 {
+    180
+}
+fn default_wol_resend() -> u64 {
+    60
+}
+fn default_presence_probe() -> u64 {
+    15
+}
+fn default_agent_gone() -> u64 {
+    60
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            users_file: None,
+            session_hours: default_session_hours(),
+            wol_port: default_wol_port(),
+            wol_networks: Vec::new(),
+            live_boot_timeout_s: default_live_boot_timeout(),
+            partition_timeout_s: default_partition_timeout(),
+            stall_timeout_s: default_stall_timeout(),
+            power_timeout_s: default_power_timeout(),
+            wol_resend_s: default_wol_resend(),
+            agent_gone_s: default_agent_gone(),
+            presence_probe_s: default_presence_probe(),
+        }
+    }
 }
 
 /// `[limits]`: how much the server keeps, so that nothing on the network
@@ -852,6 +946,7 @@ impl Config {
             }
         }
         self.validate_dhcp()?;
+        self.validate_console()?;
         let t = &self.tftp;
         if !(8..=65464).contains(&t.max_blksize) {
             return Err(invalid("tftp.max_blksize", "must be 8..=65464 (RFC 2348)"));
@@ -1050,6 +1145,30 @@ impl Config {
                     "ra.interval",
                     "must be 4..=1800 seconds (RFC 4861)",
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_console(&self) -> Result<(), ConfigError> {
+        let c = &self.console;
+        for (i, n) in c.wol_networks.iter().enumerate() {
+            Ipv4Net::parse(n).map_err(|m| invalid(format!("console.wol_networks[{i}]"), m))?;
+        }
+        if !(1..=720).contains(&c.session_hours) {
+            return Err(invalid("console.session_hours", "must be 1..=720"));
+        }
+        for (k, v) in [
+            ("live_boot_timeout_s", c.live_boot_timeout_s),
+            ("partition_timeout_s", c.partition_timeout_s),
+            ("stall_timeout_s", c.stall_timeout_s),
+            ("power_timeout_s", c.power_timeout_s),
+            ("wol_resend_s", c.wol_resend_s),
+            ("agent_gone_s", c.agent_gone_s),
+            ("presence_probe_s", c.presence_probe_s),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                return Err(invalid(format!("console.{k}"), "must be 1..=86400 seconds"));
             }
         }
         Ok(())

@@ -12,6 +12,8 @@
 //! * Agents' events ([`events`]): the default webhook sink, bounded.
 //! * IPv6 router advertisements ([`ra`]) so iPXE does not wait for one.
 //! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
+//! * The lab console ([`console`]): rooms, machines, deployments ([`deploy`]),
+//!   operators and the web pages at `/`, with its state in SQLite ([`db`]).
 //!
 //! Embedding:
 //!
@@ -29,6 +31,9 @@
 
 pub mod auth;
 pub mod config;
+pub mod console;
+pub mod db;
+pub mod deploy;
 pub mod dhcp;
 pub mod events;
 pub mod http;

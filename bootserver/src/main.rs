@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use aula_bootserver::config::Config;
 use aula_bootserver::Server;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Aula boot server: DHCP/proxyDHCP, TFTP, HTTP boot, boot modes, agent registry.
 #[derive(Debug, Parser)]
@@ -40,6 +40,78 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Console operators (the users file).
+    User {
+        #[command(subcommand)]
+        action: UserCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add an operator or replace one's password and rooms. The password is
+    /// the first line of standard input (at least 8 characters).
+    Add {
+        /// Sign-in name.
+        name: String,
+        /// Rooms the operator may see and deploy to, comma-separated
+        /// (default: every room).
+        #[arg(long)]
+        rooms: Option<String>,
+        /// The users file (default: console.users_file, else
+        /// <data_dir>/users.toml of the configuration).
+        #[arg(long)]
+        users_file: Option<PathBuf>,
+    },
+}
+
+fn user_command(cli: &Cli, action: &UserCommand) -> anyhow::Result<()> {
+    let UserCommand::Add {
+        name,
+        rooms,
+        users_file,
+    } = action;
+    let path = match users_file {
+        Some(p) => p.clone(),
+        None => {
+            let cfg = load(cli)?;
+            cfg.console
+                .users_file
+                .clone()
+                .unwrap_or_else(|| cfg.server.data_dir.join("users.toml"))
+        }
+    };
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("password for {name} (shown as typed): ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    let rooms = rooms.as_ref().map(|r| {
+        r.split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+    });
+    aula_bootserver::console::auth::add_user(&path, name, password, rooms.clone())
+        .with_context(|| format!("adding {name} to {}", path.display()))?;
+    println!(
+        "{name} can sign in ({}); users file {}",
+        match &rooms {
+            Some(r) => format!("rooms: {}", r.join(", ")),
+            None => "every room".into(),
+        },
+        path.display()
+    );
+    Ok(())
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
@@ -139,6 +211,15 @@ fn main() -> ExitCode {
         builder.json().init();
     } else {
         builder.init();
+    }
+    if let Some(Command::User { action }) = &cli.command {
+        return match user_command(&cli, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if cli.check_config {
         return match load(&cli) {

@@ -3,7 +3,7 @@
 //! old or the new content, never a torn file.
 //!
 //! Everything the server writes can hold secrets (agents' bearer tokens in
-//! `state.json`, the TLS key, leases), so files are created mode 0600 — by
+//! `aula.db`, the TLS key, leases), so files are created mode 0600 — by
 //! `open(2)` itself, never widened and narrowed afterwards — and the data
 //! directory is 0700 ([`private_dir`]).
 

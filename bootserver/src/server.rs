@@ -62,6 +62,18 @@ pub enum ServerError {
     /// The image repository could not be opened.
     #[error("image repository")]
     Repository(#[from] crate::repository::RepoServiceError),
+    /// The console's database.
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    /// The operators file.
+    #[error(transparent)]
+    Users(#[from] crate::console::auth::UsersError),
+}
+
+/// Who may do what: the credentials and, with the console, its operators.
+struct Access {
+    auth: Arc<Auth>,
+    users: Option<Arc<crate::console::auth::Users>>,
 }
 
 struct Started {
@@ -70,6 +82,7 @@ struct Started {
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
     tls_fingerprint: Option<String>,
+    deployments: Option<Arc<crate::deploy::DeployService>>,
 }
 
 /// A running server.
@@ -90,6 +103,8 @@ pub struct Server {
     pub registry: Arc<Registry>,
     /// The boot interface, if one was needed.
     pub interface: Option<String>,
+    /// The deployment service (rooms, deployments, console), if it runs.
+    pub deployments: Option<Arc<crate::deploy::DeployService>>,
 }
 
 impl Server {
@@ -149,9 +164,36 @@ impl Server {
                 message: format!("must differ from {a}: each token names one kind of caller"),
             }));
         }
-        let registry =
-            Arc::new(Registry::load(&data_dir)?.with_max_machines(cfg.limits.max_machines));
-        let auth = Arc::new(Auth::new(secrets, Some(registry.clone())));
+        // One database for the registry and the console (blocking: opens,
+        // migrates, imports an old state.json, reads the registry's rows).
+        let registry = {
+            let dir = data_dir.clone();
+            let reg =
+                tokio::task::spawn_blocking(move || Registry::open(crate::db::Db::open(&dir)?))
+                    .await
+                    .map_err(|_| ServerError::Db(crate::db::DbError::Worker))??;
+            Arc::new(reg.with_max_machines(cfg.limits.max_machines))
+        };
+        // Operators of the console sign in with sessions that are a
+        // principal like the tokens (auth.rs): one rights model.
+        let users = if cfg.http.enabled && cfg.console.enabled {
+            let path = cfg
+                .console
+                .users_file
+                .clone()
+                .unwrap_or_else(|| data_dir.join("users.toml"));
+            Some(Arc::new(crate::console::auth::Users::open(path)?))
+        } else {
+            None
+        };
+        let mut auth = Auth::new(secrets, Some(registry.clone()));
+        if let Some(u) = &users {
+            auth = auth.with_sessions(Arc::new(crate::console::auth::Sessions::new(
+                registry.db().clone(),
+                u.clone(),
+            )));
+        }
+        let auth = Arc::new(auth);
         let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
         let interface = if needs_iface {
             match &cfg.server.interface {
@@ -171,7 +213,7 @@ impl Server {
             &cfg,
             &registry,
             interface.as_deref(),
-            auth,
+            Access { auth, users },
             extra_routes,
             &cancel,
             &tracker,
@@ -183,6 +225,7 @@ impl Server {
             http_addr,
             https_addr,
             tls_fingerprint,
+            deployments,
         } = match started {
             Ok(v) => v,
             Err(e) => {
@@ -208,6 +251,7 @@ impl Server {
             dhcp,
             registry,
             interface,
+            deployments,
         })
     }
 
@@ -215,11 +259,12 @@ impl Server {
         cfg: &Arc<Config>,
         registry: &Arc<Registry>,
         interface: Option<&str>,
-        auth: Arc<Auth>,
+        access: Access,
         extra_routes: Vec<Arc<dyn RouteGroup>>,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Started, ServerError> {
+        let Access { auth, users } = access;
         let dhcp = match (cfg.dhcp.enabled, interface) {
             (true, Some(i)) => Some(dhcp::start(
                 cfg.clone(),
@@ -247,6 +292,7 @@ impl Server {
         };
         let mut tls_fingerprint = None;
         let (mut http_addr, mut https_addr) = (None, None);
+        let mut deployments = None;
         if cfg.http.enabled {
             let tls = if cfg.http.tls.enabled {
                 let names = vec![cfg.server.address.to_string(), "aula-bootserver".into()];
@@ -300,11 +346,34 @@ impl Server {
                     .or(tls_fingerprint.clone()),
                 tls_off: !cfg.http.tls.enabled,
             };
+            let repo = if cfg.repository.enabled {
+                Some(open_repository(cfg, &auth)?)
+            } else {
+                None
+            };
             let mut groups = extra_routes;
-            if cfg.repository.enabled {
-                groups.push(Arc::new(crate::repository::RepoRoutes(open_repository(
-                    cfg, &auth,
-                )?)));
+            if let Some(users) = users {
+                let db = registry.db().clone();
+                let svc = crate::deploy::DeployService::start(
+                    db,
+                    registry.clone(),
+                    cfg.clone(),
+                    repo.clone(),
+                    dhcp.clone(),
+                    cancel.clone(),
+                    tracker,
+                );
+                deployments = Some(svc.clone());
+                let console = crate::console::Console {
+                    svc,
+                    users,
+                    auth: auth.clone(),
+                    cancel: cancel.clone(),
+                };
+                groups.push(Arc::new(console.routes(https_addr.map(|a| a.port()))));
+            }
+            if let Some(r) = &repo {
+                groups.push(Arc::new(crate::repository::RepoRoutes(r.clone())));
             }
             groups.push(Arc::new(BootRoutes::new(
                 cfg.clone(),
@@ -313,17 +382,19 @@ impl Server {
                 programs,
                 live,
             )));
-            groups.push(Arc::new(ApiRoutes::new(
-                cfg.clone(),
-                registry.clone(),
-                dhcp.clone(),
-                auth,
-            )));
-            let serves = match &https_url {
-                Some(u) => Serves::PlainOnly {
+            let api = ApiRoutes::new(cfg.clone(), registry.clone(), dhcp.clone(), auth);
+            // Webhooks reach the deployment runner at once.
+            let api = match &deployments {
+                Some(d) => api.with_event_listener(d.clone()),
+                None => api,
+            };
+            groups.push(Arc::new(api));
+            let serves = match (&https_url, https_addr) {
+                (Some(u), Some(a)) => Serves::PlainOnly {
                     https_url: u.clone(),
+                    https_port: a.port(),
                 },
-                None => Serves::All,
+                _ => Serves::All,
             };
             http::spawn(
                 plain,
@@ -370,6 +441,7 @@ impl Server {
             http_addr,
             https_addr,
             tls_fingerprint,
+            deployments,
         })
     }
 

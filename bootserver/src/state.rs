@@ -1,28 +1,37 @@
 //! Per-machine state: boot modes, what the DHCP service saw, boot sessions,
 //! registered agents, capture grants.
 //!
-//! Kept in memory behind a mutex and persisted as one JSON file
-//! (`state.json` in the data directory, mode 0600: it holds every agent's
-//! bearer token) with an atomic write. Changes made through the API (boot
-//! modes, registrations), the consumption of a one-shot mode and the opening
-//! of a boot session are written before the request is answered; sightings
-//! from DHCP only mark the state changed and a background task saves it at
-//! most every couple of seconds, so the packet path never waits for the disk.
+//! Kept in memory behind a mutex (the read path: the DHCP and iPXE paths
+//! never wait for the database) and stored in SQLite, the same `aula.db` as
+//! the console's tables (`clients`, `agents`, `capture_grants`; see
+//! [`store`]). What changed is marked dirty and written as rows:
 //!
-//! Writes are group commits: each change bumps a generation, and a caller
-//! that must wait for the disk waits only for the first write that starts
-//! after its change. A room booting at once (a hundred script requests in
-//! a second) costs a few writes, not a hundred.
+//! | change | written |
+//! |---|---|
+//! | boot mode set or cleared through the API | before the answer, committed to disk |
+//! | a one-shot mode consumed, a boot session opened (the script served to the machine) | before the script is answered, committed to disk |
+//! | a registration accepted (session bound, agent stored) | before the answer, committed to disk |
+//! | DHCP sightings, capture grants | by [`Registry::autosave`] every couple of seconds, every machine seen since in one transaction (or with the next write above) |
+//!
+//! Writes are group commits: a caller that must wait for the disk takes
+//! every row marked dirty so far into one transaction, and callers whose
+//! rows an earlier writer already took find nothing left to write. A room
+//! booting at once (a hundred script requests in a second) costs a few
+//! commits, not a hundred.
+//!
+//! An older Aula kept all of this in `state.json`; the first start of this
+//! version imports it in one transaction and renames it
+//! `state.json.migrated`.
 //!
 //! # Bounded
 //!
 //! At most `max_machines` (`[limits]`, default 10 000) machines are known.
 //! A new one takes the place of the least recently seen machine that holds
 //! nothing an operator or an agent gave it (no boot mode, no registered
-//! agent; those without a boot session first). When every record holds
-//! something, a boot-mode write for a new machine is refused
-//! ([`StateError::Full`], 507), its script is served without recording it,
-//! and DHCP sightings of new machines are ignored.
+//! agent; those without a boot session first); its row is deleted with the
+//! next commit. When every record holds something, a boot-mode write for a
+//! new machine is refused ([`StateError::Full`], 507), its script is served
+//! without recording it, and DHCP sightings of new machines are ignored.
 //!
 //! # Registration is bound to the boot
 //!
@@ -37,7 +46,9 @@
 //! | | where this server leases addresses, from M's bound lease | `Lease` |
 //! | accepted | the session is bound: every later registration of M is refused until M boots live again, except an exact repeat (same token, certificate and address) | — |
 
-use std::collections::BTreeMap;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,18 +59,22 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BootMode;
+use crate::db::{Db, DbError};
 use crate::dhcp::pxe::Firmware;
 use crate::mac::MacAddr;
-use crate::persist::{atomic_write, read_optional, PersistError};
+use crate::persist::PersistError;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// Disk I/O.
+    /// Disk I/O (the `state.json` import).
     #[error(transparent)]
     Io(#[from] PersistError),
-    /// The state file is not valid JSON of the expected shape.
-    #[error("state file {path} is corrupt")]
+    /// The database.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A `state.json` to import is not valid JSON of the expected shape.
+    #[error("state file {path} is corrupt: fix or remove it (nothing was imported)")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -67,9 +82,6 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
-    /// A background task failed to run.
-    #[error("state writer task failed")]
-    Join(#[from] tokio::task::JoinError),
     /// No room for another machine.
     #[error("the server knows {0} machines, its limit ([limits] max_machines), and each holds a boot mode or a registered agent; reset some machines' boot modes or raise the limit")]
     Full(usize),
@@ -347,14 +359,6 @@ impl AgentRegistration {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Inner {
-    #[serde(default)]
-    clients: BTreeMap<MacAddr, ClientRecord>,
-    #[serde(default)]
-    agents: BTreeMap<MacAddr, AgentRecord>,
-}
-
 /// One machine as `GET /v1/clients` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClientView {
@@ -424,55 +428,123 @@ pub fn rfc3339(secs: u64) -> String {
         .unwrap_or_default()
 }
 
+/// Rows changed in memory and not yet written.
+#[derive(Debug, Default)]
+struct Dirty {
+    clients: HashSet<MacAddr>,
+    agents: HashSet<MacAddr>,
+    grants: HashSet<MacAddr>,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.clients.is_empty() && self.agents.is_empty() && self.grants.is_empty()
+    }
+
+    fn merge(&mut self, other: Dirty) {
+        self.clients.extend(other.clients);
+        self.agents.extend(other.agents);
+        self.grants.extend(other.grants);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    clients: BTreeMap<MacAddr, ClientRecord>,
+    agents: BTreeMap<MacAddr, AgentRecord>,
+    /// Capture grants by machine.
+    grants: HashMap<MacAddr, CaptureGrant>,
+    dirty: Dirty,
+}
+
+impl Inner {
+    /// The current rows of everything dirty (clearing the marks).
+    fn take_batch(&mut self) -> (store::Batch, Dirty) {
+        let dirty = std::mem::take(&mut self.dirty);
+        let batch = store::Batch {
+            clients: dirty
+                .clients
+                .iter()
+                .map(|m| (*m, self.clients.get(m).cloned()))
+                .collect(),
+            agents: dirty
+                .agents
+                .iter()
+                .map(|m| (*m, self.agents.get(m).cloned()))
+                .collect(),
+            grants: dirty
+                .grants
+                .iter()
+                .map(|m| (*m, self.grants.get(m).cloned()))
+                .collect(),
+        };
+        (batch, dirty)
+    }
+}
+
 /// The state store.
 pub struct Registry {
     inner: Mutex<Inner>,
-    /// Bumped (under `inner`'s lock) by every change.
-    generation: AtomicU64,
-    /// The generation the file on disk holds.
-    saved: AtomicU64,
-    /// Writes of the state file so far.
+    db: Db,
+    /// One writer at a time: each takes the current rows of what is dirty
+    /// while holding it, so the last write of a row is its newest state.
+    write_lock: tokio::sync::Mutex<()>,
+    /// Commits of registry rows so far.
     writes: AtomicU64,
     max_machines: usize,
-    path: PathBuf,
-    write_lock: tokio::sync::Mutex<()>,
-    /// Capture grants. In memory: grants are short-lived.
-    capture: Mutex<std::collections::HashMap<MacAddr, CaptureGrant>>,
     /// Addresses machines announced on the proxyDHCP port, and when.
-    announced: Mutex<std::collections::HashMap<MacAddr, (Ipv4Addr, u64)>>,
+    announced: Mutex<HashMap<MacAddr, (Ipv4Addr, u64)>>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("Registry").field("db", &self.db).finish()
     }
 }
 
 impl Registry {
-    /// Loads `state.json` from `dir` (absent = empty).
+    /// Opens the registry in `<dir>/aula.db` (created, migrated), importing
+    /// a `state.json` of an older Aula there once. Blocking.
     pub fn load(dir: &Path) -> Result<Self, StateError> {
-        let path = dir.join("state.json");
-        let inner = match read_optional(&path)? {
-            Some(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                    path: path.clone(),
-                    source,
-                })?
+        Self::open(Db::open(dir)?)
+    }
+
+    /// The registry in `db`, whose directory may hold a `state.json` of an
+    /// older Aula to import once (see [`store::import_state_json`]).
+    /// Blocking: reads every row.
+    pub fn open(db: Db) -> Result<Self, StateError> {
+        let dir = db
+            .path()
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let snap = db.call_blocking(|c| {
+            match store::import_state_json(c, &dir) {
+                Ok(store::Import::Nothing) => {}
+                Ok(store::Import::Imported { clients, agents }) => tracing::info!(
+                    clients, agents, dir = %dir.display(),
+                    "imported state.json into the database; renamed it state.json.migrated"
+                ),
+                Ok(store::Import::AlreadyImported) => tracing::warn!(
+                    dir = %dir.display(),
+                    "state.json was imported before; renamed it state.json.migrated"
+                ),
+                Err(e) => return Ok(Err(e)),
             }
-            None => Inner::default(),
-        };
+            Ok(Ok(store::load(c, unix_now())?))
+        })??;
         Ok(Self {
-            inner: Mutex::new(inner),
-            generation: AtomicU64::new(0),
-            saved: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                clients: snap.clients,
+                agents: snap.agents,
+                grants: snap.grants,
+                dirty: Dirty::default(),
+            }),
+            db,
+            write_lock: tokio::sync::Mutex::new(()),
             writes: AtomicU64::new(0),
             max_machines: DEFAULT_MAX_MACHINES,
-            path,
-            write_lock: tokio::sync::Mutex::new(()),
-            capture: Mutex::new(std::collections::HashMap::new()),
-            announced: Mutex::new(std::collections::HashMap::new()),
+            announced: Mutex::new(HashMap::new()),
         })
     }
 
@@ -482,14 +554,9 @@ impl Registry {
         self
     }
 
-    /// How many times the state file was written since start.
+    /// How many commits of registry rows were made since start.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
-    }
-
-    /// Records a change; call with `inner` locked.
-    fn changed(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Makes room for a record of `mac` if it has none (see the module's
@@ -507,6 +574,7 @@ impl Registry {
         match victim {
             Some(v) => {
                 g.clients.remove(&v);
+                g.dirty.clients.insert(v);
                 tracing::debug!(evicted = %v, new = %mac, "machine table full: forgot the least recently seen machine that held nothing");
                 true
             }
@@ -514,27 +582,32 @@ impl Registry {
         }
     }
 
+    /// The database the registry lives in.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     /// Let the agent on `mac` upload chunks and publish image `image` until
-    /// `until` (unix seconds), with its upload token.
+    /// `until` (unix seconds), with its upload token. Written with the next
+    /// save (at most a couple of seconds; [`Registry::save`] for at once).
     pub fn grant_capture(&self, mac: MacAddr, image: String, until: u64) {
-        if let Ok(mut g) = self.capture.lock() {
-            g.insert(mac, CaptureGrant { image, until });
-        }
+        let mut g = self.lock();
+        g.grants.insert(mac, CaptureGrant { image, until });
+        g.dirty.grants.insert(mac);
     }
 
     /// Withdraw a capture grant.
     pub fn revoke_capture(&self, mac: MacAddr) {
-        if let Ok(mut g) = self.capture.lock() {
-            g.remove(&mac);
-        }
+        let mut g = self.lock();
+        g.grants.remove(&mac);
+        g.dirty.grants.insert(mac);
     }
 
     /// The active capture grant of `mac`.
     pub fn capture_grant(&self, mac: MacAddr) -> Option<CaptureGrant> {
         let now = unix_now();
-        self.capture
-            .lock()
-            .ok()?
+        self.lock()
+            .grants
             .get(&mac)
             .filter(|g| g.until > now)
             .cloned()
@@ -543,19 +616,17 @@ impl Registry {
     /// Every active capture grant.
     pub fn capture_grants(&self) -> Vec<(MacAddr, CaptureGrant)> {
         let now = unix_now();
-        self.capture
-            .lock()
-            .map(|g| {
-                g.iter()
-                    .filter(|(_, c)| c.until > now)
-                    .map(|(m, c)| (*m, c.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.lock()
+            .grants
+            .iter()
+            .filter(|(_, c)| c.until > now)
+            .map(|(m, c)| (*m, c.clone()))
+            .collect()
     }
 
     /// Records the address `mac` announced on the proxyDHCP port (a
     /// boot-server discovery request from a client that has an address).
+    /// Kept in memory only: it matters for minutes.
     pub fn note_announce(&self, mac: MacAddr, ip: Ipv4Addr) {
         if let Ok(mut a) = self.announced.lock() {
             if a.len() >= self.max_machines && !a.contains_key(&mac) {
@@ -582,7 +653,8 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a netboot DHCP request (packet path: memory only).
+    /// Records a netboot DHCP request (packet path: memory only; the
+    /// periodic save writes every machine seen since in one transaction).
     pub fn note_dhcp(
         &self,
         mac: MacAddr,
@@ -593,7 +665,7 @@ impl Registry {
         let mut g = self.lock();
         if !g.clients.contains_key(&mac) && g.clients.len() >= self.max_machines {
             // Forged netboot requests with random MACs must not grow the
-            // state without bound, nor push out other sightings: a new
+            // table without bound, nor push out other sightings: a new
             // machine seen only by DHCP is recorded while there is room.
             return;
         }
@@ -610,7 +682,7 @@ impl Registry {
             }
         }
         c.last_seen = Some(unix_now());
-        self.changed();
+        g.dirty.clients.insert(mac);
     }
 
     /// Sets a machine's boot mode and persists it before returning.
@@ -625,7 +697,6 @@ impl Registry {
             if !self.room_for(&mut g, mac) {
                 return Err(StateError::Full(self.max_machines));
             }
-            self.changed();
             let c = g.clients.entry(mac).or_default();
             if once {
                 c.boot.once = Some(mode);
@@ -633,7 +704,9 @@ impl Registry {
                 c.boot.mode = Some(mode);
                 c.boot.once = None;
             }
-            c.boot.clone()
+            let s = c.boot.clone();
+            g.dirty.clients.insert(mac);
+            s
         };
         self.save().await?;
         Ok(setting)
@@ -645,8 +718,8 @@ impl Registry {
             let mut g = self.lock();
             if let Some(c) = g.clients.get_mut(&mac) {
                 c.boot = BootSetting::default();
+                g.dirty.clients.insert(mac);
             }
-            self.changed();
         }
         self.save().await
     }
@@ -681,7 +754,7 @@ impl Registry {
                 tracing::warn!(%mac, max = self.max_machines, "machine table full: serving the default mode without recording the boot (no registration window)");
                 return Ok((default, None));
             }
-            self.changed();
+            g.dirty.clients.insert(mac);
             let c = g.clients.entry(mac).or_default();
             let now = unix_now();
             let (mode, consumed) = match c.boot.once.take() {
@@ -744,8 +817,8 @@ impl Registry {
             if repeat {
                 // The same agent (it holds the token): its port or
                 // addresses may have changed with the restart.
-                self.changed();
                 g.agents.insert(key, rec);
+                g.dirty.agents.insert(key);
                 Ok(Registered::Repeat)
             } else {
                 let verdict = match &session {
@@ -782,7 +855,6 @@ impl Registry {
                     Some(_) => Ok(Registered::New),
                 };
                 if verdict.is_ok() {
-                    self.changed();
                     if let Some(s) = g.clients.get_mut(&key).and_then(|c| c.session.as_mut()) {
                         s.bound = true;
                     }
@@ -795,6 +867,8 @@ impl Registry {
                         c.hostname = rec.hostname.clone();
                     }
                     g.agents.insert(key, rec);
+                    g.dirty.clients.insert(key);
+                    g.dirty.agents.insert(key);
                 }
                 verdict
             }
@@ -871,51 +945,65 @@ impl Registry {
             .collect()
     }
 
-    /// Makes every change made so far durable: returns once a write that
-    /// started after them has finished (a group commit: callers waiting
-    /// together share one write).
+    /// Writes every changed row now, the commit on disk before this
+    /// returns (serialised with other writers).
     pub async fn save(&self) -> Result<(), StateError> {
-        let wanted = self.generation.load(Ordering::SeqCst);
+        self.flush().await
+    }
+
+    /// Every flush is durable (`synchronous=FULL` for its commit): a
+    /// caller of [`Registry::save`] whose rows the periodic flush took
+    /// finds nothing left to write, and must find them on disk. One sync
+    /// every couple of seconds costs nothing next to the group commits.
+    async fn flush(&self) -> Result<(), StateError> {
+        let durable = true;
         let _w = self.write_lock.lock().await;
-        if self.saved.load(Ordering::SeqCst) >= wanted {
+        let (batch, marks) = self.lock().take_batch();
+        if batch.is_empty() {
             return Ok(());
         }
-        let (bytes, generation) = {
-            let g = self.lock();
-            let bytes = serde_json::to_vec_pretty(&*g).map_err(|source| StateError::Corrupt {
-                path: self.path.clone(),
-                source,
-            })?;
-            (bytes, self.generation.load(Ordering::SeqCst))
-        };
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || atomic_write(&path, &bytes)).await??;
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.saved.store(generation, Ordering::SeqCst);
-        Ok(())
+        let rows = batch.len();
+        let started = std::time::Instant::now();
+        let r = self
+            .db
+            .call(move |c| store::write(c, &batch, durable))
+            .await;
+        match r {
+            Ok(()) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    rows,
+                    durable,
+                    ms = started.elapsed().as_millis() as u64,
+                    "registry rows written"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                // Still to be written: the next save tries again.
+                self.lock().dirty.merge(marks);
+                Err(e.into())
+            }
+        }
     }
 
-    fn unsaved(&self) -> bool {
-        self.generation.load(Ordering::SeqCst) > self.saved.load(Ordering::SeqCst)
-    }
-
-    /// Saves sightings every `period` while there are unsaved ones, until cancelled.
+    /// Writes what changed (DHCP sightings, grants) every `period`, in one
+    /// transaction each time, until cancelled; then once more.
     pub async fn autosave(self: Arc<Self>, period: Duration, cancel: CancellationToken) {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(period) => {}
             }
-            if self.unsaved() {
-                if let Err(e) = self.save().await {
-                    tracing::error!(error = %e, "saving client state");
-                }
+            if self.lock().dirty.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.flush().await {
+                tracing::error!(error = %e, "saving client state");
             }
         }
-        if self.unsaved() {
-            if let Err(e) = self.save().await {
-                tracing::error!(error = %e, "saving client state at shutdown");
-            }
+        if let Err(e) = self.flush().await {
+            tracing::error!(error = %e, "saving client state at shutdown");
         }
     }
 }
@@ -1179,6 +1267,9 @@ mod tests {
         }
         let list = reg.clients(BootMode::Live, |_| None);
         assert_eq!(list.len(), 10);
+        // The forgotten machines' rows are gone from the database too.
+        let on_disk = Registry::load(dir.path()).expect("reload");
+        assert_eq!(on_disk.clients(BootMode::Live, |_| None).len(), 10);
         for i in 0..3 {
             assert!(
                 list.iter()
@@ -1220,5 +1311,298 @@ mod tests {
         reg.set_boot(nth_mac(0), BootMode::Live, false)
             .await
             .expect("known machine");
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    /// `state.json` as the previous version (trust, issue 12) wrote it:
+    /// produced by that code's `Registry` (four machines: a permanent
+    /// local mode with a one-shot live pending, a bound live boot with its
+    /// agent, an open registration window, a DHCP sighting only).
+    const OLD_STATE: &str = include_str!("../tests/fixtures/state-trust.json");
+    /// Long enough that the fixture's open window is still open.
+    const YEARS: u64 = 100 * 365 * 86_400;
+
+    fn mac(s: &str) -> MacAddr {
+        s.parse().expect("mac")
+    }
+
+    fn rows(dir: &Path, table: &str) -> i64 {
+        let db = Db::open(dir).expect("db");
+        db.call_blocking(|c| {
+            Ok(c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
+        })
+        .expect("count")
+    }
+
+    #[tokio::test]
+    async fn a_state_json_of_the_previous_version_is_imported_once_and_renamed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("state.json"), OLD_STATE).expect("write");
+        let reg = Registry::load(dir.path()).expect("load");
+        assert!(!dir.path().join("state.json").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("state.json.migrated")).expect("migrated"),
+            OLD_STATE,
+            "the old file is kept, renamed, unchanged"
+        );
+        // Every field came over.
+        let views = reg.clients(BootMode::Local, |_| None);
+        assert_eq!(views.len(), 4);
+        let v = |m: &str| {
+            views
+                .iter()
+                .find(|c| c.mac == mac(m))
+                .cloned()
+                .expect("client")
+        };
+        let pc01 = v("52:54:00:12:00:01");
+        assert_eq!(pc01.boot.mode, Some(BootMode::Local));
+        assert_eq!(pc01.boot.once, Some(BootMode::Live));
+        assert_eq!(pc01.firmware, Some(Firmware::Bios));
+        assert_eq!(pc01.hostname.as_deref(), Some("pc01"));
+        assert_eq!(pc01.ip, Some("10.213.0.100".parse().expect("ip")));
+        let pc02 = v("52:54:00:12:00:02");
+        assert!(pc02.agent_registered);
+        assert!(pc02.session.as_ref().is_some_and(|s| s.bound));
+        assert_eq!(
+            pc02.last_boot.as_ref().map(|b| b.mode),
+            Some(BootMode::Live)
+        );
+        assert_eq!(v("52:54:00:12:00:03").firmware, Some(Firmware::Other(42)));
+        assert_eq!(v("52:54:00:12:00:04").firmware, Some(Firmware::HttpX64));
+        assert_eq!(
+            reg.agent_token(mac("52:54:00:12:00:02")).as_deref(),
+            Some("agent-token-of-pc02-0123456789")
+        );
+        assert_eq!(
+            reg.agent_of_token("agent-token-of-pc02-0123456789"),
+            Some(mac("52:54:00:12:00:02"))
+        );
+        let agents = reg.agents(true);
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].macs.len(), 2);
+        assert_eq!(agents[0].ips.len(), 2);
+        assert_eq!(agents[0].port, 8443);
+        // The binding holds: pc02 cannot be claimed by another agent; the
+        // open window of pc03 still takes its agent, with its nonce.
+        let src2 = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 101));
+        let r = reg
+            .register_agent(
+                record(mac("52:54:00:12:00:02"), "impostor-token-0123456789", src2),
+                None,
+                src2,
+                YEARS,
+                no_dhcp(),
+            )
+            .await
+            .expect("io");
+        assert_eq!(r, Err(Refusal::Bound(mac("52:54:00:12:00:02"))));
+        let old: serde_json::Value = serde_json::from_str(OLD_STATE).expect("json");
+        let nonce3 = old["clients"]["52:54:00:12:00:03"]["session"]["nonce"]
+            .as_str()
+            .expect("nonce");
+        let src3 = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 102));
+        let r = reg
+            .register_agent(
+                record(mac("52:54:00:12:00:03"), "pc03-token-0123456789", src3),
+                Some(nonce3),
+                src3,
+                YEARS,
+                no_dhcp(),
+            )
+            .await
+            .expect("io");
+        assert_eq!(r, Ok(Registered::New));
+        drop(reg);
+
+        // Started again: nothing is imported twice, the change is kept.
+        let reg = Registry::load(dir.path()).expect("reload");
+        assert_eq!(rows(dir.path(), "registry_imports"), 1);
+        assert_eq!(
+            reg.agent_token(mac("52:54:00:12:00:03")).as_deref(),
+            Some("pc03-token-0123456789")
+        );
+        // The one-shot live mode of pc01 is still pending, and consumed once.
+        let pc01_ip = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 100));
+        let (m, _) = reg
+            .take_boot(mac("52:54:00:12:00:01"), BootMode::Local, Some(pc01_ip))
+            .await
+            .expect("take");
+        assert_eq!(m, BootMode::Live);
+        let (m, _) = reg
+            .take_boot(mac("52:54:00:12:00:01"), BootMode::Local, Some(pc01_ip))
+            .await
+            .expect("take");
+        assert_eq!(m, BootMode::Local);
+    }
+
+    #[tokio::test]
+    async fn a_state_json_from_before_boot_sessions_is_imported_too() {
+        // The version before issue 12 wrote no `session` (and no nonce).
+        let mut old: serde_json::Value = serde_json::from_str(OLD_STATE).expect("json");
+        for c in old["clients"]
+            .as_object_mut()
+            .expect("clients")
+            .values_mut()
+        {
+            c.as_object_mut().expect("client").remove("session");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("state.json"),
+            serde_json::to_vec_pretty(&old).expect("json"),
+        )
+        .expect("write");
+        let reg = Registry::load(dir.path()).expect("load");
+        let views = reg.clients(BootMode::Local, |_| None);
+        assert_eq!(views.len(), 4);
+        assert!(views.iter().all(|c| c.session.is_none()));
+        assert_eq!(reg.agents(false).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_import_interrupted_before_the_rename_is_not_imported_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("state.json"), OLD_STATE).expect("write");
+        let reg = Registry::load(dir.path()).expect("load");
+        reg.set_boot(mac("52:54:00:12:00:04"), BootMode::Live, false)
+            .await
+            .expect("set");
+        drop(reg);
+        // As if the process died after the commit, before the rename.
+        std::fs::rename(
+            dir.path().join("state.json.migrated"),
+            dir.path().join("state.json"),
+        )
+        .expect("rename back");
+        let reg = Registry::load(dir.path()).expect("reload");
+        assert!(!dir.path().join("state.json").exists());
+        let c = reg
+            .clients(BootMode::Local, |_| None)
+            .into_iter()
+            .find(|c| c.mac == mac("52:54:00:12:00:04"))
+            .expect("client");
+        assert_eq!(
+            c.boot.mode,
+            Some(BootMode::Live),
+            "the database's newer row was not overwritten by the old file"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_state_json_is_refused_and_nothing_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let torn = &OLD_STATE[..OLD_STATE.len() / 2];
+        std::fs::write(dir.path().join("state.json"), torn).expect("write");
+        let e = Registry::load(dir.path()).expect_err("corrupt");
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("state.json"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("state.json")).expect("kept"),
+            torn
+        );
+        assert!(!dir.path().join("state.json.migrated").exists());
+        assert_eq!(rows(dir.path(), "clients"), 0);
+        assert_eq!(rows(dir.path(), "registry_imports"), 0);
+    }
+
+    #[tokio::test]
+    async fn dhcp_sightings_are_written_in_one_batch_not_per_packet() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::load(dir.path()).expect("load");
+        for i in 0..200u8 {
+            let m = MacAddr([0x52, 0x54, 0, 0x13, 0, i]);
+            for _ in 0..5 {
+                reg.note_dhcp(
+                    m,
+                    Some(Firmware::UefiX64),
+                    Some(Ipv4Addr::new(10, 213, 1, i)),
+                    None,
+                );
+            }
+        }
+        assert_eq!(
+            rows(dir.path(), "clients"),
+            0,
+            "no write on the packet path"
+        );
+        reg.flush().await.expect("flush");
+        assert_eq!(rows(dir.path(), "clients"), 200);
+        // Nothing left to write: the next flush does nothing.
+        assert!(reg.lock().dirty.is_empty());
+        let reg = Registry::load(dir.path()).expect("reload");
+        let c = reg.clients(BootMode::Local, |_| None);
+        assert_eq!(c.len(), 200);
+        assert!(c.iter().all(|c| c.firmware == Some(Firmware::UefiX64)));
+    }
+
+    #[tokio::test]
+    async fn the_autosave_writes_sightings_and_grants_and_once_more_at_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Arc::new(Registry::load(dir.path()).expect("load"));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(
+            reg.clone()
+                .autosave(Duration::from_millis(100), cancel.clone()),
+        );
+        reg.note_dhcp(mac("52:54:00:14:00:01"), None, None, Some("a"));
+        reg.grant_capture(mac("52:54:00:14:00:01"), "lab".into(), unix_now() + 600);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rows(dir.path(), "capture_grants") == 0 {
+            assert!(std::time::Instant::now() < deadline, "not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rows(dir.path(), "clients"), 1);
+        reg.revoke_capture(mac("52:54:00:14:00:01"));
+        reg.note_dhcp(mac("52:54:00:14:00:02"), None, None, Some("b"));
+        cancel.cancel();
+        task.await.expect("autosave");
+        assert_eq!(rows(dir.path(), "capture_grants"), 0, "revoked at shutdown");
+        assert_eq!(rows(dir.path(), "clients"), 2);
+        // A grant survives a restart until it expires.
+        let reg = Registry::load(dir.path()).expect("reload");
+        reg.grant_capture(mac("52:54:00:14:00:02"), "lab2".into(), unix_now() + 600);
+        reg.grant_capture(mac("52:54:00:14:00:03"), "old".into(), unix_now() - 1);
+        reg.save().await.expect("save");
+        let reg = Registry::load(dir.path()).expect("reload");
+        assert_eq!(
+            reg.capture_grants(),
+            vec![(
+                mac("52:54:00:14:00:02"),
+                CaptureGrant {
+                    image: "lab2".into(),
+                    until: reg
+                        .capture_grant(mac("52:54:00:14:00:02"))
+                        .expect("grant")
+                        .until
+                }
+            )]
+        );
+    }
+
+    fn no_dhcp() -> LeaseCheck {
+        LeaseCheck {
+            full_dhcp: false,
+            lease: None,
+        }
+    }
+
+    fn record(mac: MacAddr, token: &str, src: IpAddr) -> AgentRecord {
+        AgentRecord {
+            macs: vec![mac],
+            ips: vec![src],
+            hostname: None,
+            firmware: None,
+            agent_version: "t".into(),
+            token: Some(token.into()),
+            cert_fingerprint: format!("sha256:{}", "ab".repeat(32)),
+            port: 8000,
+            registered_at: unix_now(),
+            source: Some(src),
+        }
     }
 }

@@ -905,18 +905,87 @@ async fn the_data_directory_is_0700_and_state_keys_and_leases_are_0600() {
     };
     assert_eq!(mode("data"), 0o700);
     assert_eq!(mode("data/tls"), 0o700);
-    let state = std::fs::read_to_string(dir.path().join("data/state.json")).expect("state");
-    assert!(
-        state.contains("agent-secret-token"),
-        "the state holds tokens"
-    );
+    // The registry lives in the database: it holds agents' tokens and boot
+    // nonces, and so do its write-ahead log and shared-memory files.
+    let db = rusqlite::Connection::open(dir.path().join("data/aula.db")).expect("db");
+    let token: String = db
+        .query_row("SELECT token FROM agents", [], |r| r.get(0))
+        .expect("agent row");
     assert_eq!(
-        mode("data/state.json"),
-        0o600,
-        "state.json holds agents' tokens"
+        token, "agent-secret-token-0123456789",
+        "the database holds tokens"
     );
+    for f in ["data/aula.db", "data/aula.db-wal", "data/aula.db-shm"] {
+        assert_eq!(mode(f), 0o600, "{f} holds agents' tokens");
+    }
+    assert!(!dir.path().join("data/state.json").exists());
     assert_eq!(mode("data/tls/server.key"), 0o600);
     assert_eq!(mode("data/tls/server.crt"), 0o600);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn an_upgraded_server_imports_the_old_state_json_into_its_database_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("data")).expect("mkdir");
+    // Written by the previous version's registry (see the fixture's test in
+    // src/state.rs): boot modes, sightings, a bound agent, an open window.
+    let old = include_str!("fixtures/state-trust.json");
+    std::fs::write(dir.path().join("data/state.json"), old).expect("state.json");
+    let t = start(dir.path(), Some(TOKEN)).await;
+    assert!(!dir.path().join("data/state.json").exists());
+    assert!(dir.path().join("data/state.json.migrated").exists());
+    let auth = format!("Bearer {TOKEN}");
+    let c = t
+        .api("GET", "/v1/clients", &[("Authorization", &auth)], None)
+        .await
+        .json();
+    let macs: Vec<&str> = c
+        .as_array()
+        .expect("clients")
+        .iter()
+        .filter_map(|x| x["mac"].as_str())
+        .collect();
+    assert_eq!(
+        macs,
+        [
+            "52:54:00:12:00:01",
+            "52:54:00:12:00:02",
+            "52:54:00:12:00:03",
+            "52:54:00:12:00:04"
+        ]
+    );
+    assert_eq!(c[0]["boot_mode"], "live", "pc01's pending one-shot: {c}");
+    assert_eq!(c[0]["boot"]["mode"], "local");
+    let a = t
+        .api("GET", "/v1/agents", &[("Authorization", &auth)], None)
+        .await
+        .json();
+    assert_eq!(a[0]["token"], "agent-token-of-pc02-0123456789", "{a}");
+    // The imported agent's token still authenticates it (IniciarSesion sets
+    // its own machine's boot mode).
+    let r = t
+        .api(
+            "PUT",
+            "/v1/clients/52:54:00:12:00:02/boot",
+            &[("Authorization", "Bearer agent-token-of-pc02-0123456789")],
+            Some(r#"{"mode":"local"}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    t.stop().await;
+    // Started again: no second import, the change made since is kept.
+    let t = start(dir.path(), Some(TOKEN)).await;
+    let c = t
+        .api(
+            "GET",
+            "/v1/clients/52:54:00:12:00:02",
+            &[("Authorization", &auth)],
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(c["boot"]["mode"], "local", "{c}");
     t.stop().await;
 }
 

@@ -1016,3 +1016,100 @@ fn the_one_shot_mode_and_the_registration_window_belong_to_the_leased_address() 
     );
     server.stop();
 }
+
+#[test]
+fn machines_seen_by_dhcp_are_offered_for_adoption_and_adopted_into_a_room() {
+    require_root!();
+    let net = NetPair::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = base_config(dir.path(), &format!("{FULL_DHCP}\n{}", http_api()));
+    net.cli_addr("10.213.0.50/16");
+    let server = ServerProc::start(
+        &net.srv,
+        dir.path(),
+        &cfg,
+        &["DHCP service started", "HTTP service started"],
+    );
+    // Two machines PXE-boot (a DISCOVER each, as their firmware sends);
+    // a third only asks for an address (not a netboot client).
+    let macs = [[2, 0, 0, 0, 0x50, 1], [2, 0, 0, 0, 0x50, 2]];
+    net.in_cli(move || {
+        let s = client_socket(68);
+        for (i, mac) in macs.into_iter().enumerate() {
+            let d = dhcp_msg(
+                mac,
+                MessageType::Discover,
+                0x7000 + i as u32,
+                pxe_opts(0, BIOS_VC, false),
+            );
+            exchange(&s, &d, broadcast67(), Duration::from_secs(3)).expect("OFFER");
+        }
+        let plain = dhcp_msg([2, 0, 0, 0, 0x50, 3], MessageType::Discover, 0x7010, vec![]);
+        exchange(&s, &plain, broadcast67(), Duration::from_secs(3)).expect("OFFER");
+    });
+    let get = |path: &str| {
+        let (code, body) = curl_api(&net, dir.path(), path, &[]);
+        assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice::<serde_json::Value>(&body).expect("json")
+    };
+    let post = |path: &str, body: serde_json::Value| {
+        let b = body.to_string();
+        let (code, out) = curl_api(
+            &net,
+            dir.path(),
+            path,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &b,
+            ],
+        );
+        assert!(
+            (200..300).contains(&code),
+            "{path}: {code} {}",
+            String::from_utf8_lossy(&out)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out).expect("json")
+    };
+    let unadopted = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("list")
+            .iter()
+            .map(|m| m["mac"].as_str().expect("mac").to_owned())
+            .collect()
+    };
+    let offered = unadopted(&get("/v1/machines/unadopted"));
+    assert!(
+        offered.contains(&"02:00:00:00:50:01".to_owned())
+            && offered.contains(&"02:00:00:00:50:02".to_owned()),
+        "the PXE clients are offered: {offered:?}"
+    );
+    assert!(
+        !offered.contains(&"02:00:00:00:50:03".to_owned()),
+        "a plain DHCP client is no machine to image: {offered:?}"
+    );
+    let room = post("/v1/rooms", serde_json::json!({"name": "Aula 9"}));
+    let room_id = room["id"].as_i64().expect("room id");
+    post(
+        "/v1/machines/adopt",
+        serde_json::json!({"macs": ["02:00:00:00:50:01"], "room_id": room_id, "name_prefix": "a9-pc"}),
+    );
+    let ms = get(&format!("/v1/machines?room={room_id}"));
+    assert_eq!(ms["total"], 1, "{ms}");
+    assert_eq!(ms["machines"][0]["mac"], "02:00:00:00:50:01", "{ms}");
+    assert_eq!(ms["machines"][0]["name"], "a9-pc01", "{ms}");
+    assert_eq!(ms["machines"][0]["room"], "Aula 9", "{ms}");
+    let offered = unadopted(&get("/v1/machines/unadopted"));
+    assert!(
+        !offered.contains(&"02:00:00:00:50:01".to_owned()),
+        "{offered:?}"
+    );
+    assert!(
+        offered.contains(&"02:00:00:00:50:02".to_owned()),
+        "{offered:?}"
+    );
+    server.stop();
+}

@@ -30,7 +30,7 @@ use hyper::{Method, StatusCode};
 use serde::Deserialize;
 
 use super::{error_json, json, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup};
-use crate::auth::{Auth, Principal};
+use crate::auth::{Auth, Denied, Principal};
 use crate::config::{BootMode, Config, DhcpMode};
 use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
@@ -73,7 +73,7 @@ pub enum ApiError {
 fn storage_message(e: &StateError) -> String {
     match e {
         StateError::Full(_) => e.to_string(),
-        StateError::Io(_) | StateError::Corrupt { .. } | StateError::Join(_) => {
+        StateError::Io(_) | StateError::Corrupt { .. } | StateError::Db(_) => {
             "storage error".into()
         }
     }
@@ -94,7 +94,7 @@ impl ApiError {
                 StatusCode::INSUFFICIENT_STORAGE
             }
             ApiError::Storage(
-                e @ (StateError::Io(_) | StateError::Corrupt { .. } | StateError::Join(_)),
+                e @ (StateError::Io(_) | StateError::Corrupt { .. } | StateError::Db(_)),
             ) => {
                 tracing::error!(error = %e, "API storage error");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -133,6 +133,15 @@ pub struct SetCapture {
     pub minutes: Option<u64>,
 }
 
+/// Where verified agent webhooks go besides the bounded list of recent
+/// events ([`crate::events`]): the deployment runner follows its
+/// machines' jobs by them.
+pub trait EventListener: Send + Sync {
+    /// An event the agent of `mac` signed with its registered token.
+    /// Must not block (the agent waits for the answer).
+    fn agent_event(&self, mac: MacAddr, event: &serde_json::Value);
+}
+
 /// The API route group.
 pub struct ApiRoutes {
     cfg: Arc<Config>,
@@ -140,6 +149,7 @@ pub struct ApiRoutes {
     dhcp: Option<DhcpService>,
     auth: Arc<Auth>,
     events: crate::events::EventSink,
+    listener: Option<Arc<dyn EventListener>>,
 }
 
 impl ApiRoutes {
@@ -159,34 +169,47 @@ impl ApiRoutes {
             ),
             cfg,
             auth,
+            listener: None,
         }
     }
 
-    /// The caller, or 401.
-    fn caller(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
-        if let Some(p) = self.auth.principal(req.headers()) {
-            return Ok(p);
-        }
-        if super::credential(req).is_none() {
-            Err(ApiError::Unauthorized(
+    /// Also hands every verified webhook to `listener`.
+    pub fn with_event_listener(mut self, listener: Arc<dyn EventListener>) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// The caller (a bearer credential, or an operator's session cookie
+    /// with its CSRF token on writes), or 401/403.
+    async fn caller(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
+        match self.auth.caller(req.headers(), req.method()).await {
+            Ok(c) => Ok(c.principal),
+            Err(Denied::Nothing) => Err(ApiError::Unauthorized(
                 "this route needs Authorization: Bearer <token>",
-            ))
-        } else if !self.auth.has_api_token() {
-            Err(ApiError::Unauthorized(
-                "unknown token (and no api_token is configured: admin calls are disabled)",
-            ))
-        } else {
-            Err(ApiError::Unauthorized("missing or wrong bearer token"))
+            )),
+            Err(Denied::BadCredential) if !self.auth.has_api_token() => {
+                Err(ApiError::Unauthorized(
+                    "unknown token (and no api_token is configured: admin calls are disabled)",
+                ))
+            }
+            Err(Denied::BadCredential) => {
+                Err(ApiError::Unauthorized("missing or wrong bearer token"))
+            }
+            Err(Denied::SessionEnded) => Err(ApiError::Unauthorized(
+                "the session has ended: sign in again",
+            )),
+            Err(Denied::NoUser) => Err(ApiError::Unauthorized("this user no longer exists")),
+            Err(Denied::Csrf) => Err(ApiError::Forbidden(Denied::Csrf.to_string())),
         }
     }
 
-    fn require(
+    async fn require(
         &self,
         req: &HttpRequest,
         allowed: impl Fn(&Principal) -> bool,
         what: &str,
     ) -> Result<Principal, ApiError> {
-        let p = self.caller(req)?;
+        let p = self.caller(req).await?;
         if allowed(&p) {
             Ok(p)
         } else {
@@ -224,6 +247,9 @@ impl ApiRoutes {
         ring::hmac::verify(&key, &bytes, &sig)
             .map_err(|_| ApiError::Unauthorized("bad signature"))?;
         self.events.push(mac, bytes)?;
+        if let Some(l) = &self.listener {
+            l.agent_event(mac, &v);
+        }
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "accepted": true }),
@@ -330,14 +356,15 @@ impl ApiRoutes {
                 }),
             )),
             (Method::GET, ["v1", "clients"]) => {
-                self.require(&req, read_lab, "read the machine list")?;
+                self.require(&req, read_lab, "read the machine list")
+                    .await?;
                 let list = self
                     .registry
                     .clients(self.cfg.boot.default_mode, |m| self.lease_of(m));
                 Ok(json(StatusCode::OK, &list))
             }
             (Method::GET, ["v1", "clients", mac]) => {
-                self.require(&req, read_lab, "read machines")?;
+                self.require(&req, read_lab, "read machines").await?;
                 let mac = parse_mac(mac)?;
                 let list = self
                     .registry
@@ -350,11 +377,13 @@ impl ApiRoutes {
             }
             (Method::PUT, ["v1", "clients", mac, "boot"]) => {
                 let mac = parse_mac(mac)?;
-                let who = self.require(
-                    &req,
-                    |p| p.can_set_boot(mac),
-                    "set this machine's boot mode",
-                )?;
+                let who = self
+                    .require(
+                        &req,
+                        |p| p.can_set_boot(mac),
+                        "set this machine's boot mode",
+                    )
+                    .await?;
                 let body: SetBoot = Self::body_json(req).await?;
                 let setting = self.registry.set_boot(mac, body.mode, body.once).await?;
                 tracing::info!(%mac, mode = %body.mode, once = body.once, by = %who.name(), "boot mode set");
@@ -368,7 +397,8 @@ impl ApiRoutes {
                 ))
             }
             (Method::DELETE, ["v1", "clients", mac, "boot"]) => {
-                self.require(&req, Principal::is_admin, "reset boot modes")?;
+                self.require(&req, Principal::is_admin, "reset boot modes")
+                    .await?;
                 let mac = parse_mac(mac)?;
                 self.registry.clear_boot(mac).await?;
                 Ok(json(
@@ -377,7 +407,8 @@ impl ApiRoutes {
                 ))
             }
             (Method::PUT, ["v1", "clients", mac, "capture"]) => {
-                self.require(&req, Principal::is_admin, "grant capture rights")?;
+                self.require(&req, Principal::is_admin, "grant capture rights")
+                    .await?;
                 let mac = parse_mac(mac)?;
                 let g: SetCapture = Self::body_json(req).await?;
                 aula_imager::manifest::validate_name(&g.image)
@@ -399,7 +430,8 @@ impl ApiRoutes {
                 ))
             }
             (Method::DELETE, ["v1", "clients", mac, "capture"]) => {
-                self.require(&req, Principal::is_admin, "withdraw capture rights")?;
+                self.require(&req, Principal::is_admin, "withdraw capture rights")
+                    .await?;
                 let mac = parse_mac(mac)?;
                 self.registry.revoke_capture(mac);
                 Ok(json(
@@ -408,7 +440,7 @@ impl ApiRoutes {
                 ))
             }
             (Method::GET, ["v1", "leases"]) => {
-                self.require(&req, read_lab, "read the leases")?;
+                self.require(&req, read_lab, "read the leases").await?;
                 let leases = self
                     .dhcp
                     .as_ref()
@@ -419,7 +451,7 @@ impl ApiRoutes {
             (Method::POST, ["v1", "agents", "register"]) => self.register(req, ctx).await,
             (Method::POST, ["v1", "agents", "events"]) => self.agent_event(req).await,
             (Method::GET, ["v1", "agents", mac, "events"]) => {
-                self.require(&req, read_lab, "read agents' events")?;
+                self.require(&req, read_lab, "read agents' events").await?;
                 let mac = parse_mac(mac)?;
                 Ok(super::response(
                     StatusCode::OK,
@@ -428,7 +460,7 @@ impl ApiRoutes {
                 ))
             }
             (Method::GET, ["v1", "agents"]) => {
-                let who = self.require(&req, read_lab, "read the agent list")?;
+                let who = self.require(&req, read_lab, "read the agent list").await?;
                 Ok(json(
                     StatusCode::OK,
                     &self.registry.agents(who.sees_agent_tokens()),

@@ -58,6 +58,13 @@ pub trait RouteGroup: Send + Sync + 'static {
     fn plain_http(&self) -> bool {
         false
     }
+    /// Whether a plain-HTTP `GET` of `path` (a page a person types into a
+    /// browser) is redirected to the same path over HTTPS instead of
+    /// refused. Default: refused.
+    fn redirect_plain_get(&self, path: &str) -> bool {
+        let _ = path;
+        false
+    }
 }
 
 /// Errors starting the HTTP service.
@@ -123,6 +130,8 @@ pub enum Serves {
     PlainOnly {
         /// Base URL of the HTTPS listener.
         https_url: String,
+        /// Its port (redirects keep the host the browser used).
+        https_port: u16,
     },
 }
 
@@ -223,10 +232,24 @@ async fn dispatch(
     let path = req.uri().path().to_owned();
     let group = groups.iter().find(|g| g.matches(&path));
     let resp = match (group, serves) {
-        (Some(g), Serves::PlainOnly { https_url }) if !g.plain_http() => error_json(
-            StatusCode::FORBIDDEN,
-            &format!("{path} is served over HTTPS only: {https_url}{path}"),
-        ),
+        (
+            Some(g),
+            Serves::PlainOnly {
+                https_url,
+                https_port,
+            },
+        ) if !g.plain_http() => {
+            let get = method == hyper::Method::GET || method == hyper::Method::HEAD;
+            match req.headers().get(hyper::header::HOST) {
+                Some(host) if get && g.redirect_plain_get(&path) => {
+                    https_redirect(host, *https_port, &path)
+                }
+                _ => error_json(
+                    StatusCode::FORBIDDEN,
+                    &format!("{path} is served over HTTPS only: {https_url}{path}"),
+                ),
+            }
+        }
         (Some(g), _) => g.handle(req, ctx).await,
         (None, _) => error_json(StatusCode::NOT_FOUND, "no such route"),
     };
@@ -236,4 +259,23 @@ async fn dispatch(
         "request completed"
     );
     resp
+}
+
+/// `308` to `path` on the HTTPS port of the host the client named.
+fn https_redirect(host: &HeaderValue, port: u16, path: &str) -> HttpResponse {
+    let host = host.to_str().unwrap_or("");
+    // `host`, `host:port`, `[v6]`, `[v6]:port`.
+    let name = match host.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let location = format!("https://{name}:{port}{path}");
+    match HeaderValue::from_str(&location) {
+        Ok(v) if !name.is_empty() && !name.contains(['/', '@', '?', '#', ' ']) => {
+            let mut r = response(StatusCode::PERMANENT_REDIRECT, "text/plain", "use HTTPS\n");
+            r.headers_mut().insert(hyper::header::LOCATION, v);
+            r
+        }
+        _ => error_json(StatusCode::BAD_REQUEST, "bad Host header"),
+    }
 }
