@@ -12,6 +12,7 @@
 //! * Agents' events ([`events`]): the default webhook sink, bounded.
 //! * IPv6 router advertisements ([`ra`]) so iPXE does not wait for one.
 //! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
+//! * Prometheus metrics at `GET /metrics` ([`metrics`]).
 //!
 //! Embedding:
 //!
@@ -33,6 +34,7 @@ pub mod dhcp;
 pub mod events;
 pub mod http;
 pub mod mac;
+pub mod metrics;
 pub mod netutil;
 pub mod persist;
 pub mod ra;

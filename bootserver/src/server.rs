@@ -90,6 +90,8 @@ pub struct Server {
     pub registry: Arc<Registry>,
     /// The boot interface, if one was needed.
     pub interface: Option<String>,
+    cfg: Arc<Config>,
+    auth: Arc<Auth>,
 }
 
 impl Server {
@@ -103,55 +105,14 @@ impl Server {
         let cfg = Arc::new(cfg);
         let data_dir = cfg.server.data_dir.clone();
         crate::persist::private_dir(&data_dir).map_err(ServerError::DataDir)?;
-        let token = read_secret(
-            cfg.http.api_token.as_ref(),
-            cfg.http.api_token_file.as_ref(),
-            "http.api_token_file",
-        )?;
-        let viewer = read_secret(
-            cfg.http.viewer_token.as_ref(),
-            cfg.http.viewer_token_file.as_ref(),
-            "http.viewer_token_file",
-        )?;
-        for (key, inline, t) in [
-            ("http.api_token_file", &cfg.http.api_token, &token),
-            ("http.viewer_token_file", &cfg.http.viewer_token, &viewer),
-        ] {
-            if inline.is_none() && t.as_ref().is_some_and(|t| t.len() < 16) {
-                return Err(ServerError::Config(crate::config::ConfigError::Invalid {
-                    key: key.into(),
-                    message: "token must be at least 16 characters".into(),
-                }));
-            }
-        }
-        if cfg.http.enabled && token.is_none() {
+        let secrets = read_secrets(&cfg)?;
+        if cfg.http.enabled && secrets.api.is_none() {
             tracing::warn!("no http.api_token configured: API writes (boot modes) are refused");
-        }
-        let repo_write = if cfg.repository.enabled {
-            read_secret(
-                cfg.repository.write_token.as_ref(),
-                cfg.repository.write_token_file.as_ref(),
-                "repository.write_token_file",
-            )?
-            .filter(|t| !t.is_empty())
-        } else {
-            None
-        };
-        let secrets = Secrets {
-            api: token,
-            viewer,
-            repo_write,
-            repo_read: cfg.repository.read_token.clone(),
-        };
-        if let Some((a, b)) = secrets.duplicate() {
-            return Err(ServerError::Config(crate::config::ConfigError::Invalid {
-                key: b.into(),
-                message: format!("must differ from {a}: each token names one kind of caller"),
-            }));
         }
         let registry =
             Arc::new(Registry::load(&data_dir)?.with_max_machines(cfg.limits.max_machines));
         let auth = Arc::new(Auth::new(secrets, Some(registry.clone())));
+        let auth_handle = auth.clone();
         let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
         let interface = if needs_iface {
             match &cfg.server.interface {
@@ -208,7 +169,26 @@ impl Server {
             dhcp,
             registry,
             interface,
+            cfg,
+            auth: auth_handle,
         })
+    }
+
+    /// Applies what can change while running from `new` (a SIGHUP): the
+    /// API, viewer and repository write tokens (inline or re-read from
+    /// their files). Returns the settings that differ but take effect only
+    /// after a restart (sockets, pools, paths, TLS, limits, metrics access,
+    /// the repository read token). Nothing is applied when `new` is invalid.
+    pub fn reload(&self, new: &Config) -> Result<Vec<&'static str>, ServerError> {
+        new.validate()?;
+        let secrets = read_secrets(new)?;
+        self.auth.rotate(secrets).map_err(|(a, b)| {
+            ServerError::Config(crate::config::ConfigError::Invalid {
+                key: b.into(),
+                message: format!("must differ from {a}: each token names one kind of caller"),
+            })
+        })?;
+        Ok(restart_needed(&self.cfg, new))
     }
 
     async fn start_services(
@@ -301,6 +281,9 @@ impl Server {
                 tls_off: !cfg.http.tls.enabled,
             };
             let mut groups = extra_routes;
+            if cfg.metrics.enabled {
+                groups.push(metrics_routes(cfg, registry, &auth, tls.is_some())?);
+            }
             if cfg.repository.enabled {
                 groups.push(Arc::new(crate::repository::RepoRoutes(open_repository(
                     cfg, &auth,
@@ -398,6 +381,102 @@ fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
         .map(String::as_str)
 }
 
+/// Every token of the configuration, read from their files, checked to be
+/// long enough and to differ from each other.
+fn read_secrets(cfg: &Config) -> Result<Secrets, ServerError> {
+    let token = read_secret(
+        cfg.http.api_token.as_ref(),
+        cfg.http.api_token_file.as_ref(),
+        "http.api_token_file",
+    )?;
+    let viewer = read_secret(
+        cfg.http.viewer_token.as_ref(),
+        cfg.http.viewer_token_file.as_ref(),
+        "http.viewer_token_file",
+    )?;
+    for (key, inline, t) in [
+        ("http.api_token_file", &cfg.http.api_token, &token),
+        ("http.viewer_token_file", &cfg.http.viewer_token, &viewer),
+    ] {
+        if inline.is_none() && t.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+                key: key.into(),
+                message: "token must be at least 16 characters".into(),
+            }));
+        }
+    }
+    let repo_write = if cfg.repository.enabled {
+        read_secret(
+            cfg.repository.write_token.as_ref(),
+            cfg.repository.write_token_file.as_ref(),
+            "repository.write_token_file",
+        )?
+        .filter(|t| !t.is_empty())
+    } else {
+        None
+    };
+    let secrets = Secrets {
+        api: token,
+        viewer,
+        repo_write,
+        repo_read: cfg.repository.read_token.clone(),
+    };
+    if let Some((a, b)) = secrets.duplicate() {
+        return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+            key: b.into(),
+            message: format!("must differ from {a}: each token names one kind of caller"),
+        }));
+    }
+    Ok(secrets)
+}
+
+/// The sections of `new` that differ from `old` in more than what
+/// [`Server::reload`] applies.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn http_sans_tokens(c: &Config) -> String {
+        let mut h = c.http.clone();
+        h.api_token = None;
+        h.api_token_file = None;
+        h.viewer_token = None;
+        h.viewer_token_file = None;
+        format!("{h:?}")
+    }
+    fn repo_sans_write(c: &Config) -> String {
+        let mut r = c.repository.clone();
+        r.write_token = None;
+        r.write_token_file = None;
+        format!("{r:?}")
+    }
+    let mut v = Vec::new();
+    let mut diff = |name, a: String, b: String| {
+        if a != b {
+            v.push(name);
+        }
+    };
+    diff(
+        "server",
+        format!("{:?}", old.server),
+        format!("{:?}", new.server),
+    );
+    diff("dhcp", format!("{:?}", old.dhcp), format!("{:?}", new.dhcp));
+    diff("tftp", format!("{:?}", old.tftp), format!("{:?}", new.tftp));
+    diff("http", http_sans_tokens(old), http_sans_tokens(new));
+    diff("boot", format!("{:?}", old.boot), format!("{:?}", new.boot));
+    diff("ra", format!("{:?}", old.ra), format!("{:?}", new.ra));
+    diff("repository", repo_sans_write(old), repo_sans_write(new));
+    diff(
+        "limits",
+        format!("{:?}", old.limits),
+        format!("{:?}", new.limits),
+    );
+    diff(
+        "metrics",
+        format!("{:?}", old.metrics),
+        format!("{:?}", new.metrics),
+    );
+    v
+}
+
 /// A secret given inline, or else as the first line of a file (`key` names
 /// the file's setting in errors).
 fn read_secret(
@@ -417,6 +496,32 @@ fn read_secret(
         }
         (None, None) => Ok(None),
     }
+}
+
+/// The `/metrics` group; the registered-agents gauge reads `registry`.
+fn metrics_routes(
+    cfg: &Config,
+    registry: &Arc<Registry>,
+    auth: &Arc<Auth>,
+    tls_on: bool,
+) -> Result<Arc<dyn RouteGroup>, ServerError> {
+    let m = &cfg.metrics;
+    let token = read_secret(
+        m.token.as_ref(),
+        m.token_file.as_ref(),
+        "metrics.token_file",
+    )?
+    .filter(|t| !t.is_empty());
+    let reg = registry.clone();
+    crate::metrics::global().set_agents_source(Arc::new(move || {
+        i64::try_from(reg.agent_count()).unwrap_or(i64::MAX)
+    }));
+    Ok(Arc::new(crate::metrics::MetricsRoutes::new(
+        m,
+        token,
+        auth.clone(),
+        tls_on,
+    )?))
 }
 
 /// Opens the image repository described by `[repository]`; `auth` decides

@@ -373,6 +373,58 @@ fn mbr_512_with_logicals_reads_back_in_sfdisk_and_fdisk() {
     assert_eq!(back, written);
 }
 
+/// An extended partition reaching past 4 GiB: the EBRs of the logical
+/// partitions beyond 4 GiB land at their byte offsets (a 32-bit byte
+/// offset would wrap them into the first 4 GiB; mbrman 0.5 misplaces
+/// them so), and sfdisk, fdisk and our reader agree with what was written.
+#[test]
+fn mbr_ebrs_past_4_gib_are_written_where_they_belong() {
+    need("sfdisk");
+    need("fdisk");
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = make_file(dir.path(), "big.img", 8 * GIB);
+    let mut t = PartitionTable::new(TableKind::Mbr, 512);
+    t.disk_id = "0x0badcafe".into();
+    let p1 = part(1, MIB, GIB, "0x07");
+    let mut ext = part(2, GIB + MIB, 7 * GIB - 2 * MIB, "0x0f");
+    ext.extended = true;
+    let p5 = part(5, GIB + 2 * MIB, GIB, "0x83");
+    let p6 = part(6, 5 * GIB, GIB, "0x83");
+    let p7 = part(7, 6 * GIB + MIB, GIB, "0x0c");
+    t.partitions = vec![p1, ext, p5, p6, p7];
+    let dev = open_rw(&img, 512);
+    let written = table::write(&dev, &t).expect("write mbr");
+    drop(dev);
+    check_mbr_with_tools(&img, &written);
+    // The EBR of each logical partition sits in the sector(s) before it,
+    // inside the extended partition, with the 0x55AA signature.
+    let f = File::open(&img).expect("open");
+    for w in written.partitions.iter().filter(|p| p.number >= 6) {
+        let mut found = false;
+        let mut sig = [0u8; 2];
+        let mut at = w.start - 512;
+        while at > GIB + MIB && w.start - at <= MIB {
+            f.read_exact_at(&mut sig, at + 510).expect("read");
+            if sig == [0x55, 0xaa] {
+                found = true;
+                break;
+            }
+            at -= 512;
+        }
+        assert!(found, "no EBR below partition {} at {}", w.number, w.start);
+        assert!(
+            at > 4 * GIB,
+            "EBR of partition {} at {at}, not past 4 GiB",
+            w.number
+        );
+    }
+    let back = table::read(&Device::open_read(&img).expect("open"), Some(512))
+        .expect("read")
+        .expect("a table");
+    assert_eq!(back, written);
+}
+
 #[test]
 fn mbr_4k_with_logicals_reads_back_on_a_4k_loop_device() {
     need("sfdisk");

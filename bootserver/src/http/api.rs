@@ -224,6 +224,11 @@ impl ApiRoutes {
         ring::hmac::verify(&key, &bytes, &sig)
             .map_err(|_| ApiError::Unauthorized("bad signature"))?;
         self.events.push(mac, bytes)?;
+        if v["event"] == "state" {
+            if let Some(state) = v["state"].as_str() {
+                crate::metrics::global().job_state(state);
+            }
+        }
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "accepted": true }),
@@ -282,6 +287,11 @@ impl ApiRoutes {
                 lease,
             )
             .await?;
+        crate::metrics::global().registration(match &verdict {
+            Ok(Registered::New) => "new",
+            Ok(Registered::Repeat) => "repeat",
+            Err(_) => "refused",
+        });
         match verdict {
             Ok(how) => {
                 match how {
