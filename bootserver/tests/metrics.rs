@@ -31,11 +31,7 @@ fn sample(text: &str, series: &str) -> f64 {
 fn scrape(net: &NetPair) -> String {
     let (code, body) = curl(
         net,
-        &[
-            "--interface",
-            SCRAPER,
-            &format!("http://10.213.0.1:8080/metrics"),
-        ],
+        &["--interface", SCRAPER, "http://10.213.0.1:8080/metrics"],
     );
     let text = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(code, 200, "allow-listed scrape refused: {text}");

@@ -374,9 +374,10 @@ fn mbr_512_with_logicals_reads_back_in_sfdisk_and_fdisk() {
 }
 
 /// An extended partition reaching past 4 GiB: the EBRs of the logical
-/// partitions beyond 4 GiB land at their byte offsets (a 32-bit byte
-/// offset would wrap them into the first 4 GiB; mbrman 0.5 misplaces
-/// them so), and sfdisk, fdisk and our reader agree with what was written.
+/// partitions there land at their byte offsets (a 32-bit byte offset would
+/// wrap them into the first 4 GiB; mbrman 0.5 misplaces them so). The EBR
+/// chain is followed from the extended partition's start, and sfdisk, fdisk
+/// and our reader agree with what was written.
 #[test]
 fn mbr_ebrs_past_4_gib_are_written_where_they_belong() {
     need("sfdisk");
@@ -390,35 +391,37 @@ fn mbr_ebrs_past_4_gib_are_written_where_they_belong() {
     let mut ext = part(2, GIB + MIB, 7 * GIB - 2 * MIB, "0x0f");
     ext.extended = true;
     let p5 = part(5, GIB + 2 * MIB, GIB, "0x83");
-    let p6 = part(6, 5 * GIB, GIB, "0x83");
-    let p7 = part(7, 6 * GIB + MIB, GIB, "0x0c");
+    let p6 = part(6, 4 * GIB + MIB, GIB - MIB, "0x83");
+    let p7 = part(7, 5 * GIB + MIB, GIB, "0x0c");
     t.partitions = vec![p1, ext, p5, p6, p7];
     let dev = open_rw(&img, 512);
     let written = table::write(&dev, &t).expect("write mbr");
     drop(dev);
     check_mbr_with_tools(&img, &written);
-    // The EBR of each logical partition sits in the sector(s) before it,
-    // inside the extended partition, with the 0x55AA signature.
+    // Follow the EBR chain by hand.
     let f = File::open(&img).expect("open");
-    for w in written.partitions.iter().filter(|p| p.number >= 6) {
-        let mut found = false;
-        let mut sig = [0u8; 2];
-        let mut at = w.start - 512;
-        while at > GIB + MIB && w.start - at <= MIB {
-            f.read_exact_at(&mut sig, at + 510).expect("read");
-            if sig == [0x55, 0xaa] {
-                found = true;
-                break;
-            }
-            at -= 512;
+    let ext_start = GIB + MIB;
+    let u32_at =
+        |b: &[u8], o: usize| u64::from(u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]));
+    let mut ebr = ext_start;
+    let mut ebrs = Vec::new();
+    let mut logicals = Vec::new();
+    for _ in 0..8 {
+        let mut sec = [0u8; 512];
+        f.read_exact_at(&mut sec, ebr).expect("read EBR");
+        assert_eq!(sec[510..], [0x55, 0xaa], "no EBR signature at byte {ebr}");
+        ebrs.push(ebr);
+        logicals.push(ebr + u32_at(&sec, 446 + 8) * 512);
+        if sec[462 + 4] == 0 {
+            break;
         }
-        assert!(found, "no EBR below partition {} at {}", w.number, w.start);
-        assert!(
-            at > 4 * GIB,
-            "EBR of partition {} at {at}, not past 4 GiB",
-            w.number
-        );
+        ebr = ext_start + u32_at(&sec, 462 + 8) * 512;
     }
+    assert_eq!(logicals, [GIB + 2 * MIB, 4 * GIB + MIB, 5 * GIB + MIB]);
+    assert!(
+        ebrs.iter().any(|e| *e > 4 * GIB),
+        "EBRs at {ebrs:?}: the chain never goes past 4 GiB"
+    );
     let back = table::read(&Device::open_read(&img).expect("open"), Some(512))
         .expect("read")
         .expect("a table");
