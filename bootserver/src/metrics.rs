@@ -373,8 +373,9 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.5, 12))
 }
 
-/// `[metrics]`: who may read `GET /metrics`.
-#[derive(Debug, Clone, Deserialize)]
+/// `[metrics]`: who may read `GET /metrics` (the default, for a missing
+/// section: off).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Serve `/metrics` (on both listeners).
@@ -394,17 +395,6 @@ pub struct MetricsConfig {
 
 fn yes() -> bool {
     true
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            allow: Vec::new(),
-            token: None,
-            token_file: None,
-        }
-    }
 }
 
 impl MetricsConfig {
@@ -462,7 +452,11 @@ impl MetricsRoutes {
         })
     }
 
-    fn allowed(&self, req: &HttpRequest, ctx: RequestContext) -> Result<(), HttpResponse> {
+    fn allowed(
+        &self,
+        req: &HttpRequest,
+        ctx: RequestContext,
+    ) -> Result<(), (StatusCode, &'static str)> {
         let ip = match ctx.remote.ip() {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(v6) => v6.to_ipv4_mapped(),
@@ -471,13 +465,13 @@ impl MetricsRoutes {
             return Ok(());
         }
         let Some(cred) = crate::http::credential(req) else {
-            return Err(error_json(
+            return Err((
                 StatusCode::UNAUTHORIZED,
                 "metrics need a token or an allow-listed address ([metrics] allow)",
             ));
         };
         if self.tls_on && !ctx.secure {
-            return Err(error_json(
+            return Err((
                 StatusCode::FORBIDDEN,
                 "a metrics token is accepted over HTTPS only",
             ));
@@ -489,10 +483,7 @@ impl MetricsRoutes {
         if scrape || self.auth.identify(cred).is_some_and(|p| p.can_read_lab()) {
             Ok(())
         } else {
-            Err(error_json(
-                StatusCode::FORBIDDEN,
-                "this token may not read metrics",
-            ))
+            Err((StatusCode::FORBIDDEN, "this token may not read metrics"))
         }
     }
 }
@@ -517,8 +508,8 @@ impl RouteGroup for MetricsRoutes {
             if req.method() != Method::GET && req.method() != Method::HEAD {
                 return error_json(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics");
             }
-            if let Err(r) = self.allowed(&req, ctx) {
-                return r;
+            if let Err((status, why)) = self.allowed(&req, ctx) {
+                return error_json(status, why);
             }
             match global().encode() {
                 Ok(text) => {
