@@ -309,18 +309,19 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Turns credentials into principals.
 pub struct Auth {
-    secrets: Secrets,
+    secrets: std::sync::RwLock<Secrets>,
     registry: Option<Arc<Registry>>,
     sessions: Option<Arc<dyn SessionStore>>,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.secrets();
         f.debug_struct("Auth")
-            .field("api", &self.secrets.api.is_some())
-            .field("viewer", &self.secrets.viewer.is_some())
-            .field("repo_write", &self.secrets.repo_write.is_some())
-            .field("repo_read", &self.secrets.repo_read.is_some())
+            .field("api", &s.api.is_some())
+            .field("viewer", &s.viewer.is_some())
+            .field("repo_write", &s.repo_write.is_some())
+            .field("repo_read", &s.repo_read.is_some())
             .finish()
     }
 }
@@ -336,7 +337,7 @@ impl Auth {
     /// configured secrets are known.
     pub fn new(secrets: Secrets, registry: Option<Arc<Registry>>) -> Auth {
         Auth {
-            secrets,
+            secrets: std::sync::RwLock::new(secrets),
             registry,
             sessions: None,
         }
@@ -348,35 +349,60 @@ impl Auth {
         self
     }
 
+    fn secrets(&self) -> std::sync::RwLockReadGuard<'_, Secrets> {
+        self.secrets.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the API, viewer and repository write secrets (a reload,
+    /// SIGHUP): callers holding the old ones are refused from now on. The
+    /// repository's read token is not rotated (the repository service and
+    /// registered agents hold it; it needs a restart). Refused when two
+    /// secrets would be equal.
+    pub fn rotate(&self, new: Secrets) -> Result<(), (&'static str, &'static str)> {
+        let mut g = self.secrets.write().unwrap_or_else(|p| p.into_inner());
+        let next = Secrets {
+            repo_read: g.repo_read.clone(),
+            ..new
+        };
+        if let Some(d) = next.duplicate() {
+            return Err(d);
+        }
+        *g = next;
+        Ok(())
+    }
+
     /// Whether an API token is configured (without one, admin calls are
     /// refused outright).
     pub fn has_api_token(&self) -> bool {
-        self.secrets.api.is_some()
+        self.secrets().api.is_some()
     }
 
     /// Whether repository reads need a token.
     pub fn repo_reads_need_token(&self) -> bool {
-        self.secrets.repo_read.is_some()
+        self.secrets().repo_read.is_some()
     }
 
     /// The repository's read token (handed to registered agents).
-    pub fn repo_read_token(&self) -> Option<&str> {
-        self.secrets.repo_read.as_deref()
+    pub fn repo_read_token(&self) -> Option<String> {
+        self.secrets().repo_read.clone()
     }
 
     /// The principal `credential` names, if any.
     pub fn identify(&self, credential: &str) -> Option<Principal> {
-        if eq(credential, &self.secrets.api) {
-            return Some(Principal::Admin);
-        }
-        if eq(credential, &self.secrets.viewer) {
-            return Some(Principal::Viewer);
-        }
-        if eq(credential, &self.secrets.repo_write) {
-            return Some(Principal::RepoWriter);
-        }
-        if eq(credential, &self.secrets.repo_read) {
-            return Some(Principal::RepoReader);
+        {
+            let s = self.secrets();
+            if eq(credential, &s.api) {
+                return Some(Principal::Admin);
+            }
+            if eq(credential, &s.viewer) {
+                return Some(Principal::Viewer);
+            }
+            if eq(credential, &s.repo_write) {
+                return Some(Principal::RepoWriter);
+            }
+            if eq(credential, &s.repo_read) {
+                return Some(Principal::RepoReader);
+            }
         }
         let reg = self.registry.as_ref()?;
         if let Some(mac) = reg.agent_of_token(credential) {

@@ -75,6 +75,9 @@ pub struct Config {
     /// How much state the server keeps at most.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Who may read `GET /metrics` (off when the section is missing).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// `[console]`: rooms, machines, deployments, operators and the web console.
@@ -796,7 +799,7 @@ fn default_kernel() -> PathBuf {
     PathBuf::from("/srv/aula/live/vmlinuz")
 }
 fn default_initrd() -> PathBuf {
-    PathBuf::from("/srv/aula/live/initrd.gz")
+    PathBuf::from("/srv/aula/live/initrd.img")
 }
 fn default_registration_window() -> u64 {
     600
@@ -947,6 +950,7 @@ impl Config {
         }
         self.validate_dhcp()?;
         self.validate_console()?;
+        self.metrics.validate()?;
         let t = &self.tftp;
         if !(8..=65464).contains(&t.max_blksize) {
             return Err(invalid("tftp.max_blksize", "must be 8..=65464 (RFC 2348)"));

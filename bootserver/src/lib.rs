@@ -14,6 +14,7 @@
 //! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
 //! * The lab console ([`console`]): rooms, machines, deployments ([`deploy`]),
 //!   operators and the web pages at `/`, with its state in SQLite ([`db`]).
+//! * Prometheus metrics at `GET /metrics` ([`metrics`]).
 //!
 //! Embedding:
 //!
@@ -38,6 +39,7 @@ pub mod dhcp;
 pub mod events;
 pub mod http;
 pub mod mac;
+pub mod metrics;
 pub mod netutil;
 pub mod persist;
 pub mod ra;

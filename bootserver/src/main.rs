@@ -185,14 +185,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("starting aula-bootserver")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; tracing::info!("SIGINT: shutting down"); }
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; tracing::info!("SIGINT: shutting down"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = hup.recv() => reload(&cli, &server),
+        }
     }
     server.shutdown();
     server.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: re-reads the configuration and applies what can change while
+/// running (tokens, see [`Server::reload`]); logs what needs a restart.
+/// An invalid file changes nothing.
+fn reload(cli: &Cli, server: &Server) {
+    let applied = load(cli).and_then(|cfg| Ok(server.reload(&cfg)?));
+    match applied {
+        Ok(restart) if restart.is_empty() => {
+            tracing::info!("SIGHUP: configuration reloaded (tokens)")
+        }
+        Ok(restart) => tracing::warn!(
+            sections = ?restart,
+            "SIGHUP: tokens reloaded; changes in these sections take effect after a restart"
+        ),
+        Err(e) => tracing::error!("SIGHUP: configuration not reloaded, nothing changed: {e:#}"),
+    }
 }
 
 fn main() -> ExitCode {

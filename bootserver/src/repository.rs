@@ -715,6 +715,9 @@ impl RepoService {
                 return r;
             }
         };
+        if req.method() != Method::HEAD {
+            crate::metrics::global().chunk_served(count);
+        }
         let body: Body = if req.method() == Method::HEAD {
             Full::new(Bytes::new())
                 .map_err(|e: Infallible| match e {})
@@ -770,10 +773,11 @@ impl RepoService {
             let svc = self.clone();
             match self.blocking(move || svc.refresh_chunk(&id)).await {
                 Ok(Ok(true)) => {
+                    crate::metrics::global().chunk_upload("present", false);
                     return json(
                         StatusCode::OK,
                         &serde_json::json!({ "id": id, "stored": false }),
-                    )
+                    );
                 }
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {
@@ -816,12 +820,17 @@ impl RepoService {
                 repo.put_chunk_durable(&id, &body)
             })
             .await;
+        let m = crate::metrics::global();
         match res {
-            Ok(Ok(stored)) => json(
-                StatusCode::CREATED,
-                &serde_json::json!({ "id": id, "stored": stored }),
-            ),
+            Ok(Ok(stored)) => {
+                m.chunk_upload(if stored { "stored" } else { "present" }, false);
+                json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({ "id": id, "stored": stored }),
+                )
+            }
             Ok(Err(e @ aula_imager::Error::ChunkCorrupt { .. })) => {
+                m.chunk_upload("refused", true);
                 error(StatusCode::BAD_REQUEST, &e.to_string())
             }
             Ok(Err(e)) => failure(&format!("storing chunk {id}"), &e),

@@ -105,6 +105,8 @@ pub struct Server {
     pub interface: Option<String>,
     /// The deployment service (rooms, deployments, console), if it runs.
     pub deployments: Option<Arc<crate::deploy::DeployService>>,
+    cfg: Arc<Config>,
+    auth: Arc<Auth>,
 }
 
 impl Server {
@@ -118,51 +120,9 @@ impl Server {
         let cfg = Arc::new(cfg);
         let data_dir = cfg.server.data_dir.clone();
         crate::persist::private_dir(&data_dir).map_err(ServerError::DataDir)?;
-        let token = read_secret(
-            cfg.http.api_token.as_ref(),
-            cfg.http.api_token_file.as_ref(),
-            "http.api_token_file",
-        )?;
-        let viewer = read_secret(
-            cfg.http.viewer_token.as_ref(),
-            cfg.http.viewer_token_file.as_ref(),
-            "http.viewer_token_file",
-        )?;
-        for (key, inline, t) in [
-            ("http.api_token_file", &cfg.http.api_token, &token),
-            ("http.viewer_token_file", &cfg.http.viewer_token, &viewer),
-        ] {
-            if inline.is_none() && t.as_ref().is_some_and(|t| t.len() < 16) {
-                return Err(ServerError::Config(crate::config::ConfigError::Invalid {
-                    key: key.into(),
-                    message: "token must be at least 16 characters".into(),
-                }));
-            }
-        }
-        if cfg.http.enabled && token.is_none() {
+        let secrets = read_secrets(&cfg)?;
+        if cfg.http.enabled && secrets.api.is_none() {
             tracing::warn!("no http.api_token configured: API writes (boot modes) are refused");
-        }
-        let repo_write = if cfg.repository.enabled {
-            read_secret(
-                cfg.repository.write_token.as_ref(),
-                cfg.repository.write_token_file.as_ref(),
-                "repository.write_token_file",
-            )?
-            .filter(|t| !t.is_empty())
-        } else {
-            None
-        };
-        let secrets = Secrets {
-            api: token,
-            viewer,
-            repo_write,
-            repo_read: cfg.repository.read_token.clone(),
-        };
-        if let Some((a, b)) = secrets.duplicate() {
-            return Err(ServerError::Config(crate::config::ConfigError::Invalid {
-                key: b.into(),
-                message: format!("must differ from {a}: each token names one kind of caller"),
-            }));
         }
         // One database for the registry and the console (blocking: opens,
         // migrates, imports an old state.json, reads the registry's rows).
@@ -194,6 +154,7 @@ impl Server {
             )));
         }
         let auth = Arc::new(auth);
+        let auth_handle = auth.clone();
         let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
         let interface = if needs_iface {
             match &cfg.server.interface {
@@ -252,7 +213,26 @@ impl Server {
             registry,
             interface,
             deployments,
+            cfg,
+            auth: auth_handle,
         })
+    }
+
+    /// Applies what can change while running from `new` (a SIGHUP): the
+    /// API, viewer and repository write tokens (inline or re-read from
+    /// their files). Returns the settings that differ but take effect only
+    /// after a restart (sockets, pools, paths, TLS, limits, metrics access,
+    /// the repository read token). Nothing is applied when `new` is invalid.
+    pub fn reload(&self, new: &Config) -> Result<Vec<&'static str>, ServerError> {
+        new.validate()?;
+        let secrets = read_secrets(new)?;
+        self.auth.rotate(secrets).map_err(|(a, b)| {
+            ServerError::Config(crate::config::ConfigError::Invalid {
+                key: b.into(),
+                message: format!("must differ from {a}: each token names one kind of caller"),
+            })
+        })?;
+        Ok(restart_needed(&self.cfg, new))
     }
 
     async fn start_services(
@@ -352,6 +332,9 @@ impl Server {
                 None
             };
             let mut groups = extra_routes;
+            if cfg.metrics.enabled {
+                groups.push(metrics_routes(cfg, registry, &auth, tls.is_some())?);
+            }
             if let Some(users) = users {
                 let db = registry.db().clone();
                 let svc = crate::deploy::DeployService::start(
@@ -364,6 +347,7 @@ impl Server {
                     tracker,
                 );
                 deployments = Some(svc.clone());
+                deployment_gauge(&svc);
                 let console = crate::console::Console {
                     svc,
                     users,
@@ -470,6 +454,102 @@ fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
         .map(String::as_str)
 }
 
+/// Every token of the configuration, read from their files, checked to be
+/// long enough and to differ from each other.
+fn read_secrets(cfg: &Config) -> Result<Secrets, ServerError> {
+    let token = read_secret(
+        cfg.http.api_token.as_ref(),
+        cfg.http.api_token_file.as_ref(),
+        "http.api_token_file",
+    )?;
+    let viewer = read_secret(
+        cfg.http.viewer_token.as_ref(),
+        cfg.http.viewer_token_file.as_ref(),
+        "http.viewer_token_file",
+    )?;
+    for (key, inline, t) in [
+        ("http.api_token_file", &cfg.http.api_token, &token),
+        ("http.viewer_token_file", &cfg.http.viewer_token, &viewer),
+    ] {
+        if inline.is_none() && t.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+                key: key.into(),
+                message: "token must be at least 16 characters".into(),
+            }));
+        }
+    }
+    let repo_write = if cfg.repository.enabled {
+        read_secret(
+            cfg.repository.write_token.as_ref(),
+            cfg.repository.write_token_file.as_ref(),
+            "repository.write_token_file",
+        )?
+        .filter(|t| !t.is_empty())
+    } else {
+        None
+    };
+    let secrets = Secrets {
+        api: token,
+        viewer,
+        repo_write,
+        repo_read: cfg.repository.read_token.clone(),
+    };
+    if let Some((a, b)) = secrets.duplicate() {
+        return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+            key: b.into(),
+            message: format!("must differ from {a}: each token names one kind of caller"),
+        }));
+    }
+    Ok(secrets)
+}
+
+/// The sections of `new` that differ from `old` in more than what
+/// [`Server::reload`] applies.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn http_sans_tokens(c: &Config) -> String {
+        let mut h = c.http.clone();
+        h.api_token = None;
+        h.api_token_file = None;
+        h.viewer_token = None;
+        h.viewer_token_file = None;
+        format!("{h:?}")
+    }
+    fn repo_sans_write(c: &Config) -> String {
+        let mut r = c.repository.clone();
+        r.write_token = None;
+        r.write_token_file = None;
+        format!("{r:?}")
+    }
+    let mut v = Vec::new();
+    let mut diff = |name, a: String, b: String| {
+        if a != b {
+            v.push(name);
+        }
+    };
+    diff(
+        "server",
+        format!("{:?}", old.server),
+        format!("{:?}", new.server),
+    );
+    diff("dhcp", format!("{:?}", old.dhcp), format!("{:?}", new.dhcp));
+    diff("tftp", format!("{:?}", old.tftp), format!("{:?}", new.tftp));
+    diff("http", http_sans_tokens(old), http_sans_tokens(new));
+    diff("boot", format!("{:?}", old.boot), format!("{:?}", new.boot));
+    diff("ra", format!("{:?}", old.ra), format!("{:?}", new.ra));
+    diff("repository", repo_sans_write(old), repo_sans_write(new));
+    diff(
+        "limits",
+        format!("{:?}", old.limits),
+        format!("{:?}", new.limits),
+    );
+    diff(
+        "metrics",
+        format!("{:?}", old.metrics),
+        format!("{:?}", new.metrics),
+    );
+    v
+}
+
 /// A secret given inline, or else as the first line of a file (`key` names
 /// the file's setting in errors).
 fn read_secret(
@@ -489,6 +569,32 @@ fn read_secret(
         }
         (None, None) => Ok(None),
     }
+}
+
+/// The `/metrics` group; the registered-agents gauge reads `registry`.
+fn metrics_routes(
+    cfg: &Config,
+    registry: &Arc<Registry>,
+    auth: &Arc<Auth>,
+    tls_on: bool,
+) -> Result<Arc<dyn RouteGroup>, ServerError> {
+    let m = &cfg.metrics;
+    let token = read_secret(
+        m.token.as_ref(),
+        m.token_file.as_ref(),
+        "metrics.token_file",
+    )?
+    .filter(|t| !t.is_empty());
+    let reg = registry.clone();
+    crate::metrics::global().set_agents_source(Arc::new(move || {
+        i64::try_from(reg.agent_count()).unwrap_or(i64::MAX)
+    }));
+    Ok(Arc::new(crate::metrics::MetricsRoutes::new(
+        m,
+        token,
+        auth.clone(),
+        tls_on,
+    )?))
 }
 
 /// Opens the image repository described by `[repository]`; `auth` decides
@@ -514,4 +620,28 @@ fn open_repository(
     }
     tracing::info!(root = %svc.repo().root().display(), "image repository");
     Ok(Arc::new(svc))
+}
+
+/// `aula_deployment_machines{state=…}`: machines in active deployments by
+/// phase, read from what the runner last published (every phase listed, so
+/// the series set is fixed and bounded).
+fn deployment_gauge(svc: &Arc<crate::deploy::DeployService>) {
+    let weak = Arc::downgrade(svc);
+    crate::metrics::global().add_state_gauge(
+        "deployment_machines",
+        "Machines in active deployments, by state",
+        Arc::new(move || {
+            let live = weak
+                .upgrade()
+                .map(|s| s.live_machines())
+                .unwrap_or_default();
+            crate::deploy::machine::Phase::ALL
+                .iter()
+                .map(|p| {
+                    let n = live.values().filter(|m| m.phase == *p).count();
+                    (p.as_str().to_owned(), i64::try_from(n).unwrap_or(i64::MAX))
+                })
+                .collect()
+        }),
+    );
 }

@@ -898,6 +898,11 @@ impl Registry {
             .map(|(m, _)| *m)
     }
 
+    /// How many agents are registered.
+    pub fn agent_count(&self) -> usize {
+        self.lock().agents.len()
+    }
+
     /// Registered agents, tokens removed unless `with_tokens`.
     pub fn agents(&self, with_tokens: bool) -> Vec<AgentRecord> {
         let g = self.lock();

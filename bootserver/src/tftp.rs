@@ -645,6 +645,7 @@ impl Shared {
                     OpenError::TooLarge | OpenError::Io(_) => ErrorCode::Undefined,
                 };
                 tracing::info!(%peer, file = %req.filename, error = %e, "TFTP request refused");
+                crate::metrics::global().tftp_refused();
                 let _ = sock.send(&error_packet(code, &e.to_string())).await;
                 return;
             }
@@ -663,6 +664,11 @@ impl Shared {
             _ = cancel.cancelled() => Err("server shutting down"),
             r = self.send_file(&sock, &req, &data, &mut admission) => r,
         };
+        match &result {
+            Ok(_) => crate::metrics::global().tftp_transfer(Some(data.len() as u64)),
+            Err(_) if admission.held.is_some() => crate::metrics::global().tftp_transfer(None),
+            Err(_) => {}
+        }
         match result {
             Ok(stats) => tracing::info!(
                 %peer, file = %req.filename, bytes = data.len(), blksize = stats.0, windowsize = stats.1,

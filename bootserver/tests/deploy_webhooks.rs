@@ -212,7 +212,7 @@ async fn a_webhook_reaches_the_console_within_a_second_and_polling_is_the_fallba
     let dir = tempfile::tempdir().expect("tempdir");
     let server = ServerProc::start(
         &dir.path().join("server"),
-        "[console]\nagent_gone_s = 30\nstall_timeout_s = 120\n",
+        "[console]\nagent_gone_s = 30\nstall_timeout_s = 120\n[metrics]\nallow = [\"127.0.0.1/32\"]\n",
     );
     let c = server.client();
     let src = ext4_image(dir.path(), 8, &[("a.txt", b"a".to_vec())]);
@@ -270,6 +270,14 @@ async fn a_webhook_reaches_the_console_within_a_second_and_polling_is_the_fallba
     let mut docs = follow(&server, id);
     until(&mut docs, "restoring", |(p, _)| p == "restoring").await;
     assert!(state.lock().expect("state").jobs.contains_key(&restore));
+    // The runner's phases are in /metrics too.
+    let (s, _, body) = c.raw(Method::GET, "/metrics", &[], None).await;
+    assert_eq!(s, 200, "metrics: {body}");
+    let text = body.as_str().unwrap_or_default();
+    assert!(
+        text.contains("aula_deployment_machines{state=\"restoring\"} 1"),
+        "no restoring machine in /metrics:\n{text}"
+    );
 
     // Progress by webhook: in the console within about a second, although
     // every poll says nothing is done.

@@ -373,6 +373,61 @@ fn mbr_512_with_logicals_reads_back_in_sfdisk_and_fdisk() {
     assert_eq!(back, written);
 }
 
+/// An extended partition reaching past 4 GiB: the EBRs of the logical
+/// partitions there land at their byte offsets (a 32-bit byte offset would
+/// wrap them into the first 4 GiB; mbrman 0.5 misplaces them so). The EBR
+/// chain is followed from the extended partition's start, and sfdisk, fdisk
+/// and our reader agree with what was written.
+#[test]
+fn mbr_ebrs_past_4_gib_are_written_where_they_belong() {
+    need("sfdisk");
+    need("fdisk");
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = make_file(dir.path(), "big.img", 8 * GIB);
+    let mut t = PartitionTable::new(TableKind::Mbr, 512);
+    t.disk_id = "0x0badcafe".into();
+    let p1 = part(1, MIB, GIB, "0x07");
+    let mut ext = part(2, GIB + MIB, 7 * GIB - 2 * MIB, "0x0f");
+    ext.extended = true;
+    let p5 = part(5, GIB + 2 * MIB, GIB, "0x83");
+    let p6 = part(6, 4 * GIB + MIB, GIB - MIB, "0x83");
+    let p7 = part(7, 5 * GIB + MIB, GIB, "0x0c");
+    t.partitions = vec![p1, ext, p5, p6, p7];
+    let dev = open_rw(&img, 512);
+    let written = table::write(&dev, &t).expect("write mbr");
+    drop(dev);
+    check_mbr_with_tools(&img, &written);
+    // Follow the EBR chain by hand.
+    let f = File::open(&img).expect("open");
+    let ext_start = GIB + MIB;
+    let u32_at =
+        |b: &[u8], o: usize| u64::from(u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]));
+    let mut ebr = ext_start;
+    let mut ebrs = Vec::new();
+    let mut logicals = Vec::new();
+    for _ in 0..8 {
+        let mut sec = [0u8; 512];
+        f.read_exact_at(&mut sec, ebr).expect("read EBR");
+        assert_eq!(sec[510..], [0x55, 0xaa], "no EBR signature at byte {ebr}");
+        ebrs.push(ebr);
+        logicals.push(ebr + u32_at(&sec, 446 + 8) * 512);
+        if sec[462 + 4] == 0 {
+            break;
+        }
+        ebr = ext_start + u32_at(&sec, 462 + 8) * 512;
+    }
+    assert_eq!(logicals, [GIB + 2 * MIB, 4 * GIB + MIB, 5 * GIB + MIB]);
+    assert!(
+        ebrs.iter().any(|e| *e > 4 * GIB),
+        "EBRs at {ebrs:?}: the chain never goes past 4 GiB"
+    );
+    let back = table::read(&Device::open_read(&img).expect("open"), Some(512))
+        .expect("read")
+        .expect("a table");
+    assert_eq!(back, written);
+}
+
 #[test]
 fn mbr_4k_with_logicals_reads_back_on_a_4k_loop_device() {
     need("sfdisk");

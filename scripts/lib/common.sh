@@ -28,6 +28,16 @@ apt_need() {
   apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}" >/dev/null
 }
 
+# Install the Debian packages listed in scripts/deps/FILE (one a line, '#'
+# comments), saying first which ones the caller needs.
+apt_need_list() { # FILE
+  local f="$AULA_ROOT/scripts/deps/$1" pkgs
+  pkgs=$(grep -v '^[[:space:]]*#' "$f" | tr '\n' ' ')
+  log "$(basename "$0") needs Debian packages (scripts/deps/$1): $pkgs"
+  # shellcheck disable=SC2086 # one package a word
+  apt_need $pkgs
+}
+
 # Build the release binaries once.
 build_release() {
   log "building release binaries"

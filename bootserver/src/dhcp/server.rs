@@ -22,6 +22,7 @@ use super::leases::{LeaseChange, LeaseDb, RequestOutcome};
 use super::packet::{self, ReplyOptions, Request};
 use super::pxe::{self, ClientKind};
 use crate::config::{Config, DhcpMode};
+use crate::metrics::DhcpCounters;
 use crate::netutil;
 use crate::state::{unix_now, Registry};
 
@@ -70,6 +71,10 @@ struct Shared {
     journal: Option<Journal>,
     server: Ipv4Addr,
     base_url: String,
+    /// Counters per pool (same index as the lease database's pools).
+    pool_metrics: Vec<DhcpCounters>,
+    /// Counters of proxyDHCP answers.
+    proxy_metrics: DhcpCounters,
 }
 
 /// What to do with a request.
@@ -150,8 +155,16 @@ pub fn start(
     } else {
         None
     };
+    let m = crate::metrics::global();
+    let pool_metrics = db
+        .pools()
+        .iter()
+        .map(|p| m.dhcp_counters(&format!("{}/{}", p.net.addr, p.net.prefix)))
+        .collect();
     let leases = Arc::new(Mutex::new(db));
     let shared = Arc::new(Shared {
+        pool_metrics,
+        proxy_metrics: m.dhcp_counters("proxy"),
         base_url: cfg.public_url(),
         server: cfg.server.address,
         cfg: cfg.clone(),
@@ -330,6 +343,12 @@ impl Shared {
         src: SocketAddr,
         out: &mut Vec<u8>,
     ) -> Action {
+        let m = &self.proxy_metrics;
+        if req.msg_type == MessageType::Discover {
+            m.discover.inc();
+        } else if req.msg_type == MessageType::Request {
+            m.request.inc();
+        }
         let (reply_type, dest) = match (on_pxe_port, req.msg_type) {
             (false, MessageType::Discover) => (MessageType::Offer, self.dest(req, false)),
             (true, MessageType::Request | MessageType::Inform) => {
@@ -363,6 +382,11 @@ impl Shared {
             ..Default::default()
         };
         if self.encode(req, reply_type, Ipv4Addr::UNSPECIFIED, &opts, out) {
+            if reply_type == MessageType::Offer {
+                m.offer.inc();
+            } else {
+                m.ack.inc();
+            }
             Action::Send(dest)
         } else {
             Action::None
@@ -382,8 +406,12 @@ impl Shared {
             return Action::None;
         };
         let ours = |sid: Option<Ipv4Addr>| sid.is_none_or(|s| s == self.server);
+        let Some(m) = self.pool_metrics.get(pool) else {
+            return Action::None;
+        };
         match req.msg_type {
             MessageType::Discover => {
+                m.discover.inc();
                 let Some(ip) = db.offer(pool, req.mac, req.requested_ip, now) else {
                     tracing::warn!(mac = %req.mac, "address pool exhausted");
                     return Action::None;
@@ -391,12 +419,14 @@ impl Shared {
                 let opts = self.lease_options(&db, pool, req, kind, true);
                 drop(db);
                 if self.encode(req, MessageType::Offer, ip, &opts, out) {
+                    m.offer.inc();
                     Action::Send(self.dest(req, false))
                 } else {
                     Action::None
                 }
             }
             MessageType::Request => {
+                m.request.inc();
                 let ip = if let Some(sid) = req.server_id {
                     if sid != self.server {
                         db.forget_offer(req.mac);
@@ -422,6 +452,7 @@ impl Shared {
                             self.registry.note_dhcp(req.mac, None, Some(ip), None);
                         }
                         if self.encode(req, MessageType::Ack, ip, &opts, out) {
+                            m.ack.inc();
                             Action::Defer(change, self.dest(req, false))
                         } else {
                             Action::None
@@ -435,6 +466,7 @@ impl Shared {
                             ..Default::default()
                         };
                         if self.encode(req, MessageType::Nak, Ipv4Addr::UNSPECIFIED, &opts, out) {
+                            m.nak.inc();
                             Action::Send(self.dest(req, true))
                         } else {
                             Action::None
@@ -472,6 +504,7 @@ impl Shared {
                     return Action::None;
                 }
                 if self.encode(req, MessageType::Ack, Ipv4Addr::UNSPECIFIED, &opts, out) {
+                    m.ack.inc();
                     Action::Send(self.dest(req, false))
                 } else {
                     Action::None

@@ -250,6 +250,11 @@ impl ApiRoutes {
         if let Some(l) = &self.listener {
             l.agent_event(mac, &v);
         }
+        if v["event"] == "state" {
+            if let Some(state) = v["state"].as_str() {
+                crate::metrics::global().job_state(state);
+            }
+        }
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "accepted": true }),
@@ -308,6 +313,11 @@ impl ApiRoutes {
                 lease,
             )
             .await?;
+        crate::metrics::global().registration(match &verdict {
+            Ok(Registered::New) => "new",
+            Ok(Registered::Repeat) => "repeat",
+            Err(_) => "refused",
+        });
         match verdict {
             Ok(how) => {
                 match how {

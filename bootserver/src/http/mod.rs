@@ -253,6 +253,8 @@ async fn dispatch(
         (Some(g), _) => g.handle(req, ctx).await,
         (None, _) => error_json(StatusCode::NOT_FOUND, "no such route"),
     };
+    let group_name = group.map(|g| g.name()).unwrap_or("none");
+    crate::metrics::global().http_request(group_name, resp.status().as_u16(), started.elapsed());
     tracing::info!(
         remote = %ctx.remote, secure = ctx.secure, %method, %path, group = group.map(|g| g.name()).unwrap_or("-"),
         response_code = resp.status().as_u16(), latency_us = started.elapsed().as_micros() as u64,
