@@ -154,6 +154,32 @@ pub struct Manifest {
     /// Free-form notes (source description, creator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Where an imported image came from (absent for images made by
+    /// `create`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where an imported image came from: the other tool's format and files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// The store layout: `opengnsys`, `clonezilla`, `fog` or `partclone`
+    /// (a bare partclone image file or stream).
+    pub tool: String,
+    /// What was read, as given to `import` (a path or URL).
+    pub source: String,
+    /// The stream format, e.g. `partclone 0.3.23 EXTFS, lzop`.
+    pub format: String,
+    /// The files (or URL) the image was read from, in stream order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// The source's own checks that passed while reading (`partclone
+    /// CRC32`, `opengnsys .img.full.sum`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verified: Vec<String>,
+    /// When it was imported, RFC 3339 UTC.
+    pub imported: String,
 }
 
 impl Manifest {
@@ -197,6 +223,7 @@ impl Manifest {
             table: None,
             partitions: vec![],
             description: None,
+            origin: None,
         }
     }
 
