@@ -236,7 +236,7 @@ pub(crate) fn cmd_import(source: &str, a: ImportArgs, out: &Output, net: &NetOpt
 pub(crate) fn refuse_legacy_source(source: &Path) -> Result<()> {
     if let Some(kind) = import::legacy_kind(source) {
         bail!(usage(format!(
-            "{} is {kind}: imaging it raw would store the compressed file, not the filesystem; convert it with `aula-imager import {} --repo REPO --name NAME`",
+            "{} is {kind}: `create` images filesystems and disks, it would store this one as opaque bytes; convert it with `aula-imager import {} --repo REPO --name NAME`",
             source.display(),
             source.display()
         )));

@@ -91,6 +91,21 @@ pub fn split_parts(first: &Path) -> Result<Vec<PathBuf>, ImportError> {
     Ok(out)
 }
 
+/// The name the split part after `last` would have (`x.ab` after
+/// `x.aa`), when `last` is named as a split part.
+pub fn next_part_name(last: &Path) -> Option<PathBuf> {
+    let name = last.file_name()?.to_string_lossy().into_owned();
+    let (stem, suf) = split_suffix(&name)?;
+    let digits = suf.bytes().all(|b| b.is_ascii_digit());
+    let base: u64 = if digits { 10 } else { 26 };
+    let mut k = 0u64;
+    for b in suf.bytes() {
+        k = k * base + u64::from(if digits { b - b'0' } else { b - b'a' });
+    }
+    let next = nth_suffix(suf, suf.len(), k + 1)?;
+    Some(last.with_file_name(format!("{stem}.{next}")))
+}
+
 /// Which file a [`PartsReader`] is in, shared with whoever reports errors.
 #[derive(Debug, Clone, Default)]
 pub struct Position(Arc<Mutex<(usize, String)>>);
@@ -222,6 +237,14 @@ mod tests {
         assert!(split_suffix("sda1.ext4-ptcl-img.gz.aa").is_some());
         assert!(split_suffix("d1p1.img.000").is_some());
         assert!(split_suffix("noext").is_none());
+        assert_eq!(
+            next_part_name(Path::new("/i/x.gz.az")),
+            Some(PathBuf::from("/i/x.gz.ba"))
+        );
+        assert_eq!(
+            next_part_name(Path::new("d1p1.img.009")),
+            Some(PathBuf::from("d1p1.img.010"))
+        );
     }
 
     #[test]

@@ -414,17 +414,19 @@ fn truncation_hint(e: ImportError, part: &source::PartStream) -> ImportError {
         ImportError::Stream {
             file,
             source: source @ LegacyError::Truncated(_),
-        } if part.files.len() > 1
-            || files::split_parts(&part.files[0]).is_ok_and(|v| v.len() == 1)
-                && part.files[0]
-                    .extension()
-                    .is_some_and(|x| x == "aa" || x == "000") =>
-        {
-            ImportError::Stream {
-                file: format!(
-                    "{file} (the stream ends with this file: is a later split part missing?)"
-                ),
-                source,
+        } => {
+            let next = part.files.last().and_then(|l| files::next_part_name(l));
+            match next {
+                Some(n) if part.files.last().is_some_and(|l| l.display().to_string() == file) => {
+                    ImportError::Stream {
+                        file: format!(
+                            "{file} (the stream ends with this file: is the next split part {} missing?)",
+                            n.display()
+                        ),
+                        source,
+                    }
+                }
+                _ => ImportError::Stream { file, source },
             }
         }
         e => e,
