@@ -562,6 +562,7 @@ mod tests {
             table: None,
             partitions: vec![],
             description: None,
+            origin: None,
         }
     }
 
@@ -572,6 +573,29 @@ mod tests {
         let back = Manifest::from_json(&j, "t").expect("parse");
         assert_eq!(back, m);
         assert_eq!(m.window(2), (8 << 20, 2 << 20));
+    }
+
+    #[test]
+    fn origin_is_optional_and_round_trips() {
+        let m = sample();
+        let text = String::from_utf8(m.to_json()).expect("utf8");
+        assert!(!text.contains("origin"), "a created image has no origin field");
+        let mut m2 = m.clone();
+        m2.origin = Some(Origin {
+            tool: "clonezilla".into(),
+            source: "/home/partimag/x".into(),
+            format: "partclone 0.3.23 EXTFS, gzip".into(),
+            files: vec!["/home/partimag/x/sda1.ext4-ptcl-img.gz.aa".into()],
+            verified: vec!["partclone CRC32".into()],
+            imported: now_rfc3339(),
+        });
+        let back = Manifest::from_json(&m2.to_json(), "t").expect("parse");
+        assert_eq!(back, m2);
+        // An unknown field inside origin is refused like any other.
+        let bad = String::from_utf8(m2.to_json())
+            .expect("utf8")
+            .replace("\"tool\": \"clonezilla\"", "\"tool\": \"clonezilla\", \"x\": 1");
+        assert!(Manifest::from_json(bad.as_bytes(), "t").is_err());
     }
 
     #[test]
