@@ -579,7 +579,10 @@ mod tests {
     fn origin_is_optional_and_round_trips() {
         let m = sample();
         let text = String::from_utf8(m.to_json()).expect("utf8");
-        assert!(!text.contains("origin"), "a created image has no origin field");
+        assert!(
+            !text.contains("origin"),
+            "a created image has no origin field"
+        );
         let mut m2 = m.clone();
         m2.origin = Some(Origin {
             tool: "clonezilla".into(),
@@ -592,9 +595,10 @@ mod tests {
         let back = Manifest::from_json(&m2.to_json(), "t").expect("parse");
         assert_eq!(back, m2);
         // An unknown field inside origin is refused like any other.
-        let bad = String::from_utf8(m2.to_json())
-            .expect("utf8")
-            .replace("\"tool\": \"clonezilla\"", "\"tool\": \"clonezilla\", \"x\": 1");
+        let bad = String::from_utf8(m2.to_json()).expect("utf8").replace(
+            "\"tool\": \"clonezilla\"",
+            "\"tool\": \"clonezilla\", \"x\": 1",
+        );
         assert!(Manifest::from_json(bad.as_bytes(), "t").is_err());
     }
 

@@ -673,3 +673,168 @@ fn import_all_walks_a_store_reports_each_image_and_resumes_by_skipping_imported_
     ]);
     assert_same(&fs, &t.p("o.img"));
 }
+
+/// A loop device whose partitions the kernel sees: `partx -a` adds them
+/// with BLKPG (the host kernel parses no partition tables itself, but
+/// takes partitions it is told about).
+struct PartLoop(Loop);
+impl PartLoop {
+    fn new(file: &Path) -> PartLoop {
+        let l = Loop(
+            sh_out(&format!("losetup -P -f --show {}", file.display()))
+                .trim()
+                .to_string(),
+        );
+        sh(&format!("partx -a {}", l.0));
+        PartLoop(l)
+    }
+}
+impl Drop for PartLoop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("partx")
+            .args(["-d", &self.0 .0])
+            .status();
+    }
+}
+
+#[test]
+fn clonezilla_savedisk_of_a_gpt_disk_imports_as_a_disk_image_and_restores_identical() {
+    require_root();
+    let t = Tmp::new();
+    let disk = t.p("disk.img");
+    let size = 160 * MIB;
+    sh(&format!("truncate -s {size} {}", disk.display()));
+    sh(&format!(
+        "printf 'label: gpt\\nlabel-id: 3B8A9D7E-2C1F-4E5A-9B6C-0D1E2F3A4B5C\\nstart=2048, size={}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"root\"\\nstart={}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=\"data\"\\n' | sfdisk -q {}",
+        90 * MIB / 512,
+        91 * MIB / 512,
+        disk.display()
+    ));
+    // Boot code in the protective MBR.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .expect("open");
+        f.write_all_at(&pseudo_random(91, 440), 0).expect("code");
+    }
+    let tree = t.p("tree");
+    make_tree(&tree, 61, 12);
+    let small = t.p("small");
+    make_tree(&small, 62, 3);
+    let cz = t.p("partimag");
+    std::fs::create_dir_all(&cz).expect("mkdir");
+    let dev;
+    {
+        let l = PartLoop::new(&disk);
+        dev = l.0.name().to_string();
+        sh(&format!(
+            "mkfs.ext4 -q -F -d {} {}p1",
+            tree.display(),
+            l.0 .0
+        ));
+        sh(&format!(
+            "mkntfs -q -f -L data {}p2 >/dev/null 2>&1",
+            l.0 .0
+        ));
+        let mnt = t.p("mnt");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        sh(&format!("ntfs-3g {}p2 {}", l.0 .0, mnt.display()));
+        let cp = std::process::Command::new("cp")
+            .args([
+                "-r",
+                &format!("{}/.", small.display()),
+                &mnt.display().to_string(),
+            ])
+            .status();
+        sh(&format!("umount {}", mnt.display()));
+        assert!(cp.expect("cp").success());
+        sh(&format!(
+            "ocs-sr -batch -or {} -q2 -z9p -i 64 -sfsck -scs -senc -p true savedisk lab {dev} > {} 2>&1 || (tail -30 {}; false)",
+            cz.display(),
+            t.s("ocs.log"),
+            t.s("ocs.log")
+        ));
+    }
+    let dir = cz.join("lab");
+    for f in ["disk", "parts"] {
+        assert!(dir.join(f).is_file(), "ocs-sr wrote no `{f}`");
+    }
+    assert!(
+        dir.join(format!("{dev}-gpt-1st")).is_file(),
+        "no primary GPT saved"
+    );
+    assert!(
+        dir.join(format!("{dev}-gpt-2nd")).is_file(),
+        "no backup GPT saved"
+    );
+    let repo = t.s("repo");
+    let o = imager_ok(&[
+        "import",
+        &dir.display().to_string(),
+        "--repo",
+        &repo,
+        "--name",
+        "lab",
+        "--json",
+    ]);
+    let r = json_result(&o);
+    assert_eq!(r["images"][0]["kind"], "disk", "{r}");
+    let m = manifest(Path::new(&repo), "lab");
+    let t2 = m.table.as_ref().expect("table");
+    assert_eq!(t2.kind, aula_imager::table::TableKind::Gpt);
+    assert_eq!(m.partitions.len(), 2);
+    assert_eq!(m.source_size, size);
+    let origin = m.origin.as_ref().expect("origin");
+    assert_eq!(origin.tool, "clonezilla");
+    assert!(origin.files.iter().any(|f| f.ends_with("-gpt-2nd")));
+    imager_ok(&[
+        "restore",
+        "lab",
+        "--repo",
+        &repo,
+        &t.s("out.img"),
+        "--records",
+        &t.s("rec"),
+    ]);
+    // Table areas and the ext4 partition: identical with the source disk.
+    let range = |p: &Path, off: u64, len: u64| {
+        sh_out(&format!(
+            "tail -c +{} {} | head -c {len} | sha256sum",
+            off + 1,
+            p.display()
+        ))
+    };
+    let out = t.p("out.img");
+    assert_eq!(
+        range(&disk, 0, 91 * MIB),
+        range(&out, 0, 91 * MIB),
+        "head, GPT or ext4 differ"
+    );
+    assert_eq!(
+        range(&disk, size - 33 * 512, 33 * 512),
+        range(&out, size - 33 * 512, 33 * 512),
+        "backup GPT differs"
+    );
+    // NTFS: identical with partclone's own restore of the saved stream.
+    let p2 = t.p("p2.img");
+    let p2_len = size - 91 * MIB - 34 * 512;
+    partclone_restore(
+        &format!(
+            "cat {}/{dev}p2.ntfs-ptcl-img.zst.* | zstd -dc",
+            dir.display()
+        ),
+        p2_len,
+        &p2,
+    );
+    assert_eq!(
+        range(&p2, 0, p2_len),
+        range(&out, 91 * MIB, p2_len),
+        "NTFS differs from partclone's restore"
+    );
+    // restore refuses a whole-disk directory and points at import.
+    let o = imager(&["restore", &dir.display().to_string(), &t.s("x.img")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("import"), "{}", stderr(&o));
+}

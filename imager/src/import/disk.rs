@@ -85,7 +85,7 @@ pub fn saved_disk(head: Vec<u8>, tail: Vec<u8>, what: &str) -> Result<SavedDisk,
         return Err(bad("no MBR (boot signature 55 AA missing)".into()));
     }
     let gpt = head.len() >= 1024 && &head[512..520] == GPT_SIG;
-    let size = if gpt {
+    let (size, tail) = if gpt {
         let alt = u64at(&head, 512 + 32);
         let size = alt
             .checked_add(1)
@@ -97,7 +97,9 @@ pub fn saved_disk(head: Vec<u8>, tail: Vec<u8>, what: &str) -> Result<SavedDisk,
                 "the saved end of the disk holds no backup GPT header".into()
             ));
         }
-        size
+        let mut tail = tail;
+        complete_backup_entries(&head, &mut tail, size).map_err(bad)?;
+        (size, tail)
     } else {
         let mut end = head.len() as u64;
         for i in 0..4 {
@@ -113,7 +115,7 @@ pub fn saved_disk(head: Vec<u8>, tail: Vec<u8>, what: &str) -> Result<SavedDisk,
             }
             end = end.max((start + count) * SECTOR);
         }
-        end
+        (end, tail)
     };
     if (head.len() + tail.len()) as u64 > size {
         return Err(bad(format!(
@@ -129,6 +131,43 @@ pub fn saved_disk(head: Vec<u8>, tail: Vec<u8>, what: &str) -> Result<SavedDisk,
         return Err(bad("the saved table is neither a valid GPT nor MBR".into()));
     }
     Ok(SavedDisk { disk, table })
+}
+
+/// Clonezilla 5.3's `<disk>-gpt-2nd` may hold one sector less than the
+/// backup entry array plus header (it reads from one sector too far). The
+/// backup array is a copy of the primary one: the missing leading bytes
+/// are taken from it, and the whole array must match the backup header's
+/// CRC32.
+fn complete_backup_entries(head: &[u8], tail: &mut Vec<u8>, size: u64) -> Result<(), String> {
+    let bh = tail[tail.len() - 512..].to_vec();
+    let b_entries = u64at(&bh, 72);
+    let n = u32at(&bh, 80);
+    let esz = u32at(&bh, 84);
+    let want_crc = u32at(&bh, 88);
+    let elen = n
+        .checked_mul(esz)
+        .filter(|&l| l <= 1 << 20)
+        .ok_or_else(|| format!("backup GPT: {n} entries of {esz} bytes"))?;
+    let need = size
+        .checked_sub(b_entries.saturating_mul(SECTOR))
+        .filter(|&l| l <= 64 << 20 && l >= elen + 512)
+        .ok_or_else(|| format!("backup GPT entries at LBA {b_entries}"))?;
+    if (tail.len() as u64) < need {
+        let missing = (need - tail.len() as u64) as usize;
+        let p_entries = (u64at(head, 512 + 72) * SECTOR) as usize;
+        let from = head
+            .get(p_entries..p_entries + missing)
+            .ok_or("the saved GPT areas miss part of the backup entry array")?;
+        let mut t = from.to_vec();
+        t.extend_from_slice(tail);
+        *tail = t;
+    }
+    let start = tail.len() - need as usize;
+    let got = u64::from(crc32fast::hash(&tail[start..start + elen as usize]));
+    if got != want_crc {
+        return Err("the backup GPT entry array does not match its header's CRC32".into());
+    }
+    Ok(())
 }
 
 /// Converts a `sgdisk -b` backup (protective MBR, main header, backup

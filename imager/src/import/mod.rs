@@ -118,7 +118,7 @@ impl Default for ImportOptions {
 }
 
 /// Windows waiting for a worker, per worker (bounds memory).
-const QUEUE_PER_WORKER: usize = 2;
+const QUEUE_PER_WORKER: usize = 4;
 
 struct Job {
     index: u64,
@@ -230,7 +230,7 @@ pub fn convert(
                 }
                 asm.put(at, data)
             };
-            stream.restore_with(size, &mut write, &mut on_progress, &cancel)
+            stream.for_each_block_run(&mut write, &mut on_progress, &cancel)
         };
         let res = res.and_then(|_| asm.finish().map_err(LegacyError::Io));
         // Closing the queue ends the workers.
