@@ -171,9 +171,14 @@ pub fn convert(
                         f.get_or_insert(e);
                     }
                 };
+                // A worker that cannot start still drains the queue (and
+                // hands buffers back), so the reader never waits forever.
                 let mut enc = match Encoder::new(opts.level) {
-                    Ok(e) => e,
-                    Err(e) => return fail(e),
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        fail(e);
+                        None
+                    }
                 };
                 let mut out = Vec::new();
                 loop {
@@ -182,24 +187,23 @@ pub fn convert(
                         Err(_) => return,
                     };
                     let Ok(job) = job else { return };
-                    if stop.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    match chunk_window(
-                        &mut enc,
-                        &mut out,
-                        job.index,
-                        &job.buf[..job.len],
-                        repo,
-                        sizes,
-                        progress,
-                    ) {
-                        Ok(c) => {
-                            if let Ok(mut r) = results.lock() {
-                                r.push(c);
+                    if let (Some(enc), false) = (enc.as_mut(), stop.load(Ordering::Relaxed)) {
+                        match chunk_window(
+                            enc,
+                            &mut out,
+                            job.index,
+                            &job.buf[..job.len],
+                            repo,
+                            sizes,
+                            progress,
+                        ) {
+                            Ok(c) => {
+                                if let Ok(mut r) = results.lock() {
+                                    r.push(c);
+                                }
                             }
+                            Err(e) => fail(e),
                         }
-                        Err(e) => fail(e),
                     }
                     let _ = free_tx.send(job.buf);
                 }
