@@ -838,3 +838,87 @@ fn clonezilla_savedisk_of_a_gpt_disk_imports_as_a_disk_image_and_restores_identi
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("import"), "{}", stderr(&o));
 }
+
+#[test]
+fn fog_gpt_directory_whose_d1_mbr_is_an_sgdisk_backup_restores_both_gpt_copies() {
+    let t = Tmp::new();
+    let dir = t.p("images/gptfog");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let disk = t.p("disk.img");
+    let size = 64 * MIB;
+    sh(&format!("truncate -s {size} {}", disk.display()));
+    sh(&format!(
+        "printf 'label: gpt\\nstart=2048, size={}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"root\"\\n' | sfdisk -q {}",
+        40 * MIB / 512,
+        disk.display()
+    ));
+    let tree = t.p("tree");
+    make_tree(&tree, 71, 4);
+    mkfs_ext4(&disk, MIB, 40 * MIB, Some(&tree));
+    sh(&format!(
+        "dd if={} of={} bs=1M skip=1 count=40 status=none",
+        disk.display(),
+        t.s("p1.raw")
+    ));
+    // FOG keeps a GPT disk's table as `sgdisk -b` writes it.
+    sh(&format!(
+        "sgdisk -b {}/d1.mbr {} >/dev/null",
+        dir.display(),
+        disk.display()
+    ));
+    sh(&format!(
+        "sfdisk -d {} > {}/d1.partitions",
+        disk.display(),
+        dir.display()
+    ));
+    sh(&format!(
+        "partclone.extfs -c -s {} -O /dev/stdout -a0 -L /dev/null 2>/dev/null | zstd -q -c > {}/d1p1.img",
+        t.s("p1.raw"),
+        dir.display()
+    ));
+    let repo = t.s("repo");
+    imager_ok(&[
+        "import",
+        &dir.display().to_string(),
+        "--repo",
+        &repo,
+        "--name",
+        "g",
+    ]);
+    let m = manifest(Path::new(&repo), "g");
+    assert_eq!(
+        m.table.as_ref().expect("table").kind,
+        aula_imager::table::TableKind::Gpt
+    );
+    assert_eq!(m.source_size, size);
+    imager_ok(&[
+        "restore",
+        "g",
+        "--repo",
+        &repo,
+        &t.s("out.img"),
+        "--records",
+        &t.s("rec"),
+    ]);
+    let range = |p: &Path, off: u64, len: u64| {
+        sh_out(&format!(
+            "tail -c +{} {} | head -c {len} | sha256sum",
+            off + 1,
+            p.display()
+        ))
+    };
+    // Primary GPT (its MBR is sgdisk's protective one), partition, backup.
+    let out = t.p("out.img");
+    assert_eq!(
+        range(&disk, 512, 41 * MIB - 512),
+        range(&out, 512, 41 * MIB - 512)
+    );
+    assert_eq!(
+        range(&disk, size - 33 * 512, 33 * 512),
+        range(&out, size - 33 * 512, 33 * 512)
+    );
+    sh(&format!(
+        "sgdisk -v {} | grep -q 'No problems found'",
+        out.display()
+    ));
+}
