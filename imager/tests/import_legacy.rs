@@ -401,6 +401,19 @@ fn opengnsys_lzop_image_with_sums_imports_identical_and_a_wrong_sum_publishes_no
         &t.s("rec"),
     ]);
     assert_same(&fs, &t.p("out.img"));
+    // The same stream from standard input: same chunks, origin says so.
+    sh(&format!(
+        "lzop -dc < {} | {} import - --repo {repo} --name piped -q",
+        img.display(),
+        bin()
+    ));
+    let piped = manifest(Path::new(&repo), "piped");
+    assert_eq!(
+        piped.origin.as_ref().expect("origin").source,
+        "standard input"
+    );
+    assert_eq!(piped.chunks, manifest(Path::new(&repo), "win").chunks);
+    imager_ok(&["delete", "piped", "--repo", &repo]);
     // A full sum that does not match: refused, nothing published.
     let full = format!("{}.full.sum", img.display());
     std::fs::write(&full, "0123456789abcdef0123456789abcdef\n").expect("w");
