@@ -124,6 +124,9 @@ struct Job {
     index: u64,
     len: usize,
     buf: Vec<u8>,
+    /// Bytes of `buf` set so far (blocks arrive in ascending order; the
+    /// gaps between them are zeroed as they are passed).
+    filled: usize,
 }
 
 /// Converts one opened partclone stream into a (not yet published)
@@ -325,7 +328,9 @@ impl Assembler<'_> {
     }
 
     fn send(&mut self) -> io::Result<()> {
-        if let Some(job) = self.cur.take() {
+        if let Some(mut job) = self.cur.take() {
+            let (from, to) = (job.filled, job.len);
+            job.buf[from..to].fill(0);
             if job.index == 0 {
                 *self.head = Some(job.buf[..job.len].to_vec());
             }
@@ -346,11 +351,15 @@ impl Assembler<'_> {
                 self.send()?;
             }
             if self.cur.is_none() {
-                let mut buf = self.buffer()?;
-                buf.fill(0);
+                let buf = self.buffer()?;
                 let start = index * self.cs;
                 let len = self.cs.min(self.size.saturating_sub(start)) as usize;
-                self.cur = Some(Job { index, len, buf });
+                self.cur = Some(Job {
+                    index,
+                    len,
+                    buf,
+                    filled: 0,
+                });
             }
             let Some(job) = self.cur.as_mut() else {
                 continue;
@@ -360,7 +369,12 @@ impl Assembler<'_> {
             if n == 0 {
                 return Err(io::Error::other("a block past the device's end"));
             }
+            if off < job.filled {
+                return Err(io::Error::other("blocks out of order"));
+            }
+            job.buf[job.filled..off].fill(0);
             job.buf[off..off + n].copy_from_slice(&data[..n]);
+            job.filled = off + n;
             data = &data[n..];
             at += n as u64;
         }
