@@ -128,8 +128,7 @@ pub fn store_chunks(
     let results: Mutex<Vec<Option<ChunkRef>>> = Mutex::new(vec![None; windows.len()]);
     // Stored size per id: known at once for chunks already in the
     // repository, filled in when this run stores one.
-    let sizes: Mutex<HashMap<ChunkId, Option<u64>>> = Mutex::new(HashMap::new());
-    let lock_err = || Error::Invalid("create bookkeeping lock poisoned".into());
+    let sizes: StoredSizes = Mutex::new(HashMap::new());
 
     pool::for_each(
         threads,
@@ -156,61 +155,92 @@ pub fn store_chunks(
                 .ctx(|| format!("reading the source at byte {}", start + first as u64))?;
             used.mask(start, buf);
             let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
-            let entry = if is_zero(buf) {
-                ChunkRef {
-                    index,
-                    id: None,
-                    stored: 0,
-                    b3: None,
-                }
-            } else {
-                let id = ChunkId::of(buf);
-                // Claim the id: only the first worker to see it compresses.
-                let claim = match sizes.lock().map_err(|_| lock_err())?.entry(id) {
-                    std::collections::hash_map::Entry::Occupied(_) => false,
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(None);
-                        true
-                    }
-                };
-                if claim {
-                    let stored = match repo.chunk_size_stored(&id)? {
-                        Some(n) => n,
-                        None => {
-                            w.enc.encode(buf, &mut w.out)?;
-                            repo.put_chunk(&id, &w.out)?;
-                            progress.add_written(w.out.len() as u64);
-                            w.out.len() as u64
-                        }
-                    };
-                    sizes
-                        .lock()
-                        .map_err(|_| lock_err())?
-                        .insert(id, Some(stored));
-                }
-                ChunkRef {
-                    index,
-                    id: Some(id),
-                    stored: 0,
-                    b3: Some(Fingerprint::of(buf)),
-                }
-            };
+            let entry = chunk_window(&mut w.enc, &mut w.out, index, buf, repo, &sizes, progress)?;
             results.lock().map_err(|_| lock_err())?[k] = Some(entry);
             progress.add_done(used_here);
             Ok(())
         },
     )?;
 
-    let sizes = sizes.into_inner().map_err(|_| lock_err())?;
     let mut out = Vec::with_capacity(windows.len());
     for r in results.into_inner().map_err(|_| lock_err())? {
-        let mut c = r.ok_or_else(|| Error::Invalid("a chunk window was not processed".into()))?;
+        out.push(r.ok_or_else(|| Error::Invalid("a chunk window was not processed".into()))?);
+    }
+    fill_stored(&mut out, sizes)?;
+    Ok(out)
+}
+
+/// Stored size per chunk id, shared by the workers of one run: known at
+/// once for chunks already in the repository, filled in when this run
+/// stores one (`None` while a worker is compressing it).
+pub(crate) type StoredSizes = Mutex<HashMap<ChunkId, Option<u64>>>;
+
+fn lock_err() -> Error {
+    Error::Invalid("chunk bookkeeping lock poisoned".into())
+}
+
+/// The chunk entry of window `index` whose content is `content`: zero
+/// windows get an entry without id; others are hashed and, unless the
+/// repository (or another worker of this run) already holds them,
+/// compressed and stored. `stored` is left 0: [`fill_stored`] sets it.
+pub(crate) fn chunk_window(
+    enc: &mut Encoder,
+    out: &mut Vec<u8>,
+    index: u64,
+    content: &[u8],
+    repo: &dyn Repository,
+    sizes: &StoredSizes,
+    progress: &Progress,
+) -> Result<ChunkRef> {
+    if is_zero(content) {
+        return Ok(ChunkRef {
+            index,
+            id: None,
+            stored: 0,
+            b3: None,
+        });
+    }
+    let id = ChunkId::of(content);
+    // Claim the id: only the first worker to see it compresses.
+    let claim = match sizes.lock().map_err(|_| lock_err())?.entry(id) {
+        std::collections::hash_map::Entry::Occupied(_) => false,
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(None);
+            true
+        }
+    };
+    if claim {
+        let stored = match repo.chunk_size_stored(&id)? {
+            Some(n) => n,
+            None => {
+                enc.encode(content, out)?;
+                repo.put_chunk(&id, out)?;
+                progress.add_written(out.len() as u64);
+                out.len() as u64
+            }
+        };
+        sizes
+            .lock()
+            .map_err(|_| lock_err())?
+            .insert(id, Some(stored));
+    }
+    Ok(ChunkRef {
+        index,
+        id: Some(id),
+        stored: 0,
+        b3: Some(Fingerprint::of(content)),
+    })
+}
+
+/// Sets every entry's `stored` from the sizes the run recorded.
+pub(crate) fn fill_stored(chunks: &mut [ChunkRef], sizes: StoredSizes) -> Result<()> {
+    let sizes = sizes.into_inner().map_err(|_| lock_err())?;
+    for c in chunks {
         if let Some(id) = c.id {
             c.stored = sizes.get(&id).copied().flatten().unwrap_or(0);
         }
-        out.push(c);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Describes where a partition image came from.

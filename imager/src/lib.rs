@@ -18,6 +18,7 @@ pub mod error;
 pub mod extent;
 pub mod fs;
 pub mod image;
+pub mod import;
 mod ioctl;
 pub mod legacy;
 pub mod manifest;

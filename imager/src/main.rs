@@ -21,6 +21,8 @@ use aula_imager::restore::RestoreOptions;
 use aula_imager::tls::ServerTrust;
 use clap::{Args, Parser, Subcommand};
 
+mod cli_import;
+
 #[derive(Parser)]
 #[command(
     name = "aula-imager",
@@ -106,9 +108,43 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
+    /// Convert an OpenGnsys, Clonezilla or FOG image (or a whole store of
+    /// them with --all) into an image of the repository.
+    Import {
+        /// A partclone image file (plain, gzip, lzop or zstd; the first of
+        /// split parts), an http(s):// URL, `-` for standard input, a
+        /// Clonezilla or FOG image directory, or with --all a store.
+        source: String,
+        /// Repository: a directory or an http(s):// URL.
+        #[arg(long)]
+        repo: String,
+        /// Image name (A-Z a-z 0-9 . _ -).
+        #[arg(long, required_unless_present = "all")]
+        name: Option<String>,
+        /// Import every image of the store SOURCE (skips those already
+        /// imported; run again to resume).
+        #[arg(long)]
+        all: bool,
+        /// zstd compression level.
+        #[arg(long, default_value_t = aula_imager::create::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(-7..=19))]
+        level: i32,
+        /// Chunk size in KiB (power of two, 64..65536).
+        #[arg(long, default_value_t = 4096)]
+        chunk_kib: u64,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Description stored in the manifest.
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Restore an image onto a file, block device or partition. NAME may
-    /// also be a legacy partclone image (file or http(s):// URL; plain, gzip,
-    /// lzop or zstd), as OpenGnsys, Clonezilla and FOG store them.
+    /// also be a legacy partclone image (file, first split part, Clonezilla
+    /// or FOG directory of one partition, http(s):// URL, or `-` for
+    /// standard input; plain, gzip, lzop or zstd), as OpenGnsys, Clonezilla
+    /// and FOG store them.
     Restore {
         /// Image name, NAME@VERSION, or a partclone image file or URL.
         name: String,
@@ -504,6 +540,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             aula_imager::manifest::validate_name(&name)?;
+            cli_import::refuse_legacy_source(&source)?;
             let chunk_size = chunk_kib
                 .checked_mul(1024)
                 .filter(|c| c.is_power_of_two() && (64 << 10..=64 << 20).contains(c))
@@ -618,6 +655,30 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Import {
+            source,
+            repo,
+            name,
+            all,
+            level,
+            chunk_kib,
+            threads,
+            description,
+            out,
+        } => cli_import::cmd_import(
+            &source,
+            cli_import::ImportArgs {
+                repo,
+                name,
+                all,
+                level,
+                chunk_kib,
+                threads,
+                description,
+            },
+            &out,
+            &net,
+        ),
         Cmd::Verify {
             name,
             repo,
@@ -796,7 +857,7 @@ fn info_json(m: &Manifest) -> serde_json::Value {
         "used_bytes": m.total_used_bytes(), "extents": m.used.len(), "chunk_size": m.chunk_size,
         "chunks": m.chunks.len(), "zero_chunks": zero, "distinct_chunks": m.unique_chunks().len(),
         "stored_bytes": m.stored_bytes(), "compression": m.compression, "hash": m.hash,
-        "description": m.description,
+        "description": m.description, "origin": m.origin,
         "partitions": m.partitions.iter().map(|p| serde_json::json!({
             "number": p.number, "start": p.start, "size": p.size,
             "filesystem": p.image.filesystem, "used_bytes": p.image.used_bytes,
@@ -865,6 +926,15 @@ fn info_text(m: &Manifest) -> String {
     if let Some(d) = &m.description {
         s += &format!("description:  {d}\n");
     }
+    if let Some(o) = &m.origin {
+        s += &format!(
+            "imported:     from {} {} on {} ({})\n",
+            o.tool, o.source, o.imported, o.format
+        );
+        if !o.verified.is_empty() {
+            s += &format!("verified:     {}\n", o.verified.join(", "));
+        }
+    }
     s
 }
 
@@ -927,29 +997,7 @@ fn open_repo(spec: &str, create: bool, net: &NetOpts) -> Result<Box<dyn Reposito
 /// True when NAME names a legacy image file or URL rather than an image in
 /// a repository (image names cannot contain `/`).
 fn is_legacy_ref(name: &str) -> bool {
-    is_url(name) || name.contains('/') || Path::new(name).is_file()
-}
-
-fn open_legacy(name: &str, net: &NetOpts) -> Result<aula_imager::legacy::PartcloneStream> {
-    let reader: Box<dyn std::io::Read + Send> = if is_url(name) {
-        let (scheme, rest) = name.split_once("://").unwrap_or(("http", name));
-        let (host, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => bail!(usage(format!("{name} names no file"))),
-        };
-        let repo = Arc::new(HttpRepo::new(
-            &format!("{scheme}://{host}"),
-            http_options(net)?,
-        )?);
-        Box::new(
-            repo.stream(path)
-                .with_context(|| format!("downloading {name}"))?,
-        )
-    } else {
-        let f = std::fs::File::open(name).with_context(|| format!("opening {name}"))?;
-        Box::new(std::io::BufReader::with_capacity(1 << 20, f))
-    };
-    aula_imager::legacy::open(reader).with_context(|| format!("reading the partclone image {name}"))
+    is_url(name) || name == "-" || name.contains('/') || Path::new(name).exists()
 }
 
 fn legacy_json(i: &aula_imager::legacy::PartcloneInfo) -> serde_json::Value {
@@ -962,7 +1010,7 @@ fn legacy_json(i: &aula_imager::legacy::PartcloneInfo) -> serde_json::Value {
 }
 
 fn info_legacy(name: &str, out: &Output, net: &NetOpts) -> Result<()> {
-    let s = open_legacy(name, net)?;
+    let (s, _) = cli_import::open_legacy(name, net)?;
     let i = s.info();
     if out.json {
         println!(
@@ -1064,7 +1112,7 @@ fn restore_legacy(
     out: &Output,
     net: &NetOpts,
 ) -> Result<()> {
-    let stream = open_legacy(name, net)?;
+    let (stream, pos) = cli_import::open_legacy(name, net)?;
     let info = stream.info().clone();
     let dev = open_target(target, info.device_size, partition, force, true)?;
     let (region, _) = aula_imager::image::region_of(&dev, partition)?;
@@ -1081,7 +1129,10 @@ fn restore_legacy(
                 },
                 cancel_flag(),
             )
-            .with_context(|| format!("restoring {name}"))
+            .with_context(|| match &pos {
+                Some(p) => format!("restoring {name} (reading {})", p.current().1),
+                None => format!("restoring {name}"),
+            })
     })?;
     print_result(
         out,

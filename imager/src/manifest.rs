@@ -154,6 +154,32 @@ pub struct Manifest {
     /// Free-form notes (source description, creator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Where an imported image came from (absent for images made by
+    /// `create`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where an imported image came from: the other tool's format and files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// The store layout: `opengnsys`, `clonezilla`, `fog` or `partclone`
+    /// (a bare partclone image file or stream).
+    pub tool: String,
+    /// What was read, as given to `import` (a path or URL).
+    pub source: String,
+    /// The stream format, e.g. `partclone 0.3.23 EXTFS, lzop`.
+    pub format: String,
+    /// The files (or URL) the image was read from, in stream order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// The source's own checks that passed while reading (`partclone
+    /// CRC32`, `opengnsys .img.full.sum`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verified: Vec<String>,
+    /// When it was imported, RFC 3339 UTC.
+    pub imported: String,
 }
 
 impl Manifest {
@@ -197,6 +223,7 @@ impl Manifest {
             table: None,
             partitions: vec![],
             description: None,
+            origin: None,
         }
     }
 
@@ -535,6 +562,7 @@ mod tests {
             table: None,
             partitions: vec![],
             description: None,
+            origin: None,
         }
     }
 
@@ -545,6 +573,33 @@ mod tests {
         let back = Manifest::from_json(&j, "t").expect("parse");
         assert_eq!(back, m);
         assert_eq!(m.window(2), (8 << 20, 2 << 20));
+    }
+
+    #[test]
+    fn origin_is_optional_and_round_trips() {
+        let m = sample();
+        let text = String::from_utf8(m.to_json()).expect("utf8");
+        assert!(
+            !text.contains("origin"),
+            "a created image has no origin field"
+        );
+        let mut m2 = m.clone();
+        m2.origin = Some(Origin {
+            tool: "clonezilla".into(),
+            source: "/home/partimag/x".into(),
+            format: "partclone 0.3.23 EXTFS, gzip".into(),
+            files: vec!["/home/partimag/x/sda1.ext4-ptcl-img.gz.aa".into()],
+            verified: vec!["partclone CRC32".into()],
+            imported: now_rfc3339(),
+        });
+        let back = Manifest::from_json(&m2.to_json(), "t").expect("parse");
+        assert_eq!(back, m2);
+        // An unknown field inside origin is refused like any other.
+        let bad = String::from_utf8(m2.to_json()).expect("utf8").replace(
+            "\"tool\": \"clonezilla\"",
+            "\"tool\": \"clonezilla\", \"x\": 1",
+        );
+        assert!(Manifest::from_json(bad.as_bytes(), "t").is_err());
     }
 
     #[test]

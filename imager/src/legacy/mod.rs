@@ -473,10 +473,19 @@ struct Writer<'a> {
     at: u64,
     buf: Vec<u8>,
     written: u64,
+    /// Gather into large writes (a device); off, every run is handed on
+    /// as it is (a consumer that copies anyway).
+    batch: bool,
 }
 
 impl Writer<'_> {
     fn put(&mut self, offset: u64, data: &[u8], progress: &mut dyn FnMut(u64)) -> io::Result<()> {
+        if !self.batch {
+            (self.target)(offset, data)?;
+            self.written += data.len() as u64;
+            progress(self.written);
+            return Ok(());
+        }
         if !self.buf.is_empty() && self.at + self.buf.len() as u64 != offset {
             self.flush(progress)?;
         }
@@ -552,11 +561,36 @@ impl PartcloneStream {
     /// [`PartcloneStream::restore_to`] onto any writer of `target_len`
     /// bytes (`write(offset, bytes)`), without the final sync.
     pub fn restore_with(
+        self,
+        target_len: u64,
+        write: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        on_progress: &mut dyn FnMut(u64),
+        cancel: &AtomicBool,
+    ) -> Result<LegacyStats, LegacyError> {
+        self.blocks(target_len, write, on_progress, cancel, true)
+    }
+
+    /// Every verified run of used blocks, in ascending order, handed to
+    /// `block(offset, bytes)` straight from the stream's buffer (pieces of
+    /// at most one strip). Same checks and errors as
+    /// [`PartcloneStream::restore_with`].
+    pub fn for_each_block_run(
+        self,
+        block: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        on_progress: &mut dyn FnMut(u64),
+        cancel: &AtomicBool,
+    ) -> Result<LegacyStats, LegacyError> {
+        let len = self.info.device_size;
+        self.blocks(len, block, on_progress, cancel, false)
+    }
+
+    fn blocks(
         mut self,
         target_len: u64,
         write: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
         on_progress: &mut dyn FnMut(u64),
         cancel: &AtomicBool,
+        batch: bool,
     ) -> Result<LegacyStats, LegacyError> {
         let need = self.info.device_size;
         if target_len < need {
@@ -579,8 +613,13 @@ impl PartcloneStream {
         let mut writer = Writer {
             target: write,
             at: 0,
-            buf: Vec::with_capacity(WRITE_BATCH),
+            buf: if batch {
+                Vec::with_capacity(WRITE_BATCH)
+            } else {
+                Vec::new()
+            },
             written: 0,
+            batch,
         };
         // `open` bounds per_strip × bs; a strip never holds more than the
         // used blocks either.
