@@ -9,7 +9,8 @@
 //!   registry. More route groups (the image repository) plug in through
 //!   [`http::RouteGroup`].
 //! * IPv6 router advertisements ([`ra`]) so iPXE does not wait for one.
-//! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
+//! * The image repository ([`repository`]): manifests and chunks over HTTP(S),
+//!   and the swarm coordinator ([`swarm`]) of machines restoring an image.
 //!
 //! Embedding:
 //!
@@ -35,6 +36,7 @@ pub mod ra;
 pub mod repository;
 mod server;
 pub mod state;
+pub mod swarm;
 pub mod tftp;
 pub mod tls;
 

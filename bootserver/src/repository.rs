@@ -264,7 +264,9 @@ impl RepoService {
             || path.starts_with("/v1/repo/")
     }
 
-    fn can_read(&self, req: &Request<Incoming>) -> bool {
+    /// Whether the request carries the credentials reads need (the swarm
+    /// coordinator follows the same policy).
+    pub fn can_read(&self, req: &Request<Incoming>) -> bool {
         match &self.cfg.read_token {
             None => true,
             Some(t) => bearer(req).is_some_and(|b| {

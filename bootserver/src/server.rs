@@ -254,9 +254,11 @@ impl Server {
             };
             let mut groups = extra_routes;
             if cfg.repository.enabled {
-                groups.push(Arc::new(crate::repository::RepoRoutes(open_repository(
-                    cfg, registry,
-                )?)));
+                let repo = open_repository(cfg, registry)?;
+                groups.push(Arc::new(crate::swarm::SwarmRoutes(Arc::new(
+                    crate::swarm::Coordinator::new(repo.clone(), Default::default()),
+                ))));
+                groups.push(Arc::new(crate::repository::RepoRoutes(repo)));
             }
             groups.push(Arc::new(BootRoutes::new(
                 cfg.clone(),

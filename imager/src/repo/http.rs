@@ -180,6 +180,37 @@ impl HttpRepo {
         })
     }
 
+    /// The runtime the client runs on (the swarm's chunk server and peer
+    /// fetches share it).
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.handle.clone()
+    }
+
+    /// One request to a route of the repository service (the swarm
+    /// coordinator's), with the credentials of reads and no retry: the
+    /// caller falls back to the repository alone when it fails. The
+    /// response must be complete within `timeout`.
+    pub fn call_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Vec<u8>)> {
+        let req = match self.request(method, path, false, Bytes::from(body)) {
+            Ok(r) => r,
+            Err(Fail::Fatal(e)) => return Err(e),
+            Err(Fail::Retry(why)) => return Err(Error::Repo(why)),
+        };
+        let uri = self.url(path);
+        match self.block_on(async { tokio::time::timeout(timeout, self.exchange(req, MAX_JSON)).await }) {
+            Err(_) => Err(Error::Repo(format!("{uri}: no answer within {timeout:?}"))),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(Fail::Fatal(e))) => Err(e),
+            Ok(Err(Fail::Retry(why))) => Err(Error::Repo(why)),
+        }
+    }
+
     /// Chunks a restore should fetch at once.
     pub fn parallel(&self) -> usize {
         self.opts.parallel.max(1)

@@ -1,0 +1,402 @@
+//! A member's chunk server: read-only, one route, bounded.
+//!
+//! `GET /v1/swarm/chunks/{id}` with the session's token answers the chunk's
+//! zstd frame from the [`Store`]. Bounds: `max_connections` connections,
+//! `slots` responses in progress at once (more get `503` at once, so the
+//! asker goes elsewhere), a response whose reader stalls for 15 s and an
+//! idle connection after 30 s are closed, and memory is the store's cache
+//! plus at most `slots` windows being rebuilt from the target.
+//!
+//! This is the only HTTP server in `aula-imager`: the crate otherwise knows
+//! nothing of servers; the swarm needs every restoring machine to serve
+//! its peers, and `aula-imager restore --swarm` to take part on its own.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::store::Store;
+use super::wire::PEER_CHUNKS;
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+
+/// Pieces a frame is sent in: the upload slot is held until the last piece
+/// is handed to the connection.
+const PIECE: usize = 64 << 10;
+/// A response whose reader takes nothing for this long is dropped.
+const STALL: Duration = Duration::from_secs(15);
+/// An idle keep-alive connection is closed after this.
+const IDLE: Duration = Duration::from_secs(30);
+
+struct Shared {
+    store: Arc<Store>,
+    token: RwLock<Option<String>>,
+    slots: Arc<Semaphore>,
+    epoch: Instant,
+}
+
+/// A running chunk server; stops when dropped.
+pub struct PeerServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Arc<tokio::sync::Notify>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PeerServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl PeerServer {
+    /// Bind `bind` and serve `store` on `handle`'s runtime. Requests are
+    /// refused until [`PeerServer::set_token`].
+    pub fn start(
+        handle: &tokio::runtime::Handle,
+        bind: SocketAddr,
+        store: Arc<Store>,
+        slots: usize,
+        max_connections: usize,
+    ) -> Result<PeerServer> {
+        let listener = {
+            let _g = handle.enter();
+            let std = std::net::TcpListener::bind(bind).map_err(|e| Error::Io {
+                what: format!("binding the swarm chunk server on {bind}"),
+                source: e,
+            })?;
+            std.set_nonblocking(true).map_err(|e| Error::Io {
+                what: "configuring the swarm chunk server socket".into(),
+                source: e,
+            })?;
+            tokio::net::TcpListener::from_std(std).map_err(|e| Error::Io {
+                what: "registering the swarm chunk server socket".into(),
+                source: e,
+            })?
+        };
+        let addr = listener.local_addr().map_err(|e| Error::Io {
+            what: "reading the swarm chunk server address".into(),
+            source: e,
+        })?;
+        let shared = Arc::new(Shared {
+            store,
+            token: RwLock::new(None),
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            epoch: Instant::now(),
+        });
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = Arc::new(AtomicBool::new(false));
+        handle.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            stop.clone(),
+            stopped.clone(),
+            max_connections.max(1),
+        ));
+        tracing::debug!(%addr, "swarm chunk server started");
+        Ok(PeerServer {
+            addr,
+            shared,
+            stop,
+            stopped,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve holders of this session token.
+    pub fn set_token(&self, token: &str) {
+        if let Ok(mut t) = self.shared.token.write() {
+            *t = Some(token.to_string());
+        }
+    }
+
+    /// Stop accepting and close every connection.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: Arc<tokio::sync::Notify>,
+    stopped: Arc<AtomicBool>,
+    max_connections: usize,
+) {
+    let conns = Arc::new(Semaphore::new(max_connections));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let stopping = stop.notified();
+        tokio::pin!(stopping);
+        stopping.as_mut().enable();
+        if stopped.load(Ordering::SeqCst) {
+            break;
+        }
+        let permit = tokio::select! {
+            _ = &mut stopping => break,
+            p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, remote) = tokio::select! {
+            _ = &mut stopping => break,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(error = %e, "swarm chunk server: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while tasks.try_join_next().is_some() {}
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            serve(stream, remote, shared).await;
+        });
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    tracing::debug!("swarm chunk server stopped");
+}
+
+/// Activity of one connection, for the stall and idle watchdog.
+struct Activity {
+    busy: AtomicBool,
+    last_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn quiet_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+async fn serve(stream: tokio::net::TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
+    let act = Arc::new(Activity {
+        busy: AtomicBool::new(false),
+        last_ms: AtomicU64::new(0),
+        epoch: shared.epoch,
+    });
+    act.touch();
+    let a2 = act.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        let act = a2.clone();
+        async move {
+            act.touch();
+            Ok::<_, Infallible>(answer(&shared, &req, act).await)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .header_read_timeout(Duration::from_secs(10))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service);
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let quiet = act.quiet_for();
+            if act.busy.load(Ordering::Relaxed) {
+                if quiet > STALL {
+                    tracing::debug!(%remote, "swarm chunk server: reader stalled; closing");
+                    return;
+                }
+            } else if quiet > IDLE {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(%remote, error = %e, "swarm chunk server connection ended");
+        },
+        _ = watchdog => {}
+    }
+}
+
+type Resp = Response<Reply>;
+
+fn plain(status: StatusCode, msg: &str) -> Resp {
+    let mut r = Response::new(Reply::text(msg));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>, act: Arc<Activity>) -> Resp {
+    let store = &shared.store;
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    let Some(id) = req.uri().path().strip_prefix(PEER_CHUNKS) else {
+        return plain(StatusCode::NOT_FOUND, "no such route\n");
+    };
+    let Ok(id) = id.parse::<ChunkId>() else {
+        return plain(StatusCode::BAD_REQUEST, "invalid chunk id\n");
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = match (given, shared.token.read().ok().and_then(|t| t.clone())) {
+        (Some(g), Some(t)) => crate::tls::secrets_equal(g.as_bytes(), t.as_bytes()),
+        _ => false,
+    };
+    if !ok {
+        store.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return plain(StatusCode::UNAUTHORIZED, "this swarm session's token is needed\n");
+    }
+    if !store.holds(&id) {
+        store.not_held.fetch_add(1, Ordering::Relaxed);
+        return plain(StatusCode::NOT_FOUND, "not held here\n");
+    }
+    let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+        store.busy.fetch_add(1, Ordering::Relaxed);
+        let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "every upload slot is busy\n");
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    let frame = match store.frame(&id) {
+        Some(f) => {
+            store.from_cache.fetch_add(1, Ordering::Relaxed);
+            Some(f)
+        }
+        None => {
+            let s2 = store.clone();
+            match tokio::task::spawn_blocking(move || s2.rebuild(&id)).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => {
+                    tracing::warn!("serving chunk {id} from the target: {e}");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!("serving chunk {id}: worker failed: {e}");
+                    None
+                }
+            }
+        }
+    };
+    let Some(frame) = frame else {
+        store.not_held.fetch_add(1, Ordering::Relaxed);
+        return plain(StatusCode::NOT_FOUND, "not held here\n");
+    };
+    store.served.fetch_add(1, Ordering::Relaxed);
+    store
+        .bytes_served
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    let len = frame.len();
+    let body = if req.method() == Method::HEAD {
+        Reply::text("")
+    } else {
+        act.busy.store(true, Ordering::Relaxed);
+        Reply::Frame {
+            data: frame,
+            _permit: permit,
+            act,
+        }
+    };
+    let mut r = Response::new(body);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
+    if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
+        r.headers_mut().insert(hyper::header::CONTENT_LENGTH, v);
+    }
+    r
+}
+
+/// A response body: a short text, or a frame sent in pieces while holding
+/// an upload slot.
+enum Reply {
+    Text(Option<Bytes>),
+    Frame {
+        data: Bytes,
+        _permit: OwnedSemaphorePermit,
+        act: Arc<Activity>,
+    },
+}
+
+impl Reply {
+    fn text(s: &str) -> Reply {
+        Reply::Text(Some(Bytes::copy_from_slice(s.as_bytes())))
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Reply::Frame { act, .. } = self {
+            act.busy.store(false, Ordering::Relaxed);
+            act.touch();
+        }
+    }
+}
+
+impl Body for Reply {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Reply::Text(t) => Poll::Ready(t.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Reply::Frame { data, act, .. } => {
+                if data.is_empty() {
+                    return Poll::Ready(None);
+                }
+                act.touch();
+                let piece = data.split_to(PIECE.min(data.len()));
+                Poll::Ready(Some(Ok(Frame::data(piece))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Reply::Text(t) => t.as_ref().is_none_or(|b| b.is_empty()),
+            Reply::Frame { data, .. } => data.is_empty(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Reply::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+            Reply::Frame { data, .. } => SizeHint::with_exact(data.len() as u64),
+        }
+    }
+}
