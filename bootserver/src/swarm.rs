@@ -246,6 +246,12 @@ impl Session {
         self.members[m] = None;
     }
 
+    /// Whether member `h` can be handed out as a source at all.
+    fn usable(&self, h: usize) -> bool {
+        self.member(h)
+            .is_some_and(|hm| hm.addr.is_some() && !hm.banned)
+    }
+
     /// Pick work for member `m`, or None.
     fn pick(&mut self, m: usize, server_slots: u32, allow_dup: bool) -> Option<(u32, Source)> {
         let me = self.member(m)?;
@@ -258,9 +264,14 @@ impl Session {
             if !me.need[ci] || me.leases.contains_key(&c) {
                 continue;
             }
-            let holders = &self.holders[ci];
-            let rarity = holders.len() + self.inflight[ci] as usize;
-            if holders.is_empty() && self.inflight[ci] == 0 {
+            // Holders this member may fetch from (an avoided or banned one
+            // does not count: for this member the chunk is new).
+            let usable = self.holders[ci]
+                .iter()
+                .filter(|&&h| h != m && !me.avoid.contains(&h) && self.usable(h))
+                .count();
+            let rarity = usable + self.inflight[ci] as usize;
+            if rarity == 0 {
                 if best_new.is_none() {
                     best_new = Some(c);
                     if server_free {
@@ -270,11 +281,11 @@ impl Session {
                 continue;
             }
             if best_peer.is_none_or(|(r, _, _)| rarity < r) {
-                let src = holders
+                let src = self.holders[ci]
                     .iter()
-                    .filter(|&&h| h != m && !me.avoid.contains(&h))
+                    .filter(|&&h| h != m && !me.avoid.contains(&h) && self.usable(h))
                     .filter_map(|&h| self.member(h).map(|hm| (h, hm)))
-                    .filter(|(_, hm)| hm.addr.is_some() && !hm.banned && hm.uploads < hm.slots)
+                    .filter(|(_, hm)| hm.uploads < hm.slots)
                     .min_by_key(|(_, hm)| hm.uploads)
                     .map(|(h, _)| h);
                 if let Some(h) = src {
@@ -936,6 +947,8 @@ mod tests {
         assert_eq!(s.pick(c, 0, false).map(|x| x.1), Some(Source::Peer(a)));
         s.member_mut(a).expect("a").banned = true;
         assert_eq!(s.pick(c, 0, false), None);
+        // A chunk only a banned member holds is new again: the server sends it.
+        assert_eq!(s.pick(c, 1, false), Some((0, Source::Server)));
         s.member_mut(a).expect("a").banned = false;
         let (ch, src) = s.pick(c, 0, false).expect("work");
         s.lease(c, ch, src);

@@ -156,6 +156,11 @@ pub struct BootServer {
 
 impl BootServer {
     pub async fn start(dir: &Path, api_token: &str) -> BootServer {
+        Self::start_on(dir, api_token, "127.0.0.1".parse().expect("ip")).await
+    }
+
+    /// [`BootServer::start`] listening on `ip` (e.g. inside a namespace).
+    pub async fn start_on(dir: &Path, api_token: &str, ip: std::net::IpAddr) -> BootServer {
         std::fs::create_dir_all(dir).expect("server dir");
         let live = dir.join("live");
         std::fs::create_dir_all(&live).expect("live");
@@ -164,7 +169,7 @@ impl BootServer {
         let (cert, key, _) = write_pem(dir, "server");
         let text = format!(
             r#"[server]
-address = "127.0.0.1"
+address = "{ip}"
 data_dir = "{data}"
 [dhcp]
 enabled = false
@@ -173,10 +178,10 @@ enabled = false
 [tftp]
 enabled = false
 [http]
-bind = "127.0.0.1:0"
+bind = "{ip}:0"
 api_token = "{api_token}"
 [http.tls]
-bind = "127.0.0.1:0"
+bind = "{ip}:0"
 cert = "{cert}"
 key = "{key}"
 [boot]
@@ -359,10 +364,15 @@ pub struct TestCore {
 
 impl TestCore {
     pub async fn start() -> TestCore {
-        let pair = aula_bootserver::tls::self_signed(&["localhost".into(), "127.0.0.1".into()])
+        Self::start_on("127.0.0.1".parse().expect("ip")).await
+    }
+
+    /// [`TestCore::start`] listening on `ip` (e.g. inside a namespace).
+    pub async fn start_on(ip: std::net::IpAddr) -> TestCore {
+        let pair = aula_bootserver::tls::self_signed(&["localhost".into(), ip.to_string()])
             .expect("cert");
         let state = Arc::new(CoreState::default());
-        Self::start_with(pair, state, "127.0.0.1:0".parse().expect("addr")).await
+        Self::start_with(pair, state, SocketAddr::new(ip, 0)).await
     }
 
     async fn start_with(
