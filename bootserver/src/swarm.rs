@@ -627,7 +627,9 @@ impl Coordinator {
             let Some(p) = s.find_public(&f.from) else {
                 continue;
             };
-            if p == m {
+            // A busy source only had its slots full (e.g. asked by others
+            // outside the coordinator's accounting): not held against it.
+            if p == m || f.why == "busy" {
                 continue;
             }
             if let Some(mm) = s.member_mut(m) {

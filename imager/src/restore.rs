@@ -60,6 +60,9 @@ pub struct Ticket {
     /// The peer that served the frame (its swarm member id); None: the
     /// repository.
     pub peer: Option<String>,
+    /// The frame came from this machine itself (a chunk it already restored
+    /// elsewhere on the disk): nothing was fetched.
+    pub local: bool,
 }
 
 /// Chooses the order in which a restore fetches its chunks and where each
@@ -510,13 +513,15 @@ impl Job<'_> {
                 loop {
                     tries += 1;
                     let n = w.frame.len() as u64;
-                    w.stats.bytes_fetched += n;
-                    self.progress.add_fetched(n);
-                    if t.peer.is_some() {
-                        w.stats.bytes_from_peers += n;
-                        self.progress.add_from_peers(n);
-                    } else {
-                        w.stats.bytes_from_server += n;
+                    if !t.local {
+                        w.stats.bytes_fetched += n;
+                        self.progress.add_fetched(n);
+                        if t.peer.is_some() {
+                            w.stats.bytes_from_peers += n;
+                            self.progress.add_from_peers(n);
+                        } else {
+                            w.stats.bytes_from_server += n;
+                        }
                     }
                     match w.dec.decode_verified(&t.id, &w.frame, len, &mut w.buf) {
                         Ok(()) => break,
@@ -531,8 +536,8 @@ impl Job<'_> {
                     }
                 }
                 Self::check_fingerprint(first, &t.id, &w.buf)?;
-                w.stats.chunks_fetched += 1;
-                w.stats.chunks_from_peers += u64::from(t.peer.is_some());
+                w.stats.chunks_fetched += u64::from(!t.local);
+                w.stats.chunks_from_peers += u64::from(t.peer.is_some() && !t.local);
                 let mut done = Vec::with_capacity(ks.len());
                 for &k in ks {
                     let c = &self.chunks[k];

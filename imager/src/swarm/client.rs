@@ -134,6 +134,9 @@ impl Outbox {
 
 #[derive(Default)]
 struct Local {
+    /// Wanted again, and held by this member's own store (a chunk restored
+    /// elsewhere on the disk before): taken from there.
+    local: VecDeque<ChunkId>,
     /// Wanted, not done, not being fetched (in want order; entries no
     /// longer in `pending_set` are stale).
     pending: VecDeque<ChunkId>,
@@ -149,6 +152,13 @@ struct Local {
 }
 
 impl Local {
+    fn want(&mut self, id: ChunkId) {
+        if self.pending_set.insert(id) {
+            self.pending.push_back(id);
+            self.outbox.want.push(id);
+        }
+    }
+
     fn pop_pending(&mut self) -> Option<ChunkId> {
         while let Some(id) = self.pending.pop_front() {
             if self.pending_set.remove(&id) {
@@ -460,16 +470,21 @@ impl Swarm {
         }
     }
 
-    /// Stop using a peer and tell the coordinator why.
+    /// Tell the coordinator a peer failed; stop using it (unless it was
+    /// only busy).
     fn peer_failed(&self, id: &ChunkId, peer: &str, why: &str) {
         self.peer_failures.fetch_add(1, Ordering::Relaxed);
         let reason = why.split(':').next().unwrap_or("error").to_string();
         if reason == "corrupt" {
             self.peer_corrupt.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::warn!("swarm peer {peer} failed chunk {id} ({why}); using the repository and avoiding that peer from now on");
         let mut g = self.lock();
-        g.avoid.insert(peer.to_string());
+        if reason == "busy" {
+            tracing::info!("swarm peer {peer} was busy for chunk {id}; using the repository");
+        } else {
+            tracing::warn!("swarm peer {peer} failed chunk {id} ({why}); using the repository and avoiding that peer from now on");
+            g.avoid.insert(peer.to_string());
+        }
         g.outbox.failed.push(Failed {
             id: *id,
             from: peer.to_string(),
@@ -489,6 +504,7 @@ impl Swarm {
                         return Ok(Ticket {
                             id: a.id,
                             peer: Some(a.from.clone()),
+                            local: false,
                         })
                     }
                     Err(why) if why == "cancelled" => return Err(Error::Cancelled),
@@ -501,7 +517,33 @@ impl Swarm {
         Ok(Ticket {
             id: a.id,
             peer: None,
+            local: false,
         })
+    }
+
+    /// A chunk from this member's own store, or None (then it is wanted
+    /// from the swarm).
+    fn from_store(&self, id: ChunkId, out: &mut Vec<u8>) -> Option<Ticket> {
+        let frame = match self.store.frame(&id) {
+            Some(f) => Some(f),
+            None => self.store.rebuild(&id).ok().flatten(),
+        };
+        match frame {
+            Some(f) => {
+                out.clear();
+                out.extend_from_slice(&f);
+                self.lock().inflight.insert(id);
+                Some(Ticket {
+                    id,
+                    peer: Some(self.join.member.clone()),
+                    local: true,
+                })
+            }
+            None => {
+                self.lock().want(id);
+                None
+            }
+        }
     }
 
     /// The restore is complete: say so (lingering members still serve).
@@ -605,11 +647,15 @@ impl Feed for Swarm {
         let mut g = self.lock();
         g.finished = false;
         for id in need {
-            if !g.done.contains(id) && !g.inflight.contains(id) && g.pending_set.insert(*id) {
-                g.pending.push_back(*id);
+            // A chunk this restore needs again (another window of the disk
+            // holds it too) comes from the store when it still holds it.
+            g.done.remove(id);
+            if serving && self.store.holds(id) {
+                g.local.push_back(*id);
+            } else if !g.inflight.contains(id) {
+                g.want(*id);
             }
         }
-        g.outbox.want.extend_from_slice(need);
         g.outbox.have.extend(have);
         Ok(())
     }
@@ -620,8 +666,18 @@ impl Feed for Swarm {
             if self.cancelled() || self.stop.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
-            if self.lock().pending_set.is_empty() {
-                return Ok(None);
+            let local = {
+                let mut g = self.lock();
+                if g.pending_set.is_empty() && g.local.is_empty() {
+                    return Ok(None);
+                }
+                g.local.pop_front()
+            };
+            if let Some(id) = local {
+                match self.from_store(id, out) {
+                    Some(t) => return Ok(Some(t)),
+                    None => continue,
+                }
             }
             if self.coordinator_up() && since.elapsed() < STARVED {
                 let req = self.request(1, self.opts.wait);
@@ -657,15 +713,23 @@ impl Feed for Swarm {
             let Some(id) = id else { return Ok(None) };
             self.on_own.fetch_add(1, Ordering::Relaxed);
             self.repo.get_chunk(&id, out)?;
-            return Ok(Some(Ticket { id, peer: None }));
+            return Ok(Some(Ticket {
+                id,
+                peer: None,
+                local: false,
+            }));
         }
     }
 
     fn refetch(&self, t: &mut Ticket, why: &str, out: &mut Vec<u8>) -> Result<()> {
         match t.peer.take() {
+            Some(_) if t.local => {
+                tracing::warn!("chunk {} from this machine's own store is corrupt ({why})", t.id)
+            }
             Some(p) => self.peer_failed(&t.id, &p, &format!("corrupt: {why}")),
             None => self.repo.invalid(&t.id),
         }
+        t.local = false;
         self.repo.get_chunk(&t.id, out)
     }
 
@@ -682,6 +746,9 @@ impl Feed for Swarm {
         let mut g = self.lock();
         g.inflight.remove(&t.id);
         g.done.insert(t.id);
+        if t.local {
+            return;
+        }
         g.outbox.done.push(Done {
             id: t.id,
             from: t.peer.unwrap_or_else(|| SERVER.to_string()),
