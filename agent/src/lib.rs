@@ -252,7 +252,8 @@ impl Agent {
             .shutdown(&self.ctx, Duration::from_secs(60))
             .await;
         let ctx = self.ctx.clone();
-        let _ = tokio::task::spawn_blocking(move || ctx.swarm.stop_all(Duration::from_secs(5))).await;
+        let _ =
+            tokio::task::spawn_blocking(move || ctx.swarm.stop_all(Duration::from_secs(5))).await;
         if !self.ctx.webhooks.flush(Duration::from_secs(5)).await {
             tracing::warn!("shutting down with undelivered webhooks");
         }

@@ -284,11 +284,8 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
     });
     if let Some(sw) = member {
         if res.is_ok() {
-            ctx.swarm.start(
-                &disk,
-                sw,
-                Duration::from_secs(ctx.settings.swarm.linger_s),
-            );
+            ctx.swarm
+                .start(&disk, sw, Duration::from_secs(ctx.settings.swarm.linger_s));
         } else {
             sw.leave();
         }

@@ -86,8 +86,19 @@ impl Lab {
                 "ip", "-n", &lab.hub, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                 "netns", ns,
             ]);
-            run(&["ip", "-n", &lab.hub, "link", "set", port, "master", "br0", "up"]);
-            run(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            run(&[
+                "ip", "-n", &lab.hub, "link", "set", port, "master", "br0", "up",
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]);
             run(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
             // Egress of each end: the machine's upload, and (on the bridge
             // side) its download.
@@ -250,7 +261,8 @@ impl Room {
     async fn start(lab: &Lab) -> Room {
         init_logs();
         let dir = tempfile::tempdir().expect("tmp");
-        let server = BootServer::start_on(&dir.path().join("srv"), API_TOKEN, lab.server_ip()).await;
+        let server =
+            BootServer::start_on(&dir.path().join("srv"), API_TOKEN, lab.server_ip()).await;
         let core = TestCore::start_on(lab.server_ip()).await;
         let (source, _) = source_disk(dir.path(), DATA_MIB);
         let image = upload_chunked(&server.repo_url(), &source, Some(1), "lab", CHUNK).await;
@@ -294,7 +306,9 @@ impl Room {
     async fn restore(&self, i: usize) -> String {
         let spec = json!({"op": "restore", "disk": 1, "partition": 2, "image": "lab",
             "repository": self.repo_url(), "method": "swarm"});
-        let (s, v) = self.apis[i].call(Method::POST, "/v1/jobs", Some(spec)).await;
+        let (s, v) = self.apis[i]
+            .call(Method::POST, "/v1/jobs", Some(spec))
+            .await;
         assert_eq!(s, 202, "{v}");
         v["id"].as_str().expect("job id").to_string()
     }
@@ -475,7 +489,11 @@ fn four_machines_restore_one_image_together_byte_identical_with_the_server_sendi
         );
         // The coordinator saw the same.
         let st = room.swarm_status().await;
-        let s = st.sessions.iter().find(|s| s.session == "lab@1").expect("session");
+        let s = st
+            .sessions
+            .iter()
+            .find(|s| s.session == "lab@1")
+            .expect("session");
         assert_eq!(s.bytes_from_server, from_server);
         assert_eq!(s.bytes_from_peers, from_peers);
         // Progress events (webhooks) carry the split too.
@@ -589,8 +607,12 @@ fn a_peer_serving_corrupt_chunks_is_detected_avoided_banned_and_nothing_corrupt_
                     _ = hb_stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
-                coordinator(&hb_url, "/v1/swarm/sync", json!({"key": hb_key, "finished": true}))
-                    .await;
+                coordinator(
+                    &hb_url,
+                    "/v1/swarm/sync",
+                    json!({"key": hb_key, "finished": true}),
+                )
+                .await;
             }
         });
 
@@ -608,10 +630,17 @@ fn a_peer_serving_corrupt_chunks_is_detected_avoided_banned_and_nothing_corrupt_
                 assert!(avoided.contains(&joined["member"]), "{r}");
             }
         }
-        assert!(fake.served.load(Ordering::SeqCst) > 0, "the hostile peer was never asked");
+        assert!(
+            fake.served.load(Ordering::SeqCst) > 0,
+            "the hostile peer was never asked"
+        );
         assert!(corrupt >= 2, "corrupt chunks detected: {corrupt}");
         let st = room.swarm_status().await;
-        let s = st.sessions.iter().find(|s| s.session == "lab@1").expect("session");
+        let s = st
+            .sessions
+            .iter()
+            .find(|s| s.session == "lab@1")
+            .expect("session");
         let bad = s
             .members
             .iter()
@@ -619,7 +648,10 @@ fn a_peer_serving_corrupt_chunks_is_detected_avoided_banned_and_nothing_corrupt_
             .expect("fake member");
         assert!(bad.banned, "the corrupt peer was not banned: {bad:?}");
         assert!(bad.reports >= 2);
-        assert_eq!(bad.bytes_served, 0, "a corrupt frame was counted as served: {bad:?}");
+        assert_eq!(
+            bad.bytes_served, 0,
+            "a corrupt frame was counted as served: {bad:?}"
+        );
         stop.cancel();
         let _ = hb.await;
         tracker.close();
@@ -697,7 +729,10 @@ fn a_machine_joining_when_the_others_are_half_done_finishes_with_chunks_from_pee
             if all_half {
                 break 'wait;
             }
-            assert!(t0.elapsed() < Duration::from_secs(90), "the first three never got half way");
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "the first three never got half way"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let late = room.restore(3).await;
@@ -708,7 +743,10 @@ fn a_machine_joining_when_the_others_are_half_done_finishes_with_chunks_from_pee
         let r = room.wait(3, &late).await["result"].clone();
         room.check_identical(3, &r);
         let peers = r["stats"]["bytes_from_peers"].as_u64().expect("n");
-        assert!(peers > 0, "the late machine got nothing from its peers: {r}");
+        assert!(
+            peers > 0,
+            "the late machine got nothing from its peers: {r}"
+        );
         eprintln!(
             "late machine: {peers} bytes from peers, {} from the server",
             r["stats"]["bytes_from_server"]

@@ -170,7 +170,9 @@ fn random_hex(bytes: usize) -> String {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let d = ring::digest::digest(&ring::digest::SHA256, &t.to_le_bytes());
-        b.iter_mut().zip(d.as_ref().iter().cycle()).for_each(|(x, y)| *x = *y);
+        b.iter_mut()
+            .zip(d.as_ref().iter().cycle())
+            .for_each(|(x, y)| *x = *y);
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -442,7 +444,10 @@ impl Coordinator {
             let m = match m {
                 Ok(m) => m,
                 Err(aula_imager::Error::ImageNotFound(w)) => {
-                    return Err(Refusal(StatusCode::NOT_FOUND, format!("image {w} not found")))
+                    return Err(Refusal(
+                        StatusCode::NOT_FOUND,
+                        format!("image {w} not found"),
+                    ))
                 }
                 Err(e) => return Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
             };
@@ -567,7 +572,10 @@ impl Coordinator {
         s.last_activity = Instant::now();
         {
             let Some(mm) = s.member_mut(m) else {
-                return Err(Refusal(StatusCode::NOT_FOUND, "no such swarm member".into()));
+                return Err(Refusal(
+                    StatusCode::NOT_FOUND,
+                    "no such swarm member".into(),
+                ));
             };
             mm.last_seen = Instant::now();
             mm.finished = req.finished;
@@ -680,7 +688,10 @@ impl Coordinator {
                     return Err(Refusal(StatusCode::NOT_FOUND, "the session ended".into()));
                 };
                 if s.member(m).is_none() {
-                    return Err(Refusal(StatusCode::NOT_FOUND, "no such swarm member".into()));
+                    return Err(Refusal(
+                        StatusCode::NOT_FOUND,
+                        "no such swarm member".into(),
+                    ));
                 }
                 let starved = started.elapsed() >= self.cfg.starve;
                 while (assign.len() as u32) < req.ask.min(16) {
@@ -724,7 +735,10 @@ impl Coordinator {
     fn leave(&self, req: &LeaveRequest) -> Result<(), Refusal> {
         let mut inner = self.lock();
         let Some((name, m)) = inner.keys.remove(&req.key) else {
-            return Err(Refusal(StatusCode::NOT_FOUND, "no such swarm member".into()));
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "no such swarm member".into(),
+            ));
         };
         if let Some(s) = inner.sessions.get_mut(&name) {
             if let Some(mm) = s.member(m) {
@@ -752,7 +766,12 @@ impl Coordinator {
         let bytes = Limited::new(req.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("reading the body: {e}")))?
+            .map_err(|e| {
+                Refusal(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("reading the body: {e}"),
+                )
+            })?
             .to_bytes();
         serde_json::from_slice(&bytes)
             .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
@@ -781,7 +800,10 @@ impl Coordinator {
                         || s.done.len() > MAX_IDS
                         || s.failed.len() > MAX_IDS
                     {
-                        return Err(Refusal(StatusCode::PAYLOAD_TOO_LARGE, "too many ids".into()));
+                        return Err(Refusal(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too many ids".into(),
+                        ));
                     }
                     Ok(json(StatusCode::OK, &self.sync(s).await?))
                 }

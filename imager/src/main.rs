@@ -594,7 +594,9 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             if is_legacy_ref(&name) {
                 if swarm.swarm {
-                    bail!(usage("--swarm restores images of a repository, not legacy image files"));
+                    bail!(usage(
+                        "--swarm restores images of a repository, not legacy image files"
+                    ));
                 }
                 return restore_legacy(&name, &target, partition, force, &out, &net);
             }

@@ -310,7 +310,10 @@ impl Job<'_> {
     /// Start of window `c` and its length.
     fn span(&self, c: &ChunkRef) -> (u64, usize) {
         let start = c.index * self.chunk_size;
-        (start, self.chunk_size.min(self.source_size - start) as usize)
+        (
+            start,
+            self.chunk_size.min(self.source_size - start) as usize,
+        )
     }
 
     /// The target's copy of window `c`, for a swarm peer to serve.

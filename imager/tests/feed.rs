@@ -165,7 +165,12 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
     let (need, placed) = &s.begun[0];
     // The delta check ran first: window 1 is in place (and offered to serve),
     // zero windows are not chunks, the repeated window is needed once.
-    let id_of = |k: usize| m.chunks.iter().find(|c| c.index == k as u64).and_then(|c| c.id);
+    let id_of = |k: usize| {
+        m.chunks
+            .iter()
+            .find(|c| c.index == k as u64)
+            .and_then(|c| c.id)
+    };
     let w1 = id_of(1).expect("window 1");
     assert_eq!(placed.iter().map(|p| p.id).collect::<Vec<_>>(), vec![w1]);
     assert_eq!(placed[0].offset, CHUNK);
@@ -174,7 +179,11 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
     assert_eq!(need.iter().filter(|&&id| id == dup).count(), 1);
     let distinct: std::collections::HashSet<_> = need.iter().collect();
     assert_eq!(distinct.len(), need.len());
-    assert_eq!(need.len(), 24 - 2 - 2 - 1, "24 windows, 2 zero, 2 repeats, 1 in place");
+    assert_eq!(
+        need.len(),
+        24 - 2 - 2 - 1,
+        "24 windows, 2 zero, 2 repeats, 1 in place"
+    );
     // Handed out last first, every needed chunk exactly once.
     let mut order = need.clone();
     order.reverse();
@@ -199,7 +208,10 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
     assert_eq!(stats.chunks_skipped, reference.chunks_skipped + 1);
     assert_eq!(stats.bytes_written + CHUNK, reference.bytes_written);
     assert_eq!(stats.chunks_fetched as usize, need.len());
-    assert_eq!(stats.chunks_from_peers, 0, "the only peer frame was corrupt");
+    assert_eq!(
+        stats.chunks_from_peers, 0,
+        "the only peer frame was corrupt"
+    );
     assert!(stats.bytes_from_peers > 0);
     assert_eq!(
         stats.bytes_from_server + stats.bytes_from_peers,

@@ -369,8 +369,8 @@ impl TestCore {
 
     /// [`TestCore::start`] listening on `ip` (e.g. inside a namespace).
     pub async fn start_on(ip: std::net::IpAddr) -> TestCore {
-        let pair = aula_bootserver::tls::self_signed(&["localhost".into(), ip.to_string()])
-            .expect("cert");
+        let pair =
+            aula_bootserver::tls::self_signed(&["localhost".into(), ip.to_string()]).expect("cert");
         let state = Arc::new(CoreState::default());
         Self::start_with(pair, state, SocketAddr::new(ip, 0)).await
     }

@@ -203,7 +203,9 @@ impl HttpRepo {
             Err(Fail::Retry(why)) => return Err(Error::Repo(why)),
         };
         let uri = self.url(path);
-        match self.block_on(async { tokio::time::timeout(timeout, self.exchange(req, MAX_JSON)).await }) {
+        match self
+            .block_on(async { tokio::time::timeout(timeout, self.exchange(req, MAX_JSON)).await })
+        {
             Err(_) => Err(Error::Repo(format!("{uri}: no answer within {timeout:?}"))),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(Fail::Fatal(e))) => Err(e),

@@ -465,7 +465,10 @@ impl Swarm {
             .handle
             .block_on(async { tokio::time::timeout(self.opts.peer_deadline, fut).await })
         {
-            Err(_) => Err(format!("timeout: slower than {:?}", self.opts.peer_deadline)),
+            Err(_) => Err(format!(
+                "timeout: slower than {:?}",
+                self.opts.peer_deadline
+            )),
             Ok(r) => r,
         }
     }
@@ -523,7 +526,7 @@ impl Swarm {
 
     /// A chunk from this member's own store, or None (then it is wanted
     /// from the swarm).
-    fn from_store(&self, id: ChunkId, out: &mut Vec<u8>) -> Option<Ticket> {
+    fn take_own(&self, id: ChunkId, out: &mut Vec<u8>) -> Option<Ticket> {
         let frame = match self.store.frame(&id) {
             Some(f) => Some(f),
             None => self.store.rebuild(&id).ok().flatten(),
@@ -674,7 +677,7 @@ impl Feed for Swarm {
                 g.local.pop_front()
             };
             if let Some(id) = local {
-                match self.from_store(id, out) {
+                match self.take_own(id, out) {
                     Some(t) => return Ok(Some(t)),
                     None => continue,
                 }
@@ -724,7 +727,10 @@ impl Feed for Swarm {
     fn refetch(&self, t: &mut Ticket, why: &str, out: &mut Vec<u8>) -> Result<()> {
         match t.peer.take() {
             Some(_) if t.local => {
-                tracing::warn!("chunk {} from this machine's own store is corrupt ({why})", t.id)
+                tracing::warn!(
+                    "chunk {} from this machine's own store is corrupt ({why})",
+                    t.id
+                )
             }
             Some(p) => self.peer_failed(&t.id, &p, &format!("corrupt: {why}")),
             None => self.repo.invalid(&t.id),

@@ -278,7 +278,10 @@ async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>, act: Arc<Activity
     };
     if !ok {
         store.unauthorized.fetch_add(1, Ordering::Relaxed);
-        return plain(StatusCode::UNAUTHORIZED, "this swarm session's token is needed\n");
+        return plain(
+            StatusCode::UNAUTHORIZED,
+            "this swarm session's token is needed\n",
+        );
     }
     if !store.holds(&id) {
         store.not_held.fetch_add(1, Ordering::Relaxed);
@@ -286,7 +289,10 @@ async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>, act: Arc<Activity
     }
     let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
         store.busy.fetch_add(1, Ordering::Relaxed);
-        let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "every upload slot is busy\n");
+        let mut r = plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "every upload slot is busy\n",
+        );
         r.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
@@ -374,7 +380,11 @@ impl Body for Reply {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            Reply::Text(t) => Poll::Ready(t.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Reply::Text(t) => Poll::Ready(
+                t.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
             Reply::Frame { data, act, .. } => {
                 if data.is_empty() {
                     return Poll::Ready(None);
