@@ -410,3 +410,110 @@ impl Body for Reply {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn get(addr: SocketAddr, path: &str, token: Option<&str>, method: &str) -> (u16, Vec<u8>) {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("send");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let head_end = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(out.len(), |p| p + 4);
+        let status = String::from_utf8_lossy(&out[..head_end])
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, out[head_end..].to_vec())
+    }
+
+    #[test]
+    fn chunks_are_served_only_with_the_token_only_when_held_and_only_within_the_slots() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let store = Arc::new(Store::new(64 << 20, false));
+        let small = ChunkId([1; 32]);
+        let big = ChunkId([2; 32]);
+        store.insert_frame(small, Bytes::from_static(b"a small frame"));
+        let big_frame: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+        store.insert_frame(big, Bytes::from(big_frame.clone()));
+        let srv = PeerServer::start(
+            rt.handle(),
+            "127.0.0.1:0".parse().expect("addr"),
+            store.clone(),
+            1,
+            8,
+        )
+        .expect("start");
+        let a = srv.addr();
+        let path = |id: &ChunkId| format!("{PEER_CHUNKS}{id}");
+        // No token yet: nobody is served.
+        assert_eq!(get(a, &path(&small), Some("tok"), "GET").0, 401);
+        srv.set_token("tok");
+        assert_eq!(get(a, &path(&small), None, "GET").0, 401);
+        assert_eq!(get(a, &path(&small), Some("tik"), "GET").0, 401);
+        assert_eq!(get(a, &path(&ChunkId([3; 32])), Some("tok"), "GET").0, 404);
+        assert_eq!(get(a, "/v1/swarm/chunks/zz", Some("tok"), "GET").0, 400);
+        assert_eq!(get(a, "/v1/images", Some("tok"), "GET").0, 404);
+        assert_eq!(get(a, &path(&small), Some("tok"), "DELETE").0, 405);
+        let (s, body) = get(a, &path(&small), Some("tok"), "GET");
+        assert_eq!((s, body.as_slice()), (200, &b"a small frame"[..]));
+        // One slot: while a reader holds the big frame half read, the next
+        // asker is told busy at once; then it is served.
+        let mut slow = std::net::TcpStream::connect(a).expect("connect");
+        slow.write_all(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n",
+                path(&big)
+            )
+            .as_bytes(),
+        )
+        .expect("send");
+        let mut head = [0u8; 12];
+        slow.read_exact(&mut head).expect("status line");
+        assert_eq!(&head[9..12], b"200");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(get(a, &path(&small), Some("tok"), "GET").0, 503);
+        let mut rest = Vec::new();
+        slow.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        while rest.len() < big_frame.len() {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = slow.read(&mut buf).expect("read");
+            assert!(n > 0, "the big frame ended early");
+            rest.extend_from_slice(&buf[..n]);
+        }
+        let start = rest.len() - big_frame.len();
+        assert!(rest[start..] == big_frame[..], "the big frame differs");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(get(a, &path(&small), Some("tok"), "GET").0, 200);
+        let st = store.stats();
+        assert_eq!(st.busy, 1);
+        assert_eq!(st.unauthorized, 3);
+        assert_eq!(st.chunks_served, 3);
+        srv.stop();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            std::net::TcpStream::connect(a).is_err(),
+            "still listening after stop"
+        );
+    }
+}
