@@ -146,9 +146,18 @@ struct AgentProc {
 }
 
 impl AgentProc {
-    fn start(lab: &Lab, i: usize, dir: &Path, core: &TestCore) -> AgentProc {
+    fn start(lab: &Lab, i: usize, dir: &Path, core: &TestCore, kind: Kind) -> AgentProc {
         std::fs::create_dir_all(dir).expect("agent dir");
-        let disk = target_disk(dir);
+        let disk = match kind {
+            Kind::Partition => target_disk(dir),
+            Kind::TwinDisk => {
+                let d = dir.join("blank.img");
+                std::fs::File::create(&d)
+                    .and_then(|f| f.set_len(64 * MIB))
+                    .expect("blank disk");
+                d
+            }
+        };
         let ip = lab.agent_ip(i);
         let mac = format!("52:54:00:77:{:02x}:{:02x}", lab.net, i);
         let cfg = dir.join("agent.toml");
@@ -244,8 +253,20 @@ impl Drop for AgentProc {
     }
 }
 
+/// What the room restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Partition 1 (ext4, random data) of the standard source disk onto
+    /// partition 2 of each machine's standard target disk.
+    Partition,
+    /// A whole MBR disk whose two partitions hold the same raw data, onto a
+    /// blank disk: the second partition's chunks are the first one's.
+    TwinDisk,
+}
+
 /// The server side of a lab and its agents.
 struct Room {
+    kind: Kind,
     dir: tempfile::TempDir,
     server: BootServer,
     core: TestCore,
@@ -259,13 +280,46 @@ struct Room {
 
 impl Room {
     async fn start(lab: &Lab) -> Room {
+        Self::start_with(lab, Kind::Partition).await
+    }
+
+    async fn start_with(lab: &Lab, kind: Kind) -> Room {
         init_logs();
         let dir = tempfile::tempdir().expect("tmp");
         let server =
             BootServer::start_on(&dir.path().join("srv"), API_TOKEN, lab.server_ip()).await;
         let core = TestCore::start_on(lab.server_ip()).await;
-        let (source, _) = source_disk(dir.path(), DATA_MIB);
-        let image = upload_chunked(&server.repo_url(), &source, Some(1), "lab", CHUNK).await;
+        let (source, image) = match kind {
+            Kind::Partition => {
+                let (source, _) = source_disk(dir.path(), DATA_MIB);
+                let m = upload_chunked(&server.repo_url(), &source, Some(1), "lab", CHUNK).await;
+                (source, m)
+            }
+            Kind::TwinDisk => {
+                let source = dir.path().join("twin.img");
+                make_disk(
+                    &source,
+                    64,
+                    json!({"table": "mbr", "partitions": [
+                        {"number": 1, "type": "linux", "size": "24MiB", "format": false},
+                        {"number": 2, "type": "linux", "size": "24MiB", "format": false}
+                    ]}),
+                );
+                let data = pseudo_random(9, 24 << 20);
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&source)
+                    .expect("open");
+                for n in [1, 2] {
+                    use std::os::unix::fs::FileExt;
+                    f.write_all_at(&data, part_range(&source, n).0)
+                        .expect("fill");
+                }
+                drop(f);
+                let m = upload_chunked(&server.repo_url(), &source, None, "lab", CHUNK).await;
+                (source, m)
+            }
+        };
         let reference = reference_restore(&server.repo_url(), &image, dir.path()).await;
         let mut agents = Vec::new();
         for i in 0..lab.agents.len() {
@@ -274,6 +328,7 @@ impl Room {
                 i,
                 &dir.path().join(format!("a{i}")),
                 &core,
+                kind,
             ));
         }
         let mut apis = Vec::new();
@@ -288,6 +343,7 @@ impl Room {
             ));
         }
         Room {
+            kind,
             dir,
             server,
             core,
@@ -304,8 +360,11 @@ impl Room {
     }
 
     async fn restore(&self, i: usize) -> String {
-        let spec = json!({"op": "restore", "disk": 1, "partition": 2, "image": "lab",
+        let mut spec = json!({"op": "restore", "disk": 1, "image": "lab",
             "repository": self.repo_url(), "method": "swarm"});
+        if self.kind == Kind::Partition {
+            spec["partition"] = json!(2);
+        }
         let (s, v) = self.apis[i]
             .call(Method::POST, "/v1/jobs", Some(spec))
             .await;
@@ -344,8 +403,13 @@ impl Room {
     /// written and then corrected).
     fn check_identical(&self, i: usize, result: &Value) {
         let size = self.image.source_size;
-        let (ss, _) = part_range(&self.source, 1);
-        let (ts, tl) = part_range(&self.agents[i].disk, 2);
+        let ((ss, _), (ts, tl)) = match self.kind {
+            Kind::Partition => (
+                part_range(&self.source, 1),
+                part_range(&self.agents[i].disk, 2),
+            ),
+            Kind::TwinDisk => ((0, size), (0, size)),
+        };
         assert!(tl >= size);
         let read = |p: &Path, at: u64| {
             use std::os::unix::fs::FileExt;
@@ -394,7 +458,11 @@ async fn reference_restore(
     let (url, m, path) = (url.to_string(), m.clone(), dir.join("reference.img"));
     tokio::task::spawn_blocking(move || {
         let f = std::fs::File::create(&path).expect("reference target");
-        f.set_len(m.source_size).expect("size");
+        f.set_len(
+            m.source_size
+                .max(aula_imager::disk_image::min_disk_size(&m)),
+        )
+        .expect("size");
         drop(f);
         let repo = aula_imager::repo::HttpRepo::new(&url, Default::default()).expect("repo");
         let dev = aula_imager::device::Device::open(
@@ -751,6 +819,29 @@ fn a_machine_joining_when_the_others_are_half_done_finishes_with_chunks_from_pee
             "late machine: {peers} bytes from peers, {} from the server",
             r["stats"]["bytes_from_server"]
         );
+        room.finish().await;
+    });
+}
+
+#[test]
+fn a_whole_disk_whose_partitions_repeat_fetches_the_repeat_once_and_takes_it_from_its_own_store() {
+    require_root();
+    let lab = Lab::new(2);
+    in_lab(&lab, || async {
+        let room = Room::start_with(&lab, Kind::TwinDisk).await;
+        let jobs = [room.restore(0).await, room.restore(1).await];
+        for (i, j) in jobs.iter().enumerate() {
+            let r = room.wait(i, j).await["result"].clone();
+            room.check_identical(i, &r);
+            let fetched = r["stats"]["bytes_fetched"].as_u64().expect("n");
+            // The plain restore fetched both partitions; the swarm member
+            // fetched the first and took the second from its own store.
+            assert!(
+                fetched * 10 < room.reference.bytes_fetched * 6,
+                "agent {i} fetched {fetched} bytes; a plain restore fetches {}",
+                room.reference.bytes_fetched
+            );
+        }
         room.finish().await;
     });
 }
