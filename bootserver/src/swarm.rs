@@ -690,6 +690,16 @@ impl Coordinator {
             };
             mm.last_seen = Instant::now();
             mm.finished = req.finished;
+        }
+        // What it no longer serves and what it now holds, before what it
+        // wants (a chunk it dropped may be wanted again).
+        for c in dropped {
+            s.set_serves(m, c, false);
+        }
+        for c in have {
+            s.set_serves(m, c, true);
+        }
+        if let Some(mm) = s.member_mut(m) {
             let mut added = false;
             for &c in &want {
                 let ci = c as usize;
@@ -708,12 +718,6 @@ impl Coordinator {
                 order.shrink_to_fit();
                 mm.order = order;
             }
-        }
-        for c in have {
-            s.set_serves(m, c, true);
-        }
-        for c in dropped {
-            s.set_serves(m, c, false);
         }
         for c in released {
             s.release(m, c);

@@ -66,7 +66,7 @@ impl Default for SwarmOptions {
         SwarmOptions {
             listen: Some(SocketAddr::from(([0, 0, 0, 0], 0))),
             slots: super::wire::default_slots() as usize,
-            max_connections: 64,
+            max_connections: 128,
             cache_bytes: 256 << 20,
             serve_from_target: true,
             peer_stall: Duration::from_secs(5),
@@ -249,9 +249,12 @@ impl Swarm {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(3)));
+        // Few idle connections, soon closed: in a large room a member talks
+        // to many peers, and each peer serves a bounded number of
+        // connections.
         let peers = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(20))
-            .pool_max_idle_per_host(8)
+            .pool_idle_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(2)
             .build(http);
         tracing::info!(
             session = %join.session,

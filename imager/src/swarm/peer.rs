@@ -4,7 +4,7 @@
 //! zstd frame from the [`Store`]. Bounds: `max_connections` connections,
 //! `slots` responses in progress at once (more get `503` at once, so the
 //! asker goes elsewhere), a response whose reader stalls for 15 s and an
-//! idle connection after 30 s are closed, and memory is the store's cache
+//! idle connection after 15 s are closed, and memory is the store's cache
 //! plus at most `slots` windows being rebuilt from the target.
 //!
 //! This is the only HTTP server in `aula-imager`: the crate otherwise knows
@@ -37,7 +37,7 @@ const PIECE: usize = 64 << 10;
 /// A response whose reader takes nothing for this long is dropped.
 const STALL: Duration = Duration::from_secs(15);
 /// An idle keep-alive connection is closed after this.
-const IDLE: Duration = Duration::from_secs(30);
+const IDLE: Duration = Duration::from_secs(15);
 
 struct Shared {
     store: Arc<Store>,
