@@ -13,11 +13,19 @@
 //! | `DELETE /v1/jobs/{id}` | cancel: 200 (was queued, now cancelled), 202 (running, stopping), 409 (finished / not stoppable) |
 //! | `GET /v1/jobs/{id}/events` | server-sent events: a snapshot, then every event until the job ends |
 //! | `POST /CloningEngine/{op}` | OpenGnsys operations → `{"job_id": "<op>-<8 hex>"}` (200) |
-//! | `GET /CloningEngine/status` | `{"status": "OPG"|"BSY", …}` |
+//! | `GET /CloningEngine/status` | `{"status": "OPG"|"BSY", "session": "live"|"booting-os", …}` |
 //!
-//! Everything but `GET /v1/status` needs `Authorization: Bearer <token>`;
-//! the check comes before routing, so without the token every path
-//! answers 401 and nothing runs.
+//! Everything but `GET /v1/status` needs the agent's token, as
+//! `Authorization: Bearer <token>` or, as OpenGnsys' core sends it,
+//! `Authorization: <token>`; the check comes before routing, so without the
+//! token every path answers 401 and nothing runs.
+//!
+//! Bodies: `/v1/jobs` takes JSON (`Content-Type` absent or
+//! `application/json`); `/CloningEngine/*` also takes the content types
+//! generic clients send by default (`curl -d`: form-urlencoded; text/plain)
+//! and parses the body as JSON all the same: anything that is not JSON is
+//! 400, other content types 415. Over 1 MiB: 413; a body the client failed
+//! to send: 400.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,10 +34,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use aula_httpkit::body::{BodyError, JsonTypes};
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
@@ -40,7 +49,7 @@ use crate::spec::{BadRequest, JobSpec};
 use crate::Ctx;
 
 /// Response body.
-pub type Body = BoxBody<Bytes, io::Error>;
+pub type Body = aula_httpkit::Body;
 
 /// Largest request body.
 const MAX_BODY: usize = 1 << 20;
@@ -92,9 +101,12 @@ pub enum ApiError {
     /// Body too large.
     #[error("request body larger than {MAX_BODY} bytes")]
     TooLarge,
-    /// Body is not JSON.
-    #[error("content type must be application/json")]
-    MediaType,
+    /// The body came too slowly (the listener's body deadlines).
+    #[error("{0}")]
+    Timeout(String),
+    /// A content type the route does not take.
+    #[error("{0}")]
+    MediaType(String),
     /// Too many jobs.
     #[error("{0}")]
     TooMany(String),
@@ -132,7 +144,8 @@ impl ApiError {
             ApiError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::MediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -169,26 +182,10 @@ impl ApiError {
     }
 }
 
-fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
-}
+use aula_httpkit::full;
 
 fn json_response(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
-    let bytes = match serde_json::to_vec(v) {
-        Ok(mut b) => {
-            b.push(b'\n');
-            b
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "encoding a response");
-            b"{\"error\":\"internal error\"}\n".to_vec()
-        }
-    };
-    let mut r = Response::new(full(bytes));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    aula_httpkit::json_response(status, v)
 }
 
 /// Entry point for every request.
@@ -215,44 +212,31 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, remote: SocketAddr) -
 }
 
 fn authorized(ctx: &Ctx, req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| aula_imager::tls::secrets_equal(t.trim().as_bytes(), ctx.token.as_bytes()))
+    aula_httpkit::auth::credential(req.headers())
+        .is_some_and(|t| aula_imager::tls::secrets_equal(t.as_bytes(), ctx.token.as_bytes()))
 }
 
-async fn body_json(req: Request<Incoming>, allow_empty: bool) -> Result<Value, ApiError> {
-    let ct_ok = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_none_or(|v| v.trim_start().starts_with("application/json"));
-    if !ct_ok {
-        return Err(ApiError::MediaType);
-    }
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+async fn body_json(
+    req: Request<Incoming>,
+    types: JsonTypes,
+    allow_empty: bool,
+) -> Result<Value, ApiError> {
+    aula_httpkit::body::read_json_value(req, MAX_BODY, types, allow_empty)
         .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::TooLarge
-            } else {
+        .map_err(|e| match e {
+            BodyError::TooLarge { .. } => ApiError::TooLarge,
+            BodyError::Timeout(_) => ApiError::Timeout(e.to_string()),
+            BodyError::MediaType(_) => ApiError::MediaType(e.to_string()),
+            BodyError::Read(_) => {
                 ApiError::BadRequest(BadRequest::body("could not read the request body"))
             }
-        })?
-        .to_bytes();
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return if allow_empty {
-            Ok(Value::Null)
-        } else {
-            Err(BadRequest::body("the body is empty (a JSON object is expected)").into())
-        };
-    }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| BadRequest::body(format!("invalid JSON: {e}")).into())
+            BodyError::Empty => ApiError::BadRequest(BadRequest::body(
+                "the body is empty (a JSON object is expected)",
+            )),
+            BodyError::Json(m) => {
+                ApiError::BadRequest(BadRequest::body(format!("invalid JSON: {m}")))
+            }
+        })
 }
 
 async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -280,7 +264,7 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
             Ok(r)
         }
         (Method::POST, ["v1", "jobs"]) => {
-            let body = body_json(req, false).await?;
+            let body = body_json(req, JsonTypes::Json, false).await?;
             create_job(ctx, body).await
         }
         (Method::GET, ["v1", "jobs"]) => {
@@ -311,28 +295,11 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         },
         (Method::GET, ["v1", "jobs", id, "events"]) => events(ctx, id),
         (Method::GET, ["CloningEngine", "status"]) => {
-            let jobs = ctx.jobs.list();
-            let ids = |s: JobState| -> Vec<String> {
-                jobs.iter()
-                    .filter(|j| j.state() == s)
-                    .map(|j| j.id.clone())
-                    .collect()
-            };
-            let running = ids(JobState::Running);
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({
-                    "status": if running.is_empty() { "OPG" } else { "BSY" },
-                    "loggedin": false,
-                    "session": "",
-                    "running": running,
-                    "queued": ids(JobState::Queued),
-                }),
-            ))
+            Ok(json_response(StatusCode::OK, &ctx.opengnsys_status()))
         }
         (Method::POST, ["CloningEngine", op]) if crate::opengnsys::OPS.contains(op) => {
             let op = op.to_string();
-            let body = body_json(req, true).await?;
+            let body = body_json(req, JsonTypes::Lenient, true).await?;
             opengnsys_job(ctx, &op, body).await
         }
         (_, ["v1", "status" | "inventory" | "openapi.json"]) | (_, ["CloningEngine", "status"]) => {

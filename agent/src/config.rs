@@ -10,7 +10,21 @@
 //! | `aula.server_fp=sha256:<hex>` | `server.fingerprint` | pin of the server's TLS certificate |
 //! | `aula.core=<url>` | `core.url` | where webhooks go (default `<server>/v1/agents/events`) |
 //! | `aula.core_fp=sha256:<hex>` | `core.fingerprint` | pin of the core's certificate |
+//! | `aula.boot=<nonce>` | — | this boot's nonce, sent with the registration |
+//! | `aula.tls=off` | — | the boot server has HTTPS turned off (said plainly, logged as a warning) |
 //! | `BOOTIF=01-aa-bb-cc-dd-ee-ff` | `identity.mac` | the interface the machine booted from |
+//!
+//! # Where the repository is, and what goes there
+//!
+//! | job names | repository URL | trust | credentials sent |
+//! |---|---|---|---|
+//! | nothing (native job) | `repository.url`, else `aula.server`'s origin | `repository.fingerprint`, else the server's | the configured origin's: write token, read token |
+//! | `ipr` = the host of `aula.server` | `aula.server`'s scheme, port and pin | the server's | the read token from registration; uploads the upload token (capture grant) |
+//! | `ipr` = another host, or a `repository` URL | `<repository.scheme>://<ipr>:<repository.port>`, or that URL | `repository.fingerprint`, else the CA bundle, else the server's | only if its origin is the configured one |
+//!
+//! An agent that pins the server (`aula.server_fp`) or has a CA bundle
+//! refuses `http://` repositories unless the job says `"allow_http": true`
+//! or `repository.allow_http = true`.
 //!
 //! See `aula-agent.example.toml` for every key with its default.
 
@@ -71,6 +85,12 @@ pub struct FileConfig {
     /// string turns them off. Default `/run/aula/records`.
     #[serde(default)]
     pub restore_records: Option<PathBuf>,
+    /// Private directory (0700, on a RAM filesystem) for what one boot
+    /// keeps across agent restarts: token and certificate, manifests the
+    /// repository confirmed. An empty string keeps nothing. Default
+    /// `/run/aula/agent`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// `[listen]`
     #[serde(default)]
     pub listen: ListenSection,
@@ -190,12 +210,18 @@ pub struct CoreSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositorySection {
-    /// `http` or `https`: with `ipr` it makes the repository URL.
+    /// `http` or `https`: with an `ipr` that is not the server's host, it
+    /// makes the repository URL.
     #[serde(default = "default_repo_scheme")]
     pub scheme: String,
-    /// Port of the repository service (the boot server's HTTP port).
+    /// Port of such a repository (an `ipr` naming the server's host uses
+    /// `aula.server`'s port).
     #[serde(default = "default_repo_port")]
     pub port: u16,
+    /// Accept `http://` repositories although the server is pinned (by
+    /// default only a job's `"allow_http": true` does).
+    #[serde(default)]
+    pub allow_http: bool,
     /// Repository URL for native jobs that name none (default: scheme +
     /// the server's host + port).
     #[serde(default)]
@@ -209,16 +235,21 @@ pub struct RepositorySection {
     /// File whose first line is the upload token.
     #[serde(default)]
     pub write_token_file: Option<PathBuf>,
+    /// Token for reads from the configured repository (the boot server
+    /// hands its own read token to a registered agent; this is for another
+    /// configured repository).
+    #[serde(default)]
+    pub read_token: Option<String>,
     /// Seconds a failing repository call is retried before the job fails.
     #[serde(default = "default_repo_retry")]
     pub retry_s: u64,
 }
 
 fn default_repo_scheme() -> String {
-    "http".into()
+    "https".into()
 }
 fn default_repo_port() -> u16 {
-    8080
+    8443
 }
 fn default_repo_retry() -> u64 {
     300
@@ -229,10 +260,12 @@ impl Default for RepositorySection {
         RepositorySection {
             scheme: default_repo_scheme(),
             port: default_repo_port(),
+            allow_http: false,
             url: None,
             fingerprint: None,
             write_token: None,
             write_token_file: None,
+            read_token: None,
             retry_s: default_repo_retry(),
         }
     }
@@ -285,6 +318,11 @@ pub struct JobsSection {
     /// Shell that runs scripts.
     #[serde(default = "default_shell")]
     pub shell: PathBuf,
+    /// Program run (when it exists) after a job changed partitions or
+    /// filesystems (restore, layout): the live system's `aula-disklinks`,
+    /// which rebuilds `/dev/disk/by-*` where there is no udev.
+    #[serde(default = "default_after_disk_change")]
+    pub after_disk_change: PathBuf,
 }
 
 fn default_keep() -> usize {
@@ -302,6 +340,9 @@ fn default_script_output() -> usize {
 fn default_shell() -> PathBuf {
     PathBuf::from("/bin/sh")
 }
+fn default_after_disk_change() -> PathBuf {
+    PathBuf::from("/usr/sbin/aula-disklinks")
+}
 
 impl Default for JobsSection {
     fn default() -> Self {
@@ -311,6 +352,7 @@ impl Default for JobsSection {
             script_timeout_s: default_script_timeout(),
             script_output_bytes: default_script_output(),
             shell: default_shell(),
+            after_disk_change: default_after_disk_change(),
         }
     }
 }
@@ -453,6 +495,10 @@ pub struct KernelParams {
     pub core_fp: Option<String>,
     /// `BOOTIF=` as a MAC (`aa:bb:…`).
     pub bootif: Option<String>,
+    /// `aula.boot=`: this boot's registration nonce.
+    pub boot: Option<String>,
+    /// `aula.tls=off`: the boot server serves everything over plain HTTP.
+    pub tls_off: bool,
 }
 
 impl KernelParams {
@@ -473,6 +519,8 @@ impl KernelParams {
                 "aula.server_fp" => p.server_fp = Some(v),
                 "aula.core" => p.core = Some(v),
                 "aula.core_fp" => p.core_fp = Some(v),
+                "aula.boot" => p.boot = Some(v),
+                "aula.tls" => p.tls_off = v.eq_ignore_ascii_case("off"),
                 // pxelinux/iPXE form: 01-aa-bb-cc-dd-ee-ff (01 = Ethernet).
                 "BOOTIF" => {
                     let mac = v.strip_prefix("01-").unwrap_or(&v).replace('-', ":");
@@ -500,10 +548,18 @@ pub struct Settings {
     pub core_trust: ServerTrust,
     /// Repository settings.
     pub repository: RepositorySection,
-    /// Upload token.
+    /// Write token of the configured repository (sent only to its origin).
     pub repo_write_token: Option<String>,
-    /// How to trust an https repository.
+    /// How to trust the configured repository, when it is not the server.
     pub repo_trust: ServerTrust,
+    /// CA bundle for repositories that are neither the server nor pinned.
+    pub ca_bundle: Option<PathBuf>,
+    /// This boot's nonce (`aula.boot=`).
+    pub boot_nonce: Option<String>,
+    /// The kernel line said `aula.tls=off`.
+    pub tls_off: bool,
+    /// Private per-boot state directory; None: keep nothing.
+    pub state_dir: Option<PathBuf>,
     /// `dsk` → path. Empty: the machine's own disks.
     pub disks: BTreeMap<u32, PathBuf>,
     /// Cache.
@@ -547,6 +603,29 @@ fn pin(key: &str, fp: &str) -> Result<ServerTrust, ConfigError> {
 pub fn authority_of(url: &str) -> Option<String> {
     let u: hyper::Uri = url.parse().ok()?;
     Some(format!("{}://{}", u.scheme_str()?, u.authority()?))
+}
+
+/// The origin of a URL: scheme, host and port (the scheme's default port
+/// when none is written), lowercased, so `https://h` and `https://H:443`
+/// compare equal.
+pub fn origin_of(url: &str) -> Option<(String, String, u16)> {
+    let u: hyper::Uri = url.trim().parse().ok()?;
+    let scheme = u.scheme_str()?.to_ascii_lowercase();
+    let port = u.port_u16().or(match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    })?;
+    let host = u
+        .host()?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_ascii_lowercase();
+    Some((scheme, host, port))
+}
+
+/// Whether two URLs have the same origin (both must parse).
+pub fn same_origin(a: &str, b: &str) -> bool {
+    matches!((origin_of(a), origin_of(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The host of a URL.
@@ -607,6 +686,11 @@ impl Settings {
             (Some(fp), _) => pin("repository.fingerprint", fp)?,
             _ => server_trust.clone(),
         };
+        if let Some(t) = &repo.read_token {
+            if t.trim().is_empty() {
+                return Err(invalid("repository.read_token", "must not be empty"));
+            }
+        }
         let repo_write_token = match (&repo.write_token, &repo.write_token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(p)) => {
@@ -657,6 +741,14 @@ impl Settings {
             repository: repo,
             repo_write_token,
             repo_trust,
+            ca_bundle: ca,
+            boot_nonce: kernel.boot.clone(),
+            tls_off: kernel.tls_off,
+            state_dir: match &file.state_dir {
+                None => Some(PathBuf::from("/run/aula/agent")),
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(p.clone()),
+            },
             disks,
             cache: file.cache.clone(),
             jobs: file.jobs.clone(),
@@ -673,8 +765,25 @@ impl Settings {
         })
     }
 
-    /// Repository URL for an OpenGnsys `ipr` (IP or host name).
+    /// Repository URL for an OpenGnsys `ipr` (IP or host name): the boot
+    /// server's origin when `ipr` names its host, else
+    /// `<repository.scheme>://<ipr>:<repository.port>`.
     pub fn repo_url_for(&self, ipr: &str) -> String {
+        if let Some(server) = &self.server_url {
+            if let Some((scheme, host, port)) = origin_of(server) {
+                let ipr_host = ipr
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .to_ascii_lowercase();
+                if ipr_host == host {
+                    let h = if host.contains(':') {
+                        format!("[{host}]")
+                    } else {
+                        host
+                    };
+                    return format!("{scheme}://{h}:{port}");
+                }
+            }
+        }
         let host = if ipr.contains(':') && !ipr.starts_with('[') {
             format!("[{ipr}]")
         } else {
@@ -686,13 +795,56 @@ impl Settings {
         )
     }
 
-    /// Repository URL for native jobs that name none.
+    /// Repository URL for native jobs that name none: `repository.url`,
+    /// else the boot server's origin.
     pub fn default_repo_url(&self) -> Option<String> {
         if let Some(u) = &self.repository.url {
             return Some(u.trim_end_matches('/').to_string());
         }
-        let host = host_of(self.server_url.as_deref()?)?;
-        Some(self.repo_url_for(&host))
+        let (scheme, host, port) = origin_of(self.server_url.as_deref()?)?;
+        let h = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        Some(format!("{scheme}://{h}:{port}"))
+    }
+
+    /// Whether `url` is the configured repository (`repository.url`, else
+    /// the server): the only origin its tokens are sent to.
+    pub fn is_configured_repo(&self, url: &str) -> bool {
+        self.default_repo_url()
+            .is_some_and(|c| same_origin(&c, url))
+    }
+
+    /// Whether `url` is the boot server itself (same origin as `aula.server`).
+    pub fn is_server(&self, url: &str) -> bool {
+        self.server_url
+            .as_deref()
+            .is_some_and(|s| same_origin(s, url))
+    }
+
+    /// The agent pins the server or holds a CA bundle: it then refuses
+    /// plain `http://` repositories unless asked.
+    pub fn strict_tls(&self) -> bool {
+        matches!(
+            self.server_trust,
+            ServerTrust::Pin(_) | ServerTrust::CaFile(_)
+        )
+    }
+
+    /// How to trust the repository at `url`.
+    pub fn trust_for(&self, url: &str) -> ServerTrust {
+        if self.is_server(url) {
+            return self.server_trust.clone();
+        }
+        if self.repository.fingerprint.is_some() {
+            return self.repo_trust.clone();
+        }
+        match &self.ca_bundle {
+            Some(ca) => ServerTrust::CaFile(ca.clone()),
+            None => self.repo_trust.clone(),
+        }
     }
 }
 
@@ -726,11 +878,32 @@ mod tests {
             Some("http://10.1.2.3:8080/v1/agents/events")
         );
         assert_eq!(s.disks.get(&1), Some(&PathBuf::from("/tmp/d1.img")));
-        assert_eq!(s.repo_url_for("10.9.9.9"), "http://10.9.9.9:8080");
+        assert_eq!(s.repo_url_for("10.9.9.9"), "https://10.9.9.9:8443");
+        assert_eq!(s.repo_url_for("10.1.2.3"), "http://10.1.2.3:8080");
         assert_eq!(
             s.default_repo_url().as_deref(),
             Some("http://10.1.2.3:8080")
         );
+    }
+
+    #[test]
+    fn an_ipr_naming_the_servers_host_takes_its_scheme_port_and_pin() {
+        let fp = format!("sha256:{}", "ab".repeat(32));
+        let k = KernelParams::parse(&format!(
+            "aula.server=https://10.0.0.1:8443 aula.server_fp={fp} aula.boot=0123abcd"
+        ));
+        let s = Settings::new(FileConfig::default(), &k).expect("settings");
+        assert_eq!(s.boot_nonce.as_deref(), Some("0123abcd"));
+        assert_eq!(s.repo_url_for("10.0.0.1"), "https://10.0.0.1:8443");
+        assert!(
+            s.is_server("https://10.0.0.1:8443") && s.is_configured_repo("https://10.0.0.1:8443/")
+        );
+        assert!(!s.is_configured_repo("https://10.0.0.9:8443"));
+        assert!(!s.is_configured_repo("http://10.0.0.1:8443"));
+        assert_eq!(s.trust_for("https://10.0.0.1:8443"), s.server_trust);
+        assert!(s.strict_tls());
+        assert_eq!(s.repo_url_for("10.0.0.9"), "https://10.0.0.9:8443");
+        assert!(same_origin("https://H:443/x", "https://h"));
     }
 
     #[test]

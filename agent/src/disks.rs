@@ -229,7 +229,63 @@ impl Drop for Mounted {
     }
 }
 
-/// Mount partition `p` of `disk` at `dir` (created if missing). Block
+/// Run `program` (the live system's `aula-disklinks`) after a job changed
+/// partitions or filesystems, when it exists: best effort, at most 60 s,
+/// failures logged.
+pub fn after_disk_change(program: &Path) {
+    if !program.is_file() {
+        return;
+    }
+    let mut child = match Command::new(program)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("running {}: {e}", program.display());
+            return;
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return,
+            Ok(Some(st)) => {
+                tracing::warn!("{} ended with {st}", program.display());
+                return;
+            }
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!("{} did not finish within 60 s", program.display());
+                return;
+            }
+        }
+    }
+}
+
+/// Mount options for a partition whose filesystem (`fs`, as probed) a
+/// student may have written: never a device node, set-uid program or
+/// executable from it (`nodev,nosuid,noexec`); read-only looks also skip
+/// the ext journal replay, which would write.
+pub fn mount_options(fs: &str, read_only: bool) -> Vec<&'static str> {
+    let mut opts = vec!["nodev", "nosuid", "noexec"];
+    if read_only {
+        opts.push("ro");
+        if fs.starts_with("ext") {
+            opts.push("noload");
+        }
+    }
+    opts
+}
+
+/// Mount partition `p` of `disk` at `dir` (created if missing), with
+/// [`mount_options`]. Block
 /// devices with a partition node mount the node; otherwise a loop device
 /// is set up over the partition's byte range. `fstype` `None` lets mount
 /// probe (ntfs goes through ntfs-3g).
@@ -262,26 +318,14 @@ pub fn mount(
         }
     };
     let fs = p.filesystem.as_deref().unwrap_or("");
+    let opts = mount_options(fs, read_only).join(",");
     let mut c = if fs == "ntfs" {
         let mut c = Command::new("ntfs-3g");
-        if read_only {
-            c.arg("-o").arg("ro");
-        }
-        c.arg(&source).arg(dir);
+        c.arg("-o").arg(&opts).arg(&source).arg(dir);
         c
     } else {
         let mut c = Command::new("mount");
-        let mut opts = vec![];
-        if read_only {
-            opts.push("ro");
-            if fs.starts_with("ext") {
-                // No journal replay: a read-only look must not write.
-                opts.push("noload");
-            }
-        }
-        if !opts.is_empty() {
-            c.arg("-o").arg(opts.join(","));
-        }
+        c.arg("-o").arg(&opts);
         match fs {
             "ext2" | "ext3" | "ext4" => {
                 c.arg("-t").arg(fs);

@@ -46,6 +46,41 @@ pub mod system;
 pub mod tls;
 pub mod webhook;
 
+/// Entry points of the fuzz targets (`imager/fuzz`), also replayed on the
+/// committed corpora by `tests/fuzz_corpus.rs`. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::OnceLock;
+
+    use crate::config::{FileConfig, KernelParams, Settings};
+
+    fn settings() -> &'static Settings {
+        static S: OnceLock<Settings> = OnceLock::new();
+        S.get_or_init(|| {
+            let k = KernelParams::parse("aula.server=https://192.0.2.1:8443");
+            // The defaults with a server URL are a valid configuration.
+            match Settings::new(FileConfig::default(), &k) {
+                Ok(s) => s,
+                Err(e) => panic!("default agent settings: {e}"),
+            }
+        })
+    }
+
+    /// An OpenGnsys `CloningEngine` body: the first byte picks the
+    /// operation, the rest is the JSON body as the API reads it.
+    pub fn opengnsys(input: &[u8]) {
+        let Some((op, body)) = input.split_first() else {
+            return;
+        };
+        let ops = crate::opengnsys::OPS;
+        let op = ops[usize::from(*op) % ops.len()];
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return;
+        };
+        let _ = crate::opengnsys::parse(op, v, settings());
+    }
+}
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,6 +119,11 @@ pub struct Ctx {
     pub registration: register::Registration,
     /// Swarm members still serving after their restore.
     pub swarm: swarm::Lingering,
+    /// Manifests the repository confirmed in this boot (the CACHE
+    /// partition's manifests are trusted only when listed here).
+    pub confirmed: Arc<aula_imager::repo::ConfirmedManifests>,
+    /// `IniciarSesion` succeeded: the machine reboots into its installed OS.
+    os_boot: Mutex<Option<serde_json::Value>>,
     power_log: Mutex<Vec<String>>,
     started: Instant,
 }
@@ -112,6 +152,43 @@ impl Ctx {
         if let Ok(mut l) = self.power_log.lock() {
             l.push(format!("{} {}", jobs::now(), a.as_str()));
         }
+    }
+
+    /// Record that `IniciarSesion` set this machine to boot its installed
+    /// OS (until the reboot, the status says so).
+    pub fn note_os_boot(&self, b: &spec::BootOsSpec) {
+        if let Ok(mut o) = self.os_boot.lock() {
+            *o = Some(json!({
+                "disk": b.disk,
+                "partition": b.partition,
+                "requested_at": jobs::now(),
+            }));
+        }
+    }
+
+    /// `GET /CloningEngine/status`: what OpenGnsys' core polls. `status` is
+    /// `BSY` while a job runs or the machine is leaving for its installed
+    /// OS, else `OPG` (the live system, idle); `session` is `live`, or
+    /// `booting-os` after `IniciarSesion` until the reboot; no user is ever
+    /// logged in to the live system.
+    pub fn opengnsys_status(&self) -> serde_json::Value {
+        let jobs = self.jobs.list();
+        let ids = |s: jobs::JobState| -> Vec<String> {
+            jobs.iter()
+                .filter(|j| j.state() == s)
+                .map(|j| j.id.clone())
+                .collect()
+        };
+        let running = ids(jobs::JobState::Running);
+        let os = self.os_boot.lock().ok().and_then(|o| o.clone());
+        json!({
+            "status": if running.is_empty() && os.is_none() { "OPG" } else { "BSY" },
+            "loggedin": false,
+            "session": if os.is_some() { "booting-os" } else { "live" },
+            "os": os,
+            "running": running,
+            "queued": ids(jobs::JobState::Queued),
+        })
     }
 
     /// `GET /v1/status`.
@@ -169,8 +246,23 @@ impl Agent {
     pub async fn start(settings: Settings) -> Result<Agent, StartError> {
         let settings = Arc::new(settings);
         let identity = Identity::discover(&settings.identity);
-        let token = tls::random_token()?;
-        let id = tls::self_signed(identity.hostname.as_deref(), &identity.ips)?;
+        let (token, id) = tls::boot_identity(
+            settings.state_dir.as_deref(),
+            settings.boot_nonce.as_deref(),
+            identity.hostname.as_deref(),
+            &identity.ips,
+        )?;
+        if settings.tls_off {
+            tracing::warn!("aula.tls=off: the boot server has HTTPS turned off; this agent's token travels to it in clear");
+        }
+        let confirmed = match settings.state_dir.as_deref() {
+            Some(d) => aula_imager::repo::ConfirmedManifests::at(&d.join("confirmed-manifests"))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "confirmed-manifest record unusable; keeping it in memory");
+                    aula_imager::repo::ConfirmedManifests::in_memory()
+                }),
+            None => aula_imager::repo::ConfirmedManifests::in_memory(),
+        };
         let bind = SocketAddr::new(settings.listen.address, settings.listen.port);
         let listener = server::bind(bind)
             .await
@@ -206,6 +298,8 @@ impl Agent {
             jobs: Arc::new(Jobs::new()),
             registration: register::Registration::default(),
             swarm: swarm::Lingering::default(),
+            confirmed,
+            os_boot: Mutex::new(None),
             power_log: Mutex::new(Vec::new()),
             started: Instant::now(),
         });

@@ -219,6 +219,8 @@ pub fn parse(op: &str, body: Value, settings: &Settings) -> Result<OgRequest, Ba
                 repository: Some(settings.repo_url_for(&ipr)),
                 method,
                 delta: true,
+                allow_http: false,
+                offline: false,
             })
         }
         "CrearImagen" => {
@@ -230,6 +232,7 @@ pub fn parse(op: &str, body: Value, settings: &Settings) -> Result<OgRequest, Ba
                 repository: Some(settings.repo_url_for(&ipr)),
                 description: echo.get("idi").map(|i| format!("OpenGnsys image id {i}")),
                 raw: false,
+                allow_http: false,
             })
         }
         "Configurar" => {
@@ -382,7 +385,8 @@ mod tests {
     use crate::config::{FileConfig, KernelParams, Settings};
 
     fn settings() -> Settings {
-        let f = FileConfig::parse("[repository]\nport = 9000\n", "t").expect("cfg");
+        let f =
+            FileConfig::parse("[repository]\nscheme = \"http\"\nport = 9000\n", "t").expect("cfg");
         Settings::new(f, &KernelParams::default()).expect("settings")
     }
 

@@ -134,6 +134,7 @@ pub async fn boot_os(ctx: &Ctx, b: &BootOsSpec) -> Outcome {
         {
             Ok(r) if r.status.is_success() => {
                 tracing::info!(%mac, "server will boot this machine from disk once");
+                ctx.note_os_boot(b);
                 return Ok(json!({
                     "action": "reboot",
                     "mode": ctx.power_mode(),

@@ -1,6 +1,12 @@
 //! Registration with the boot server: `POST {server}/v1/agents/register`
-//! over HTTPS verified against `aula.server_fp` (or the CA bundle), retried
-//! with capped exponential backoff until it succeeds or the agent stops.
+//! over HTTPS verified against `aula.server_fp` (or the CA bundle), with
+//! this boot's nonce (`aula.boot=`), retried with capped exponential
+//! backoff until it succeeds, is refused (403: the server says why; this
+//! boot cannot register), or the agent stops.
+//!
+//! The answer carries the repository's read token (when the repository
+//! needs one), which the agent then sends with its reads from the server's
+//! repository, and only there.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -31,12 +37,16 @@ pub struct RegStatus {
 
 /// Shared registration state.
 #[derive(Debug, Default)]
-pub struct Registration(pub Mutex<RegStatus>);
+pub struct Registration(pub Mutex<RegStatus>, Mutex<Option<String>>);
 
 impl Registration {
     /// A copy of the status.
     pub fn get(&self) -> RegStatus {
         self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    /// The server repository's read token, as the registration answer gave it.
+    pub fn read_token(&self) -> Option<String> {
+        self.1.lock().ok().and_then(|t| t.clone())
     }
     fn update(&self, f: impl FnOnce(&mut RegStatus)) {
         if let Ok(mut s) = self.0.lock() {
@@ -57,6 +67,9 @@ pub fn body(ctx: &Ctx) -> serde_json::Value {
         "cert_fingerprint": ctx.fingerprint,
         "port": ctx.port,
     });
+    if let Some(n) = &ctx.settings.boot_nonce {
+        v["boot_nonce"] = json!(n);
+    }
     if let Some(m) = &id.mac {
         v["mac"] = json!(m);
     }
@@ -87,12 +100,33 @@ pub async fn run(ctx: std::sync::Arc<Ctx>, stop: CancellationToken) {
         };
         let err = match r {
             Ok(rep) if rep.status.is_success() => {
+                let answer: serde_json::Value =
+                    serde_json::from_slice(&rep.body).unwrap_or_default();
+                let read_token = answer["repository"]["read_token"]
+                    .as_str()
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string);
+                if let Ok(mut t) = ctx.registration.1.lock() {
+                    *t = read_token;
+                }
                 tracing::info!(%server, mac = ?ctx.identity.mac, port = ctx.port, "registered with the boot server");
                 ctx.registration.update(|s| {
                     s.registered = true;
                     s.attempts += 1;
                     s.last_error = None;
                     s.at = Some(crate::jobs::now());
+                });
+                return;
+            }
+            Ok(rep) if rep.status == hyper::StatusCode::FORBIDDEN => {
+                let why = serde_json::from_slice::<serde_json::Value>(&rep.body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&rep.body).trim().to_string());
+                tracing::error!(%server, reason = %why, "the boot server refused this registration; not retrying in this boot");
+                ctx.registration.update(|s| {
+                    s.attempts += 1;
+                    s.last_error = Some(format!("refused: {why}"));
                 });
                 return;
             }

@@ -52,9 +52,17 @@ pub async fn run(job: Arc<Job>, ctx: Arc<Ctx>) -> Outcome {
 
 fn blocking(job: &Job, ctx: &Ctx, spec: JobSpec) -> Outcome {
     match spec {
-        JobSpec::Restore(r) => restore(job, ctx, &r),
+        JobSpec::Restore(r) => {
+            let o = restore(job, ctx, &r);
+            disks::after_disk_change(&ctx.settings.jobs.after_disk_change);
+            o
+        }
         JobSpec::Create(c) => create(job, ctx, &c),
-        JobSpec::Layout(l) => layout(ctx, &l),
+        JobSpec::Layout(l) => {
+            let o = layout(ctx, &l);
+            disks::after_disk_change(&ctx.settings.jobs.after_disk_change);
+            o
+        }
         JobSpec::HardwareInventory(_) => {
             serde_json::to_value(crate::system::hardware(&ctx.settings.disks))
                 .map_err(|e| Failure::new("internal", e.to_string()))
@@ -121,27 +129,96 @@ const UNCHANGED: &str = "unchanged: nothing was written";
 
 /// The repository client of a job: its downloads stop as soon as the job is
 /// cancelled, not only at the next chunk boundary.
-fn http_repo(ctx: &Ctx, job: &Job, url: &str, write: bool) -> Result<HttpRepo, Failure> {
+///
+/// Credentials go only where they belong (see `crate::config`):
+///
+/// | repository | reads send | writes send |
+/// |---|---|---|
+/// | the boot server's origin | the read token from registration | `repository.write_token` if the server is the configured repository, else the upload token (`HMAC(agent token, "aula-upload-v1")`, good for a capture grant only) |
+/// | the configured `repository.url` | `repository.read_token` | `repository.write_token` |
+/// | any other host a job names | nothing | nothing |
+///
+/// The agent's own bearer token never goes to a repository. An agent that
+/// pins the server refuses `http://` repositories unless asked.
+fn http_repo(
+    ctx: &Ctx,
+    job: &Job,
+    url: &str,
+    write: bool,
+    allow_http: bool,
+) -> Result<HttpRepo, Failure> {
+    let s = &ctx.settings;
+    if url.trim().to_ascii_lowercase().starts_with("http://")
+        && s.strict_tls()
+        && !allow_http
+        && !s.repository.allow_http
+    {
+        return Err(Failure::new(
+            "insecure_repository",
+            format!(
+                "refusing the plain-HTTP repository {url}: this agent verifies the boot server by its pin or a CA, so a repository must be https://; to use plain HTTP anyway, send \"allow_http\": true in the job, or set repository.allow_http = true in the agent's configuration"
+            ),
+        )
+        .disk_state(UNCHANGED));
+    }
+    let configured = s.is_configured_repo(url);
+    let server = s.is_server(url);
+    let write_token = if !write {
+        None
+    } else if configured && s.repo_write_token.is_some() {
+        s.repo_write_token.clone()
+    } else if server {
+        // The boot server's repository accepts this for a machine the
+        // operator granted capture rights (PUT /v1/clients/{mac}/capture).
+        Some(aula_imager::tls::upload_token(&ctx.token))
+    } else {
+        tracing::warn!(%url, "not the configured repository: no token is sent to it (the upload will need none)");
+        None
+    };
+    let read_token = if server {
+        server_read_token(ctx).or_else(|| {
+            configured
+                .then(|| s.repository.read_token.clone())
+                .flatten()
+        })
+    } else if configured {
+        s.repository.read_token.clone()
+    } else {
+        None
+    };
     let opts = HttpOptions {
         cancel: Some(job.progress.cancel_flag()),
-        trust: ctx.settings.repo_trust.clone(),
-        // Uploads use the configured repository token, else the agent's own
-        // registered token: the boot server's repository accepts it for
-        // machines the operator granted capture rights
-        // (`PUT /v1/clients/{mac}/capture`), so no repository secret has to
-        // travel in the live image or on the kernel line.
-        token: if write {
-            ctx.settings
-                .repo_write_token
-                .clone()
-                .or_else(|| Some(ctx.token.clone()))
-        } else {
-            None
-        },
-        retry_for: Duration::from_secs(ctx.settings.repository.retry_s),
+        trust: s.trust_for(url),
+        token: write_token,
+        read_token,
+        // The swarm coordinator lives on the boot server and knows this
+        // machine by its registered token; elsewhere only the read
+        // credential goes.
+        swarm_token: server.then(|| ctx.token.clone()),
+        retry_for: Duration::from_secs(s.repository.retry_s),
         ..HttpOptions::default()
     };
     HttpRepo::new(url, opts).map_err(|e| imager_failure(&e).disk_state(UNCHANGED))
+}
+
+/// The read token the registration answered. A job that arrives while the
+/// registration is still under way (a core that knew this agent before it
+/// restarted) waits for its answer, at most 10 s (blocking thread).
+fn server_read_token(ctx: &Ctx) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = ctx.registration.get();
+        let settled = st.registered
+            || ctx.settings.server_url.is_none()
+            || st
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("refused"));
+        if settled || std::time::Instant::now() >= deadline {
+            return ctx.registration.read_token();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn repo_url(ctx: &Ctx, given: &Option<String>) -> Result<String, Failure> {
@@ -162,7 +239,7 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
         .map_err(|e| disk_failure(&e).disk_state(UNCHANGED))?;
     ctx.swarm.stop_disk(&disk);
     let url = repo_url(ctx, &r.repository)?;
-    let remote = http_repo(ctx, job, &url, false)?;
+    let remote = http_repo(ctx, job, &url, false, r.allow_http)?;
     job.progress.set_phase("manifest");
     let (name, version) = aula_imager::repo::parse_image_ref(&r.image)
         .map_err(|e| imager_failure(&e).disk_state(UNCHANGED))?;
@@ -192,7 +269,11 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
             let local = LocalRepo::open(&u.repo_dir(), true)
                 .map_err(|e| imager_failure(&e).disk_state(UNCHANGED))?;
             cache_use = Some(u);
-            Arc::new(CachedRepo::new(Box::new(remote), local))
+            Arc::new(
+                CachedRepo::new(Box::new(remote), local)
+                    .with_confirmed(ctx.confirmed.clone())
+                    .offline(r.offline),
+            )
         }
     };
     let m = repo
@@ -366,12 +447,8 @@ fn create(job: &Job, ctx: &Ctx, c: &CreateSpec) -> Outcome {
         .map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
     ctx.swarm.stop_disk(&disk);
     let url = repo_url(ctx, &c.repository)?;
-    if ctx.settings.repo_write_token.is_none() {
-        tracing::info!(
-            "no repository.write_token configured: uploading with this agent's registered token (the server must grant this machine capture rights)"
-        );
-    }
-    let repo = http_repo(ctx, job, &url, true)?;
+    let repo =
+        http_repo(ctx, job, &url, true, c.allow_http).map_err(|f| f.disk_state(READ_ONLY))?;
     let _guard = match c.partition {
         Some(n) => {
             let info = disks::inspect(&disk).map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;

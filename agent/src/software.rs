@@ -9,7 +9,20 @@
 //!   parser of the `regf` format. Windows 11 still calls itself
 //!   "Windows 10" in `ProductName`; builds from 22000 on are reported as
 //!   Windows 11. Paths are matched case-insensitively, as Windows does.
+//!
+//! The partition is untrusted (a student controls it): it is mounted
+//! read-only with `nodev,nosuid,noexec` (`disks::mount`), and here
+//!
+//! | read | bound |
+//! |---|---|
+//! | `os-release` | a regular file (not a device node, FIFO or socket; opened non-blocking), at most [`MAX_OS_RELEASE`] (64 KiB) |
+//! | symlinks | resolved inside the partition, at most 8; none on the Windows path |
+//! | the `SOFTWARE` hive | a regular file of any size, never read whole: the few cells on the path to `CurrentVersion` are read where they lie, each at most [`regf::MAX_CELL`] (1 MiB), at most [`regf::MAX_SUBKEYS`] subkey entries examined per key |
+//! | kernels in `boot/` | at most [`MAX_KERNELS`] names |
 
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -33,6 +46,34 @@ pub struct Os {
     /// Linux kernels found in `/boot`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kernels: Vec<String>,
+}
+
+/// Largest `os-release` read.
+pub const MAX_OS_RELEASE: u64 = 64 << 10;
+/// Most kernels listed.
+pub const MAX_KERNELS: usize = 64;
+
+/// Open `p` for reading only if it is a regular file (opening does not
+/// block on a FIFO; a device node is refused before it is read).
+fn open_regular(p: &Path) -> Option<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(p)
+        .ok()?;
+    f.metadata().ok()?.is_file().then_some(f)
+}
+
+/// The text of a regular file of at most `max` bytes.
+fn read_small(p: &Path, max: u64) -> Option<String> {
+    let f = open_regular(p)?;
+    let mut v = Vec::new();
+    f.take(max + 1).read_to_end(&mut v).ok()?;
+    if v.len() as u64 > max {
+        tracing::warn!("{} is larger than {max} bytes: ignored", p.display());
+        return None;
+    }
+    String::from_utf8(v).ok()
 }
 
 /// Look at a mounted root.
@@ -104,7 +145,7 @@ fn linux(root: &Path) -> Option<Os> {
     let text = ["etc/os-release", "usr/lib/os-release"]
         .iter()
         .filter_map(|r| resolve_inside(root, r))
-        .find_map(|p| std::fs::read_to_string(p).ok())?;
+        .find_map(|p| read_small(&p, MAX_OS_RELEASE))?;
     let m = parse_os_release(&text);
     let mut kernels: Vec<String> = std::fs::read_dir(root.join("boot"))
         .map(|d| {
@@ -115,6 +156,7 @@ fn linux(root: &Path) -> Option<Os> {
                         .strip_prefix("vmlinuz-")
                         .map(str::to_string)
                 })
+                .take(MAX_KERNELS)
                 .collect()
         })
         .unwrap_or_default();
@@ -130,19 +172,27 @@ fn linux(root: &Path) -> Option<Os> {
     })
 }
 
-/// Find `rel` under `root` ignoring case.
+/// Find `rel` under `root` ignoring case; no component may be a symlink
+/// (it could lead out of the partition).
 fn find_nocase(root: &Path, rel: &str) -> Option<PathBuf> {
     let mut cur = root.to_path_buf();
     for part in rel.split('/') {
         let exact = cur.join(part);
-        if exact.exists() {
-            cur = exact;
-            continue;
+        match std::fs::symlink_metadata(&exact) {
+            Ok(m) if m.file_type().is_symlink() => return None,
+            Ok(_) => {
+                cur = exact;
+                continue;
+            }
+            Err(_) => {}
         }
         let found = std::fs::read_dir(&cur)
             .ok()?
             .flatten()
             .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(part))?;
+        if found.file_type().ok()?.is_symlink() {
+            return None;
+        }
         cur = found.path();
     }
     Some(cur)
@@ -150,8 +200,8 @@ fn find_nocase(root: &Path, rel: &str) -> Option<PathBuf> {
 
 fn windows(root: &Path) -> Option<Os> {
     let hive_path = find_nocase(root, "Windows/System32/config/SOFTWARE")?;
-    let data = std::fs::read(hive_path).ok()?;
-    let hive = regf::Hive::new(&data).ok()?;
+    let file = open_regular(&hive_path)?;
+    let hive = regf::Hive::new(&file).ok()?;
     let key = hive
         .find(&["Microsoft", "Windows NT", "CurrentVersion"])
         .ok()?;
@@ -242,13 +292,50 @@ pub mod regf {
         }
     }
 
-    /// A hive in memory.
+    /// Largest cell read (key, value, list and data cells of the path to
+    /// `CurrentVersion` are far smaller).
+    pub const MAX_CELL: usize = 1 << 20;
+    /// Most subkey entries examined while looking for one child.
+    pub const MAX_SUBKEYS: usize = 1 << 20;
+
+    /// Where a hive's bytes come from: a file (read where the cells lie,
+    /// never whole) or memory.
+    pub trait Source {
+        /// Fill `buf` from `offset`; false past the end or on an error.
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> bool;
+    }
+
+    impl Source for &[u8] {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> bool {
+            let Ok(start) = usize::try_from(offset) else {
+                return false;
+            };
+            match start
+                .checked_add(buf.len())
+                .and_then(|end| self.get(start..end))
+            {
+                Some(s) => {
+                    buf.copy_from_slice(s);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    impl Source for std::fs::File {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> bool {
+            std::os::unix::fs::FileExt::read_exact_at(self, buf, offset).is_ok()
+        }
+    }
+
+    /// A hive, read through a [`Source`].
     pub struct Hive<'a> {
-        data: &'a [u8],
+        src: &'a dyn Source,
         root: u32,
     }
 
-    const BASE: usize = 4096;
+    const BASE: u64 = 4096;
 
     fn u16_at(d: &[u8], o: usize) -> Result<u16, RegError> {
         d.get(o..o + 2)
@@ -280,25 +367,34 @@ pub mod regf {
 
     impl<'a> Hive<'a> {
         /// Check the header.
-        pub fn new(data: &'a [u8]) -> Result<Hive<'a>, RegError> {
-            if data.get(0..4) != Some(b"regf") {
+        pub fn new(src: &'a dyn Source) -> Result<Hive<'a>, RegError> {
+            let mut head = [0u8; 0x28];
+            if !src.read_at(&mut head, 0) || &head[0..4] != b"regf" {
                 return Err(RegError::Malformed("no regf signature"));
             }
-            let root = u32_at(data, 0x24)?;
-            Ok(Hive { data, root })
+            let root = u32_at(&head, 0x24)?;
+            Ok(Hive { src, root })
         }
 
         /// The data of the cell at `off` (relative to the first hive bin).
-        fn cell(&self, off: u32) -> Result<&'a [u8], RegError> {
-            let start = BASE + off as usize;
-            let size = u32_at(self.data, start)? as i32;
-            let len = size.unsigned_abs() as usize;
+        fn cell(&self, off: u32) -> Result<Vec<u8>, RegError> {
+            let start = BASE + u64::from(off);
+            let mut size = [0u8; 4];
+            if !self.src.read_at(&mut size, start) {
+                return Err(RegError::Malformed("read past the end"));
+            }
+            let len = i32::from_le_bytes(size).unsigned_abs() as usize;
             if len < 4 {
                 return Err(RegError::Malformed("cell too small"));
             }
-            self.data
-                .get(start + 4..start + len)
-                .ok_or(RegError::Malformed("cell past the end"))
+            if len > MAX_CELL {
+                return Err(RegError::Malformed("cell larger than 1 MiB"));
+            }
+            let mut v = vec![0u8; len - 4];
+            if !self.src.read_at(&mut v, start + 4) {
+                return Err(RegError::Malformed("cell past the end"));
+            }
+            Ok(v)
         }
 
         fn key_name(&self, nk: &[u8]) -> Result<String, RegError> {
@@ -315,21 +411,28 @@ pub mod regf {
                 return Err(RegError::Malformed("subkey lists nested too deep"));
             }
             let l = self.cell(list_off)?;
-            let n = u16_at(l, 2)? as usize;
+            let n = u16_at(&l, 2)? as usize;
+            let mut push = |o: u32| {
+                if out.len() >= MAX_SUBKEYS {
+                    return Err(RegError::Malformed("more than 2^20 subkeys"));
+                }
+                out.push(o);
+                Ok(())
+            };
             match l.get(0..2) {
                 Some(b"lf") | Some(b"lh") => {
                     for i in 0..n {
-                        out.push(u32_at(l, 4 + i * 8)?);
+                        push(u32_at(&l, 4 + i * 8)?)?;
                     }
                 }
                 Some(b"li") => {
                     for i in 0..n {
-                        out.push(u32_at(l, 4 + i * 4)?);
+                        push(u32_at(&l, 4 + i * 4)?)?;
                     }
                 }
                 Some(b"ri") => {
                     for i in 0..n {
-                        self.subkeys(u32_at(l, 4 + i * 4)?, out, depth + 1)?;
+                        self.subkeys(u32_at(&l, 4 + i * 4)?, out, depth + 1)?;
                     }
                 }
                 _ => return Err(RegError::Malformed("unknown subkey list")),
@@ -342,14 +445,14 @@ pub mod regf {
             if nk.get(0..2) != Some(b"nk") {
                 return Err(RegError::Malformed("not a key cell"));
             }
-            if u32_at(nk, 20)? == 0 {
+            if u32_at(&nk, 20)? == 0 {
                 return Ok(None);
             }
             let mut offs = Vec::new();
-            self.subkeys(u32_at(nk, 28)?, &mut offs, 0)?;
+            self.subkeys(u32_at(&nk, 28)?, &mut offs, 0)?;
             for o in offs {
                 let c = self.cell(o)?;
-                if self.key_name(c)?.eq_ignore_ascii_case(name) {
+                if self.key_name(&c)?.eq_ignore_ascii_case(name) {
                     return Ok(Some(o));
                 }
             }
@@ -370,18 +473,19 @@ pub mod regf {
         /// Value `name` of key `key`.
         pub fn value(&self, key: u32, name: &str) -> Result<Option<Value>, RegError> {
             let nk = self.cell(key)?;
-            let count = u32_at(nk, 36)? as usize;
+            let count = u32_at(&nk, 36)? as usize;
             if count == 0 {
                 return Ok(None);
             }
-            let list = self.cell(u32_at(nk, 40)?)?;
-            for i in 0..count {
-                let vk = self.cell(u32_at(list, i * 4)?)?;
+            let list = self.cell(u32_at(&nk, 40)?)?;
+            // The list cell (at most 1 MiB) bounds the count.
+            for i in 0..count.min(list.len() / 4 + 1) {
+                let vk = self.cell(u32_at(&list, i * 4)?)?;
                 if vk.get(0..2) != Some(b"vk") {
                     return Err(RegError::Malformed("not a value cell"));
                 }
-                let nlen = u16_at(vk, 2)? as usize;
-                let flags = u16_at(vk, 16)?;
+                let nlen = u16_at(&vk, 2)? as usize;
+                let flags = u16_at(&vk, 16)?;
                 let vname = decode_name(
                     vk.get(20..20 + nlen)
                         .ok_or(RegError::Malformed("value name past the cell"))?,
@@ -390,15 +494,15 @@ pub mod regf {
                 if !vname.eq_ignore_ascii_case(name) {
                     continue;
                 }
-                let size = u32_at(vk, 4)?;
-                let typ = u32_at(vk, 12)?;
+                let size = u32_at(&vk, 4)?;
+                let typ = u32_at(&vk, 12)?;
                 let data: Vec<u8> = if size & 0x8000_0000 != 0 {
                     let n = (size & 0x7fff_ffff).min(4) as usize;
                     vk.get(8..8 + n)
                         .ok_or(RegError::Malformed("inline data"))?
                         .to_vec()
                 } else {
-                    let c = self.cell(u32_at(vk, 8)?)?;
+                    let c = self.cell(u32_at(&vk, 8)?)?;
                     c.get(..size as usize)
                         .ok_or(RegError::Malformed("value data past the cell"))?
                         .to_vec()
@@ -543,10 +647,83 @@ mod tests {
         assert_eq!(os.build.as_deref(), Some("22631.2861"));
         assert_eq!(os.id.as_deref(), Some("Professional"));
         // A truncated hive is an error, not a panic.
-        let bad = regf::Hive::new(&hive[..4200]).expect("header");
+        let truncated = &hive[..4200];
+        let bad = regf::Hive::new(&truncated).expect("header");
         assert!(bad
             .find(&["Microsoft", "Windows NT", "CurrentVersion"])
             .is_err());
+    }
+
+    /// A 20 GB sparse file (no disk space used).
+    fn sparse(path: &Path, start: &[u8]) {
+        std::fs::write(path, start).expect("write");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open")
+            .set_len(20_000_000_000)
+            .expect("20 GB");
+    }
+
+    #[test]
+    fn a_fifo_or_a_20_gb_os_release_is_ignored_at_once() {
+        let d = tempfile::tempdir().expect("tmp");
+        let root = d.path();
+        std::fs::create_dir_all(root.join("etc")).expect("etc");
+        std::fs::create_dir_all(root.join("usr/lib")).expect("usr/lib");
+        // A FIFO nobody writes to: reading it would block forever.
+        nix::unistd::mkfifo(
+            &root.join("etc/os-release"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("fifo");
+        sparse(&root.join("usr/lib/os-release"), b"NAME=Huge\n");
+        let t = std::time::Instant::now();
+        assert_eq!(detect(root), None);
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        // A small regular file behind them is read.
+        std::fs::remove_file(root.join("usr/lib/os-release")).expect("rm");
+        std::fs::write(root.join("usr/lib/os-release"), "NAME=Small\n").expect("write");
+        assert_eq!(detect(root).expect("found").name, "Small");
+    }
+
+    #[test]
+    fn a_20_gb_software_hive_is_read_only_where_its_cells_lie() {
+        let mut h = HiveBuilder::new();
+        let vals = vec![h.value_sz("ProductName", "Windows 10 Pro")];
+        let cv = h.key("CurrentVersion", &[], &vals);
+        let nt = h.key("Windows NT", &[cv], &[]);
+        let ms = h.key("Microsoft", &[nt], &[]);
+        let root_key = h.key("ROOT", &[ms], &[]);
+        let hive = h.finish(root_key);
+        let d = tempfile::tempdir().expect("tmp");
+        let cfg = d.path().join("Windows/System32/config");
+        std::fs::create_dir_all(&cfg).expect("mkdir");
+        sparse(&cfg.join("SOFTWARE"), &hive);
+        let t = std::time::Instant::now();
+        let os = detect(d.path()).expect("windows found");
+        assert_eq!(os.name, "Windows 10 Pro");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        // A hive symlinked elsewhere is not followed.
+        std::fs::remove_file(cfg.join("SOFTWARE")).expect("rm");
+        let outside = tempfile::NamedTempFile::new().expect("outside");
+        std::fs::write(outside.path(), &hive).expect("write");
+        std::os::unix::fs::symlink(outside.path(), cfg.join("SOFTWARE")).expect("symlink");
+        assert_eq!(detect(d.path()), None);
+    }
+
+    #[test]
+    fn a_cell_claiming_two_gib_is_refused_before_it_is_read() {
+        let mut file = vec![0u8; 4096 + 64];
+        file[..4].copy_from_slice(b"regf");
+        // Root key cell at offset 0 of the first bin, size -2^31.
+        file[4096..4100].copy_from_slice(&i32::MIN.to_le_bytes());
+        let src: &[u8] = &file;
+        let hive = regf::Hive::new(&src).expect("header");
+        assert_eq!(
+            hive.find(&["Microsoft"]),
+            Err(regf::RegError::Malformed("cell larger than 1 MiB"))
+        );
     }
 
     #[test]

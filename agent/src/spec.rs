@@ -127,6 +127,13 @@ pub struct RestoreSpec {
     /// Skip chunks the target already holds (default true).
     #[serde(default = "yes")]
     pub delta: bool,
+    /// Accept an `http://` repository although the agent pins the server.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
+    /// `unicast-cache` only: take the manifest from the CACHE partition
+    /// without asking the repository, even one it never confirmed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
 }
 
 /// Capture a disk or partition as an image.
@@ -149,6 +156,9 @@ pub struct CreateSpec {
     /// Image every byte instead of the filesystem's used blocks.
     #[serde(default)]
     pub raw: bool,
+    /// Accept an `http://` repository although the agent pins the server.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
 }
 
 /// Partition a disk and make filesystems.
@@ -306,6 +316,12 @@ impl JobSpec {
                     .map_err(|e| BadRequest::field("image", e.to_string()))?;
                 if let Some(u) = &r.repository {
                     check_repo_url(u)?;
+                }
+                if r.offline && r.method != Method::UnicastCache {
+                    return Err(BadRequest::field(
+                        "offline",
+                        "offline restores read the CACHE partition: use method unicast-cache",
+                    ));
                 }
             }
             JobSpec::Create(c) => {

@@ -13,7 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use ring::rand::SecureRandom;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use aula_imager::tls::ServerTrust;
 
@@ -42,6 +42,109 @@ pub struct Identity {
     pub fingerprint: String,
     /// The certificate in PEM (tests and operators may want it).
     pub cert_pem: String,
+    /// The private key, PKCS#8 PEM (kept across restarts in one boot).
+    key_pem: String,
+}
+
+/// The identity from a PEM certificate and PKCS#8 PEM key.
+pub fn identity_from_pem(cert_pem: &str, key_pem: &str) -> Result<Identity, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| TlsError::Generate(format!("certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError::Generate(format!("key: {e}")))?;
+    let fingerprint = aula_imager::tls::fingerprint(der.as_ref());
+    let mut sc = rustls::ServerConfig::builder_with_provider(aula_imager::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)?;
+    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Identity {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)),
+        fingerprint,
+        cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
+    })
+}
+
+/// What one boot keeps across agent restarts (`<state_dir>/identity.json`,
+/// mode 0600 in a 0700 directory): the token and certificate it registered
+/// with, so a restarted agent registers again as the same agent (the
+/// server accepts only that exact repeat once the machine is bound).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    boot: Option<String>,
+    token: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// The token and certificate of this boot: the kept ones when `state_dir`
+/// holds a pair made in the same boot (same `aula.boot=` nonce), else fresh
+/// ones, kept there for the next restart.
+pub fn boot_identity(
+    state_dir: Option<&std::path::Path>,
+    boot: Option<&str>,
+    hostname: Option<&str>,
+    ips: &[IpAddr],
+) -> Result<(String, Identity), TlsError> {
+    let file = state_dir.map(|d| d.join("identity.json"));
+    if let Some(f) = &file {
+        if let Ok(bytes) = std::fs::read(f) {
+            match serde_json::from_slice::<Kept>(&bytes) {
+                Ok(k) if k.boot.as_deref() == boot => {
+                    match identity_from_pem(&k.cert_pem, &k.key_pem) {
+                        Ok(id) => {
+                            tracing::info!(file = %f.display(), "kept token and certificate of this boot");
+                            return Ok((k.token, id));
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %f.display(), error = %e, "kept identity unusable; making a new one")
+                        }
+                    }
+                }
+                Ok(_) => {
+                    tracing::info!(file = %f.display(), "kept identity is from another boot; making a new one")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "kept identity unreadable; making a new one")
+                }
+            }
+        }
+    }
+    let token = random_token()?;
+    let id = self_signed(hostname, ips)?;
+    if let (Some(dir), Some(f)) = (state_dir, &file) {
+        let kept = Kept {
+            boot: boot.map(str::to_string),
+            token: token.clone(),
+            cert_pem: id.cert_pem.clone(),
+            key_pem: id.key_pem.clone(),
+        };
+        if let Err(e) = write_private(dir, f, &kept) {
+            tracing::warn!(file = %f.display(), error = %e, "could not keep the token and certificate (a restarted agent will not be able to register again in this boot)");
+        }
+    }
+    Ok((token, id))
+}
+
+fn write_private(dir: &std::path::Path, f: &std::path::Path, kept: &Kept) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(format!(".identity.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    out.write_all(&serde_json::to_vec(kept).map_err(std::io::Error::other)?)?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, f)
 }
 
 /// A fresh self-signed certificate for these names and addresses.
@@ -55,19 +158,7 @@ pub fn self_signed(hostname: Option<&str>, ips: &[IpAddr]) -> Result<Identity, T
     names.dedup();
     let ck =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    let der: CertificateDer<'static> = ck.cert.der().clone();
-    let fingerprint = aula_imager::tls::fingerprint(der.as_ref());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-    let mut sc = rustls::ServerConfig::builder_with_provider(aula_imager::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![der], key)?;
-    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Identity {
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)),
-        fingerprint,
-        cert_pem: ck.cert.pem(),
-    })
+    identity_from_pem(&ck.cert.pem(), &ck.key_pair.serialize_pem())
 }
 
 /// A random bearer token: 32 bytes, hex (64 characters).

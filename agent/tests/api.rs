@@ -13,12 +13,8 @@ use serde_json::{json, Value};
 async fn simple_agent(dir: &std::path::Path, core: Option<&TestCore>) -> aula_agent::Agent {
     let disk = target_disk(dir);
     start_agent(AgentOpts {
-        dir,
-        disks: vec![(1, disk)],
-        server: None,
         core: core.map(|c| (c.url(), c.fingerprint.clone())),
-        repo_port: 9,
-        extra: "",
+        ..AgentOpts::new(dir, vec![(1, disk)])
     })
     .await
 }
@@ -390,12 +386,9 @@ async fn apagar_powers_off_after_its_webhook_and_iniciar_sesion_sets_local_boot_
     let disk = target_disk(dir.path());
     let server_url = format!("https://{}", core.addr);
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, disk)],
         server: Some((server_url, core.fingerprint.clone())),
         core: Some((core.url(), core.fingerprint.clone())),
-        repo_port: 9,
-        extra: "",
+        ..AgentOpts::new(dir.path(), vec![(1, disk)])
     })
     .await;
     let api = Api::new(&agent);
@@ -421,6 +414,11 @@ async fn apagar_powers_off_after_its_webhook_and_iniciar_sesion_sets_local_boot_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The live system, idle: what OpenGnsys' core polls.
+    let (s, st) = api.call(Method::GET, "/CloningEngine/status", None).await;
+    assert_eq!(s, 200, "{st}");
+    assert_eq!(st["status"], "OPG", "{st}");
+    assert_eq!(st["session"], "live", "{st}");
     let (s, r) = api
         .call(
             Method::POST,
@@ -432,6 +430,11 @@ async fn apagar_powers_off_after_its_webhook_and_iniciar_sesion_sets_local_boot_
     let id = r["job_id"].as_str().expect("id").to_string();
     let v = api.wait_job(&id, Duration::from_secs(20)).await;
     assert_eq!(v["state"], "succeeded", "{v:#}");
+    // Until the reboot, the status says the machine is leaving for its OS.
+    let (_, st) = api.call(Method::GET, "/CloningEngine/status", None).await;
+    assert_eq!(st["session"], "booting-os", "{st}");
+    assert_eq!(st["status"], "BSY", "{st}");
+    assert_eq!(st["os"]["disk"], 1, "{st}");
     let boots = core.state.boots.lock().expect("boots").clone();
     assert_eq!(boots.len(), 1);
     assert_eq!(boots[0].0, format!("/v1/clients/{MAC}/boot"));
@@ -532,16 +535,21 @@ async fn the_openapi_document_describes_every_route_and_nothing_else() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_reads_the_kernel_command_line_registers_and_stops_on_sigterm() {
+async fn the_binary_reads_the_kernel_command_line_registers_stops_on_sigterm_and_registers_again_after_a_restart(
+) {
     init_logs();
     let dir = tempfile::tempdir().expect("tmp");
     let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
     let disk = target_disk(dir.path());
+    let mac = "52:54:00:cc:dd:02";
+    let nonce = server.live_boot(mac).await;
+    let state = dir.path().join("run-aula-agent");
     let cfg = dir.path().join("agent.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[listen]\naddress = \"127.0.0.1\"\nport = 0\n[power]\nmode = \"dry-run\"\n[disks]\n1 = \"{}\"\n",
+            "state_dir = \"{}\"\n[listen]\naddress = \"127.0.0.1\"\nport = 0\n[power]\nmode = \"dry-run\"\n[disks]\n1 = \"{}\"\n",
+            state.display(),
             disk.display()
         ),
     )
@@ -550,35 +558,60 @@ async fn the_binary_reads_the_kernel_command_line_registers_and_stops_on_sigterm
     std::fs::write(
         &cmdline,
         format!(
-            "BOOT_IMAGE=vmlinuz initrd=initrd.gz BOOTIF=01-52-54-00-cc-dd-02 aula.server={} aula.server_fp={} quiet\n",
+            "BOOT_IMAGE=vmlinuz initrd=initrd.gz BOOTIF=01-52-54-00-cc-dd-02 aula.server={} aula.server_fp={} aula.boot={nonce} quiet\n",
             server.url(),
             server.fingerprint
         ),
     )
     .expect("cmdline");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aula-agent"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--cmdline")
-        .arg(&cmdline)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let reg = loop {
-        let a = server.agents().await;
-        if let Some(r) = a
-            .as_array()
-            .and_then(|l| l.iter().find(|r| r["macs"][0] == "52:54:00:cc:dd:02"))
-        {
-            break r.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never registered: {a}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_aula-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn")
     };
+    let stop = |mut child: std::process::Child| async move {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("kill");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "{status}");
+    };
+    let registered = |port_before: Option<u64>| {
+        let server = &server;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let a = server.agents().await;
+                if let Some(r) = a.as_array().and_then(|l| {
+                    l.iter()
+                        .find(|r| r["macs"][0] == mac && r["port"].as_u64() != port_before)
+                }) {
+                    break r.clone();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never registered: {a}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let child = spawn();
+    let reg = registered(None).await;
     // What the registry holds is enough to reach and trust the agent.
     let port = reg["port"].as_u64().expect("port") as u16;
     let api = Api::with(
@@ -591,19 +624,30 @@ async fn the_binary_reads_the_kernel_command_line_registers_and_stops_on_sigterm
     assert_eq!(s, 200, "{v}");
     let (_, st) = api.call_with(Method::GET, "/v1/status", None, None).await;
     assert_eq!(st["registration"]["registered"], true);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("kill");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // The boot's identity is kept privately for a restart.
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("stat").permissions())
+            & 0o777
     };
-    assert!(status.success(), "{status}");
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("identity.json")), 0o600);
+    stop(child).await;
+
+    // Restarted in the same boot (the supervisor does that), it registers
+    // again as the same agent: same token and certificate, from the same
+    // address; the machine stays bound to it.
+    let child = spawn();
+    let again = registered(Some(port.into())).await;
+    assert_eq!(again["token"], reg["token"]);
+    assert_eq!(again["cert_fingerprint"], reg["cert_fingerprint"]);
+    let api = Api::with(
+        ([127, 0, 0, 1], again["port"].as_u64().expect("port") as u16).into(),
+        reg["cert_fingerprint"].as_str().expect("fp"),
+        reg["token"].as_str().expect("token"),
+        Duration::from_secs(10),
+    );
+    let (_, st) = api.call_with(Method::GET, "/v1/status", None, None).await;
+    assert_eq!(st["registration"]["registered"], true, "{st:#}");
+    stop(child).await;
     server.stop().await;
 }

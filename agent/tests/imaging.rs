@@ -36,17 +36,21 @@ async fn restaurar_imagen_with_the_documented_body_restores_partition_2_and_the_
     let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
     let core = TestCore::start().await;
     let (src, files) = source_disk(dir.path(), 12);
-    let m = upload(&server.repo_url(), &src, Some(1), "image-test").await;
+    let m = upload(&server, &src, Some(1), "image-test").await;
     let target = target_disk(dir.path());
-    // ~6 MiB/s between agent and repository: the restore takes a few seconds.
-    let proxy = Proxy::start(server.http, 6 << 20).await;
+    // ~6 MiB/s between agent and server: the restore takes a few seconds.
+    // The agent knows the server by the proxy's address (aula.server=), and
+    // the documented body's ipr names that host: the repository is the
+    // server's, over HTTPS with its pin.
+    let proxy = Proxy::start(server.https, 6 << 20).await;
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, target.clone())],
-        server: Some((server.url(), server.fingerprint.clone())),
+        server: Some((
+            format!("https://{}", proxy.addr),
+            server.fingerprint.clone(),
+        )),
         core: Some((core.url(), core.fingerprint.clone())),
-        repo_port: proxy.addr.port(),
-        extra: "",
+        boot: Some(server.live_boot(MAC).await),
+        ..AgentOpts::new(dir.path(), vec![(1, target.clone())])
     })
     .await;
     let api = Api::new(&agent);
@@ -171,12 +175,8 @@ async fn crear_imagen_then_restore_round_trips_through_the_repository() {
     ];
     fill(&target, 1, &files);
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, target.clone())],
-        server: None,
         core: Some((core.url(), core.fingerprint.clone())),
-        repo_port: server.http.port(),
-        extra: "",
+        ..AgentOpts::new(dir.path(), vec![(1, target.clone())]).repo(&server, server.https.port())
     })
     .await;
     let api = Api::new(&agent);
@@ -227,18 +227,13 @@ async fn configurar_lays_out_the_disk_and_unicast_cache_restores_through_the_cac
     let dir = tempfile::tempdir().expect("tmp");
     let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
     let (src, files) = source_disk(dir.path(), 4);
-    let m = upload(&server.repo_url(), &src, Some(1), "cached").await;
+    let m = upload(&server, &src, Some(1), "cached").await;
     let disk = dir.path().join("blank.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(192 * MIB))
         .expect("blank disk");
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, disk.clone())],
-        server: None,
-        core: None,
-        repo_port: server.http.port(),
-        extra: "",
+        ..AgentOpts::new(dir.path(), vec![(1, disk.clone())]).repo(&server, server.https.port())
     })
     .await;
     let api = Api::new(&agent);
@@ -339,7 +334,7 @@ async fn a_cancelled_restore_stops_midway_and_leaves_partition_2_unrecognisable_
     let (src, _) = source_disk(dir.path(), 16);
     // Small chunks: a cancel stops at the next chunk boundary, and chunks
     // already being fetched (one per fetch thread) finish first.
-    upload_chunked(&server.repo_url(), &src, Some(1), "slow", 256 << 10).await;
+    upload_chunked(&server, &src, Some(1), "slow", 256 << 10).await;
     let target = target_disk(dir.path());
     // An old filesystem on partition 2 that the restore starts to overwrite.
     sh(std::process::Command::new("mkfs.ext4")
@@ -349,14 +344,10 @@ async fn a_cancelled_restore_stops_midway_and_leaves_partition_2_unrecognisable_
         .arg(format!("offset={}", part_range(&target, 2).0))
         .arg(&target)
         .arg(format!("{}k", part_range(&target, 2).1 / 1024)));
-    let proxy = Proxy::start(server.http, 2 << 20).await;
+    let proxy = Proxy::start(server.https, 2 << 20).await;
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, target.clone())],
-        server: None,
         core: Some((core.url(), core.fingerprint.clone())),
-        repo_port: proxy.addr.port(),
-        extra: "",
+        ..AgentOpts::new(dir.path(), vec![(1, target.clone())]).repo(&server, proxy.addr.port())
     })
     .await;
     let api = Api::new(&agent);
@@ -422,15 +413,10 @@ async fn a_second_restore_in_the_same_boot_reads_nothing_unless_the_partition_wa
     let dir = tempfile::tempdir().expect("tmp");
     let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
     let (src, files) = source_disk(dir.path(), 12);
-    upload(&server.repo_url(), &src, Some(1), "again").await;
+    upload(&server, &src, Some(1), "again").await;
     let target = target_disk(dir.path());
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, target.clone())],
-        server: None,
-        core: None,
-        repo_port: server.http.port(),
-        extra: "",
+        ..AgentOpts::new(dir.path(), vec![(1, target.clone())]).repo(&server, server.https.port())
     })
     .await;
     let api = Api::new(&agent);
@@ -484,16 +470,11 @@ async fn jobs_on_one_disk_run_in_order_while_read_only_jobs_run_at_once() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
     let (src, _) = source_disk(dir.path(), 8);
-    upload(&server.repo_url(), &src, Some(1), "ordered").await;
+    upload(&server, &src, Some(1), "ordered").await;
     let target = target_disk(dir.path());
-    let proxy = Proxy::start(server.http, 4 << 20).await;
+    let proxy = Proxy::start(server.https, 4 << 20).await;
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, target.clone())],
-        server: None,
-        core: None,
-        repo_port: proxy.addr.port(),
-        extra: "",
+        ..AgentOpts::new(dir.path(), vec![(1, target.clone())]).repo(&server, proxy.addr.port())
     })
     .await;
     let api = Api::new(&agent);

@@ -17,16 +17,11 @@ async fn a_thousand_status_requests_over_100_connections_and_20_event_streams_se
     let dir = tempfile::tempdir().expect("tmp");
     let server = BootServer::start(&dir.path().join("server"), API_TOKEN).await;
     let (src, _) = source_disk(dir.path(), 12);
-    let m = upload_chunked(&server.repo_url(), &src, Some(1), "load", 1 << 20).await;
+    let m = upload_chunked(&server, &src, Some(1), "load", 1 << 20).await;
     let target = target_disk(dir.path());
-    let proxy = Proxy::start(server.http, 8 << 20).await;
+    let proxy = Proxy::start(server.https, 8 << 20).await;
     let agent = start_agent(AgentOpts {
-        dir: dir.path(),
-        disks: vec![(1, target)],
-        server: None,
-        core: None,
-        repo_port: proxy.addr.port(),
-        extra: "",
+        ..AgentOpts::new(dir.path(), vec![(1, target)]).repo(&server, proxy.addr.port())
     })
     .await;
 
@@ -93,7 +88,7 @@ async fn a_thousand_status_requests_over_100_connections_and_20_event_streams_se
             Method::POST,
             "/v1/jobs",
             Some(json!({"id": "load-restore", "op": "restore", "disk": 1, "partition": 2, "image": "load",
-                "repository": format!("http://{}", proxy.addr)})),
+                "repository": format!("https://{}", proxy.addr)})),
         )
         .await;
     assert_eq!(s, 202, "{r}");

@@ -146,7 +146,14 @@ struct AgentProc {
 }
 
 impl AgentProc {
-    fn start(lab: &Lab, i: usize, dir: &Path, core: &TestCore, kind: Kind) -> AgentProc {
+    fn start(
+        lab: &Lab,
+        i: usize,
+        dir: &Path,
+        server: &BootServer,
+        core: &TestCore,
+        kind: Kind,
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).expect("agent dir");
         let disk = match kind {
             Kind::Partition => target_disk(dir),
@@ -186,12 +193,39 @@ linger_s = 60
         )
         .expect("agent config");
         let cmdline = dir.join("cmdline");
-        let url = format!("https://{}", core.addr);
+        // The machine's live boot, as its iPXE does it: the script fetched
+        // from its own address gives the boot nonce it registers with.
+        let script = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.agents[i],
+                "curl",
+                "-sf",
+                "--max-time",
+                "10",
+            ])
+            .arg(format!(
+                "http://{}/boot/ipxe/{}?ip={ip}&mac={mac}",
+                server.http,
+                mac.replace(':', "-")
+            ))
+            .output()
+            .expect("curl");
+        let script = String::from_utf8_lossy(&script.stdout).to_string();
+        let nonce = script
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("aula.boot="))
+            .unwrap_or_else(|| panic!("no live script for {mac}: {script}"))
+            .to_string();
         std::fs::write(
             &cmdline,
             format!(
-                "quiet aula.server={url} aula.server_fp={fp} aula.core={url}/hooks aula.core_fp={fp}",
-                fp = core.fingerprint
+                "quiet aula.server={server_url} aula.server_fp={server_fp} aula.boot={nonce} aula.core=https://{core_addr}/hooks aula.core_fp={core_fp}",
+                server_url = server.url(),
+                server_fp = server.fingerprint,
+                core_addr = core.addr,
+                core_fp = core.fingerprint
             ),
         )
         .expect("cmdline");
@@ -292,7 +326,7 @@ impl Room {
         let (source, image) = match kind {
             Kind::Partition => {
                 let (source, _) = source_disk(dir.path(), DATA_MIB);
-                let m = upload_chunked(&server.repo_url(), &source, Some(1), "lab", CHUNK).await;
+                let m = upload_chunked(&server, &source, Some(1), "lab", CHUNK).await;
                 (source, m)
             }
             Kind::TwinDisk => {
@@ -316,24 +350,26 @@ impl Room {
                         .expect("fill");
                 }
                 drop(f);
-                let m = upload_chunked(&server.repo_url(), &source, None, "lab", CHUNK).await;
+                let m = upload_chunked(&server, &source, None, "lab", CHUNK).await;
                 (source, m)
             }
         };
-        let reference = reference_restore(&server.repo_url(), &image, dir.path()).await;
+        let reference =
+            reference_restore(&server.repo_url(), &server.fingerprint, &image, dir.path()).await;
         let mut agents = Vec::new();
         for i in 0..lab.agents.len() {
             agents.push(AgentProc::start(
                 lab,
                 i,
                 &dir.path().join(format!("a{i}")),
+                &server,
                 &core,
                 kind,
             ));
         }
         let mut apis = Vec::new();
         for a in &agents {
-            let reg = wait_registration(&core, &a.mac, a).await;
+            let reg = wait_registration(&server, &a.mac, a).await;
             let port = reg["port"].as_u64().expect("port") as u16;
             apis.push(Api::with(
                 SocketAddr::new(a.ip, port),
@@ -383,18 +419,12 @@ impl Room {
         v
     }
 
+    /// The coordinator's status, with the API token (members' addresses
+    /// are for the operator's eyes).
     async fn swarm_status(&self) -> wire::Status {
-        let url = format!("{}/v1/swarm", self.repo_url());
-        let body = tokio::task::spawn_blocking(move || {
-            let out = Command::new("curl")
-                .args(["-sf", "--max-time", "10", &url])
-                .output()
-                .expect("curl");
-            out.stdout
-        })
-        .await
-        .expect("curl thread");
-        serde_json::from_slice(&body).unwrap_or_default()
+        let (code, v) = self.server.api(Method::GET, "/v1/swarm", None).await;
+        assert_eq!(code, 200, "{v}");
+        serde_json::from_value(v).expect("swarm status")
     }
 
     /// Partition 2 of agent `i`'s disk equals the source partition, byte
@@ -452,10 +482,12 @@ impl Room {
 /// A plain restore of `m` onto a blank sparse file, for its counts.
 async fn reference_restore(
     url: &str,
+    fp: &str,
     m: &aula_imager::manifest::Manifest,
     dir: &Path,
 ) -> aula_imager::restore::RestoreStats {
     let (url, m, path) = (url.to_string(), m.clone(), dir.join("reference.img"));
+    let fp = fp.to_string();
     tokio::task::spawn_blocking(move || {
         let f = std::fs::File::create(&path).expect("reference target");
         f.set_len(
@@ -464,7 +496,16 @@ async fn reference_restore(
         )
         .expect("size");
         drop(f);
-        let repo = aula_imager::repo::HttpRepo::new(&url, Default::default()).expect("repo");
+        let repo = aula_imager::repo::HttpRepo::new(
+            &url,
+            aula_imager::repo::HttpOptions {
+                trust: aula_imager::tls::ServerTrust::Pin(
+                    aula_imager::tls::parse_fingerprint(&fp).expect("fp"),
+                ),
+                ..Default::default()
+            },
+        )
+        .expect("repo");
         let dev = aula_imager::device::Device::open(
             &path,
             aula_imager::device::OpenMode {
@@ -489,25 +530,22 @@ async fn reference_restore(
     .expect("reference thread")
 }
 
-async fn wait_registration(core: &TestCore, mac: &str, a: &AgentProc) -> Value {
+async fn wait_registration(server: &BootServer, mac: &str, a: &AgentProc) -> Value {
     let t0 = Instant::now();
     loop {
-        if let Some(r) = core
-            .state
-            .registrations
-            .lock()
-            .expect("regs")
-            .iter()
-            .find(|r| r["mac"] == mac)
+        let list = server.agents().await;
+        if let Some(r) = list
+            .as_array()
+            .and_then(|l| l.iter().find(|r| r["macs"][0] == mac))
         {
             return r.clone();
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "agent {mac} did not register\n{}",
+            "agent {mac} did not register with the boot server\n{}",
             a.log_text()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -562,8 +600,17 @@ fn four_machines_restore_one_image_together_byte_identical_with_the_server_sendi
             .iter()
             .find(|s| s.session == "lab@1")
             .expect("session");
-        assert_eq!(s.bytes_from_server, from_server);
+        // (Besides what the coordinator handed out, each machine fetched
+        // its crash-safe held windows, the partition's head and tail
+        // chunks written last, from the repository directly: at most two
+        // chunks each.)
         assert_eq!(s.bytes_from_peers, from_peers);
+        let held_max = 4 * 2 * (CHUNK + CHUNK / 8);
+        assert!(
+            s.bytes_from_server <= from_server && from_server - s.bytes_from_server <= held_max,
+            "coordinator saw {} bytes from the server, the machines {from_server}",
+            s.bytes_from_server
+        );
         // Progress events (webhooks) carry the split too.
         let hooks = room.core.hooks();
         assert!(
@@ -609,12 +656,26 @@ impl bhttp::RouteGroup for CorruptPeer {
     }
 }
 
+/// A call to the coordinator as the hostile member: a member credential
+/// (the repository's write token, as a machine that stole it would have).
 async fn coordinator(url: &str, path: &str, body: Value) -> Value {
     let url = format!("{url}{path}");
     let body = body.to_string();
     tokio::task::spawn_blocking(move || {
+        let auth = format!("Authorization: Bearer {REPO_TOKEN}");
         let out = Command::new("curl")
-            .args(["-sf", "--max-time", "10", "-X", "POST", "-d", &body, &url])
+            .args([
+                "-sfk",
+                "--max-time",
+                "10",
+                "-H",
+                &auth,
+                "-X",
+                "POST",
+                "-d",
+                &body,
+                &url,
+            ])
             .output()
             .expect("curl");
         assert!(out.status.success(), "POST {url}: {out:?}");

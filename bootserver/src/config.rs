@@ -69,6 +69,46 @@ pub struct Config {
     /// The image repository service (served by the HTTP listeners).
     #[serde(default)]
     pub repository: RepositorySection,
+    /// How much state the server keeps at most.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: how much the server keeps, so that nothing on the network
+/// can grow it without bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Machines known at most (boot modes, DHCP sightings, boot sessions,
+    /// registered agents).
+    #[serde(default = "default_max_machines")]
+    pub max_machines: usize,
+    /// Agents' events kept per machine, in KiB.
+    #[serde(default = "default_events_per_machine_kib")]
+    pub events_per_machine_kib: usize,
+    /// Agents' events kept in all, in MiB.
+    #[serde(default = "default_events_total_mib")]
+    pub events_total_mib: usize,
+}
+
+fn default_max_machines() -> usize {
+    crate::state::DEFAULT_MAX_MACHINES
+}
+fn default_events_per_machine_kib() -> usize {
+    256
+}
+fn default_events_total_mib() -> usize {
+    64
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_machines: default_max_machines(),
+            events_per_machine_kib: default_events_per_machine_kib(),
+            events_total_mib: default_events_total_mib(),
+        }
+    }
 }
 
 /// `[repository]`
@@ -270,15 +310,30 @@ pub struct TftpConfig {
     /// Largest window granted (RFC 7440).
     #[serde(default = "default_max_windowsize")]
     pub max_windowsize: u16,
-    /// Concurrent transfers; more are refused with a TFTP error.
+    /// Concurrent transfers whose client has acknowledged; more are
+    /// refused with a TFTP error.
     #[serde(default = "default_max_transfers")]
     pub max_transfers: usize,
+    /// Concurrent transfers from one client address.
+    #[serde(default = "default_max_transfers_per_ip")]
+    pub max_transfers_per_ip: usize,
+    /// Requests waiting for their client's first acknowledgement (a forged
+    /// source never sends one); when full, the oldest is dropped.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
     /// Retransmission timeout in milliseconds when the client asks for none.
     #[serde(default = "default_tftp_timeout_ms")]
     pub timeout_ms: u64,
+    /// Largest retransmission timeout a client may ask for (RFC 2349), in
+    /// seconds; a larger request is not acknowledged and `timeout_ms` applies.
+    #[serde(default = "default_tftp_max_timeout")]
+    pub max_timeout_s: u8,
     /// Retransmissions before a transfer is abandoned.
     #[serde(default = "default_tftp_retries")]
     pub retries: u32,
+    /// Longest time a whole transfer may take, in seconds.
+    #[serde(default = "default_tftp_max_transfer")]
+    pub max_transfer_s: u64,
 }
 
 impl Default for TftpConfig {
@@ -290,8 +345,12 @@ impl Default for TftpConfig {
             max_blksize: default_max_blksize(),
             max_windowsize: default_max_windowsize(),
             max_transfers: default_max_transfers(),
+            max_transfers_per_ip: default_max_transfers_per_ip(),
+            max_pending: default_max_pending(),
             timeout_ms: default_tftp_timeout_ms(),
+            max_timeout_s: default_tftp_max_timeout(),
             retries: default_tftp_retries(),
+            max_transfer_s: default_tftp_max_transfer(),
         }
     }
 }
@@ -315,25 +374,86 @@ pub struct HttpConfig {
     /// File holding the bearer token (first line), instead of `api_token`.
     #[serde(default)]
     pub api_token_file: Option<PathBuf>,
-    /// Concurrent connections.
+    /// Read-only token: lists machines, leases, agents and agents' events
+    /// (never agents' tokens), changes nothing.
+    #[serde(default)]
+    pub viewer_token: Option<String>,
+    /// File holding the viewer token (first line), instead of `viewer_token`.
+    #[serde(default)]
+    pub viewer_token_file: Option<PathBuf>,
+    /// Concurrent connections (per listener). When all are taken, the
+    /// oldest connection that has sent no request makes room.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// An HTTPS listener serving the same routes (agents register over it).
+    /// Concurrent connections from one client address (per listener).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Seconds a request head may take to arrive.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_s: u64,
+    /// Longest gap, in seconds, between two pieces of a request body.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout_s: u64,
+    /// Seconds from a request's head to the end of its body.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
+    /// Seconds a response may wait for the client to read a byte before
+    /// its connection is dropped (slow readers of the kernel or chunks).
+    #[serde(default = "default_send_stall_timeout")]
+    pub send_stall_timeout_s: u64,
+    /// The HTTPS listener (on by default): the API, agent registration and
+    /// the repository are served over it; plain HTTP keeps only what
+    /// firmware fetches.
     #[serde(default)]
-    pub tls: Option<TlsConfig>,
+    pub tls: TlsConfig,
+}
+
+impl HttpConfig {
+    /// The limits of each HTTP(S) listener.
+    pub fn listener_options(&self) -> aula_httpkit::server::Options {
+        let secs = std::time::Duration::from_secs;
+        aula_httpkit::server::Options {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            header_read_timeout: secs(self.header_timeout_s),
+            body_idle_timeout: secs(self.body_idle_timeout_s),
+            request_timeout: secs(self.request_timeout_s),
+            send_stall_timeout: secs(self.send_stall_timeout_s),
+            ..Default::default()
+        }
+    }
 }
 
 /// `[http.tls]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// Serve HTTPS. `false` turns it off: everything is then served over
+    /// plain HTTP and the live kernel line says `aula.tls=off`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Listen address.
     #[serde(default = "default_https_bind")]
     pub bind: SocketAddr,
-    /// PEM certificate chain (server certificate first).
-    pub cert: PathBuf,
+    /// PEM certificate chain (server certificate first). Without `cert`
+    /// and `key` the server makes its own certificate on first start and
+    /// keeps it in `<data_dir>/tls/` (key mode 0600).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
     /// PEM private key.
-    pub key: PathBuf,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: default_https_bind(),
+            cert: None,
+            key: None,
+        }
+    }
 }
 
 fn default_https_bind() -> SocketAddr {
@@ -348,8 +468,15 @@ impl Default for HttpConfig {
             public_url: None,
             api_token: None,
             api_token_file: None,
+            viewer_token: None,
+            viewer_token_file: None,
             max_connections: default_max_connections(),
-            tls: None,
+            max_connections_per_ip: default_max_connections_per_ip(),
+            header_timeout_s: default_header_timeout(),
+            body_idle_timeout_s: default_body_idle_timeout(),
+            request_timeout_s: default_request_timeout(),
+            send_stall_timeout_s: default_send_stall_timeout(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -439,6 +566,10 @@ pub struct BootConfig {
     /// `[http.tls]` is set, else the HTTP public URL).
     #[serde(default)]
     pub server_url: Option<String>,
+    /// Seconds after a machine's live boot script was served during which
+    /// its agent may register (the registration window).
+    #[serde(default = "default_registration_window")]
+    pub registration_window_s: u64,
     /// UEFI local boot method.
     #[serde(default = "default_uefi_local")]
     pub uefi_local: UefiLocal,
@@ -457,6 +588,7 @@ impl Default for BootConfig {
             core_url: None,
             server_fingerprint: None,
             server_url: None,
+            registration_window_s: default_registration_window(),
             uefi_local: default_uefi_local(),
             programs: ProgramsConfig::default(),
         }
@@ -524,8 +656,20 @@ fn default_max_windowsize() -> u16 {
 fn default_max_transfers() -> usize {
     64
 }
+fn default_max_transfers_per_ip() -> usize {
+    8
+}
+fn default_max_pending() -> usize {
+    256
+}
 fn default_tftp_timeout_ms() -> u64 {
     1000
+}
+fn default_tftp_max_timeout() -> u8 {
+    5
+}
+fn default_tftp_max_transfer() -> u64 {
+    60
 }
 fn default_tftp_retries() -> u32 {
     5
@@ -536,6 +680,21 @@ fn default_http_bind() -> SocketAddr {
 fn default_max_connections() -> usize {
     512
 }
+fn default_max_connections_per_ip() -> usize {
+    32
+}
+fn default_header_timeout() -> u64 {
+    20
+}
+fn default_body_idle_timeout() -> u64 {
+    10
+}
+fn default_request_timeout() -> u64 {
+    60
+}
+fn default_send_stall_timeout() -> u64 {
+    30
+}
 fn default_boot_mode() -> BootMode {
     BootMode::Live
 }
@@ -544,6 +703,9 @@ fn default_kernel() -> PathBuf {
 }
 fn default_initrd() -> PathBuf {
     PathBuf::from("/srv/aula/live/initrd.gz")
+}
+fn default_registration_window() -> u64 {
+    600
 }
 fn default_uefi_local() -> UefiLocal {
     UefiLocal::Exit
@@ -703,11 +865,36 @@ impl Config {
         if t.max_transfers == 0 {
             return Err(invalid("tftp.max_transfers", "must be at least 1"));
         }
+        if t.max_transfers_per_ip == 0 || t.max_pending == 0 {
+            return Err(invalid(
+                "tftp.max_transfers_per_ip",
+                "max_transfers_per_ip and max_pending must be at least 1",
+            ));
+        }
         if !(10..=255_000).contains(&t.timeout_ms) {
             return Err(invalid("tftp.timeout_ms", "must be 10..=255000"));
         }
+        if t.max_timeout_s == 0 {
+            return Err(invalid("tftp.max_timeout_s", "must be 1..=255"));
+        }
+        if !(1..=3600).contains(&t.max_transfer_s) {
+            return Err(invalid("tftp.max_transfer_s", "must be 1..=3600 seconds"));
+        }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.http.max_connections_per_ip == 0 {
+            return Err(invalid("http.max_connections_per_ip", "must be at least 1"));
+        }
+        for (key, v) in [
+            ("http.header_timeout_s", self.http.header_timeout_s),
+            ("http.body_idle_timeout_s", self.http.body_idle_timeout_s),
+            ("http.request_timeout_s", self.http.request_timeout_s),
+            ("http.send_stall_timeout_s", self.http.send_stall_timeout_s),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, "must be 1..=3600 seconds"));
+            }
         }
         if self.http.api_token.is_some() && self.http.api_token_file.is_some() {
             return Err(invalid(
@@ -719,6 +906,45 @@ impl Config {
             if tok.len() < 16 {
                 return Err(invalid("http.api_token", "must be at least 16 characters"));
             }
+        }
+        if self.http.viewer_token.is_some() && self.http.viewer_token_file.is_some() {
+            return Err(invalid(
+                "http.viewer_token",
+                "set viewer_token or viewer_token_file, not both",
+            ));
+        }
+        if let Some(tok) = &self.http.viewer_token {
+            if tok.len() < 16 {
+                return Err(invalid(
+                    "http.viewer_token",
+                    "must be at least 16 characters",
+                ));
+            }
+            if self.http.api_token.as_deref() == Some(tok.as_str()) {
+                return Err(invalid(
+                    "http.viewer_token",
+                    "must differ from http.api_token",
+                ));
+            }
+        }
+        let t = &self.http.tls;
+        if t.cert.is_some() != t.key.is_some() {
+            return Err(invalid(
+                "http.tls",
+                "give both cert and key, or neither (then the server makes its own)",
+            ));
+        }
+        if t.enabled && self.http.enabled && t.bind == self.http.bind && t.bind.port() != 0 {
+            return Err(invalid(
+                "http.tls.bind",
+                "must differ from http.bind (plain HTTP stays for firmware)",
+            ));
+        }
+        if !(10..=86_400).contains(&self.boot.registration_window_s) {
+            return Err(invalid(
+                "boot.registration_window_s",
+                "must be 10..=86400 seconds",
+            ));
         }
         for (key, url) in [
             ("http.public_url", &self.http.public_url),
@@ -803,6 +1029,19 @@ impl Config {
             if r.max_uploads == 0 {
                 return Err(invalid("repository.max_uploads", "must be at least 1"));
             }
+        }
+        let l = &self.limits;
+        if !(1..=10_000_000).contains(&l.max_machines) {
+            return Err(invalid("limits.max_machines", "must be 1..=10000000"));
+        }
+        if !(64..=65_536).contains(&l.events_per_machine_kib) {
+            return Err(invalid(
+                "limits.events_per_machine_kib",
+                "must be 64..=65536 (an event may be 64 KiB)",
+            ));
+        }
+        if !(1..=65_536).contains(&l.events_total_mib) {
+            return Err(invalid("limits.events_total_mib", "must be 1..=65536"));
         }
         if self.ra.enabled {
             parse_ra_prefix(&self.ra.prefix).map_err(|m| invalid("ra.prefix", m))?;
@@ -965,6 +1204,39 @@ mod tests {
         assert_eq!(cfg.dhcp.mode, DhcpMode::Full);
         assert!(cfg.dhcp.enabled && cfg.tftp.enabled && cfg.http.enabled && cfg.ra.enabled);
         assert_eq!(cfg.public_url(), "http://10.213.0.1:8080");
+        assert!(cfg.http.tls.enabled, "HTTPS is on by default");
+        assert_eq!(cfg.http.tls.bind.port(), 8443);
+        assert!(
+            cfg.http.tls.cert.is_none(),
+            "the server makes its own certificate"
+        );
+        assert_eq!(cfg.boot.registration_window_s, 600);
+    }
+
+    #[test]
+    fn https_is_on_without_a_tls_section_and_off_only_when_asked() {
+        let cfg = Config::parse(&with(
+            "[http]
+",
+        ))
+        .expect("config");
+        assert!(cfg.http.tls.enabled);
+        let cfg = Config::parse(&with(
+            "[http]
+[http.tls]
+enabled = false
+",
+        ))
+        .expect("config");
+        assert!(!cfg.http.tls.enabled);
+        let err = Config::parse(&with(
+            "[http]
+[http.tls]
+cert = \"/x.crt\"
+",
+        ))
+        .expect_err("cert without key");
+        assert!(err.to_string().contains("http.tls"), "{err}");
     }
 
     fn with(extra: &str) -> String {

@@ -79,6 +79,11 @@ fn warnings(cfg: &Config) -> Vec<String> {
         if cfg.http.api_token.is_none() && cfg.http.api_token_file.is_none() {
             w.push("no http.api_token: API writes will be refused".into());
         }
+        if !cfg.http.tls.enabled {
+            w.push(
+                "[http.tls] enabled = false: the API, registrations and the repository are served over plain HTTP; tokens travel in clear".into(),
+            );
+        }
     }
     if cfg.tftp.enabled || cfg.dhcp.enabled {
         let p = &cfg.boot.programs;
@@ -142,7 +147,7 @@ fn main() -> ExitCode {
                     eprintln!("warning: {w}");
                 }
                 println!(
-                    "config OK: server {} dhcp={} tftp={} http={} ra={}",
+                    "config OK: server {} dhcp={} tftp={} http={} ra={} https={}",
                     cfg.server.address,
                     if cfg.dhcp.enabled {
                         cfg.dhcp.mode_name()
@@ -151,7 +156,8 @@ fn main() -> ExitCode {
                     },
                     cfg.tftp.enabled,
                     cfg.http.enabled,
-                    cfg.ra.enabled
+                    cfg.ra.enabled,
+                    cfg.http.enabled && cfg.http.tls.enabled
                 );
                 ExitCode::SUCCESS
             }

@@ -1,10 +1,49 @@
 //! Durable small-file writes: write a temporary file next to the target, fsync it,
 //! rename it over the target and fsync the directory, so a crash leaves either the
 //! old or the new content, never a torn file.
+//!
+//! Everything the server writes can hold secrets (agents' bearer tokens in
+//! `state.json`, the TLS key, leases), so files are created mode 0600 — by
+//! `open(2)` itself, never widened and narrowed afterwards — and the data
+//! directory is 0700 ([`private_dir`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of every file the server writes.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of the data directory and its private subdirectories.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Opens `path` for writing, creating it mode 0600 (truncating when `truncate`).
+pub fn create_private(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Creates `dir` (and missing parents) mode 0700; an existing directory
+/// that others can read or enter is narrowed to 0700 (logged).
+pub fn private_dir(dir: &Path) -> Result<(), PersistError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(|e| PersistError::new("creating directory", dir, e))?;
+    let meta = fs::metadata(dir).map_err(|e| PersistError::new("reading", dir, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+            .map_err(|e| PersistError::new("restricting permissions of", dir, e))?;
+        tracing::warn!(dir = %dir.display(), old = format!("{mode:o}"), "data directory was readable by others; now 0700");
+    }
+    Ok(())
+}
 
 /// An I/O failure on a named file.
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +77,14 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<(), PersistError> {
         .unwrap_or_else(|| "state".to_owned());
     let tmp = dir.join(format!(".{file_name}.{}.partial", std::process::id()));
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        // A stale temporary file from a crash may exist with other modes:
+        // remove it so the file is created anew with 0600.
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut f = create_private(&tmp, true)?;
         f.write_all(data)?;
         f.sync_all()?;
         Ok(())
@@ -90,5 +132,19 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 1, "only the target remains: {names:?}");
+        let mode = fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "state files are private");
+    }
+
+    #[test]
+    fn private_dir_is_0700_and_narrows_an_open_one() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let d = base.path().join("a/b");
+        private_dir(&d).expect("create");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&d), 0o700);
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        private_dir(&d).expect("again");
+        assert_eq!(mode(&d), 0o700);
     }
 }

@@ -18,12 +18,30 @@
 //! Image states: `uploading` (chunks arriving with `X-Aula-Image: NAME`, not
 //! yet published), `ready`, `corrupt` (the last check found bad chunks).
 //!
-//! Writes need `Authorization: Bearer <write token>`; reads are open unless
-//! a read token is configured. Names and chunk ids are validated before any
-//! path is built from them (see `aula_imager::manifest::validate_name`).
+//! Who may do what is [`crate::auth`]'s table: writes need the write token,
+//! or a capture grant's upload token, which uploads chunks and publishes the
+//! one granted image name only (no other name, no delete, gc or check).
+//! Reads are open unless a read token is configured. No credential or an
+//! unknown one: 401; a known one without the right: 403. Names and chunk
+//! ids are validated before any path is built from them (see
+//! `aula_imager::manifest::validate_name`). A body over its limit is 413; a
+//! body the client failed to send is 400.
 //! Memory per connection is bounded: chunk downloads are streamed from the
 //! file in 256 KiB pieces; uploads are bounded by the largest possible
-//! chunk frame, and at most `max_uploads` are buffered at once.
+//! chunk frame, and at most `max_uploads` are buffered at once; a
+//! missing-chunk query names at most [`MAX_MISSING_IDS`] ids; at most two
+//! manifests are parsed at once, off the async runtime.
+//!
+//! # Storage guarantees
+//!
+//! | what | guarantee |
+//! |---|---|
+//! | `PUT /v1/chunks/{id}` answers 201 | the chunk file is fsynced, renamed into place and its directory fsynced |
+//! | garbage collection | exclusive against uploads, missing-checks, publishing and deletion (a lock they share), so a publish never links a manifest whose chunks gc is removing; while a capture is in progress it keeps every chunk younger than that capture, however long it runs |
+//! | a chunk a missing-check, an upload, or a capture's `HEAD` (one with `X-Aula-Image`) finds present | its modification time is refreshed, so gc's grace period keeps it until the capture that reuses it publishes |
+//! | a full filesystem | `507 Insufficient Storage` naming it; the failed write leaves no temporary file and publishes nothing |
+//! | start | temporary files of writers that died are removed from `tmp/` |
+//! | `GET /v1/images` | served from a listing rebuilt only when an image directory changed (publish, delete, or a local `aula-imager` writing into the same directory) |
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -38,7 +56,7 @@ use aula_imager::progress::Progress;
 use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{
     HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
@@ -48,14 +66,21 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Semaphore;
 
-use crate::http::{bearer, Body};
+use crate::auth::{Auth, Principal, Secrets};
+use crate::http::Body;
+use aula_httpkit::range::RangeSpec;
 
 /// Largest chunk frame accepted (zstd bound of the largest chunk).
 const MAX_FRAME: usize = (64 << 20) + (64 << 20) / 255 + 1024;
 /// Largest manifest accepted.
 const MAX_MANIFEST: usize = 256 << 20;
-/// Largest `missing` query.
-const MAX_QUERY: usize = 16 << 20;
+/// Most chunk ids one missing-chunk query may name (the imager sends 8192
+/// at a time).
+pub const MAX_MISSING_IDS: usize = 65_536;
+/// Largest `missing` query: the ids as JSON strings, and some slack.
+const MAX_QUERY: usize = MAX_MISSING_IDS * 70 + 1024;
+/// Manifests parsed and validated at once.
+const PUBLISH_SLOTS: usize = 2;
 /// Read size when streaming a chunk file.
 const STREAM_BUF: usize = 256 << 10;
 
@@ -113,19 +138,21 @@ struct PersistedState {
     corrupt: HashSet<String>,
 }
 
-/// Decides whether a bearer token that is not the write token may write
-/// (the boot server accepts granted agents' own tokens).
-pub type WriteAuth = Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
 /// The repository service.
 pub struct RepoService {
     repo: Arc<LocalRepo>,
-    extra_writer: Option<WriteAuth>,
+    auth: Arc<Auth>,
     cfg: RepoConfig,
-    /// Names with chunk uploads in progress, and when the last one came.
-    uploads: Mutex<HashMap<String, Instant>>,
+    /// Captures in progress: image name, when it started and when its
+    /// last request came.
+    uploads: Mutex<HashMap<String, (Instant, Instant)>>,
     state: Mutex<PersistedState>,
     upload_slots: Semaphore,
+    publish_slots: Semaphore,
+    /// Shared by writers, exclusive for garbage collection.
+    gc_lock: tokio::sync::RwLock<()>,
+    /// The last listing and the image directories' state it was made from.
+    listing: Mutex<Option<(DirsStamp, Arc<Vec<ImageSummary>>)>>,
 }
 
 /// Result of a garbage collection.
@@ -191,63 +218,61 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// Parse a single `bytes=a-b` / `bytes=a-` / `bytes=-n` range against `len`.
-/// `Ok(None)` means no usable Range header (serve everything); `Err` means
-/// unsatisfiable.
-fn parse_range(h: Option<&HeaderValue>, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(v) = h.and_then(|v| v.to_str().ok()) else {
-        return Ok(None);
-    };
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return Ok(None);
-    };
-    if spec.contains(',') {
-        // Multiple ranges are not supported: serve the whole entity.
-        return Ok(None);
-    }
-    let (a, b) = spec.split_once('-').ok_or(())?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().map_err(|_| ())?;
-            if n == 0 {
-                return Err(());
-            }
-            (len.saturating_sub(n), len - 1)
-        }
-        (s, "") => (s.parse().map_err(|_| ())?, len.saturating_sub(1)),
-        (s, e) => {
-            let s: u64 = s.parse().map_err(|_| ())?;
-            let e: u64 = e.parse().map_err(|_| ())?;
-            (s, e.min(len.saturating_sub(1)))
-        }
-    };
-    if len == 0 || start >= len || end < start {
-        return Err(());
-    }
-    Ok(Some((start, end)))
+/// What a request wants to do, for [`RepoService::authorize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action<'a> {
+    /// Read manifests, chunks, lists, the missing-chunk query.
+    Read,
+    /// Upload a chunk, for the image named in `X-Aula-Image` if any.
+    UploadChunk(Option<&'a str>),
+    /// Publish a version of this image.
+    Publish(&'a str),
+    /// Delete, gc, check.
+    Maintain,
 }
 
 impl RepoService {
     /// Open (or create) the repository and load the service state.
     pub fn open(cfg: RepoConfig) -> Result<RepoService, RepoServiceError> {
         let repo = LocalRepo::open(&cfg.root, true)?;
+        let swept = repo.sweep_tmp()?;
+        if swept > 0 {
+            tracing::info!(
+                files = swept,
+                "removed temporary files of writers that died"
+            );
+        }
+        sweep_state_temps(&cfg.root);
         let state = std::fs::read(cfg.root.join("service-state.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        let auth = Arc::new(Auth::new(
+            Secrets {
+                repo_write: cfg.write_token.clone(),
+                repo_read: cfg.read_token.clone(),
+                ..Default::default()
+            },
+            None,
+        ));
         Ok(RepoService {
             repo: Arc::new(repo),
-            extra_writer: None,
+            auth,
             upload_slots: Semaphore::new(cfg.max_uploads.max(1)),
+            publish_slots: Semaphore::new(PUBLISH_SLOTS),
+            gc_lock: tokio::sync::RwLock::new(()),
+            listing: Mutex::new(None),
             cfg,
             uploads: Mutex::new(HashMap::new()),
             state: Mutex::new(state),
         })
     }
 
-    /// Also accept writes with bearer tokens `auth` approves.
-    pub fn with_write_auth(mut self, auth: WriteAuth) -> Self {
-        self.extra_writer = Some(auth);
+    /// Decide who may read and write with `auth` (the server's one
+    /// [`Auth`]: its capture grants' upload tokens, the repository tokens)
+    /// instead of the repository tokens alone.
+    pub fn with_auth(mut self, auth: Arc<Auth>) -> Self {
+        self.auth = auth;
         self
     }
 
@@ -264,27 +289,45 @@ impl RepoService {
             || path.starts_with("/v1/repo/")
     }
 
-    /// Whether the request carries the credentials reads need (the swarm
-    /// coordinator follows the same policy).
-    pub fn can_read(&self, req: &Request<Incoming>) -> bool {
-        match &self.cfg.read_token {
-            None => true,
-            Some(t) => bearer(req).is_some_and(|b| {
-                aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes())
-                    || self.cfg.write_token.as_deref().is_some_and(|w| {
-                        aula_imager::tls::secrets_equal(b.as_bytes(), w.as_bytes())
-                    })
-            }),
+    /// The caller's right to `action`: the refusal's status and reason.
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        action: Action<'_>,
+    ) -> Result<(), (StatusCode, String)> {
+        if action == Action::Read && !self.auth.repo_reads_need_token() {
+            return Ok(());
         }
-    }
-
-    fn can_write(&self, req: &Request<Incoming>) -> bool {
-        let Some(b) = bearer(req) else { return false };
-        self.cfg
-            .write_token
-            .as_deref()
-            .is_some_and(|t| aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes()))
-            || self.extra_writer.as_ref().is_some_and(|f| f(b))
+        let Some(p) = self.auth.principal(req.headers()) else {
+            let msg = match action {
+                Action::Read => "this repository needs a token to read",
+                _ => "this operation needs the repository's write token or a capture grant",
+            };
+            return Err((StatusCode::UNAUTHORIZED, msg.into()));
+        };
+        let ok = match action {
+            Action::Read => p.can_read_repo(),
+            Action::UploadChunk(image) => p.can_upload_chunks(image),
+            Action::Publish(name) => p.can_publish(name),
+            Action::Maintain => p.can_maintain_repo(),
+        };
+        if ok {
+            return Ok(());
+        }
+        let why = match (&p, action) {
+            (Principal::Upload { image, .. }, Action::Publish(name)) => format!(
+                "the capture grant allows publishing image {image:?} only, not {name:?}"
+            ),
+            (Principal::Upload { image, .. }, Action::UploadChunk(Some(name))) => format!(
+                "the capture grant is for image {image:?}, not {name:?}"
+            ),
+            (Principal::Upload { .. }, _) => {
+                "a capture grant uploads and publishes its image; it cannot delete, collect garbage or check".into()
+            }
+            _ => format!("{} may not do this", p.name()),
+        };
+        tracing::warn!(caller = %p.name(), path = %req.uri().path(), reason = %why, "repository request refused");
+        Err((StatusCode::FORBIDDEN, why))
     }
 
     fn save_state(&self) {
@@ -292,12 +335,8 @@ impl RepoService {
             Ok(s) => serde_json::to_vec(&*s).unwrap_or_default(),
             Err(_) => return,
         };
-        let tmp = self.cfg.root.join("tmp").join("service-state.json.partial");
         let dest = self.cfg.root.join("service-state.json");
-        let r = std::fs::write(&tmp, body)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &dest));
-        if let Err(e) = r {
+        if let Err(e) = crate::persist::atomic_write(&dest, &body) {
             tracing::warn!("could not save the repository state: {e}");
         }
     }
@@ -313,19 +352,20 @@ impl RepoService {
         {
             return error(StatusCode::BAD_REQUEST, &format!("invalid path {path:?}"));
         }
-        let is_write = matches!(method, Method::PUT | Method::DELETE)
-            || (method == Method::POST && path.starts_with("/v1/repo/"));
-        if is_write && !self.can_write(&req) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "this operation needs the repository's write token",
-            );
-        }
-        if !is_write && !self.can_read(&req) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "this repository needs a token to read",
-            );
+        let image_header = req
+            .headers()
+            .get("x-aula-image")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let action = match (&method, segs.as_slice()) {
+            (&Method::PUT, ["v1", "chunks", _]) => Action::UploadChunk(image_header.as_deref()),
+            (&Method::PUT, ["v1", "images", name]) => Action::Publish(name),
+            (&Method::DELETE, _) | (&Method::PUT, _) => Action::Maintain,
+            (&Method::POST, ["v1", "repo", ..]) => Action::Maintain,
+            _ => Action::Read,
+        };
+        if let Err((status, why)) = self.authorize(&req, action) {
+            return error(status, &why);
         }
         match (method.clone(), segs.as_slice()) {
             (Method::GET, ["v1", "images"]) => self.list().await,
@@ -359,11 +399,34 @@ impl RepoService {
         })
     }
 
+    /// Forgets the cached listing (after publish, delete, check).
+    fn invalidate_listing(&self) {
+        if let Ok(mut l) = self.listing.lock() {
+            *l = None;
+        }
+    }
+
+    /// The images' summaries: the cached listing while no image directory
+    /// changed, else a fresh one (blocking).
+    fn listing_blocking(&self) -> Result<Arc<Vec<ImageSummary>>, aula_imager::Error> {
+        let stamp = image_dirs_stamp(self.repo.root())?;
+        if let Ok(l) = self.listing.lock() {
+            if let Some((_, list)) = l.as_ref().filter(|(s, _)| *s == stamp) {
+                return Ok(list.clone());
+            }
+        }
+        let list = Arc::new(self.repo.list()?);
+        if let Ok(mut l) = self.listing.lock() {
+            *l = Some((stamp, list.clone()));
+        }
+        Ok(list)
+    }
+
     async fn list(self: &Arc<Self>) -> Response<Body> {
-        let repo = self.repo.clone();
-        let mut images = match self.blocking(move || repo.list()).await {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        let svc = self.clone();
+        let mut images = match self.blocking(move || svc.listing_blocking()).await {
+            Ok(Ok(l)) => l.as_ref().clone(),
+            Ok(Err(e)) => return failure("listing images", &e),
             Err(r) => return r,
         };
         let corrupt = self
@@ -379,7 +442,7 @@ impl RepoService {
         // Uploads in progress for names not yet published.
         let recent = Duration::from_secs(self.cfg.gc_grace_s.max(60));
         if let Ok(u) = self.uploads.lock() {
-            for (name, at) in u.iter() {
+            for (name, (_, at)) in u.iter() {
                 if at.elapsed() > recent {
                     continue;
                 }
@@ -438,18 +501,25 @@ impl RepoService {
         if let Err(e) = validate_name(name) {
             return error(StatusCode::BAD_REQUEST, &e.to_string());
         }
-        let body = match Limited::new(req.into_body(), MAX_MANIFEST).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("reading the manifest: {e}"),
-                )
-            }
+        let (parts, body) = req.into_parts();
+        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_MANIFEST).await
+        {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), &format!("reading the manifest: {e}")),
         };
-        let m = match Manifest::from_json(&body, "uploaded manifest") {
-            Ok(m) => m,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        // Parsing and validating a large manifest is CPU work: off the
+        // async runtime, a bounded number at once.
+        let _slot = match self.publish_slots.acquire().await {
+            Ok(s) => s,
+            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        };
+        let m = match self
+            .blocking(move || Manifest::from_json(&body, "uploaded manifest"))
+            .await
+        {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+            Err(r) => return r,
         };
         if m.name != name {
             return error(
@@ -460,31 +530,34 @@ impl RepoService {
                 ),
             );
         }
+        enum Outcome {
+            Missing(Vec<ChunkId>),
+            Published(u32),
+        }
+        // Shared with uploads, exclusive of gc: no chunk this manifest
+        // names can disappear between the check and the link.
+        let _gc = self.gc_lock.read().await;
         let repo = self.repo.clone();
-        let m2 = m.clone();
-        let missing = match self
-            .blocking(move || {
-                let ids: Vec<ChunkId> = m2.unique_chunks().into_iter().map(|(id, _)| id).collect();
-                repo.missing_chunks(&ids)
+        let res = self
+            .blocking(move || -> Result<Outcome, aula_imager::Error> {
+                let ids: Vec<ChunkId> = m.unique_chunks().into_iter().map(|(id, _)| id).collect();
+                let missing = repo.missing_chunks(&ids)?;
+                if !missing.is_empty() {
+                    return Ok(Outcome::Missing(missing));
+                }
+                repo.publish(&m).map(Outcome::Published)
             })
-            .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-            Err(r) => return r,
-        };
-        if !missing.is_empty() {
-            return json(
+            .await;
+        self.invalidate_listing();
+        match res {
+            Ok(Ok(Outcome::Missing(missing))) => json(
                 StatusCode::CONFLICT,
                 &serde_json::json!({
                     "error": format!("{} chunk(s) named by the manifest are not in the repository", missing.len()),
                     "missing": missing,
                 }),
-            );
-        }
-        let repo = self.repo.clone();
-        match self.blocking(move || repo.publish(&m)).await {
-            Ok(Ok(version)) => {
+            ),
+            Ok(Ok(Outcome::Published(version))) => {
                 if let Ok(mut u) = self.uploads.lock() {
                     u.remove(name);
                 }
@@ -494,7 +567,11 @@ impl RepoService {
                     &serde_json::json!({ "name": name, "version": version }),
                 )
             }
-            Ok(Err(e)) => error(StatusCode::CONFLICT, &e.to_string()),
+            Ok(Err(
+                e @ (aula_imager::Error::BadManifest { .. } | aula_imager::Error::Invalid(_)),
+            )) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+            Ok(Err(e @ aula_imager::Error::Repo(_))) => error(StatusCode::CONFLICT, &e.to_string()),
+            Ok(Err(e)) => failure(&format!("publishing {name}"), &e),
             Err(r) => r,
         }
     }
@@ -505,7 +582,10 @@ impl RepoService {
         }
         let repo = self.repo.clone();
         let n = name.to_string();
-        match self.blocking(move || repo.delete(&n)).await {
+        let _gc = self.gc_lock.read().await;
+        let res = self.blocking(move || repo.delete(&n)).await;
+        self.invalidate_listing();
+        match res {
             Ok(Ok(())) => {
                 if let Ok(mut s) = self.state.lock() {
                     s.corrupt.remove(name);
@@ -516,7 +596,7 @@ impl RepoService {
             Ok(Err(aula_imager::Error::ImageNotFound(_))) => {
                 error(StatusCode::NOT_FOUND, &format!("image {name} not found"))
             }
-            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Ok(Err(e)) => failure(&format!("deleting {name}"), &e),
             Err(r) => r,
         }
     }
@@ -527,14 +607,10 @@ impl RepoService {
         struct Q {
             ids: Vec<ChunkId>,
         }
-        let body = match Limited::new(req.into_body(), MAX_QUERY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("reading the query: {e}"),
-                )
-            }
+        let (parts, body) = req.into_parts();
+        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_QUERY).await {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), &format!("reading the query: {e}")),
         };
         let q: Q = match serde_json::from_slice(&body) {
             Ok(q) => q,
@@ -545,10 +621,36 @@ impl RepoService {
                 )
             }
         };
-        let repo = self.repo.clone();
-        match self.blocking(move || repo.missing_chunks(&q.ids)).await {
+        if q.ids.len() > MAX_MISSING_IDS {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "{} ids in one query; at most {MAX_MISSING_IDS}: ask in batches",
+                    q.ids.len()
+                ),
+            );
+        }
+        // Present chunks are refreshed, so gc keeps them until the capture
+        // that asked publishes; the gc lock keeps gc out meanwhile.
+        let _gc = self.gc_lock.read().await;
+        let svc = self.clone();
+        let res = self
+            .blocking(move || -> io::Result<Vec<ChunkId>> {
+                let mut missing = Vec::new();
+                for id in &q.ids {
+                    if !svc.refresh_chunk(id)? {
+                        missing.push(*id);
+                    }
+                }
+                Ok(missing)
+            })
+            .await;
+        match res {
             Ok(Ok(m)) => json(StatusCode::OK, &serde_json::json!({ "missing": m })),
-            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Ok(Err(e)) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("checking chunks: {e}"),
+            ),
             Err(r) => r,
         }
     }
@@ -558,6 +660,27 @@ impl RepoService {
             Ok(id) => id,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
+        if req.method() == Method::HEAD && req.headers().contains_key("x-aula-image") {
+            // A capture asking whether it must upload this chunk (it names
+            // its image on every request): present means it will be reused,
+            // so it is refreshed for gc's grace period, under the gc lock.
+            let name = req
+                .headers()
+                .get("x-aula-image")
+                .and_then(|v| v.to_str().ok());
+            if let Some(name) = name.filter(|n| {
+                self.auth
+                    .principal(req.headers())
+                    .is_some_and(|p| p.can_upload_chunks(Some(n)))
+            }) {
+                self.note_capture(name);
+            }
+            let _gc = self.gc_lock.read().await;
+            let svc = self.clone();
+            if let Ok(Err(e)) = self.blocking(move || svc.refresh_chunk(&id)).await {
+                tracing::warn!(%id, error = %e, "refreshing a reused chunk");
+            }
+        }
         let path = self.repo.chunk_path(&id);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
@@ -580,10 +703,11 @@ impl RepoService {
                 )
             }
         };
-        let (status, start, count) = match parse_range(req.headers().get(RANGE), len) {
-            Ok(None) => (StatusCode::OK, 0, len),
-            Ok(Some((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
-            Err(()) => {
+        let (status, start, count) = match aula_httpkit::range::parse(req.headers().get(RANGE), len)
+        {
+            RangeSpec::Full => (StatusCode::OK, 0, len),
+            RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
+            RangeSpec::Unsatisfiable => {
                 let mut r = error(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                     r.headers_mut().insert(CONTENT_RANGE, v);
@@ -635,36 +759,50 @@ impl RepoService {
             .get("x-aula-image")
             .and_then(|v| v.to_str().ok())
         {
-            if validate_name(name).is_ok() {
-                if let Ok(mut u) = self.uploads.lock() {
-                    u.insert(name.to_string(), Instant::now());
-                }
-            }
+            self.note_capture(name);
         }
-        if self.repo.chunk_path(&id).exists() {
-            // Content addressed: already present means already correct.
-            // Drain nothing; the client may stop sending.
-            return json(
-                StatusCode::OK,
-                &serde_json::json!({ "id": id, "stored": false }),
-            );
+        {
+            // Content addressed: already present means already correct. It
+            // is refreshed (gc's grace period starts again) under the gc
+            // lock, so gc cannot remove it between this answer and the
+            // publish that will name it. The client may stop sending.
+            let _gc = self.gc_lock.read().await;
+            let svc = self.clone();
+            match self.blocking(move || svc.refresh_chunk(&id)).await {
+                Ok(Ok(true)) => {
+                    return json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "id": id, "stored": false }),
+                    )
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("checking chunk {id}: {e}"),
+                    )
+                }
+                Err(r) => return r,
+            }
         }
         let _slot = match self.upload_slots.acquire().await {
             Ok(s) => s,
             Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
         };
-        let body = match Limited::new(req.into_body(), MAX_FRAME).collect().await {
-            Ok(b) => b.to_bytes(),
+        let (parts, body) = req.into_parts();
+        let body = match aula_httpkit::body::read_limited(&parts.headers, body, MAX_FRAME).await {
+            Ok(b) => b,
             Err(e) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("reading the chunk: {e}"),
-                )
+                if let aula_httpkit::body::BodyError::Read(why) = &e {
+                    tracing::debug!(%id, why, "chunk upload ended early (client gone?)");
+                }
+                return error(e.status(), &format!("reading the chunk: {e}"));
             }
         };
         let repo = self.repo.clone();
+        let _gc = self.gc_lock.read().await;
         let res = self
-            .blocking(move || -> Result<(), aula_imager::Error> {
+            .blocking(move || -> Result<bool, aula_imager::Error> {
                 // Verify on arrival: decompress (bounded) and hash.
                 let mut dec = Decoder::new()?;
                 let mut out = Vec::new();
@@ -674,34 +812,95 @@ impl RepoService {
                         why: "not a zstd frame with a content size of at most 64 MiB".into(),
                     })?;
                 dec.decode_verified(&id, &body, len, &mut out)?;
-                repo.put_chunk(&id, &body)
+                // Acknowledged only once durable.
+                repo.put_chunk_durable(&id, &body)
             })
             .await;
         match res {
-            Ok(Ok(())) => json(
+            Ok(Ok(stored)) => json(
                 StatusCode::CREATED,
-                &serde_json::json!({ "id": id, "stored": true }),
+                &serde_json::json!({ "id": id, "stored": stored }),
             ),
             Ok(Err(e @ aula_imager::Error::ChunkCorrupt { .. })) => {
                 error(StatusCode::BAD_REQUEST, &e.to_string())
             }
-            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Ok(Err(e)) => failure(&format!("storing chunk {id}"), &e),
             Err(r) => r,
         }
+    }
+
+    /// Records a request of the capture of image `name` (one that may
+    /// upload it): see [`RepoService::gc_blocking`].
+    fn note_capture(&self, name: &str) {
+        if validate_name(name).is_err() {
+            return;
+        }
+        let stale = Duration::from_secs(self.cfg.gc_grace_s.max(60));
+        if let Ok(mut u) = self.uploads.lock() {
+            let now = Instant::now();
+            let e = u.entry(name.to_string()).or_insert((now, now));
+            if e.1.elapsed() > stale {
+                *e = (now, now);
+            }
+            e.1 = now;
+        }
+    }
+
+    /// Whether chunk `id` is present; a present one older than a quarter
+    /// of the grace period gets its modification time set to now
+    /// (blocking).
+    fn refresh_chunk(&self, id: &ChunkId) -> io::Result<bool> {
+        let path = self.repo.chunk_path(id);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let quarter = Duration::from_secs(self.cfg.gc_grace_s / 4);
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok());
+        if age.is_none_or(|a| a >= quarter) {
+            std::fs::File::open(&path)?.set_modified(SystemTime::now())?;
+        }
+        Ok(true)
     }
 
     async fn gc(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Body> {
         let purge_trash = query_param(req, "purge_trash").is_some_and(|v| v == "1" || v == "true");
         let svc = self.clone();
-        match self.blocking(move || svc.gc_blocking(purge_trash)).await {
+        let res = self.blocking(move || svc.gc_blocking(purge_trash)).await;
+        self.invalidate_listing();
+        match res {
             Ok(Ok(r)) => json(StatusCode::OK, &r),
-            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Ok(Err(e)) => failure("garbage collection", &e),
             Err(r) => r,
         }
     }
 
-    /// Garbage-collect unreferenced chunks (blocking).
+    /// Garbage-collect unreferenced chunks (blocking; not on an async
+    /// worker). Waits for uploads, missing-checks and publishes in
+    /// progress, and keeps new ones waiting until it is done.
+    ///
+    /// An unreferenced chunk is kept while it is younger than the grace
+    /// period, and, while a capture is in progress (a request in the last
+    /// grace period), when it is younger than that capture's start (less
+    /// a quarter of the grace period, the refresh granularity): every
+    /// chunk a capture uploads or finds present has such a time, so a
+    /// capture that takes longer than the grace period loses nothing
+    /// either.
     pub fn gc_blocking(&self, purge_trash: bool) -> Result<GcReport, aula_imager::Error> {
+        let _exclusive = self.gc_lock.blocking_write();
+        let grace = Duration::from_secs(self.cfg.gc_grace_s);
+        let oldest_capture = self.uploads.lock().ok().and_then(|mut u| {
+            u.retain(|_, (_, last)| last.elapsed() <= grace.max(Duration::from_secs(60)));
+            u.values().map(|(first, _)| first.elapsed()).max()
+        });
+        let keep_window = match oldest_capture {
+            Some(running) => grace.max(running + grace / 4 + Duration::from_secs(60)),
+            None => grace,
+        };
         let mut referenced: HashSet<ChunkId> = HashSet::new();
         for img in self.repo.list()? {
             for v in &img.versions {
@@ -713,7 +912,6 @@ impl RepoService {
             referenced: referenced.len() as u64,
             ..Default::default()
         };
-        let grace = Duration::from_secs(self.cfg.gc_grace_s);
         let now = SystemTime::now();
         let chunks_dir = self.repo.root().join("chunks");
         let io_err = |what: String| move |source| aula_imager::Error::Io { what, source };
@@ -746,7 +944,7 @@ impl RepoService {
                     .modified()
                     .ok()
                     .and_then(|m| now.duration_since(m).ok())
-                    .is_none_or(|age| age < grace);
+                    .is_none_or(|age| age < keep_window);
                 if young {
                     report.kept_recent += 1;
                     continue;
@@ -780,10 +978,11 @@ impl RepoService {
             }
         }
         let svc = self.clone();
-        match self
+        let res = self
             .blocking(move || svc.check_blocking(only.as_deref()))
-            .await
-        {
+            .await;
+        self.invalidate_listing();
+        match res {
             Ok(Ok(r)) => json(StatusCode::OK, &r),
             Ok(Err(aula_imager::Error::ImageNotFound(n))) => {
                 error(StatusCode::NOT_FOUND, &format!("image {n} not found"))
@@ -853,6 +1052,76 @@ impl RepoService {
     }
 }
 
+/// The answer to a storage failure while `what`: 507 when the filesystem
+/// is full (or over quota), else 500; the OS error is named either way.
+fn failure(what: &str, e: &aula_imager::Error) -> Response<Body> {
+    let mut os = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            os = Some(io);
+        }
+        cur = err.source();
+    }
+    let full = os
+        .and_then(|io| io.raw_os_error())
+        .is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT);
+    let msg = match os {
+        Some(io) => format!("{what}: {e}: {io}"),
+        None => format!("{what}: {e}"),
+    };
+    if full {
+        tracing::error!(error = %msg, "repository filesystem full");
+        error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            &format!("no space left on the repository's filesystem ({msg}); nothing was stored"),
+        )
+    } else {
+        tracing::error!(error = %msg, "repository storage error");
+        error(StatusCode::INTERNAL_SERVER_ERROR, &msg)
+    }
+}
+
+/// Each image directory's name and modification time (s, ns).
+type DirsStamp = Vec<(String, i64, i64)>;
+
+/// What the listing depends on: each image directory and its modification
+/// time (a new version file changes it).
+fn image_dirs_stamp(root: &std::path::Path) -> Result<DirsStamp, aula_imager::Error> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = root.join("images");
+    let io_err = |source| aula_imager::Error::Io {
+        what: format!("listing {}", dir.display()),
+        source,
+    };
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir(&dir).map_err(io_err)? {
+        let ent = ent.map_err(io_err)?;
+        let Ok(meta) = ent.metadata() else { continue };
+        out.push((
+            ent.file_name().to_string_lossy().into_owned(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes temporary copies of `service-state.json` left by a crash.
+fn sweep_state_temps(root: &std::path::Path) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for ent in rd.flatten() {
+        let name = ent.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".service-state.json.") && name.ends_with(".partial") {
+            let _ = std::fs::remove_file(ent.path());
+        }
+    }
+}
+
 /// The decompressed size a zstd frame declares, if it is at most 64 MiB.
 fn zstd_content_size(frame: &[u8]) -> Option<usize> {
     match zstd_frame_content_size(frame) {
@@ -918,23 +1187,6 @@ impl crate::http::RouteGroup for RepoRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges_parse_like_rfc_9110() {
-        let h = |s: &str| HeaderValue::from_str(s).expect("header");
-        assert_eq!(parse_range(None, 100), Ok(None));
-        assert_eq!(parse_range(Some(&h("bytes=0-9")), 100), Ok(Some((0, 9))));
-        assert_eq!(parse_range(Some(&h("bytes=90-")), 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range(Some(&h("bytes=-10")), 100), Ok(Some((90, 99))));
-        assert_eq!(
-            parse_range(Some(&h("bytes=50-500")), 100),
-            Ok(Some((50, 99)))
-        );
-        assert_eq!(parse_range(Some(&h("bytes=100-")), 100), Err(()));
-        assert_eq!(parse_range(Some(&h("bytes=5-1")), 100), Err(()));
-        assert_eq!(parse_range(Some(&h("bytes=0-1,5-6")), 100), Ok(None));
-        assert_eq!(parse_range(Some(&h("items=0-1")), 100), Ok(None));
-    }
 
     #[test]
     fn zstd_frame_header_gives_the_content_size() {

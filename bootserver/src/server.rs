@@ -7,9 +7,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Auth, Secrets};
 use crate::config::{parse_ra_prefix, Config};
 use crate::dhcp::{self, DhcpService};
-use crate::http::{self, api::ApiRoutes, boot::BootRoutes, boot::LiveArgs, RouteGroup};
+use crate::http::{self, api::ApiRoutes, boot::BootRoutes, boot::LiveArgs, RouteGroup, Serves};
 use crate::state::{Registry, StateError};
 use crate::tftp::{self, ConfinedRoot};
 use crate::{netutil, ra};
@@ -20,15 +21,9 @@ pub enum ServerError {
     /// Invalid configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// The data directory cannot be created.
-    #[error("creating data directory {path}")]
-    DataDir {
-        /// The directory.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The data directory cannot be created or made private.
+    #[error("data directory")]
+    DataDir(#[source] crate::persist::PersistError),
     /// A token file cannot be read.
     #[error("reading {key} {path}")]
     TokenFile {
@@ -83,7 +78,7 @@ pub struct Server {
     tracker: TaskTracker,
     /// HTTP listening address, if HTTP runs.
     pub http_addr: Option<SocketAddr>,
-    /// HTTPS listening address, if `[http.tls]` is set.
+    /// HTTPS listening address (unless `[http.tls] enabled = false`).
     pub https_addr: Option<SocketAddr>,
     /// `sha256:<hex>` of the HTTPS certificate.
     pub tls_fingerprint: Option<String>,
@@ -107,25 +102,56 @@ impl Server {
         cfg.validate()?;
         let cfg = Arc::new(cfg);
         let data_dir = cfg.server.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
+        crate::persist::private_dir(&data_dir).map_err(ServerError::DataDir)?;
         let token = read_secret(
             cfg.http.api_token.as_ref(),
             cfg.http.api_token_file.as_ref(),
             "http.api_token_file",
         )?;
-        if cfg.http.api_token.is_none() && token.as_ref().is_some_and(|t| t.len() < 16) {
-            return Err(ServerError::Config(crate::config::ConfigError::Invalid {
-                key: "http.api_token_file".into(),
-                message: "token must be at least 16 characters".into(),
-            }));
+        let viewer = read_secret(
+            cfg.http.viewer_token.as_ref(),
+            cfg.http.viewer_token_file.as_ref(),
+            "http.viewer_token_file",
+        )?;
+        for (key, inline, t) in [
+            ("http.api_token_file", &cfg.http.api_token, &token),
+            ("http.viewer_token_file", &cfg.http.viewer_token, &viewer),
+        ] {
+            if inline.is_none() && t.as_ref().is_some_and(|t| t.len() < 16) {
+                return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+                    key: key.into(),
+                    message: "token must be at least 16 characters".into(),
+                }));
+            }
         }
         if cfg.http.enabled && token.is_none() {
             tracing::warn!("no http.api_token configured: API writes (boot modes) are refused");
         }
-        let registry = Arc::new(Registry::load(&data_dir)?);
+        let repo_write = if cfg.repository.enabled {
+            read_secret(
+                cfg.repository.write_token.as_ref(),
+                cfg.repository.write_token_file.as_ref(),
+                "repository.write_token_file",
+            )?
+            .filter(|t| !t.is_empty())
+        } else {
+            None
+        };
+        let secrets = Secrets {
+            api: token,
+            viewer,
+            repo_write,
+            repo_read: cfg.repository.read_token.clone(),
+        };
+        if let Some((a, b)) = secrets.duplicate() {
+            return Err(ServerError::Config(crate::config::ConfigError::Invalid {
+                key: b.into(),
+                message: format!("must differ from {a}: each token names one kind of caller"),
+            }));
+        }
+        let registry =
+            Arc::new(Registry::load(&data_dir)?.with_max_machines(cfg.limits.max_machines));
+        let auth = Arc::new(Auth::new(secrets, Some(registry.clone())));
         let needs_iface = cfg.dhcp.enabled || cfg.ra.enabled;
         let interface = if needs_iface {
             match &cfg.server.interface {
@@ -145,7 +171,7 @@ impl Server {
             &cfg,
             &registry,
             interface.as_deref(),
-            token,
+            auth,
             extra_routes,
             &cancel,
             &tracker,
@@ -189,7 +215,7 @@ impl Server {
         cfg: &Arc<Config>,
         registry: &Arc<Registry>,
         interface: Option<&str>,
-        token: Option<String>,
+        auth: Arc<Auth>,
         extra_routes: Vec<Arc<dyn RouteGroup>>,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
@@ -219,13 +245,39 @@ impl Server {
         } else {
             None
         };
-        let tls = match (&cfg.http.tls, cfg.http.enabled) {
-            (Some(t), true) => Some(crate::tls::load(t)?),
-            _ => None,
-        };
-        let tls_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+        let mut tls_fingerprint = None;
         let (mut http_addr, mut https_addr) = (None, None);
         if cfg.http.enabled {
+            let tls = if cfg.http.tls.enabled {
+                let names = vec![cfg.server.address.to_string(), "aula-bootserver".into()];
+                Some(crate::tls::load(
+                    &cfg.http.tls,
+                    &cfg.server.data_dir,
+                    &names,
+                )?)
+            } else {
+                tracing::warn!("[http.tls] enabled = false: the API, registrations and the repository are served over plain HTTP; tokens travel in clear");
+                None
+            };
+            tls_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+            let plain = http::bind(cfg.http.bind).await?;
+            http_addr = Some(plain.local_addr().map_err(|source| http::HttpError {
+                addr: cfg.http.bind,
+                source,
+            })?);
+            let secure = match &tls {
+                Some(_) => {
+                    let l = http::bind(cfg.http.tls.bind).await?;
+                    https_addr = Some(l.local_addr().map_err(|source| http::HttpError {
+                        addr: cfg.http.tls.bind,
+                        source,
+                    })?);
+                    Some(l)
+                }
+                None => None,
+            };
+            let https_url =
+                https_addr.map(|a| format!("https://{}:{}", cfg.server.address, a.port()));
             let programs = match ConfinedRoot::open_with_programs(&cfg.tftp.root, programs_of(cfg))
             {
                 Ok(r) => Some(Arc::new(r)),
@@ -234,35 +286,32 @@ impl Server {
                     None
                 }
             };
-            let https_url = cfg
-                .http
-                .tls
-                .as_ref()
-                .map(|t| format!("https://{}:{}", cfg.server.address, t.bind.port()));
             let live = LiveArgs {
                 server_url: cfg
                     .boot
                     .server_url
                     .clone()
-                    .or(https_url)
+                    .or(https_url.clone())
                     .unwrap_or_else(|| cfg.public_url()),
                 server_fp: cfg
                     .boot
                     .server_fingerprint
                     .clone()
                     .or(tls_fingerprint.clone()),
+                tls_off: !cfg.http.tls.enabled,
             };
             let mut groups = extra_routes;
             if cfg.repository.enabled {
-                let repo = open_repository(cfg, registry)?;
+                let repo = open_repository(cfg, &auth)?;
                 groups.push(Arc::new(crate::swarm::SwarmRoutes(Arc::new(
-                    crate::swarm::Coordinator::new(repo.clone(), Default::default()),
+                    crate::swarm::Coordinator::new(repo.clone(), auth.clone(), Default::default()),
                 ))));
                 groups.push(Arc::new(crate::repository::RepoRoutes(repo)));
             }
             groups.push(Arc::new(BootRoutes::new(
                 cfg.clone(),
                 registry.clone(),
+                dhcp.clone(),
                 programs,
                 live,
             )));
@@ -270,31 +319,33 @@ impl Server {
                 cfg.clone(),
                 registry.clone(),
                 dhcp.clone(),
-                token,
+                auth,
             )));
-            http_addr = Some(
-                http::start(
-                    cfg.http.bind,
-                    None,
-                    groups.clone(),
-                    cfg.http.max_connections,
+            let serves = match &https_url {
+                Some(u) => Serves::PlainOnly {
+                    https_url: u.clone(),
+                },
+                None => Serves::All,
+            };
+            http::spawn(
+                plain,
+                None,
+                groups.clone(),
+                serves,
+                cfg.http.listener_options(),
+                cancel.clone(),
+                tracker,
+            );
+            if let (Some(l), Some(tls)) = (secure, tls) {
+                tracing::info!(fingerprint = %tls.fingerprint, url = ?https_url, "HTTPS certificate");
+                http::spawn(
+                    l,
+                    Some(tls.acceptor),
+                    groups,
+                    Serves::All,
+                    cfg.http.listener_options(),
                     cancel.clone(),
                     tracker,
-                )
-                .await?,
-            );
-            if let (Some(t), Some(tls)) = (&cfg.http.tls, tls) {
-                tracing::info!(fingerprint = %tls.fingerprint, "HTTPS certificate");
-                https_addr = Some(
-                    http::start(
-                        t.bind,
-                        Some(tls.acceptor),
-                        groups,
-                        cfg.http.max_connections,
-                        cancel.clone(),
-                        tracker,
-                    )
-                    .await?,
                 );
             }
         }
@@ -370,37 +421,27 @@ fn read_secret(
     }
 }
 
-/// Opens the image repository described by `[repository]`.
+/// Opens the image repository described by `[repository]`; `auth` decides
+/// who reads and writes (its tokens, capture grants' upload tokens).
 fn open_repository(
     cfg: &Config,
-    registry: &Arc<Registry>,
+    auth: &Arc<Auth>,
 ) -> Result<Arc<crate::repository::RepoService>, ServerError> {
     let r = &cfg.repository;
     let root = r
         .root
         .clone()
         .unwrap_or_else(|| cfg.server.data_dir.join("repo"));
-    let write_token = read_secret(
-        r.write_token.as_ref(),
-        r.write_token_file.as_ref(),
-        "repository.write_token_file",
-    )?
-    .filter(|t| !t.is_empty());
-    if write_token.is_none() {
+    let mut rc = crate::repository::RepoConfig::new(root);
+    rc.read_token = r.read_token.clone();
+    rc.gc_grace_s = r.gc_grace_s;
+    rc.max_uploads = r.max_uploads;
+    let svc = crate::repository::RepoService::open(rc)?.with_auth(auth.clone());
+    if r.write_token.is_none() && r.write_token_file.is_none() {
         tracing::warn!(
             "no repository.write_token configured: only agents granted capture rights can upload"
         );
     }
-    let mut rc = crate::repository::RepoConfig::new(root);
-    rc.write_token = write_token;
-    rc.read_token = r.read_token.clone();
-    rc.gc_grace_s = r.gc_grace_s;
-    rc.max_uploads = r.max_uploads;
-    // Agents on machines the operator granted capture rights upload with
-    // their own registered token.
-    let reg = registry.clone();
-    let svc = crate::repository::RepoService::open(rc)?
-        .with_write_auth(Arc::new(move |token: &str| reg.token_may_capture(token)));
     tracing::info!(root = %svc.repo().root().display(), "image repository");
     Ok(Arc::new(svc))
 }

@@ -3,13 +3,21 @@
 //!
 //! | method and path | auth | what |
 //! |---|---|---|
-//! | `POST /v1/swarm/join` | read | join the session of `image@version` (created on first join); the member's chunk server is the request's source address and the port it names |
-//! | `POST /v1/swarm/sync` | member key | reports (done, failed, have, dropped, want) and up to `ask` assignments; waits up to `wait_ms` (≤ 5 s) when there is no work yet |
-//! | `POST /v1/swarm/leave` | member key | forget the member |
-//! | `GET /v1/swarm` | read | sessions, members, bytes from the server and from peers |
+//! | `POST /v1/swarm/join` | member | join the session of `image@version` (created on first join); the member's chunk server is the request's source address and the port it names |
+//! | `POST /v1/swarm/sync` | the joining principal + member key | reports (done, failed, have, dropped, want) and up to `ask` assignments; waits up to `wait_ms` (≤ 5 s) when there is no work yet |
+//! | `POST /v1/swarm/leave` | the joining principal + member key | forget the member |
+//! | `GET /v1/swarm` | admin, viewer | sessions, members (with their addresses), bytes from the server and from peers |
 //!
-//! "read" is the repository's read policy ([`RepoService::can_read`]): a
-//! member can join a session only if it could fetch the image anyway.
+//! "member" ([`crate::auth`]): a machine's agent with its own registered
+//! token ([`Principal::Agent`]; the member is that machine, and a second
+//! join of the same machine replaces its earlier membership, e.g. after a
+//! restart), or an operator's tool (`aula-imager restore --swarm`) with the
+//! API token, the repository's write token, or its read token. A viewer or
+//! a capture grant cannot join; an anonymous caller cannot join even where
+//! reads are open, since a member announces chunks and learns its peers.
+//! Every sync and leave must come from the principal that joined, with the
+//! member's secret key: nobody announces, reports or learns peers for a
+//! machine it is not.
 //!
 //! Scheduling, each time a member asks for work (for one of its fetch
 //! slots):
@@ -56,6 +64,7 @@ use hyper::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
+use crate::auth::{Auth, Principal};
 use crate::http::{error_json, json, BoxFuture, HttpRequest, HttpResponse, RequestContext};
 use crate::repository::RepoService;
 
@@ -115,6 +124,8 @@ enum Source {
 }
 
 struct Member {
+    /// Who joined: only this principal may sync or leave as the member.
+    principal: Principal,
     public: String,
     key: String,
     addr: Option<SocketAddr>,
@@ -172,6 +183,7 @@ struct Inner {
 /// The coordinator.
 pub struct Coordinator {
     repo: Arc<RepoService>,
+    auth: Arc<Auth>,
     cfg: SwarmConfig,
     inner: Mutex<Inner>,
     changed: Notify,
@@ -481,9 +493,10 @@ struct Refusal(StatusCode, String);
 
 impl Coordinator {
     /// A coordinator for the images of `repo`.
-    pub fn new(repo: Arc<RepoService>, cfg: SwarmConfig) -> Coordinator {
+    pub fn new(repo: Arc<RepoService>, auth: Arc<Auth>, cfg: SwarmConfig) -> Coordinator {
         Coordinator {
             repo,
+            auth,
             cfg,
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
@@ -540,7 +553,12 @@ impl Coordinator {
         });
     }
 
-    async fn join(&self, req: JoinRequest, remote: SocketAddr) -> Result<JoinResponse, Refusal> {
+    async fn join(
+        &self,
+        req: JoinRequest,
+        who: Principal,
+        remote: SocketAddr,
+    ) -> Result<JoinResponse, Refusal> {
         aula_imager::manifest::validate_name(&req.image)
             .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
         let name = format!("{}@{}", req.image, req.version);
@@ -599,12 +617,28 @@ impl Coordinator {
         }
         let mut inner = self.lock();
         self.sweep(&mut inner);
+        let mut inner_keys_remove = Vec::new();
         let Some(s) = inner.sessions.get_mut(&name) else {
             return Err(Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the session ended while joining; join again".into(),
             ));
         };
+        // A machine joins once: its earlier membership (a restart, a
+        // restore begun again) is replaced.
+        if matches!(who, Principal::Agent { .. }) {
+            let old: Vec<usize> = (0..s.members.len())
+                .filter(|&i| s.member(i).is_some_and(|mm| mm.principal == who))
+                .collect();
+            for i in old {
+                if let Some(mm) = s.member(i) {
+                    tracing::info!(session = %name, member = %mm.public, caller = %who.name(), "swarm member replaced by the same machine's new join");
+                    let k = mm.key.clone();
+                    s.remove_member(i);
+                    inner_keys_remove.push(k);
+                }
+            }
+        }
         if s.members.iter().flatten().count() >= self.cfg.max_members {
             return Err(Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -624,6 +658,7 @@ impl Coordinator {
             .filter(|&p| p != 0)
             .map(|p| SocketAddr::new(remote.ip().to_canonical(), p));
         s.members.push(Some(Member {
+            principal: who.clone(),
             public: public.clone(),
             key: key.clone(),
             addr,
@@ -648,7 +683,10 @@ impl Coordinator {
         s.last_activity = Instant::now();
         let idx = s.members.len() - 1;
         let token = s.token.clone();
-        tracing::info!(session = %name, member = %public, addr = ?addr, "swarm member joined");
+        tracing::info!(session = %name, member = %public, caller = %who.name(), addr = ?addr, "swarm member joined");
+        for k in inner_keys_remove {
+            inner.keys.remove(&k);
+        }
         inner.keys.insert(key.clone(), (name.clone(), idx));
         Ok(JoinResponse {
             session: name,
@@ -660,7 +698,12 @@ impl Coordinator {
     }
 
     /// Apply a sync's reports; the member's (session, index).
-    fn apply(&self, inner: &mut Inner, req: &SyncRequest) -> Result<(String, usize), Refusal> {
+    fn apply(
+        &self,
+        inner: &mut Inner,
+        req: &SyncRequest,
+        who: &Principal,
+    ) -> Result<(String, usize), Refusal> {
         let Some((name, m)) = inner.keys.get(&req.key).cloned() else {
             return Err(Refusal(
                 StatusCode::NOT_FOUND,
@@ -670,6 +713,7 @@ impl Coordinator {
         let Some(s) = inner.sessions.get_mut(&name) else {
             return Err(Refusal(StatusCode::NOT_FOUND, "the session ended".into()));
         };
+        check_owner(s, m, who)?;
         let index = &s.index;
         let idx = |id: &ChunkId| index.get(id).copied();
         let want: Vec<u32> = req.want.iter().filter_map(idx).collect();
@@ -787,13 +831,13 @@ impl Coordinator {
         Ok((name, m))
     }
 
-    async fn sync(&self, req: SyncRequest) -> Result<SyncResponse, Refusal> {
+    async fn sync(&self, req: SyncRequest, who: Principal) -> Result<SyncResponse, Refusal> {
         let started = Instant::now();
         let wait = Duration::from_millis(req.wait_ms).min(self.cfg.max_wait);
         let (name, m) = {
             let mut inner = self.lock();
             self.sweep(&mut inner);
-            self.apply(&mut inner, &req)?
+            self.apply(&mut inner, &req, &who)?
         };
         self.wake();
         let mut assign = Vec::new();
@@ -855,14 +899,18 @@ impl Coordinator {
         }
     }
 
-    fn leave(&self, req: &LeaveRequest) -> Result<(), Refusal> {
+    fn leave(&self, req: &LeaveRequest, who: &Principal) -> Result<(), Refusal> {
         let mut inner = self.lock();
-        let Some((name, m)) = inner.keys.remove(&req.key) else {
+        let Some((name, m)) = inner.keys.get(&req.key).cloned() else {
             return Err(Refusal(
                 StatusCode::NOT_FOUND,
                 "no such swarm member".into(),
             ));
         };
+        if let Some(s) = inner.sessions.get(&name) {
+            check_owner(s, m, who)?;
+        }
+        inner.keys.remove(&req.key);
         if let Some(s) = inner.sessions.get_mut(&name) {
             if let Some(mm) = s.member(m) {
                 tracing::info!(session = %name, member = %mm.public, "swarm member left");
@@ -904,16 +952,31 @@ impl Coordinator {
     pub async fn handle(&self, req: HttpRequest, ctx: RequestContext) -> HttpResponse {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
+        let who = self.auth.principal(req.headers());
         let res: Result<HttpResponse, Refusal> = async {
             match (method, path.as_str()) {
                 (Method::GET, p) if p == COORDINATOR => {
-                    self.read_allowed(&req)?;
+                    match &who {
+                        Some(w) if w.can_read_lab() => {}
+                        Some(w) => {
+                            return Err(Refusal(
+                                StatusCode::FORBIDDEN,
+                                format!("{} may not list swarm members", w.name()),
+                            ))
+                        }
+                        None => {
+                            return Err(Refusal(
+                                StatusCode::UNAUTHORIZED,
+                                "the swarm's status needs the API or viewer token".into(),
+                            ))
+                        }
+                    }
                     Ok(json(StatusCode::OK, &self.status()))
                 }
                 (Method::POST, p) if p == format!("{COORDINATOR}/join") => {
-                    self.read_allowed(&req)?;
+                    let who = may_join(who.as_ref())?;
                     let j: JoinRequest = Self::body(req).await?;
-                    let r = self.join(j, ctx.remote).await?;
+                    let r = self.join(j, who, ctx.remote).await?;
                     Ok(json(StatusCode::OK, &r))
                 }
                 (Method::POST, p) if p == format!("{COORDINATOR}/sync") => {
@@ -928,11 +991,13 @@ impl Coordinator {
                             "too many ids".into(),
                         ));
                     }
-                    Ok(json(StatusCode::OK, &self.sync(s).await?))
+                    let who = may_join(who.as_ref())?;
+                    Ok(json(StatusCode::OK, &self.sync(s, who).await?))
                 }
                 (Method::POST, p) if p == format!("{COORDINATOR}/leave") => {
+                    let who = may_join(who.as_ref())?;
                     let l: LeaveRequest = Self::body(req).await?;
-                    self.leave(&l)?;
+                    self.leave(&l, &who)?;
                     Ok(json(StatusCode::OK, &serde_json::json!({})))
                 }
                 (_, p) if p == COORDINATOR || p.starts_with(&format!("{COORDINATOR}/")) => {
@@ -947,16 +1012,47 @@ impl Coordinator {
             Err(Refusal(status, msg)) => error_json(status, &msg),
         }
     }
+}
 
-    fn read_allowed(&self, req: &HttpRequest) -> Result<(), Refusal> {
-        if self.repo.can_read(req) {
-            Ok(())
-        } else {
+/// Whether `who` may be a swarm member (see the module's table).
+fn may_join(who: Option<&Principal>) -> Result<Principal, Refusal> {
+    match who {
+        Some(
+            p @ (Principal::Agent { .. }
+            | Principal::Admin
+            | Principal::RepoWriter
+            | Principal::RepoReader),
+        ) => Ok(p.clone()),
+        Some(p) => Err(Refusal(
+            StatusCode::FORBIDDEN,
+            format!("{} may not take part in a swarm", p.name()),
+        )),
+        None => Err(Refusal(
+            StatusCode::UNAUTHORIZED,
+            "a swarm member needs its agent token, or the repository's read or write token".into(),
+        )),
+    }
+}
+
+/// The member `m` of `s` belongs to `who`.
+fn check_owner(s: &Session, m: usize, who: &Principal) -> Result<(), Refusal> {
+    match s.member(m) {
+        Some(mm) if mm.principal == *who => Ok(()),
+        Some(mm) => {
+            tracing::warn!(session = %s.name, member = %mm.public, caller = %who.name(), "swarm request with another principal's member key refused");
             Err(Refusal(
-                StatusCode::UNAUTHORIZED,
-                "this repository needs a token to read".into(),
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this member belongs to {}, not to {}",
+                    mm.principal.name(),
+                    who.name()
+                ),
             ))
         }
+        None => Err(Refusal(
+            StatusCode::NOT_FOUND,
+            "no such swarm member".into(),
+        )),
     }
 }
 
@@ -1000,6 +1096,7 @@ mod tests {
     fn add(s: &mut Session, start: u32, serving: bool) -> usize {
         let n = s.ids.len();
         s.members.push(Some(Member {
+            principal: Principal::Admin,
             public: format!("m{}", s.members.len()),
             key: format!("k{}", s.members.len()),
             addr: serving.then(|| SocketAddr::from(([10, 0, 0, s.members.len() as u8], 9))),

@@ -13,20 +13,40 @@
 //! `openat2(RESOLVE_BENEATH)` relative to the root, so the kernel refuses an
 //! escape even if a symlink is swapped in between the check and the open.
 //!
-//! Files are read whole into memory (at most [`MAX_FILE`]): TFTP only carries
-//! the iPXE programs (under 1 MiB); kernels and initrds go over HTTP.
+//! Files are read whole into memory (at most [`MAX_FILE`]) and kept while
+//! they do not change on disk (at most [`CACHE_BYTES`] in all): TFTP only
+//! carries the iPXE programs (under 1 MiB); kernels and initrds go over HTTP.
+//!
+//! # Limits
+//!
+//! UDP sources are trivially forged, so a request costs the server little
+//! until its client has proven it is there by acknowledging:
+//!
+//! | stage | bound | when it is reached |
+//! |---|---|---|
+//! | a request awaits its client's first ACK (of the OACK or of block 1) | `max_pending` (256) | the oldest waiting request is dropped for the new one |
+//! | the client acknowledged | `max_transfers` (64), `max_transfers_per_ip` (8) | the client gets "server busy" |
+//! | retransmission timeout | the client's `timeout` option if at most `max_timeout_s` (5 s), else `timeout_ms` (1 s, and the option is not acknowledged, as RFC 2349 requires) | `retries` (5) timeouts in a row end the transfer |
+//! | whole transfer | `max_transfer_s` (60 s) | the client gets an error, the transfer ends |
+//!
+//! So forged requests that are never acknowledged hold no transfer slot:
+//! they wait at most `(retries + 1) × max_timeout_s` among the pending
+//! ones, and a flood of them only pushes out other never-acknowledged
+//! requests.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,6 +54,8 @@ use crate::config::TftpConfig;
 
 /// Largest file served.
 pub const MAX_FILE: u64 = 32 << 20;
+/// Most bytes of file content kept in memory between transfers.
+pub const CACHE_BYTES: u64 = 64 << 20;
 
 const OP_RRQ: u16 = 1;
 const OP_WRQ: u16 = 2;
@@ -343,8 +365,136 @@ pub struct TftpService {
 struct Shared {
     root: ConfinedRoot,
     cfg: TftpConfig,
+    /// Transfers whose client acknowledged.
     slots: Arc<Semaphore>,
+    /// Acknowledged transfers per client address.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Requests waiting for their client's first ACK.
+    pending: Mutex<Pending>,
+    cache: FileCache,
     bind_ip: std::net::IpAddr,
+}
+
+/// Requests waiting for their client's first acknowledgement.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    waiting: HashMap<u64, (Instant, CancellationToken)>,
+}
+
+/// File contents kept between transfers, valid while the file is unchanged.
+#[derive(Default)]
+struct FileCache {
+    files: Mutex<HashMap<String, CachedFile>>,
+}
+
+struct CachedFile {
+    /// Device, inode, size, modification time (s, ns).
+    stamp: (u64, u64, u64, i64, i64),
+    data: Bytes,
+}
+
+impl FileCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedFile>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The contents of `name` under `root`, from memory when the file is
+    /// the one read last time (same inode, size and modification time).
+    fn load(&self, root: &ConfinedRoot, name: &str) -> Result<Bytes, OpenError> {
+        let (mut f, len) = root.open_file(name)?;
+        let m = f.metadata().map_err(OpenError::Io)?;
+        let stamp = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+        if let Some(c) = self.lock().get(name).filter(|c| c.stamp == stamp) {
+            return Ok(c.data.clone());
+        }
+        let mut data = Vec::with_capacity(len as usize);
+        f.by_ref()
+            .take(MAX_FILE + 1)
+            .read_to_end(&mut data)
+            .map_err(OpenError::Io)?;
+        if data.len() as u64 > MAX_FILE {
+            return Err(OpenError::TooLarge);
+        }
+        let data = Bytes::from(data);
+        let mut all = self.lock();
+        let held: u64 = all.values().map(|c| c.data.len() as u64).sum();
+        if held + data.len() as u64 > CACHE_BYTES {
+            all.clear();
+        }
+        all.insert(
+            name.to_owned(),
+            CachedFile {
+                stamp,
+                data: data.clone(),
+            },
+        );
+        Ok(data)
+    }
+}
+
+/// A transfer's claim on the server: pending until its client's first
+/// ACK, then a transfer slot and a place in its address's quota.
+struct Admission {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    pending_id: u64,
+    held: Option<(OwnedSemaphorePermit, IpTicket)>,
+}
+
+/// One acknowledged transfer of an address, given back on drop.
+struct IpTicket {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for IpTicket {
+    fn drop(&mut self) {
+        let mut m = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// The client acknowledged: leave the pending requests and take a
+    /// transfer slot (the error says why there is none).
+    fn confirm(&mut self) -> Result<(), &'static str> {
+        if self.held.is_some() {
+            return Ok(());
+        }
+        self.shared.unpend(self.pending_id);
+        let permit = self
+            .shared
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "server busy, retry later")?;
+        {
+            let mut m = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(self.ip).or_insert(0);
+            if *n >= self.shared.cfg.max_transfers_per_ip {
+                return Err("too many transfers from this address, retry later");
+            }
+            *n += 1;
+        }
+        let ticket = IpTicket {
+            shared: self.shared.clone(),
+            ip: self.ip,
+        };
+        self.held = Some((permit, ticket));
+        Ok(())
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.shared.unpend(self.pending_id);
+    }
 }
 
 /// Binds the socket and spawns the listener on `tracker`.
@@ -372,6 +522,9 @@ pub fn start<'a>(
     let shared = Arc::new(Shared {
         root,
         slots: Arc::new(Semaphore::new(cfg.max_transfers)),
+        per_ip: Mutex::new(HashMap::new()),
+        pending: Mutex::new(Pending::default()),
+        cache: FileCache::default(),
         cfg: cfg.clone(),
         bind_ip: bind.ip(),
     });
@@ -382,6 +535,36 @@ pub fn start<'a>(
 }
 
 impl Shared {
+    /// Registers a request awaiting its first ACK, dropping the oldest
+    /// waiting one when there are `max_pending` already.
+    fn pend(&self) -> (u64, CancellationToken) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.waiting.len() >= self.cfg.max_pending {
+            let oldest = p
+                .waiting
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(id, _)| *id);
+            if let Some((_, token)) = oldest.and_then(|id| p.waiting.remove(&id)) {
+                token.cancel();
+                tracing::debug!("TFTP: dropped the oldest unacknowledged request for a new one");
+            }
+        }
+        let id = p.next;
+        p.next += 1;
+        let token = CancellationToken::new();
+        p.waiting.insert(id, (Instant::now(), token.clone()));
+        (id, token)
+    }
+
+    fn unpend(&self, id: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .waiting
+            .remove(&id);
+    }
+
     async fn listen(
         self: Arc<Self>,
         sock: UdpSocket,
@@ -413,20 +596,20 @@ impl Shared {
                     .await;
                 continue;
             }
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                let _ = sock
-                    .send_to(
-                        &error_packet(ErrorCode::Undefined, "server busy, retry later"),
-                        peer,
-                    )
-                    .await;
-                continue;
+            let (pending_id, dropped) = self.pend();
+            let admission = Admission {
+                shared: self.clone(),
+                ip: peer.ip(),
+                pending_id,
+                held: None,
             };
             let me = self.clone();
             let cancel = cancel.clone();
             tracker.spawn(async move {
-                let _permit = permit;
-                me.transfer(req, peer, cancel).await;
+                tokio::select! {
+                    _ = dropped.cancelled() => {}
+                    _ = me.transfer(req, peer, admission, cancel) => {}
+                }
             });
         }
         tracing::debug!("TFTP listener stopped");
@@ -436,6 +619,7 @@ impl Shared {
         self: Arc<Self>,
         req: TftpRequest,
         peer: SocketAddr,
+        mut admission: Admission,
         cancel: CancellationToken,
     ) {
         let sock = match UdpSocket::bind(SocketAddr::new(self.bind_ip, 0)).await {
@@ -451,19 +635,7 @@ impl Shared {
         }
         let me = self.clone();
         let name = req.filename.clone();
-        let loaded = tokio::task::spawn_blocking(move || -> Result<Bytes, OpenError> {
-            let (mut f, len) = me.root.open_file(&name)?;
-            let mut data = Vec::with_capacity(len as usize);
-            f.by_ref()
-                .take(MAX_FILE + 1)
-                .read_to_end(&mut data)
-                .map_err(OpenError::Io)?;
-            if data.len() as u64 > MAX_FILE {
-                return Err(OpenError::TooLarge);
-            }
-            Ok(Bytes::from(data))
-        })
-        .await;
+        let loaded = tokio::task::spawn_blocking(move || me.cache.load(&me.root, &name)).await;
         let data = match loaded {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
@@ -489,7 +661,7 @@ impl Shared {
         let started = Instant::now();
         let result = tokio::select! {
             _ = cancel.cancelled() => Err("server shutting down"),
-            r = self.send_file(&sock, &req, &data) => r,
+            r = self.send_file(&sock, &req, &data, &mut admission) => r,
         };
         match result {
             Ok(stats) => tracing::info!(
@@ -497,17 +669,24 @@ impl Shared {
                 ms = started.elapsed().as_millis() as u64, "TFTP transfer complete"
             ),
             Err(why) => {
-                tracing::info!(%peer, file = %req.filename, why, "TFTP transfer ended early")
+                if admission.held.is_some() {
+                    tracing::info!(%peer, file = %req.filename, why, "TFTP transfer ended early")
+                } else {
+                    // Never acknowledged: likely a forged source; keep it quiet.
+                    tracing::debug!(%peer, file = %req.filename, why, "TFTP request never acknowledged")
+                }
             }
         }
     }
 
     /// Negotiates options and sends `data`; returns (blksize, windowsize).
+    /// The client's first ACK confirms `admission` (see the module's limits).
     async fn send_file(
         &self,
         sock: &UdpSocket,
         req: &TftpRequest,
         data: &[u8],
+        admission: &mut Admission,
     ) -> Result<(usize, usize), &'static str> {
         let blksize = req
             .blksize
@@ -517,15 +696,25 @@ impl Shared {
             .windowsize
             .map(|w| w.min(self.cfg.max_windowsize))
             .unwrap_or(1) as usize;
-        let timeout = req
-            .timeout
+        // RFC 2349: a timeout is acknowledged as asked or not at all.
+        let granted_timeout = req.timeout.filter(|t| *t <= self.cfg.max_timeout_s);
+        let timeout = granted_timeout
             .map(|t| Duration::from_secs(u64::from(t)))
             .unwrap_or(Duration::from_millis(self.cfg.timeout_ms));
+        let end = tokio::time::Instant::now() + Duration::from_secs(self.cfg.max_transfer_s);
         let mut rbuf = [0u8; 1024];
+        let refuse = |why: &'static str| async move {
+            let _ = sock.send(&error_packet(ErrorCode::Undefined, why)).await;
+            why
+        };
 
         // Option acknowledgement (RFC 2347), answered by ACK 0.
         let mut oack = Vec::new();
-        if req.blksize.is_some() || req.tsize || req.timeout.is_some() || req.windowsize.is_some() {
+        if req.blksize.is_some()
+            || req.tsize
+            || granted_timeout.is_some()
+            || req.windowsize.is_some()
+        {
             oack.extend_from_slice(&OP_OACK.to_be_bytes());
             let mut opt = |k: &str, v: String| {
                 oack.extend_from_slice(k.as_bytes());
@@ -539,7 +728,7 @@ impl Shared {
             if req.tsize {
                 opt("tsize", data.len().to_string());
             }
-            if let Some(t) = req.timeout {
+            if let Some(t) = granted_timeout {
                 opt("timeout", t.to_string());
             }
             if req.windowsize.is_some() {
@@ -548,17 +737,22 @@ impl Shared {
             let mut tries = 0;
             loop {
                 sock.send(&oack).await.map_err(|_| "send failed")?;
-                match self.recv_ack(sock, &mut rbuf, timeout).await? {
-                    Some(0) => break,
+                match self.recv_ack(sock, &mut rbuf, timeout, end).await {
+                    Ok(Some(0)) => break,
                     // A wrong ACK counts as a failed try, so a confused or
                     // hostile client cannot keep the transfer alive forever.
-                    Some(_) | None => {
+                    Ok(Some(_)) | Ok(None) => {
                         tries += 1;
                         if tries > self.cfg.retries {
                             return Err("no ACK for OACK");
                         }
                     }
+                    Err(Ended::Client(why)) => return Err(why),
+                    Err(Ended::TooLong) => return Err(refuse(TOO_LONG).await),
                 }
+            }
+            if let Err(why) = admission.confirm() {
+                return Err(refuse(why).await);
             }
         }
 
@@ -567,8 +761,8 @@ impl Shared {
         let mut tries = 0u32;
         let mut pkt = Vec::with_capacity(blksize + 4);
         while base <= blocks {
-            let end = (base + window - 1).min(blocks);
-            for b in base..=end {
+            let last = (base + window - 1).min(blocks);
+            for b in base..=last {
                 let start = (b - 1) * blksize;
                 let stop = (start + blksize).min(data.len());
                 pkt.clear();
@@ -587,14 +781,21 @@ impl Shared {
                 let ack = if left.is_zero() {
                     None
                 } else {
-                    self.recv_ack(sock, &mut rbuf, left).await?
+                    match self.recv_ack(sock, &mut rbuf, left, end).await {
+                        Ok(a) => a,
+                        Err(Ended::Client(why)) => return Err(why),
+                        Err(Ended::TooLong) => return Err(refuse(TOO_LONG).await),
+                    }
                 };
                 match ack {
                     Some(wire) => {
                         let lo = base - 1;
                         let ahead = usize::from(wire.wrapping_sub(lo as u16));
-                        if ahead == 0 || lo + ahead > end {
+                        if ahead == 0 || lo + ahead > last {
                             continue;
+                        }
+                        if let Err(why) = admission.confirm() {
+                            return Err(refuse(why).await);
                         }
                         base = lo + ahead + 1;
                         tries = 0;
@@ -613,18 +814,25 @@ impl Shared {
         Ok((blksize, window))
     }
 
-    /// Waits for an ACK; `Ok(None)` on timeout, `Err` if the client sent an error.
+    /// Waits up to `timeout` (and never past `end`) for an ACK; `Ok(None)`
+    /// when none came in time.
     async fn recv_ack(
         &self,
         sock: &UdpSocket,
         buf: &mut [u8],
         timeout: Duration,
-    ) -> Result<Option<u16>, &'static str> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        end: tokio::time::Instant,
+    ) -> Result<Option<u16>, Ended> {
+        let now = tokio::time::Instant::now();
+        if now >= end {
+            return Err(Ended::TooLong);
+        }
+        let deadline = (now + timeout).min(end);
         loop {
             let n = match tokio::time::timeout_at(deadline, sock.recv(buf)).await {
+                Err(_) if deadline == end => return Err(Ended::TooLong),
                 Err(_) => return Ok(None),
-                Ok(Err(_)) => return Err("receive failed"),
+                Ok(Err(_)) => return Err(Ended::Client("receive failed")),
                 Ok(Ok(n)) => n,
             };
             if n < 4 {
@@ -632,12 +840,22 @@ impl Shared {
             }
             match u16::from_be_bytes([buf[0], buf[1]]) {
                 OP_ACK => return Ok(Some(u16::from_be_bytes([buf[2], buf[3]]))),
-                OP_ERROR => return Err("client sent an error"),
+                OP_ERROR => return Err(Ended::Client("client sent an error")),
                 _ => continue,
             }
         }
     }
 }
+
+/// Why waiting for an ACK ended a transfer.
+enum Ended {
+    /// The client's doing.
+    Client(&'static str),
+    /// `max_transfer_s` passed.
+    TooLong,
+}
+
+const TOO_LONG: &str = "transfer took longer than the server allows";
 
 /// RFC 764 netascii: LF becomes CR LF, a bare CR becomes CR NUL.
 fn to_netascii(data: &[u8]) -> Bytes {

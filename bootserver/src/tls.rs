@@ -1,6 +1,6 @@
 //! Server-side TLS set-up (rustls with the ring provider, the workspace's
-//! one crypto provider): certificates from PEM files, or a fresh
-//! self-signed pair for demos and tests.
+//! one crypto provider): certificates from PEM files, or the server's own
+//! self-signed pair, made on first start and kept in the data directory.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +42,15 @@ pub enum TlsError {
     /// Making a self-signed certificate failed.
     #[error("generating a certificate: {0}")]
     Generate(String),
+    /// The generated certificate or key could not be written.
+    #[error("writing {path}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A ready acceptor and the `sha256:<hex>` fingerprint of the server certificate.
@@ -113,14 +122,49 @@ fn read(path: &Path) -> Result<String, TlsError> {
     })
 }
 
-/// Loads the certificate chain and key named by the configuration.
-pub fn load(cfg: &TlsConfig) -> Result<Tls, TlsError> {
-    let pair = PemPair {
-        cert_pem: read(&cfg.cert)?,
-        key_pem: read(&cfg.key)?,
-    };
-    from_pem(
-        &pair,
-        &format!("{} / {}", cfg.cert.display(), cfg.key.display()),
-    )
+/// Loads the certificate chain and key named by the configuration, or,
+/// when it names none, the server's own pair kept in `data_dir` (made on
+/// first start, see [`load_or_create`]).
+pub fn load(cfg: &TlsConfig, data_dir: &Path, names: &[String]) -> Result<Tls, TlsError> {
+    match (&cfg.cert, &cfg.key) {
+        (Some(cert), Some(key)) => {
+            let pair = PemPair {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            };
+            from_pem(&pair, &format!("{} / {}", cert.display(), key.display()))
+        }
+        _ => load_or_create(&data_dir.join("tls"), names),
+    }
+}
+
+/// The server's own certificate in `dir` (`server.crt`, `server.key`):
+/// loaded when present, else made (self-signed for `names`) and written
+/// there first, key and certificate mode 0600 in a 0700 directory. The
+/// certificate is kept, so its fingerprint (the pin on every live kernel
+/// line) survives restarts.
+pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Tls, TlsError> {
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    if cert.exists() || key.exists() {
+        let pair = PemPair {
+            cert_pem: read(&cert)?,
+            key_pem: read(&key)?,
+        };
+        return from_pem(&pair, &format!("{} / {}", cert.display(), key.display()));
+    }
+    crate::persist::private_dir(dir).map_err(|e| TlsError::Write {
+        path: dir.to_owned(),
+        source: e.source,
+    })?;
+    let pair = self_signed(names)?;
+    for (path, text) in [(&key, &pair.key_pem), (&cert, &pair.cert_pem)] {
+        crate::persist::atomic_write(path, text.as_bytes()).map_err(|e| TlsError::Write {
+            path: path.clone(),
+            source: e.source,
+        })?;
+    }
+    let tls = from_pem(&pair, &format!("{} / {}", cert.display(), key.display()))?;
+    tracing::info!(cert = %cert.display(), fingerprint = %tls.fingerprint, "made the server's TLS certificate");
+    Ok(tls)
 }

@@ -35,10 +35,7 @@ fn udhcpc_gets_a_full_mode_lease_and_keeps_it_across_a_server_restart() {
     require_root!();
     let net = NetPair::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = base_config(
-        dir.path(),
-        &format!("{FULL_DHCP}\n[http]\nbind = \"10.213.0.1:8080\"\n"),
-    );
+    let cfg = base_config(dir.path(), &format!("{FULL_DHCP}\n{}", http_api()));
     let server = ServerProc::start(
         &net.srv,
         dir.path(),
@@ -104,7 +101,7 @@ fn udhcpc_gets_a_full_mode_lease_and_keeps_it_across_a_server_restart() {
         "lease not reloaded:\n{}",
         server.log_text()
     );
-    let (code, body) = curl(&net, &["http://10.213.0.1:8080/v1/leases"]);
+    let (code, body) = curl_api(&net, dir.path(), "/v1/leases", &[]);
     assert_eq!(code, 200);
     let leases: serde_json::Value = serde_json::from_slice(&body).expect("leases json");
     assert_eq!(leases[0]["ip"], ip.as_str(), "{leases}");
@@ -256,9 +253,21 @@ fn proxy_mode_answers_only_pxe_clients_on_67_and_4011() {
     require_root!();
     let net = NetPair::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = base_config(dir.path(), "[dhcp]\nmode = \"proxy\"\n");
+    let cfg = base_config(
+        dir.path(),
+        &format!(
+            "[dhcp]\nmode = \"proxy\"\n{}\n[tftp]\nenabled = false\n",
+            http_api()
+        ),
+    );
     net.cli_addr("10.213.0.50/16");
-    let server = ServerProc::start(&net.srv, dir.path(), &cfg, &["DHCP service started"]);
+    net.cli_addr("10.213.0.61/16");
+    let server = ServerProc::start(
+        &net.srv,
+        dir.path(),
+        &cfg,
+        &["DHCP service started", "HTTP service started"],
+    );
     net.in_cli(|| {
         let s = client_socket(68);
         // A plain DHCP client gets nothing from a proxy.
@@ -344,6 +353,40 @@ fn proxy_mode_answers_only_pxe_clients_on_67_and_4011() {
         !std::path::Path::new(&dir.path().join("data/leases.journal")).exists(),
         "proxy mode keeps no leases"
     );
+    // The address announced on 4011 is the one whose script request
+    // counts: from another address nothing is consumed.
+    let mac = "02:00:00:00:20:04";
+    for body in [r#"{"mode":"local"}"#, r#"{"mode":"live","once":true}"#] {
+        let (code, out) = curl_api(
+            &net,
+            dir.path(),
+            &format!("/v1/clients/{mac}/boot"),
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+            ],
+        );
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+    }
+    let script_from = |src: &str| {
+        let (_, body) = curl(
+            &net,
+            &[
+                "--interface",
+                src,
+                "http://10.213.0.1:8080/boot/ipxe/02-00-00-00-20-04",
+            ],
+        );
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    let s = script_from("10.213.0.61");
+    assert!(s.contains("sanboot") && !s.contains("kernel "), "{s}");
+    let s = script_from("10.213.0.50");
+    assert!(s.contains("kernel ") && s.contains("aula.boot="), "{s}");
     server.stop();
 }
 
@@ -415,10 +458,7 @@ fn release_and_decline_return_or_quarantine_addresses() {
     require_root!();
     let net = NetPair::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = base_config(
-        dir.path(),
-        &format!("{FULL_DHCP}\n[http]\nbind = \"10.213.0.1:8080\"\n"),
-    );
+    let cfg = base_config(dir.path(), &format!("{FULL_DHCP}\n{}", http_api()));
     net.cli_addr("10.213.0.50/16");
     let server = ServerProc::start(
         &net.srv,
@@ -449,7 +489,7 @@ fn release_and_decline_return_or_quarantine_addresses() {
     let a = lease([2, 0, 0, 0, 0x40, 1], 0x6000);
     let b = lease([2, 0, 0, 0, 0x40, 2], 0x6010);
     let count = |net: &NetPair| {
-        let (_, body) = curl(net, &["http://10.213.0.1:8080/v1/leases"]);
+        let (_, body) = curl_api(net, dir.path(), "/v1/leases", &[]);
         serde_json::from_slice::<serde_json::Value>(&body)
             .expect("json")
             .as_array()
@@ -846,6 +886,133 @@ fn router_advertisement_gives_the_boot_network_a_ula_prefix() {
         out.stdout.is_empty(),
         "RA installed a default route: {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    server.stop();
+}
+
+/// Issue 12, points 1 and 8, where this server hands out the addresses: a
+/// machine's one-shot mode is consumed, and its registration window opened,
+/// only by a script request from its leased address; its agent registers
+/// only from there, once.
+#[test]
+fn the_one_shot_mode_and_the_registration_window_belong_to_the_leased_address() {
+    require_root!();
+    let net = NetPair::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = base_config(
+        dir.path(),
+        &format!("{FULL_DHCP}\n{}\n[tftp]\nenabled = false\n", http_api()),
+    );
+    let server = ServerProc::start(
+        &net.srv,
+        dir.path(),
+        &cfg,
+        &["DHCP service started", "HTTP service started"],
+    );
+    const MACB: [u8; 6] = [2, 0, 0, 0, 0x51, 1];
+    let mac = "02:00:00:00:51:01";
+    let leased = net.in_cli(|| {
+        let s = client_socket(68);
+        let d = dhcp_msg(
+            MACB,
+            MessageType::Discover,
+            0x5100,
+            pxe_opts(0, b"PXEClient", true),
+        );
+        let (offer, _, _) = exchange(&s, &d, broadcast67(), Duration::from_secs(3)).expect("OFFER");
+        let mut opts = pxe_opts(0, b"PXEClient", true);
+        opts.push(DhcpOption::ServerIdentifier(SERVER_IP));
+        opts.push(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+        let r = dhcp_msg(MACB, MessageType::Request, 0x5101, opts);
+        let (ack, _, _) = exchange(&s, &r, broadcast67(), Duration::from_secs(3)).expect("ACK");
+        assert_eq!(msg_type(&ack), Some(MessageType::Ack));
+        ack.yiaddr()
+    });
+    let x = leased.to_string();
+    let y = "10.213.0.60";
+    net.cli_addr(&format!("{x}/16"));
+    net.cli_addr(&format!("{y}/16"));
+    for body in [r#"{"mode":"local"}"#, r#"{"mode":"live","once":true}"#] {
+        let (code, out) = curl_api(
+            &net,
+            dir.path(),
+            &format!("/v1/clients/{mac}/boot"),
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+            ],
+        );
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+    }
+    let script_from = |src: &str| {
+        let (code, body) = curl(
+            &net,
+            &[
+                "--interface",
+                src,
+                &format!("http://10.213.0.1:8080/boot/ipxe/{}", mac.replace(':', "-")),
+            ],
+        );
+        assert_eq!(code, 200);
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    // Another host on the LAN asks for the machine's script.
+    let s = script_from(y);
+    assert!(s.contains("sanboot") && !s.contains("kernel "), "{s}");
+    let (_, c) = curl_api(&net, dir.path(), &format!("/v1/clients/{mac}"), &[]);
+    let c: serde_json::Value = serde_json::from_slice(&c).expect("json");
+    assert_eq!(c["boot"]["once"], "live", "consumed by another host: {c}");
+    assert!(c["session"].is_null(), "{c}");
+    // The machine itself, from its lease.
+    let s = script_from(&x);
+    assert!(s.contains("kernel "), "{s}");
+    assert!(s.contains("aula.server=https://10.213.0.1:8443 "), "{s}");
+    let nonce = s
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("aula.boot="))
+        .expect("nonce")
+        .to_string();
+    let reg = |token: &str| {
+        serde_json::json!({"mac": mac, "agent_version": "t", "token": token,
+            "cert_fingerprint": format!("sha256:{}", "ab".repeat(32)), "port": 8000, "boot_nonce": nonce})
+        .to_string()
+    };
+    let register = |src: &str, token: &str| {
+        let body = reg(token);
+        let (code, out) = curl_api(
+            &net,
+            dir.path(),
+            "/v1/agents/register",
+            &[
+                "--interface",
+                src,
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body,
+            ],
+        );
+        (code, String::from_utf8_lossy(&out).into_owned())
+    };
+    let (code, out) = register(y, "agent-from-y-0123456789");
+    assert_eq!(code, 403, "registration from another address: {out}");
+    let (code, out) = register(&x, "agent-from-x-0123456789");
+    assert_eq!(code, 200, "{out}");
+    let (code, out) = register(&x, "agent-second-0123456789");
+    assert_eq!(code, 403, "a second agent took the machine: {out}");
+    let (_, agents) = curl_api(&net, dir.path(), "/v1/agents", &[]);
+    let agents: serde_json::Value = serde_json::from_slice(&agents).expect("json");
+    assert_eq!(agents[0]["token"], "agent-from-x-0123456789", "{agents}");
+    assert_eq!(agents[0]["source"], x.as_str(), "{agents}");
+    assert!(
+        server.log_text().contains("agent registration refused"),
+        "refusals are logged"
     );
     server.stop();
 }

@@ -14,7 +14,9 @@ use aula_bootserver::repository::{RepoConfig, RepoRoutes, RepoService};
 use aula_imager::create::{create_partition, CreateOptions, SourceInfo};
 use aula_imager::device::{Device, OpenMode, Region};
 use aula_imager::progress::Progress;
-use aula_imager::repo::{CachedRepo, HttpOptions, HttpRepo, LocalRepo, Repository};
+use aula_imager::repo::{
+    CachedRepo, ConfirmedManifests, HttpOptions, HttpRepo, LocalRepo, Repository,
+};
 use aula_imager::restore::{restore_partition, RestoreOptions, RestoreStats};
 use aula_imager::tls::ServerTrust;
 use tokio_util::sync::CancellationToken;
@@ -58,8 +60,18 @@ impl Server {
         addr: Option<SocketAddr>,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Server {
+        Self::start_read_token(root, addr, tls, None)
+    }
+
+    fn start_read_token(
+        root: &Path,
+        addr: Option<SocketAddr>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        read_token: Option<&str>,
+    ) -> Server {
         let mut cfg = RepoConfig::new(root.to_path_buf());
         cfg.write_token = Some(TOKEN.into());
+        cfg.read_token = read_token.map(str::to_string);
         cfg.gc_grace_s = 0;
         let svc = Arc::new(RepoService::open(cfg).expect("open repo service"));
         let stop = CancellationToken::new();
@@ -308,6 +320,32 @@ fn path_traversal_and_odd_names_are_refused() {
         std::fs::read(dir.path().join("secret")).expect("secret"),
         b"do not serve"
     );
+}
+
+#[test]
+fn an_oversized_body_is_413_and_a_broken_body_is_400_not_413() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start(&dir.path().join("repo"), None, None);
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let id = "00".repeat(32);
+    // Declared larger than any chunk frame: refused before it is read.
+    let (st, body) = raw(
+        srv.addr,
+        &format!("PUT /v1/chunks/{id} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 999999999\r\nConnection: close\r\n\r\nabcd"),
+    );
+    assert_eq!(st, 413, "{body}");
+    // Chunked framing the client botches: a read error, 400.
+    let (st, body) = raw(
+        srv.addr,
+        &format!("PUT /v1/chunks/{id} HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\nabcd\r\nzz\r\n"),
+    );
+    assert_eq!(st, 400, "{body}");
+    let (st, body) = raw(
+        srv.addr,
+        &format!("PUT /v1/images/x HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nnot-hex\r\n"),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(walk_files(&dir.path().join("repo/chunks")), 0);
 }
 
 #[test]
@@ -662,14 +700,16 @@ fn post(srv: &Server, path: &str) -> serde_json::Value {
 }
 
 #[test]
-fn a_cache_directory_serves_a_later_restore_with_the_server_down() {
+fn a_cache_directory_serves_a_later_restore_with_the_server_down_only_for_confirmed_manifests() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut srv = Server::start(&dir.path().join("repo"), None, None);
     let data = source_data(10, 8);
     let src = write_file(&dir.path().join("src.raw"), &data);
     upload(&client(&srv.url(), Some(TOKEN)), "cached", &src, 1024);
     let cache_dir = dir.path().join("cache");
-    let mk = |url: &str| {
+    // One boot's record of manifests the repository confirmed.
+    let confirmed = ConfirmedManifests::at(&dir.path().join("run/confirmed")).expect("record");
+    let mk = |url: &str, confirmed: Arc<ConfirmedManifests>| {
         let remote = HttpRepo::new(
             url,
             HttpOptions {
@@ -683,20 +723,97 @@ fn a_cache_directory_serves_a_later_restore_with_the_server_down() {
             Box::new(remote),
             LocalRepo::open(&cache_dir, true).expect("cache"),
         )
+        .with_confirmed(confirmed)
     };
-    let c = mk(&srv.url());
+    let c = mk(&srv.url(), confirmed.clone());
     let t = target(&dir.path().join("one.raw"), data.len() as u64);
     restore(&c, "cached", &t, 2).expect("first restore fills the cache");
     assert_eq!(walk_files(&cache_dir.join("chunks")), 8);
     let url = srv.url();
     srv.kill();
-    let c = mk(&url);
+    // Another boot (no confirmation): the cached manifest is not trusted.
+    let c = mk(&url, ConfirmedManifests::in_memory());
+    let t = target(&dir.path().join("other.raw"), data.len() as u64);
+    let e = restore(&c, "cached", &t, 2).expect_err("an unconfirmed cached manifest was used");
+    assert!(e.to_string().contains("never confirmed"), "{e}");
+    // The same boot, reading its record back: confirmed, so used.
+    let again = ConfirmedManifests::at(&dir.path().join("run/confirmed")).expect("record");
+    let c = mk(&url, again);
     let t = target(&dir.path().join("two.raw"), data.len() as u64);
     restore(&c, "cached", &t, 2).expect("restore from the cache alone");
     assert_eq!(
         std::fs::read(dir.path().join("two.raw")).expect("read"),
         data
     );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("run/confirmed"))
+            .expect("record file")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    // Offline mode, asked for, uses the cache without asking anyone.
+    let c = mk(&url, ConfirmedManifests::in_memory()).offline(true);
+    let t = target(&dir.path().join("three.raw"), data.len() as u64);
+    restore(&c, "cached", &t, 2).expect("offline restore");
+    assert_eq!(
+        std::fs::read(dir.path().join("three.raw")).expect("read"),
+        data
+    );
+}
+
+/// Issue 12, point 9: with a read token set, clients that send it restore,
+/// verify and capture; clients that do not get 401, not a hang.
+#[test]
+fn a_repository_with_a_read_token_serves_clients_that_send_it() {
+    const READ: &str = "test-read-token-0123456789";
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = Server::start_read_token(&dir.path().join("repo"), None, None, Some(READ));
+    let data = source_data(12, 4);
+    let src = write_file(&dir.path().join("src.raw"), &data);
+    // A capture (write token; its reads carry the write token).
+    upload(&client(&srv.url(), Some(TOKEN)), "secret", &src, 1024);
+    let reader = |read: Option<&str>| {
+        HttpRepo::new(
+            &srv.url(),
+            HttpOptions {
+                read_token: read.map(str::to_string),
+                retry_for: Duration::from_secs(2),
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+        )
+        .expect("client")
+    };
+    let e = reader(None)
+        .manifest("secret", None)
+        .expect_err("read without a token");
+    assert!(e.to_string().contains("401"), "{e}");
+    let e = reader(Some("wrong-token-0123456789"))
+        .list()
+        .expect_err("read with a wrong token");
+    assert!(e.to_string().contains("401"), "{e}");
+    let c = reader(Some(READ));
+    let t = target(&dir.path().join("out.raw"), data.len() as u64);
+    restore(&c, "secret", &t, 2).expect("restore with the read token");
+    assert_eq!(
+        std::fs::read(dir.path().join("out.raw")).expect("read"),
+        data
+    );
+    let m = c.manifest("secret", None).expect("manifest");
+    let v = aula_imager::verify::verify_repo(&m, &c, 2, &Progress::new()).expect("verify");
+    assert!(v.bad.is_empty(), "{:?}", v.bad);
+    // The read token does not write.
+    let w = HttpRepo::new(
+        &srv.url(),
+        HttpOptions {
+            token: Some(READ.into()),
+            retry_for: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .expect("client");
+    assert!(w.delete("secret").is_err());
+    assert!(c.manifest("secret", None).is_ok());
 }
 
 #[test]

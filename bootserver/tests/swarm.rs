@@ -1,5 +1,7 @@
-//! The swarm coordinator over loopback HTTP: joining follows the
-//! repository's read policy, members are listed at the address they came
+//! The swarm coordinator over loopback HTTP: joining needs a member's
+//! credential (agent, API, repository read or write token; not a viewer's,
+//! not none), a member's key works only for the principal that joined,
+//! the status is for the API and viewer tokens, members are listed at the address they came
 //! from, bad requests get clear errors and change nothing, work goes from
 //! the server first and then from the member that holds it, reports of
 //! several members ban a source, leaving forgets a member.
@@ -19,6 +21,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 const READ: &str = "repository-read-token-0123";
+const WRITE: &str = "repository-write-token-0123";
+const API: &str = "api-token-0123456789";
+const VIEWER: &str = "viewer-token-0123456789";
 
 struct Server {
     addr: SocketAddr,
@@ -62,7 +67,20 @@ impl Server {
         assert_eq!(chunks.len(), 8);
         let mut cfg = RepoConfig::new(root);
         cfg.read_token = Some(READ.into());
-        let svc = Arc::new(RepoService::open(cfg).expect("service"));
+        let auth = Arc::new(aula_bootserver::auth::Auth::new(
+            aula_bootserver::auth::Secrets {
+                api: Some(API.into()),
+                viewer: Some(VIEWER.into()),
+                repo_write: Some(WRITE.into()),
+                repo_read: Some(READ.into()),
+            },
+            None,
+        ));
+        let svc = Arc::new(
+            RepoService::open(cfg)
+                .expect("service")
+                .with_auth(auth.clone()),
+        );
         let stop = CancellationToken::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let stop2 = stop.clone();
@@ -77,6 +95,7 @@ impl Server {
                 let groups: Vec<Arc<dyn aula_bootserver::http::RouteGroup>> = vec![
                     Arc::new(SwarmRoutes(Arc::new(Coordinator::new(
                         svc.clone(),
+                        auth,
                         Default::default(),
                     )))),
                     Arc::new(RepoRoutes(svc)),
@@ -146,7 +165,7 @@ impl Server {
     }
 
     fn status(&self) -> Value {
-        let (s, v) = self.call("GET", "/v1/swarm", Some(READ), "");
+        let (s, v) = self.call("GET", "/v1/swarm", Some(VIEWER), "");
         assert_eq!(s, 200, "{v}");
         v
     }
@@ -172,15 +191,24 @@ impl Drop for Server {
 }
 
 #[test]
-fn joining_follows_the_read_policy_and_bad_requests_change_nothing() {
+fn joining_needs_a_member_credential_keys_stay_with_their_principal_and_bad_requests_change_nothing(
+) {
     let srv = Server::start();
     let body = json!({"image": "img", "version": 1, "port": 7000}).to_string();
     let (s, v) = srv.call("POST", "/v1/swarm/join", None, &body);
     assert_eq!(s, 401, "{v}");
     let (s, _) = srv.call("POST", "/v1/swarm/join", Some("wrong"), &body);
     assert_eq!(s, 401);
+    // A viewer reads the lab but is no member.
+    let (s, v) = srv.call("POST", "/v1/swarm/join", Some(VIEWER), &body);
+    assert_eq!(s, 403, "{v}");
+    // The status (members' addresses) is the operator's, not a reader's.
     let (s, _) = srv.call("GET", "/v1/swarm", None, "");
     assert_eq!(s, 401);
+    let (s, _) = srv.call("GET", "/v1/swarm", Some(READ), "");
+    assert_eq!(s, 403);
+    let (s, _) = srv.call("GET", "/v1/swarm", Some(API), "");
+    assert_eq!(s, 200);
     for (bad, want) in [
         (json!({"image": "nope", "version": 1}), 404),
         (json!({"image": "img", "version": 9}), 404),
@@ -213,6 +241,40 @@ fn joining_follows_the_read_policy_and_bad_requests_change_nothing() {
         json!({"key": j["key"], "want": ["zz"], "ask": 1}),
     );
     assert_eq!(s, 400, "{v}");
+    // The key works only for the principal that joined: another
+    // credential can neither announce, ask nor leave with it.
+    let all: Vec<Value> = srv.chunks.iter().map(|h| json!(h)).collect();
+    for other in [WRITE, API] {
+        let sync = json!({"key": j["key"], "have": all, "ask": 1}).to_string();
+        let (s, v) = srv.call("POST", "/v1/swarm/sync", Some(other), &sync);
+        assert_eq!(s, 403, "{v}");
+        let leave = json!({"key": j["key"]}).to_string();
+        let (s, v) = srv.call("POST", "/v1/swarm/leave", Some(other), &leave);
+        assert_eq!(s, 403, "{v}");
+    }
+    let (s, _) = srv.call(
+        "POST",
+        "/v1/swarm/sync",
+        None,
+        &json!({"key": j["key"]}).to_string(),
+    );
+    assert_eq!(s, 401);
+    let m = srv.member(&j["member"]);
+    assert_eq!(
+        (m["holds"].as_u64(), m["downloads"].as_u64()),
+        (Some(0), Some(0)),
+        "{m}"
+    );
+    // The writer joins as a member of its own.
+    let (s, w) = srv.call("POST", "/v1/swarm/join", Some(WRITE), &body);
+    assert_eq!(s, 200, "{w}");
+    let (s, _) = srv.call(
+        "POST",
+        "/v1/swarm/leave",
+        Some(WRITE),
+        &json!({"key": w["key"]}).to_string(),
+    );
+    assert_eq!(s, 200);
 }
 
 #[test]

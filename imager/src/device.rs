@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::ioctl;
@@ -67,6 +68,16 @@ pub struct Device {
     sector_size: u32,
     physical_sector_size: u32,
     writable: bool,
+    /// Upper bound of the 512-byte sectors the kernel may count as written
+    /// because of writes through this handle (see [`Device::own_write_sectors`]).
+    own_writes: AtomicU64,
+}
+
+/// The page size writes are rounded to when bounding their sectors.
+fn page_size() -> u64 {
+    // SAFETY: sysconf takes an integer and touches no memory of ours.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).ok().filter(|&p| p >= 512).unwrap_or(4096)
 }
 
 /// How to open a device.
@@ -126,7 +137,33 @@ impl Device {
             sector_size: ss,
             physical_sector_size: pss,
             writable: mode.write,
+            own_writes: AtomicU64::new(0),
         })
+    }
+
+    /// An upper bound of the 512-byte sectors the kernel's write counters
+    /// (`/sys/block/*/stat`) can show for the writes made through this
+    /// handle so far: buffered writes are counted in whole pages (writeback
+    /// writes at most the pages a write dirtied), `BLKZEROOUT` exactly.
+    /// Restore records compare it with the counters to tell whether anyone
+    /// else wrote to the disk during a restore.
+    pub fn own_write_sectors(&self) -> u64 {
+        self.own_writes.load(Ordering::Relaxed)
+    }
+
+    fn count_write(&self, offset: u64, len: u64, exact: bool) {
+        let sectors = if exact {
+            len.div_ceil(512)
+        } else {
+            let page = page_size();
+            let first = offset / page * page;
+            let end = offset
+                .saturating_add(len)
+                .div_ceil(page)
+                .saturating_mul(page);
+            (end - first) / 512
+        };
+        self.own_writes.fetch_add(sectors, Ordering::Relaxed);
     }
 
     /// The path it was opened from.
@@ -196,6 +233,7 @@ impl Device {
                 ),
             ));
         }
+        self.count_write(offset, buf.len() as u64, false);
         self.file.write_all_at(buf, offset)
     }
 
@@ -221,6 +259,8 @@ impl Device {
                 }
             }
             DeviceKind::Block if aligned && offset.is_multiple_of(self.sector_size as u64) => {
+                // Counted first: a failed ioctl may have zeroed part of it.
+                self.count_write(offset, len, true);
                 if ioctl::zero_out(self.file.as_fd(), offset, len).is_ok() {
                     return Ok(());
                 }

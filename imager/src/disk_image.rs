@@ -279,7 +279,11 @@ fn restore_disk_steps(
         .partition(|c| c.index < head_windows);
     let rest: Vec<_> = rest
         .into_iter()
-        .filter(|c| same_size || (c.index + 1) * m.chunk_size <= backup_start.min(dev.size()))
+        .filter(|c| {
+            same_size
+                || c.index.saturating_add(1).saturating_mul(m.chunk_size)
+                    <= backup_start.min(dev.size())
+        })
         .collect();
     let mut used = m.used.clone();
     if !same_size {
@@ -380,7 +384,7 @@ pub fn restore_disk_partition(
     } else {
         None
     };
-    let stats = restore_partition_unrecorded(&part.image, &region, repo, opts, progress)?;
+    let (stats, start) = restore_partition_unrecorded(&part.image, &region, repo, opts, progress)?;
     if let Some(head) = head {
         let img_first = image_table
             .partitions
@@ -419,7 +423,7 @@ pub fn restore_disk_partition(
     }
     // Recorded only now: the boot code written above changes the disk's
     // write counters, and a record made before it would never hold.
-    save_record(opts, &region, &part.image);
+    save_record(opts, &region, &part.image, start.as_ref());
     progress.set_phase("done");
     Ok(stats)
 }

@@ -4,8 +4,25 @@
 //! the whole source; the filesystem walkers (`crate::fs`) produce the map from
 //! the filesystem's own allocation structures. Offsets are bytes relative to
 //! the start of the imaged region (a partition or a whole disk).
+//!
+//! # Bound
+//!
+//! A map holds at most [`MAX_EXTENTS`] extents. Walkers build maps from
+//! allocation bitmaps a student can write, and a bitmap of alternating bits
+//! would otherwise make one extent per two blocks (a 1 TiB volume of 4 KiB
+//! clusters: 2^27 extents, 2 GiB of memory and a manifest of gigabytes). When
+//! a map passes the bound, the smallest gaps are merged
+//! ([`ExtentMap::coarsen`]) until it holds half of it: the map then covers
+//! a few unused bytes too, which only costs image size (unused bytes are
+//! imaged as they are; nothing used is ever dropped). A manifest with more
+//! extents is refused when it is read.
 
 use serde::{Deserialize, Serialize};
+
+/// Most extents a map holds (1 Mi: 16 MiB in memory, about 25 MB of
+/// manifest JSON). Real filesystems stay far below: a fragmented ext4 map
+/// holds tens of thousands.
+pub const MAX_EXTENTS: usize = 1 << 20;
 
 /// One used byte range `[start, start + len)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -46,6 +63,12 @@ impl Serialize for ExtentMap {
 impl<'de> Deserialize<'de> for ExtentMap {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let pairs: Vec<[u64; 2]> = Vec::deserialize(d)?;
+        if pairs.len() > MAX_EXTENTS {
+            return Err(serde::de::Error::custom(format!(
+                "{} extents, more than the {MAX_EXTENTS} a map may hold",
+                pairs.len()
+            )));
+        }
         let mut prev_end = 0u64;
         let mut extents = Vec::with_capacity(pairs.len());
         for (i, [start, len]) in pairs.into_iter().enumerate() {
@@ -86,8 +109,11 @@ impl ExtentMap {
     pub fn from_ranges<I: IntoIterator<Item = (u64, u64)>>(ranges: I) -> Self {
         let mut v: Vec<Extent> = ranges
             .into_iter()
-            .filter(|&(_, l)| l > 0)
-            .map(|(start, len)| Extent { start, len })
+            .map(|(start, len)| Extent {
+                start,
+                len: len.min(u64::MAX - start),
+            })
+            .filter(|e| e.len > 0)
             .collect();
         v.sort_unstable();
         let mut out: Vec<Extent> = Vec::with_capacity(v.len());
@@ -100,12 +126,19 @@ impl ExtentMap {
                 _ => out.push(e),
             }
         }
-        ExtentMap { extents: out }
+        let mut m = ExtentMap { extents: out };
+        if m.len() > MAX_EXTENTS {
+            m.coarsen(MAX_EXTENTS / 2);
+        }
+        m
     }
 
     /// Append a range. Ranges added in ascending order are merged in O(1);
-    /// out-of-order additions fall back to a full re-normalisation.
+    /// out-of-order additions fall back to a full re-normalisation. A range
+    /// running past `u64::MAX` is clipped there. Past `MAX_EXTENTS`
+    /// extents the map is coarsened to half of that (see the module doc).
     pub fn add(&mut self, start: u64, len: u64) {
+        let len = len.min(u64::MAX - start);
         if len == 0 {
             return;
         }
@@ -117,6 +150,9 @@ impl ExtentMap {
                     last.len = end - last.start;
                 } else {
                     self.extents.push(Extent { start, len });
+                    if self.extents.len() > MAX_EXTENTS {
+                        self.coarsen(MAX_EXTENTS / 2);
+                    }
                 }
             }
             Some(_) => {
@@ -126,6 +162,52 @@ impl ExtentMap {
                 *self = Self::from_ranges(all);
             }
         }
+    }
+
+    /// Merge neighbouring extents across the smallest gaps until the map
+    /// holds at most `max` extents (at least 1). The result covers every
+    /// byte the map covered, plus the bytes of the merged gaps.
+    pub fn coarsen(&mut self, max: usize) {
+        let max = max.max(1);
+        let n = self.extents.len();
+        if n <= max {
+            return;
+        }
+        // Keep the `max - 1` largest gaps; merge across every other one.
+        let mut gaps: Vec<u64> = self
+            .extents
+            .windows(2)
+            .map(|w| w[1].start - w[0].end())
+            .collect();
+        let keep = max - 1;
+        // The smallest gap that is kept: every larger gap stays, and as many
+        // gaps equal to it as the budget allows (first ones first).
+        let cut = if keep == 0 {
+            u64::MAX
+        } else {
+            let i = gaps.len() - keep;
+            *gaps.select_nth_unstable(i).1
+        };
+        let mut ties = keep - gaps.iter().filter(|&&g| g > cut).count();
+        let mut out: Vec<Extent> = Vec::with_capacity(max);
+        for e in self.extents.drain(..) {
+            match out.last_mut() {
+                Some(last) => {
+                    let gap = e.start - last.end();
+                    let stays = gap > cut || (gap == cut && ties > 0 && keep > 0);
+                    if gap == cut && stays {
+                        ties -= 1;
+                    }
+                    if stays {
+                        out.push(e);
+                    } else {
+                        last.len = e.end() - last.start;
+                    }
+                }
+                None => out.push(e),
+            }
+        }
+        self.extents = out;
     }
 
     /// The extents, sorted.
@@ -285,6 +367,57 @@ mod tests {
         assert!(serde_json::from_str::<ExtentMap>("[[0,10],[5,10]]").is_err());
         assert!(serde_json::from_str::<ExtentMap>("[[0,0]]").is_err());
         assert!(serde_json::from_str::<ExtentMap>("[[18446744073709551615,2]]").is_err());
+    }
+
+    #[test]
+    fn coarsening_keeps_every_used_byte_and_the_largest_gaps() {
+        // Extents of 1 byte at 0, 10, 12, 100, 103, 1000.
+        let mut m =
+            ExtentMap::from_ranges([(0, 1), (10, 1), (12, 1), (100, 1), (103, 1), (1000, 1)]);
+        let before = m.clone();
+        m.coarsen(3);
+        assert_eq!(m.len(), 3);
+        // The two largest gaps (13..100 and 104..1000) stay.
+        assert_eq!(
+            m.extents(),
+            &[
+                Extent { start: 0, len: 13 },
+                Extent { start: 100, len: 4 },
+                Extent {
+                    start: 1000,
+                    len: 1
+                }
+            ]
+        );
+        for e in before.extents() {
+            assert_eq!(m.used_in(e.start, e.len), e.len, "{e:?} still covered");
+        }
+        m.coarsen(1);
+        assert_eq!(
+            m.extents(),
+            &[Extent {
+                start: 0,
+                len: 1001
+            }]
+        );
+    }
+
+    #[test]
+    fn an_alternating_bitmap_cannot_grow_a_map_past_its_bound() {
+        let mut m = ExtentMap::new();
+        for i in 0..(2 * MAX_EXTENTS as u64 + 10) {
+            m.add(2 * i, 1);
+        }
+        assert!(m.len() <= MAX_EXTENTS, "{} extents", m.len());
+        assert_eq!(m.extents()[0].start, 0);
+        assert_eq!(m.end(), 2 * (2 * MAX_EXTENTS as u64 + 9) + 1);
+        // A manifest may not carry more.
+        let pairs: Vec<String> = (0..=MAX_EXTENTS as u64)
+            .map(|i| format!("[{},1]", 2 * i))
+            .collect();
+        let e = serde_json::from_str::<ExtentMap>(&format!("[{}]", pairs.join(",")))
+            .expect_err("too many extents");
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 
     #[test]

@@ -48,6 +48,10 @@ struct NetOpts {
     /// File holding the repository's write token (else AULA_REPO_TOKEN).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+    /// File holding the repository's read token, for a repository that
+    /// needs one to read (else AULA_REPO_READ_TOKEN).
+    #[arg(long, global = true)]
+    read_token_file: Option<PathBuf>,
     /// Chunks fetched at once from a network repository.
     #[arg(long, global = true, default_value_t = 8)]
     parallel: usize,
@@ -148,9 +152,15 @@ enum Cmd {
         #[arg(long)]
         repo: Option<String>,
         /// Keep fetched chunks in this directory and use the ones it holds
-        /// (e.g. the CACHE partition).
+        /// (e.g. the CACHE partition). Its manifests are used only when the
+        /// repository served the same manifest earlier in this run, or with
+        /// --offline.
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// With --cache: take the manifest from the cache without asking the
+        /// repository, even one the repository never confirmed.
+        #[arg(long, requires = "cache")]
+        offline: bool,
         /// Target: a file (created when missing) or block device.
         target: PathBuf,
         /// Restore onto partition N of the target's partition table.
@@ -582,6 +592,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             repo,
             cache,
+            offline,
             target,
             partition,
             no_delta,
@@ -619,7 +630,7 @@ fn run(cli: Cli) -> Result<()> {
                 if let Some(dir) = &cache {
                     let c = LocalRepo::open(dir, true)
                         .with_context(|| format!("opening the cache {}", dir.display()))?;
-                    r = Box::new(CachedRepo::new(r, c));
+                    r = Box::new(CachedRepo::new(r, c).offline(offline));
                 }
                 (Arc::from(r), None)
             };
@@ -986,20 +997,27 @@ fn http_options(net: &NetOpts) -> Result<HttpOptions> {
         (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
         (None, None) => ServerTrust::System,
     };
-    let token = match &net.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading the token file {}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var("AULA_REPO_TOKEN")
-            .ok()
+    let token_from = |file: &Option<PathBuf>, var: &str| -> Result<Option<String>> {
+        Ok(match file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the token file {}", p.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string(),
+            )
             .filter(|t| !t.is_empty()),
+            None => std::env::var(var).ok().filter(|t| !t.is_empty()),
+        })
     };
+    let token = token_from(&net.token_file, "AULA_REPO_TOKEN")?;
+    let read_token = token_from(&net.read_token_file, "AULA_REPO_READ_TOKEN")?;
     Ok(HttpOptions {
         trust,
         token,
+        read_token,
         retry_for: Duration::from_secs(net.retry_for),
         parallel: net.parallel.max(1),
         cancel: Some(cancel_flag().clone()),
@@ -1264,6 +1282,9 @@ fn print_disk(d: &aula_imager::disk::DiskInfo) {
                 .map(|u| format!("  used {}", gib(u)))
                 .unwrap_or_default()
         );
+        if let Some(e) = &p.error {
+            println!("        partition {}: {e}", p.number);
+        }
     }
     for w in &d.warnings {
         println!("        warning: {w}");

@@ -1,4 +1,19 @@
 //! The image manifest (format v1). See `FORMAT.md` for the full description.
+//!
+//! # Bounds
+//!
+//! A manifest arrives from a repository, possibly a hostile one, so reading
+//! one costs time and memory in proportion to its bytes, never to the sizes
+//! it states:
+//!
+//! | value | bound |
+//! |---|---|
+//! | document | at most [`MAX_MANIFEST_BYTES`] (256 MiB: a 2 TiB disk of 4 MiB chunks needs about 130 MB) |
+//! | `used` | at most [`crate::extent::MAX_EXTENTS`] extents, sorted, disjoint, no overflow, inside `source_size` |
+//! | `chunk_size` | a power of two in 64 KiB ..= 64 MiB |
+//! | `source_size` | at most [`MAX_SOURCE_SIZE`] (1 EiB); validation walks the used extents and the chunk list, never the windows, so even 1 EiB with `used: []` is checked in microseconds, and `2^64 − 1` is refused as quickly |
+//! | `chunks` | exactly one per window touched by `used`, in order: no more entries than the map touches |
+//! | `partitions` | inside the disk, not overlapping, each a valid partition image (nesting stops there) |
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +33,11 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// Largest chunk size accepted (bounds restore memory per worker).
 pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+/// Largest manifest document read.
+pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
+/// Largest source an image may describe: 1 EiB, more than any disk, and
+/// every byte offset stays below 2^63 (the kernel's `off_t`).
+pub const MAX_SOURCE_SIZE: u64 = 1 << 60;
 
 /// What an image holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +206,12 @@ impl Manifest {
             source_name: Some(origin.to_string()),
             why,
         };
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(bad(format!(
+                "{} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have",
+                bytes.len()
+            )));
+        }
         // Check the header first so that a future version gets the right
         // error even when its body does not parse as v1.
         #[derive(Deserialize)]
@@ -299,6 +325,12 @@ impl Manifest {
                 self.chunk_size
             ));
         }
+        if self.source_size > MAX_SOURCE_SIZE {
+            return Err(format!(
+                "source size {} is larger than {MAX_SOURCE_SIZE} bytes (1 EiB)",
+                self.source_size
+            ));
+        }
         if !matches!(self.sector_size, 512 | 1024 | 2048 | 4096) {
             return Err(format!(
                 "sector size {} is not 512, 1024, 2048 or 4096",
@@ -320,12 +352,10 @@ impl Manifest {
             ));
         }
         // Every window that holds used data has exactly one chunk entry, in
-        // order, and nothing else does.
+        // order, and nothing else does. The windows are found from the used
+        // extents (never by walking all windows: `source_size` may be 2^64).
         let windows = self.window_count();
-        let mut expect = (0..windows).filter(|&i| {
-            let (s, l) = self.window(i);
-            self.used.touches(s, l)
-        });
+        let mut expect = UsedWindows::new(&self.used, self.chunk_size);
         for (n, c) in self.chunks.iter().enumerate() {
             if c.index >= windows {
                 return Err(format!(
@@ -391,6 +421,48 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+}
+
+/// The indices of the windows of `chunk_size` bytes that hold used data,
+/// ascending, found from the used extents: the work is proportional to the
+/// extents and the windows they touch, not to the source size.
+pub(crate) struct UsedWindows<'a> {
+    extents: std::slice::Iter<'a, crate::extent::Extent>,
+    chunk_size: u64,
+    /// Next window index to yield (if it is at most `last`).
+    next: u64,
+    /// Last window of the current extent.
+    last: Option<u64>,
+}
+
+impl<'a> UsedWindows<'a> {
+    pub(crate) fn new(used: &'a ExtentMap, chunk_size: u64) -> Self {
+        UsedWindows {
+            extents: used.extents().iter(),
+            chunk_size,
+            next: 0,
+            last: None,
+        }
+    }
+}
+
+impl Iterator for UsedWindows<'_> {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        loop {
+            if let Some(last) = self.last {
+                if self.next <= last {
+                    let w = self.next;
+                    self.next += 1;
+                    return Some(w);
+                }
+            }
+            let e = self.extents.next()?;
+            self.next = self.next.max(e.start / self.chunk_size);
+            self.last = Some((e.end() - 1) / self.chunk_size);
+        }
     }
 }
 
@@ -514,6 +586,70 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).expect("json");
         v["unexpected"] = 1.into();
         assert!(Manifest::from_json(&serde_json::to_vec(&v).expect("ser"), "t").is_err());
+    }
+
+    #[test]
+    fn used_windows_follow_the_extents() {
+        let used = ExtentMap::from_ranges([(0, 10), (20, 5), (4096, 1), (9000, 10000)]);
+        let w: Vec<u64> = UsedWindows::new(&used, 4096).collect();
+        assert_eq!(w, vec![0, 1, 2, 3, 4]);
+        let brute: Vec<u64> = (0..5).filter(|&i| used.touches(i * 4096, 4096)).collect();
+        assert_eq!(w, brute);
+    }
+
+    #[test]
+    fn a_manifest_of_two_to_the_64_bytes_is_refused_in_milliseconds() {
+        let mut m = sample();
+        m.source_size = u64::MAX;
+        m.used = ExtentMap::new();
+        m.used_bytes = 0;
+        m.chunks.clear();
+        let t = std::time::Instant::now();
+        let e = Manifest::from_json(&m.to_json(), "evil").expect_err("2^64 - 1 bytes");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_exabyte_manifest_is_validated_by_its_extents_not_its_windows() {
+        let mut m = sample();
+        m.source_size = MAX_SOURCE_SIZE;
+        m.used = ExtentMap::new();
+        m.used_bytes = 0;
+        m.chunks.clear();
+        let t = std::time::Instant::now();
+        m.validate().expect("an empty image of any size is valid");
+        // One chunk entry for a window without data: refused.
+        m.chunks.push(ChunkRef {
+            index: (MAX_SOURCE_SIZE / m.chunk_size) - 1,
+            id: None,
+            stored: 0,
+            b3: None,
+        });
+        assert!(m.validate().is_err());
+        // Data at the very end: one entry expected, and only there.
+        m.chunks.clear();
+        m.used = ExtentMap::from_ranges([(MAX_SOURCE_SIZE - 10, 10)]);
+        m.used_bytes = 10;
+        let e = m.validate().expect_err("missing entry");
+        assert!(e.contains("no chunk entry"), "{e}");
+        m.chunks.push(ChunkRef {
+            index: (MAX_SOURCE_SIZE - 1) / m.chunk_size,
+            id: None,
+            stored: 0,
+            b3: None,
+        });
+        m.validate().expect("one entry at the end");
+        // 2^44 windows, walked in microseconds.
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -23,6 +23,18 @@
 //!   counted on the whole disk too. Stacked devices (device-mapper, md),
 //!   loop, RAM and network block devices are never trusted: data can change
 //!   under them without passing their counters.
+//! - The counters are read before the restore writes anything ([`start`])
+//!   as well as after it: the sectors written in between must all be the
+//!   restore's own, whose upper bound the device keeps
+//!   ([`Device::own_write_sectors`]: buffered writes rounded out to whole
+//!   pages), and nothing may have been discarded. A script that writes to
+//!   the disk while the restore runs therefore voids the record (exactly so
+//!   when the restore's writes are page aligned, as they are for ext4 and
+//!   NTFS with 4 KiB blocks; otherwise a foreign write smaller than the
+//!   rounding slack could hide in it). Regular files have no such counters:
+//!   a write by another process during the restore of an image file is not
+//!   detected (files are test and build targets; lab disks are block
+//!   devices).
 //! - A record names the byte range (offset and length) it covers and says
 //!   nothing about any other range.
 //! - The record directory must belong to the user running Aula and be
@@ -127,6 +139,72 @@ impl Known {
     pub fn holds(&self, used: &ExtentMap, c: &ChunkRef, start: u64, len: u64) -> bool {
         self.chunks.get(&c.index) == Some(&c.id)
             && self.used.window(start, len) == used.window(start, len)
+    }
+}
+
+/// A target's mark taken before a restore writes anything to it, with the
+/// device's own write count at that moment.
+#[derive(Debug, Clone)]
+pub struct Start {
+    mark: Mark,
+    own: u64,
+}
+
+/// Take the mark of `dev` before a restore starts writing (`None` when its
+/// writes cannot be tracked: then no record is written afterwards).
+pub fn start(dev: &Device) -> Option<Start> {
+    let own = dev.own_write_sectors();
+    Some(Start {
+        mark: mark(dev)?,
+        own,
+    })
+}
+
+/// Whether every write the kernel counted between `start` and `now` can be
+/// the restore's own: `own_now - start.own` is the upper bound of the
+/// sectors this handle wrote since.
+fn writes_are_own(start: &Start, now: &Mark, own_now: u64) -> std::result::Result<(), String> {
+    match (&start.mark, now) {
+        // No counters: see the module doc.
+        (Mark::File { .. }, Mark::File { .. }) => Ok(()),
+        (
+            Mark::Block {
+                boot_id: b0,
+                rdev: r0,
+                diskseq: q0,
+                write_sectors: w0,
+                discards: d0,
+                discard_sectors: ds0,
+                ..
+            },
+            Mark::Block {
+                boot_id: b1,
+                rdev: r1,
+                diskseq: q1,
+                write_sectors: w1,
+                discards: d1,
+                discard_sectors: ds1,
+                ..
+            },
+        ) => {
+            if (b0, r0, q0) != (b1, r1, q1) {
+                return Err("the target is another disk than when the restore began".into());
+            }
+            if (d0, ds0) != (d1, ds1) {
+                return Err("the disk was discarded during the restore".into());
+            }
+            let counted = w1
+                .checked_sub(*w0)
+                .ok_or("the disk's write counters went backwards")?;
+            let own = own_now.saturating_sub(start.own);
+            if counted > own {
+                return Err(format!(
+                    "{counted} sectors were written to the disk during the restore, at most {own} by the restore itself"
+                ));
+            }
+            Ok(())
+        }
+        _ => Err("the target changed kind during the restore".into()),
     }
 }
 
@@ -351,9 +429,11 @@ pub fn load(dir: &Path, region: &Region, chunk_size: u64, source_size: u64) -> O
 }
 
 /// Record that `region` now holds image `m` exactly. Call after the data
-/// has been flushed; a device whose writes cannot be tracked gets no
-/// record (and an older one is removed).
-pub fn save(dir: &Path, region: &Region, m: &Manifest) -> Result<()> {
+/// has been flushed, with the mark taken before the restore's first write
+/// ([`start`]). A device whose writes cannot be tracked, or that someone
+/// else wrote to since `start`, gets no record (and an older one is
+/// removed).
+pub fn save(dir: &Path, region: &Region, m: &Manifest, start: Option<&Start>) -> Result<()> {
     let dev = region.device();
     let Some(name) = key(dev, region) else {
         return Ok(());
@@ -368,7 +448,21 @@ pub fn save(dir: &Path, region: &Region, m: &Manifest) -> Result<()> {
     }
     check_dir(dir).map_err(Error::Invalid)?;
     let path = dir.join(&name);
-    let Some(mark) = settled_mark(dev) else {
+    let own_now = dev.own_write_sectors();
+    let mark = settled_mark(dev).filter(|now| match start {
+        Some(s) => match writes_are_own(s, now, own_now) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(
+                    "no restore record for {}: {why}; the next restore reads the target",
+                    dev.path().display()
+                );
+                false
+            }
+        },
+        None => false,
+    });
+    let Some(mark) = mark else {
         match fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).ctx(|| format!("removing {}", path.display()))
@@ -425,6 +519,76 @@ mod tests {
     }
 
     const STAT: &str = "  100 0 800 5   7 1 56 3   0 10 20   2 0 16 1   4 2\n";
+
+    fn block(write_sectors: u64, discards: u64) -> Mark {
+        Mark::Block {
+            boot_id: "b".into(),
+            rdev: 1,
+            diskseq: 9,
+            writes: 3,
+            write_sectors,
+            discards,
+            discard_sectors: 0,
+        }
+    }
+
+    #[test]
+    fn a_write_by_someone_else_during_the_restore_voids_the_record() {
+        let start = Start {
+            mark: block(1000, 0),
+            own: 50,
+        };
+        // The restore wrote (at most) 800 sectors and the disk counted 800.
+        assert_eq!(writes_are_own(&start, &block(1800, 0), 850), Ok(()));
+        // A script wrote 8 more sectors meanwhile.
+        let e = writes_are_own(&start, &block(1808, 0), 850).expect_err("foreign write");
+        assert!(e.contains("808 sectors"), "{e}");
+        // A discard, another disk, a reboot: void too.
+        assert!(writes_are_own(&start, &block(1800, 1), 850).is_err());
+        let mut other = block(1800, 0);
+        if let Mark::Block { diskseq, .. } = &mut other {
+            *diskseq = 10;
+        }
+        assert!(writes_are_own(&start, &other, 850).is_err());
+    }
+
+    #[test]
+    fn the_counters_of_a_real_sysfs_layout_feed_the_check() {
+        // Counters read through the same code path as on a machine: before
+        // the restore, after it, and after a foreign write of 8 sectors.
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = sysfs(t.path(), "vde", STAT, Some("9\n"));
+        let rdev = 254 << 8 | 2;
+        let read = || -> Mark {
+            let (diskseq, [writes, write_sectors, discards, discard_sectors]) =
+                disk_counters(t.path(), rdev).expect("counters");
+            Mark::Block {
+                boot_id: "b".into(),
+                rdev,
+                diskseq,
+                writes,
+                write_sectors,
+                discards,
+                discard_sectors,
+            }
+        };
+        let start = Start {
+            mark: read(),
+            own: 0,
+        };
+        fs::write(
+            d.join("stat"),
+            "100 0 800 5  9 1 64 3  0 10 20  2 0 16 1  4 2\n",
+        )
+        .expect("stat");
+        assert_eq!(writes_are_own(&start, &read(), 8), Ok(()));
+        fs::write(
+            d.join("stat"),
+            "100 0 800 5 10 1 72 3  0 10 20  2 0 16 1  4 2\n",
+        )
+        .expect("stat");
+        assert!(writes_are_own(&start, &read(), 8).is_err());
+    }
 
     #[test]
     fn a_partition_is_tracked_by_its_whole_disks_write_and_discard_counters() {

@@ -177,7 +177,7 @@ struct Worker {
 /// zeros of unused space), so fragmented windows take few large writes.
 const COALESCE_GAP: usize = 64 << 10;
 
-fn coalesced(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
+pub(crate) fn coalesced(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
     for &(s, e) in ranges {
         match out.last_mut() {
@@ -190,7 +190,7 @@ fn coalesced(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
 
 /// True when the target's window, masked by the used map, equals a chunk
 /// (`id` None = all zeros).
-fn target_matches(
+pub(crate) fn target_matches(
     target: &Region,
     used: &ExtentMap,
     start: u64,
@@ -589,32 +589,40 @@ pub fn restore_partition(
     opts: &RestoreOptions,
     progress: &Progress,
 ) -> Result<RestoreStats> {
-    let stats = restore_partition_unrecorded(m, target, repo, opts, progress)?;
-    save_record(opts, target, m);
+    let (stats, start) = restore_partition_unrecorded(m, target, repo, opts, progress)?;
+    save_record(opts, target, m, start.as_ref());
     progress.set_phase("done");
     Ok(stats)
 }
 
 /// Write the restore record of `target` holding `m` (after the job's last
-/// write and flush). A failure only costs the next delta restore its
-/// shortcut, so it is logged, not returned.
-pub(crate) fn save_record(opts: &RestoreOptions, target: &Region, m: &Manifest) {
+/// write and flush; `start`: the mark taken before its first write). A
+/// failure only costs the next delta restore its shortcut, so it is
+/// logged, not returned.
+pub(crate) fn save_record(
+    opts: &RestoreOptions,
+    target: &Region,
+    m: &Manifest,
+    start: Option<&record::Start>,
+) {
     if let Some(dir) = &opts.records {
-        if let Err(e) = record::save(dir, target, m) {
+        if let Err(e) = record::save(dir, target, m, start) {
             tracing::warn!("could not write the restore record: {e}");
         }
     }
 }
 
 /// `restore_partition` without the record (for callers that write more to
-/// the device afterwards and record at the end).
+/// the device afterwards and record at the end), in the crash-safe order of
+/// [`crate::crashsafe`]. Also returns the target's mark taken before the
+/// first write, for the record.
 pub(crate) fn restore_partition_unrecorded(
     m: &Manifest,
     target: &Region,
     repo: &dyn Repository,
     opts: &RestoreOptions,
     progress: &Progress,
-) -> Result<RestoreStats> {
+) -> Result<(RestoreStats, Option<record::Start>)> {
     if m.kind != ImageKind::Partition {
         return Err(Error::Invalid(format!(
             "{} is a whole-disk image; restore it onto a disk, or pick one of its partitions",
@@ -643,17 +651,12 @@ pub(crate) fn restore_partition_unrecorded(
         );
     }
     progress.start_phase("restore", m.used_bytes);
-    let stats = restore_chunks(
-        &m.used,
-        m.chunk_size,
-        m.source_size,
-        &m.chunks,
-        target,
-        repo,
-        opts,
-        known.as_ref(),
-        progress,
-    )?;
+    // The disk's write counters before the first write (see `record`).
+    let start = opts
+        .records
+        .as_ref()
+        .and_then(|_| record::start(target.device()));
+    let stats = crate::crashsafe::restore(m, target, repo, opts, known.as_ref(), progress)?;
     progress.set_phase("sync");
     target.device().sync().ctx(|| {
         format!(
@@ -661,7 +664,7 @@ pub(crate) fn restore_partition_unrecorded(
             target.device().path().display()
         )
     })?;
-    Ok(stats)
+    Ok((stats, start))
 }
 
 #[cfg(test)]

@@ -44,6 +44,19 @@ pub fn secrets_equal(given: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
+/// Context string of the upload token derivation.
+pub const UPLOAD_TOKEN_CONTEXT: &[u8] = b"aula-upload-v1";
+
+/// The upload token an agent derives from its bearer token:
+/// `hex(HMAC-SHA256(key = agent_token, "aula-upload-v1"))`. The boot server
+/// computes the same for machines it granted capture rights, so uploads
+/// never carry the agent's own token (which opens the agent's API), and
+/// the upload token opens nothing but that grant.
+pub fn upload_token(agent_token: &str) -> String {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, agent_token.as_bytes());
+    hex::encode(ring::hmac::sign(&k, UPLOAD_TOKEN_CONTEXT).as_ref())
+}
+
 /// `sha256:<hex>` fingerprint of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     format!(
@@ -203,6 +216,17 @@ mod tests {
         assert!(!secrets_equal(b"ab", b"abc"));
         assert!(!secrets_equal(b"", b"abc"));
         assert!(secrets_equal(b"", b""));
+    }
+
+    #[test]
+    fn upload_tokens_are_an_hmac_of_the_context_and_differ_from_the_token() {
+        let t = "agent-token-0123456789abcdef";
+        let u = upload_token(t);
+        assert_eq!(u.len(), 64);
+        assert_ne!(u, t);
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, t.as_bytes());
+        assert!(ring::hmac::verify(&k, b"aula-upload-v1", &hex::decode(&u).expect("hex")).is_ok());
+        assert_ne!(upload_token("another-token-0123456789"), u);
     }
 
     #[test]

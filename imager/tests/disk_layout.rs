@@ -21,12 +21,14 @@ fn have(tool: &str) -> bool {
         .any(|d| Path::new(d).join(tool).exists())
 }
 
-fn have_all(tools: &[&str]) -> bool {
+/// Require every tool: a test that needs a missing one fails
+/// (scripts/test installs them), it never passes silently.
+fn need_all(tools: &[&str]) {
     let missing: Vec<&&str> = tools.iter().filter(|t| !have(t)).collect();
-    if !missing.is_empty() {
-        eprintln!("skipping: missing {missing:?}");
-    }
-    missing.is_empty()
+    assert!(
+        missing.is_empty(),
+        "missing {missing:?}: install them (scripts/test does)"
+    );
 }
 
 fn run(prog: &str, args: &[&str]) -> (bool, String, String) {
@@ -50,7 +52,9 @@ fn s(p: &Path) -> &str {
 struct Loop(PathBuf);
 
 impl Loop {
-    fn attach(file: &Path, sector_size: u32, read_only: bool) -> Option<Loop> {
+    /// A loop device over `file`; the test fails when none can be made
+    /// (it needs root: scripts/test runs as root).
+    fn attach(file: &Path, sector_size: u32, read_only: bool) -> Loop {
         let ss = sector_size.to_string();
         let mut args = vec!["-f", "--show", "--sector-size", &ss];
         if read_only {
@@ -58,11 +62,8 @@ impl Loop {
         }
         args.push(s(file));
         let (ok, out, err) = run("losetup", &args);
-        if !ok {
-            eprintln!("skipping loop-device checks: {err}");
-            return None;
-        }
-        Some(Loop(PathBuf::from(out.trim())))
+        assert!(ok, "cannot create a loop device (needs root): {err}");
+        Loop(PathBuf::from(out.trim()))
     }
 }
 
@@ -157,7 +158,7 @@ fn read_table(p: &Path, ss: u32) -> table::PartitionTable {
 
 #[test]
 fn gpt_layout_on_a_file_formats_by_offset() {
-    if !have_all(&[
+    need_all(&[
         "mkfs.ext4",
         "mkfs.fat",
         "mkntfs",
@@ -168,9 +169,7 @@ fn gpt_layout_on_a_file_formats_by_offset() {
         "blkid",
         "sgdisk",
         "sfdisk",
-    ]) {
-        return;
-    }
+    ]);
     let dir = tempfile::tempdir().expect("tempdir");
     let img = sparse_file(dir.path(), "gpt.img", 512 * MIB);
     // Stale bytes everywhere a filesystem will go: formatting must not care.
@@ -281,16 +280,14 @@ fn gpt_layout_on_a_file_formats_by_offset() {
 
 #[test]
 fn mbr_layout_with_logicals_on_a_4k_file() {
-    if !have_all(&[
+    need_all(&[
         "mkfs.ext4",
         "mkntfs",
         "mkswap",
         "e2fsck",
         "ntfsfix",
         "blkid",
-    ]) {
-        return;
-    }
+    ]);
     let dir = tempfile::tempdir().expect("tempdir");
     let img = sparse_file(dir.path(), "mbr4k.img", 512 * MIB);
     let s_ = spec(
@@ -350,7 +347,8 @@ fn mbr_layout_with_logicals_on_a_4k_file() {
     assert_eq!(u16::from_le_bytes([bs[11], bs[12]]), 4096);
     // sfdisk on a 4K loop device reads the same table.
     if have("sfdisk") && have("losetup") {
-        if let Some(lo) = Loop::attach(&img, 4096, true) {
+        {
+            let lo = Loop::attach(&img, 4096, true);
             let j: Value =
                 serde_json::from_str(&run("sfdisk", &["--json", s(&lo.0)]).1).expect("json");
             let pt = &j["partitiontable"];
@@ -375,9 +373,7 @@ fn table_key(t: &table::PartitionTable) -> Vec<(u32, u64, u64, String, Option<St
 
 #[test]
 fn opengnsys_form_gives_the_same_disk_as_the_native_form() {
-    if !have_all(&["mkfs.ext4", "mkfs.fat", "mkswap"]) {
-        return;
-    }
+    need_all(&["mkfs.ext4", "mkfs.fat", "mkswap"]);
     let cases = [
         (
             r#"{"type":"MSDOS","disk":"1","cache":"1","cache_size":"102400","partition_setup":[
@@ -540,18 +536,14 @@ fn bad_layouts_are_refused_and_nothing_is_written() {
 
 #[test]
 fn busy_targets_are_refused() {
-    if !have_all(&["losetup", "mkfs.ext4", "mount", "umount"]) {
-        return;
-    }
+    need_all(&["losetup", "mkfs.ext4", "mount", "umount"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let img = sparse_file(dir.path(), "busy.img", 64 * MIB);
     let s_ = spec(r#"{"table":"gpt","partitions":[{"number":1,"type":"linux","size":"rest"}]}"#);
     let before = sha256(&img);
     {
         // An image file a loop device reads.
-        let Some(lo) = Loop::attach(&img, 512, false) else {
-            return;
-        };
+        let lo = Loop::attach(&img, 512, false);
         let e = layout::apply(&img, &s_, &ApplyOptions::default()).expect_err("busy file");
         assert!(matches!(e, LayoutError::Busy { .. }), "{e}");
         assert!(e.to_string().contains(s(&lo.0)), "{e}");
@@ -563,9 +555,8 @@ fn busy_targets_are_refused() {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir");
         let (ok, _, err) = run("mount", &[s(&lo.0), s(&mnt)]);
-        if !ok {
-            eprintln!("skipping the mounted case: {err}");
-        } else {
+        assert!(ok, "mounting {}: {err}", s(&lo.0));
+        {
             let _m = Mounted(mnt.clone());
             let before = sha256(&img);
             let e = layout::apply(&lo.0, &s_, &ApplyOptions::default()).expect_err("mounted");
@@ -575,9 +566,7 @@ fn busy_targets_are_refused() {
         }
     }
     // A block device someone holds open exclusively.
-    let Some(lo) = Loop::attach(&img, 512, false) else {
-        return;
-    };
+    let lo = Loop::attach(&img, 512, false);
     use std::os::unix::fs::OpenOptionsExt;
     let holder = std::fs::OpenOptions::new()
         .read(true)
@@ -594,7 +583,7 @@ fn busy_targets_are_refused() {
 
 #[test]
 fn layouts_on_loop_block_devices_without_partition_nodes() {
-    if !have_all(&[
+    need_all(&[
         "losetup",
         "mkfs.ext4",
         "mkfs.fat",
@@ -605,16 +594,12 @@ fn layouts_on_loop_block_devices_without_partition_nodes() {
         "ntfsfix",
         "blkid",
         "sfdisk",
-    ]) {
-        return;
-    }
+    ]);
     let dir = tempfile::tempdir().expect("tempdir");
     // 512-byte sectors, GPT.
     let img = sparse_file(dir.path(), "lo512.img", 256 * MIB);
     {
-        let Some(lo) = Loop::attach(&img, 512, false) else {
-            return;
-        };
+        let lo = Loop::attach(&img, 512, false);
         let s_ = spec(
             r#"{"table":"gpt","partitions":[
             {"number":1,"type":"efi","size":"40MiB","filesystem":"fat32","label":"EFI"},
@@ -646,9 +631,7 @@ fn layouts_on_loop_block_devices_without_partition_nodes() {
     // 4096-byte sectors, MBR with logical partitions.
     let img = sparse_file(dir.path(), "lo4k.img", 256 * MIB);
     {
-        let Some(lo) = Loop::attach(&img, 4096, false) else {
-            return;
-        };
+        let lo = Loop::attach(&img, 4096, false);
         let s_ = spec(
             r#"{"table":"mbr","partitions":[
             {"number":1,"type":"linux","size":"32MiB","filesystem":"ext4","label":"boot"},

@@ -923,10 +923,10 @@ fn identical_windows_are_stored_once_and_zero_windows_not_at_all() {
 
 #[test]
 fn block_device_round_trip_through_loop_devices() {
-    if !is_root() {
-        eprintln!("skipped: needs root for losetup");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this test needs root (losetup): run it as root, as scripts/test does"
+    );
     let t = Tmp::new();
     let src = ext4_source(&t, "src.img", 40, 8);
     let dst = t.p("dst.img");

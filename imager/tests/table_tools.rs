@@ -16,10 +16,13 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-fn have(tool: &str) -> bool {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+/// Require `tool`: a test that needs a missing one fails (scripts/test
+/// installs them), it never passes silently.
+fn need(tool: &str) {
+    let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
-        .any(|d| Path::new(d).join(tool).exists())
+        .any(|d| Path::new(d).join(tool).exists());
+    assert!(found, "{tool} is not installed (scripts/test installs it)");
 }
 
 fn run(prog: &str, args: &[&str]) -> (bool, String, String) {
@@ -45,7 +48,9 @@ fn sfdisk_json(path: &Path) -> Value {
 struct Loop(PathBuf);
 
 impl Loop {
-    fn attach(file: &Path, sector_size: u32) -> Option<Loop> {
+    /// A loop device over `file`; the test fails when none can be made
+    /// (it needs root: scripts/test runs as root).
+    fn attach(file: &Path, sector_size: u32) -> Loop {
         let ss = sector_size.to_string();
         let (ok, out, err) = run(
             "losetup",
@@ -57,11 +62,8 @@ impl Loop {
                 file.to_str().expect("utf8 path"),
             ],
         );
-        if !ok {
-            eprintln!("skipping: cannot create a loop device: {err}");
-            return None;
-        }
-        Some(Loop(PathBuf::from(out.trim())))
+        assert!(ok, "cannot create a loop device (needs root): {err}");
+        Loop(PathBuf::from(out.trim()))
     }
     fn path(&self) -> &Path {
         &self.0
@@ -207,10 +209,8 @@ fn check_gpt_with_tools(target: &Path, written: &PartitionTable) {
 
 #[test]
 fn gpt_512_written_reads_back_in_sgdisk_and_sfdisk() {
-    if !have("sgdisk") || !have("sfdisk") {
-        eprintln!("skipping: sgdisk/sfdisk not installed");
-        return;
-    }
+    need("sgdisk");
+    need("sfdisk");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "gpt.img", 64 * MIB);
     let before = boot_code(&img);
@@ -246,10 +246,8 @@ fn gpt_512_written_reads_back_in_sgdisk_and_sfdisk() {
 
 #[test]
 fn gpt_4k_written_reads_back_on_a_4k_loop_device() {
-    if !have("sgdisk") || !have("losetup") {
-        eprintln!("skipping: sgdisk/losetup not installed");
-        return;
-    }
+    need("sgdisk");
+    need("losetup");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "gpt4k.img", 64 * MIB);
     let before = boot_code(&img);
@@ -263,9 +261,7 @@ fn gpt_4k_written_reads_back_on_a_4k_loop_device() {
         .expect("read")
         .expect("a table");
     assert_eq!(back, written);
-    let Some(lo) = Loop::attach(&img, 4096) else {
-        return;
-    };
+    let lo = Loop::attach(&img, 4096);
     check_gpt_with_tools(lo.path(), &written);
     let dev = Device::open_read(lo.path()).expect("open loop");
     assert_eq!(dev.sector_size(), 4096);
@@ -361,10 +357,8 @@ fn check_fdisk_lines(target: &Path, written: &PartitionTable) {
 
 #[test]
 fn mbr_512_with_logicals_reads_back_in_sfdisk_and_fdisk() {
-    if !have("sfdisk") || !have("fdisk") {
-        eprintln!("skipping: sfdisk/fdisk not installed");
-        return;
-    }
+    need("sfdisk");
+    need("fdisk");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "mbr.img", 64 * MIB);
     let before = boot_code(&img);
@@ -381,10 +375,8 @@ fn mbr_512_with_logicals_reads_back_in_sfdisk_and_fdisk() {
 
 #[test]
 fn mbr_4k_with_logicals_reads_back_on_a_4k_loop_device() {
-    if !have("sfdisk") || !have("losetup") {
-        eprintln!("skipping: sfdisk/losetup not installed");
-        return;
-    }
+    need("sfdisk");
+    need("losetup");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "mbr4k.img", 64 * MIB);
     let before = boot_code(&img);
@@ -393,9 +385,7 @@ fn mbr_4k_with_logicals_reads_back_on_a_4k_loop_device() {
     drop(dev);
     assert_eq!(boot_code(&img), before);
     // fdisk -b 4096 on the file, and sfdisk on a 4K loop device.
-    let Some(lo) = Loop::attach(&img, 4096) else {
-        return;
-    };
+    let lo = Loop::attach(&img, 4096);
     check_mbr_with_tools(lo.path(), &written);
     let back = table::read(&Device::open_read(lo.path()).expect("open"), Some(4096))
         .expect("read")
@@ -406,10 +396,8 @@ fn mbr_4k_with_logicals_reads_back_on_a_4k_loop_device() {
 /// Tables made by sgdisk are read exactly, and written back unchanged.
 #[test]
 fn gpt_made_by_sgdisk_reads_exactly_and_round_trips() {
-    if !have("sgdisk") || !have("sfdisk") {
-        eprintln!("skipping: sgdisk/sfdisk not installed");
-        return;
-    }
+    need("sgdisk");
+    need("sfdisk");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "sg.img", 64 * MIB);
     let p = img.to_str().expect("utf8");
@@ -483,10 +471,7 @@ fn gpt_made_by_sgdisk_reads_exactly_and_round_trips() {
 /// rewriting them with our writer gives sfdisk the same table.
 #[test]
 fn mbr_made_by_sfdisk_reads_exactly_and_round_trips() {
-    if !have("sfdisk") {
-        eprintln!("skipping: sfdisk not installed");
-        return;
-    }
+    need("sfdisk");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "sf.img", 64 * MIB);
     let script = "label: dos\nlabel-id: 0xdeadbeef\n\
@@ -553,10 +538,7 @@ fn check_mbr_with_tools_relaxed(a: &Path, b: &Path) {
 
 #[test]
 fn gpt_backup_relocates_to_the_end_of_a_grown_disk() {
-    if !have("sgdisk") {
-        eprintln!("skipping: sgdisk not installed");
-        return;
-    }
+    need("sgdisk");
     let dir = tempfile::tempdir().expect("tempdir");
     for ss in [512u32, 4096] {
         let img = make_file(dir.path(), &format!("grow{ss}.img"), 64 * MIB);
@@ -593,7 +575,8 @@ fn gpt_backup_relocates_to_the_end_of_a_grown_disk() {
             // The protective MBR covers the grown disk.
             let j = sfdisk_json(&img);
             assert_eq!(j["lastlba"].as_u64(), Some(last - entry_sectors - 1));
-        } else if let Some(lo) = Loop::attach(&img, 4096) {
+        } else {
+            let lo = Loop::attach(&img, 4096);
             let (ok, out, _) = run("sgdisk", &["-v", lo.path().to_str().expect("utf8")]);
             assert!(
                 ok && out.contains("No problems found"),
@@ -680,7 +663,8 @@ fn wipe_removes_every_table_signature_and_keeps_boot_code() {
         );
         drop(dev);
         assert_eq!(boot_code(&img), before);
-        if have("sfdisk") {
+        {
+            need("sfdisk");
             let (ok, out, _) = run("sfdisk", &["--json", img.to_str().expect("utf8")]);
             assert!(
                 !ok || out.trim().is_empty(),
@@ -693,10 +677,7 @@ fn wipe_removes_every_table_signature_and_keeps_boot_code() {
 /// Writing MBR over GPT (and GPT over MBR) leaves no trace of the old table.
 #[test]
 fn switching_table_kinds_leaves_no_stale_table() {
-    if !have("sfdisk") {
-        eprintln!("skipping: sfdisk not installed");
-        return;
-    }
+    need("sfdisk");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "switch.img", 64 * MIB);
     let dev = open_rw(&img, 512);
@@ -723,10 +704,7 @@ fn switching_table_kinds_leaves_no_stale_table() {
 /// The gdisk codes of our type dictionary name the GUIDs sgdisk uses.
 #[test]
 fn gdisk_codes_match_sgdisk() {
-    if !have("sgdisk") {
-        eprintln!("skipping: sgdisk not installed");
-        return;
-    }
+    need("sgdisk");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "codes.img", 64 * MIB);
     let p = img.to_str().expect("utf8");
@@ -752,15 +730,12 @@ fn gdisk_codes_match_sgdisk() {
 /// exactly.
 #[test]
 fn tables_made_by_tools_on_a_4k_loop_device_read_exactly() {
-    if !have("sgdisk") || !have("sfdisk") || !have("losetup") {
-        eprintln!("skipping: sgdisk/sfdisk/losetup not installed");
-        return;
-    }
+    need("sgdisk");
+    need("sfdisk");
+    need("losetup");
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_file(dir.path(), "tools4k.img", 64 * MIB);
-    let Some(lo) = Loop::attach(&img, 4096) else {
-        return;
-    };
+    let lo = Loop::attach(&img, 4096);
     let dev = lo.path().to_str().expect("utf8").to_string();
     let (ok, _, err) = run(
         "sgdisk",

@@ -1,17 +1,32 @@
 # The end-to-end script acting as the core server (as OpenGnsys' ogCore would):
 # finds a registered agent, checks its certificate against the fingerprint it
-# registered, calls its CloningEngine API, and follows the job through the
-# webhooks the agent posts to the boot server (GET /v1/agents/{mac}/events).
-# Source it; needs E2E netns helpers, NS, HTTP_URL and API_TOKEN.
+# registered and pins it, calls its CloningEngine API over HTTPS, and follows
+# the job through the webhooks the agent posts to the boot server
+# (GET /v1/agents/{mac}/events with the read-only viewer token).
+# Every call to the boot server is HTTPS pinned to its own certificate.
+# Source it; needs E2E netns helpers, NS, HTTPS_URL, SERVER_PIN, API_TOKEN
+# and VIEWER_TOKEN.
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # JOB_* are read by the sourcing script
+
+# server_api ARGS…: curl to the boot server's API with the API token,
+# trusting only the server's certificate (its public key, pinned).
+server_api() {
+  ip netns exec "$NS" curl -fsS --max-time 5 -k --pinnedpubkey "$SERVER_PIN" \
+    -H "Authorization: Bearer $API_TOKEN" "$@"
+}
+
+# server_view ARGS…: the same with the read-only viewer token.
+server_view() {
+  ip netns exec "$NS" curl -fsS --max-time 5 -k --pinnedpubkey "$SERVER_PIN" \
+    -H "Authorization: Bearer $VIEWER_TOKEN" "$@"
+}
 
 # core_agent MAC: sets AGENT_IP, AGENT_PORT, AGENT_TOKEN and AGENT_FP from the
 # boot server's registry (GET /v1/agents with the API token).
 core_agent() {
   local json
-  json=$(ip netns exec "$NS" curl -fsS --max-time 5 -H "Authorization: Bearer $API_TOKEN" "$HTTP_URL/v1/agents") ||
-    return 1
+  json=$(server_api "$HTTPS_URL/v1/agents") || return 1
   local line
   line=$(MAC="$1" python3 -c '
 import json, os, sys
@@ -27,19 +42,24 @@ for a in json.load(sys.stdin):
   [ -n "$AGENT_IP" ] && [ -n "$AGENT_TOKEN" ]
 }
 
-# core_check_cert: the agent's TLS certificate is the one it registered.
+# core_check_cert: the agent's TLS certificate is the one it registered;
+# sets AGENT_PIN (curl's --pinnedpubkey form of its key), so every later
+# call reaches that agent only.
 core_check_cert() {
-  local der_fp
-  der_fp=$(ip netns exec "$NS" openssl s_client -connect "$AGENT_IP:$AGENT_PORT" </dev/null 2>/dev/null |
-    openssl x509 -outform DER 2>/dev/null | sha256sum | cut -d' ' -f1)
-  [ "sha256:$der_fp" = "$AGENT_FP" ]
+  local pem der_fp
+  pem=$(ip netns exec "$NS" openssl s_client -connect "$AGENT_IP:$AGENT_PORT" </dev/null 2>/dev/null |
+    openssl x509 2>/dev/null) || return 1
+  der_fp=$(openssl x509 -outform DER <<<"$pem" | sha256sum | cut -d' ' -f1)
+  [ "sha256:$der_fp" = "$AGENT_FP" ] || return 1
+  AGENT_PIN=sha256//$(openssl x509 -pubkey -noout <<<"$pem" | openssl pkey -pubin -outform der |
+    openssl dgst -sha256 -binary | base64)
 }
 
 # core_call OP JSON [TOKEN]: POST /CloningEngine/OP to the agent; prints the
 # job id. Fails (with the agent's answer on stderr) unless it is accepted.
 core_call() {
   local op=$1 body=$2 token=${3:-$AGENT_TOKEN} out code
-  out=$(ip netns exec "$NS" curl -sS -k --max-time 15 -w '\n%{http_code}' \
+  out=$(ip netns exec "$NS" curl -sS -k --pinnedpubkey "$AGENT_PIN" --max-time 15 -w '\n%{http_code}' \
     -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
     -d "$body" "https://$AGENT_IP:$AGENT_PORT/CloningEngine/$op") || {
     echo "core: POST /CloningEngine/$op: no answer from the agent" >&2
@@ -56,7 +76,7 @@ core_call() {
 
 # core_job_state JOB: the job's state as the agent reports it (GET /v1/jobs/JOB).
 core_job_state() {
-  ip netns exec "$NS" curl -fsS -k --max-time 5 -H "Authorization: Bearer $AGENT_TOKEN" \
+  ip netns exec "$NS" curl -fsS -k --pinnedpubkey "$AGENT_PIN" --max-time 5 -H "Authorization: Bearer $AGENT_TOKEN" \
     "https://$AGENT_IP:$AGENT_PORT/v1/jobs/$1" 2>/dev/null |
     python3 -c 'import json,sys; print(json.load(sys.stdin).get("state",""))' 2>/dev/null
 }
@@ -76,7 +96,7 @@ core_follow() {
   local mac=$1 job=$2 deadline=$((SECONDS + $3)) hook=${4:-} called=${5:-0} seen=0 events line ended_at=""
   JOB_STATE="" JOB_SUMMARY="" JOB_RUN_S="" JOB_BYTES="" JOB_ERROR="" JOB_CHUNKS=0 JOB_FETCHED=0 JOB_UNREAD=0
   while [ "$SECONDS" -lt "$deadline" ]; do
-    events=$(ip netns exec "$NS" curl -fsS --max-time 3 "$HTTP_URL/v1/agents/$mac/events" 2>/dev/null) || events="[]"
+    events=$(server_view --max-time 3 "$HTTPS_URL/v1/agents/$mac/events" 2>/dev/null) || events="[]"
     while IFS= read -r line; do
       case $line in
         P\ *)

@@ -51,3 +51,13 @@ wait_http() {
     sleep 0.1
   done
 }
+
+# wait_https NS URL TIMEOUT_S: waits until an https URL answers inside NS
+# (liveness only: the certificate is checked by the callers that follow).
+wait_https() {
+  local deadline=$((SECONDS + $3))
+  until ip netns exec "$1" curl -fsS -k -o /dev/null --max-time 2 "$2" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.1
+  done
+}

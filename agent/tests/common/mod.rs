@@ -156,17 +156,47 @@ pub struct BootServer {
 
 impl BootServer {
     pub async fn start(dir: &Path, api_token: &str) -> BootServer {
-        Self::start_on(dir, api_token, "127.0.0.1".parse().expect("ip")).await
+        Self::start_full(dir, api_token, "", true, "127.0.0.1".parse().expect("ip")).await
     }
 
     /// [`BootServer::start`] listening on `ip` (e.g. inside a namespace).
     pub async fn start_on(dir: &Path, api_token: &str, ip: std::net::IpAddr) -> BootServer {
+        Self::start_full(dir, api_token, "", true, ip).await
+    }
+
+    /// With extra lines in `[repository]` (e.g. a read token), and HTTPS
+    /// on (the default) or turned off.
+    pub async fn start_with(
+        dir: &Path,
+        api_token: &str,
+        repo_extra: &str,
+        tls: bool,
+    ) -> BootServer {
+        Self::start_full(
+            dir,
+            api_token,
+            repo_extra,
+            tls,
+            "127.0.0.1".parse().expect("ip"),
+        )
+        .await
+    }
+
+    /// Everything chosen: `[repository]` extras, HTTPS on or off, the
+    /// address.
+    pub async fn start_full(
+        dir: &Path,
+        api_token: &str,
+        repo_extra: &str,
+        tls: bool,
+        ip: std::net::IpAddr,
+    ) -> BootServer {
         std::fs::create_dir_all(dir).expect("server dir");
         let live = dir.join("live");
         std::fs::create_dir_all(&live).expect("live");
         std::fs::write(live.join("vmlinuz"), b"kernel").expect("kernel");
         std::fs::write(live.join("initrd.gz"), b"initrd").expect("initrd");
-        let (cert, key, _) = write_pem(dir, "server");
+        // HTTPS on the default path: the server makes its own certificate.
         let text = format!(
             r#"[server]
 address = "{ip}"
@@ -181,9 +211,8 @@ enabled = false
 bind = "{ip}:0"
 api_token = "{api_token}"
 [http.tls]
+enabled = {tls}
 bind = "{ip}:0"
-cert = "{cert}"
-key = "{key}"
 [boot]
 kernel = "{live}/vmlinuz"
 initrd = "{live}/initrd.gz"
@@ -192,11 +221,10 @@ cmdline = "console=ttyS0"
 enabled = true
 write_token = "{REPO_TOKEN}"
 gc_grace_s = 0
+{repo_extra}
 "#,
             data = dir.join("data").display(),
             live = live.display(),
-            cert = cert.display(),
-            key = key.display(),
         );
         let cfg = aula_bootserver::config::Config::parse(&text).expect("server config");
         let server = aula_bootserver::Server::start(cfg, Vec::new())
@@ -204,9 +232,17 @@ gc_grace_s = 0
             .expect("boot server starts");
         BootServer {
             http: server.http_addr.expect("http"),
-            https: server.https_addr.expect("https"),
-            fingerprint: server.tls_fingerprint.clone().expect("fingerprint"),
+            https: server.https_addr.unwrap_or(server.http_addr.expect("http")),
+            fingerprint: server.tls_fingerprint.clone().unwrap_or_default(),
             server: Some(server),
+        }
+    }
+
+    /// The server's own certificate and key (made on first start).
+    pub fn pem_pair(dir: &Path) -> aula_bootserver::tls::PemPair {
+        aula_bootserver::tls::PemPair {
+            cert_pem: std::fs::read_to_string(dir.join("data/tls/server.crt")).expect("cert"),
+            key_pem: std::fs::read_to_string(dir.join("data/tls/server.key")).expect("key"),
         }
     }
 
@@ -214,27 +250,79 @@ gc_grace_s = 0
         format!("https://{}", self.https)
     }
 
+    /// The repository (the same HTTPS listener).
     pub fn repo_url(&self) -> String {
-        format!("http://{}", self.http)
+        self.url()
     }
 
-    /// Registered agents, with tokens (API token).
-    pub async fn agents(&self) -> Value {
+    /// A live boot of machine `mac` as the machine itself starts it: its
+    /// iPXE script fetched over plain HTTP from its own address (loopback),
+    /// with the `ip=`/`mac=` iPXE puts in the URL. Returns the boot nonce
+    /// (`aula.boot=`) the agent registers with.
+    pub async fn live_boot(&self, mac: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.http)
+            .await
+            .expect("connect");
+        let req = format!(
+            "GET /boot/ipxe/{}?ip=127.0.0.1&mac={mac} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            mac.replace(':', "-")
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        let text = String::from_utf8_lossy(&out);
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix("aula.boot="))
+            .unwrap_or_else(|| panic!("no live script for {mac}: {text}"))
+            .to_string()
+    }
+
+    /// A call over HTTPS pinned to the server, with `token` if any:
+    /// (status, JSON).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let c = HttpClient::new(
             &ServerTrust::Pin(aula_imager::tls::parse_fingerprint(&self.fingerprint).expect("fp")),
             Duration::from_secs(10),
         )
         .expect("client");
+        let headers: Vec<(&'static str, String)> = token
+            .map(|t| vec![("authorization", format!("Bearer {t}"))])
+            .unwrap_or_default();
         let r = c
             .call(
-                Method::GET,
-                &format!("{}/v1/agents", self.url()),
-                &[("authorization", format!("Bearer {API_TOKEN}"))],
-                Vec::new(),
+                method,
+                &format!("{}{path}", self.url()),
+                &headers,
+                body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
             )
             .await
-            .expect("agents");
-        serde_json::from_slice(&r.body).expect("json")
+            .expect("call");
+        (
+            r.status.as_u16(),
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// A GET over HTTPS without any credential: (status, JSON).
+    pub async fn anonymous(&self, path: &str) -> (u16, Value) {
+        self.call(Method::GET, path, None, None).await
+    }
+
+    /// The API over HTTPS with the API token: (status, JSON).
+    pub async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call(method, path, Some(API_TOKEN), body).await
+    }
+
+    /// Registered agents, with tokens (API token).
+    pub async fn agents(&self) -> Value {
+        self.api(Method::GET, "/v1/agents", None).await.1
     }
 
     pub async fn stop(mut self) {
@@ -256,6 +344,8 @@ pub struct Hook {
 
 #[derive(Default)]
 pub struct CoreState {
+    /// Every request: method, path, Authorization header (empty if none).
+    pub requests: Mutex<Vec<(String, String, String)>>,
     pub hooks: Mutex<Vec<Hook>>,
     pub registrations: Mutex<Vec<Value>>,
     pub boots: Mutex<Vec<(String, String, Value)>>,
@@ -288,6 +378,11 @@ impl RouteGroup for CoreRoutes {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
+            self.0.requests.lock().expect("requests").push((
+                method.to_string(),
+                path.clone(),
+                auth.clone(),
+            ));
             let body = req
                 .into_body()
                 .collect()
@@ -373,6 +468,12 @@ impl TestCore {
             aula_bootserver::tls::self_signed(&["localhost".into(), ip.to_string()]).expect("cert");
         let state = Arc::new(CoreState::default());
         Self::start_with(pair, state, SocketAddr::new(ip, 0)).await
+    }
+
+    /// A recorder on `bind` presenting the certificate `pair` (e.g. a
+    /// copy of the boot server's, as a second server of the lab might).
+    pub async fn start_as(pair: aula_bootserver::tls::PemPair, bind: SocketAddr) -> TestCore {
+        Self::start_with(pair, Arc::new(CoreState::default()), bind).await
     }
 
     async fn start_with(
@@ -531,10 +632,46 @@ impl Drop for Proxy {
 pub struct AgentOpts<'a> {
     pub dir: &'a Path,
     pub disks: Vec<(u32, PathBuf)>,
+    /// `aula.server=` and `aula.server_fp=`.
     pub server: Option<(String, String)>,
     pub core: Option<(String, String)>,
+    /// The configured repository: `https://127.0.0.1:<port>`, pinned to
+    /// `repo_fp` (the boot server's certificate) when given.
     pub repo_port: u16,
+    pub repo_fp: Option<String>,
+    /// `aula.boot=`: the nonce of the live boot the agent runs in.
+    pub boot: Option<String>,
+    /// Extra lines for `[repository]`.
+    pub repo_extra: &'a str,
+    /// `repository.write_token` (default the repository's).
+    pub write_token: Option<&'a str>,
     pub extra: &'a str,
+}
+
+impl<'a> AgentOpts<'a> {
+    /// An agent on `dir` with these disks, nothing else configured.
+    pub fn new(dir: &'a Path, disks: Vec<(u32, PathBuf)>) -> AgentOpts<'a> {
+        AgentOpts {
+            dir,
+            disks,
+            server: None,
+            core: None,
+            repo_port: 9,
+            repo_fp: None,
+            boot: None,
+            repo_extra: "",
+            write_token: Some(REPO_TOKEN),
+            extra: "",
+        }
+    }
+
+    /// The configured repository is `server`'s, reached at `port` (its
+    /// HTTPS port, or a proxy in front of it), pinned.
+    pub fn repo(mut self, server: &BootServer, port: u16) -> Self {
+        self.repo_port = port;
+        self.repo_fp = Some(server.fingerprint.clone());
+        self
+    }
 }
 
 pub async fn start_agent(o: AgentOpts<'_>) -> Agent {
@@ -543,15 +680,28 @@ pub async fn start_agent(o: AgentOpts<'_>) -> Agent {
         disks.push_str(&format!("{n} = \"{}\"\n", p.display()));
     }
     let power_log = o.dir.join("power.log");
+    let repo_pin = o
+        .repo_fp
+        .as_ref()
+        .map(|fp| {
+            format!(
+                "fingerprint = \"{fp}\"\nurl = \"https://127.0.0.1:{}\"",
+                o.repo_port
+            )
+        })
+        .unwrap_or_default();
     let text = format!(
         r#"restore_records = "{records}"
+state_dir = "{state}"
 [listen]
 address = "127.0.0.1"
 port = 0
 [repository]
 port = {port}
-write_token = "{REPO_TOKEN}"
-retry_s = 30
+{write_token}
+{retry}
+{repo_pin}
+{repo_extra}
 [cache]
 mount_dir = "{cache}"
 [power]
@@ -567,8 +717,19 @@ mac = "{MAC}"
         port = o.repo_port,
         cache = o.dir.join("cache-mnt").display(),
         records = o.dir.join("records").display(),
+        state = o.dir.join("agent-state").display(),
         log = power_log.display(),
         extra = o.extra,
+        repo_extra = o.repo_extra,
+        retry = if o.repo_extra.contains("retry_s") {
+            ""
+        } else {
+            "retry_s = 30"
+        },
+        write_token = o
+            .write_token
+            .map(|t| format!("write_token = \"{t}\""))
+            .unwrap_or_default(),
     );
     let file = FileConfig::parse(&text, "test").expect("agent config");
     let mut cmdline = String::from("quiet");
@@ -577,6 +738,9 @@ mac = "{MAC}"
     }
     if let Some((url, fp)) = &o.core {
         cmdline.push_str(&format!(" aula.core={url} aula.core_fp={fp}"));
+    }
+    if let Some(n) = &o.boot {
+        cmdline.push_str(&format!(" aula.boot={n}"));
     }
     let s = Settings::new(file, &KernelParams::parse(&cmdline)).expect("settings");
     Agent::start(s).await.expect("agent starts")
@@ -670,15 +834,16 @@ impl Api {
     }
 }
 
-/// Upload partition `n` of `disk` as image `name` with the imager library.
+/// Upload partition `n` of `disk` as image `name` to `server`'s repository
+/// with the imager library (write token, pinned).
 pub async fn upload(
-    repo_url: &str,
+    server: &BootServer,
     disk: &Path,
     n: Option<u32>,
     name: &str,
 ) -> aula_imager::manifest::Manifest {
     upload_chunked(
-        repo_url,
+        server,
         disk,
         n,
         name,
@@ -689,13 +854,14 @@ pub async fn upload(
 
 /// [`upload`] with a chunk size.
 pub async fn upload_chunked(
-    repo_url: &str,
+    server: &BootServer,
     disk: &Path,
     n: Option<u32>,
     name: &str,
     chunk_size: u64,
 ) -> aula_imager::manifest::Manifest {
-    let url = repo_url.to_string();
+    let url = server.repo_url();
+    let pin = aula_imager::tls::parse_fingerprint(&server.fingerprint).expect("fp");
     let disk = disk.to_path_buf();
     let name = name.to_string();
     tokio::task::spawn_blocking(move || {
@@ -703,6 +869,7 @@ pub async fn upload_chunked(
             &url,
             aula_imager::repo::HttpOptions {
                 token: Some(REPO_TOKEN.into()),
+                trust: ServerTrust::Pin(pin),
                 ..Default::default()
             },
         )

@@ -137,7 +137,8 @@ fn apply(live: &mut HashMap<MacAddr, LeaseChange>, c: &LeaseChange) {
 fn compact(path: &Path, live: &HashMap<MacAddr, LeaseChange>) -> Result<File, PersistError> {
     let tmp = path.with_extension("journal.partial");
     let write = || -> io::Result<()> {
-        let mut f = io::BufWriter::new(File::create(&tmp)?);
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = io::BufWriter::new(crate::persist::create_private(&tmp, true)?);
         for c in live.values() {
             serde_json::to_writer(&mut f, c)?;
             f.write_all(b"\n")?;

@@ -339,6 +339,17 @@ impl Shared {
                     SocketAddr::V4(s) if !s.ip().is_unspecified() => src,
                     _ => self.dest(req, false),
                 };
+                // The address it announces here is the one its script
+                // request must come from (see http::boot).
+                if kind.is_some() {
+                    let announced = match src {
+                        SocketAddr::V4(s) if !s.ip().is_unspecified() => Some(*s.ip()),
+                        _ => Some(req.msg.ciaddr()).filter(|c| !c.is_unspecified()),
+                    };
+                    if let Some(ip) = announced {
+                        self.registry.note_announce(req.mac, ip);
+                    }
+                }
                 (MessageType::Ack, dest)
             }
             (true, MessageType::Discover) => (MessageType::Offer, self.dest(req, false)),

@@ -1,41 +1,40 @@
-//! The management API (`/v1/...`).
+//! The management API (`/v1/...`), served over HTTPS (plain HTTP only when
+//! `[http.tls] enabled = false`). Who may call what is [`crate::auth`]'s
+//! table; here each route says which right it needs.
 //!
-//! | route | auth | what |
+//! | route | who | what |
 //! |---|---|---|
-//! | `GET /v1/status` | open | version and which services run |
-//! | `GET /v1/clients` | open | every known machine |
-//! | `GET /v1/clients/{mac}` | open | one machine |
-//! | `PUT /v1/clients/{mac}/boot` | token | `{"mode": "live"\|"local", "once": bool}` |
-//! | `DELETE /v1/clients/{mac}/boot` | token | back to the default mode |
-//! | `PUT /v1/clients/{mac}/capture` | token | `{"minutes": n}`: the agent on that machine may upload images to the repository with its own token for n minutes (default 60, at most 1440) |
-//! | `DELETE /v1/clients/{mac}/capture` | token | withdraw that right |
-//! | `GET /v1/leases` | open | bound DHCP leases |
-//! | `POST /v1/agents/register` | open | agent registration |
-//! | `GET /v1/agents` | open; tokens only with the API token | registered agents |
-//! | `POST /v1/agents/events` | HMAC of the agent's token | the default webhook sink (`aula.core` unset) |
-//! | `GET /v1/agents/{mac}/events` | open | the last events an agent posted |
+//! | `GET /v1/status` | anyone | version and which services run |
+//! | `GET /v1/clients` | admin, viewer | every known machine |
+//! | `GET /v1/clients/{mac}` | admin, viewer | one machine |
+//! | `PUT /v1/clients/{mac}/boot` | admin, or the agent of that machine | `{"mode": "live"\|"local", "once": bool}` |
+//! | `DELETE /v1/clients/{mac}/boot` | admin | back to the default mode |
+//! | `PUT /v1/clients/{mac}/capture` | admin | `{"image": NAME, "minutes": n}`: the agent on that machine may upload chunks and publish image NAME (only) with its upload token for n minutes (default 60, at most 1440) |
+//! | `DELETE /v1/clients/{mac}/capture` | admin | withdraw that grant |
+//! | `GET /v1/leases` | admin, viewer | bound DHCP leases |
+//! | `POST /v1/agents/register` | the machine's own live boot (window, nonce, address: see [`crate::state`]) | agent registration; answers the repository's read token |
+//! | `GET /v1/agents` | admin (with tokens), viewer (without) | registered agents |
+//! | `POST /v1/agents/events` | HMAC of the body with the agent's token | the default webhook sink (`aula.core` unset) |
+//! | `GET /v1/agents/{mac}/events` | admin, viewer | the last events an agent posted (bounded: [`crate::events`]) |
 //!
-//! `PUT /v1/clients/{mac}/boot` also accepts the registered token of the
-//! agent running on that machine (so `IniciarSesion` can ask for one local
-//! boot of its own machine), never another machine's.
-//!
-//! Registration is open because an agent has no secret before it registers;
-//! everything that changes how a machine boots needs `Authorization: Bearer`.
+//! No credential, or one nobody issued: 401. A known credential without
+//! the right: 403. A refused registration: 403, logged with the reason.
+//! No room for another machine ([`crate::state`]'s bounds): 507.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use http_body_util::{BodyExt, Limited};
-use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use aula_httpkit::body::BodyError;
+use hyper::header::{HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::{
-    bearer, error_json, json, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup,
-};
-use crate::config::{BootMode, Config};
+use super::{error_json, json, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup};
+use crate::auth::{Auth, Principal};
+use crate::config::{BootMode, Config, DhcpMode};
 use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
-use crate::state::{unix_now, AgentRegistration, Registry, StateError};
+use crate::state::{unix_now, AgentRegistration, LeaseCheck, Registered, Registry, StateError};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -43,9 +42,12 @@ const MAX_BODY: usize = 64 * 1024;
 /// What can go wrong in an API call; each maps to one status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No or a wrong bearer token.
+    /// No credential, or one nobody issued.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A known caller without the right.
+    #[error("{0}")]
+    Forbidden(String),
     /// Malformed request.
     #[error("{0}")]
     BadRequest(String),
@@ -55,27 +57,45 @@ pub enum ApiError {
     /// Method not allowed on this route.
     #[error("method not allowed")]
     Method,
-    /// Body too large.
-    #[error("request body too large")]
-    TooLarge,
-    /// Body is not JSON.
-    #[error("content type must be application/json")]
-    MediaType,
-    /// Storage failed.
-    #[error("storage error")]
+    /// The body could not be used.
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    /// Storage failed, or is full.
+    #[error("{}", storage_message(.0))]
     Storage(#[from] StateError),
+    /// An event larger than a machine's share of the event sink.
+    #[error(transparent)]
+    EventTooLarge(#[from] crate::events::TooLarge),
+}
+
+/// What a client is told about a storage error: the limit when full, else
+/// nothing more (the log has the details).
+fn storage_message(e: &StateError) -> String {
+    match e {
+        StateError::Full(_) => e.to_string(),
+        StateError::Io(_) | StateError::Corrupt { .. } | StateError::Join(_) => {
+            "storage error".into()
+        }
+    }
 }
 
 impl ApiError {
     fn into_response(self) -> HttpResponse {
         let status = match &self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Storage(e) => {
+            ApiError::Body(b) => b.status(),
+            ApiError::EventTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Storage(e @ StateError::Full(_)) => {
+                tracing::warn!(error = %e, "refused: machine table full");
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            ApiError::Storage(
+                e @ (StateError::Io(_) | StateError::Corrupt { .. } | StateError::Join(_)),
+            ) => {
                 tracing::error!(error = %e, "API storage error");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -102,18 +122,24 @@ pub struct SetBoot {
     pub once: bool,
 }
 
-/// Events kept per agent.
-const EVENTS_KEPT: usize = 200;
+/// Body of `PUT /v1/clients/{mac}/capture`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetCapture {
+    /// The one image name the agent may publish.
+    pub image: String,
+    /// How long the grant lasts (default 60, 1..=1440).
+    #[serde(default)]
+    pub minutes: Option<u64>,
+}
 
 /// The API route group.
 pub struct ApiRoutes {
     cfg: Arc<Config>,
     registry: Arc<Registry>,
     dhcp: Option<DhcpService>,
-    token: Option<String>,
-    events: std::sync::Mutex<
-        std::collections::HashMap<MacAddr, std::collections::VecDeque<serde_json::Value>>,
-    >,
+    auth: Arc<Auth>,
+    events: crate::events::EventSink,
 }
 
 impl ApiRoutes {
@@ -122,28 +148,50 @@ impl ApiRoutes {
         cfg: Arc<Config>,
         registry: Arc<Registry>,
         dhcp: Option<DhcpService>,
-        token: Option<String>,
+        auth: Arc<Auth>,
     ) -> Self {
         Self {
-            cfg,
             registry,
             dhcp,
-            token,
-            events: std::sync::Mutex::new(std::collections::HashMap::new()),
+            events: crate::events::EventSink::new(
+                cfg.limits.events_per_machine_kib << 10,
+                cfg.limits.events_total_mib << 20,
+            ),
+            cfg,
+            auth,
         }
     }
 
-    /// The API token, or the registered token of the agent on `mac`.
-    fn require_auth_for(&self, req: &HttpRequest, mac: MacAddr) -> Result<(), ApiError> {
-        if self.authorized(req) {
-            return Ok(());
+    /// The caller, or 401.
+    fn caller(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
+        if let Some(p) = self.auth.principal(req.headers()) {
+            return Ok(p);
         }
-        let own = self.registry.agent_token(mac);
-        match (bearer(req), own) {
-            (Some(b), Some(t)) if aula_imager::tls::secrets_equal(b.as_bytes(), t.as_bytes()) => {
-                Ok(())
-            }
-            _ => self.require_auth(req),
+        if super::credential(req).is_none() {
+            Err(ApiError::Unauthorized(
+                "this route needs Authorization: Bearer <token>",
+            ))
+        } else if !self.auth.has_api_token() {
+            Err(ApiError::Unauthorized(
+                "unknown token (and no api_token is configured: admin calls are disabled)",
+            ))
+        } else {
+            Err(ApiError::Unauthorized("missing or wrong bearer token"))
+        }
+    }
+
+    fn require(
+        &self,
+        req: &HttpRequest,
+        allowed: impl Fn(&Principal) -> bool,
+        what: &str,
+    ) -> Result<Principal, ApiError> {
+        let p = self.caller(req)?;
+        if allowed(&p) {
+            Ok(p)
+        } else {
+            tracing::warn!(caller = %p.name(), path = %req.uri().path(), "refused: no right to {what}");
+            Err(ApiError::Forbidden(format!("{} may not {what}", p.name())))
         }
     }
 
@@ -156,13 +204,13 @@ impl ApiRoutes {
             .and_then(|v| v.strip_prefix("sha256="))
             .map(str::to_owned)
             .ok_or(ApiError::Unauthorized("missing X-Aula-Signature"))?;
-        let bytes = Limited::new(req.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|_| ApiError::TooLarge)?
-            .to_bytes();
+        let (parts, body) = req.into_parts();
+        let bytes = aula_httpkit::body::read_limited(&parts.headers, body, MAX_BODY).await?;
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(ApiError::BadRequest("an event is a JSON object".into()));
+        }
         let mac = v["agent"]["mac"]
             .as_str()
             .ok_or_else(|| ApiError::BadRequest("agent.mac is required".into()))?;
@@ -175,71 +223,91 @@ impl ApiRoutes {
         let sig = decode_hex(&sig).ok_or(ApiError::Unauthorized("malformed signature"))?;
         ring::hmac::verify(&key, &bytes, &sig)
             .map_err(|_| ApiError::Unauthorized("bad signature"))?;
-        if let Ok(mut ev) = self.events.lock() {
-            let q = ev.entry(mac).or_default();
-            if q.len() >= EVENTS_KEPT {
-                q.pop_front();
-            }
-            q.push_back(v);
-        }
+        self.events.push(mac, bytes)?;
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "accepted": true }),
         ))
     }
 
-    fn authorized(&self, req: &HttpRequest) -> bool {
-        let Some(token) = &self.token else {
-            return false;
-        };
-        bearer(req).is_some_and(|t| aula_imager::tls::secrets_equal(t.as_bytes(), token.as_bytes()))
-    }
-
-    fn require_auth(&self, req: &HttpRequest) -> Result<(), ApiError> {
-        if self.token.is_none() {
-            return Err(ApiError::Unauthorized(
-                "API writes are disabled: no api_token configured",
-            ));
-        }
-        if !self.authorized(req) {
-            return Err(ApiError::Unauthorized("missing or wrong bearer token"));
-        }
-        Ok(())
-    }
-
     async fn body_json<T: serde::de::DeserializeOwned>(req: HttpRequest) -> Result<T, ApiError> {
-        let ct_ok = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_none_or(|v| v.starts_with("application/json"));
-        if !ct_ok {
-            return Err(ApiError::MediaType);
-        }
-        let bytes = Limited::new(req.into_body(), MAX_BODY)
-            .collect()
+        aula_httpkit::body::read_json(req, MAX_BODY)
             .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    ApiError::TooLarge
-                } else {
-                    ApiError::BadRequest("could not read request body".into())
-                }
-            })?
-            .to_bytes();
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))
+            .map_err(|e| match e {
+                BodyError::Json(m) => ApiError::BadRequest(format!("invalid JSON: {m}")),
+                other => ApiError::Body(other),
+            })
     }
 
-    fn lease_ip(&self) -> impl Fn(MacAddr) -> Option<std::net::Ipv4Addr> + '_ {
-        move |mac| {
-            let d = self.dhcp.as_ref()?;
-            let db = d.leases();
-            db.get(mac)
-                .filter(|l| l.state == crate::dhcp::leases::LeaseState::Bound)
-                .map(|l| l.ip)
+    fn lease_of(&self, mac: MacAddr) -> Option<std::net::Ipv4Addr> {
+        let d = self.dhcp.as_ref()?;
+        let db = d.leases();
+        db.get(mac)
+            .filter(|l| l.state == crate::dhcp::leases::LeaseState::Bound)
+            .map(|l| l.ip)
+    }
+
+    async fn register(
+        &self,
+        req: HttpRequest,
+        ctx: RequestContext,
+    ) -> Result<HttpResponse, ApiError> {
+        let reg: AgentRegistration = Self::body_json(req).await?;
+        let nonce = reg.boot_nonce.clone();
+        let source = match ctx.remote.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(ctx.remote.ip()),
+            v4 => v4,
+        };
+        let rec = reg
+            .into_record(unix_now(), Some(source))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mac = rec.macs[0];
+        let macs = rec.macs.clone();
+        let lease = LeaseCheck {
+            full_dhcp: self.cfg.dhcp.enabled
+                && self.cfg.dhcp.mode == DhcpMode::Full
+                && self.dhcp.is_some(),
+            lease: self.lease_of(mac),
+        };
+        let verdict = self
+            .registry
+            .register_agent(
+                rec,
+                nonce.as_deref(),
+                source,
+                self.cfg.boot.registration_window_s,
+                lease,
+            )
+            .await?;
+        match verdict {
+            Ok(how) => {
+                match how {
+                    Registered::New => {
+                        tracing::info!(%mac, macs = ?macs, remote = %ctx.remote, "agent registered")
+                    }
+                    Registered::Repeat => {
+                        tracing::info!(%mac, remote = %ctx.remote, "agent registered again (same token, certificate and address)")
+                    }
+                }
+                let mut body = serde_json::json!({
+                    "registered": true,
+                    "macs": macs,
+                    "repeat": how == Registered::Repeat,
+                });
+                if self.cfg.repository.enabled {
+                    body["repository"] = serde_json::json!({
+                        "read_token": self.auth.repo_read_token(),
+                    });
+                }
+                Ok(json(StatusCode::OK, &body))
+            }
+            Err(refusal) => {
+                tracing::warn!(%mac, remote = %ctx.remote, reason = %refusal, "agent registration refused");
+                Err(ApiError::Forbidden(refusal.to_string()))
+            }
         }
     }
 
@@ -247,6 +315,7 @@ impl ApiRoutes {
         let path = req.uri().path().trim_end_matches('/').to_owned();
         let segs: Vec<&str> = path.split('/').skip(1).collect();
         let method = req.method().clone();
+        let read_lab = |p: &Principal| p.can_read_lab();
         match (method.clone(), segs.as_slice()) {
             (Method::GET, ["v1", "status"]) => Ok(json(
                 StatusCode::OK,
@@ -256,20 +325,23 @@ impl ApiRoutes {
                     "dhcp": self.cfg.dhcp.enabled.then_some(self.cfg.dhcp.mode_name()),
                     "tftp": self.cfg.tftp.enabled,
                     "ra": self.cfg.ra.enabled,
+                    "tls": self.cfg.http.tls.enabled,
                     "default_mode": self.cfg.boot.default_mode,
                 }),
             )),
             (Method::GET, ["v1", "clients"]) => {
+                self.require(&req, read_lab, "read the machine list")?;
                 let list = self
                     .registry
-                    .clients(self.cfg.boot.default_mode, self.lease_ip());
+                    .clients(self.cfg.boot.default_mode, |m| self.lease_of(m));
                 Ok(json(StatusCode::OK, &list))
             }
             (Method::GET, ["v1", "clients", mac]) => {
+                self.require(&req, read_lab, "read machines")?;
                 let mac = parse_mac(mac)?;
                 let list = self
                     .registry
-                    .clients(self.cfg.boot.default_mode, self.lease_ip());
+                    .clients(self.cfg.boot.default_mode, |m| self.lease_of(m));
                 let c = list
                     .into_iter()
                     .find(|c| c.mac == mac)
@@ -278,10 +350,14 @@ impl ApiRoutes {
             }
             (Method::PUT, ["v1", "clients", mac, "boot"]) => {
                 let mac = parse_mac(mac)?;
-                self.require_auth_for(&req, mac)?;
+                let who = self.require(
+                    &req,
+                    |p| p.can_set_boot(mac),
+                    "set this machine's boot mode",
+                )?;
                 let body: SetBoot = Self::body_json(req).await?;
                 let setting = self.registry.set_boot(mac, body.mode, body.once).await?;
-                tracing::info!(%mac, mode = %body.mode, once = body.once, "boot mode set");
+                tracing::info!(%mac, mode = %body.mode, once = body.once, by = %who.name(), "boot mode set");
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({
@@ -292,7 +368,7 @@ impl ApiRoutes {
                 ))
             }
             (Method::DELETE, ["v1", "clients", mac, "boot"]) => {
-                self.require_auth(&req)?;
+                self.require(&req, Principal::is_admin, "reset boot modes")?;
                 let mac = parse_mac(mac)?;
                 self.registry.clear_boot(mac).await?;
                 Ok(json(
@@ -301,29 +377,29 @@ impl ApiRoutes {
                 ))
             }
             (Method::PUT, ["v1", "clients", mac, "capture"]) => {
-                self.require_auth(&req)?;
+                self.require(&req, Principal::is_admin, "grant capture rights")?;
                 let mac = parse_mac(mac)?;
-                #[derive(Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Grant {
-                    #[serde(default)]
-                    minutes: Option<u64>,
-                }
-                let g: Grant = Self::body_json(req).await?;
+                let g: SetCapture = Self::body_json(req).await?;
+                aula_imager::manifest::validate_name(&g.image)
+                    .map_err(|e| ApiError::BadRequest(format!("image: {e}")))?;
                 let minutes = g.minutes.unwrap_or(60);
                 if !(1..=1440).contains(&minutes) {
                     return Err(ApiError::BadRequest("minutes must be 1..=1440".into()));
                 }
                 let until = unix_now() + minutes * 60;
-                self.registry.grant_capture(mac, until);
-                tracing::info!(%mac, minutes, "capture granted");
+                self.registry.grant_capture(mac, g.image.clone(), until);
+                tracing::info!(%mac, image = %g.image, minutes, "capture granted");
                 Ok(json(
                     StatusCode::OK,
-                    &serde_json::json!({ "mac": mac, "capture_until": crate::state::rfc3339(until) }),
+                    &serde_json::json!({
+                        "mac": mac,
+                        "image": g.image,
+                        "capture_until": crate::state::rfc3339(until),
+                    }),
                 ))
             }
             (Method::DELETE, ["v1", "clients", mac, "capture"]) => {
-                self.require_auth(&req)?;
+                self.require(&req, Principal::is_admin, "withdraw capture rights")?;
                 let mac = parse_mac(mac)?;
                 self.registry.revoke_capture(mac);
                 Ok(json(
@@ -332,6 +408,7 @@ impl ApiRoutes {
                 ))
             }
             (Method::GET, ["v1", "leases"]) => {
+                self.require(&req, read_lab, "read the leases")?;
                 let leases = self
                     .dhcp
                     .as_ref()
@@ -339,36 +416,23 @@ impl ApiRoutes {
                     .unwrap_or_default();
                 Ok(json(StatusCode::OK, &leases))
             }
-            (Method::POST, ["v1", "agents", "register"]) => {
-                let reg: AgentRegistration = Self::body_json(req).await?;
-                let rec = reg
-                    .into_record(unix_now(), Some(ctx.remote.ip()))
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-                let macs = rec.macs.clone();
-                self.registry.register_agent(rec).await?;
-                tracing::info!(macs = ?macs, remote = %ctx.remote, "agent registered");
-                Ok(json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "registered": true, "macs": macs }),
-                ))
-            }
+            (Method::POST, ["v1", "agents", "register"]) => self.register(req, ctx).await,
             (Method::POST, ["v1", "agents", "events"]) => self.agent_event(req).await,
             (Method::GET, ["v1", "agents", mac, "events"]) => {
+                self.require(&req, read_lab, "read agents' events")?;
                 let mac = parse_mac(mac)?;
-                let list: Vec<serde_json::Value> = self
-                    .events
-                    .lock()
-                    .map(|e| {
-                        e.get(&mac)
-                            .map(|q| q.iter().cloned().collect())
-                            .unwrap_or_default()
-                    })
-                    .unwrap_or_default();
-                Ok(json(StatusCode::OK, &list))
+                Ok(super::response(
+                    StatusCode::OK,
+                    "application/json",
+                    self.events.list_json(mac),
+                ))
             }
             (Method::GET, ["v1", "agents"]) => {
-                let with_tokens = self.authorized(&req);
-                Ok(json(StatusCode::OK, &self.registry.agents(with_tokens)))
+                let who = self.require(&req, read_lab, "read the agent list")?;
+                Ok(json(
+                    StatusCode::OK,
+                    &self.registry.agents(who.sees_agent_tokens()),
+                ))
             }
             (_, ["v1", "status" | "clients" | "leases" | "agents"])
             | (_, ["v1", "clients", _])

@@ -1,10 +1,28 @@
 //! Boot routes: per-MAC iPXE scripts, the live kernel and initrd, and the
-//! boot programs for UEFI HTTP boot.
+//! boot programs for UEFI HTTP boot. They are what firmware fetches, so they
+//! are served over plain HTTP too, and they carry no secret.
 //!
-//! * `GET /boot/ipxe/{mac}` — the iPXE script for that machine's boot mode.
-//!   Serving it consumes a one-shot mode.
+//! * `GET /boot/ipxe/{mac}[?ip=…&mac=…]` — the iPXE script for that
+//!   machine's boot mode.
 //! * `GET|HEAD /boot/live/{kernel or initrd file name}` — with `Range`.
 //! * `GET|HEAD /boot/programs/{path}` — files under the TFTP root.
+//!
+//! # Whose script request counts
+//!
+//! Serving the script of a machine consumes its one-shot mode and, for a
+//! live boot, opens the boot session its agent registers through (with the
+//! nonce put on the kernel line as `aula.boot=`). Only a request from the
+//! machine's own address may do that:
+//!
+//! | where addresses come from | the request must come from |
+//! |---|---|
+//! | this server's full DHCP | the machine's bound lease |
+//! | proxyDHCP, and the machine asked on port 4011 within the registration window | the address it announced there |
+//! | anything else (another DHCP server chains iPXE to this URL) | the `ip=` iPXE put in the URL, with `mac=` naming the machine: boot file `http://server:8080/boot/ipxe/${net0/mac:hexhyp}?ip=${net0/ip}&mac=${net0/mac}` |
+//!
+//! Any other request gets the script of the machine's permanent mode,
+//! consumes nothing and opens no session (logged). Its live kernel line
+//! carries a nonce nobody can register with.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,8 +33,9 @@ use super::files::serve_file;
 use super::{
     error_json, response, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup,
 };
-use crate::config::{BootMode, Config, UefiLocal};
+use crate::config::{BootMode, Config, DhcpMode, UefiLocal};
 use crate::dhcp::pxe::script_url;
+use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
 use crate::state::Registry;
 use crate::tftp::{ConfinedRoot, OpenError};
@@ -28,6 +47,20 @@ pub struct LiveArgs {
     pub server_url: String,
     /// `aula.server_fp=`.
     pub server_fp: Option<String>,
+    /// HTTPS is turned off (`[http.tls] enabled = false`): the kernel line
+    /// says `aula.tls=off`.
+    pub tls_off: bool,
+}
+
+/// How a script request showed it comes from the machine itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From the address this server leased to it.
+    Lease,
+    /// From the address it announced on the proxyDHCP port.
+    Announced,
+    /// From the address iPXE put in the URL.
+    Url,
 }
 
 /// The boot route group.
@@ -35,6 +68,7 @@ pub struct BootRoutes {
     live: LiveArgs,
     cfg: Arc<Config>,
     registry: Arc<Registry>,
+    dhcp: Option<DhcpService>,
     programs: Option<Arc<ConfinedRoot>>,
     kernel_name: String,
     initrd_name: String,
@@ -48,10 +82,12 @@ fn file_name(p: &std::path::Path) -> String {
 }
 
 impl BootRoutes {
-    /// Creates the group. `programs` is the TFTP root, if it could be opened.
+    /// Creates the group. `programs` is the TFTP root, if it could be
+    /// opened; `dhcp` the running DHCP service, if any (its leases).
     pub fn new(
         cfg: Arc<Config>,
         registry: Arc<Registry>,
+        dhcp: Option<DhcpService>,
         programs: Option<Arc<ConfinedRoot>>,
         live: LiveArgs,
     ) -> Self {
@@ -61,12 +97,81 @@ impl BootRoutes {
             initrd_name: file_name(&cfg.boot.initrd),
             cfg,
             registry,
+            dhcp,
             programs,
         }
     }
 
-    /// The iPXE script for `mode`.
-    pub fn script(&self, mac: MacAddr, mode: BootMode) -> String {
+    /// Whether a script request for `mac` from `src` comes from the machine
+    /// itself (see the module table); the error says why not.
+    pub fn origin(&self, mac: MacAddr, src: IpAddr, query: Option<&str>) -> Result<Origin, String> {
+        let src4 = match src {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        };
+        let d = &self.cfg.dhcp;
+        if let (true, Some(dhcp)) = (d.enabled, &self.dhcp) {
+            match d.mode {
+                DhcpMode::Full => {
+                    let lease = dhcp
+                        .leases()
+                        .get(mac)
+                        .filter(|l| l.state == crate::dhcp::leases::LeaseState::Bound)
+                        .map(|l| l.ip);
+                    return match lease {
+                        Some(ip) if Some(ip) == src4 => Ok(Origin::Lease),
+                        Some(ip) => Err(format!("{mac} holds the lease {ip}, not {src}")),
+                        None => Err(format!("this server leased no address to {mac}")),
+                    };
+                }
+                DhcpMode::Proxy => {
+                    if let Some(ip) = self
+                        .registry
+                        .announced(mac, self.cfg.boot.registration_window_s)
+                    {
+                        return if Some(ip) == src4 {
+                            Ok(Origin::Announced)
+                        } else {
+                            Err(format!(
+                                "{mac} announced {ip} on the proxyDHCP port, not {src}"
+                            ))
+                        };
+                    }
+                }
+            }
+        }
+        let mut q_ip = None;
+        let mut q_mac = None;
+        for kv in query.unwrap_or("").split('&') {
+            match kv.split_once('=') {
+                Some(("ip", v)) => q_ip = v.parse::<IpAddr>().ok(),
+                Some(("mac", v)) => {
+                    q_mac = v
+                        .replace("%3A", ":")
+                        .replace("%3a", ":")
+                        .parse::<MacAddr>()
+                        .ok()
+                }
+                _ => {}
+            }
+        }
+        match (q_ip, q_mac) {
+            (Some(ip), Some(m)) if m == mac && (Some(ip) == src4.map(IpAddr::V4) || ip == src) => {
+                Ok(Origin::Url)
+            }
+            (Some(ip), Some(m)) if m == mac => Err(format!(
+                "the URL says {ip}, but the request came from {src}"
+            )),
+            (Some(_), Some(m)) => Err(format!("the URL names {m}, not {mac}")),
+            _ => Err(format!(
+                "no lease or proxyDHCP announcement of {mac}, and no ip=/mac= in the URL"
+            )),
+        }
+    }
+
+    /// The iPXE script for `mode`; a live script puts `nonce` on the kernel
+    /// line (`aula.boot=`).
+    pub fn script(&self, mac: MacAddr, mode: BootMode, nonce: &str) -> String {
         let base = self.cfg.public_url();
         match mode {
             BootMode::Live => {
@@ -83,6 +188,10 @@ impl BootRoutes {
                 if let Some(fp) = &self.live.server_fp {
                     args.push_str(&format!(" aula.server_fp={fp}"));
                 }
+                if self.live.tls_off {
+                    args.push_str(" aula.tls=off");
+                }
+                args.push_str(&format!(" aula.boot={nonce}"));
                 if !b.cmdline.trim().is_empty() {
                     args.push(' ');
                     args.push_str(b.cmdline.trim());
@@ -129,17 +238,32 @@ impl BootRoutes {
         }
     }
 
-    async fn ipxe_script(&self, mac: &str, ctx: RequestContext) -> HttpResponse {
+    async fn ipxe_script(
+        &self,
+        mac: &str,
+        query: Option<&str>,
+        ctx: RequestContext,
+    ) -> HttpResponse {
         let Ok(mac) = mac.parse::<MacAddr>() else {
             return error_json(StatusCode::BAD_REQUEST, "not a MAC address");
         };
-        let ip = match ctx.remote.ip() {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        let src = ctx.remote.ip();
+        let verified = match self.origin(mac, src, query) {
+            Ok(origin) => {
+                tracing::debug!(%mac, %src, ?origin, "script request from the machine itself");
+                Some(match src {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(src),
+                    v4 => v4,
+                })
+            }
+            Err(why) => {
+                tracing::warn!(%mac, %src, reason = %why, "script request not from the machine: serving its permanent mode, nothing consumed, no registration window");
+                None
+            }
         };
-        let mode = match self
+        let (mode, nonce) = match self
             .registry
-            .take_boot(mac, self.cfg.boot.default_mode, ip)
+            .take_boot(mac, self.cfg.boot.default_mode, verified)
             .await
         {
             Ok(m) => m,
@@ -153,11 +277,15 @@ impl BootRoutes {
                 );
             }
         };
-        tracing::info!(%mac, %mode, url = %script_url(&self.cfg.public_url(), mac), "serving iPXE script");
+        // A request that is not the machine's gets a nonce no session holds.
+        let nonce = nonce
+            .or_else(crate::state::random_nonce)
+            .unwrap_or_else(|| "none".into());
+        tracing::info!(%mac, %mode, session = verified.is_some() && mode == BootMode::Live, url = %script_url(&self.cfg.public_url(), mac), "serving iPXE script");
         response(
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            self.script(mac, mode),
+            self.script(mac, mode, &nonce),
         )
     }
 
@@ -213,6 +341,10 @@ impl RouteGroup for BootRoutes {
         path.starts_with("/boot/")
     }
 
+    fn plain_http(&self) -> bool {
+        true
+    }
+
     fn handle(&self, req: HttpRequest, ctx: RequestContext) -> BoxFuture<'_, HttpResponse> {
         Box::pin(async move {
             if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -220,7 +352,7 @@ impl RouteGroup for BootRoutes {
             }
             let path = req.uri().path().to_owned();
             if let Some(mac) = path.strip_prefix("/boot/ipxe/") {
-                self.ipxe_script(mac, ctx).await
+                self.ipxe_script(mac, req.uri().query(), ctx).await
             } else if let Some(name) = path.strip_prefix("/boot/live/") {
                 self.live_file(&req, name).await
             } else if let Some(rel) = path.strip_prefix("/boot/programs/") {

@@ -1,4 +1,5 @@
-//! Static file responses with `Range` (single range) and `HEAD` support.
+//! Static file responses with `Range` (single range, `aula_httpkit::range`)
+//! and `HEAD` support.
 
 use std::io::{self, SeekFrom};
 use std::pin::Pin;
@@ -68,64 +69,6 @@ impl HttpBody for FileBody {
     }
 }
 
-/// A parsed `Range` header against a file of `len` bytes.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RangeSpec {
-    /// No (usable) range: the whole file.
-    Full,
-    /// Inclusive byte range.
-    Partial(u64, u64),
-    /// Cannot be satisfied.
-    Unsatisfiable,
-}
-
-/// Parses a single `bytes=` range (RFC 9110 §14.1). Multiple ranges and other
-/// units are ignored (whole file), as the RFC allows.
-pub fn parse_range(header: Option<&HeaderValue>, len: u64) -> RangeSpec {
-    let Some(v) = header.and_then(|h| h.to_str().ok()) else {
-        return RangeSpec::Full;
-    };
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return RangeSpec::Full;
-    };
-    if spec.contains(',') {
-        return RangeSpec::Full;
-    }
-    let Some((a, b)) = spec.trim().split_once('-') else {
-        return RangeSpec::Full;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let num = |s: &str| -> Option<u64> {
-        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
-            .then(|| s.parse().ok())
-            .flatten()
-    };
-    if a.is_empty() {
-        // Suffix range: the last n bytes.
-        return match num(b) {
-            None => RangeSpec::Full,
-            Some(0) => RangeSpec::Unsatisfiable,
-            Some(_) if len == 0 => RangeSpec::Unsatisfiable,
-            Some(n) => RangeSpec::Partial(len.saturating_sub(n), len - 1),
-        };
-    }
-    let Some(start) = num(a) else {
-        return RangeSpec::Full;
-    };
-    let end = if b.is_empty() {
-        len.saturating_sub(1)
-    } else {
-        match num(b) {
-            Some(e) if e >= start => e.min(len.saturating_sub(1)),
-            _ => return RangeSpec::Full,
-        }
-    };
-    if start >= len {
-        return RangeSpec::Unsatisfiable;
-    }
-    RangeSpec::Partial(start, end)
-}
-
 /// Serves an opened file: 200 or 206 with `Range`, `HEAD` without a body.
 pub async fn serve_file(
     method: &Method,
@@ -142,10 +85,10 @@ pub async fn serve_file(
         }
     };
     let len = meta.len();
-    let (status, start, end) = match parse_range(headers.get(RANGE), len) {
-        RangeSpec::Full => (StatusCode::OK, 0, len),
-        RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e + 1),
-        RangeSpec::Unsatisfiable => {
+    let (status, start, end) = match aula_httpkit::range::parse(headers.get(RANGE), len) {
+        aula_httpkit::range::RangeSpec::Full => (StatusCode::OK, 0, len),
+        aula_httpkit::range::RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e + 1),
+        aula_httpkit::range::RangeSpec::Unsatisfiable => {
             let mut r = error_json(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                 r.headers_mut().insert(CONTENT_RANGE, v);
@@ -197,26 +140,4 @@ pub async fn serve_file(
         }
     }
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn r(s: &str, len: u64) -> RangeSpec {
-        parse_range(Some(&HeaderValue::from_str(s).expect("header")), len)
-    }
-
-    #[test]
-    fn range_forms() {
-        assert_eq!(r("bytes=0-99", 1000), RangeSpec::Partial(0, 99));
-        assert_eq!(r("bytes=900-", 1000), RangeSpec::Partial(900, 999));
-        assert_eq!(r("bytes=-100", 1000), RangeSpec::Partial(900, 999));
-        assert_eq!(r("bytes=990-2000", 1000), RangeSpec::Partial(990, 999));
-        assert_eq!(r("bytes=1000-", 1000), RangeSpec::Unsatisfiable);
-        assert_eq!(r("bytes=0-1,5-6", 1000), RangeSpec::Full);
-        assert_eq!(r("items=0-1", 1000), RangeSpec::Full);
-        assert_eq!(r("bytes=5-1", 1000), RangeSpec::Full);
-        assert_eq!(parse_range(None, 10), RangeSpec::Full);
-    }
 }

@@ -1,33 +1,34 @@
-//! The HTTP server: a hyper 1 accept loop with a connection limit and
-//! graceful shutdown, dispatching each request to the first [`RouteGroup`]
-//! that claims its path. The boot files and the API are two groups; later
-//! services (the image repository) add their own without touching this file.
+//! The HTTP(S) listeners: `aula_httpkit`'s accept loop (connection limit,
+//! bounded handshakes, graceful shutdown), dispatching each request to the
+//! first [`RouteGroup`] that claims its path. The boot files, the API and
+//! the repository are groups; embedders add their own.
+//!
+//! With HTTPS on (the default), the plain HTTP listener serves only the
+//! groups whose [`RouteGroup::plain_http`] is true (the boot files firmware
+//! fetches); every other route answers 403 there, naming the HTTPS URL, so
+//! no token or secret answer ever travels in clear.
 
 pub mod api;
 pub mod boot;
 pub mod files;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Response body type shared by all route groups.
-pub type Body = BoxBody<Bytes, io::Error>;
+pub use aula_httpkit::{empty, full, Body};
+
 /// A request as handlers receive it.
 pub type HttpRequest = Request<Incoming>;
 /// A response as handlers return it.
@@ -40,6 +41,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct RequestContext {
     /// The peer.
     pub remote: SocketAddr,
+    /// The request came over TLS.
+    pub secure: bool,
 }
 
 /// A set of routes under a common path prefix, served by the same process.
@@ -50,6 +53,11 @@ pub trait RouteGroup: Send + Sync + 'static {
     fn matches(&self, path: &str) -> bool;
     /// Handles a request whose path this group claimed.
     fn handle(&self, req: HttpRequest, ctx: RequestContext) -> BoxFuture<'_, HttpResponse>;
+    /// Served over plain HTTP even when HTTPS is on: only what firmware
+    /// fetches (no secrets either way). Default: HTTPS only.
+    fn plain_http(&self) -> bool {
+        false
+    }
 }
 
 /// Errors starting the HTTP service.
@@ -61,18 +69,6 @@ pub struct HttpError {
     /// Why.
     #[source]
     pub source: io::Error,
-}
-
-/// A complete body.
-pub fn full(data: impl Into<Bytes>) -> Body {
-    Full::new(data.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-/// An empty body.
-pub fn empty() -> Body {
-    full(Bytes::new())
 }
 
 /// A response with a body and content type.
@@ -88,13 +84,10 @@ pub fn response(
     r
 }
 
-/// The bearer token of a request's `Authorization` header, trimmed.
-pub fn bearer(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+/// The credential of a request's `Authorization` header (`Bearer <key>`
+/// or a bare `<key>`).
+pub fn credential(req: &HttpRequest) -> Option<&str> {
+    aula_httpkit::auth::credential(req.headers())
 }
 
 /// A JSON response.
@@ -120,124 +113,108 @@ pub fn error_json(status: StatusCode, message: &str) -> HttpResponse {
     json(status, &serde_json::json!({ "error": message }))
 }
 
-/// Binds the listener and spawns the accept loop on `tracker`. With `tls`,
-/// every connection is a TLS connection (same route groups).
+/// Which route groups a listener serves.
+#[derive(Debug, Clone)]
+pub enum Serves {
+    /// Every group.
+    All,
+    /// Only [`RouteGroup::plain_http`] groups; the others answer 403
+    /// pointing at `https_url`.
+    PlainOnly {
+        /// Base URL of the HTTPS listener.
+        https_url: String,
+    },
+}
+
+struct Dispatcher {
+    groups: Arc<[Arc<dyn RouteGroup>]>,
+    serves: Serves,
+    secure: bool,
+}
+
+impl aula_httpkit::server::Handler for Dispatcher {
+    fn handle(
+        &self,
+        req: HttpRequest,
+        remote: SocketAddr,
+    ) -> aula_httpkit::server::BoxFuture<'_, HttpResponse> {
+        Box::pin(async move {
+            let ctx = RequestContext {
+                remote,
+                secure: self.secure,
+            };
+            dispatch(&self.groups, &self.serves, req, ctx).await
+        })
+    }
+}
+
+/// Binds a listener.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError { addr, source })
+}
+
+/// Spawns the accept loop of `listener` on `tracker`, with the limits of
+/// `opts`. With `tls`, every connection is a TLS connection.
+pub fn spawn(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    groups: Vec<Arc<dyn RouteGroup>>,
+    serves: Serves,
+    opts: aula_httpkit::server::Options,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let groups: Arc<[Arc<dyn RouteGroup>]> = groups.into();
+    tracing::info!(
+        local = ?listener.local_addr().ok(), tls = tls.is_some(), ?serves,
+        groups = ?groups.iter().map(|g| g.name()).collect::<Vec<_>>(), "HTTP service started"
+    );
+    let handler = Arc::new(Dispatcher {
+        groups,
+        serves,
+        secure: tls.is_some(),
+    });
+    tracker.spawn(async move {
+        aula_httpkit::server::serve(listener, tls, handler, opts, cancel).await;
+        tracing::debug!("HTTP service stopped");
+    });
+}
+
+/// Binds `bind` and serves every group on it (see [`spawn`]), with the
+/// default limits and `max_connections`.
 pub async fn start(
-    bind: SocketAddr,
+    bind_addr: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     groups: Vec<Arc<dyn RouteGroup>>,
     max_connections: usize,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<SocketAddr, HttpError> {
-    let listener = TcpListener::bind(bind)
-        .await
-        .map_err(|source| HttpError { addr: bind, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| HttpError { addr: bind, source })?;
-    let groups: Arc<[Arc<dyn RouteGroup>]> = groups.into();
-    tracing::info!(%local, tls = tls.is_some(), groups = ?groups.iter().map(|g| g.name()).collect::<Vec<_>>(), "HTTP service started");
-    tracker.spawn(accept_loop(listener, tls, groups, max_connections, cancel));
+    let listener = bind(bind_addr).await?;
+    let local = listener.local_addr().map_err(|source| HttpError {
+        addr: bind_addr,
+        source,
+    })?;
+    spawn(
+        listener,
+        tls,
+        groups,
+        Serves::All,
+        aula_httpkit::server::Options {
+            max_connections,
+            ..Default::default()
+        },
+        cancel,
+        tracker,
+    );
     Ok(local)
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    groups: Arc<[Arc<dyn RouteGroup>]>,
-    max_connections: usize,
-    cancel: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, remote) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let groups = groups.clone();
-        // Subscribed before the task starts, so a shutdown signalled from here
-        // on reaches this connection too (handshaking ones drop out on cancel).
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tls {
-                None => serve(TokioIo::new(stream), remote, groups, watcher).await,
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
-                    let tls_stream = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        r = handshake => match r {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%remote, "TLS handshake timed out");
-                                return;
-                            }
-                        },
-                    };
-                    serve(TokioIo::new(tls_stream), remote, groups, watcher).await
-                }
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("HTTP connections still open after 5 s; closing them");
-    }
-    tracing::debug!("HTTP service stopped");
-}
-
-async fn serve<I>(
-    io: TokioIo<I>,
-    remote: SocketAddr,
-    groups: Arc<[Arc<dyn RouteGroup>]>,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |req: HttpRequest| {
-        let groups = groups.clone();
-        async move { Ok::<_, Infallible>(dispatch(&groups, req, RequestContext { remote }).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .header_read_timeout(Duration::from_secs(30))
-        .timer(hyper_util::rt::TokioTimer::new())
-        .serve_connection(io, service);
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
-    }
 }
 
 async fn dispatch(
     groups: &[Arc<dyn RouteGroup>],
+    serves: &Serves,
     req: HttpRequest,
     ctx: RequestContext,
 ) -> HttpResponse {
@@ -245,12 +222,16 @@ async fn dispatch(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let group = groups.iter().find(|g| g.matches(&path));
-    let resp = match group {
-        Some(g) => g.handle(req, ctx).await,
-        None => error_json(StatusCode::NOT_FOUND, "no such route"),
+    let resp = match (group, serves) {
+        (Some(g), Serves::PlainOnly { https_url }) if !g.plain_http() => error_json(
+            StatusCode::FORBIDDEN,
+            &format!("{path} is served over HTTPS only: {https_url}{path}"),
+        ),
+        (Some(g), _) => g.handle(req, ctx).await,
+        (None, _) => error_json(StatusCode::NOT_FOUND, "no such route"),
     };
     tracing::info!(
-        remote = %ctx.remote, %method, %path, group = group.map(|g| g.name()).unwrap_or("-"),
+        remote = %ctx.remote, secure = ctx.secure, %method, %path, group = group.map(|g| g.name()).unwrap_or("-"),
         response_code = resp.status().as_u16(), latency_us = started.elapsed().as_micros() as u64,
         "request completed"
     );

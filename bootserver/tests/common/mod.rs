@@ -22,14 +22,15 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Skips a test (with a message) when not running as root.
+/// Fails a test that needs root when not running as root (it never passes
+/// silently: scripts/test runs as root).
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !common::is_root() {
-            eprintln!("SKIP: this test needs root (it creates network namespaces)");
-            return;
-        }
+        assert!(
+            common::is_root(),
+            "this test needs root (it creates network namespaces): run it as root, as scripts/test does"
+        );
     };
 }
 
@@ -510,4 +511,40 @@ pub fn curl(net: &NetPair, args: &[&str]) -> (u16, Vec<u8>) {
         .unwrap_or(0);
     body.truncate(pos);
     (code, body)
+}
+
+/// The API token of servers started with [`HTTP_API`].
+pub const API_TOKEN: &str = "netns-api-token-0123456789";
+
+/// `[http]` on 10.213.0.1:8080 with [`API_TOKEN`]; HTTPS (on by default)
+/// on 10.213.0.1:8443 with the server's own certificate.
+pub fn http_api() -> String {
+    format!(
+        "[http]\nbind = \"10.213.0.1:8080\"\napi_token = \"{API_TOKEN}\"\n[http.tls]\nbind = \"10.213.0.1:8443\"\n"
+    )
+}
+
+/// curl's `--pinnedpubkey` value for the certificate the server made in
+/// `dir/data/tls/server.crt` (curl pins public keys; the key belongs to
+/// exactly that certificate).
+pub fn pubkey_pin(dir: &Path) -> String {
+    let cert = dir.join("data/tls/server.crt");
+    let out = run(Command::new("sh").arg("-c").arg(format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    )));
+    format!("sha256//{}", String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// An API call over HTTPS from the client namespace: pinned to the
+/// server's own certificate, with the API token; `extra` adds curl
+/// arguments (method, body, source address).
+pub fn curl_api(net: &NetPair, dir: &Path, path: &str, extra: &[&str]) -> (u16, Vec<u8>) {
+    let pin = pubkey_pin(dir);
+    let auth = format!("Authorization: Bearer {API_TOKEN}");
+    let url = format!("https://10.213.0.1:8443{path}");
+    let mut args: Vec<&str> = vec!["-k", "--pinnedpubkey", &pin, "-H", &auth];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    curl(net, &args)
 }

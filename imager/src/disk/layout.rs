@@ -943,10 +943,13 @@ impl OpenGnsysSetup {
                 other if format => return Err(perr(number, format!("filesystem {other} cannot be made (EXT4, NTFS, FAT32, LINUX-SWAP, CACHE can)"))),
                 _ => None,
             };
+            let bytes = size_kib
+                .checked_mul(1024)
+                .ok_or_else(|| perr(number, format!("size {size_kib} KiB is too large")))?;
             let mut p = PartitionSpec::new(
                 number,
                 if is_cache { "CACHE" } else { code_t },
-                Size::Bytes(size_kib * 1024),
+                Size::Bytes(bytes),
             );
             p.filesystem = filesystem;
             p.format = format && filesystem.is_some();
@@ -967,11 +970,10 @@ impl OpenGnsysSetup {
                     "cache requested but partition 4, where it goes, is taken".into(),
                 ));
             }
-            parts.push(PartitionSpec::new(
-                4,
-                "CACHE",
-                Size::Bytes(cache_kib * 1024),
-            ));
+            let bytes = cache_kib
+                .checked_mul(1024)
+                .ok_or_else(|| og(format!("cache_size {cache_kib} KiB is too large")))?;
+            parts.push(PartitionSpec::new(4, "CACHE", Size::Bytes(bytes)));
         }
         if parts.is_empty() {
             return Err(og("no partitions (all EMPTY)".into()));
@@ -1138,6 +1140,22 @@ mod tests {
             serde_json::from_str::<LayoutSpec>(r#"{"table":"gpt","partitions":[],"bogus":1}"#)
                 .is_err()
         );
+    }
+
+    /// Found by the `opengnsys` fuzz target (regression input
+    /// `imager/fuzz/regressions/opengnsys/cache-size-overflow`): a size in
+    /// KiB that overflows in bytes was multiplied unchecked (a panic, or a
+    /// wrapped size in a release build).
+    #[test]
+    fn sizes_too_large_in_bytes_are_refused_not_wrapped() {
+        let cache = r#"{"type":"MSDOS","cache":"1","cache_size":"15095766158410893409","partition_setup":[
+            {"partition":"1","code":"LINUX","filesystem":"EXT4","size":"32768","format":"1"}]}"#;
+        let e = from_opengnsys(cache).expect_err("cache size");
+        assert!(e.to_string().contains("too large"), "{e}");
+        let part = r#"{"type":"MSDOS","partition_setup":[
+            {"partition":"1","code":"LINUX","filesystem":"EXT4","size":"18014398509481985","format":"1"}]}"#;
+        let e = from_opengnsys(part).expect_err("partition size");
+        assert!(e.to_string().contains("too large"), "{e}");
     }
 
     #[test]

@@ -64,6 +64,42 @@ pub fn for_each_set_run(bitmap: &[u8], nbits: u64, mut run: impl FnMut(u64, u64)
     }
 }
 
+/// The first maximal run of set bits starting at or after bit `from`
+/// among the first `nbits` bits, as `(first_bit, count)`; `None` when no
+/// bit from `from` on is set. Lets a caller walk the runs of a large bitmap
+/// one at a time, without collecting them.
+pub fn next_set_run(bitmap: &[u8], nbits: u64, from: u64) -> Option<(u64, u64)> {
+    let nbits = nbits.min(bitmap.len() as u64 * 8);
+    let start = find_bit(bitmap, nbits, from, true)?;
+    let end = find_bit(bitmap, nbits, start, false).unwrap_or(nbits);
+    Some((start, end - start))
+}
+
+/// The first bit at or after `from` and below `nbits` whose value is
+/// `set`. Whole aligned 64-bit words are skipped at once.
+fn find_bit(bitmap: &[u8], nbits: u64, from: u64, set: bool) -> Option<u64> {
+    let mut i = from;
+    while i < nbits {
+        if i.is_multiple_of(64) && i + 64 <= nbits {
+            let byte = (i / 8) as usize;
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bitmap[byte..byte + 8]);
+            let w = u64::from_le_bytes(w);
+            let w = if set { w } else { !w };
+            if w == 0 {
+                i += 64;
+                continue;
+            }
+            return Some(i + u64::from(w.trailing_zeros()));
+        }
+        if (bitmap[(i / 8) as usize] >> (i % 8)) & 1 == u8::from(set) {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Number of set bits among the first `nbits` bits.
 pub fn count_set(bitmap: &[u8], nbits: u64) -> u64 {
     let mut n = 0;
@@ -158,6 +194,14 @@ mod tests {
             }
             for n in [len as u64 * 8, (len as u64 * 8).saturating_sub(3), 5] {
                 assert_eq!(runs(&bm, n), slow_runs(&bm, n), "len {len} nbits {n}");
+                // Walking run by run finds the same runs.
+                let mut walked = Vec::new();
+                let mut at = 0;
+                while let Some((s, c)) = next_set_run(&bm, n, at) {
+                    walked.push((s, c));
+                    at = s + c;
+                }
+                assert_eq!(walked, slow_runs(&bm, n), "walk: len {len} nbits {n}");
             }
         }
     }

@@ -27,6 +27,26 @@
 //! * Superblock backups: every group without `sparse_super`; with it,
 //!   groups 0, 1 and powers of 3, 5 and 7; with `sparse_super2`, group 0
 //!   and the (up to) two groups named in `s_backup_bgs`.
+//!
+//! # Bounds
+//!
+//! The walker reads only the superblock, the group descriptors and the block
+//! bitmaps (no inode or extent tree is walked). What the superblock says is
+//! held to:
+//!
+//! | value | bound | why |
+//! |---|---|---|
+//! | block size | 1 KiB ..= 64 KiB | the format's range |
+//! | blocks per group | [`MIN_BLOCKS_PER_GROUP`] (256, mke2fs's own lower limit) ..= 8 × block size, a multiple of 8 | one bitmap block per group; without the lower bound a crafted superblock made a group of one block and a descriptor table of GiBs |
+//! | inodes per group | 1 ..= 8 × block size | one inode bitmap block |
+//! | inode size | 128 ..= block size, a power of two | |
+//! | descriptor size | 32 ..= block size, a power of two (≥ 64 with `64bit`) | |
+//! | block count × block size | no overflow, ≤ the region | every offset fits |
+//! | descriptors | read in windows of at most 1 MiB ([`DESC_WINDOW`]) as the walk reaches them | memory does not grow with the group count |
+//! | groups | `(blocks − first data block) / blocks per group`, so ≤ region / 256 KiB | the loop is proportional to the region |
+//! | bitmap reads | batches of ≤ 8 MiB | |
+//! | metadata outside `BLOCK_UNINIT` groups | merged as it is collected | |
+//! | used map | [`crate::extent::MAX_EXTENTS`] extents | see `extent` |
 
 use crate::device::ReadAt;
 use crate::extent::ExtentMap;
@@ -97,6 +117,15 @@ const BG_BLOCK_UNINIT: u16 = 0x2;
 
 /// Largest single read of consecutive bitmap blocks.
 const MAX_BATCH_BYTES: u64 = 8 << 20;
+
+/// Fewest blocks per group accepted (`mke2fs` refuses fewer).
+pub const MIN_BLOCKS_PER_GROUP: u64 = 256;
+
+/// Largest piece of the descriptor table held in memory.
+pub const DESC_WINDOW: u64 = 1 << 20;
+
+/// `extra` ranges collected before they are merged.
+const EXTRA_MERGE: usize = 1 << 16;
 
 /// The parsed superblock: the few fields the walker needs.
 #[derive(Debug, Clone)]
@@ -191,8 +220,15 @@ pub(super) fn probe(src: &dyn ReadAt) -> Result<Option<Super>, FsError> {
     // With bigalloc the bitmaps count clusters, so a group may hold more
     // blocks than a bitmap block has bits (the walker refuses bigalloc).
     let bigalloc = ro_compat & RO_BIGALLOC != 0;
-    if s.blocks_per_group == 0 || (!bigalloc && s.blocks_per_group > 8 * block_size) {
-        return Err(corrupt(format!("{} blocks per group", s.blocks_per_group)));
+    if s.blocks_per_group < MIN_BLOCKS_PER_GROUP
+        || !s.blocks_per_group.is_multiple_of(8)
+        || (!bigalloc && s.blocks_per_group > 8 * block_size)
+    {
+        return Err(corrupt(format!(
+            "{} blocks per group (mke2fs makes {MIN_BLOCKS_PER_GROUP} to {}, multiples of 8)",
+            s.blocks_per_group,
+            8 * block_size
+        )));
     }
     if s.first_data_block >= s.blocks_count {
         return Err(corrupt(format!(
@@ -388,47 +424,15 @@ impl Super {
         Ok(())
     }
 
-    /// Reads the whole descriptor table.
-    fn read_descriptors(&self, src: &dyn ReadAt) -> Result<Vec<Desc>, FsError> {
-        let groups = self.group_count();
-        let nblocks = self.gdt_blocks();
-        let bs = self.block_size;
-        let mut raw = vec![
-            0u8;
-            usize::try_from(nblocks * bs)
-                .map_err(|_| self.corrupt("descriptor table too large".into()))?
-        ];
-        // Read runs of consecutive descriptor blocks at once.
-        let mut i = 0;
-        while i < nblocks {
-            let first = self.desc_block(i);
-            let mut n = 1;
-            while i + n < nblocks && self.desc_block(i + n) == first + n {
-                n += 1;
-            }
-            if first + n > self.blocks_count {
-                return Err(self.corrupt(format!(
-                    "descriptor block {first} lies beyond the filesystem"
-                )));
-            }
-            let at = (i * bs) as usize;
-            src.read_exact_at(&mut raw[at..at + (n * bs) as usize], first * bs)?;
-            i += n;
+    /// A reader of the descriptor table that holds at most
+    /// [`DESC_WINDOW`] bytes of it at a time.
+    fn descriptors(&self) -> Descs<'_> {
+        Descs {
+            sb: self,
+            first: 0,
+            blocks: 0,
+            raw: Vec::new(),
         }
-        let is64 = self.incompat & INCOMPAT_64BIT != 0;
-        let ds = self.desc_size as usize;
-        let mut out = Vec::with_capacity(groups as usize);
-        for g in 0..groups as usize {
-            let d = &raw[g * ds..(g + 1) * ds];
-            let hi = |o: usize| if is64 { u64::from(le32(d, o)) << 32 } else { 0 };
-            out.push(Desc {
-                block_bitmap: u64::from(le32(d, 0x0)) | hi(0x20),
-                inode_bitmap: u64::from(le32(d, 0x4)) | hi(0x24),
-                inode_table: u64::from(le32(d, 0x8)) | hi(0x28),
-                flags: le16(d, 0x12),
-            });
-        }
-        Ok(out)
     }
 
     /// Builds the used-byte map.
@@ -438,11 +442,11 @@ impl Super {
         opts: MapOptions,
     ) -> Result<ExtentMap, FsError> {
         self.check(src, opts)?;
-        let descs = self.read_descriptors(src)?;
+        let mut descs = self.descriptors();
         let bs = self.block_size;
         let csum = self.ro_compat & (RO_GDT_CSUM | RO_METADATA_CSUM) != 0;
         let itb = self.inode_table_blocks();
-        let groups = descs.len() as u64;
+        let groups = self.group_count();
 
         let mut map = ExtentMap::new();
         // The boot block(s) before the first group (1 KiB blocks).
@@ -455,7 +459,7 @@ impl Super {
 
         let mut g = 0u64;
         while g < groups {
-            let d = &descs[g as usize];
+            let d = descs.get(src, g)?;
             if csum && d.flags & BG_BLOCK_UNINIT != 0 {
                 // Synthesise the bitmap from the group's metadata.
                 group_bits.fill(0);
@@ -493,6 +497,12 @@ impl Super {
                         extra.push((s * bs, (end - s) * bs));
                     }
                 }
+                if extra.len() > EXTRA_MERGE {
+                    // flex_bg puts these side by side: they merge well.
+                    let mut m = ExtentMap::from_ranges(extra.drain(..));
+                    m.coarsen(crate::extent::MAX_EXTENTS);
+                    extra.extend(m.extents().iter().map(|e| (e.start, e.len)));
+                }
                 add_group_runs(&mut map, &group_bits, first, count, bs);
                 g += 1;
                 continue;
@@ -500,14 +510,20 @@ impl Super {
             // Initialised group(s): read a batch of consecutive bitmap blocks.
             let first_bm = d.block_bitmap;
             let mut n = 1u64;
-            while g + n < groups
-                && n * bs < MAX_BATCH_BYTES
-                && !(csum && descs[(g + n) as usize].flags & BG_BLOCK_UNINIT != 0)
-                && descs[(g + n) as usize].block_bitmap == first_bm + n
-            {
+            while g + n < groups && n * bs < MAX_BATCH_BYTES {
+                let next = descs.get(src, g + n)?;
+                if (csum && next.flags & BG_BLOCK_UNINIT != 0)
+                    || Some(next.block_bitmap) != first_bm.checked_add(n)
+                {
+                    break;
+                }
                 n += 1;
             }
-            if first_bm < self.first_data_block || first_bm + n > self.blocks_count {
+            if first_bm < self.first_data_block
+                || first_bm
+                    .checked_add(n)
+                    .is_none_or(|e| e > self.blocks_count)
+            {
                 return Err(self.corrupt(format!(
                     "group {g} block bitmap at block {first_bm} lies outside the filesystem"
                 )));
@@ -532,6 +548,62 @@ impl Super {
         }
         map.clip(self.blocks_count * bs);
         Ok(map)
+    }
+}
+
+/// The descriptor table, read window by window as the walk reaches it.
+struct Descs<'a> {
+    sb: &'a Super,
+    /// Index of the first descriptor block held in `raw`.
+    first: u64,
+    /// Descriptor blocks held in `raw`.
+    blocks: u64,
+    raw: Vec<u8>,
+}
+
+impl Descs<'_> {
+    /// Descriptor of group `g` (`g` below the group count).
+    fn get(&mut self, src: &dyn ReadAt, g: u64) -> Result<Desc, FsError> {
+        let sb = self.sb;
+        let dpb = sb.desc_per_block();
+        let i = g / dpb;
+        if i < self.first || i >= self.first + self.blocks {
+            self.load(src, i)?;
+        }
+        let ds = sb.desc_size as usize;
+        let at = ((i - self.first) * sb.block_size) as usize + (g % dpb) as usize * ds;
+        let d = &self.raw[at..at + ds];
+        let is64 = sb.incompat & INCOMPAT_64BIT != 0;
+        let hi = |o: usize| if is64 { u64::from(le32(d, o)) << 32 } else { 0 };
+        Ok(Desc {
+            block_bitmap: u64::from(le32(d, 0x0)) | hi(0x20),
+            inode_bitmap: u64::from(le32(d, 0x4)) | hi(0x24),
+            inode_table: u64::from(le32(d, 0x8)) | hi(0x28),
+            flags: le16(d, 0x12),
+        })
+    }
+
+    /// Reads descriptor block `i` and the blocks that follow it on disk,
+    /// up to [`DESC_WINDOW`] bytes.
+    fn load(&mut self, src: &dyn ReadAt, i: u64) -> Result<(), FsError> {
+        let sb = self.sb;
+        let bs = sb.block_size;
+        let total = sb.gdt_blocks();
+        let first = sb.desc_block(i);
+        let mut n = 1;
+        while i + n < total && (n + 1) * bs <= DESC_WINDOW && sb.desc_block(i + n) == first + n {
+            n += 1;
+        }
+        if first.checked_add(n).is_none_or(|e| e > sb.blocks_count) {
+            return Err(sb.corrupt(format!(
+                "descriptor block {first} lies beyond the filesystem"
+            )));
+        }
+        self.raw.resize((n * bs) as usize, 0);
+        src.read_exact_at(&mut self.raw, first * bs)?;
+        self.first = i;
+        self.blocks = n;
+        Ok(())
     }
 }
 

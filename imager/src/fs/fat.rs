@@ -18,6 +18,16 @@
 //!   "no hard error" bit (`0x4000` / `0x04000000`) is cleared after an I/O
 //!   error. Linux additionally keeps a dirty flag in bit 0 of the boot
 //!   sector's `BS_Reserved1` byte.
+//!
+//! # Bounds
+//!
+//! Every size comes from 8-, 16- and 32-bit fields, so no product
+//! overflows a `u64`; before use they are held to: bytes per sector 512,
+//! 1024, 2048 or 4096; sectors per cluster a power of two (≤ 128, so
+//! clusters ≤ 512 KiB); metadata smaller than the volume; a FAT large
+//! enough for every cluster; the volume inside the region. The FAT is read
+//! in pieces of at most 4 MiB and walked once (a loop proportional to the
+//! region); the label search reads at most 16 clusters of at most 1 MiB.
 
 use crate::device::ReadAt;
 use crate::extent::ExtentMap;

@@ -138,7 +138,7 @@ pub fn detect(src: &dyn ReadAt) -> Result<Option<FsMeta>, FsError> {
         None => None,
         Some(Found::Ext(s)) => Some(s.meta()),
         Some(Found::Fat(f)) => Some(f.meta()),
-        Some(Found::Ntfs(n)) => Some(n.meta(src)),
+        Some(Found::Ntfs(n)) => Some(n.meta(src)?),
         Some(Found::DetectOnly(m)) | Some(Found::Swap(m, _)) => Some(m),
     })
 }
@@ -167,6 +167,67 @@ pub fn used_map(src: &dyn ReadAt, opts: MapOptions) -> Result<Option<FsMap>, FsE
         }
     };
     Ok(Some(FsMap { meta, used }))
+}
+
+/// Entry points for the fuzz targets: one walker each, whatever the other
+/// probes would say. Each returns the used map it built, if any.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    fn check(src: &dyn ReadAt, used: &ExtentMap) {
+        assert!(
+            used.end() <= src.size(),
+            "a used map ending at {} past a region of {} bytes",
+            used.end(),
+            src.size()
+        );
+    }
+
+    /// The ext2/3/4 walker.
+    pub fn ext(src: &dyn ReadAt) {
+        if let Ok(Some(s)) = ext::probe(src) {
+            let _ = s.meta();
+            for force in [false, true] {
+                if let Ok(m) = s.used_map(src, MapOptions { force }) {
+                    check(src, &m);
+                }
+            }
+        }
+    }
+
+    fn boot(src: &dyn ReadAt) -> Option<[u8; 512]> {
+        let mut b = [0u8; 512];
+        src.read_exact_at(&mut b, 0).ok().map(|()| b)
+    }
+
+    /// The FAT walker.
+    pub fn fat(src: &dyn ReadAt) {
+        let Some(b) = boot(src) else { return };
+        if let Ok(Some(f)) = fat::probe(src, &b) {
+            let _ = f.meta();
+            for force in [false, true] {
+                if let Ok(m) = f.used_map(src, MapOptions { force }) {
+                    check(src, &m);
+                }
+            }
+        }
+    }
+
+    /// The NTFS walker.
+    pub fn ntfs(src: &dyn ReadAt) {
+        let Some(b) = boot(src) else { return };
+        if let Ok(Some(n)) = ntfs::probe(src, &b) {
+            let _ = n.meta(src);
+            for force in [false, true] {
+                if let Ok((_, m)) = n.used_map(src, MapOptions { force }) {
+                    check(src, &m);
+                }
+            }
+        }
+        // And whatever the probes in order make of it.
+        let _ = detect(src);
+    }
 }
 
 /// Little-endian `u16` at `o`; 0 when out of range (callers check sizes).

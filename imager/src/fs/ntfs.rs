@@ -23,6 +23,23 @@
 //! * Record 0 is `$MFT` (its `$DATA` maps the MFT itself), record 3
 //!   `$Volume` (label and `$VOLUME_INFORMATION` flags, 0x0001 = dirty),
 //!   record 6 `$Bitmap` (one bit per cluster, least-significant first).
+//!
+//! # Bounds
+//!
+//! Everything here comes from a disk a student may have written. Before a
+//! value sizes an allocation or a loop it is held to:
+//!
+//! | value | bound | why |
+//! |---|---|---|
+//! | bytes per sector | 256 ..= 4096, a power of two | what NTFS defines |
+//! | cluster size | ≤ 2 MiB ([`MAX_CLUSTER`]) | Windows' largest |
+//! | MFT record size | 512 ..= 64 KiB, a power of two | one record buffer |
+//! | volume size | sectors × bytes per sector without overflow, ≤ the region | every offset computed from it fits `u64` |
+//! | run offsets and lengths | cluster × size without overflow, inside the volume (+ its backup boot sector) | reads stay in the region |
+//! | `$ATTRIBUTE_LIST` | ≤ 256 KiB ([`MAX_ATTR_LIST`]) | the 16 TiB allocation a crafted volume asked for; Windows keeps lists far smaller |
+//! | runlist, attributes | inside their record | loops end with the record |
+//! | `$Bitmap` | read in 1 MiB pieces, `clusters / 8` bytes | proportional to the volume |
+//! | used map | [`crate::extent::MAX_EXTENTS`] extents | see `extent` |
 
 use crate::device::ReadAt;
 use crate::extent::ExtentMap;
@@ -49,6 +66,12 @@ const FIXUP_STRIDE: usize = 512;
 
 /// Read `$Bitmap` in pieces of this size.
 const BITMAP_CHUNK: u64 = 1 << 20;
+
+/// Largest cluster accepted (Windows formats up to 2 MiB clusters).
+pub const MAX_CLUSTER: u64 = 2 << 20;
+
+/// Largest `$ATTRIBUTE_LIST` read (a crafted volume asked for 16 TiB).
+pub const MAX_ATTR_LIST: u64 = 256 << 10;
 
 fn corrupt(why: impl Into<String>) -> FsError {
     FsError::Corrupt {
@@ -240,7 +263,8 @@ fn parse_attrs(rec: &[u8]) -> Result<Vec<Attr>, FsError> {
 pub(super) struct Ntfs {
     bps: u64,
     cluster: u64,
-    total_sectors: u64,
+    /// Sectors × bytes per sector (checked in `probe`).
+    vol_bytes: u64,
     mft_lcn: u64,
     record_size: u64,
     serial: u64,
@@ -264,7 +288,14 @@ pub(super) fn probe(_src: &dyn ReadAt, b: &[u8; 512]) -> Result<Option<Ntfs>, Fs
     if spc == 0 || !spc.is_power_of_two() {
         return Ok(None);
     }
-    let cluster = bps * spc;
+    let cluster = match bps.checked_mul(spc) {
+        Some(c) if c <= MAX_CLUSTER => c,
+        _ => {
+            return Err(corrupt(format!(
+                "{spc} sectors of {bps} bytes per cluster: clusters are at most {MAX_CLUSTER} bytes"
+            )))
+        }
+    };
     let cpr = b[0x40] as i8;
     let record_size = if cpr > 0 {
         cluster * cpr as u64
@@ -278,10 +309,21 @@ pub(super) fn probe(_src: &dyn ReadAt, b: &[u8; 512]) -> Result<Option<Ntfs>, Fs
     if total_sectors == 0 {
         return Ok(None);
     }
+    // Every byte offset of the volume (and of its backup boot sector) must
+    // fit a u64: the walker then computes offsets without overflow checks
+    // only where they are below the volume size.
+    let Some(vol_bytes) = total_sectors
+        .checked_mul(bps)
+        .filter(|v| v.checked_add(cluster).is_some())
+    else {
+        return Err(corrupt(format!(
+            "{total_sectors} sectors of {bps} bytes overflow"
+        )));
+    };
     Ok(Some(Ntfs {
         bps,
         cluster,
-        total_sectors,
+        vol_bytes,
         mft_lcn: le64(b, 0x30),
         record_size,
         serial: le64(b, 0x48),
@@ -296,7 +338,7 @@ struct VolumeInfo {
 
 impl Ntfs {
     fn total_clusters(&self) -> u64 {
-        self.total_sectors * self.bps / self.cluster
+        self.vol_bytes / self.cluster
     }
 
     fn base_meta(&self) -> FsMeta {
@@ -305,17 +347,18 @@ impl Ntfs {
             label: None,
             uuid: Some(format!("{:016X}", self.serial)),
             block_size: u32::try_from(self.cluster).ok(),
-            fs_size: Some(self.total_sectors * self.bps),
+            fs_size: Some(self.vol_bytes),
         }
     }
 
-    /// Manifest metadata; the label is read from `$Volume` when possible.
-    pub(super) fn meta(&self, src: &dyn ReadAt) -> FsMeta {
+    /// Manifest metadata with the label from `$Volume`. A `$MFT` or
+    /// `$Volume` that cannot be read is an error: the volume is damaged (or
+    /// crafted), and saying so beats listing it as a healthy NTFS.
+    pub(super) fn meta(&self, src: &dyn ReadAt) -> Result<FsMeta, FsError> {
         let mut m = self.base_meta();
-        if let Ok(v) = self.mft_runs(src).and_then(|r| self.volume_info(src, &r)) {
-            m.label = v.label;
-        }
-        m
+        let mft = self.mft_runs(src)?;
+        m.label = self.volume_info(src, &mft)?.label;
+        Ok(m)
     }
 
     /// Reads `len` bytes at byte `offset` of a non-resident attribute's data.
@@ -327,25 +370,40 @@ impl Ntfs {
         buf: &mut [u8],
     ) -> Result<(), FsError> {
         let mut done = 0usize;
+        // The volume plus its backup boot sector: every read stays inside.
+        let limit = self.vol_bytes + self.bps;
         while done < buf.len() {
-            let pos = offset + done as u64;
+            let pos = offset
+                .checked_add(done as u64)
+                .filter(|&p| p < limit)
+                .ok_or_else(|| {
+                    corrupt(format!("attribute offset {offset} lies beyond the volume"))
+                })?;
             let vcn = pos / self.cluster;
             let run = runs
                 .iter()
                 .find(|r| vcn >= r.vcn && vcn - r.vcn < r.len)
                 .ok_or_else(|| corrupt(format!("virtual cluster {vcn} is not mapped")))?;
-            let run_end = (run.vcn + run.len) * self.cluster;
-            let n = ((run_end - pos) as usize).min(buf.len() - done);
+            // Bytes of this run from `pos` on (the run may be longer than
+            // any volume: only the part up to the buffer's end is used).
+            let left_in_run = (run.vcn + run.len - vcn)
+                .saturating_mul(self.cluster)
+                .saturating_sub(pos % self.cluster);
+            let n = usize::try_from(left_in_run)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - done);
             let piece = &mut buf[done..done + n];
             match run.lcn {
                 None => piece.fill(0),
                 Some(lcn) => {
-                    let at = lcn * self.cluster + (pos - run.vcn * self.cluster);
-                    if at + n as u64 > self.total_sectors * self.bps + self.bps {
-                        return Err(corrupt(format!(
-                            "run at cluster {lcn} lies beyond the volume"
-                        )));
-                    }
+                    let at = lcn
+                        .checked_mul(self.cluster)
+                        .and_then(|a| a.checked_add((vcn - run.vcn) * self.cluster))
+                        .and_then(|a| a.checked_add(pos % self.cluster))
+                        .filter(|&a| a.checked_add(n as u64).is_some_and(|e| e <= limit))
+                        .ok_or_else(|| {
+                            corrupt(format!("run at cluster {lcn} lies beyond the volume"))
+                        })?;
                     src.read_exact_at(piece, at)?;
                 }
             }
@@ -363,10 +421,21 @@ impl Ntfs {
         n: u64,
     ) -> Result<Vec<u8>, FsError> {
         let mut rec = vec![0u8; self.record_size as usize];
+        let beyond = || corrupt(format!("MFT record {n} lies beyond the volume"));
+        let rel = n.checked_mul(self.record_size).ok_or_else(beyond)?;
         match mft {
-            Some(runs) => self.read_runs(src, runs, n * self.record_size, &mut rec)?,
+            Some(runs) => self.read_runs(src, runs, rel, &mut rec)?,
             None => {
-                src.read_exact_at(&mut rec, self.mft_lcn * self.cluster + n * self.record_size)?
+                let at = self
+                    .mft_lcn
+                    .checked_mul(self.cluster)
+                    .and_then(|a| a.checked_add(rel))
+                    .filter(|&a| {
+                        a.checked_add(self.record_size)
+                            .is_some_and(|e| e <= self.vol_bytes)
+                    })
+                    .ok_or_else(beyond)?;
+                src.read_exact_at(&mut rec, at)?
             }
         }
         if &rec[0..4] != b"FILE" {
@@ -423,11 +492,12 @@ impl Ntfs {
                     AttrBody::NonResident {
                         data_size, runs, ..
                     } => {
-                        let mut v = vec![
-                            0u8;
-                            usize::try_from(*data_size)
-                                .map_err(|_| corrupt("huge attribute list"))?
-                        ];
+                        if *data_size > MAX_ATTR_LIST {
+                            return Err(corrupt(format!(
+                                "attribute list of record {n} holds {data_size} bytes (at most {MAX_ATTR_LIST})"
+                            )));
+                        }
+                        let mut v = vec![0u8; *data_size as usize];
                         self.read_runs(src, runs, 0, &mut v)?;
                         v
                     }
@@ -519,7 +589,7 @@ impl Ntfs {
         src: &dyn ReadAt,
         opts: MapOptions,
     ) -> Result<(FsMeta, ExtentMap), FsError> {
-        let vol_bytes = self.total_sectors * self.bps;
+        let vol_bytes = self.vol_bytes;
         if vol_bytes > src.size() {
             return Err(corrupt(format!(
                 "volume spans {vol_bytes} bytes but the region holds only {}",

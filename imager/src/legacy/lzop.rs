@@ -21,6 +21,11 @@
 //! The LZO1X decompressor below is written from the format's description
 //! (instruction encoding M1-M4 and literal runs); every read and copy is
 //! bounds checked, so corrupt input is an error, never a panic.
+//!
+//! Bounds: a block's lengths are at most 64 MiB (lzop's own limit) with the
+//! compressed length at most the uncompressed one; compressed bytes are
+//! read as they arrive and the decompressor never produces more than the
+//! stated length; the file name is at most 255 bytes.
 
 use std::io::{self, Read};
 
@@ -186,8 +191,18 @@ impl<R: Read> LzopReader<R> {
                 c_crc = Some(self.read_u32()?);
             }
         }
-        self.cbuf.resize(clen, 0);
-        self.inner.read_exact(&mut self.cbuf)?;
+        // Read as it arrives: a block header alone cannot make us allocate
+        // its 64 MiB.
+        self.cbuf.clear();
+        (&mut self.inner)
+            .take(clen as u64)
+            .read_to_end(&mut self.cbuf)?;
+        if self.cbuf.len() != clen {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("lzop: block of {clen} bytes cut after {}", self.cbuf.len()),
+            ));
+        }
         if c_adler.is_some_and(|v| v != adler32(&self.cbuf))
             || c_crc.is_some_and(|v| v != crc32fast::hash(&self.cbuf))
         {

@@ -32,13 +32,25 @@
 //! header and bitmap; [`PartcloneStream::restore_to`] then streams the
 //! blocks to a target region, verifying each strip before writing it.
 //! Nothing holds more than a few MiB of the image in memory.
+//!
+//! # Bounds
+//!
+//! | value | bound |
+//! |---|---|
+//! | block size | 1 ..= 64 MiB |
+//! | total blocks × block size | no overflow, ≤ the device size the header states; the device size ≤ the target (checked before any write) |
+//! | bitmap | ≤ 1 GiB ([`MAX_BITMAP_BYTES`]: 2^33 blocks, 32 TiB at 4 KiB), read in 1 MiB pieces so memory follows the bytes actually present |
+//! | strip (blocks per checksum × block size) | ≤ [`MAX_STRIP_BYTES`] (64 MiB), and never more than the used blocks |
+//! | bitmap runs | walked one at a time, never collected |
+//! | lzop blocks | ≤ 64 MiB (lzop's own limit), read as they arrive |
+//! | zstd window | ≤ 2^27 bytes |
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::device::Region;
 use crate::extent::ExtentMap;
-use crate::fs::bits::{count_set, for_each_set_run};
+use crate::fs::bits::{count_set, for_each_set_run, next_set_run};
 
 mod lzop;
 
@@ -63,6 +75,13 @@ const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 const WRITE_BATCH: usize = 4 << 20;
 /// Without checksums, blocks are read in strips of about this size.
 const NOSUM_STRIP_BYTES: u64 = 1 << 20;
+/// Largest checksummed strip held in memory (partclone's default is 1024
+/// blocks: 4 MiB at 4 KiB blocks).
+pub const MAX_STRIP_BYTES: u64 = 64 << 20;
+/// Largest bitmap read.
+pub const MAX_BITMAP_BYTES: u64 = 1 << 30;
+/// The bitmap is read in pieces of this size.
+const BITMAP_PIECE: usize = 1 << 20;
 
 /// Errors from reading or restoring a legacy image.
 #[derive(Debug, thiserror::Error)]
@@ -389,12 +408,28 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
             "{total_blocks} blocks of {block_size} bytes exceed the device size {device_size}"
         )));
     }
+    if checksum_mode == CSM_CRC32
+        && u64::from(blocks_per_checksum).saturating_mul(u64::from(block_size)) > MAX_STRIP_BYTES
+    {
+        return Err(LegacyError::Unsupported(format!(
+            "a checksum every {blocks_per_checksum} blocks of {block_size} bytes: strips of more than {MAX_STRIP_BYTES} bytes"
+        )));
+    }
     let bm_len = usize::try_from(total_blocks.div_ceil(8))
         .ok()
-        .filter(|&n| n <= 1 << 30)
-        .ok_or_else(|| LegacyError::Unsupported(format!("{total_blocks} blocks")))?;
-    let mut bitmap = vec![0u8; bm_len];
-    fill(&mut *r, &mut bitmap, "bitmap", compression)?;
+        .filter(|&n| n as u64 <= MAX_BITMAP_BYTES)
+        .ok_or_else(|| {
+            LegacyError::Unsupported(format!(
+                "{total_blocks} blocks (a bitmap of more than {MAX_BITMAP_BYTES} bytes)"
+            ))
+        })?;
+    // Grown as it is read: a header alone cannot make us allocate it.
+    let mut bitmap = Vec::new();
+    while bitmap.len() < bm_len {
+        let at = bitmap.len();
+        bitmap.resize(at + BITMAP_PIECE.min(bm_len - at), 0);
+        fill(&mut *r, &mut bitmap[at..], "bitmap", compression)?;
+    }
     let mut c = [0u8; 4];
     fill(&mut *r, &mut c, "bitmap CRC", compression)?;
     if pc_crc(!0, &bitmap) != u32::from_le_bytes(c) {
@@ -433,7 +468,7 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
 
 /// Gathers verified runs of blocks into large writes.
 struct Writer<'a> {
-    target: &'a Region,
+    target: &'a mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     /// Byte offset of `buf[0]` on the target.
     at: u64,
     buf: Vec<u8>,
@@ -446,7 +481,7 @@ impl Writer<'_> {
             self.flush(progress)?;
         }
         if self.buf.is_empty() && data.len() >= WRITE_BATCH {
-            self.target.write_all_at(data, offset)?;
+            (self.target)(offset, data)?;
             self.written += data.len() as u64;
             progress(self.written);
             return Ok(());
@@ -463,7 +498,7 @@ impl Writer<'_> {
 
     fn flush(&mut self, progress: &mut dyn FnMut(u64)) -> io::Result<()> {
         if !self.buf.is_empty() {
-            self.target.write_all_at(&self.buf, self.at)?;
+            (self.target)(self.at, &self.buf)?;
             self.written += self.buf.len() as u64;
             self.buf.clear();
             progress(self.written);
@@ -489,23 +524,45 @@ impl PartcloneStream {
     }
 
     /// Writes the image's used blocks to `target` at their offsets and syncs
-    /// it. Refuses, before writing anything, a target smaller than the
-    /// image's device. Each strip is read whole and its checksum verified
+    /// it, in the crash-safe order of [`crate::crashsafe`] (the first write
+    /// wipes the partition's signature areas; the image's first and last
+    /// 4 KiB are written last). Refuses, before writing anything, a target
+    /// smaller than the image's device. Each strip is read whole and its checksum verified
     /// before any of its blocks is written; a strip that fails is not
     /// written and the restore stops with [`LegacyError::Checksum`].
     /// Blocks not in use are left as they are on the target. `on_progress`
     /// receives the bytes written so far; `cancel` is checked between strips.
     pub fn restore_to(
-        mut self,
+        self,
         target: &Region,
         on_progress: &mut dyn FnMut(u64),
         cancel: &AtomicBool,
     ) -> Result<LegacyStats, LegacyError> {
+        // In the crash-safe order of `crashsafe`: the partition's signature
+        // areas are wiped before the first write, and the image's own are
+        // written last.
+        let mut held = crate::crashsafe::Held::new(target, self.info.device_size);
+        let mut write = |at: u64, data: &[u8]| held.write(at, data);
+        let stats = self.restore_with(target.len(), &mut write, on_progress, cancel)?;
+        held.finish()?;
+        target.device().sync()?;
+        Ok(stats)
+    }
+
+    /// [`PartcloneStream::restore_to`] onto any writer of `target_len`
+    /// bytes (`write(offset, bytes)`), without the final sync.
+    pub fn restore_with(
+        mut self,
+        target_len: u64,
+        write: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        on_progress: &mut dyn FnMut(u64),
+        cancel: &AtomicBool,
+    ) -> Result<LegacyStats, LegacyError> {
         let need = self.info.device_size;
-        if target.len() < need {
+        if target_len < need {
             return Err(LegacyError::TargetTooSmall {
                 need,
-                have: target.len(),
+                have: target_len,
             });
         }
         let bs = u64::from(self.info.block_size);
@@ -515,26 +572,26 @@ impl PartcloneStream {
         } else {
             (NOSUM_STRIP_BYTES / bs).max(1)
         };
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for_each_set_run(&self.bitmap, self.info.total_blocks, |s, n| {
-            runs.push((s, n))
-        });
+        let total = self.info.total_blocks;
+        // The run of used blocks being written, walked one at a time.
+        let mut run = next_set_run(&self.bitmap, total, 0);
 
         let mut writer = Writer {
-            target,
+            target: write,
             at: 0,
             buf: Vec::with_capacity(WRITE_BATCH),
             written: 0,
         };
+        // `open` bounds per_strip × bs; a strip never holds more than the
+        // used blocks either.
         let mut strip = vec![
             0u8;
-            usize::try_from(per_strip * bs)
+            usize::try_from(per_strip.min(self.info.used_blocks) * bs)
                 .map_err(|_| LegacyError::Unsupported("strip size".into()))?
         ];
         let mut stats = LegacyStats::default();
         let mut crc_state: u32 = !0;
-        let mut run_idx = 0usize;
-        let mut in_run = 0u64; // blocks of runs[run_idx] already consumed
+        let mut in_run = 0u64; // blocks of `run` already consumed
         let mut remaining = self.info.used_blocks;
         let mut strip_no = 0u64;
         let mut sum = vec![0u8; self.checksum_size];
@@ -544,7 +601,7 @@ impl PartcloneStream {
             }
             let n = per_strip.min(remaining);
             let data = &mut strip[..(n * bs) as usize];
-            let first_block = runs.get(run_idx).map_or(0, |r| r.0 + in_run);
+            let first_block = run.map_or(0, |r| r.0 + in_run);
             fill(
                 &mut *self.reader,
                 data,
@@ -574,10 +631,8 @@ impl PartcloneStream {
             let mut off = 0u64;
             let mut left = n;
             while left > 0 {
-                let (start, len) = runs
-                    .get(run_idx)
-                    .copied()
-                    .ok_or_else(|| LegacyError::BadHeader("bitmap runs exhausted".into()))?;
+                let (start, len) =
+                    run.ok_or_else(|| LegacyError::BadHeader("bitmap runs exhausted".into()))?;
                 let take = (len - in_run).min(left);
                 let bytes = &data[(off * bs) as usize..((off + take) * bs) as usize];
                 writer.put((start + in_run) * bs, bytes, on_progress)?;
@@ -585,7 +640,7 @@ impl PartcloneStream {
                 off += take;
                 left -= take;
                 if in_run == len {
-                    run_idx += 1;
+                    run = next_set_run(&self.bitmap, total, start + len);
                     in_run = 0;
                 }
             }
@@ -628,8 +683,55 @@ impl PartcloneStream {
                 "trailing data after the last partclone block ignored"
             );
         }
-        target.device().sync()?;
         Ok(stats)
+    }
+}
+
+/// Entry points for the fuzz targets.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Open a partclone image and restore it into memory accounting: every
+    /// write must land inside the device the header states.
+    pub fn partclone(data: &[u8]) {
+        let Ok(s) = open(Box::new(io::Cursor::new(data.to_vec()))) else {
+            return;
+        };
+        let info = s.info().clone();
+        let used = s.used_map();
+        assert!(used.end() <= info.device_size, "used map past the device");
+        let mut written = 0u64;
+        let mut write = |at: u64, b: &[u8]| -> io::Result<()> {
+            assert!(
+                at.checked_add(b.len() as u64)
+                    .is_some_and(|e| e <= info.device_size),
+                "a write at {at} of {} bytes past the device ({})",
+                b.len(),
+                info.device_size
+            );
+            written += b.len() as u64;
+            Ok(())
+        };
+        let cancel = AtomicBool::new(false);
+        if let Ok(st) = s.restore_with(info.device_size, &mut write, &mut |_| {}, &cancel) {
+            assert_eq!(st.bytes_written, info.used_bytes());
+        }
+    }
+
+    /// Decode an lzop stream to its end (at most 256 MiB of output).
+    pub fn lzop(data: &[u8]) {
+        let Ok(mut r) = lzop::LzopReader::new(io::Cursor::new(data)) else {
+            return;
+        };
+        let mut buf = vec![0u8; 64 << 10];
+        let mut total = 0usize;
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 || total > 256 << 20 {
+                break;
+            }
+            total += n;
+        }
     }
 }
 

@@ -36,12 +36,20 @@ const MAX_FRAME: usize = (64 << 20) + (64 << 20) / 255 + 1024;
 const MAX_JSON: usize = 256 << 20;
 
 /// Client settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpOptions {
     /// How to trust an https:// server.
     pub trust: ServerTrust,
-    /// Bearer token for writes (upload, publish, delete).
+    /// Bearer token for writes (upload, publish, delete); also sent with
+    /// reads when no `read_token` is given.
     pub token: Option<String>,
+    /// Bearer token for reads (manifests, chunks, lists), for a repository
+    /// that needs one to read (`repository.read_token`).
+    pub read_token: Option<String>,
+    /// Bearer token for the swarm coordinator's routes (`/v1/swarm/…`): an
+    /// agent's own registered token, which its boot server knows it by;
+    /// without it the read credential is sent.
+    pub swarm_token: Option<String>,
     /// Keep retrying a failing call for this long.
     pub retry_for: Duration,
     /// A response (or the next piece of its body) must arrive within this.
@@ -59,6 +67,8 @@ impl Default for HttpOptions {
         HttpOptions {
             trust: ServerTrust::System,
             token: None,
+            read_token: None,
+            swarm_token: None,
             retry_for: Duration::from_secs(300),
             timeout: Duration::from_secs(30),
             parallel: 8,
@@ -77,6 +87,20 @@ pub struct HttpRepo {
     _rt: Option<tokio::runtime::Runtime>,
     opts: HttpOptions,
     upload_name: std::sync::Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpOptions")
+            .field("trust", &self.trust)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("read_token", &self.read_token.as_ref().map(|_| "…"))
+            .field("swarm_token", &self.swarm_token.as_ref().map(|_| "…"))
+            .field("retry_for", &self.retry_for)
+            .field("timeout", &self.timeout)
+            .field("parallel", &self.parallel)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for HttpRepo {
@@ -187,7 +211,8 @@ impl HttpRepo {
     }
 
     /// One request to a route of the repository service (the swarm
-    /// coordinator's), with the credentials of reads and no retry: the
+    /// coordinator's), with the swarm credential (else that of reads) and
+    /// no retry: the
     /// caller falls back to the repository alone when it fails. The
     /// response must be complete within `timeout`.
     pub fn call_once(
@@ -198,7 +223,21 @@ impl HttpRepo {
         timeout: Duration,
     ) -> Result<(StatusCode, Vec<u8>)> {
         let req = match self.request(method, path, false, Bytes::from(body)) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                if let Some(t) = &self.opts.swarm_token {
+                    match hyper::header::HeaderValue::from_str(&format!("Bearer {t}")) {
+                        Ok(v) => {
+                            r.headers_mut().insert(AUTHORIZATION, v);
+                        }
+                        Err(_) => {
+                            return Err(Error::Invalid(
+                                "the swarm token is not a header value".into(),
+                            ))
+                        }
+                    }
+                }
+                r
+            }
             Err(Fail::Fatal(e)) => return Err(e),
             Err(Fail::Retry(why)) => return Err(Error::Repo(why)),
         };
@@ -274,10 +313,13 @@ impl HttpRepo {
         body: Bytes,
     ) -> std::result::Result<Request<Full<Bytes>>, Fail> {
         let mut b = Request::builder().method(method).uri(self.url(path));
-        if auth {
-            if let Some(t) = &self.opts.token {
-                b = b.header(AUTHORIZATION, format!("Bearer {t}"));
-            }
+        let credential = if auth {
+            self.opts.token.as_ref()
+        } else {
+            self.opts.read_token.as_ref().or(self.opts.token.as_ref())
+        };
+        if let Some(t) = credential {
+            b = b.header(AUTHORIZATION, format!("Bearer {t}"));
         }
         if !body.is_empty() {
             b = b.header(CONTENT_TYPE, "application/octet-stream");
@@ -621,7 +663,12 @@ fn classify(status: StatusCode, uri: &str, body: &[u8]) -> std::result::Result<(
             format!(": {text}")
         }
     );
-    if status.is_server_error()
+    if status == StatusCode::INSUFFICIENT_STORAGE {
+        // A full disk does not empty itself in seconds: fail now, clearly.
+        Err(Fail::Fatal(Error::Repo(format!(
+            "{msg} (the repository's filesystem is full)"
+        ))))
+    } else if status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
     {

@@ -11,7 +11,10 @@
 //! Every file is written to `tmp/`, fsynced, and renamed into place; the
 //! directory is fsynced before anything refers to the file. A manifest
 //! version is linked into place without replacing an existing one, so two
-//! writers publishing at once get distinct version numbers.
+//! writers publishing at once get distinct version numbers. A write that
+//! fails (a full disk) removes its temporary file, and a publish that fails
+//! leaves no new image directory; temporary files of processes that died
+//! are removed by [`LocalRepo::sweep_tmp`].
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -138,7 +141,8 @@ impl LocalRepo {
             .join(format!("{}-{n}.partial", std::process::id()))
     }
 
-    /// Write to a temporary file and fsync it; returns its path.
+    /// Write to a temporary file and fsync it; returns its path. On
+    /// failure nothing is left behind.
     fn write_temp(&self, bytes: &[u8]) -> Result<PathBuf> {
         let tmp = self.temp_path();
         let mut f = OpenOptions::new()
@@ -146,15 +150,86 @@ impl LocalRepo {
             .create_new(true)
             .open(&tmp)
             .ctx(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .ctx(|| format!("writing {}", tmp.display()))?;
+        if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+            drop(f);
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::Io {
+                what: format!("writing {}", tmp.display()),
+                source: e,
+            });
+        }
         Ok(tmp)
     }
 
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
         let tmp = self.write_temp(bytes)?;
-        fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))
+        fs::rename(&tmp, dest).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::Io {
+                what: format!("renaming into {}", dest.display()),
+                source: e,
+            }
+        })
+    }
+
+    /// Stores a chunk frame and makes it durable before returning: the
+    /// file is fsynced, renamed into place and its directory fsynced (and
+    /// `chunks/` too when the directory is new). False when the chunk was
+    /// already there. For a server that acknowledges each upload; the
+    /// batch path is [`Repository::put_chunk`] + [`Repository::sync_chunks`].
+    pub fn put_chunk_durable(&self, id: &ChunkId, frame: &[u8]) -> Result<bool> {
+        let dest = self.chunk_path(id);
+        if dest.exists() {
+            return Ok(false);
+        }
+        let dir = dest
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone());
+        let new_dir = !dir.exists();
+        if new_dir {
+            fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        }
+        self.write_atomic(&dest, frame)?;
+        sync_dir(&dir)?;
+        if new_dir {
+            sync_dir(&self.root.join("chunks"))?;
+        }
+        Ok(true)
+    }
+
+    /// Removes temporary files that no running writer owns: those named
+    /// by a process that is gone, or by this process (left by an earlier
+    /// life of it under the same number). Returns how many were removed.
+    pub fn sweep_tmp(&self) -> Result<usize> {
+        let dir = self.root.join("tmp");
+        let me = std::process::id();
+        let mut removed = 0;
+        for ent in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+            let ent = ent.ctx(|| format!("listing {}", dir.display()))?;
+            let name = ent.file_name();
+            let owner = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok());
+            let alive =
+                owner.is_some_and(|pid| pid != me && Path::new(&format!("/proc/{pid}")).exists());
+            if alive {
+                continue;
+            }
+            let p = ent.path();
+            let r = if ent.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            r.ctx(|| format!("removing {}", p.display()))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&dir)?;
+        }
+        Ok(removed)
     }
 
     /// Version numbers of an image, ascending.
@@ -184,7 +259,9 @@ impl LocalRepo {
     }
 
     /// Store a manifest under its own `image_version` (used by caches that
-    /// mirror another repository). A version already present is left alone.
+    /// mirror another repository). A version already present is left alone
+    /// when it is the same manifest, and replaced when it differs: the
+    /// repository mirrored is the source of truth, not what a cache holds.
     pub fn store_version(&self, m: &Manifest) -> Result<()> {
         m.validate().map_err(|why| Error::BadManifest {
             source_name: Some(m.name.clone()),
@@ -200,7 +277,22 @@ impl LocalRepo {
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let dest = dir.join(format!("{}.json", m.image_version));
         if dest.exists() {
-            return Ok(());
+            match self.read_manifest_file(&dest) {
+                Ok(old) if old.to_json() == m.to_json() => return Ok(()),
+                _ => {
+                    tracing::warn!(
+                        "the cached manifest {} differs from the repository's; replacing it",
+                        dest.display()
+                    );
+                    let tmp = self.write_temp(&m.to_json())?;
+                    let r = fs::rename(&tmp, &dest);
+                    if r.is_err() {
+                        let _ = fs::remove_file(&tmp);
+                    }
+                    r.ctx(|| format!("replacing {}", dest.display()))?;
+                    return sync_dir(&dir);
+                }
+            }
         }
         let tmp = self.write_temp(&m.to_json())?;
         let r = fs::hard_link(&tmp, &dest);
@@ -215,10 +307,52 @@ impl LocalRepo {
         }
     }
 
+    /// Links the next version of `manifest` into `dir` (see `publish`).
+    fn publish_into(&self, dir: &Path, created_dir: bool, manifest: &Manifest) -> Result<u32> {
+        if created_dir {
+            sync_dir(&self.root.join("images"))?;
+        }
+        loop {
+            let next = self.versions(&manifest.name)?.last().copied().unwrap_or(0) + 1;
+            let mut m = manifest.clone();
+            m.image_version = next;
+            let tmp = self.write_temp(&m.to_json())?;
+            let dest = dir.join(format!("{next}.json"));
+            // hard_link fails when dest exists: a concurrent publisher took
+            // this number, so try the next one.
+            match fs::hard_link(&tmp, &dest) {
+                Ok(()) => {
+                    let _ = fs::remove_file(&tmp);
+                    if let Err(e) = sync_dir(dir) {
+                        // Not known to be durable: not published.
+                        let _ = fs::remove_file(&dest);
+                        return Err(e);
+                    }
+                    return Ok(next);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let _ = fs::remove_file(&tmp);
+                    continue;
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(Error::Io {
+                        what: format!("publishing {}", dest.display()),
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+
     fn read_manifest_file(&self, path: &Path) -> Result<Manifest> {
         let mut bytes = Vec::new();
+        // One byte more than a manifest may have: from_json names the bound.
         File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .and_then(|f| {
+                f.take(crate::manifest::MAX_MANIFEST_BYTES as u64 + 1)
+                    .read_to_end(&mut bytes)
+            })
             .ctx(|| format!("reading {}", path.display()))?;
         Manifest::from_json(&bytes, &path.display().to_string())
     }
@@ -312,36 +446,12 @@ impl Repository for LocalRepo {
         let dir = self.image_dir(&manifest.name)?;
         let created_dir = !dir.exists();
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-        if created_dir {
-            sync_dir(&self.root.join("images"))?;
+        let r = self.publish_into(&dir, created_dir, manifest);
+        if r.is_err() && created_dir {
+            // Nothing half-done: no empty image directory stays behind.
+            let _ = fs::remove_dir(&dir);
         }
-        loop {
-            let next = self.versions(&manifest.name)?.last().copied().unwrap_or(0) + 1;
-            let mut m = manifest.clone();
-            m.image_version = next;
-            let tmp = self.write_temp(&m.to_json())?;
-            let dest = dir.join(format!("{next}.json"));
-            // hard_link fails when dest exists: a concurrent publisher took
-            // this number, so try the next one.
-            match fs::hard_link(&tmp, &dest) {
-                Ok(()) => {
-                    let _ = fs::remove_file(&tmp);
-                    sync_dir(&dir)?;
-                    return Ok(next);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let _ = fs::remove_file(&tmp);
-                    continue;
-                }
-                Err(e) => {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(Error::Io {
-                        what: format!("publishing {}", dest.display()),
-                        source: e,
-                    });
-                }
-            }
-        }
+        r
     }
 
     fn manifest(&self, name: &str, version: Option<u32>) -> Result<Manifest> {

@@ -14,7 +14,7 @@ mod cached;
 mod http;
 mod local;
 
-pub use cached::CachedRepo;
+pub use cached::{manifest_digest, CachedRepo, ConfirmedManifests};
 pub use http::{HttpOptions, HttpRepo, HttpStream};
 pub use local::LocalRepo;
 

@@ -1,11 +1,15 @@
 //! A member's chunk server: read-only, one route, bounded.
 //!
 //! `GET /v1/swarm/chunks/{id}` with the session's token answers the chunk's
-//! zstd frame from the [`Store`]. Bounds: `max_connections` connections,
-//! `slots` responses in progress at once (more get `503` at once, so the
-//! asker goes elsewhere), a response whose reader stalls for 15 s and an
-//! idle connection after 15 s are closed, and memory is the store's cache
-//! plus at most `slots` windows being rebuilt from the target.
+//! zstd frame from the [`Store`]. Bounds (a student's machine on the LAN
+//! must not be able to stall it): `max_connections` connections in all and
+//! [`per_address`] from one address (a connection past either is closed at
+//! once, never queued, so the accept loop never waits), request headers
+//! within 10 s, `slots` responses in progress at once (more get `503` at
+//! once, so the asker goes elsewhere), a response whose reader stalls for
+//! 15 s or takes longer than 60 s in all is dropped, an idle connection is
+//! closed after 15 s, and memory is the store's cache plus at most `slots`
+//! windows being rebuilt from the target.
 //!
 //! This is the only HTTP server in `aula-imager`: the crate otherwise knows
 //! nothing of servers; the swarm needs every restoring machine to serve
@@ -38,6 +42,15 @@ const PIECE: usize = 64 << 10;
 const STALL: Duration = Duration::from_secs(15);
 /// An idle keep-alive connection is closed after this.
 const IDLE: Duration = Duration::from_secs(15);
+/// A response (one chunk) must be taken whole within this.
+const SEND_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Connections one address may hold at once: an asker needs one per fetch
+/// it runs against this member (the coordinator hands out one at a time
+/// per pair) plus kept-alive ones.
+pub fn per_address(max_connections: usize) -> usize {
+    (max_connections / 8).clamp(4, 16)
+}
 
 struct Shared {
     store: Arc<Store>,
@@ -148,6 +161,9 @@ async fn accept_loop(
     max_connections: usize,
 ) {
     let conns = Arc::new(Semaphore::new(max_connections));
+    let per_ip = per_address(max_connections);
+    let by_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let stopping = stop.notified();
@@ -156,10 +172,6 @@ async fn accept_loop(
         if stopped.load(Ordering::SeqCst) {
             break;
         }
-        let permit = tokio::select! {
-            _ = &mut stopping => break,
-            p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
         let (stream, remote) = tokio::select! {
             _ = &mut stopping => break,
             r = listener.accept() => match r {
@@ -172,11 +184,34 @@ async fn accept_loop(
             },
         };
         while tasks.try_join_next().is_some() {}
+        // Full, in all or for this address: closed at once.
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tracing::debug!(%remote, "swarm chunk server: connection table full; closed");
+            continue;
+        };
+        let ip = remote.ip().to_canonical();
+        {
+            let mut g = by_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = g.entry(ip).or_insert(0);
+            if *n >= per_ip {
+                tracing::debug!(%remote, "swarm chunk server: too many connections from this address; closed");
+                continue;
+            }
+            *n += 1;
+        }
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let by_ip = by_ip.clone();
         tasks.spawn(async move {
             let _permit = permit;
             serve(stream, remote, shared).await;
+            let mut g = by_ip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = g.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    g.remove(&ip);
+                }
+            }
         });
     }
     tasks.abort_all();
@@ -188,6 +223,8 @@ async fn accept_loop(
 struct Activity {
     busy: AtomicBool,
     last_ms: AtomicU64,
+    /// When the response in progress began (ms since `epoch`).
+    busy_since_ms: AtomicU64,
     epoch: Instant,
 }
 
@@ -195,6 +232,15 @@ impl Activity {
     fn touch(&self) {
         self.last_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn start_sending(&self) {
+        self.busy_since_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.busy.store(true, Ordering::Relaxed);
+    }
+    fn sending_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.busy_since_ms.load(Ordering::Relaxed)))
     }
     fn quiet_for(&self) -> Duration {
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -206,6 +252,7 @@ async fn serve(stream: tokio::net::TcpStream, remote: SocketAddr, shared: Arc<Sh
     let act = Arc::new(Activity {
         busy: AtomicBool::new(false),
         last_ms: AtomicU64::new(0),
+        busy_since_ms: AtomicU64::new(0),
         epoch: shared.epoch,
     });
     act.touch();
@@ -230,6 +277,10 @@ async fn serve(stream: tokio::net::TcpStream, remote: SocketAddr, shared: Arc<Sh
             if act.busy.load(Ordering::Relaxed) {
                 if quiet > STALL {
                     tracing::debug!(%remote, "swarm chunk server: reader stalled; closing");
+                    return;
+                }
+                if act.sending_for() > SEND_DEADLINE {
+                    tracing::debug!(%remote, "swarm chunk server: reader too slow; closing");
                     return;
                 }
             } else if quiet > IDLE {
@@ -329,7 +380,7 @@ async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>, act: Arc<Activity
     let body = if req.method() == Method::HEAD {
         Reply::text("")
     } else {
-        act.busy.store(true, Ordering::Relaxed);
+        act.start_sending();
         Reply::Frame {
             data: frame,
             _permit: permit,
@@ -515,5 +566,53 @@ mod tests {
             std::net::TcpStream::connect(a).is_err(),
             "still listening after stop"
         );
+    }
+
+    #[test]
+    fn silent_connections_from_one_address_past_its_share_are_closed_at_once_and_others_are_served()
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let store = Arc::new(Store::new(1 << 20, false));
+        let id = ChunkId([7; 32]);
+        store.insert_frame(id, Bytes::from_static(b"frame"));
+        let srv = PeerServer::start(
+            rt.handle(),
+            "127.0.0.1:0".parse().expect("addr"),
+            store,
+            2,
+            8,
+        )
+        .expect("start");
+        srv.set_token("tok");
+        let a = srv.addr();
+        let share = per_address(8);
+        // A student's machine opens its share of connections and says nothing.
+        let held: Vec<std::net::TcpStream> = (0..share)
+            .map(|_| std::net::TcpStream::connect(a).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        // One more from the same address is closed at once, not queued.
+        let mut extra = std::net::TcpStream::connect(a).expect("connect");
+        extra
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let t0 = Instant::now();
+        let mut b = [0u8; 16];
+        let n = extra.read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0, "the connection past the share was answered");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "it was not closed at once"
+        );
+        // The silent ones are dropped after the header deadline (10 s); a
+        // request from the address then is served.
+        std::thread::sleep(Duration::from_secs(11));
+        let (s, body) = get(a, &format!("{PEER_CHUNKS}{id}"), Some("tok"), "GET");
+        assert_eq!((s, body.as_slice()), (200, &b"frame"[..]));
+        drop(held);
     }
 }

@@ -1,5 +1,15 @@
 //! GPT reading: header and entry-array CRCs checked; the backup header is
 //! used when the primary is damaged.
+//!
+//! Bounds on what a header says, checked before the entry array is read:
+//!
+//! | value | bound |
+//! |---|---|
+//! | header size | 92 ..= sector size |
+//! | entry size | 128 × 2^n, at most 1024 |
+//! | entries | at most [`MAX_ENTRIES`] (16384) |
+//! | entry array | at most [`MAX_ARRAY_BYTES`] (4 MiB), inside the disk |
+//! | partition ranges | first ≤ last, the last sector whole inside the disk |
 
 use super::{Partition, PartitionTable, TableError, TableKind};
 use crate::device::{Device, ReadAt};
@@ -13,6 +23,10 @@ const DEFAULT_ENTRIES: u32 = 128;
 const REVISION: u32 = 0x0001_0000;
 /// Header size we write.
 const HEADER_SIZE: u32 = 92;
+/// Most entries a table may have (what we read and write).
+pub const MAX_ENTRIES: u32 = 16384;
+/// Largest entry array read (real tables: 128 × 128 bytes = 16 KiB).
+pub const MAX_ARRAY_BYTES: u64 = 4 << 20;
 
 fn invalid(why: impl Into<String>) -> TableError {
     TableError::Invalid {
@@ -125,13 +139,17 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
             }
         }
     };
-    if hdr.entry_size < 128 || hdr.entry_size % 8 != 0 || hdr.num_entries > 16384 {
+    let arr_len = u64::from(hdr.num_entries) * u64::from(hdr.entry_size);
+    if !(128..=1024).contains(&hdr.entry_size)
+        || !hdr.entry_size.is_power_of_two()
+        || hdr.num_entries > MAX_ENTRIES
+        || arr_len > MAX_ARRAY_BYTES
+    {
         return Err(invalid(format!(
-            "{which} header: unusable entry array ({} entries of {} bytes)",
+            "{which} header: unusable entry array ({} entries of {} bytes; at most {MAX_ENTRIES} entries of 128 × 2^n ≤ 1024 bytes, {MAX_ARRAY_BYTES} bytes in all)",
             hdr.num_entries, hdr.entry_size
         )));
     }
-    let arr_len = hdr.num_entries as u64 * hdr.entry_size as u64;
     if hdr
         .entries_lba
         .checked_mul(ssu)
@@ -154,7 +172,14 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
         }
         let first = le64(e, 32);
         let last = le64(e, 40);
-        if last < first || last.checked_mul(ssu).is_none_or(|v| v >= size) {
+        // The last sector must lie whole on the disk (a disk image file
+        // need not be a whole number of sectors).
+        if last < first
+            || last
+                .checked_add(1)
+                .and_then(|e| e.checked_mul(ssu))
+                .is_none_or(|e| e > size)
+        {
             return Err(invalid(format!(
                 "partition {} has an invalid range {first}..{last}",
                 i + 1
@@ -241,7 +266,7 @@ fn unwritable(why: impl Into<String>) -> TableError {
 /// it will sit.
 pub(super) fn validate(t: &PartitionTable, disk_size: u64) -> Result<Geometry, TableError> {
     let max_number = t.partitions.iter().map(|p| p.number).max().unwrap_or(0);
-    if max_number > 16384 {
+    if max_number > MAX_ENTRIES {
         return Err(unwritable(format!(
             "partition number {max_number} is too large"
         )));
@@ -534,6 +559,20 @@ pub(super) fn relocate_backup(dev: &Device) -> Result<(), TableError> {
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `table_gpt` fuzz target (regression input
+    /// `imager/fuzz/regressions/table_gpt/partial-last-sector`): on a disk
+    /// of 48626 bytes (not a whole number of sectors) a partition whose
+    /// last sector starts inside the disk but ends past it was accepted.
+    #[test]
+    fn a_partition_whose_last_sector_runs_past_the_disk_is_refused() {
+        let input = include_bytes!("../../fuzz/regressions/table_gpt/partial-last-sector");
+        let disk = input[1..].to_vec();
+        assert_eq!(disk.len(), 48626);
+        let e = super::read(&disk, 512).expect_err("partition 2 runs past the disk");
+        assert!(e.to_string().contains("partition 2"), "{e}");
+        crate::fuzzing::table_gpt(input);
+    }
+
     use super::*;
 
     #[test]

@@ -1,7 +1,15 @@
 //! MBR reading, including the chain of extended boot records.
+//!
+//! Bounds: the four primary records must fit the disk; the chain of
+//! extended boot records is followed for at most [`MAX_EBRS`] records, each
+//! inside the extended partition, and a record that points back to one
+//! already read is an error ("loops"), so a crafted chain ends at once.
 
 use super::{Partition, PartitionTable, TableError, TableKind};
 use crate::device::{Device, ReadAt};
+
+/// Most extended boot records followed (logical partitions 5 ..= 260).
+pub const MAX_EBRS: usize = 256;
 
 fn invalid(why: impl Into<String>) -> TableError {
     TableError::Invalid {
@@ -98,11 +106,18 @@ pub(super) fn read(src: &dyn ReadAt, ss: u32) -> Result<Option<PartitionTable>, 
     if let Some((base, count)) = ext_base {
         let mut ebr_rel = 0u64;
         let mut number = 5;
-        let mut seen = 0;
+        let mut seen = std::collections::BTreeSet::new();
         loop {
-            seen += 1;
-            if seen > 256 {
-                return Err(invalid("extended partition chain is too long or loops"));
+            if !seen.insert(ebr_rel) {
+                return Err(invalid(format!(
+                    "the chain of extended boot records loops back to sector {}",
+                    base + ebr_rel
+                )));
+            }
+            if seen.len() > MAX_EBRS {
+                return Err(invalid(format!(
+                    "the chain of extended boot records is longer than {MAX_EBRS}"
+                )));
             }
             let at = base + ebr_rel;
             if ebr_rel >= count {

@@ -314,6 +314,44 @@ fn sync(dev: &Device) -> Result<(), TableError> {
     })
 }
 
+/// Entry points for the fuzz targets.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    fn check(src: &dyn ReadAt, t: &PartitionTable) {
+        for p in &t.partitions {
+            assert!(
+                p.start.checked_add(p.size).is_some_and(|e| e <= src.size()),
+                "partition {} ({}+{}) leaves a disk of {} bytes",
+                p.number,
+                p.start,
+                p.size,
+                src.size()
+            );
+        }
+    }
+
+    /// GPT parsing at both sector sizes.
+    pub fn gpt(src: &dyn ReadAt) {
+        for ss in [512, 4096] {
+            if let Ok(Some(t)) = gpt::read(src, ss) {
+                check(src, &t);
+                let _ = validate(&t, src.size());
+            }
+        }
+    }
+
+    /// MBR parsing (primary records and the chain of extended boot records).
+    pub fn mbr(src: &dyn ReadAt) {
+        if let Ok(Some(t)) = mbr::read(src, 512) {
+            check(src, &t);
+            let _ = validate(&t, src.size());
+        }
+        let _ = read(src, None);
+    }
+}
+
 /// Read the partition table of a disk. `sector_size` is the logical sector
 /// size when known (block devices); `None` probes 512 then 4096 for GPT.
 /// `Ok(None)` when the disk has no table.
