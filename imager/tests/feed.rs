@@ -84,13 +84,16 @@ impl Feed for Backwards {
 #[test]
 fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_window_once() {
     let t = Tmp::new();
-    // 24 windows: random ones, zero ones, and two pairs of equal windows.
+    // 48 windows (3 MiB): the first and last MiB (16 windows each) are the
+    // crash-safe restore's held windows, fetched by the restore itself and
+    // written last; the 16 between go through the feed: random ones, zero
+    // ones, and one window repeated twice.
     let w = CHUNK as usize;
-    let mut data = pseudo_random(11, 24 * w);
-    data[3 * w..5 * w].fill(0);
-    let copy = data[7 * w..8 * w].to_vec();
-    data[15 * w..16 * w].copy_from_slice(&copy);
-    data[20 * w..21 * w].copy_from_slice(&copy);
+    let mut data = pseudo_random(11, 48 * w);
+    data[19 * w..21 * w].fill(0);
+    let copy = data[23 * w..24 * w].to_vec();
+    data[27 * w..28 * w].copy_from_slice(&copy);
+    data[30 * w..31 * w].copy_from_slice(&copy);
     let src = t.p("src.img");
     std::fs::write(&src, &data).expect("source");
     imager_ok(&[
@@ -133,10 +136,10 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
     )
     .expect("plain restore");
 
-    // The fed restore, onto a target that already holds window 1.
+    // The fed restore, onto a target that already holds window 17.
     let target = t.p("target.img");
     let mut pre = vec![0u8; data.len()];
-    pre[w..2 * w].copy_from_slice(&data[w..2 * w]);
+    pre[17 * w..18 * w].copy_from_slice(&data[17 * w..18 * w]);
     std::fs::write(&target, &pre).expect("target");
     let feed = Arc::new(Backwards {
         repo: LocalRepo::open(&t.p("repo"), false).expect("repo"),
@@ -163,7 +166,7 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
     let s = feed.state.lock().expect("state");
     assert_eq!(s.begun.len(), 1);
     let (need, placed) = &s.begun[0];
-    // The delta check ran first: window 1 is in place (and offered to serve),
+    // The delta check ran first: window 17 is in place (and offered to serve),
     // zero windows are not chunks, the repeated window is needed once.
     let id_of = |k: usize| {
         m.chunks
@@ -171,18 +174,18 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
             .find(|c| c.index == k as u64)
             .and_then(|c| c.id)
     };
-    let w1 = id_of(1).expect("window 1");
+    let w1 = id_of(17).expect("window 17");
     assert_eq!(placed.iter().map(|p| p.id).collect::<Vec<_>>(), vec![w1]);
-    assert_eq!(placed[0].offset, CHUNK);
+    assert_eq!(placed[0].offset, 17 * CHUNK);
     assert!(!need.contains(&w1));
-    let dup = id_of(7).expect("window 7");
+    let dup = id_of(23).expect("window 23");
     assert_eq!(need.iter().filter(|&&id| id == dup).count(), 1);
     let distinct: std::collections::HashSet<_> = need.iter().collect();
     assert_eq!(distinct.len(), need.len());
     assert_eq!(
         need.len(),
-        24 - 2 - 2 - 1,
-        "24 windows, 2 zero, 2 repeats, 1 in place"
+        16 - 2 - 2 - 1,
+        "16 fed windows, 2 zero, 2 repeats, 1 in place"
     );
     // Handed out last first, every needed chunk exactly once.
     let mut order = need.clone();
@@ -202,12 +205,13 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
         .iter()
         .map(|(id, p)| (*id, p.iter().map(|p| p.offset / CHUNK).collect()))
         .collect();
-    assert_eq!(windows[&dup], vec![7, 15, 20]);
+    assert_eq!(windows[&dup], vec![23, 27, 30]);
     // Each window written once: the counts are the plain restore's, less
     // the window already in place; the corrupt frame was fetched twice.
     assert_eq!(stats.chunks_skipped, reference.chunks_skipped + 1);
     assert_eq!(stats.bytes_written + CHUNK, reference.bytes_written);
-    assert_eq!(stats.chunks_fetched as usize, need.len());
+    // The feed's chunks, and the 32 held windows the restore fetched itself.
+    assert_eq!(stats.chunks_fetched as usize, need.len() + 32);
     assert_eq!(
         stats.chunks_from_peers, 0,
         "the only peer frame was corrupt"
