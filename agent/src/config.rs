@@ -121,6 +121,9 @@ pub struct FileConfig {
     /// `[identity]`
     #[serde(default)]
     pub identity: IdentitySection,
+    /// `[swarm]`
+    #[serde(default)]
+    pub swarm: crate::swarm::SwarmSection,
 }
 
 /// `[listen]`
@@ -573,6 +576,8 @@ pub struct Settings {
     pub register_max_backoff: Duration,
     /// Restore records directory; None: off.
     pub restore_records: Option<PathBuf>,
+    /// Swarm restores.
+    pub swarm: crate::swarm::SwarmSection,
 }
 
 fn check_url(key: &str, url: &str) -> Result<String, ConfigError> {
@@ -756,6 +761,7 @@ impl Settings {
                 Some(p) if p.as_os_str().is_empty() => None,
                 Some(p) => Some(p.clone()),
             },
+            swarm: file.swarm.clone(),
         })
     }
 

@@ -24,7 +24,8 @@
 //! cancel, events), [`run`] (the ops), [`disks`] (disk numbers, exclusive
 //! access, mounts, CACHE), [`software`] (OS detection), [`system`] (identity
 //! and hardware inventory), [`script`], [`power`], [`webhook`],
-//! [`register`], [`tls`] (certificate, token, HMAC, HTTPS client).
+//! [`register`], [`tls`] (certificate, token, HMAC, HTTPS client), [`swarm`]
+//! (swarm restores and serving peers after them).
 
 #![deny(missing_docs)]
 
@@ -40,6 +41,7 @@ pub mod script;
 pub mod server;
 pub mod software;
 pub mod spec;
+pub mod swarm;
 pub mod system;
 pub mod tls;
 pub mod webhook;
@@ -115,6 +117,8 @@ pub struct Ctx {
     pub jobs: Arc<Jobs>,
     /// Registration state.
     pub registration: register::Registration,
+    /// Swarm members still serving after their restore.
+    pub swarm: swarm::Lingering,
     /// Manifests the repository confirmed in this boot (the CACHE
     /// partition's manifests are trusted only when listed here).
     pub confirmed: Arc<aula_imager::repo::ConfirmedManifests>,
@@ -198,6 +202,7 @@ impl Ctx {
             "jobs": {"queued": queued, "running": running},
             "registration": self.registration.get(),
             "webhooks": self.webhooks.stats(),
+            "swarm": self.swarm.status(),
             "power": {
                 "mode": self.power_mode(),
                 "actions": self.power_log.lock().map(|l| l.clone()).unwrap_or_default(),
@@ -292,6 +297,7 @@ impl Agent {
             server_client,
             jobs: Arc::new(Jobs::new()),
             registration: register::Registration::default(),
+            swarm: swarm::Lingering::default(),
             confirmed,
             os_boot: Mutex::new(None),
             power_log: Mutex::new(Vec::new()),
@@ -339,6 +345,9 @@ impl Agent {
             .jobs
             .shutdown(&self.ctx, Duration::from_secs(60))
             .await;
+        let ctx = self.ctx.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || ctx.swarm.stop_all(Duration::from_secs(5))).await;
         if !self.ctx.webhooks.flush(Duration::from_secs(5)).await {
             tracing::warn!("shutting down with undelivered webhooks");
         }

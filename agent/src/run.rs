@@ -191,6 +191,10 @@ fn http_repo(
         trust: s.trust_for(url),
         token: write_token,
         read_token,
+        // The swarm coordinator lives on the boot server and knows this
+        // machine by its registered token; elsewhere only the read
+        // credential goes.
+        swarm_token: server.then(|| ctx.token.clone()),
         retry_for: Duration::from_secs(s.repository.retry_s),
         ..HttpOptions::default()
     };
@@ -233,6 +237,7 @@ fn repo_url(ctx: &Ctx, given: &Option<String>) -> Result<String, Failure> {
 fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
     let disk = disks::resolve(&ctx.settings.disks, r.disk)
         .map_err(|e| disk_failure(&e).disk_state(UNCHANGED))?;
+    ctx.swarm.stop_disk(&disk);
     let url = repo_url(ctx, &r.repository)?;
     let remote = http_repo(ctx, job, &url, false, r.allow_http)?;
     job.progress.set_phase("manifest");
@@ -246,10 +251,16 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
             disks::resolve(&ctx.settings.disks, ctx.settings.cache.disk)
                 .map_err(|e| disk_failure(&e).disk_state(UNCHANGED))?,
         ),
-        Method::Unicast => None,
+        Method::Unicast | Method::Swarm => None,
     };
-    let repo: Box<dyn Repository> = match &cache_disk {
-        None => Box::new(remote),
+    let mut swarm_repo = None;
+    let repo: Arc<dyn Repository> = match &cache_disk {
+        None if r.method == Method::Swarm => {
+            let h = Arc::new(remote);
+            swarm_repo = Some(h.clone());
+            h
+        }
+        None => Arc::new(remote),
         Some(cd) => {
             let u = ctx
                 .cache
@@ -258,7 +269,7 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
             let local = LocalRepo::open(&u.repo_dir(), true)
                 .map_err(|e| imager_failure(&e).disk_state(UNCHANGED))?;
             cache_use = Some(u);
-            Box::new(
+            Arc::new(
                 CachedRepo::new(Box::new(remote), local)
                     .with_confirmed(ctx.confirmed.clone())
                     .offline(r.offline),
@@ -314,12 +325,27 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
         .disk_state(UNCHANGED)
     })?;
     let dev = Arc::new(dev);
-    let threads = repo.preferred_threads();
+    let member = swarm_repo.as_ref().and_then(|h| {
+        crate::swarm::join(
+            &ctx.settings.swarm,
+            ctx.settings.listen.address,
+            h,
+            &m,
+            job.progress.cancel_flag(),
+        )
+    });
+    let threads = match &member {
+        Some(_) => ctx.settings.swarm.parallel.max(1),
+        None => repo.preferred_threads(),
+    };
     let opts = aula_imager::restore::RestoreOptions {
         threads,
         delta: r.delta,
         records: ctx.settings.restore_records.clone(),
         scan: false,
+        feed: member
+            .clone()
+            .map(|s| s as Arc<dyn aula_imager::restore::Feed>),
     };
     let res = aula_imager::image::restore_image(
         &m,
@@ -333,6 +359,18 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
         g.drop_caches();
     }
     drop(cache_use);
+    let swarm = member.as_ref().map(|sw| {
+        sw.finish();
+        sw.stats()
+    });
+    if let Some(sw) = member {
+        if res.is_ok() {
+            ctx.swarm
+                .start(&disk, sw, Duration::from_secs(ctx.settings.swarm.linger_s));
+        } else {
+            sw.leave();
+        }
+    }
     match res {
         Ok(stats) => Ok(json!({
             "image": m.name,
@@ -344,6 +382,7 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
             "repository": url,
             "method": r.method.as_str(),
             "stats": stats,
+            "swarm": swarm,
             "warnings": partition_type_warnings(job, target_part.as_ref()),
         })),
         Err(e) => {
@@ -406,6 +445,7 @@ fn create(job: &Job, ctx: &Ctx, c: &CreateSpec) -> Outcome {
     const READ_ONLY: &str = "unchanged: the disk was only read; no image version was published";
     let disk = disks::resolve(&ctx.settings.disks, c.disk)
         .map_err(|e| disk_failure(&e).disk_state(READ_ONLY))?;
+    ctx.swarm.stop_disk(&disk);
     let url = repo_url(ctx, &c.repository)?;
     let repo =
         http_repo(ctx, job, &url, true, c.allow_http).map_err(|f| f.disk_state(READ_ONLY))?;
@@ -474,6 +514,7 @@ pub fn layout_failure(e: &LayoutError) -> Failure {
 fn layout(ctx: &Ctx, l: &LayoutJobSpec) -> Outcome {
     let disk = disks::resolve(&ctx.settings.disks, l.disk)
         .map_err(|e| disk_failure(&e).disk_state(UNCHANGED))?;
+    ctx.swarm.stop_disk(&disk);
     let applied = aula_imager::disk::layout::apply(&disk, &l.layout, &ApplyOptions::default())
         .map_err(|e| layout_failure(&e))?;
     serde_json::to_value(applied).map_err(|e| Failure::new("internal", e.to_string()))

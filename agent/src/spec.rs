@@ -74,6 +74,11 @@ pub enum Method {
     /// Chunks go through the CACHE partition: served from it when present,
     /// stored into it after verification.
     UnicastCache,
+    /// Chunks come from the other machines restoring the same image as the
+    /// repository's swarm coordinator assigns them (and from the
+    /// repository), straight onto the target; this machine serves what it
+    /// verified to the others.
+    Swarm,
 }
 
 impl Method {
@@ -82,8 +87,9 @@ impl Method {
         match s.trim().to_ascii_lowercase().as_str() {
             "unicast" | "unicast-direct" => Ok(Method::Unicast),
             "unicast-cache" => Ok(Method::UnicastCache),
+            "swarm" | "torrent" | "tiptorrent" => Ok(Method::Swarm),
             other => Err(format!(
-                "method {other:?} is not supported (supported: unicast, unicast-cache)"
+                "method {other:?} is not supported (supported: unicast, unicast-cache, torrent / tiptorrent / swarm)"
             )),
         }
     }
@@ -92,6 +98,7 @@ impl Method {
         match self {
             Method::Unicast => "unicast",
             Method::UnicastCache => "unicast-cache",
+            Method::Swarm => "swarm",
         }
     }
 }
@@ -114,7 +121,7 @@ pub struct RestoreSpec {
     /// Repository URL (default: the configured one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
-    /// `unicast` (default) or `unicast-cache`.
+    /// `unicast` (default), `unicast-cache` or `swarm`.
     #[serde(default)]
     pub method: Method,
     /// Skip chunks the target already holds (default true).
@@ -433,6 +440,9 @@ mod tests {
             Method::parse_opengnsys("unicast-cache"),
             Ok(Method::UnicastCache)
         );
+        for m in ["torrent", "TipTorrent", "swarm"] {
+            assert_eq!(Method::parse_opengnsys(m), Ok(Method::Swarm), "{m}");
+        }
         let e = Method::parse_opengnsys("multicast").expect_err("multicast");
         assert!(e.contains("not supported"), "{e}");
     }

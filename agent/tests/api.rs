@@ -121,7 +121,7 @@ async fn malformed_bodies_get_400_naming_the_field_and_ids_are_idempotent() {
         ("/v1/jobs", json!([1, 2]), None),
         (
             "/CloningEngine/RestaurarImagen",
-            json!({"dsk":"1","par":"2","nci":"x","ipr":"127.0.0.1","method":"torrent"}),
+            json!({"dsk":"1","par":"2","nci":"x","ipr":"127.0.0.1","method":"multicast"}),
             Some("method"),
         ),
         (

@@ -11,7 +11,8 @@
 //!   in through [`http::RouteGroup`]. Who may call what: [`auth`].
 //! * Agents' events ([`events`]): the default webhook sink, bounded.
 //! * IPv6 router advertisements ([`ra`]) so iPXE does not wait for one.
-//! * The image repository ([`repository`]): manifests and chunks over HTTP(S).
+//! * The image repository ([`repository`]): manifests and chunks over HTTP(S),
+//!   and the swarm coordinator ([`swarm`]) of machines restoring an image.
 //! * The lab console ([`console`]): rooms, machines, deployments ([`deploy`]),
 //!   operators and the web pages at `/`, with its state in SQLite ([`db`]).
 //! * Prometheus metrics at `GET /metrics` ([`metrics`]).
@@ -46,6 +47,7 @@ pub mod ra;
 pub mod repository;
 mod server;
 pub mod state;
+pub mod swarm;
 pub mod tftp;
 pub mod tls;
 

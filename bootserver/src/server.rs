@@ -357,6 +357,9 @@ impl Server {
                 groups.push(Arc::new(console.routes(https_addr.map(|a| a.port()))));
             }
             if let Some(r) = &repo {
+                groups.push(Arc::new(crate::swarm::SwarmRoutes(Arc::new(
+                    crate::swarm::Coordinator::new(r.clone(), auth.clone(), Default::default()),
+                ))));
                 groups.push(Arc::new(crate::repository::RepoRoutes(r.clone())));
             }
             groups.push(Arc::new(BootRoutes::new(

@@ -187,6 +187,9 @@ impl Fetcher {
             tries += 1;
             repo.get_chunk(id, &mut self.frame)?;
             stats.bytes_fetched += self.frame.len() as u64;
+            // Held windows come from the repository itself, never from
+            // swarm peers.
+            stats.bytes_from_server += self.frame.len() as u64;
             progress.add_fetched(self.frame.len() as u64);
             match self
                 .dec

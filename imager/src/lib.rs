@@ -27,6 +27,7 @@ pub mod progress;
 pub mod record;
 pub mod repo;
 pub mod restore;
+pub mod swarm;
 pub mod table;
 pub mod tls;
 pub mod verify;

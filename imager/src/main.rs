@@ -62,6 +62,42 @@ struct NetOpts {
     retry_for: u64,
 }
 
+/// Swarm restore (see imager/FORMAT.md, "Swarm").
+#[derive(Args, Clone)]
+struct SwarmArgs {
+    /// Restore together with the other machines restoring this image: fetch
+    /// chunks from peers as the repository's coordinator assigns them, and
+    /// serve the chunks this machine verified (needs an http(s) repository
+    /// served by aula-bootserver; without its coordinator the restore uses
+    /// the repository alone).
+    #[arg(long, conflicts_with = "cache")]
+    swarm: bool,
+    /// Serve peers on this address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:0")]
+    swarm_listen: std::net::SocketAddr,
+    /// Fetch from peers but serve nothing.
+    #[arg(long)]
+    swarm_no_serve: bool,
+    /// After the restore, keep serving peers for up to SECS while other
+    /// members still restore.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    linger: u64,
+    /// RAM kept for verified chunks to serve peers, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    swarm_cache_mib: usize,
+    /// Uploads served to peers at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    swarm_slots: usize,
+    /// Do not serve chunks by reading them back from the target (only from
+    /// the RAM cache).
+    #[arg(long)]
+    swarm_no_target: bool,
+}
+
+/// Fetches at once of a swarm restore (each worker asks the coordinator
+/// for one chunk at a time).
+const SWARM_PARALLEL: usize = 4;
+
 #[derive(Args, Clone)]
 struct Output {
     /// Progress and result as JSON lines on stdout (for programs).
@@ -180,9 +216,12 @@ enum Cmd {
         /// Overwrite a whole partitioned device with a partition image.
         #[arg(long)]
         force: bool,
-        /// Worker threads (default: one per CPU).
+        /// Worker threads (default: one per CPU; with --swarm, 4 fetches at
+        /// once).
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        swarm: SwarmArgs,
         #[command(flatten)]
         out: Output,
     },
@@ -598,20 +637,40 @@ fn run(cli: Cli) -> Result<()> {
             records,
             force,
             threads,
+            swarm,
             out,
         } => {
             if is_legacy_ref(&name) {
+                if swarm.swarm {
+                    bail!(usage(
+                        "--swarm restores images of a repository, not legacy image files"
+                    ));
+                }
                 return restore_legacy(&name, &target, partition, force, &out, &net);
             }
             let (name, version) = parse_image_ref(&name)?;
             let repo =
                 repo.ok_or_else(|| usage("--repo is required to restore an image by name"))?;
-            let mut repo = open_repo(&repo, false, &net)?;
-            if let Some(dir) = &cache {
-                let c = LocalRepo::open(dir, true)
-                    .with_context(|| format!("opening the cache {}", dir.display()))?;
-                repo = Box::new(CachedRepo::new(repo, c).offline(offline));
-            }
+            let (repo, http): (Arc<dyn Repository>, Option<Arc<HttpRepo>>) = if swarm.swarm {
+                if !is_url(&repo) {
+                    bail!(usage(
+                        "--swarm needs an http(s):// repository served by aula-bootserver"
+                    ));
+                }
+                let h = Arc::new(
+                    HttpRepo::new(&repo, http_options(&net)?)
+                        .with_context(|| format!("repository {repo}"))?,
+                );
+                (h.clone(), Some(h))
+            } else {
+                let mut r: Box<dyn Repository> = open_repo(&repo, false, &net)?;
+                if let Some(dir) = &cache {
+                    let c = LocalRepo::open(dir, true)
+                        .with_context(|| format!("opening the cache {}", dir.display()))?;
+                    r = Box::new(CachedRepo::new(r, c).offline(offline));
+                }
+                (Arc::from(r), None)
+            };
             let m = repo
                 .manifest(&name, version)
                 .with_context(|| format!("reading image {name}"))?;
@@ -622,25 +681,54 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 m.kind == ImageKind::Partition,
             )?;
+            let member = match &http {
+                Some(h) => join_swarm(h, &m, &swarm),
+                None => None,
+            };
             let opts = RestoreOptions {
-                threads: threads.unwrap_or_else(|| repo.preferred_threads()),
+                threads: threads.unwrap_or_else(|| match &member {
+                    Some(_) => SWARM_PARALLEL,
+                    None => repo.preferred_threads(),
+                }),
                 delta: !no_delta,
                 records: records.or_else(aula_imager::record::default_dir),
                 scan,
+                feed: member
+                    .clone()
+                    .map(|s| s as Arc<dyn aula_imager::restore::Feed>),
             };
-            let (s, secs) = run_job(&out, "restore", |p| {
+            let res = run_job(&out, "restore", |p| {
                 aula_imager::image::restore_image(&m, dev, partition, repo.as_ref(), &opts, p)
-            })?;
+            });
+            let (s, secs) = match res {
+                Ok(v) => v,
+                Err(e) => {
+                    if let Some(sw) = &member {
+                        sw.leave();
+                    }
+                    return Err(e);
+                }
+            };
+            let swarm_json = member.as_ref().map(|sw| sw.stats());
             print_result(
                 &out,
-                serde_json::json!({"name": m.name, "version": m.image_version, "stats": s, "seconds": secs}),
+                serde_json::json!({"name": m.name, "version": m.image_version, "stats": s, "seconds": secs, "swarm": swarm_json}),
                 format!(
-                    "restored {}@{} onto {}: {} used, {} fetched, {} already in place ({} of {} chunks skipped{}), {:.1} s ({:.0} MiB/s)",
+                    "restored {}@{} onto {}: {} used, {} fetched{}, {} already in place ({} of {} chunks skipped{}), {:.1} s ({:.0} MiB/s)",
                     m.name,
                     m.image_version,
                     target.display(),
                     mib(s.bytes_used),
                     mib(s.bytes_fetched),
+                    if member.is_some() {
+                        format!(
+                            " ({} from the server, {} from peers)",
+                            mib(s.bytes_from_server),
+                            mib(s.bytes_from_peers)
+                        )
+                    } else {
+                        String::new()
+                    },
                     mib(s.bytes_skipped),
                     s.chunks_skipped,
                     s.chunks,
@@ -653,6 +741,30 @@ fn run(cli: Cli) -> Result<()> {
                     s.bytes_used as f64 / 1048576.0 / secs.max(1e-9)
                 ),
             );
+            if let Some(sw) = member {
+                sw.finish();
+                sw.linger(Duration::from_secs(swarm.linger), || {
+                    cancel_flag().load(Ordering::Relaxed)
+                });
+                sw.leave();
+                let st = sw.stats();
+                if out.json {
+                    println!("{}", serde_json::json!({"event": "swarm", "swarm": st}));
+                } else if !out.quiet {
+                    eprintln!(
+                        "swarm {}: served {} chunks ({}) to peers; {} peer fetches failed{}",
+                        st.session,
+                        st.served.chunks_served,
+                        mib(st.served.bytes_served),
+                        st.peer_failures,
+                        if st.avoided.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (avoided: {})", st.avoided.join(", "))
+                        }
+                    );
+                }
+            }
             Ok(())
         }
         Cmd::Import {
@@ -981,6 +1093,32 @@ fn http_options(net: &NetOpts) -> Result<HttpOptions> {
         cancel: Some(cancel_flag().clone()),
         ..Default::default()
     })
+}
+
+/// Join the swarm of `m`; None (and a warning) when it cannot be joined:
+/// the restore then uses the repository alone.
+fn join_swarm(
+    repo: &Arc<HttpRepo>,
+    m: &Manifest,
+    a: &SwarmArgs,
+) -> Option<Arc<aula_imager::swarm::Swarm>> {
+    let opts = aula_imager::swarm::SwarmOptions {
+        listen: (!a.swarm_no_serve).then_some(a.swarm_listen),
+        slots: a.swarm_slots.max(1),
+        cache_bytes: a.swarm_cache_mib << 20,
+        serve_from_target: !a.swarm_no_target,
+        cancel: Some(cancel_flag().clone()),
+        ..Default::default()
+    };
+    match aula_imager::swarm::Swarm::join(repo.clone(), m, opts) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!(
+                "aula-imager: cannot join the swarm ({e}); restoring from the repository alone"
+            );
+            None
+        }
+    }
 }
 
 fn open_repo(spec: &str, create: bool, net: &NetOpts) -> Result<Box<dyn Repository>> {

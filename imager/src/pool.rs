@@ -1,5 +1,6 @@
 //! A tiny scoped worker pool: N threads pull item indices from a shared
-//! counter; the first error (or a cancel) stops everyone at the next item.
+//! counter (or ask a source for work until it has none); the first error
+//! (or a cancel) stops everyone at the next item.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -28,6 +29,26 @@ where
     F: Fn(&mut S, usize) -> Result<()> + Sync,
 {
     let next = AtomicUsize::new(0);
+    run(threads.clamp(1, items.max(1)), progress, init, |state| {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= items {
+            return Ok(false);
+        }
+        work(state, i)?;
+        Ok(true)
+    })
+}
+
+/// Run `step(&mut state)` on `threads` threads, each with its own state
+/// from `init`, until every thread's `step` has returned `Ok(false)` (no
+/// more work), one fails, or the job is cancelled. For work whose items
+/// are not known up front (the swarm hands chunks out as they become
+/// available).
+pub fn run<S, I, F>(threads: usize, progress: &Progress, init: I, step: F) -> Result<()>
+where
+    I: Fn() -> Result<S> + Sync,
+    F: Fn(&mut S) -> Result<bool> + Sync,
+{
     let stop = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
@@ -38,9 +59,8 @@ where
             }
         }
     };
-    let threads = threads.clamp(1, items.max(1));
     std::thread::scope(|s| {
-        for _ in 0..threads {
+        for _ in 0..threads.max(1) {
             s.spawn(|| {
                 let mut state = match init() {
                     Ok(st) => st,
@@ -53,12 +73,10 @@ where
                     if progress.is_cancelled() {
                         return fail(Error::Cancelled);
                     }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= items {
-                        return;
-                    }
-                    if let Err(e) = work(&mut state, i) {
-                        return fail(e);
+                    match step(&mut state) {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => return fail(e),
                     }
                 }
             });

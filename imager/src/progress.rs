@@ -18,8 +18,15 @@ pub struct ProgressEvent {
     pub bytes_done: u64,
     /// Bytes of used data in total.
     pub bytes_total: u64,
-    /// Compressed bytes fetched from the repository (restore).
+    /// Compressed bytes fetched (restore), from the repository and from
+    /// peers.
     pub bytes_fetched: u64,
+    /// Of `bytes_fetched`, those that came from the repository server.
+    #[serde(default)]
+    pub bytes_from_server: u64,
+    /// Of `bytes_fetched`, those that came from peers (swarm restore).
+    #[serde(default)]
+    pub bytes_from_peers: u64,
     /// Used bytes skipped because the target already held them (delta).
     pub bytes_skipped: u64,
     /// Bytes written to the target (restore) or stored in the repository
@@ -41,6 +48,7 @@ pub struct Progress {
     total: AtomicU64,
     done: AtomicU64,
     fetched: AtomicU64,
+    from_peers: AtomicU64,
     skipped: AtomicU64,
     written: AtomicU64,
     cancelled: Arc<AtomicBool>,
@@ -61,6 +69,7 @@ impl Progress {
             total: AtomicU64::new(0),
             done: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
+            from_peers: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             written: AtomicU64::new(0),
             cancelled: Arc::new(AtomicBool::new(false)),
@@ -74,7 +83,13 @@ impl Progress {
             *p = (phase.to_string(), Instant::now());
         }
         self.total.store(total, Ordering::Relaxed);
-        for c in [&self.done, &self.fetched, &self.skipped, &self.written] {
+        for c in [
+            &self.done,
+            &self.fetched,
+            &self.from_peers,
+            &self.skipped,
+            &self.written,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
         if let Ok(mut s) = self.samples.lock() {
@@ -96,6 +111,11 @@ impl Progress {
     /// Compressed bytes fetched.
     pub fn add_fetched(&self, n: u64) {
         self.fetched.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Of the compressed bytes fetched, those that came from a peer
+    /// (counted in `add_fetched` too).
+    pub fn add_from_peers(&self, n: u64) {
+        self.from_peers.fetch_add(n, Ordering::Relaxed);
     }
     /// Used bytes skipped by the delta check.
     pub fn add_skipped(&self, n: u64) {
@@ -156,11 +176,15 @@ impl Progress {
         } else {
             None
         };
+        let fetched = self.fetched.load(Ordering::Relaxed);
+        let from_peers = self.from_peers.load(Ordering::Relaxed).min(fetched);
         ProgressEvent {
             phase,
             bytes_done: done,
             bytes_total: total,
-            bytes_fetched: self.fetched.load(Ordering::Relaxed),
+            bytes_fetched: fetched,
+            bytes_from_server: fetched - from_peers,
+            bytes_from_peers: from_peers,
             bytes_skipped: self.skipped.load(Ordering::Relaxed),
             bytes_written: self.written.load(Ordering::Relaxed),
             rate_bps: rate,

@@ -9,8 +9,19 @@
 //!
 //! Memory: each worker owns a window buffer, a target-read buffer and a
 //! compressed-frame buffer: about `threads × 3 × chunk_size`.
+//!
+//! Order and sources: by default the workers walk the chunk list in order
+//! and fetch every frame from the repository. With a [`Feed`] (the swarm,
+//! `crate::swarm`) the restore first runs the delta check over every window,
+//! tells the feed which chunks it needs, then asks the feed for the next
+//! chunk again and again: the feed decides the order and where each frame
+//! comes from (a peer or the repository). Either way a frame is decompressed
+//! and its SHA-256 checked before any byte of it is written, and a frame
+//! that fails is fetched again from the repository.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::chunk::{is_zero, ChunkId, Decoder, Fingerprint};
 use crate::device::{ReadAt, Region};
@@ -21,6 +32,57 @@ use crate::pool;
 use crate::progress::Progress;
 use crate::record::{self, Known};
 use crate::repo::Repository;
+
+/// A window of the target that holds a verified chunk: written by this
+/// restore after its frame was verified, or found in place by the delta
+/// check. A swarm peer may serve the chunk from here (reading it back,
+/// masking it and checking its SHA-256 again before it serves a byte).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The chunk.
+    pub id: ChunkId,
+    /// The device or file the target lives on.
+    pub device: PathBuf,
+    /// Byte offset of the window on that device.
+    pub offset: u64,
+    /// Window length in bytes (the chunk's content length).
+    pub len: usize,
+    /// Used byte ranges inside the window; the chunk holds zeros elsewhere.
+    pub ranges: Vec<(usize, usize)>,
+}
+
+/// A chunk a [`Feed`] handed to a restore worker, and where its frame came
+/// from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    /// The chunk.
+    pub id: ChunkId,
+    /// The peer that served the frame (its swarm member id); None: the
+    /// repository.
+    pub peer: Option<String>,
+    /// The frame came from this machine itself (a chunk it already restored
+    /// elsewhere on the disk): nothing was fetched.
+    pub local: bool,
+}
+
+/// Chooses the order in which a restore fetches its chunks and where each
+/// frame comes from (the swarm client implements it). The restore verifies
+/// every frame it gets; the feed never has to be trusted.
+pub trait Feed: Send + Sync + std::fmt::Debug {
+    /// A restore of one used map needs `need` (distinct chunk ids, in window
+    /// order); `placed` are the windows the target already holds. Called
+    /// once per used map, before `next`.
+    fn begin(&self, need: &[ChunkId], placed: Vec<Placed>) -> Result<()>;
+    /// The next chunk to fetch, with its frame in `out`; None once every
+    /// needed chunk has been handed out. May block until one is available.
+    fn next(&self, out: &mut Vec<u8>) -> Result<Option<Ticket>>;
+    /// The frame in `out` failed verification (`why`): fetch it again from
+    /// the repository into `out` (and stop using the peer that served it).
+    fn refetch(&self, t: &mut Ticket, why: &str, out: &mut Vec<u8>) -> Result<()>;
+    /// The frame in `frame` was verified and written to `placed`. The feed
+    /// may keep the buffer (e.g. to serve it to peers).
+    fn done(&self, t: Ticket, frame: &mut Vec<u8>, placed: Vec<Placed>);
+}
 
 /// Options for `restore`.
 #[derive(Debug, Clone)]
@@ -37,6 +99,9 @@ pub struct RestoreOptions {
     /// Read and hash the target even when a valid record says what it
     /// holds (the record is still written afterwards).
     pub scan: bool,
+    /// Where chunks come from and in which order (None: the repository, in
+    /// window order).
+    pub feed: Option<Arc<dyn Feed>>,
 }
 
 impl Default for RestoreOptions {
@@ -46,6 +111,7 @@ impl Default for RestoreOptions {
             delta: true,
             records: None,
             scan: false,
+            feed: None,
         }
     }
 }
@@ -61,8 +127,17 @@ pub struct RestoreStats {
     pub chunks_skipped: u64,
     /// Used bytes in the image.
     pub bytes_used: u64,
-    /// Compressed bytes fetched.
+    /// Compressed bytes fetched (from the repository and from peers).
     pub bytes_fetched: u64,
+    /// Of `bytes_fetched`, those that came from the repository server.
+    #[serde(default)]
+    pub bytes_from_server: u64,
+    /// Of `bytes_fetched`, those that came from peers (swarm restore).
+    #[serde(default)]
+    pub bytes_from_peers: u64,
+    /// Chunks that came from peers.
+    #[serde(default)]
+    pub chunks_from_peers: u64,
     /// Used bytes skipped by the delta check.
     pub bytes_skipped: u64,
     /// Of the skipped chunks, those known to be in place from a restore
@@ -81,6 +156,9 @@ impl RestoreStats {
         self.chunks_skipped += o.chunks_skipped;
         self.bytes_used += o.bytes_used;
         self.bytes_fetched += o.bytes_fetched;
+        self.bytes_from_server += o.bytes_from_server;
+        self.bytes_from_peers += o.bytes_from_peers;
+        self.chunks_from_peers += o.chunks_from_peers;
         self.bytes_skipped += o.bytes_skipped;
         self.chunks_unread += o.chunks_unread;
         self.bytes_written += o.bytes_written;
@@ -149,7 +227,8 @@ pub(crate) fn target_matches(
 /// Restore the chunks of one used map onto `target` (a partition-sized
 /// region). With `known` (a valid restore record of the target) the
 /// target is not read: a window the record shows in place is skipped, any
-/// other is fetched.
+/// other is fetched. With `opts.feed` the feed picks the order and the
+/// sources (see the module documentation).
 #[allow(clippy::too_many_arguments)]
 pub fn restore_chunks(
     used: &ExtentMap,
@@ -169,108 +248,311 @@ pub fn restore_chunks(
             have: target.len(),
         });
     }
-    let totals = std::sync::Mutex::new(RestoreStats::default());
-    let attempts = repo.fetch_attempts().max(1);
-    // Read the target to find what it holds, unless a record already says.
-    let scan = opts.delta && known.is_none();
-    pool::for_each(
-        opts.threads,
-        chunks.len(),
+    let job = Job {
+        used,
+        chunk_size,
+        source_size,
+        chunks,
+        target,
+        repo,
+        opts,
+        known,
         progress,
-        || {
-            Ok(Worker {
-                buf: Vec::with_capacity(chunk_size as usize),
-                tbuf: vec![0u8; chunk_size as usize],
-                frame: Vec::new(),
-                dec: Decoder::new()?,
-                stats: RestoreStats::default(),
-            })
-        },
-        |w, k| {
-            let c = &chunks[k];
-            let start = c.index * chunk_size;
-            if scan {
-                // Start reading the window a few chunks ahead so the disk
-                // works while this one is hashed.
-                if let Some(ahead) = chunks.get(k + 2 * opts.threads.max(1)) {
-                    let s = ahead.index * chunk_size;
-                    target.will_need(s, chunk_size.min(source_size - s));
-                }
-            }
-            let len = chunk_size.min(source_size - start) as usize;
-            let ranges = used.window(start, len as u64);
-            let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
-            w.stats.chunks += 1;
-            w.stats.bytes_used += used_here;
-            let in_place = match known {
-                Some(k) => k.holds(used, c, start, len as u64),
-                None => scan && target_matches(target, used, start, len, c, &mut w.tbuf)?,
-            };
-            if in_place {
-                w.stats.chunks_unread += u64::from(known.is_some());
-                w.stats.chunks_skipped += 1;
-                w.stats.bytes_skipped += used_here;
-                progress.add_skipped(used_here);
-                progress.add_done(used_here);
-                return flush(w, &totals);
-            }
-            match &c.id {
-                None => {
-                    for &(s, e) in &coalesced(&ranges) {
-                        target
-                            .zero_range(start + s as u64, (e - s) as u64)
-                            .ctx(|| format!("zeroing the target at byte {}", start + s as u64))?;
-                        w.stats.bytes_written += (e - s) as u64;
-                        progress.add_written((e - s) as u64);
-                    }
-                }
-                Some(id) => {
-                    let mut tries = 0;
-                    loop {
-                        tries += 1;
-                        repo.get_chunk(id, &mut w.frame)?;
-                        w.stats.bytes_fetched += w.frame.len() as u64;
-                        progress.add_fetched(w.frame.len() as u64);
-                        match w.dec.decode_verified(id, &w.frame, len, &mut w.buf) {
-                            Ok(()) => {
-                                repo.verified(id, &w.frame);
-                                break;
-                            }
-                            Err(e @ Error::ChunkCorrupt { .. }) if tries < attempts => {
-                                repo.invalid(id);
-                                tracing::warn!("{e}; fetching it again ({tries}/{attempts})");
-                            }
-                            Err(e) => {
-                                repo.invalid(id);
-                                return Err(e);
-                            }
-                        }
-                    }
-                    if c.b3.is_some_and(|fp| Fingerprint::of(&w.buf) != fp) {
-                        return Err(Error::BadManifest {
-                            source_name: None,
-                            why: format!(
-                                "the fingerprint of chunk {id} does not match its content"
-                            ),
-                        });
-                    }
-                    w.stats.chunks_fetched += 1;
-                    for &(s, e) in &coalesced(&ranges) {
-                        target
-                            .write_all_at(&w.buf[s..e], start + s as u64)
-                            .ctx(|| format!("writing the target at byte {}", start + s as u64))?;
-                        w.stats.bytes_written += (e - s) as u64;
-                        progress.add_written((e - s) as u64);
-                    }
-                }
-            }
-            progress.add_done(used_here);
-            flush(w, &totals)
-        },
-    )?;
-    totals
+        attempts: repo.fetch_attempts().max(1),
+        // Read the target to find what it holds, unless a record already says.
+        scan: opts.delta && known.is_none(),
+        totals: std::sync::Mutex::new(RestoreStats::default()),
+    };
+    match &opts.feed {
+        None => job.in_order()?,
+        Some(feed) => job.fed(feed.as_ref())?,
+    }
+    job.totals
         .into_inner()
         .map_err(|_| Error::Invalid("restore bookkeeping lock poisoned".into()))
+}
+
+/// One `restore_chunks` call.
+struct Job<'a> {
+    used: &'a ExtentMap,
+    chunk_size: u64,
+    source_size: u64,
+    chunks: &'a [ChunkRef],
+    target: &'a Region,
+    repo: &'a dyn Repository,
+    opts: &'a RestoreOptions,
+    known: Option<&'a Known>,
+    progress: &'a Progress,
+    attempts: u32,
+    scan: bool,
+    totals: std::sync::Mutex<RestoreStats>,
+}
+
+/// What the delta check found for a window.
+enum Window {
+    /// The target already holds it (or it is all zeros and was zeroed).
+    Settled,
+    /// Its chunk must be fetched.
+    Fetch,
+}
+
+impl Job<'_> {
+    fn worker(&self) -> Result<Worker> {
+        Ok(Worker {
+            buf: Vec::with_capacity(self.chunk_size as usize),
+            tbuf: vec![0u8; self.chunk_size as usize],
+            frame: Vec::new(),
+            dec: Decoder::new()?,
+            stats: RestoreStats::default(),
+        })
+    }
+
+    /// Start of window `c` and its length.
+    fn span(&self, c: &ChunkRef) -> (u64, usize) {
+        let start = c.index * self.chunk_size;
+        (
+            start,
+            self.chunk_size.min(self.source_size - start) as usize,
+        )
+    }
+
+    /// The target's copy of window `c`, for a swarm peer to serve.
+    fn placed(&self, id: ChunkId, c: &ChunkRef) -> Placed {
+        let (start, len) = self.span(c);
+        Placed {
+            id,
+            device: self.target.device().path().to_path_buf(),
+            offset: self.target.offset() + start,
+            len,
+            ranges: self.used.window(start, len as u64),
+        }
+    }
+
+    /// Account for window `k`, skip it when the target holds it, zero it
+    /// when it is all zeros; else say it must be fetched.
+    fn settle(&self, w: &mut Worker, k: usize) -> Result<Window> {
+        let c = &self.chunks[k];
+        let (start, len) = self.span(c);
+        if self.scan {
+            // Start reading the window a few chunks ahead so the disk
+            // works while this one is hashed.
+            if let Some(ahead) = self.chunks.get(k + 2 * self.opts.threads.max(1)) {
+                let s = ahead.index * self.chunk_size;
+                self.target
+                    .will_need(s, self.chunk_size.min(self.source_size - s));
+            }
+        }
+        let ranges = self.used.window(start, len as u64);
+        let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
+        w.stats.chunks += 1;
+        w.stats.bytes_used += used_here;
+        let in_place = match self.known {
+            Some(k) => k.holds(self.used, c, start, len as u64),
+            None => {
+                self.scan && target_matches(self.target, self.used, start, len, c, &mut w.tbuf)?
+            }
+        };
+        if in_place {
+            w.stats.chunks_unread += u64::from(self.known.is_some());
+            w.stats.chunks_skipped += 1;
+            w.stats.bytes_skipped += used_here;
+            self.progress.add_skipped(used_here);
+            self.progress.add_done(used_here);
+            return Ok(Window::Settled);
+        }
+        if c.id.is_some() {
+            return Ok(Window::Fetch);
+        }
+        for &(s, e) in &coalesced(&ranges) {
+            self.target
+                .zero_range(start + s as u64, (e - s) as u64)
+                .ctx(|| format!("zeroing the target at byte {}", start + s as u64))?;
+            w.stats.bytes_written += (e - s) as u64;
+            self.progress.add_written((e - s) as u64);
+        }
+        self.progress.add_done(used_here);
+        Ok(Window::Settled)
+    }
+
+    /// Write the verified content in `w.buf` to window `c`.
+    fn write(&self, w: &mut Worker, c: &ChunkRef) -> Result<()> {
+        let (start, len) = self.span(c);
+        let ranges = self.used.window(start, len as u64);
+        for &(s, e) in &coalesced(&ranges) {
+            self.target
+                .write_all_at(&w.buf[s..e], start + s as u64)
+                .ctx(|| format!("writing the target at byte {}", start + s as u64))?;
+            w.stats.bytes_written += (e - s) as u64;
+            self.progress.add_written((e - s) as u64);
+        }
+        self.progress
+            .add_done(ranges.iter().map(|&(s, e)| (e - s) as u64).sum());
+        Ok(())
+    }
+
+    /// Check the optional BLAKE3 fingerprint of verified content.
+    fn check_fingerprint(c: &ChunkRef, id: &ChunkId, content: &[u8]) -> Result<()> {
+        if c.b3.is_some_and(|fp| Fingerprint::of(content) != fp) {
+            return Err(Error::BadManifest {
+                source_name: None,
+                why: format!("the fingerprint of chunk {id} does not match its content"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Default order: every window in turn, each chunk from the repository.
+    fn in_order(&self) -> Result<()> {
+        pool::for_each(
+            self.opts.threads,
+            self.chunks.len(),
+            self.progress,
+            || self.worker(),
+            |w, k| {
+                if let Window::Settled = self.settle(w, k)? {
+                    return flush(w, &self.totals);
+                }
+                let c = &self.chunks[k];
+                let Some(id) = &c.id else {
+                    return flush(w, &self.totals);
+                };
+                let (_, len) = self.span(c);
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    self.repo.get_chunk(id, &mut w.frame)?;
+                    let n = w.frame.len() as u64;
+                    w.stats.bytes_fetched += n;
+                    w.stats.bytes_from_server += n;
+                    self.progress.add_fetched(n);
+                    match w.dec.decode_verified(id, &w.frame, len, &mut w.buf) {
+                        Ok(()) => {
+                            self.repo.verified(id, &w.frame);
+                            break;
+                        }
+                        Err(e @ Error::ChunkCorrupt { .. }) if tries < self.attempts => {
+                            self.repo.invalid(id);
+                            tracing::warn!("{e}; fetching it again ({tries}/{})", self.attempts);
+                        }
+                        Err(e) => {
+                            self.repo.invalid(id);
+                            return Err(e);
+                        }
+                    }
+                }
+                Self::check_fingerprint(c, id, &w.buf)?;
+                w.stats.chunks_fetched += 1;
+                self.write(w, c)?;
+                flush(w, &self.totals)
+            },
+        )
+    }
+
+    /// Fed order: the delta check over every window first, then the feed
+    /// hands out the chunks still needed, one at a time, each with its
+    /// frame; each verified chunk is written to every window that holds it.
+    fn fed(&self, feed: &dyn Feed) -> Result<()> {
+        let fetch: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+        let placed: std::sync::Mutex<Vec<Placed>> = std::sync::Mutex::new(Vec::new());
+        let poisoned = || Error::Invalid("restore bookkeeping lock poisoned".into());
+        pool::for_each(
+            self.opts.threads,
+            self.chunks.len(),
+            self.progress,
+            || self.worker(),
+            |w, k| {
+                let c = &self.chunks[k];
+                match (self.settle(w, k)?, c.id) {
+                    (Window::Fetch, _) => fetch.lock().map_err(|_| poisoned())?.push(k),
+                    (Window::Settled, Some(id)) => placed
+                        .lock()
+                        .map_err(|_| poisoned())?
+                        .push(self.placed(id, c)),
+                    (Window::Settled, None) => {}
+                }
+                flush(w, &self.totals)
+            },
+        )?;
+        let mut fetch = fetch.into_inner().map_err(|_| poisoned())?;
+        fetch.sort_unstable();
+        // Each distinct chunk is fetched once and written to all its windows.
+        let mut windows: HashMap<ChunkId, Vec<usize>> = HashMap::new();
+        let mut need = Vec::new();
+        for &k in &fetch {
+            let c = &self.chunks[k];
+            let Some(id) = c.id else { continue };
+            let entry = windows.entry(id).or_default();
+            if entry.is_empty() {
+                need.push(id);
+            } else if self.span(&self.chunks[entry[0]]).1 != self.span(c).1 {
+                return Err(Error::BadManifest {
+                    source_name: None,
+                    why: format!("chunk {id} is listed for windows of different lengths"),
+                });
+            }
+            entry.push(k);
+        }
+        feed.begin(&need, placed.into_inner().map_err(|_| poisoned())?)?;
+        if need.is_empty() {
+            return Ok(());
+        }
+        pool::run(
+            self.opts.threads,
+            self.progress,
+            || self.worker(),
+            |w| {
+                let Some(mut t) = feed.next(&mut w.frame)? else {
+                    return Ok(false);
+                };
+                let Some(ks) = windows.get(&t.id) else {
+                    return Err(Error::Invalid(format!(
+                        "the swarm handed out chunk {}, which this restore does not need",
+                        t.id
+                    )));
+                };
+                let first = &self.chunks[ks[0]];
+                let (_, len) = self.span(first);
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    let n = w.frame.len() as u64;
+                    if !t.local {
+                        w.stats.bytes_fetched += n;
+                        self.progress.add_fetched(n);
+                        if t.peer.is_some() {
+                            w.stats.bytes_from_peers += n;
+                            self.progress.add_from_peers(n);
+                        } else {
+                            w.stats.bytes_from_server += n;
+                        }
+                    }
+                    match w.dec.decode_verified(&t.id, &w.frame, len, &mut w.buf) {
+                        Ok(()) => break,
+                        Err(e @ Error::ChunkCorrupt { .. }) if tries < self.attempts.max(2) => {
+                            tracing::warn!(
+                                "{e} (from {}); fetching it again from the repository",
+                                t.peer.as_deref().unwrap_or("the repository")
+                            );
+                            feed.refetch(&mut t, &e.to_string(), &mut w.frame)?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Self::check_fingerprint(first, &t.id, &w.buf)?;
+                w.stats.chunks_fetched += u64::from(!t.local);
+                w.stats.chunks_from_peers += u64::from(t.peer.is_some() && !t.local);
+                let mut done = Vec::with_capacity(ks.len());
+                for &k in ks {
+                    let c = &self.chunks[k];
+                    self.write(w, c)?;
+                    done.push(self.placed(t.id, c));
+                }
+                feed.done(t, &mut w.frame, done);
+                flush(w, &self.totals)?;
+                Ok(true)
+            },
+        )
+    }
 }
 
 fn flush(w: &mut Worker, totals: &std::sync::Mutex<RestoreStats>) -> Result<()> {

@@ -156,7 +156,12 @@ pub struct BootServer {
 
 impl BootServer {
     pub async fn start(dir: &Path, api_token: &str) -> BootServer {
-        Self::start_with(dir, api_token, "", true).await
+        Self::start_full(dir, api_token, "", true, "127.0.0.1".parse().expect("ip")).await
+    }
+
+    /// [`BootServer::start`] listening on `ip` (e.g. inside a namespace).
+    pub async fn start_on(dir: &Path, api_token: &str, ip: std::net::IpAddr) -> BootServer {
+        Self::start_full(dir, api_token, "", true, ip).await
     }
 
     /// With extra lines in `[repository]` (e.g. a read token), and HTTPS
@@ -167,6 +172,25 @@ impl BootServer {
         repo_extra: &str,
         tls: bool,
     ) -> BootServer {
+        Self::start_full(
+            dir,
+            api_token,
+            repo_extra,
+            tls,
+            "127.0.0.1".parse().expect("ip"),
+        )
+        .await
+    }
+
+    /// Everything chosen: `[repository]` extras, HTTPS on or off, the
+    /// address.
+    pub async fn start_full(
+        dir: &Path,
+        api_token: &str,
+        repo_extra: &str,
+        tls: bool,
+        ip: std::net::IpAddr,
+    ) -> BootServer {
         std::fs::create_dir_all(dir).expect("server dir");
         let live = dir.join("live");
         std::fs::create_dir_all(&live).expect("live");
@@ -175,7 +199,7 @@ impl BootServer {
         // HTTPS on the default path: the server makes its own certificate.
         let text = format!(
             r#"[server]
-address = "127.0.0.1"
+address = "{ip}"
 data_dir = "{data}"
 [dhcp]
 enabled = false
@@ -184,11 +208,11 @@ enabled = false
 [tftp]
 enabled = false
 [http]
-bind = "127.0.0.1:0"
+bind = "{ip}:0"
 api_token = "{api_token}"
 [http.tls]
 enabled = {tls}
-bind = "127.0.0.1:0"
+bind = "{ip}:0"
 [boot]
 kernel = "{live}/vmlinuz"
 initrd = "{live}/initrd.gz"
@@ -435,10 +459,15 @@ pub struct TestCore {
 
 impl TestCore {
     pub async fn start() -> TestCore {
-        let pair = aula_bootserver::tls::self_signed(&["localhost".into(), "127.0.0.1".into()])
-            .expect("cert");
+        Self::start_on("127.0.0.1".parse().expect("ip")).await
+    }
+
+    /// [`TestCore::start`] listening on `ip` (e.g. inside a namespace).
+    pub async fn start_on(ip: std::net::IpAddr) -> TestCore {
+        let pair =
+            aula_bootserver::tls::self_signed(&["localhost".into(), ip.to_string()]).expect("cert");
         let state = Arc::new(CoreState::default());
-        Self::start_with(pair, state, "127.0.0.1:0".parse().expect("addr")).await
+        Self::start_with(pair, state, SocketAddr::new(ip, 0)).await
     }
 
     /// A recorder on `bind` presenting the certificate `pair` (e.g. a

@@ -46,6 +46,10 @@ pub struct HttpOptions {
     /// Bearer token for reads (manifests, chunks, lists), for a repository
     /// that needs one to read (`repository.read_token`).
     pub read_token: Option<String>,
+    /// Bearer token for the swarm coordinator's routes (`/v1/swarm/…`): an
+    /// agent's own registered token, which its boot server knows it by;
+    /// without it the read credential is sent.
+    pub swarm_token: Option<String>,
     /// Keep retrying a failing call for this long.
     pub retry_for: Duration,
     /// A response (or the next piece of its body) must arrive within this.
@@ -64,6 +68,7 @@ impl Default for HttpOptions {
             trust: ServerTrust::System,
             token: None,
             read_token: None,
+            swarm_token: None,
             retry_for: Duration::from_secs(300),
             timeout: Duration::from_secs(30),
             parallel: 8,
@@ -90,6 +95,7 @@ impl std::fmt::Debug for HttpOptions {
             .field("trust", &self.trust)
             .field("token", &self.token.as_ref().map(|_| "…"))
             .field("read_token", &self.read_token.as_ref().map(|_| "…"))
+            .field("swarm_token", &self.swarm_token.as_ref().map(|_| "…"))
             .field("retry_for", &self.retry_for)
             .field("timeout", &self.timeout)
             .field("parallel", &self.parallel)
@@ -196,6 +202,54 @@ impl HttpRepo {
             opts,
             upload_name: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The runtime the client runs on (the swarm's chunk server and peer
+    /// fetches share it).
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.handle.clone()
+    }
+
+    /// One request to a route of the repository service (the swarm
+    /// coordinator's), with the swarm credential (else that of reads) and
+    /// no retry: the
+    /// caller falls back to the repository alone when it fails. The
+    /// response must be complete within `timeout`.
+    pub fn call_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Vec<u8>)> {
+        let req = match self.request(method, path, false, Bytes::from(body)) {
+            Ok(mut r) => {
+                if let Some(t) = &self.opts.swarm_token {
+                    match hyper::header::HeaderValue::from_str(&format!("Bearer {t}")) {
+                        Ok(v) => {
+                            r.headers_mut().insert(AUTHORIZATION, v);
+                        }
+                        Err(_) => {
+                            return Err(Error::Invalid(
+                                "the swarm token is not a header value".into(),
+                            ))
+                        }
+                    }
+                }
+                r
+            }
+            Err(Fail::Fatal(e)) => return Err(e),
+            Err(Fail::Retry(why)) => return Err(Error::Repo(why)),
+        };
+        let uri = self.url(path);
+        match self
+            .block_on(async { tokio::time::timeout(timeout, self.exchange(req, MAX_JSON)).await })
+        {
+            Err(_) => Err(Error::Repo(format!("{uri}: no answer within {timeout:?}"))),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(Fail::Fatal(e))) => Err(e),
+            Ok(Err(Fail::Retry(why))) => Err(Error::Repo(why)),
+        }
     }
 
     /// Chunks a restore should fetch at once.
