@@ -4,9 +4,11 @@
 //! The conversion streams. The partclone stream is read once: its bitmap
 //! gives the used map, and the blocks, as they go by in ascending order,
 //! are laid into chunk windows; a window is handed to a worker as soon as
-//! the stream passes its end, and the worker hashes, compresses and stores
-//! it exactly as `create` does. No temporary disk is written; memory is a
-//! few windows per worker. partclone's CRC32 strips, the decompressor's own
+//! the stream passes its end, and the worker hashes and compresses it
+//! exactly as `create` does, then hands the frame to a writer thread that
+//! stores it (so no compressing core sits idle while a chunk file is
+//! fsynced). No temporary disk is written; memory is a few windows and
+//! frames per worker. partclone's CRC32 strips, the decompressor's own
 //! checks (gzip CRC, zstd checksum, lzop) and OpenGnsys' MD5 sums are
 //! verified as the stream is read; the manifest is published only when all
 //! of them passed, so a corrupt source publishes nothing.
