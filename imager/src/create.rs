@@ -192,6 +192,25 @@ pub(crate) fn chunk_window(
     sizes: &StoredSizes,
     progress: &Progress,
 ) -> Result<ChunkRef> {
+    let mut put = |id: &ChunkId, frame: &mut Vec<u8>| repo.put_chunk(id, frame);
+    chunk_window_with(enc, out, index, content, repo, sizes, progress, &mut put)
+}
+
+/// [`chunk_window`] handing each new frame to `put(id, frame)` instead of
+/// storing it in place: `put` may take the frame away (leaving another
+/// buffer in `frame`) and store it later, as long as it is stored before
+/// the manifest is published.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunk_window_with(
+    enc: &mut Encoder,
+    out: &mut Vec<u8>,
+    index: u64,
+    content: &[u8],
+    repo: &dyn Repository,
+    sizes: &StoredSizes,
+    progress: &Progress,
+    put: &mut dyn FnMut(&ChunkId, &mut Vec<u8>) -> Result<()>,
+) -> Result<ChunkRef> {
     if is_zero(content) {
         return Ok(ChunkRef {
             index,
@@ -214,9 +233,10 @@ pub(crate) fn chunk_window(
             Some(n) => n,
             None => {
                 enc.encode(content, out)?;
-                repo.put_chunk(&id, out)?;
-                progress.add_written(out.len() as u64);
-                out.len() as u64
+                let n = out.len() as u64;
+                put(&id, out)?;
+                progress.add_written(n);
+                n
             }
         };
         sizes

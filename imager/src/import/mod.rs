@@ -4,9 +4,11 @@
 //! The conversion streams. The partclone stream is read once: its bitmap
 //! gives the used map, and the blocks, as they go by in ascending order,
 //! are laid into chunk windows; a window is handed to a worker as soon as
-//! the stream passes its end, and the worker hashes, compresses and stores
-//! it exactly as `create` does. No temporary disk is written; memory is a
-//! few windows per worker. partclone's CRC32 strips, the decompressor's own
+//! the stream passes its end, and the worker hashes and compresses it
+//! exactly as `create` does, then hands the frame to a writer thread that
+//! stores it (so no compressing core sits idle while a chunk file is
+//! fsynced). No temporary disk is written; memory is a few windows and
+//! frames per worker. partclone's CRC32 strips, the decompressor's own
 //! checks (gzip CRC, zstd checksum, lzop) and OpenGnsys' MD5 sums are
 //! verified as the stream is read; the manifest is published only when all
 //! of them passed, so a corrupt source publishes nothing.
@@ -24,8 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Mutex;
 
+use crate::chunk::ChunkId;
 use crate::chunk::Encoder;
-use crate::create::{chunk_window, fill_stored, StoredSizes};
+use crate::create::{chunk_window_with, fill_stored, StoredSizes};
 use crate::device::ReadAt;
 use crate::legacy::{LegacyError, PartcloneStream};
 use crate::manifest::{ChunkRef, DiskPartition, ImageKind, Manifest, Origin};
@@ -119,6 +122,11 @@ impl Default for ImportOptions {
 
 /// Windows waiting for a worker, per worker (bounds memory).
 const QUEUE_PER_WORKER: usize = 4;
+/// Compressed frames waiting for a writer, per worker (bounds memory).
+const FRAMES_PER_WORKER: usize = 2;
+/// Threads storing frames in the repository (they mostly wait on fsync
+/// or the network).
+const WRITERS: usize = 2;
 
 struct Job {
     index: u64,
@@ -162,18 +170,47 @@ pub fn convert(
     // The first window's content, to recognise the filesystem.
     let mut head: Option<Vec<u8>> = None;
 
+    // Finished frames go to writer threads: storing a chunk (write, fsync,
+    // rename) waits on the disk, and a compressing worker that waited
+    // there would leave its core idle.
+    let (frame_tx, frame_rx) = sync_channel::<(ChunkId, Vec<u8>)>(threads * FRAMES_PER_WORKER);
+    let frame_rx = Mutex::new(frame_rx);
+    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let spare_rx = Mutex::new(spare_rx);
+
+    let fail = |e: crate::Error| {
+        stop.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = failed.lock() {
+            f.get_or_insert(e);
+        }
+    };
+
     let outcome = std::thread::scope(|s| {
+        for _ in 0..WRITERS {
+            let spare_tx = spare_tx.clone();
+            let (frame_rx, stop, fail) = (&frame_rx, &stop, &fail);
+            s.spawn(move || loop {
+                let frame = match frame_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((id, frame)) = frame else { return };
+                // After a failure nothing will be published: drain only.
+                if !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = repo.put_chunk(&id, &frame) {
+                        fail(e);
+                    }
+                }
+                let _ = spare_tx.send(frame);
+            });
+        }
+        drop(spare_tx);
         for _ in 0..threads {
             let free_tx = free_tx.clone();
-            let (work_rx, sizes, results, failed, stop) =
-                (&work_rx, &sizes, &results, &failed, &stop);
+            let frame_tx = frame_tx.clone();
+            let (work_rx, sizes, results, stop, fail, spare_rx) =
+                (&work_rx, &sizes, &results, &stop, &fail, &spare_rx);
             s.spawn(move || {
-                let fail = |e: crate::Error| {
-                    stop.store(true, Ordering::SeqCst);
-                    if let Ok(mut f) = failed.lock() {
-                        f.get_or_insert(e);
-                    }
-                };
                 // A worker that cannot start still drains the queue (and
                 // hands buffers back), so the reader never waits forever.
                 let mut enc = match Encoder::new(opts.level) {
@@ -184,6 +221,19 @@ pub fn convert(
                     }
                 };
                 let mut out = Vec::new();
+                // Hands the frame to a writer, taking a spare buffer (or a
+                // new one: at most workers + queue + writers exist).
+                let mut put = |id: &ChunkId, frame: &mut Vec<u8>| -> crate::Result<()> {
+                    let spare = spare_rx
+                        .lock()
+                        .ok()
+                        .and_then(|rx| rx.try_recv().ok())
+                        .unwrap_or_default();
+                    let full = std::mem::replace(frame, spare);
+                    frame_tx
+                        .send((*id, full))
+                        .map_err(|_| crate::Error::Invalid("chunk writers stopped".into()))
+                };
                 loop {
                     let job = match work_rx.lock() {
                         Ok(rx) => rx.recv(),
@@ -191,7 +241,7 @@ pub fn convert(
                     };
                     let Ok(job) = job else { return };
                     if let (Some(enc), false) = (enc.as_mut(), stop.load(Ordering::Relaxed)) {
-                        match chunk_window(
+                        match chunk_window_with(
                             enc,
                             &mut out,
                             job.index,
@@ -199,6 +249,7 @@ pub fn convert(
                             repo,
                             sizes,
                             progress,
+                            &mut put,
                         ) {
                             Ok(c) => {
                                 if let Ok(mut r) = results.lock() {
@@ -212,6 +263,7 @@ pub fn convert(
                 }
             });
         }
+        drop(frame_tx);
         drop(free_tx);
         let mut asm = Assembler {
             cs,
