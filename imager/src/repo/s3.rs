@@ -561,6 +561,17 @@ impl Inner {
         if status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED {
             let text = String::from_utf8_lossy(&out);
             let code = xml_text(&text, "Code").unwrap_or("");
+            // Garage answers AccessDenied for both, saying which in the message.
+            let message = xml_text(&text, "Message")
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            let code = if message.contains("signature") {
+                "SignatureDoesNotMatch"
+            } else if message.contains("no such key") {
+                "InvalidAccessKeyId"
+            } else {
+                code
+            };
             let why = match code {
                 "InvalidAccessKeyId" | "InvalidAccessKey" => format!(
                     "the S3 store does not know access key {} (wrong credentials?)",
