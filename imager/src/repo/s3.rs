@@ -1168,11 +1168,13 @@ impl S3Repo {
             let mut names = Vec::new();
             for o in repo.list_objects("leases/")? {
                 if repo.age(o.modified) < repo.inner.cfg.lease_ttl {
-                    let name = repo
-                        .get_object(&o.key, MAX_OBJECT)?
-                        .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
+                    // Gone since the listing: that upload ended.
+                    let Some(body) = repo.get_object(&o.key, MAX_OBJECT)? else {
+                        continue;
+                    };
+                    let name = serde_json::from_slice::<Lease>(&body)
                         .map(|l| l.name)
-                        .unwrap_or_else(|| o.key.clone());
+                        .unwrap_or_else(|_| o.key.clone());
                     names.push(name);
                 } else {
                     repo.delete_object(&o.key)?;
