@@ -234,6 +234,25 @@ pub struct RepositorySection {
     /// Chunk uploads buffered at once.
     #[serde(default = "default_max_uploads")]
     pub max_uploads: usize,
+    /// Where chunks and manifests live: `dir` (`root`, the default) or
+    /// `s3` (the bucket of `[repository.s3]`, shared by several boot
+    /// servers; `root` then keeps only this server's own state).
+    #[serde(default)]
+    pub backend: RepoBackend,
+    /// `[repository.s3]`: bucket, endpoints, credentials file, cache.
+    #[serde(default)]
+    pub s3: Option<crate::repo_store::S3Settings>,
+}
+
+/// `repository.backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepoBackend {
+    /// A directory.
+    #[default]
+    Dir,
+    /// An S3-compatible bucket.
+    S3,
 }
 
 fn default_gc_grace() -> u64 {
@@ -253,6 +272,8 @@ impl Default for RepositorySection {
             read_token: None,
             gc_grace_s: default_gc_grace(),
             max_uploads: default_max_uploads(),
+            backend: RepoBackend::Dir,
+            s3: None,
         }
     }
 }
@@ -1128,6 +1149,25 @@ impl Config {
             if r.max_uploads == 0 {
                 return Err(invalid("repository.max_uploads", "must be at least 1"));
             }
+            match (r.backend, &r.s3) {
+                (RepoBackend::S3, None) => {
+                    return Err(invalid(
+                        "repository.backend",
+                        "backend \"s3\" needs a [repository.s3] section (url, credentials_file)",
+                    ))
+                }
+                (RepoBackend::S3, Some(s3)) => {
+                    aula_imager::repo::parse_s3_url(&s3.url)
+                        .map_err(|e| invalid("repository.s3.url", e.to_string()))?;
+                    if !s3.credentials_file.is_absolute() {
+                        return Err(invalid(
+                            "repository.s3.credentials_file",
+                            "must be an absolute path",
+                        ));
+                    }
+                }
+                (RepoBackend::Dir, _) => {}
+            }
         }
         let l = &self.limits;
         if !(1..=10_000_000).contains(&l.max_machines) {
@@ -1364,6 +1404,36 @@ cert = \"/x.crt\"
 
     fn with(extra: &str) -> String {
         format!("[server]\naddress = \"10.213.0.1\"\n{extra}")
+    }
+
+    #[test]
+    fn s3_backend_needs_its_section_a_valid_url_and_an_absolute_credentials_file() {
+        let base = "[http]\n[repository]\nbackend = \"s3\"\n";
+        let err = Config::parse(&with(base)).expect_err("no [repository.s3]");
+        assert!(err.to_string().contains("repository.s3"), "{err}");
+        let cfg = Config::parse(&with(&format!(
+            "{base}[repository.s3]\nurl = \"s3://aula/site1\"\ncredentials_file = \"/etc/aula/s3.env\"\n"
+        )))
+        .expect("s3 config");
+        assert_eq!(cfg.repository.backend, RepoBackend::S3);
+        let s3 = cfg.repository.s3.expect("s3 section");
+        assert_eq!((s3.url.as_str(), s3.cache_mib), ("s3://aula/site1", 256));
+        let err = Config::parse(&with(&format!(
+            "{base}[repository.s3]\nurl = \"http://aula\"\ncredentials_file = \"/etc/aula/s3.env\"\n"
+        )))
+        .expect_err("not s3://");
+        assert!(err.to_string().contains("repository.s3.url"), "{err}");
+        let err = Config::parse(&with(&format!(
+            "{base}[repository.s3]\nurl = \"s3://aula\"\ncredentials_file = \"s3.env\"\n"
+        )))
+        .expect_err("relative");
+        assert!(err.to_string().contains("credentials_file"), "{err}");
+        // Credentials have no place in the config itself.
+        let err = Config::parse(&with(&format!(
+            "{base}[repository.s3]\nurl = \"s3://aula\"\ncredentials_file = \"/x\"\nsecret_key = \"x\"\n"
+        )))
+        .expect_err("secret in the config");
+        assert!(err.to_string().contains("secret_key"), "{err}");
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod netutil;
 pub mod persist;
 pub mod ra;
+pub mod repo_store;
 pub mod repository;
 mod server;
 pub mod state;

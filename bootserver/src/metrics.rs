@@ -10,6 +10,7 @@
 //! | `aula_repo_chunks_served_total`, `aula_repo_bytes_served_total` | | chunk GETs answered and their bytes |
 //! | `aula_repo_uploads_total` | `result` (`stored`, `present`, `refused`) | chunk uploads |
 //! | `aula_repo_corrupt_chunks_refused_total` | | uploads refused because the content did not match its id |
+//! | `aula_repo_cache_lookups_total` | `result` (`hit`, `miss`) | chunk reads from an S3-backed repository answered from its memory cache (hit) or the bucket (miss) |
 //! | `aula_agent_registrations_total` | `result` (`new`, `repeat`, `refused`) | agent registrations |
 //! | `aula_agents_registered` | | agents currently bound to their machine |
 //! | `aula_agent_job_states_total` | `state` | job state changes reported by agents' webhooks |
@@ -99,6 +100,7 @@ pub struct Metrics {
     repo_bytes_served: Counter,
     repo_uploads: Family<ResultLabel, Counter>,
     repo_corrupt: Counter,
+    repo_cache: Family<ResultLabel, Counter>,
     registrations: Family<ResultLabel, Counter>,
     agents: Gauge,
     agents_source: Mutex<Option<Arc<dyn Fn() -> i64 + Send + Sync>>>,
@@ -192,6 +194,12 @@ impl Metrics {
             "Chunk uploads refused because their content does not match their id",
             repo_corrupt.clone(),
         );
+        let repo_cache = Family::<ResultLabel, Counter>::default();
+        r.register(
+            "repo_cache_lookups",
+            "Chunk reads of an S3-backed repository by cache result (hit, miss)",
+            repo_cache.clone(),
+        );
         let registrations = Family::<ResultLabel, Counter>::default();
         r.register(
             "agent_registrations",
@@ -221,6 +229,7 @@ impl Metrics {
             repo_bytes_served,
             repo_uploads,
             repo_corrupt,
+            repo_cache,
             registrations,
             agents,
             agents_source: Mutex::new(None),
@@ -286,6 +295,13 @@ impl Metrics {
     pub fn chunk_served(&self, bytes: u64) {
         self.repo_chunks_served.inc();
         self.repo_bytes_served.inc_by(bytes);
+    }
+
+    /// A chunk read of an S3-backed repository: answered from the cache
+    /// (`hit`) or not.
+    pub fn repo_cache(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.repo_cache.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// A chunk upload ended: `stored` (new), `present` (already held) or

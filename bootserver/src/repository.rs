@@ -54,6 +54,8 @@ use aula_imager::chunk::{ChunkId, Decoder};
 use aula_imager::manifest::{validate_name, Manifest};
 use aula_imager::progress::Progress;
 use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
+
+use crate::repo_store::{S3Settings, S3Store, Store};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -103,6 +105,10 @@ pub struct RepoConfig {
     /// Uploads buffered at once.
     #[serde(default = "default_max_uploads")]
     pub max_uploads: usize,
+    /// Keep chunks and manifests in this S3 bucket instead of `root`
+    /// (which then holds only the service's own state).
+    #[serde(default)]
+    pub s3: Option<S3Settings>,
 }
 
 fn default_grace() -> u64 {
@@ -121,6 +127,7 @@ impl RepoConfig {
             read_token: None,
             gc_grace_s: default_grace(),
             max_uploads: default_max_uploads(),
+            s3: None,
         }
     }
 }
@@ -140,7 +147,7 @@ struct PersistedState {
 
 /// The repository service.
 pub struct RepoService {
-    repo: Arc<LocalRepo>,
+    repo: Store,
     auth: Arc<Auth>,
     cfg: RepoConfig,
     /// Captures in progress: image name, when it started and when its
@@ -152,7 +159,7 @@ pub struct RepoService {
     /// Shared by writers, exclusive for garbage collection.
     gc_lock: tokio::sync::RwLock<()>,
     /// The last listing and the image directories' state it was made from.
-    listing: Mutex<Option<(DirsStamp, Arc<Vec<ImageSummary>>)>>,
+    listing: Mutex<Option<(ListingStamp, Arc<Vec<ImageSummary>>)>>,
 }
 
 /// Result of a garbage collection.
@@ -168,6 +175,10 @@ pub struct GcReport {
     pub kept_recent: u64,
     /// Trash entries purged.
     pub trash_purged: u64,
+    /// S3: nothing was removed because these images are being uploaded
+    /// (by this or another boot server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred_for: Vec<String>,
 }
 
 /// Result of an integrity check of one image.
@@ -234,14 +245,26 @@ enum Action<'a> {
 impl RepoService {
     /// Open (or create) the repository and load the service state.
     pub fn open(cfg: RepoConfig) -> Result<RepoService, RepoServiceError> {
-        let repo = LocalRepo::open(&cfg.root, true)?;
-        let swept = repo.sweep_tmp()?;
-        if swept > 0 {
-            tracing::info!(
-                files = swept,
-                "removed temporary files of writers that died"
-            );
-        }
+        let repo = match &cfg.s3 {
+            Some(s3) => {
+                std::fs::create_dir_all(&cfg.root).map_err(|e| aula_imager::Error::Io {
+                    what: format!("creating {}", cfg.root.display()),
+                    source: e,
+                })?;
+                Store::open_s3(s3)?
+            }
+            None => {
+                let repo = LocalRepo::open(&cfg.root, true)?;
+                let swept = repo.sweep_tmp()?;
+                if swept > 0 {
+                    tracing::info!(
+                        files = swept,
+                        "removed temporary files of writers that died"
+                    );
+                }
+                Store::Dir(Arc::new(repo))
+            }
+        };
         sweep_state_temps(&cfg.root);
         let state = std::fs::read(cfg.root.join("service-state.json"))
             .ok()
@@ -256,7 +279,7 @@ impl RepoService {
             None,
         ));
         Ok(RepoService {
-            repo: Arc::new(repo),
+            repo,
             auth,
             upload_slots: Semaphore::new(cfg.max_uploads.max(1)),
             publish_slots: Semaphore::new(PUBLISH_SLOTS),
@@ -277,7 +300,7 @@ impl RepoService {
     }
 
     /// The underlying repository.
-    pub fn repo(&self) -> &Arc<LocalRepo> {
+    pub fn repo(&self) -> &Store {
         &self.repo
     }
 
@@ -409,7 +432,17 @@ impl RepoService {
     /// The images' summaries: the cached listing while no image directory
     /// changed, else a fresh one (blocking).
     fn listing_blocking(&self) -> Result<Arc<Vec<ImageSummary>>, aula_imager::Error> {
-        let stamp = image_dirs_stamp(self.repo.root())?;
+        let stamp = match &self.repo {
+            Store::Dir(d) => ListingStamp::Dirs(image_dirs_stamp(d.root())?),
+            // Other boot servers publish into the bucket too: a listing
+            // is reused for a few seconds only.
+            Store::S3(_) => ListingStamp::Time(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs() / 3)
+                    .unwrap_or(0),
+            ),
+        };
         if let Ok(l) = self.listing.lock() {
             if let Some((_, list)) = l.as_ref().filter(|(s, _)| *s == stamp) {
                 return Ok(list.clone());
@@ -673,7 +706,7 @@ impl RepoService {
                     .principal(req.headers())
                     .is_some_and(|p| p.can_upload_chunks(Some(n)))
             }) {
-                self.note_capture(name);
+                self.note_capture(name).await;
             }
             let _gc = self.gc_lock.read().await;
             let svc = self.clone();
@@ -681,7 +714,11 @@ impl RepoService {
                 tracing::warn!(%id, error = %e, "refreshing a reused chunk");
             }
         }
-        let path = self.repo.chunk_path(&id);
+        let local = match &self.repo {
+            Store::Dir(d) => d.clone(),
+            Store::S3(s) => return self.get_chunk_s3(s.clone(), id, req).await,
+        };
+        let path = local.chunk_path(&id);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -734,22 +771,88 @@ impl RepoService {
             let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), STREAM_BUF);
             StreamBody::new(stream.map_ok(Frame::data)).boxed()
         };
-        let mut r = Response::new(body);
-        *r.status_mut() = status;
-        let h = r.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
-        h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        if let Ok(v) = HeaderValue::from_str(&count.to_string()) {
-            h.insert(CONTENT_LENGTH, v);
+        chunk_response(body, status, start, count, len)
+    }
+
+    /// `get_chunk` from an S3 store: whole frames through the chunk cache;
+    /// with the cache off, a `Range` request becomes a ranged GET.
+    async fn get_chunk_s3(
+        self: &Arc<Self>,
+        s: Arc<S3Store>,
+        id: ChunkId,
+        req: &Request<Incoming>,
+    ) -> Response<Body> {
+        let head = req.method() == Method::HEAD;
+        let range = req.headers().get(RANGE).cloned();
+        let cached = s.cache.max_bytes() > 0;
+        enum Got {
+            Absent,
+            Unsatisfiable(u64),
+            Part(Bytes, StatusCode, u64, u64, u64),
         }
-        if status == StatusCode::PARTIAL_CONTENT {
-            if let Ok(v) =
-                HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1))
-            {
-                h.insert(CONTENT_RANGE, v);
+        let res = self
+            .blocking(move || -> Result<Got, aula_imager::Error> {
+                let ranged = |len: u64| match aula_httpkit::range::parse(range.as_ref(), len) {
+                    RangeSpec::Full => Some((StatusCode::OK, 0, len)),
+                    RangeSpec::Partial(a, b) => Some((StatusCode::PARTIAL_CONTENT, a, b - a + 1)),
+                    RangeSpec::Unsatisfiable => None,
+                };
+                if head || (!cached && range.is_some()) {
+                    let Some(len) = s.repo.chunk_size_stored(&id)? else {
+                        return Ok(Got::Absent);
+                    };
+                    let Some((st, a, n)) = ranged(len) else {
+                        return Ok(Got::Unsatisfiable(len));
+                    };
+                    if head || n == 0 {
+                        return Ok(Got::Part(Bytes::new(), st, a, n, len));
+                    }
+                    return Ok(match s.repo.get_chunk_range(&id, a, a + n - 1)? {
+                        Some(b) if b.len() as u64 == n => Got::Part(Bytes::from(b), st, a, n, len),
+                        Some(b) => {
+                            return Err(aula_imager::Error::Repo(format!(
+                                "chunk {id}: the store answered {} bytes for a range of {n}",
+                                b.len()
+                            )))
+                        }
+                        None => Got::Absent,
+                    });
+                }
+                let Some(frame) = Store::s3_frame(&s, &id)? else {
+                    return Ok(Got::Absent);
+                };
+                let len = frame.len() as u64;
+                let Some((st, a, n)) = ranged(len) else {
+                    return Ok(Got::Unsatisfiable(len));
+                };
+                Ok(Got::Part(
+                    frame.slice(a as usize..(a + n) as usize),
+                    st,
+                    a,
+                    n,
+                    len,
+                ))
+            })
+            .await;
+        match res {
+            Ok(Ok(Got::Absent)) => error(StatusCode::NOT_FOUND, &format!("chunk {id} not found")),
+            Ok(Ok(Got::Unsatisfiable(len))) => {
+                let mut r = error(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    r.headers_mut().insert(CONTENT_RANGE, v);
+                }
+                r
             }
+            Ok(Ok(Got::Part(bytes, status, start, count, len))) => {
+                if !head {
+                    crate::metrics::global().chunk_served(count);
+                }
+                let body = Full::new(bytes).map_err(|e: Infallible| match e {}).boxed();
+                chunk_response(body, status, start, count, len)
+            }
+            Ok(Err(e)) => failure(&format!("reading chunk {id}"), &e),
+            Err(r) => r,
         }
-        r
     }
 
     async fn put_chunk(self: &Arc<Self>, id: &str, req: Request<Incoming>) -> Response<Body> {
@@ -762,7 +865,7 @@ impl RepoService {
             .get("x-aula-image")
             .and_then(|v| v.to_str().ok())
         {
-            self.note_capture(name);
+            self.note_capture(name).await;
         }
         {
             // Content addressed: already present means already correct. It
@@ -817,7 +920,7 @@ impl RepoService {
                     })?;
                 dec.decode_verified(&id, &body, len, &mut out)?;
                 // Acknowledged only once durable.
-                repo.put_chunk_durable(&id, &body)
+                repo.put_durable(&id, &body)
             })
             .await;
         let m = crate::metrics::global();
@@ -840,18 +943,34 @@ impl RepoService {
 
     /// Records a request of the capture of image `name` (one that may
     /// upload it): see [`RepoService::gc_blocking`].
-    fn note_capture(&self, name: &str) {
+    ///
+    /// With an S3 store, the first request of a capture also takes an
+    /// upload lease in the bucket, which keeps every boot server's gc from
+    /// removing chunks until the capture publishes (or goes quiet for the
+    /// grace period).
+    async fn note_capture(self: &Arc<Self>, name: &str) {
         if validate_name(name).is_err() {
             return;
         }
         let stale = Duration::from_secs(self.cfg.gc_grace_s.max(60));
+        let mut new = false;
         if let Ok(mut u) = self.uploads.lock() {
             let now = Instant::now();
-            let e = u.entry(name.to_string()).or_insert((now, now));
+            let e = u.entry(name.to_string()).or_insert_with(|| {
+                new = true;
+                (now, now)
+            });
             if e.1.elapsed() > stale {
                 *e = (now, now);
+                new = true;
             }
             e.1 = now;
+        }
+        if let (true, Store::S3(s)) = (new, &self.repo) {
+            let (s, n) = (s.clone(), name.to_string());
+            if let Ok(Err(e)) = self.blocking(move || s.repo.start_upload(&n)).await {
+                tracing::warn!(image = name, error = %e, "taking an upload lease in the bucket");
+            }
         }
     }
 
@@ -859,7 +978,19 @@ impl RepoService {
     /// of the grace period gets its modification time set to now
     /// (blocking).
     fn refresh_chunk(&self, id: &ChunkId) -> io::Result<bool> {
-        let path = self.repo.chunk_path(id);
+        let local = match &self.repo {
+            Store::Dir(d) => d,
+            // No modification time to refresh in a bucket: the capture's
+            // upload lease keeps gc away instead (see `note_capture`).
+            Store::S3(s) => {
+                return s
+                    .repo
+                    .chunk_size_stored(id)
+                    .map(|o| o.is_some())
+                    .map_err(io::Error::other)
+            }
+        };
+        let path = local.chunk_path(id);
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -902,6 +1033,40 @@ impl RepoService {
     pub fn gc_blocking(&self, purge_trash: bool) -> Result<GcReport, aula_imager::Error> {
         let _exclusive = self.gc_lock.blocking_write();
         let grace = Duration::from_secs(self.cfg.gc_grace_s);
+        if let Store::S3(s) = &self.repo {
+            // Captures that went quiet give up their lease.
+            let quiet: Vec<String> = self
+                .uploads
+                .lock()
+                .map(|mut u| {
+                    let q = u
+                        .iter()
+                        .filter(|(_, (_, last))| {
+                            last.elapsed() > grace.max(Duration::from_secs(60))
+                        })
+                        .map(|(n, _)| n.clone())
+                        .collect::<Vec<_>>();
+                    for n in &q {
+                        u.remove(n);
+                    }
+                    q
+                })
+                .unwrap_or_default();
+            for n in quiet {
+                s.repo.end_upload(&n)?;
+            }
+            let r = s.repo.gc(grace)?;
+            let report = GcReport {
+                referenced: r.referenced,
+                removed_chunks: r.removed_chunks,
+                freed_bytes: r.freed_bytes,
+                kept_recent: r.kept_recent,
+                trash_purged: 0,
+                deferred_for: r.deferred_for,
+            };
+            tracing::info!(?report, "garbage collection (S3)");
+            return Ok(report);
+        }
         let oldest_capture = self.uploads.lock().ok().and_then(|mut u| {
             u.retain(|_, (_, last)| last.elapsed() <= grace.max(Duration::from_secs(60)));
             u.values().map(|(first, _)| first.elapsed()).max()
@@ -922,7 +1087,10 @@ impl RepoService {
             ..Default::default()
         };
         let now = SystemTime::now();
-        let chunks_dir = self.repo.root().join("chunks");
+        let Some(local) = self.repo.local() else {
+            return Err(aula_imager::Error::Repo("no directory repository".into()));
+        };
+        let chunks_dir = local.root().join("chunks");
         let io_err = |what: String| move |source| aula_imager::Error::Io { what, source };
         for sub in std::fs::read_dir(&chunks_dir)
             .map_err(io_err(format!("listing {}", chunks_dir.display())))?
@@ -965,7 +1133,7 @@ impl RepoService {
             }
         }
         if purge_trash {
-            let trash = self.repo.root().join("trash");
+            let trash = local.root().join("trash");
             for e in
                 std::fs::read_dir(&trash).map_err(io_err(format!("listing {}", trash.display())))?
             {
@@ -1028,12 +1196,8 @@ impl RepoService {
             let mut seen = HashSet::new();
             for v in versions {
                 let m = self.repo.manifest(&name, Some(v))?;
-                let r = aula_imager::verify::verify_repo(
-                    &m,
-                    self.repo.as_ref(),
-                    threads,
-                    &Progress::new(),
-                )?;
+                let r =
+                    aula_imager::verify::verify_repo(&m, &self.repo, threads, &Progress::new())?;
                 rep.chunks_checked += r.chunks_checked;
                 for b in r.bad {
                     if seen.insert(b.0) {
@@ -1059,6 +1223,41 @@ impl RepoService {
         self.save_state();
         Ok(out)
     }
+}
+
+/// A chunk download's response: `body` holds bytes `start` .. `start +
+/// count` of a frame of `len` bytes.
+fn chunk_response(
+    body: Body,
+    status: StatusCode,
+    start: u64,
+    count: u64,
+    len: u64,
+) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&count.to_string()) {
+        h.insert(CONTENT_LENGTH, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1))
+        {
+            h.insert(CONTENT_RANGE, v);
+        }
+    }
+    r
+}
+
+/// What a cached listing was made from.
+#[derive(Debug, PartialEq, Eq)]
+enum ListingStamp {
+    /// The image directories' state.
+    Dirs(DirsStamp),
+    /// A few seconds' window (S3: other boot servers publish too).
+    Time(u64),
 }
 
 /// The answer to a storage failure while `what`: 507 when the filesystem

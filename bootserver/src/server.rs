@@ -615,13 +615,17 @@ fn open_repository(
     rc.read_token = r.read_token.clone();
     rc.gc_grace_s = r.gc_grace_s;
     rc.max_uploads = r.max_uploads;
+    rc.s3 = match r.backend {
+        crate::config::RepoBackend::Dir => None,
+        crate::config::RepoBackend::S3 => r.s3.clone(),
+    };
     let svc = crate::repository::RepoService::open(rc)?.with_auth(auth.clone());
     if r.write_token.is_none() && r.write_token_file.is_none() {
         tracing::warn!(
             "no repository.write_token configured: only agents granted capture rights can upload"
         );
     }
-    tracing::info!(root = %svc.repo().root().display(), "image repository");
+    tracing::info!(backend = svc.repo().kind(), location = %aula_imager::repo::Repository::location(svc.repo()), "image repository");
     Ok(Arc::new(svc))
 }
 

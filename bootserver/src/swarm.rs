@@ -54,7 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aula_imager::chunk::ChunkId;
-use aula_imager::repo::{LocalRepo, Repository};
+use aula_imager::repo::Repository;
 use aula_imager::swarm::wire::{
     Assignment, JoinRequest, JoinResponse, LeaveRequest, MemberStatus, SessionStatus, Status,
     SyncRequest, SyncResponse, COORDINATOR, MAX_IDS, SERVER,
@@ -564,7 +564,7 @@ impl Coordinator {
         let name = format!("{}@{}", req.image, req.version);
         let exists = self.lock().sessions.contains_key(&name);
         if !exists {
-            let repo: Arc<LocalRepo> = self.repo.repo().clone();
+            let repo = self.repo.repo().clone();
             let (image, version) = (req.image.clone(), req.version);
             let m = tokio::task::spawn_blocking(move || repo.manifest(&image, Some(version)))
                 .await

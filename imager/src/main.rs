@@ -15,7 +15,8 @@ use aula_imager::manifest::ImageKind;
 use aula_imager::manifest::Manifest;
 use aula_imager::progress::{Progress, ProgressEvent};
 use aula_imager::repo::{
-    parse_image_ref, CachedRepo, HttpOptions, HttpRepo, LocalRepo, Repository,
+    parse_image_ref, CachedRepo, HttpOptions, HttpRepo, LocalRepo, Repository, S3Config,
+    S3Credentials, S3Repo,
 };
 use aula_imager::restore::RestoreOptions;
 use aula_imager::tls::ServerTrust;
@@ -60,6 +61,11 @@ struct NetOpts {
     /// Give up on an unreachable repository after this many seconds.
     #[arg(long, global = true, default_value_t = 300)]
     retry_for: u64,
+    /// For an s3://BUCKET/PREFIX repository: a file of AWS_ACCESS_KEY_ID=,
+    /// AWS_SECRET_ACCESS_KEY=, AWS_ENDPOINT_URL= (comma-separated nodes)
+    /// and AWS_REGION= lines (else those environment variables).
+    #[arg(long, global = true, env = "AULA_S3_CREDENTIALS")]
+    s3_credentials: Option<PathBuf>,
 }
 
 /// Swarm restore (see imager/FORMAT.md, "Swarm").
@@ -114,7 +120,7 @@ enum Cmd {
     Create {
         /// Source: a file or block device.
         source: PathBuf,
-        /// Repository: a directory or an http(s):// URL.
+        /// Repository: a directory, an http(s):// URL or s3://BUCKET/PREFIX.
         #[arg(long)]
         repo: String,
         /// Image name (A-Z a-z 0-9 . _ -).
@@ -151,7 +157,7 @@ enum Cmd {
         /// split parts), an http(s):// URL, `-` for standard input, a
         /// Clonezilla or FOG image directory, or with --all a store.
         source: String,
-        /// Repository: a directory or an http(s):// URL.
+        /// Repository: a directory, an http(s):// URL or s3://BUCKET/PREFIX.
         #[arg(long)]
         repo: String,
         /// Image name (A-Z a-z 0-9 . _ -).
@@ -184,7 +190,7 @@ enum Cmd {
     Restore {
         /// Image name, NAME@VERSION, or a partclone image file or URL.
         name: String,
-        /// Repository: a directory or an http(s):// URL.
+        /// Repository: a directory, an http(s):// URL or s3://BUCKET/PREFIX.
         #[arg(long)]
         repo: Option<String>,
         /// Keep fetched chunks in this directory and use the ones it holds
@@ -229,7 +235,7 @@ enum Cmd {
     Verify {
         /// Image name, or NAME@VERSION.
         name: String,
-        /// Repository: a directory or an http(s):// URL.
+        /// Repository: a directory, an http(s):// URL or s3://BUCKET/PREFIX.
         #[arg(long)]
         repo: String,
         /// Compare this file or device with the image instead.
@@ -247,7 +253,7 @@ enum Cmd {
     Info {
         /// Image name, NAME@VERSION, or a partclone image file or URL.
         name: String,
-        /// Repository: a directory or an http(s):// URL.
+        /// Repository: a directory, an http(s):// URL or s3://BUCKET/PREFIX.
         #[arg(long)]
         repo: Option<String>,
         /// Print the whole manifest.
@@ -258,7 +264,7 @@ enum Cmd {
     },
     /// List the images in a repository.
     List {
-        /// Repository: a directory or an http(s):// URL.
+        /// Repository: a directory, an http(s):// URL or s3://BUCKET/PREFIX.
         #[arg(long)]
         repo: String,
         #[command(flatten)]
@@ -313,11 +319,35 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
+    /// Copy a directory repository into an S3 bucket (resumable: what the
+    /// bucket holds already is skipped).
+    Migrate {
+        /// The directory repository.
+        from: PathBuf,
+        /// The bucket: s3://BUCKET[/PREFIX].
+        to: String,
+        /// Uploads at once.
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Collect garbage in an S3 repository: remove chunks no image version
+    /// references and older than the grace period, unless an upload is in
+    /// progress. (A directory repository is collected by its boot server.)
+    Gc {
+        /// Repository: s3://BUCKET[/PREFIX].
+        #[arg(long)]
+        repo: String,
+        /// Unreferenced chunks younger than this many seconds are kept.
+        #[arg(long, default_value_t = 3600)]
+        grace: u64,
+    },
     /// Delete an image (all versions) from a repository.
     Delete {
         /// Image name.
         name: String,
-        /// Repository: a directory or an http(s):// URL.
+        /// Repository: a directory, an http(s):// URL or s3://BUCKET/PREFIX.
         #[arg(long)]
         repo: String,
     },
@@ -950,6 +980,44 @@ fn run(cli: Cli) -> Result<()> {
             dry_run,
             out,
         } => cmd_partition(device, dsk, layout, opengnsys, sector_size, dry_run, &out),
+        Cmd::Migrate {
+            from,
+            to,
+            threads,
+            out,
+        } => {
+            let src = LocalRepo::open(&from, false)
+                .with_context(|| format!("opening repository {}", from.display()))?;
+            let dst = open_s3(&to, true, &net)?;
+            let quiet = out.quiet || out.json;
+            let report =
+                aula_imager::repo::migrate_dir_to_s3(&src, &dst, threads, &|done, total| {
+                    if !quiet {
+                        eprintln!("aula-imager: migrate: {done}/{total} chunks copied");
+                    }
+                })
+                .with_context(|| format!("migrating {} to {to}", from.display()))?;
+            if out.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!(
+                    "migrated {} into {to}: {} of {} chunks copied ({} bytes), {} of {} manifest versions",
+                    from.display(),
+                    report.chunks_copied,
+                    report.chunks,
+                    report.bytes_copied,
+                    report.manifests_copied,
+                    report.manifests
+                );
+            }
+            Ok(())
+        }
+        Cmd::Gc { repo, grace } => {
+            let s3 = open_s3(&repo, false, &net)?;
+            let r = s3.gc(std::time::Duration::from_secs(grace))?;
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            Ok(())
+        }
         Cmd::Delete { name, repo } => {
             aula_imager::manifest::validate_name(&name)?;
             let repo = open_repo(&repo, false, &net)?;
@@ -1121,7 +1189,33 @@ fn join_swarm(
     }
 }
 
+/// An s3://BUCKET/PREFIX repository, credentials from `--s3-credentials`
+/// (or AULA_S3_CREDENTIALS) or the AWS_* environment variables.
+fn open_s3(spec: &str, create: bool, net: &NetOpts) -> Result<S3Repo> {
+    let (bucket, prefix) =
+        aula_imager::repo::parse_s3_url(spec).map_err(|e| usage(e.to_string()))?;
+    let creds = match &net.s3_credentials {
+        Some(f) => S3Credentials::from_file(f)?,
+        None => S3Credentials::from_env()?,
+    };
+    let cfg = S3Config {
+        endpoints: creds.endpoints,
+        bucket,
+        prefix,
+        region: creds.region.unwrap_or_else(|| "garage".into()),
+        access_key: creds.access_key,
+        secret_key: creds.secret_key,
+        retry_for: std::time::Duration::from_secs(net.retry_for),
+        timeout: std::time::Duration::from_secs(30),
+        lease_ttl: std::time::Duration::from_secs(120),
+    };
+    S3Repo::open(cfg, create).with_context(|| format!("repository {spec}"))
+}
+
 fn open_repo(spec: &str, create: bool, net: &NetOpts) -> Result<Box<dyn Repository>> {
+    if spec.starts_with("s3://") {
+        return Ok(Box::new(open_s3(spec, create, net)?));
+    }
     if is_url(spec) {
         let repo = HttpRepo::new(spec, http_options(net)?)
             .with_context(|| format!("repository {spec}"))?;

@@ -2,7 +2,8 @@
 //!
 //! A repository is a content-addressed chunk store shared by all images plus
 //! a set of named images, each with numbered versions. [`LocalRepo`] is a
-//! directory; the HTTP client (same trait) talks to `aula-bootserver`.
+//! directory; the HTTP client (same trait) talks to `aula-bootserver`;
+//! [`S3Repo`] keeps the same layout in an S3-compatible object store.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,10 +14,14 @@ use crate::manifest::{ImageKind, Manifest};
 mod cached;
 mod http;
 mod local;
+mod migrate;
+mod s3;
 
 pub use cached::{manifest_digest, CachedRepo, ConfirmedManifests};
 pub use http::{HttpOptions, HttpRepo, HttpStream};
 pub use local::LocalRepo;
+pub use migrate::{dir_chunk_ids, migrate_dir_to_s3, MigrateReport};
+pub use s3::{parse_s3_url, ObjectInfo, S3Config, S3Credentials, S3GcReport, S3Repo};
 
 /// One line of `list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,339 @@
+//! Where the repository service keeps chunks and manifests: the storage
+//! backend under [`crate::repository`].
+//!
+//! | backend | `[repository] backend` | storage |
+//! |---|---|---|
+//! | [`Store::Dir`] | `"dir"` (default) | the imager's directory layout ([`LocalRepo`]) |
+//! | [`Store::S3`] | `"s3"` | an S3-compatible bucket ([`S3Repo`]), shared by several boot servers, with a bounded in-memory cache of hot chunks |
+//!
+//! Both implement the imager's [`Repository`] (put-if-absent chunks,
+//! listing, publishing a version without ever overwriting one); what
+//! differs is served by the methods here (durable uploads, ranged reads,
+//! garbage collection, upload leases). Agents never talk to the store: the
+//! boot server serves them over its own HTTP(S), so they need no S3
+//! credentials.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aula_imager::chunk::ChunkId;
+use aula_imager::manifest::Manifest;
+use aula_imager::repo::{
+    parse_s3_url, ImageSummary, LocalRepo, Repository, S3Config, S3Credentials, S3Repo,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// `[repository.s3]`: the bucket and how to reach it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    /// `s3://bucket/prefix` (the prefix may be empty).
+    pub url: String,
+    /// Node endpoints (`http://host:3900`, …), tried in turn; default
+    /// `AWS_ENDPOINT_URL` of the credentials file.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Signing region; default `AWS_REGION` of the file, else `garage`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// File of `AWS_ACCESS_KEY_ID=…`, `AWS_SECRET_ACCESS_KEY=…` (and
+    /// optionally `AWS_ENDPOINT_URL`, `AWS_REGION`) lines. Keep it mode 0600.
+    pub credentials_file: PathBuf,
+    /// Memory for hot chunks (MiB); 0 turns the cache off.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
+    /// Upload leases expire this long (seconds) after their last renewal.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: u64,
+}
+
+fn default_cache_mib() -> u64 {
+    256
+}
+fn default_lease_ttl() -> u64 {
+    120
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("url", &self.url)
+            .field("endpoints", &self.endpoints)
+            .field("credentials_file", &self.credentials_file)
+            .field("cache_mib", &self.cache_mib)
+            .finish()
+    }
+}
+
+impl S3Settings {
+    /// Read the credentials and build the client settings.
+    pub fn client_config(&self) -> Result<S3Config, aula_imager::Error> {
+        let (bucket, prefix) = parse_s3_url(&self.url)?;
+        let creds = S3Credentials::from_file(&self.credentials_file)?;
+        let endpoints = if self.endpoints.is_empty() {
+            creds.endpoints.clone()
+        } else {
+            self.endpoints.clone()
+        };
+        Ok(S3Config {
+            endpoints,
+            bucket,
+            prefix,
+            region: self
+                .region
+                .clone()
+                .or(creds.region.clone())
+                .unwrap_or_else(|| "garage".into()),
+            access_key: creds.access_key,
+            secret_key: creds.secret_key,
+            retry_for: Duration::from_secs(120),
+            timeout: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(self.lease_ttl_s.max(3)),
+        })
+    }
+}
+
+/// A bounded cache of chunk frames, least recently used out first.
+#[derive(Debug)]
+pub struct ChunkCache {
+    max_bytes: u64,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    /// id → (frame, last use tick).
+    map: HashMap<ChunkId, (Bytes, u64)>,
+    /// last use tick → id.
+    order: BTreeMap<u64, ChunkId>,
+    bytes: u64,
+    tick: u64,
+}
+
+impl ChunkCache {
+    /// A cache of at most `max_bytes`.
+    pub fn new(max_bytes: u64) -> ChunkCache {
+        ChunkCache {
+            max_bytes,
+            inner: Mutex::new(CacheInner::default()),
+        }
+    }
+
+    /// The cached frame of `id` (counted as a hit or a miss).
+    pub fn get(&self, id: &ChunkId) -> Option<Bytes> {
+        if self.max_bytes == 0 {
+            return None;
+        }
+        let hit = self.inner.lock().ok().and_then(|mut c| {
+            c.tick += 1;
+            let tick = c.tick;
+            let (frame, old) = {
+                let e = c.map.get_mut(id)?;
+                let old = e.1;
+                e.1 = tick;
+                (e.0.clone(), old)
+            };
+            c.order.remove(&old);
+            c.order.insert(tick, *id);
+            Some(frame)
+        });
+        crate::metrics::global().repo_cache(hit.is_some());
+        hit
+    }
+
+    /// Keep `frame` (evicting the least recently used beyond the bound).
+    pub fn insert(&self, id: ChunkId, frame: Bytes) {
+        let len = frame.len() as u64;
+        if self.max_bytes == 0 || len > self.max_bytes / 4 {
+            return;
+        }
+        if let Ok(mut c) = self.inner.lock() {
+            if c.map.contains_key(&id) {
+                return;
+            }
+            c.tick += 1;
+            let tick = c.tick;
+            c.map.insert(id, (frame, tick));
+            c.order.insert(tick, id);
+            c.bytes += len;
+            while c.bytes > self.max_bytes {
+                let Some((_, victim)) = c.order.pop_first() else {
+                    break;
+                };
+                if let Some((f, _)) = c.map.remove(&victim) {
+                    c.bytes -= f.len() as u64;
+                }
+            }
+        }
+    }
+
+    /// The bound (0: off).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().map(|c| c.bytes).unwrap_or(0)
+    }
+}
+
+/// An S3 store and its chunk cache.
+#[derive(Debug)]
+pub struct S3Store {
+    /// The bucket.
+    pub repo: S3Repo,
+    /// Hot chunks.
+    pub cache: ChunkCache,
+}
+
+/// The repository's storage.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// A directory.
+    Dir(Arc<LocalRepo>),
+    /// An S3 bucket.
+    S3(Arc<S3Store>),
+}
+
+impl Store {
+    /// Open an S3 store.
+    pub fn open_s3(s: &S3Settings) -> Result<Store, aula_imager::Error> {
+        let cfg = s.client_config()?;
+        let repo = S3Repo::open(cfg, true)?;
+        Ok(Store::S3(Arc::new(S3Store {
+            repo,
+            cache: ChunkCache::new(s.cache_mib << 20),
+        })))
+    }
+
+    /// The directory repository, for the directory backend.
+    pub fn local(&self) -> Option<&Arc<LocalRepo>> {
+        match self {
+            Store::Dir(d) => Some(d),
+            Store::S3(_) => None,
+        }
+    }
+
+    /// `dir` or `s3`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Dir(_) => "dir",
+            Store::S3(_) => "s3",
+        }
+    }
+
+    fn inner(&self) -> &dyn Repository {
+        match self {
+            Store::Dir(d) => d.as_ref(),
+            Store::S3(s) => &s.repo,
+        }
+    }
+
+    /// Version numbers of an image, ascending.
+    pub fn versions(&self, name: &str) -> Result<Vec<u32>, aula_imager::Error> {
+        match self {
+            Store::Dir(d) => d.versions(name),
+            Store::S3(s) => s.repo.versions(name),
+        }
+    }
+
+    /// Store an uploaded (verified) chunk and make it durable before
+    /// returning; false when it was present.
+    pub fn put_durable(&self, id: &ChunkId, frame: &[u8]) -> Result<bool, aula_imager::Error> {
+        match self {
+            Store::Dir(d) => d.put_chunk_durable(id, frame),
+            Store::S3(s) => s.repo.put_chunk_if_absent(id, frame),
+        }
+    }
+
+    /// A chunk's whole frame from an S3 store, through the cache; None
+    /// when absent (blocking).
+    pub fn s3_frame(s: &S3Store, id: &ChunkId) -> Result<Option<Bytes>, aula_imager::Error> {
+        if let Some(f) = s.cache.get(id) {
+            return Ok(Some(f));
+        }
+        let mut out = Vec::new();
+        match s.repo.get_chunk(id, &mut out) {
+            Ok(()) => {
+                let b = Bytes::from(out);
+                s.cache.insert(*id, b.clone());
+                Ok(Some(b))
+            }
+            Err(aula_imager::Error::ChunkMissing(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Repository for Store {
+    fn location(&self) -> String {
+        self.inner().location()
+    }
+    fn chunk_size_stored(&self, id: &ChunkId) -> aula_imager::Result<Option<u64>> {
+        self.inner().chunk_size_stored(id)
+    }
+    fn missing_chunks(&self, ids: &[ChunkId]) -> aula_imager::Result<Vec<ChunkId>> {
+        self.inner().missing_chunks(ids)
+    }
+    fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> aula_imager::Result<()> {
+        self.inner().put_chunk(id, frame)
+    }
+    fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> aula_imager::Result<()> {
+        match self {
+            Store::S3(s) => match Store::s3_frame(s, id)? {
+                Some(f) => {
+                    out.clear();
+                    out.extend_from_slice(&f);
+                    Ok(())
+                }
+                None => Err(aula_imager::Error::ChunkMissing(*id)),
+            },
+            Store::Dir(d) => d.get_chunk(id, out),
+        }
+    }
+    fn preferred_threads(&self) -> usize {
+        self.inner().preferred_threads()
+    }
+    fn sync_chunks(&self) -> aula_imager::Result<()> {
+        self.inner().sync_chunks()
+    }
+    fn publish(&self, manifest: &Manifest) -> aula_imager::Result<u32> {
+        self.inner().publish(manifest)
+    }
+    fn manifest(&self, name: &str, version: Option<u32>) -> aula_imager::Result<Manifest> {
+        self.inner().manifest(name, version)
+    }
+    fn list(&self) -> aula_imager::Result<Vec<ImageSummary>> {
+        self.inner().list()
+    }
+    fn delete(&self, name: &str) -> aula_imager::Result<()> {
+        self.inner().delete(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_cache_evicts_the_least_recently_used_within_its_bound() {
+        let c = ChunkCache::new(40);
+        let ids: Vec<ChunkId> = (0u8..4).map(|i| ChunkId::of(&[i; 3])).collect();
+        for id in &ids[..3] {
+            c.insert(*id, Bytes::from(vec![0u8; 10]));
+        }
+        assert!(c.get(&ids[0]).is_some()); // 0 is now the most recent
+        c.insert(ids[3], Bytes::from(vec![0u8; 10]));
+        c.insert(ChunkId::of(b"x"), Bytes::from(vec![0u8; 10])); // evicts 1
+        assert!(c.bytes() <= 40);
+        assert!(c.get(&ids[1]).is_none(), "least recently used evicted");
+        assert!(c.get(&ids[0]).is_some(), "recently used kept");
+        // Too large for the cache: not kept.
+        c.insert(ChunkId::of(b"big"), Bytes::from(vec![0u8; 11]));
+        assert!(c.get(&ChunkId::of(b"big")).is_none());
+    }
+}
