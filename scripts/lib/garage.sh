@@ -6,6 +6,11 @@
 GARAGE_VERSION=${GARAGE_VERSION:-2.5.0}
 GARAGE_ROOT=${GARAGE_ROOT:-/var/cache/aula/garage-$GARAGE_VERSION}
 
+# garage_cached: true when this machine already has the Garage build.
+garage_cached() {
+  [ -x "$GARAGE_ROOT/bin/garage" ] && "$GARAGE_ROOT/bin/garage" --version 2>/dev/null | grep -q "$GARAGE_VERSION"
+}
+
 # ensure_garage: build Garage if the cache has none; exports AULA_GARAGE
 # (the path of the binary), which the S3 tests and bench-repo read.
 ensure_garage() {
