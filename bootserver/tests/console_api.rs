@@ -415,9 +415,10 @@ async fn a_deployment_keeps_every_field_and_bad_fields_or_swarm_are_refused_stor
     );
 
     // Every field: a list of machines, image and version, disk and
-    // partition, unicast-cache, a layout, power off after, tonight at
+    // partition, unicast-cache, a layout, power off after, tomorrow at
     // 02:00, two at a time. It waits for its start time.
-    let start = (time::OffsetDateTime::now_utc() + time::Duration::hours(8))
+    // 02:00 tomorrow (UTC): always in the future, whatever the hour the test runs.
+    let start = (time::OffsetDateTime::now_utc() + time::Duration::days(1))
         .replace_time(time::Time::from_hms(2, 0, 0).expect("02:00"));
     let start_s = start
         .format(&time::format_description::well_known::Rfc3339)
