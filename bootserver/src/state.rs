@@ -494,6 +494,9 @@ pub struct Registry {
     max_machines: usize,
     /// Addresses machines announced on the proxyDHCP port, and when.
     announced: Mutex<HashMap<MacAddr, (Ipv4Addr, u64)>>,
+    /// Machines in the rooms `[boot.secure_boot] rooms` lists (refreshed
+    /// from the database by [`Registry::refresh_secure_boot_rooms`]).
+    secure_boot_rooms: Mutex<std::collections::HashSet<MacAddr>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -545,7 +548,43 @@ impl Registry {
             writes: AtomicU64::new(0),
             max_machines: DEFAULT_MAX_MACHINES,
             announced: Mutex::new(HashMap::new()),
+            secure_boot_rooms: Mutex::new(Default::default()),
         })
+    }
+
+    /// Whether `mac` sits in a room `[boot.secure_boot] rooms` lists (as of
+    /// the last refresh).
+    pub fn in_secure_boot_room(&self, mac: MacAddr) -> bool {
+        self.secure_boot_rooms
+            .lock()
+            .map(|s| s.contains(&mac))
+            .unwrap_or(false)
+    }
+
+    /// Reloads the machines of the rooms named in `rooms` from the database
+    /// (names compare case-insensitively; unknown rooms hold no machine).
+    /// Returns how many machines they hold.
+    pub async fn refresh_secure_boot_rooms(&self, rooms: &[String]) -> Result<usize, StateError> {
+        let rooms = rooms.to_vec();
+        let macs = self
+            .db
+            .call(move |c| {
+                let mut out = std::collections::HashSet::new();
+                for name in &rooms {
+                    if let Some(id) = crate::db::rooms::room_id_by_name(c, name)? {
+                        for m in crate::db::rooms::room_machines(c, id)? {
+                            out.insert(m.mac);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let n = macs.len();
+        if let Ok(mut s) = self.secure_boot_rooms.lock() {
+            *s = macs;
+        }
+        Ok(n)
     }
 
     /// At most `n` machines are known (see the module's bounds).
