@@ -1059,6 +1059,50 @@ mod tests {
     const SRC: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 100));
 
     #[tokio::test]
+    async fn secure_boot_rooms_hold_exactly_the_machines_of_the_listed_rooms() {
+        use crate::db::rooms::{create_room, put_machine, MachineInput};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::load(dir.path()).expect("load");
+        let a: MacAddr = "52:54:00:5b:00:01".parse().expect("mac");
+        let b: MacAddr = "52:54:00:5b:00:02".parse().expect("mac");
+        reg.db()
+            .call_blocking(|c| {
+                let sb = create_room(c, "Lab SB", "")?;
+                let other = create_room(c, "Lab 2", "")?;
+                for (mac, room) in [(a, sb), (b, other)] {
+                    let m = MachineInput {
+                        mac,
+                        room_id: Some(room),
+                        ..Default::default()
+                    };
+                    put_machine(c, &m, false, false)?;
+                }
+                Ok(())
+            })
+            .expect("rooms");
+        let n = reg
+            .refresh_secure_boot_rooms(&["Lab SB".into(), "no such room".into()])
+            .await
+            .expect("refresh");
+        assert_eq!(n, 1);
+        assert!(reg.in_secure_boot_room(a));
+        assert!(!reg.in_secure_boot_room(b));
+        let mut cfg = crate::config::SecureBootConfig {
+            rooms: vec!["Lab SB".into()],
+            ..Default::default()
+        };
+        assert!(cfg.wants(a, reg.in_secure_boot_room(a)));
+        assert!(!cfg.wants(b, reg.in_secure_boot_room(b)));
+        cfg.off = vec![a];
+        assert!(!cfg.wants(a, true), "off wins over the room");
+        cfg.default = true;
+        assert!(cfg.wants(b, false));
+        // The room emptied: the next refresh drops the machine.
+        reg.refresh_secure_boot_rooms(&[]).await.expect("refresh");
+        assert!(!reg.in_secure_boot_room(a));
+    }
+
+    #[tokio::test]
     async fn one_shot_mode_is_consumed_once_and_survives_reload() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mac: MacAddr = "52:54:00:00:00:01".parse().expect("mac");
