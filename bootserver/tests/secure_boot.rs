@@ -66,7 +66,8 @@ fn secure_boot_machines_get_shim_grub_and_a_per_mac_grub_cfg_others_ipxe() {
         let s = client_socket(68);
         // (mac, arch, vendor class, iPXE?, expected boot file)
         let uefi: &[u8] = b"PXEClient:Arch:00007:UNDI:003000";
-        let cases: Vec<([u8; 6], u16, &[u8], bool, &str)> = vec![
+        type Case<'a> = ([u8; 6], u16, &'a [u8], bool, &'a str);
+        let cases: Vec<Case> = vec![
             (SB_MAC, 7, uefi, false, "shimx64.efi"),
             (
                 SB_MAC,
