@@ -20,8 +20,12 @@ pub const SHIM: &str = "shimx64.efi";
 /// GRUB's name: the one shim loads from its own directory.
 pub const GRUB: &str = "grubx64.efi";
 
-/// `host:port` of the plain HTTP listener as GRUB's `(http,host:port)`
-/// device wants it (GRUB has no HTTPS; the boot routes are plain HTTP).
+/// GRUB's `(http,…)` device for the plain HTTP listener (GRUB has no
+/// HTTPS; the boot routes are plain HTTP). Debian 12's GRUB (2.06) takes no
+/// port in the device name and always connects to port 80: the signed
+/// chain needs the HTTP listener (or `[http] public_url`) on port 80; on
+/// another port the device names it as `host:port`, which only GRUB 2.12
+/// and later understand (see [`http_port_ok`]).
 pub fn http_device(cfg: &Config) -> String {
     let url = cfg.public_url();
     let hostport = url
@@ -29,7 +33,13 @@ pub fn http_device(cfg: &Config) -> String {
         .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned());
     let hostport =
         hostport.unwrap_or_else(|| format!("{}:{}", cfg.server.address, cfg.http.bind.port()));
-    format!("(http,{hostport})")
+    let host = hostport.strip_suffix(":80").unwrap_or(&hostport);
+    format!("(http,{host})")
+}
+
+/// Whether Debian 12's GRUB can reach the HTTP listener: port 80.
+pub fn http_port_ok(cfg: &Config) -> bool {
+    !http_device(cfg).contains(':')
 }
 
 /// The first configuration, the same for every machine: it fetches the
@@ -129,6 +139,16 @@ mod tests {
             s.contains("configfile \"(http,10.213.0.1:8080)/boot/grub/${net_default_mac}?ip=${net_default_ip}&mac=${net_default_mac}\""),
             "{s}"
         );
+    }
+
+    #[test]
+    fn port_80_is_left_out_of_the_device_for_grub_2_06() {
+        let c =
+            Config::parse("[server]\naddress = \"10.213.0.1\"\n[http]\nbind = \"0.0.0.0:80\"\n")
+                .expect("config");
+        assert_eq!(http_device(&c), "(http,10.213.0.1)");
+        assert!(http_port_ok(&c));
+        assert!(!http_port_ok(&cfg()));
     }
 
     #[test]

@@ -497,6 +497,9 @@ fn generated_tftp_files(cfg: &Config) -> std::collections::HashMap<String, bytes
     let mut m = std::collections::HashMap::new();
     let sb = &cfg.boot.secure_boot;
     if sb.any() {
+        if !crate::grub::http_port_ok(cfg) {
+            tracing::warn!(device = %crate::grub::http_device(cfg), "[boot.secure_boot]: the HTTP listener is not on port 80; Debian 12's GRUB 2.06 connects to port 80 only, so Secure Boot machines will not load their configuration");
+        }
         m.insert(
             crate::grub::STAGE1_PATH.to_owned(),
             bytes::Bytes::from(crate::grub::stage1(cfg)),
