@@ -170,3 +170,62 @@ make_cpio() {
     "${comp[@]}" >"$out.tmp"
   mv -f "$out.tmp" "$out"
 }
+
+# pe_signature_size FILE: prints the size of the Authenticode signature
+# table of a PE32+ image (its security data directory), 0 when unsigned.
+pe_signature_size() {
+  local f=$1 pe magic
+  pe=$(od -An -t u4 -j 60 -N 4 "$f" | tr -d ' ')
+  [ "$(od -An -c -j "$pe" -N 2 "$f" | tr -d ' ')" = PE ] || { echo 0; return; }
+  magic=$(od -An -t x2 -j $((pe + 24)) -N 2 "$f" | tr -d ' ')
+  [ "$magic" = 020b ] || { echo 0; return; }
+  # PE32+: data directories at optional header + 112; the security one is 5th.
+  od -An -t u4 -j $((pe + 24 + 112 + 4 * 8 + 4)) -N 4 "$f" | tr -d ' '
+}
+
+# signed_chain_fetch: downloads (never installs) shim-signed and
+# grub-efi-amd64-signed and extracts the Microsoft-signed shim and Debian's
+# signed GRUB images: the network one (GRUBNET) and the disk one (GRUBEFI,
+# for the reference Secure Boot disk). Cached in $WORK/signed. Sets SHIM,
+# GRUBNET and GRUBEFI.
+# The kernel of linux-image-<abi>-amd64 is already Debian-signed (the
+# unsigned build is the -unsigned package); check_signed checks all three.
+signed_chain_fetch() {
+  local sdir=$WORK/signed pkg deb
+  SHIM=$sdir/root/usr/lib/shim/shimx64.efi.signed
+  GRUBNET=$sdir/root/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed
+  GRUBEFI=$sdir/root/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
+  export SHIM GRUBNET GRUBEFI
+  if [ -f "$sdir/.done" ] && [ -f "$SHIM" ] && [ -f "$GRUBNET" ] && [ -f "$GRUBEFI" ]; then
+    return 0
+  fi
+  log "fetching shim-signed and grub-efi-amd64-signed (download only, not installed)"
+  rm -rf "$sdir"
+  mkdir -p "$sdir/deb" "$sdir/root"
+  for pkg in shim-signed grub-efi-amd64-signed; do
+    (cd "$sdir/deb" && apt-get download -q "$pkg" 2>&1 | grep -v -e '^W: Download is performed unsandboxed' >&2) ||
+      { apt-get update -qq >/dev/null && (cd "$sdir/deb" && apt-get download -q "$pkg" >/dev/null 2>&1); } ||
+      die "apt-get download $pkg failed"
+  done
+  for deb in "$sdir"/deb/*.deb; do
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$sdir/root" \
+      --wildcards './usr/lib/shim/shimx64.efi.signed' './usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed' \
+      './usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed' \
+      2>/dev/null || true
+  done
+  [ -f "$SHIM" ] || die "shim-signed holds no usr/lib/shim/shimx64.efi.signed"
+  [ -f "$GRUBNET" ] || die "grub-efi-amd64-signed holds no grubnetx64.efi.signed"
+  [ -f "$GRUBEFI" ] || die "grub-efi-amd64-signed holds no grubx64.efi.signed"
+  (cd "$sdir/deb" && ls) >"$sdir/packages.txt"
+  rm -f "$sdir"/deb/*.deb
+  touch "$sdir/.done"
+}
+
+# check_signed FILE...: dies unless every FILE carries an Authenticode signature.
+check_signed() {
+  local f n
+  for f in "$@"; do
+    n=$(pe_signature_size "$f")
+    [ "${n:-0}" -gt 0 ] || die "$f is not a signed EFI image"
+  done
+}

@@ -33,6 +33,7 @@ pub mod api;
 pub mod config;
 pub mod disks;
 pub mod jobs;
+pub mod nvram;
 pub mod opengnsys;
 pub mod power;
 pub mod register;

@@ -694,6 +694,68 @@ pub struct BootConfig {
     /// Boot programs per firmware.
     #[serde(default)]
     pub programs: ProgramsConfig,
+    /// The signed chain (shim → GRUB → kernel) for UEFI Secure Boot.
+    #[serde(default)]
+    pub secure_boot: SecureBootConfig,
+}
+
+/// `[boot.secure_boot]`: which x86-64 UEFI machines get the signed chain
+/// (Microsoft-signed shim, Debian-signed GRUB, Debian-signed kernel) instead
+/// of iPXE, which Secure Boot firmware refuses.
+///
+/// A machine gets it when its MAC is in `machines`, or it is in one of
+/// `rooms` (the console's rooms), or `default` is true; `off` wins over all
+/// three.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureBootConfig {
+    /// Whether machines not listed get the signed chain.
+    #[serde(default)]
+    pub default: bool,
+    /// Rooms (by name) whose machines get it.
+    #[serde(default)]
+    pub rooms: Vec<String>,
+    /// Machines that get it.
+    #[serde(default)]
+    pub machines: Vec<MacAddr>,
+    /// Machines that never get it (iPXE as before).
+    #[serde(default)]
+    pub off: Vec<MacAddr>,
+    /// Directory holding `shimx64.efi` (Debian's `shim-signed`) and
+    /// `grubx64.efi` (Debian's signed network GRUB, `grubnetx64.efi.signed`,
+    /// under the name shim loads), as `live-image/build` puts them beside
+    /// the signed kernel. Read when the server starts; served by TFTP under
+    /// those names and by HTTP under `/boot/live/`.
+    #[serde(default = "default_secure_boot_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for SecureBootConfig {
+    fn default() -> Self {
+        Self {
+            default: false,
+            rooms: Vec::new(),
+            machines: Vec::new(),
+            off: Vec::new(),
+            dir: default_secure_boot_dir(),
+        }
+    }
+}
+
+impl SecureBootConfig {
+    /// Whether `mac` gets the signed chain; `in_listed_room` says whether it
+    /// sits in one of `rooms`.
+    pub fn wants(&self, mac: MacAddr, in_listed_room: bool) -> bool {
+        if self.off.contains(&mac) {
+            return false;
+        }
+        self.machines.contains(&mac) || in_listed_room || self.default
+    }
+
+    /// Whether any machine can get the signed chain.
+    pub fn any(&self) -> bool {
+        self.default || !self.rooms.is_empty() || !self.machines.is_empty()
+    }
 }
 
 impl Default for BootConfig {
@@ -709,6 +771,7 @@ impl Default for BootConfig {
             registration_window_s: default_registration_window(),
             uefi_local: default_uefi_local(),
             programs: ProgramsConfig::default(),
+            secure_boot: SecureBootConfig::default(),
         }
     }
 }
@@ -830,6 +893,9 @@ fn default_uefi_local() -> UefiLocal {
 }
 fn default_bios_program() -> Option<String> {
     Some("undionly.kpxe".into())
+}
+fn default_secure_boot_dir() -> PathBuf {
+    PathBuf::from("/srv/aula/live")
 }
 fn default_uefi_x64_program() -> Option<String> {
     Some("ipxe.efi".into())

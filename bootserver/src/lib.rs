@@ -38,6 +38,7 @@ pub mod db;
 pub mod deploy;
 pub mod dhcp;
 pub mod events;
+pub mod grub;
 pub mod http;
 pub mod mac;
 pub mod metrics;

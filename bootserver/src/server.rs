@@ -201,6 +201,14 @@ impl Server {
                 .clone()
                 .autosave(Duration::from_secs(2), cancel.clone()),
         );
+        let sb_rooms = cfg.boot.secure_boot.rooms.clone();
+        if !sb_rooms.is_empty() {
+            tracker.spawn(refresh_secure_boot_rooms(
+                registry.clone(),
+                sb_rooms,
+                cancel.clone(),
+            ));
+        }
         tracker.close();
         Ok(Self {
             cancel,
@@ -257,9 +265,10 @@ impl Server {
         };
         let tftp_addr = if cfg.tftp.enabled {
             Some(
-                tftp::start(
+                tftp::start_with(
                     &cfg.tftp,
                     programs_of(cfg),
+                    generated_tftp_files(cfg),
                     cfg.tftp_bind(),
                     None,
                     cancel.clone(),
@@ -455,6 +464,59 @@ fn programs_of(cfg: &Config) -> impl Iterator<Item = &str> {
         .into_iter()
         .flatten()
         .map(String::as_str)
+}
+
+/// Keeps the registry's view of the machines in `[boot.secure_boot] rooms`
+/// current: a room change in the console takes effect within 10 s.
+async fn refresh_secure_boot_rooms(
+    registry: Arc<Registry>,
+    rooms: Vec<String>,
+    cancel: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        match registry.refresh_secure_boot_rooms(&rooms).await {
+            Ok(n) if last != Some(n) => {
+                tracing::info!(machines = n, rooms = ?rooms, "Secure Boot rooms");
+                last = Some(n);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the Secure Boot rooms"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}
+
+/// Files the TFTP service generates: GRUB's first configuration of the
+/// Secure Boot chain when any machine may get that chain, and shim and
+/// GRUB from `[boot.secure_boot] dir`.
+fn generated_tftp_files(cfg: &Config) -> std::collections::HashMap<String, bytes::Bytes> {
+    let mut m = std::collections::HashMap::new();
+    let sb = &cfg.boot.secure_boot;
+    if sb.any() {
+        if !crate::grub::http_port_ok(cfg) {
+            tracing::warn!(device = %crate::grub::http_device(cfg), "[boot.secure_boot]: the HTTP listener is not on port 80; Debian 12's GRUB 2.06 connects to port 80 only, so Secure Boot machines will not load their configuration");
+        }
+        m.insert(
+            crate::grub::STAGE1_PATH.to_owned(),
+            bytes::Bytes::from(crate::grub::stage1(cfg)),
+        );
+        for name in [crate::grub::SHIM, crate::grub::GRUB] {
+            let path = sb.dir.join(name);
+            match std::fs::read(&path) {
+                Ok(data) => {
+                    m.insert(name.to_owned(), bytes::Bytes::from(data));
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "[boot.secure_boot]: cannot read a file of the signed chain; Secure Boot machines will not boot (run live-image/build)")
+                }
+            }
+        }
+    }
+    m
 }
 
 /// Every token of the configuration, read from their files, checked to be

@@ -494,6 +494,9 @@ pub struct Registry {
     max_machines: usize,
     /// Addresses machines announced on the proxyDHCP port, and when.
     announced: Mutex<HashMap<MacAddr, (Ipv4Addr, u64)>>,
+    /// Machines in the rooms `[boot.secure_boot] rooms` lists (refreshed
+    /// from the database by [`Registry::refresh_secure_boot_rooms`]).
+    secure_boot_rooms: Mutex<std::collections::HashSet<MacAddr>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -545,7 +548,43 @@ impl Registry {
             writes: AtomicU64::new(0),
             max_machines: DEFAULT_MAX_MACHINES,
             announced: Mutex::new(HashMap::new()),
+            secure_boot_rooms: Mutex::new(Default::default()),
         })
+    }
+
+    /// Whether `mac` sits in a room `[boot.secure_boot] rooms` lists (as of
+    /// the last refresh).
+    pub fn in_secure_boot_room(&self, mac: MacAddr) -> bool {
+        self.secure_boot_rooms
+            .lock()
+            .map(|s| s.contains(&mac))
+            .unwrap_or(false)
+    }
+
+    /// Reloads the machines of the rooms named in `rooms` from the database
+    /// (names compare case-insensitively; unknown rooms hold no machine).
+    /// Returns how many machines they hold.
+    pub async fn refresh_secure_boot_rooms(&self, rooms: &[String]) -> Result<usize, StateError> {
+        let rooms = rooms.to_vec();
+        let macs = self
+            .db
+            .call(move |c| {
+                let mut out = std::collections::HashSet::new();
+                for name in &rooms {
+                    if let Some(id) = crate::db::rooms::room_id_by_name(c, name)? {
+                        for m in crate::db::rooms::room_machines(c, id)? {
+                            out.insert(m.mac);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let n = macs.len();
+        if let Ok(mut s) = self.secure_boot_rooms.lock() {
+            *s = macs;
+        }
+        Ok(n)
     }
 
     /// At most `n` machines are known (see the module's bounds).
@@ -1018,6 +1057,50 @@ mod tests {
     use super::*;
 
     const SRC: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 100));
+
+    #[tokio::test]
+    async fn secure_boot_rooms_hold_exactly_the_machines_of_the_listed_rooms() {
+        use crate::db::rooms::{create_room, put_machine, MachineInput};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::load(dir.path()).expect("load");
+        let a: MacAddr = "52:54:00:5b:00:01".parse().expect("mac");
+        let b: MacAddr = "52:54:00:5b:00:02".parse().expect("mac");
+        reg.db()
+            .call_blocking(|c| {
+                let sb = create_room(c, "Lab SB", "")?;
+                let other = create_room(c, "Lab 2", "")?;
+                for (mac, room) in [(a, sb), (b, other)] {
+                    let m = MachineInput {
+                        mac,
+                        room_id: Some(room),
+                        ..Default::default()
+                    };
+                    put_machine(c, &m, false, false)?;
+                }
+                Ok(())
+            })
+            .expect("rooms");
+        let n = reg
+            .refresh_secure_boot_rooms(&["Lab SB".into(), "no such room".into()])
+            .await
+            .expect("refresh");
+        assert_eq!(n, 1);
+        assert!(reg.in_secure_boot_room(a));
+        assert!(!reg.in_secure_boot_room(b));
+        let mut cfg = crate::config::SecureBootConfig {
+            rooms: vec!["Lab SB".into()],
+            ..Default::default()
+        };
+        assert!(cfg.wants(a, reg.in_secure_boot_room(a)));
+        assert!(!cfg.wants(b, reg.in_secure_boot_room(b)));
+        cfg.off = vec![a];
+        assert!(!cfg.wants(a, true), "off wins over the room");
+        cfg.default = true;
+        assert!(cfg.wants(b, false));
+        // The room emptied: the next refresh drops the machine.
+        reg.refresh_secure_boot_rooms(&[]).await.expect("refresh");
+        assert!(!reg.in_secure_boot_room(a));
+    }
 
     #[tokio::test]
     async fn one_shot_mode_is_consumed_once_and_survives_reload() {

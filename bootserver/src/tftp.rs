@@ -373,6 +373,8 @@ struct Shared {
     pending: Mutex<Pending>,
     cache: FileCache,
     bind_ip: std::net::IpAddr,
+    /// Files the server generates (relative names), served before the root.
+    generated: HashMap<PathBuf, Bytes>,
 }
 
 /// Requests waiting for their client's first acknowledgement.
@@ -506,6 +508,25 @@ pub fn start<'a>(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<TftpService, TftpError> {
+    start_with(cfg, programs, HashMap::new(), bind, device, cancel, tracker)
+}
+
+/// [`start`], also serving `generated` files (relative names such as
+/// `grub/grub.cfg`, looked up before the root; a request may name them with
+/// a leading `/`, as GRUB does).
+pub fn start_with<'a>(
+    cfg: &TftpConfig,
+    programs: impl IntoIterator<Item = &'a str>,
+    generated: HashMap<String, Bytes>,
+    bind: SocketAddr,
+    device: Option<&str>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<TftpService, TftpError> {
+    let generated = generated
+        .into_iter()
+        .filter_map(|(k, v)| safe_relative_path(&k).map(|p| (p, v)))
+        .collect();
     let root = ConfinedRoot::open_with_programs(&cfg.root, programs).map_err(|source| {
         TftpError::Root {
             path: cfg.root.clone(),
@@ -527,6 +548,7 @@ pub fn start<'a>(
         cache: FileCache::default(),
         cfg: cfg.clone(),
         bind_ip: bind.ip(),
+        generated,
     });
     tracing::info!(%local_addr, root = %shared.root.path().display(), "TFTP service started");
     let t2 = tracker.clone();
@@ -635,7 +657,12 @@ impl Shared {
         }
         let me = self.clone();
         let name = req.filename.clone();
-        let loaded = tokio::task::spawn_blocking(move || me.cache.load(&me.root, &name)).await;
+        let generated = safe_relative_path(name.strip_prefix('/').unwrap_or(&name))
+            .and_then(|p| self.generated.get(&p).cloned());
+        let loaded = match generated {
+            Some(d) => Ok(Ok(d)),
+            None => tokio::task::spawn_blocking(move || me.cache.load(&me.root, &name)).await,
+        };
         let data = match loaded {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {

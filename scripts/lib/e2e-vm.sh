@@ -5,6 +5,9 @@
 
 OVMF_CODE=${OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS_TEMPLATE=${OVMF_VARS_TEMPLATE:-/usr/share/OVMF/OVMF_VARS_4M.fd}
+# Secure Boot: the SMM build and variables with Microsoft's keys enrolled.
+OVMF_SB_CODE=${OVMF_SB_CODE:-/usr/share/OVMF/OVMF_CODE_4M.secboot.fd}
+OVMF_SB_VARS_TEMPLATE=${OVMF_SB_VARS_TEMPLATE:-/usr/share/OVMF/OVMF_VARS_4M.ms.fd}
 VM_TIMEOUT_S=${VM_TIMEOUT_S:-300}
 VM_PID=""
 VM_T0=""
@@ -49,6 +52,17 @@ vm_uefi_args() {
   # no DHCPv6 server, and OVMF would spend ~70 s on PXEv6 before trying the
   # disk when a machine boots locally.
   printf '%s\n' -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE" \
+    -drive "if=pflash,format=raw,unit=1,file=$1" \
+    -fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=n
+}
+
+# vm_uefi_sb_args VARS_COPY: OVMF with Secure Boot on (SMM, secure flash,
+# Microsoft keys enrolled), with a private copy of the variables.
+vm_uefi_sb_args() {
+  cp -f "$OVMF_SB_VARS_TEMPLATE" "$1"
+  printf '%s\n' -machine smm=on -global driver=cfi.pflash01,property=secure,value=on \
+    -global ICH9-LPC.disable_s3=1 \
+    -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_SB_CODE" \
     -drive "if=pflash,format=raw,unit=1,file=$1" \
     -fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=n
 }

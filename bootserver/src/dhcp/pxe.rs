@@ -114,7 +114,10 @@ fn machine_id(req: &Request<'_>) -> Option<Vec<u8>> {
 /// * iPXE (user class `iPXE`) gets the HTTP URL of its per-MAC script, so it
 ///   never downloads iPXE again (no loop);
 /// * UEFI HTTP boot clients get the HTTP URL of their boot program;
-/// * PXE firmware gets its boot program's TFTP path.
+/// * PXE firmware gets its boot program's TFTP path;
+/// * but an x86-64 UEFI client (PXE or HTTP boot) that is not iPXE gets
+///   `shim` (the signed chain: shim → GRUB → kernel) instead of iPXE when
+///   `shim` is given, i.e. when the machine's `secure_boot` is on.
 ///
 /// `proxy` selects proxyDHCP behaviour for option 43: UEFI firmware gets no
 /// discovery-control option there, since several implementations ignore a
@@ -126,10 +129,19 @@ pub fn boot_for(
     programs: &ProgramsConfig,
     base_url: &str,
     proxy: bool,
+    shim: Option<&str>,
 ) -> Option<PxeBoot> {
     let vendor_class = if kind.http { "HTTPClient" } else { "PXEClient" };
+    let signed = shim
+        .filter(|_| !kind.ipxe && matches!(kind.firmware, Firmware::UefiX64 | Firmware::HttpX64));
     let (file, discovery_control) = if kind.ipxe {
         (script_url(base_url, mac), false)
+    } else if let Some(shim) = signed {
+        if kind.http {
+            (format!("{base_url}/boot/live/{shim}"), false)
+        } else {
+            (shim.to_owned(), !proxy)
+        }
     } else if kind.http {
         let prog = kind.firmware.program(programs)?;
         (format!("{base_url}/boot/programs/{prog}"), false)
@@ -148,4 +160,9 @@ pub fn boot_for(
 /// URL of the per-MAC iPXE script.
 pub fn script_url(base_url: &str, mac: MacAddr) -> String {
     format!("{base_url}/boot/ipxe/{}", mac.dashed())
+}
+
+/// URL of the per-MAC GRUB configuration of the signed chain.
+pub fn grub_cfg_url(base_url: &str, mac: MacAddr) -> String {
+    format!("{base_url}/boot/grub/{}", mac.dashed())
 }

@@ -277,6 +277,8 @@ impl Shared {
         proxy: bool,
     ) -> Option<packet::PxeBoot> {
         let k = kind?;
+        let sb = &self.cfg.boot.secure_boot;
+        let signed = sb.any() && sb.wants(req.mac, self.registry.in_secure_boot_room(req.mac));
         let b = pxe::boot_for(
             req,
             k,
@@ -284,10 +286,11 @@ impl Shared {
             &self.cfg.boot.programs,
             &self.base_url,
             proxy,
+            signed.then_some(crate::grub::SHIM),
         );
         match &b {
             Some(b) => {
-                tracing::info!(mac = %req.mac, firmware = ?k.firmware, ipxe = k.ipxe, file = %b.file, msg = ?req.msg_type, "netboot client")
+                tracing::info!(mac = %req.mac, firmware = ?k.firmware, ipxe = k.ipxe, secure_boot = signed, file = %b.file, msg = ?req.msg_type, "netboot client")
             }
             None => {
                 tracing::info!(mac = %req.mac, firmware = ?k.firmware, "no boot program configured for this firmware")

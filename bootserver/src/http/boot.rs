@@ -4,7 +4,11 @@
 //!
 //! * `GET /boot/ipxe/{mac}[?ip=…&mac=…]` — the iPXE script for that
 //!   machine's boot mode.
-//! * `GET|HEAD /boot/live/{kernel or initrd file name}` — with `Range`.
+//! * `GET /boot/grub/{mac}[?ip=…&mac=…]` — the same for the Secure Boot
+//!   chain: a GRUB configuration (see [`crate::grub`]). It plays the iPXE
+//!   script's role in everything below (one-shot modes, boot sessions).
+//! * `GET|HEAD /boot/live/{kernel or initrd file name}` — with `Range`;
+//!   also `shimx64.efi` and `grubx64.efi` of `[boot.secure_boot] dir`.
 //! * `GET|HEAD /boot/programs/{path}` — files under the TFTP root.
 //!
 //! # Whose script request counts
@@ -34,7 +38,7 @@ use super::{
     error_json, response, BoxFuture, HttpRequest, HttpResponse, RequestContext, RouteGroup,
 };
 use crate::config::{BootMode, Config, DhcpMode, UefiLocal};
-use crate::dhcp::pxe::script_url;
+use crate::dhcp::pxe::{grub_cfg_url, script_url};
 use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
 use crate::state::Registry;
@@ -169,33 +173,53 @@ impl BootRoutes {
         }
     }
 
+    /// The live kernel command line (without `initrd=`): `BOOTIF=`,
+    /// `aula.server=`, `aula.core=`, `aula.server_fp=`, `aula.tls=off`,
+    /// `aula.boot=<nonce>`, then the configured extra words.
+    pub fn live_args(&self, mac: MacAddr, nonce: &str) -> Vec<String> {
+        let b = &self.cfg.boot;
+        let mut args = vec![
+            format!("BOOTIF=01-{}", mac.dashed()),
+            format!("aula.server={}", self.live.server_url),
+        ];
+        if let Some(core) = &b.core_url {
+            args.push(format!("aula.core={core}"));
+        }
+        if let Some(fp) = &self.live.server_fp {
+            args.push(format!("aula.server_fp={fp}"));
+        }
+        if self.live.tls_off {
+            args.push("aula.tls=off".into());
+        }
+        args.push(format!("aula.boot={nonce}"));
+        args.extend(b.cmdline.split_whitespace().map(str::to_owned));
+        args
+    }
+
+    /// The GRUB configuration of the signed chain for `mode`.
+    pub fn grub_cfg(&self, mac: MacAddr, mode: BootMode, nonce: &str) -> String {
+        crate::grub::machine(
+            &self.cfg,
+            mac,
+            mode,
+            &self.kernel_name,
+            &self.initrd_name,
+            &self.live_args(mac, nonce),
+        )
+    }
+
     /// The iPXE script for `mode`; a live script puts `nonce` on the kernel
     /// line (`aula.boot=`).
     pub fn script(&self, mac: MacAddr, mode: BootMode, nonce: &str) -> String {
         let base = self.cfg.public_url();
         match mode {
             BootMode::Live => {
-                let b = &self.cfg.boot;
-                let server = &self.live.server_url;
-                let mut args = format!(
-                    "initrd={initrd} BOOTIF=01-{dashed} aula.server={server}",
-                    initrd = self.initrd_name,
-                    dashed = mac.dashed(),
+                // The EFI stub loads the initrd iPXE registered by this name.
+                let args = format!(
+                    "initrd={} {}",
+                    self.initrd_name,
+                    self.live_args(mac, nonce).join(" ")
                 );
-                if let Some(core) = &b.core_url {
-                    args.push_str(&format!(" aula.core={core}"));
-                }
-                if let Some(fp) = &self.live.server_fp {
-                    args.push_str(&format!(" aula.server_fp={fp}"));
-                }
-                if self.live.tls_off {
-                    args.push_str(" aula.tls=off");
-                }
-                args.push_str(&format!(" aula.boot={nonce}"));
-                if !b.cmdline.trim().is_empty() {
-                    args.push(' ');
-                    args.push_str(b.cmdline.trim());
-                }
                 format!(
                     "#!ipxe\n\
                      # Aula: live boot for {mac}\n\
@@ -243,6 +267,7 @@ impl BootRoutes {
         mac: &str,
         query: Option<&str>,
         ctx: RequestContext,
+        grub: bool,
     ) -> HttpResponse {
         let Ok(mac) = mac.parse::<MacAddr>() else {
             return error_json(StatusCode::BAD_REQUEST, "not a MAC address");
@@ -281,23 +306,30 @@ impl BootRoutes {
         let nonce = nonce
             .or_else(crate::state::random_nonce)
             .unwrap_or_else(|| "none".into());
-        tracing::info!(%mac, %mode, session = verified.is_some() && mode == BootMode::Live, url = %script_url(&self.cfg.public_url(), mac), "serving iPXE script");
-        response(
-            StatusCode::OK,
-            "text/plain; charset=utf-8",
-            self.script(mac, mode, &nonce),
-        )
+        let session = verified.is_some() && mode == BootMode::Live;
+        let body = if grub {
+            tracing::info!(%mac, %mode, session, url = %grub_cfg_url(&self.cfg.public_url(), mac), "serving GRUB configuration (signed chain)");
+            self.grub_cfg(mac, mode, &nonce)
+        } else {
+            tracing::info!(%mac, %mode, session, url = %script_url(&self.cfg.public_url(), mac), "serving iPXE script");
+            self.script(mac, mode, &nonce)
+        };
+        response(StatusCode::OK, "text/plain; charset=utf-8", body)
     }
 
     async fn live_file(&self, req: &HttpRequest, name: &str) -> HttpResponse {
+        let sb = &self.cfg.boot.secure_boot;
         let path = if name == self.kernel_name {
-            &self.cfg.boot.kernel
+            self.cfg.boot.kernel.clone()
         } else if name == self.initrd_name {
-            &self.cfg.boot.initrd
+            self.cfg.boot.initrd.clone()
+        } else if sb.any() && (name == crate::grub::SHIM || name == crate::grub::GRUB) {
+            // UEFI HTTP boot of the signed chain: shim, then the GRUB
+            // beside it (shim loads it relative to its own URL).
+            sb.dir.join(name)
         } else {
             return error_json(StatusCode::NOT_FOUND, "no such live file");
         };
-        let path = path.clone();
         match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
             Ok(Ok(f)) => {
                 serve_file(req.method(), req.headers(), f, "application/octet-stream").await
@@ -352,7 +384,9 @@ impl RouteGroup for BootRoutes {
             }
             let path = req.uri().path().to_owned();
             if let Some(mac) = path.strip_prefix("/boot/ipxe/") {
-                self.ipxe_script(mac, req.uri().query(), ctx).await
+                self.ipxe_script(mac, req.uri().query(), ctx, false).await
+            } else if let Some(mac) = path.strip_prefix("/boot/grub/") {
+                self.ipxe_script(mac, req.uri().query(), ctx, true).await
             } else if let Some(name) = path.strip_prefix("/boot/live/") {
                 self.live_file(&req, name).await
             } else if let Some(rel) = path.strip_prefix("/boot/programs/") {
