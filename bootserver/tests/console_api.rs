@@ -385,10 +385,9 @@ async fn a_deployment_keeps_every_field_and_bad_fields_or_swarm_are_refused_stor
     };
     for (body, says) in [
         (
-            with("method", json!("swarm")),
-            "method swarm is not available yet",
+            with("method", json!("multicast")),
+            "not one of unicast, unicast-cache, swarm",
         ),
-        (with("method", json!("multicast")), "method"),
         (
             with("after", json!("explode")),
             "expected one of `reboot-local`, `poweroff`, `stay`",
