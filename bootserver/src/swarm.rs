@@ -85,7 +85,10 @@ const WAKE: usize = 32;
 /// Coordinator settings.
 #[derive(Debug, Clone)]
 pub struct SwarmConfig {
-    /// Chunks the server sends at once per session.
+    /// Chunks the server sends at once per session. A slot is held from
+    /// the assignment until the member reports the chunk verified and
+    /// written, longer than the transfer itself: 8 keeps the server's port
+    /// busy while members verify what they received.
     pub server_slots: u32,
     /// A member must sync at least this often.
     pub heartbeat: Duration,
@@ -106,7 +109,7 @@ pub struct SwarmConfig {
 impl Default for SwarmConfig {
     fn default() -> Self {
         SwarmConfig {
-            server_slots: 4,
+            server_slots: 8,
             heartbeat: Duration::from_secs(6),
             expire: Duration::from_secs(20),
             max_wait: Duration::from_secs(5),
