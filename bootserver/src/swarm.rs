@@ -582,7 +582,13 @@ impl Coordinator {
         aula_imager::manifest::validate_name(&req.image)
             .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
         let name = format!("{}@{}", req.image, req.version);
-        let exists = self.lock().sessions.contains_key(&name);
+        // Sweep first: a session that expired since its last member left
+        // is made again here, not found now and swept away below.
+        let exists = {
+            let mut inner = self.lock();
+            self.sweep(&mut inner);
+            inner.sessions.contains_key(&name)
+        };
         if !exists {
             let repo: Arc<LocalRepo> = self.repo.repo().clone();
             let (image, version) = (req.image.clone(), req.version);
