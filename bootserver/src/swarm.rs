@@ -23,18 +23,23 @@
 //! slots):
 //! 1. while the server has a free upload slot (`server_slots`, shared
 //!    among the members still restoring, so new chunks enter the swarm at
-//!    different members), the next chunk from the member's own starting
-//!    point that nobody holds or is fetching goes from the server: the
-//!    server sends each chunk about once, and stays busy;
+//!    different members: the pipeline), the next chunk from the member's
+//!    own starting point that nobody holds or is fetching goes from the
+//!    server: the server sends each chunk once, and stays busy;
 //! 2. else the rarest chunk the member needs (chunks are kept in buckets by
 //!    holder count) that a live, unbanned, not avoided holder with a free
 //!    upload slot holds, from the least busy such holder, at most one fetch
 //!    per (member, source) pair at a time so each source feeds several
 //!    members;
-//! 3. else any chunk it needs from such a holder; else, once the member has
-//!    waited `starve` with nothing, a chunk it needs from a free server
-//!    slot (the last chunks, or peers all busy);
-//! 4. else it waits (long poll) until something changes.
+//! 3. else any chunk it needs from such a holder;
+//! 4. else, with a free server slot, a chunk it needs that no member can
+//!    send it any more (every holder left, was banned, or failed it) and
+//!    that the server is not already sending anyone: the only second
+//!    copies the server sends (besides a member's own fallback after a
+//!    peer failed it);
+//! 5. else it waits (long poll) until something changes: a chunk in flight
+//!    from the server to one member is taken from that member once it
+//!    holds it, never fetched from the server a second time.
 //!
 //! Each pick looks at a bounded number of chunks and holders, whatever the
 //! image and room size; a change wakes every waiting request in a small
@@ -80,15 +85,15 @@ const WAKE: usize = 32;
 /// Coordinator settings.
 #[derive(Debug, Clone)]
 pub struct SwarmConfig {
-    /// Chunks the server sends at once per session.
+    /// Chunks the server sends at once per session. A slot is held from
+    /// the assignment until the member reports the chunk verified and
+    /// written, longer than the transfer itself: 8 keeps the server's port
+    /// busy while members verify what they received.
     pub server_slots: u32,
     /// A member must sync at least this often.
     pub heartbeat: Duration,
     /// A member silent for this long is forgotten.
     pub expire: Duration,
-    /// A member that waited this long with nothing gets a server slot even
-    /// for a chunk peers hold.
-    pub starve: Duration,
     /// Longest long poll.
     pub max_wait: Duration,
     /// An assignment not reported within this is released.
@@ -104,10 +109,9 @@ pub struct SwarmConfig {
 impl Default for SwarmConfig {
     fn default() -> Self {
         SwarmConfig {
-            server_slots: 4,
+            server_slots: 8,
             heartbeat: Duration::from_secs(6),
             expire: Duration::from_secs(20),
-            starve: Duration::from_millis(1500),
             max_wait: Duration::from_secs(5),
             lease: Duration::from_secs(180),
             ban_reporters: 2,
@@ -167,6 +171,8 @@ struct Session {
     /// Chunks by how many members hold them (`rarity[k]`: held by k).
     rarity: Vec<BTreeSet<u32>>,
     inflight: Vec<u32>,
+    /// Transfers of each chunk in flight from the server.
+    server_inflight: Vec<u32>,
     server_uploads: u32,
     bytes_server: u64,
     bytes_peers: u64,
@@ -229,7 +235,11 @@ impl Session {
         };
         self.inflight[c as usize] = self.inflight[c as usize].saturating_sub(1);
         match lease.0 {
-            Source::Server => self.server_uploads = self.server_uploads.saturating_sub(1),
+            Source::Server => {
+                self.server_uploads = self.server_uploads.saturating_sub(1);
+                self.server_inflight[c as usize] =
+                    self.server_inflight[c as usize].saturating_sub(1);
+            }
             Source::Peer(p) => {
                 if let Some(pm) = self.member_mut(p) {
                     pm.uploads = pm.uploads.saturating_sub(1);
@@ -348,7 +358,7 @@ impl Session {
 
     /// Pick work for member `m`, or None. Bounded: it looks at no more than
     /// [`SCAN`] chunks in each step and [`SOURCES`] holders of each.
-    fn pick(&mut self, m: usize, server_slots: u32, allow_dup: bool) -> Option<(u32, Source)> {
+    fn pick(&mut self, m: usize, server_slots: u32) -> Option<(u32, Source)> {
         let me = self.member(m)?;
         let n = self.ids.len() as u32;
         if n == 0 {
@@ -407,20 +417,29 @@ impl Session {
             }
         }
         // 3. Any chunk it needs from a free peer, walking its own list (short
-        //    for a member near the end); else, when it has waited long
-        //    enough, from the server even if peers hold it.
-        let mut dup = None;
+        //    for a member near the end).
+        let mut orphan = None;
         for &c in me.order.iter().filter(|&&c| wants(c)).take(SCAN) {
             if let Some(h) = self.source(m, c as usize) {
                 return Some((c, Source::Peer(h)));
             }
-            dup = dup.or(Some(c));
+            // 4. A chunk no member can send it (every holder left, was
+            //    banned or is avoided by it) and the server is not sending.
+            let ci = c as usize;
+            if orphan.is_none()
+                && self.server_inflight[ci] == 0
+                && self.holders[ci].iter().all(|h| me.avoid.contains(h))
+            {
+                orphan = Some(c);
+            }
         }
-        if allow_dup && self.server_uploads < server_slots && mine < share.max(2) {
-            if let Some(c) = dup {
+        if self.server_uploads < server_slots && mine < share.max(2) {
+            if let Some(c) = orphan {
                 return Some((c, Source::Server));
             }
         }
+        // 5. Nothing now: the member waits (a chunk in flight from the
+        //    server is taken from its first holder).
         None
     }
 
@@ -429,6 +448,7 @@ impl Session {
         let (from, addr) = match src {
             Source::Server => {
                 self.server_uploads += 1;
+                self.server_inflight[c as usize] += 1;
                 (SERVER.to_string(), None)
             }
             Source::Peer(p) => match self.member_mut(p) {
@@ -562,7 +582,13 @@ impl Coordinator {
         aula_imager::manifest::validate_name(&req.image)
             .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
         let name = format!("{}@{}", req.image, req.version);
-        let exists = self.lock().sessions.contains_key(&name);
+        // Sweep first: a session that expired since its last member left
+        // is made again here, not found now and swept away below.
+        let exists = {
+            let mut inner = self.lock();
+            self.sweep(&mut inner);
+            inner.sessions.contains_key(&name)
+        };
         if !exists {
             let repo = self.repo.repo().clone();
             let (image, version) = (req.image.clone(), req.version);
@@ -606,6 +632,7 @@ impl Coordinator {
                         holders: vec![Vec::new(); n],
                         rarity: vec![(0..n as u32).collect()],
                         inflight: vec![0; n],
+                        server_inflight: vec![0; n],
                         server_uploads: 0,
                         bytes_server: 0,
                         bytes_peers: 0,
@@ -856,9 +883,8 @@ impl Coordinator {
                         "no such swarm member".into(),
                     ));
                 }
-                let starved = started.elapsed() >= self.cfg.starve;
                 while (assign.len() as u32) < req.ask.min(16) {
-                    match s.pick(m, self.cfg.server_slots, starved) {
+                    match s.pick(m, self.cfg.server_slots) {
                         Some((c, src)) => assign.push(s.lease(m, c, src)),
                         None => break,
                     }
@@ -884,13 +910,8 @@ impl Coordinator {
                     });
                 }
             }
-            // Wake on any change, or when starving begins, or at the end.
-            let until_starve = self.cfg.starve.saturating_sub(started.elapsed());
-            let nap = if until_starve.is_zero() {
-                wait.saturating_sub(started.elapsed())
-            } else {
-                until_starve.min(wait.saturating_sub(started.elapsed()))
-            };
+            // Wake on any change, or at the end.
+            let nap = wait.saturating_sub(started.elapsed());
             self.waiting
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = tokio::time::timeout(nap.max(Duration::from_millis(10)), notified).await;
@@ -1086,6 +1107,7 @@ mod tests {
             holders: vec![Vec::new(); n],
             rarity: vec![(0..n as u32).collect()],
             inflight: vec![0; n],
+            server_inflight: vec![0; n],
             server_uploads: 0,
             bytes_server: 0,
             bytes_peers: 0,
@@ -1127,37 +1149,47 @@ mod tests {
         let a = add(&mut s, 0, true);
         let b = add(&mut s, 2, true);
         // a gets chunk 0 from the server, b chunk 2 (its own starting point).
-        let (c, src) = s.pick(a, 2, false).expect("work for a");
+        let (c, src) = s.pick(a, 2).expect("work for a");
         assert_eq!((c, src), (0, Source::Server));
         s.lease(a, c, src);
-        let (c, src) = s.pick(b, 2, false).expect("work for b");
+        let (c, src) = s.pick(b, 2).expect("work for b");
         assert_eq!((c, src), (2, Source::Server));
         s.lease(b, c, src);
         // Both server slots busy, nothing held yet: b waits.
-        assert_eq!(s.pick(b, 2, false), None);
+        assert_eq!(s.pick(b, 2), None);
         // a finishes chunk 0: b (its server share in use) fetches it from a.
         s.release(a, 0);
         s.set_serves(a, 0, true);
-        assert_eq!(s.pick(b, 2, false), Some((0, Source::Peer(a))));
+        assert_eq!(s.pick(b, 2), Some((0, Source::Peer(a))));
         // a's free server share goes to a new chunk, the next in its walk.
-        assert_eq!(s.pick(a, 2, false), Some((1, Source::Server)));
+        assert_eq!(s.pick(a, 2), Some((1, Source::Server)));
         s.lease(a, 1, Source::Server);
         // A member alone gets every server slot.
         let mut solo = session(4);
         let x = add(&mut solo, 0, true);
         for want in 0..4 {
-            let (c, src) = solo.pick(x, 4, false).expect("work");
+            let (c, src) = solo.pick(x, 4).expect("work");
             assert_eq!((c, src), (want, Source::Server));
             solo.lease(x, c, src);
         }
-        // A chunk in flight is not sent by the server twice unless starving.
+        // A chunk in flight from the server is never sent twice: a waits,
+        // however long, and takes it from b once b holds it.
         s.release(b, 2);
         s.set_serves(b, 2, true);
-        assert_eq!(s.pick(b, 4, false), Some((3, Source::Server)));
+        assert_eq!(s.pick(b, 4), Some((3, Source::Server)));
         s.lease(b, 3, Source::Server);
         s.lease(a, 2, Source::Peer(b));
-        assert_eq!(s.pick(a, 4, false), None, "1 and 3 are in flight, 0 held");
-        assert_eq!(s.pick(a, 4, true), Some((3, Source::Server)));
+        assert_eq!(s.pick(a, 4), None, "1 and 3 are in flight, 0 held");
+        assert_eq!(s.pick(a, 4), None, "asking again changes nothing");
+        s.release(b, 3);
+        s.set_serves(b, 3, true);
+        s.release(a, 2);
+        s.set_serves(a, 2, true);
+        assert_eq!(s.pick(a, 4), Some((3, Source::Peer(b))));
+        // b leaves before a took it: nobody holds 3 any more, so the server
+        // sends it a second time.
+        s.remove_member(b);
+        assert_eq!(s.pick(a, 4), Some((3, Source::Server)));
     }
 
     #[test]
@@ -1172,12 +1204,12 @@ mod tests {
             s.set_serves(m, ch, true);
         }
         // No server slots: d takes the rarest chunk held by a free peer.
-        let (ch, src) = s.pick(d, 0, false).expect("work");
+        let (ch, src) = s.pick(d, 0).expect("work");
         assert!(ch == 1 || ch == 2, "a rare chunk first, got {ch}");
         s.lease(d, ch, src);
-        let (ch2, src2) = s.pick(d, 0, false).expect("work");
+        let (ch2, src2) = s.pick(d, 0).expect("work");
         s.lease(d, ch2, src2);
-        let (ch3, src3) = s.pick(d, 0, false).expect("work");
+        let (ch3, src3) = s.pick(d, 0).expect("work");
         assert_eq!(ch3, 0);
         assert_eq!(src3, Source::Peer(b), "a is busier than b");
         s.lease(d, ch3, src3);
@@ -1185,7 +1217,7 @@ mod tests {
         let e = add(&mut s, 0, true);
         s.member_mut(b).expect("b").uploads = 2;
         s.member_mut(a).expect("a").uploads = 2;
-        assert_eq!(s.pick(e, 0, false).map(|x| x.0), Some(2));
+        assert_eq!(s.pick(e, 0).map(|x| x.0), Some(2));
     }
 
     #[test]
@@ -1197,12 +1229,15 @@ mod tests {
         s.set_serves(a, 0, true);
         s.set_serves(a, 1, true);
         s.member_mut(b).expect("b").avoid.insert(a);
-        assert_eq!(s.pick(b, 0, false), None);
-        // For b, a chunk only an avoided member holds comes from the server
-        // once b has waited.
-        assert_eq!(s.pick(b, 1, false), None);
-        assert_eq!(s.pick(b, 1, true), Some((0, Source::Server)));
-        let (ch, src) = s.pick(c, 0, false).expect("work");
+        assert_eq!(s.pick(b, 0), None);
+        // For b, a chunk only an avoided member holds comes from the server.
+        assert_eq!(s.pick(b, 1), Some((0, Source::Server)));
+        // For c, whose holder is only busy, nothing: it waits for a, and
+        // the server sends no second copy.
+        s.member_mut(a).expect("a").uploads = 2;
+        assert_eq!(s.pick(c, 4), None);
+        s.member_mut(a).expect("a").uploads = 0;
+        let (ch, src) = s.pick(c, 0).expect("work");
         assert_eq!(src, Source::Peer(a));
         s.lease(c, ch, src);
         assert_eq!(s.member(a).expect("a").uploads, 1);
@@ -1212,14 +1247,14 @@ mod tests {
         // Banned: never a source again, for anyone.
         let e = add(&mut s, 0, true);
         s.ban(a);
-        assert_eq!(s.pick(e, 0, false), None);
-        assert_eq!(s.pick(e, 1, false), Some((0, Source::Server)));
+        assert_eq!(s.pick(e, 0), None);
+        assert_eq!(s.pick(e, 1), Some((0, Source::Server)));
         s.remove_member(a);
         assert!(s.holders.iter().all(Vec::is_empty));
         // Non-serving members are never sources.
         let d = add(&mut s, 0, false);
         s.set_serves(d, 0, true);
-        assert_eq!(s.pick(b, 0, false), None);
+        assert_eq!(s.pick(b, 0), None);
     }
 
     #[test]
@@ -1250,7 +1285,7 @@ mod tests {
             for &m in &order {
                 while s.member(m).expect("m").leases.len() < 4 {
                     picks += 1;
-                    let Some((c, src)) = s.pick(m, 4, false) else {
+                    let Some((c, src)) = s.pick(m, 4) else {
                         break;
                     };
                     server_sends += usize::from(src == Source::Server);

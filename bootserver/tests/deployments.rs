@@ -371,3 +371,90 @@ async fn cancelling_a_machine_and_a_scheduled_deployment() {
     let v = wait_deployment(&c, id, Duration::from_secs(10)).await;
     assert_eq!(v["state"], "cancelled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_swarm_deployment_restores_a_room_whose_agents_take_chunks_from_each_other() {
+    if !in_netns("a_swarm_deployment_restores_a_room_whose_agents_take_chunks_from_each_other") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProc::start(&dir.path().join("server"), "");
+    let c = server.client();
+    let files = vec![("data/blob.bin", pseudo_random(23, 24 << 20))];
+    let src = ext4_image(dir.path(), 48, &files);
+    upload(&server, &src, "lab", 1 << 20).await;
+    c.ok(Method::POST, "/v1/rooms", Some(json!({"name": "S"})))
+        .await;
+    // The agents fetch from their boot server directly: it is their
+    // repository, so they join its swarm with their own registered tokens.
+    let macs = [
+        "52:54:00:d2:00:01",
+        "52:54:00:d2:00:02",
+        "52:54:00:d2:00:03",
+    ];
+    let mut disks = Vec::new();
+    let mut agents = Vec::new();
+    for (i, mac) in macs.iter().enumerate() {
+        let disk = dir.path().join(format!("disk{i}.img"));
+        let f = std::fs::File::create(&disk).expect("disk");
+        f.set_len(160 * MIB).expect("size");
+        drop(f);
+        c.ok(
+            Method::POST,
+            "/v1/machines",
+            Some(json!({"mac": mac, "name": format!("s{i}"), "room": "S"})),
+        )
+        .await;
+        agents.push(start_agent(&server, &dir.path().join(format!("agent{i}")), mac, &disk).await);
+        disks.push(disk);
+    }
+    wait_agents(&c, 3).await;
+    let dep = c
+        .ok(
+            Method::POST,
+            "/v1/deployments",
+            Some(
+                json!({"room": "S", "image": "lab", "disk": 1, "partition": 2,
+                        "method": "swarm", "layout": layout(), "after": "stay"}),
+            ),
+        )
+        .await;
+    assert_eq!(dep["method"], "swarm", "{dep:#}");
+    let id = dep["id"].as_i64().expect("id");
+    let end = wait_deployment(&c, id, Duration::from_secs(240)).await;
+    // The members' session stays listed a while after they leave.
+    let swarm = c.ok(Method::GET, "/v1/swarm", None).await;
+    assert_eq!(end["done"], 3, "{end:#}");
+    for (i, disk) in disks.iter().enumerate() {
+        let (bytes, diff) = partition_equals_image(&server.repo_dir(), "lab", disk, 2);
+        assert!(
+            diff.is_empty(),
+            "s{i}: windows {diff:?} differ from the image"
+        );
+        assert!(bytes > 24 << 20, "{bytes}");
+    }
+    let logs = server.logs();
+    assert_eq!(
+        logs.matches("swarm member joined").count(),
+        3,
+        "every agent joined the image's swarm:\n{logs}"
+    );
+    let s = swarm["sessions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["session"] == "lab@1"))
+        .unwrap_or_else(|| panic!("no session lab@1: {swarm:#}"));
+    let (image, server_b, peers) = (
+        s["image_bytes"].as_u64().expect("image_bytes"),
+        s["bytes_from_server"].as_u64().expect("bytes_from_server"),
+        s["bytes_from_peers"].as_u64().expect("bytes_from_peers"),
+    );
+    eprintln!("image {image} B: {server_b} B from the server, {peers} B from peers");
+    assert!(peers > 0, "no chunk came from a peer: {s:#}");
+    assert!(
+        server_b < 2 * image,
+        "the server sent {server_b} B of a {image} B image to 3 machines: {s:#}"
+    );
+    for a in agents {
+        a.shutdown().await;
+    }
+}

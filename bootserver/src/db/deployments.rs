@@ -69,7 +69,7 @@ pub struct Deployment {
     pub disk: u32,
     /// Partition (`None` = whole disk).
     pub partition: Option<u32>,
-    /// `unicast` or `unicast-cache`.
+    /// `unicast`, `unicast-cache` or `swarm`.
     pub method: String,
     /// Layout: a `LayoutSpec`, `"machine"` (each machine's own), or none.
     pub layout: Option<serde_json::Value>,

@@ -262,14 +262,12 @@ pub fn parse_time(s: &str) -> Result<i64, DeployError> {
 /// Checks a method name.
 pub fn check_method(m: &str) -> Result<(), DeployError> {
     match m {
-        "unicast" | "unicast-cache" => Ok(()),
-        // Issue 14 brings it; until then a deployment must not start with
-        // a method no agent runs.
-        "swarm" => Err(DeployError::Invalid(
-            "method swarm is not available yet: use unicast or unicast-cache".into(),
-        )),
+        // swarm: the agents fetch from each other under the repository's
+        // coordinator (`/v1/swarm`), the server sending each chunk about
+        // once per room.
+        "unicast" | "unicast-cache" | "swarm" => Ok(()),
         other => Err(DeployError::Invalid(format!(
-            "method {other:?} is not one of unicast, unicast-cache"
+            "method {other:?} is not one of unicast, unicast-cache, swarm"
         ))),
     }
 }

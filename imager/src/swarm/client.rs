@@ -37,6 +37,9 @@ const COORDINATOR_PAUSE: Duration = Duration::from_secs(10);
 /// well before).
 const STARVED: Duration = Duration::from_secs(20);
 
+/// After a peer answered busy, wait this long before asking again.
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
+
 /// How a member takes part.
 #[derive(Debug, Clone)]
 pub struct SwarmOptions {
@@ -498,8 +501,11 @@ impl Swarm {
         });
     }
 
-    /// Fetch an assigned chunk: from its peer, or the repository.
-    fn fetch(&self, a: &Assignment, out: &mut Vec<u8>) -> Result<Ticket> {
+    /// Fetch an assigned chunk: from its peer, or the repository when the
+    /// peer failed it. None: the peer was only busy (all its upload slots
+    /// taken); the chunk is wanted again and the coordinator asked anew,
+    /// so the server sends no second copy for a busy peer.
+    fn fetch(&self, a: &Assignment, out: &mut Vec<u8>) -> Result<Option<Ticket>> {
         self.assigned.fetch_add(1, Ordering::Relaxed);
         if a.from != SERVER {
             self.assigned_peers.fetch_add(1, Ordering::Relaxed);
@@ -507,24 +513,39 @@ impl Swarm {
             match a.addr {
                 Some(addr) if !avoided => match self.fetch_peer(addr, &a.id, out) {
                     Ok(()) => {
-                        return Ok(Ticket {
+                        return Ok(Some(Ticket {
                             id: a.id,
                             peer: Some(a.from.clone()),
                             local: false,
-                        })
+                        }))
                     }
                     Err(why) if why == "cancelled" => return Err(Error::Cancelled),
-                    Err(why) => self.peer_failed(&a.id, &a.from, &why),
+                    Err(why) => {
+                        self.peer_failed(&a.id, &a.from, &why);
+                        if why == "busy" {
+                            {
+                                let mut g = self.lock();
+                                g.inflight.remove(&a.id);
+                                if g.pending_set.insert(a.id) {
+                                    g.pending.push_front(a.id);
+                                }
+                            }
+                            // Its slots free within a chunk's time; do
+                            // not hammer it (or the coordinator) meanwhile.
+                            std::thread::sleep(BUSY_PAUSE);
+                            return Ok(None);
+                        }
+                    }
                 },
                 _ => {}
             }
         }
         self.repo.get_chunk(&a.id, out)?;
-        Ok(Ticket {
+        Ok(Some(Ticket {
             id: a.id,
             peer: None,
             local: false,
-        })
+        }))
     }
 
     /// A chunk from this member's own store, or None (then it is wanted
@@ -700,10 +721,12 @@ impl Feed for Swarm {
                             }
                         }
                     }
-                    match pick {
-                        Some(a) => return self.fetch(&a, out).map(Some),
-                        None => continue,
+                    if let Some(a) = pick {
+                        if let Some(t) = self.fetch(&a, out)? {
+                            return Ok(Some(t));
+                        }
                     }
+                    continue;
                 }
             }
             // No coordinator, or nothing from it for long: the next chunk

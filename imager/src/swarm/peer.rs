@@ -200,6 +200,7 @@ async fn accept_loop(
             *n += 1;
         }
         let _ = stream.set_nodelay(true);
+        mark_bulk(&stream);
         let shared = shared.clone();
         let by_ip = by_ip.clone();
         tasks.spawn(async move {
@@ -217,6 +218,29 @@ async fn accept_loop(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     tracing::debug!("swarm chunk server stopped");
+}
+
+/// Mark a peer connection's packets as bulk traffic that yields to the
+/// machine's own: DSCP CS1 ("lower effort", for switches that honour it)
+/// and socket priority 2 (`TC_PRIO_BULK`), which Linux's default host queue
+/// (`pfifo_fast`, and `prio`) sends after everything of priority 0. So a
+/// member's uploads do not delay the acknowledgements and requests of its
+/// own restore on its port. Best effort: a socket that refuses is served
+/// unmarked. (The TOS first: setting it resets the priority.)
+fn mark_bulk(stream: &tokio::net::TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    /// DSCP CS1 in the TOS byte.
+    const TOS_CS1: libc::c_int = 0x20;
+    /// `TC_PRIO_BULK`.
+    const PRIO_BULK: libc::c_int = 2;
+    if stream.local_addr().is_ok_and(|a| a.is_ipv4()) {
+        if let Err(e) = setsockopt(stream, sockopt::IpTos, &TOS_CS1) {
+            tracing::debug!(error = %e, "swarm chunk server: setting DSCP CS1 failed");
+        }
+    }
+    if let Err(e) = setsockopt(stream, sockopt::Priority, &PRIO_BULK) {
+        tracing::debug!(error = %e, "swarm chunk server: setting the socket priority failed");
+    }
 }
 
 /// Activity of one connection, for the stall and idle watchdog.

@@ -252,7 +252,7 @@ async function pageDeploy() {
     version: h("select", { id: "d-version" }),
     disk: h("input", { id: "d-disk", type: "number", min: 1, value: 1 }),
     partition: h("input", { id: "d-partition", type: "number", min: 0, value: 1 }),
-    method: h("select", { id: "d-method" }, ["unicast", "unicast-cache"].map((m) => h("option", {}, m)), h("option", { disabled: true, title: "not available yet" }, "swarm (not available yet)")),
+    method: h("select", { id: "d-method" }, ["unicast", "unicast-cache", "swarm"].map((m) => h("option", {}, m))),
     after: h("select", { id: "d-after" }, h("option", { value: "reboot-local" }, "reboot into the restored system"),
       h("option", { value: "poweroff" }, "power off"), h("option", { value: "stay" }, "stay in the live system")),
     layoutMode: h("select", { id: "d-layout-mode" }, h("option", { value: "" }, "keep the partitions"),
