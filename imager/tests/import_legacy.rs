@@ -460,6 +460,121 @@ fn opengnsys_lzop_image_with_sums_imports_identical_and_a_wrong_sum_publishes_no
     assert_eq!(image_names(&repo), vec!["win".to_string()]);
 }
 
+/// Clonezilla's other part compressions: the same partclone stream squeezed
+/// by xz (two streams back to back, as parallel xz writes), lz4 and bzip2
+/// (two streams, as pbzip2 writes) imports to the very same chunks as the
+/// plain stream and restores identical; `restore` takes the file directly;
+/// a flipped byte inside the xz stream is refused and publishes nothing.
+#[test]
+fn xz_lz4_and_bzip2_partclone_streams_import_to_the_plain_streams_chunks_and_corruption_publishes_nothing(
+) {
+    require_root();
+    let t = Tmp::new();
+    let tree = t.p("tree");
+    make_tree(&tree, 33, 6);
+    let fs = t.p("fs.img");
+    mkfs_ext4(&fs, 0, 40 * MIB, Some(&tree));
+    let plain = t.p("sda1.ext4-ptcl-img");
+    sh(&format!(
+        "partclone.extfs -c -s {} -o {} -L {} >/dev/null 2>&1",
+        fs.display(),
+        plain.display(),
+        t.s("pc.log")
+    ));
+    let repo = t.s("repo");
+    imager_ok(&[
+        "import",
+        &plain.display().to_string(),
+        "--repo",
+        &repo,
+        "--name",
+        "plain",
+        "-q",
+    ]);
+    let want = manifest(Path::new(&repo), "plain").chunks;
+    let half = std::fs::metadata(&plain).expect("stat").len() / 2;
+    let p = plain.display();
+    let cases = [
+        (
+            "xz",
+            format!(
+                "(head -c {half} {p} | xz -1 -c; tail -c +{} {p} | xz -1 -c)",
+                half + 1
+            ),
+        ),
+        ("lz4", format!("lz4 -1 -c {p}")),
+        (
+            "bz2",
+            format!(
+                "(head -c {half} {p} | bzip2 -1 -c; tail -c +{} {p} | bzip2 -1 -c)",
+                half + 1
+            ),
+        ),
+    ];
+    for (ext, cmd) in &cases {
+        let file = t.p(&format!("sda1.ext4-ptcl-img.{ext}"));
+        sh(&format!("{cmd} > {}", file.display()));
+        let name = format!("in-{ext}");
+        imager_ok(&[
+            "import",
+            &file.display().to_string(),
+            "--repo",
+            &repo,
+            "--name",
+            &name,
+            "-q",
+        ]);
+        assert_eq!(
+            manifest(Path::new(&repo), &name).chunks,
+            want,
+            "{ext}: same chunks as the plain stream"
+        );
+        let out = t.p(&format!("out-{ext}.img"));
+        imager_ok(&[
+            "restore",
+            &name,
+            "--repo",
+            &repo,
+            &out.display().to_string(),
+            "--records",
+            &t.s("rec"),
+        ]);
+        assert_same(&fs, &out);
+        let direct = t.p(&format!("direct-{ext}.img"));
+        imager_ok(&[
+            "restore",
+            &file.display().to_string(),
+            &direct.display().to_string(),
+            "--records",
+            &t.s("rec"),
+        ]);
+        assert_same(&fs, &direct);
+    }
+    // A flipped byte in the middle of the xz file: refused, nothing new.
+    let xz = t.p("sda1.ext4-ptcl-img.xz");
+    let mut bytes = std::fs::read(&xz).expect("read");
+    let mid = bytes.len() / 3;
+    bytes[mid] ^= 0x55;
+    let bad = t.p("bad.ext4-ptcl-img.xz");
+    std::fs::write(&bad, &bytes).expect("write");
+    let before = image_names(&repo);
+    let o = imager(&[
+        "import",
+        &bad.display().to_string(),
+        "--repo",
+        &repo,
+        "--name",
+        "bad",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "a corrupt xz stream was imported");
+    assert!(
+        stderr(&o).contains("xz") || stderr(&o).contains("bad.ext4"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(image_names(&repo), before, "nothing published");
+}
+
 /// A FOG image directory of an MBR disk: p1 ext4 (partclone -a0 | zstd,
 /// split as `split -d` names it), p2 NTFS (pigz), `d1.partitions` from
 /// `sfdisk -d`, `d1.mbr` the boot code and the gap before p1.

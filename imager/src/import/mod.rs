@@ -539,6 +539,11 @@ fn checks_of(info: &crate::legacy::PartcloneInfo) -> Vec<String> {
         crate::legacy::Compression::Gzip => v.push("gzip CRC32".into()),
         crate::legacy::Compression::Zstd => v.push("zstd frame checksums (when written)".into()),
         crate::legacy::Compression::Lzop => v.push("lzop block checksums (when written)".into()),
+        crate::legacy::Compression::Xz => v.push("xz block checks".into()),
+        crate::legacy::Compression::Lz4 => {
+            v.push("lz4 content/block checksums (when written)".into())
+        }
+        crate::legacy::Compression::Bzip2 => v.push("bzip2 block CRCs".into()),
         crate::legacy::Compression::None => {}
     }
     v

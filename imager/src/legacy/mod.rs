@@ -28,7 +28,9 @@
 //! the default); later partclone versions add xxHash modes, refused here.
 //!
 //! Compression is recognised by magic: gzip (also multi-member, as pigz
-//! writes), zstd (any number of frames), lzop, or none. [`open`] decodes the
+//! writes), zstd (any number of frames), lzop, xz (any number of streams,
+//! as pixz/pxz write), lz4 frames, bzip2 (multi-stream, as pbzip2 writes),
+//! or none: every compression Clonezilla offers for its part files. [`open`] decodes the
 //! header and bitmap; [`PartcloneStream::restore_to`] then streams the
 //! blocks to a target region, verifying each strip before writing it.
 //! Nothing holds more than a few MiB of the image in memory.
@@ -61,6 +63,13 @@ const GZIP_MAGIC: [u8; 2] = [0x1F, 0x8B];
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 const XZ_MAGIC: [u8; 6] = [0xFD, b'7', b'z', b'X', b'Z', 0];
 const BZIP2_MAGIC: [u8; 3] = *b"BZh";
+/// lz4 frame format (what `lz4` writes by default).
+const LZ4_MAGIC: [u8; 4] = [0x04, 0x22, 0x4D, 0x18];
+/// lz4's legacy format (`lz4 -l`): not read, refused by name.
+const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4C, 0x18];
+/// Largest xz dictionary memory accepted: bounds the decoder on untrusted
+/// input (xz -9 needs 65 MiB).
+const XZ_MEMLIMIT: u64 = 256 << 20;
 
 /// Checksum mode values stored in the header.
 const CSM_NONE: u16 = 0x00;
@@ -145,6 +154,12 @@ pub enum Compression {
     Zstd,
     /// lzop.
     Lzop,
+    /// xz (also several streams in a row).
+    Xz,
+    /// lz4 frames.
+    Lz4,
+    /// bzip2 (also several streams in a row).
+    Bzip2,
 }
 
 impl std::fmt::Display for Compression {
@@ -154,6 +169,9 @@ impl std::fmt::Display for Compression {
             Compression::Gzip => "gzip",
             Compression::Zstd => "zstd",
             Compression::Lzop => "lzop",
+            Compression::Xz => "xz",
+            Compression::Lz4 => "lz4",
+            Compression::Bzip2 => "bzip2",
         })
     }
 }
@@ -171,6 +189,15 @@ pub fn sniff_compression(first: &[u8]) -> Option<Compression> {
         Some(Compression::Zstd)
     } else if first.starts_with(&lzop::MAGIC) {
         Some(Compression::Lzop)
+    } else if first.starts_with(&XZ_MAGIC) {
+        Some(Compression::Xz)
+    } else if first.starts_with(&LZ4_MAGIC) {
+        Some(Compression::Lz4)
+    } else if first.len() >= 4
+        && first.starts_with(&BZIP2_MAGIC)
+        && (b'1'..=b'9').contains(&first[3])
+    {
+        Some(Compression::Bzip2)
     } else {
         None
     }
@@ -212,6 +239,21 @@ fn decoder(c: Compression, r: Box<dyn Read + Send>) -> io::Result<Box<dyn Read +
             1 << 20,
             r,
         ))?),
+        Compression::Xz => {
+            let stream =
+                xz2::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, xz2::stream::CONCATENATED)
+                    .map_err(io::Error::other)?;
+            Box::new(xz2::read::XzDecoder::new_stream(
+                io::BufReader::with_capacity(1 << 20, r),
+                stream,
+            ))
+        }
+        Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(
+            io::BufReader::with_capacity(1 << 20, r),
+        )),
+        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(
+            io::BufReader::with_capacity(1 << 20, r),
+        )),
     })
 }
 
@@ -328,11 +370,10 @@ pub fn open(mut reader: Box<dyn Read + Send>) -> Result<PartcloneStream, LegacyE
     let head = head[..got].to_vec();
     let compression = match sniff_compression(&head) {
         Some(c) => c,
-        None if head.starts_with(&XZ_MAGIC) => {
-            return Err(LegacyError::Unsupported("xz compression".into()))
-        }
-        None if head.starts_with(&BZIP2_MAGIC) => {
-            return Err(LegacyError::Unsupported("bzip2 compression".into()))
+        None if head.starts_with(&LZ4_LEGACY_MAGIC) => {
+            return Err(LegacyError::Unsupported(
+                "lz4 legacy format (lz4 -l); recompress with lz4's default frame format".into(),
+            ))
         }
         None => return Err(LegacyError::NotPartclone),
     };
