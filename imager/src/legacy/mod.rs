@@ -852,15 +852,48 @@ mod tests {
     }
 
     #[test]
-    fn garbage_is_not_partclone_and_xz_is_unsupported() {
+    fn garbage_is_not_partclone_and_lz4_legacy_is_unsupported() {
         assert!(matches!(
             open(Box::new(&b"hello world, not an image"[..])),
             Err(LegacyError::NotPartclone)
         ));
-        let xz = [0xFD, b'7', b'z', b'X', b'Z', 0, 0, 0];
+        let lz4_legacy = [0x02, 0x21, 0x4C, 0x18, 0, 0, 0, 0];
         assert!(matches!(
-            open(Box::new(io::Cursor::new(xz))),
-            Err(LegacyError::Unsupported(_))
+            open(Box::new(io::Cursor::new(lz4_legacy))),
+            Err(LegacyError::Unsupported(m)) if m.contains("lz4 legacy")
         ));
+    }
+
+    #[test]
+    fn xz_lz4_and_bzip2_wrapped_streams_are_recognised_and_unwrapped() {
+        let mut plain = MAGIC.to_vec();
+        plain.extend_from_slice(&[0u8; 64]);
+        let xz = {
+            let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+            io::Write::write_all(&mut e, &plain).expect("xz");
+            e.finish().expect("xz")
+        };
+        let lz4 = {
+            let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+            io::Write::write_all(&mut e, &plain).expect("lz4");
+            e.finish().expect("lz4")
+        };
+        let bz = {
+            let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            io::Write::write_all(&mut e, &plain).expect("bz2");
+            e.finish().expect("bz2")
+        };
+        for (data, want) in [
+            (&xz, Compression::Xz),
+            (&lz4, Compression::Lz4),
+            (&bz, Compression::Bzip2),
+        ] {
+            assert_eq!(sniff_compression(data), Some(want));
+            assert!(looks_like_partclone(data), "{want}");
+        }
+        // The same wrappers around something else are not partclone.
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+        io::Write::write_all(&mut e, b"not an image at all, just text").expect("xz");
+        assert!(!looks_like_partclone(&e.finish().expect("xz")));
     }
 }
