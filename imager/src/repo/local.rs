@@ -25,7 +25,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ImageSummary, Repository};
+use super::{check_publishable, ImageSummary, Repository};
 use crate::chunk::ChunkId;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{validate_name, Manifest};
@@ -424,24 +424,7 @@ impl Repository for LocalRepo {
     }
 
     fn publish(&self, manifest: &Manifest) -> Result<u32> {
-        validate_name(&manifest.name)?;
-        manifest.validate().map_err(|why| Error::BadManifest {
-            source_name: Some(manifest.name.clone()),
-            why,
-        })?;
-        let ids: Vec<ChunkId> = manifest
-            .unique_chunks()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        let missing = self.missing_chunks(&ids)?;
-        if let Some(first) = missing.first() {
-            return Err(Error::Repo(format!(
-                "refusing to publish {}: {} chunk(s) missing, first {first}",
-                manifest.name,
-                missing.len()
-            )));
-        }
+        check_publishable(self, manifest)?;
         self.sync_chunks()?;
         let dir = self.image_dir(&manifest.name)?;
         let created_dir = !dir.exists();

@@ -134,6 +134,35 @@ pub trait Repository: Send + Sync {
     fn delete(&self, name: &str) -> Result<()>;
 }
 
+/// What every backend checks before it publishes `manifest`: a valid name
+/// and manifest, and every chunk it lists already stored.
+pub(crate) fn check_publishable<R: Repository + ?Sized>(
+    repo: &R,
+    manifest: &Manifest,
+) -> Result<()> {
+    crate::manifest::validate_name(&manifest.name)?;
+    manifest
+        .validate()
+        .map_err(|why| crate::error::Error::BadManifest {
+            source_name: Some(manifest.name.clone()),
+            why,
+        })?;
+    let ids: Vec<ChunkId> = manifest
+        .unique_chunks()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let missing = repo.missing_chunks(&ids)?;
+    if let Some(first) = missing.first() {
+        return Err(crate::error::Error::Repo(format!(
+            "refusing to publish {}: {} chunk(s) missing, first {first}",
+            manifest.name,
+            missing.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Split `name@3` into the name and a version.
 pub fn parse_image_ref(s: &str) -> Result<(String, Option<u32>)> {
     match s.rsplit_once('@') {

@@ -56,7 +56,7 @@ use hyper_util::client::legacy::Client;
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
-use super::{ImageSummary, Repository};
+use super::{check_publishable, ImageSummary, Repository};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::manifest::{validate_name, Manifest};
@@ -1409,24 +1409,7 @@ impl Repository for S3Repo {
     }
 
     fn publish(&self, manifest: &Manifest) -> Result<u32> {
-        validate_name(&manifest.name)?;
-        manifest.validate().map_err(|why| Error::BadManifest {
-            source_name: Some(manifest.name.clone()),
-            why,
-        })?;
-        let ids: Vec<ChunkId> = manifest
-            .unique_chunks()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        let missing = self.missing_chunks(&ids)?;
-        if let Some(first) = missing.first() {
-            return Err(Error::Repo(format!(
-                "refusing to publish {}: {} chunk(s) missing, first {first}",
-                manifest.name,
-                missing.len()
-            )));
-        }
+        check_publishable(self, manifest)?;
         let v = self.publish_claimed(manifest)?;
         self.end_upload(&manifest.name)?;
         Ok(v)
