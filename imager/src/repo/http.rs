@@ -77,7 +77,30 @@ impl Default for HttpOptions {
     }
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A pooled HTTP/1.1 client over `tls` (plain `http://` allowed), with
+/// TCP_NODELAY, the given connect timeout and idle-connection lifetime, up
+/// to 64 idle connections per host: the repository and S3 clients share it.
+pub(crate) fn pooled_client(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    idle: Duration,
+) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let conn = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_max_idle_per_host(64)
+        .build(conn)
+}
 
 /// An HTTP(S) repository client.
 pub struct HttpRepo {
@@ -180,20 +203,11 @@ impl HttpRepo {
                 (Some(rt), h)
             }
         };
-        let tls = client_config(&opts.trust)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let conn = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(conn);
+        let client = pooled_client(
+            client_config(&opts.trust)?,
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        );
         Ok(HttpRepo {
             base,
             client,

@@ -51,8 +51,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
@@ -240,7 +238,7 @@ struct Marker {
     version: u32,
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+use super::http::HttpClient;
 
 struct Inner {
     cfg: S3Config,
@@ -633,20 +631,11 @@ impl S3Repo {
                 source: e,
             })?;
         let handle = rt.handle().clone();
-        let tls = client_config(&ServerTrust::System)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let conn = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build(conn);
+        let client = super::http::pooled_client(
+            client_config(&ServerTrust::System)?,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        );
         let key_prefix = if cfg.prefix.is_empty() {
             String::new()
         } else {
