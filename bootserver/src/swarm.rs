@@ -125,6 +125,9 @@ impl Default for SwarmConfig {
 enum Source {
     Server,
     Peer(usize),
+    /// The bytes arrived (from either); the member verifies and writes the
+    /// chunk: no upload slot is held any more.
+    Arrived,
 }
 
 struct Member {
@@ -245,6 +248,33 @@ impl Session {
                     pm.uploads = pm.uploads.saturating_sub(1);
                 }
             }
+            Source::Arrived => {}
+        }
+    }
+
+    /// Member `m` received all the bytes of chunk `c`: free its source's
+    /// upload slot now (verifying and writing take a while), keeping the
+    /// chunk in flight to `m` until it reports it done or failed.
+    fn arrived(&mut self, m: usize, c: u32) {
+        let Some(src) = self
+            .member_mut(m)
+            .and_then(|mm| mm.leases.get_mut(&c))
+            .map(|l| std::mem::replace(&mut l.0, Source::Arrived))
+        else {
+            return;
+        };
+        match src {
+            Source::Server => {
+                self.server_uploads = self.server_uploads.saturating_sub(1);
+                self.server_inflight[c as usize] =
+                    self.server_inflight[c as usize].saturating_sub(1);
+            }
+            Source::Peer(p) => {
+                if let Some(pm) = self.member_mut(p) {
+                    pm.uploads = pm.uploads.saturating_sub(1);
+                }
+            }
+            Source::Arrived => {}
         }
     }
 
@@ -458,6 +488,7 @@ impl Session {
                 }
                 None => (SERVER.to_string(), None),
             },
+            Source::Arrived => (SERVER.to_string(), None),
         };
         if let Some(mm) = self.member_mut(m) {
             mm.leases.insert(c, (src, Instant::now()));
@@ -747,6 +778,7 @@ impl Coordinator {
         let have: Vec<u32> = req.have.iter().filter_map(idx).collect();
         let dropped: Vec<u32> = req.dropped.iter().filter_map(idx).collect();
         let released: Vec<u32> = req.released.iter().filter_map(idx).collect();
+        let received: Vec<u32> = req.received.iter().filter_map(idx).collect();
         let done: Vec<(Option<u32>, &aula_imager::swarm::wire::Done)> =
             req.done.iter().map(|d| (idx(&d.id), d)).collect();
         let failed: Vec<(Option<u32>, &aula_imager::swarm::wire::Failed)> =
@@ -792,6 +824,9 @@ impl Coordinator {
         }
         for c in released {
             s.release(m, c);
+        }
+        for c in received {
+            s.arrived(m, c);
         }
         for (c, d) in done {
             let Some(c) = c else { continue };
@@ -1190,6 +1225,36 @@ mod tests {
         // sends it a second time.
         s.remove_member(b);
         assert_eq!(s.pick(a, 4), Some((3, Source::Server)));
+    }
+
+    #[test]
+    fn an_arrived_transfer_frees_its_source_slot_but_the_chunk_stays_in_flight() {
+        let mut s = session(3);
+        let a = add(&mut s, 0, true);
+        let b = add(&mut s, 1, true);
+        // One server slot: a takes it for chunk 0; b gets nothing.
+        assert_eq!(s.pick(a, 1), Some((0, Source::Server)));
+        s.lease(a, 0, Source::Server);
+        assert_eq!(s.pick(b, 1), None);
+        // a has all of chunk 0's bytes (verifying): the slot serves b, with
+        // a chunk nobody holds or fetches, never chunk 0 a second time.
+        s.arrived(a, 0);
+        assert_eq!(s.server_uploads, 0);
+        assert_eq!(s.pick(b, 1), Some((1, Source::Server)));
+        s.lease(b, 1, Source::Server);
+        // Reported twice, or then done: nothing is freed twice.
+        s.arrived(a, 0);
+        s.release(a, 0);
+        assert_eq!(s.server_uploads, 1, "b's transfer still holds the slot");
+        assert_eq!(s.inflight[0], 0);
+        // A peer's slot too: b fetches 0 from a, and a's upload count drops
+        // on arrival.
+        s.set_serves(a, 0, true);
+        s.lease(b, 0, Source::Peer(a));
+        assert_eq!(s.member(a).map(|m| m.uploads), Some(1));
+        s.arrived(b, 0);
+        assert_eq!(s.member(a).map(|m| m.uploads), Some(0));
+        assert_eq!(s.inflight[0], 1, "still in flight to b until done");
     }
 
     #[test]

@@ -71,7 +71,7 @@
 
 use std::collections::HashMap;
 
-use crate::chunk::{Decoder, Fingerprint};
+use crate::chunk::{ChunkId, Decoder, Fingerprint};
 use crate::device::{ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
@@ -79,7 +79,9 @@ use crate::manifest::{ChunkRef, Manifest};
 use crate::progress::Progress;
 use crate::record::Known;
 use crate::repo::Repository;
-use crate::restore::{coalesced, restore_chunks, target_matches, RestoreOptions, RestoreStats};
+use crate::restore::{
+    coalesced, restore_chunks, target_matches, Feed, RestoreOptions, RestoreStats,
+};
 
 /// Zeroed before the first write at each end (step 2).
 pub const WIPE_BYTES: u64 = 1 << 20;
@@ -163,9 +165,74 @@ struct Fetcher {
     frame: Vec<u8>,
     /// The last window fetched.
     content: Vec<u8>,
+    /// Held chunks a feed (the swarm) already delivered, verified.
+    fed: HashMap<ChunkId, Vec<u8>>,
 }
 
 impl Fetcher {
+    /// With a feed (the swarm): fetch every held chunk in `ids` through it
+    /// (so the room's coordinator accounts for them and peers can send
+    /// them), verify each and keep its content for step 4. Nothing is
+    /// written here; a chunk the feed cannot deliver is fetched in step 4
+    /// from the repository.
+    fn prefetch(
+        &mut self,
+        feed: &dyn Feed,
+        ids: &[ChunkId],
+        lens: &HashMap<ChunkId, usize>,
+        stats: &mut RestoreStats,
+        progress: &Progress,
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        feed.begin(ids, Vec::new())?;
+        while let Some(mut t) = feed.next(&mut self.frame)? {
+            let Some(&len) = lens.get(&t.id) else {
+                return Err(Error::Invalid(format!(
+                    "the swarm handed out chunk {}, which this restore does not need",
+                    t.id
+                )));
+            };
+            let mut tries = 0;
+            let mut content = Vec::new();
+            loop {
+                tries += 1;
+                let n = self.frame.len() as u64;
+                if !t.local {
+                    stats.bytes_fetched += n;
+                    progress.add_fetched(n);
+                    if t.peer.is_some() {
+                        stats.bytes_from_peers += n;
+                        progress.add_from_peers(n);
+                    } else {
+                        stats.bytes_from_server += n;
+                    }
+                }
+                match self
+                    .dec
+                    .decode_verified(&t.id, &self.frame, len, &mut content)
+                {
+                    Ok(()) => break,
+                    Err(e @ Error::ChunkCorrupt { .. }) if tries < 3 => {
+                        tracing::warn!(
+                            "{e} (from {}); fetching it again from the repository",
+                            t.peer.as_deref().unwrap_or("the repository")
+                        );
+                        feed.refetch(&mut t, &e.to_string(), &mut self.frame)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            stats.chunks_from_peers += u64::from(t.peer.is_some() && !t.local);
+            self.fed.insert(t.id, content);
+            // Only its frame (RAM) may be served: its windows are written
+            // later.
+            feed.done(t, &mut self.frame, Vec::new());
+        }
+        Ok(())
+    }
+
     /// Fetch and verify chunk `c` (a window of `len` bytes) into
     /// `self.content`.
     fn fetch(
@@ -181,6 +248,14 @@ impl Fetcher {
             self.content.resize(len, 0);
             return Ok(());
         };
+        if let Some(content) = self.fed.get(id) {
+            if content.len() == len {
+                self.content.clear();
+                self.content.extend_from_slice(content);
+                stats.chunks_fetched += 1;
+                return Ok(());
+            }
+        }
         let attempts = repo.fetch_attempts().max(1);
         let mut tries = 0;
         loop {
@@ -303,7 +378,22 @@ pub(crate) fn restore(
         dec: Decoder::new()?,
         frame: Vec::new(),
         content: Vec::new(),
+        fed: HashMap::new(),
     };
+    if let Some(feed) = &opts.feed {
+        let mut lens: HashMap<ChunkId, usize> = HashMap::new();
+        let mut ids = Vec::new();
+        for c in plan.held.iter().filter(|c| !kept.contains_key(&c.index)) {
+            if let Some(id) = c.id {
+                if lens.insert(id, m.window(c.index).1 as usize).is_none() {
+                    ids.push(id);
+                }
+            }
+        }
+        let mut s = RestoreStats::default();
+        f.prefetch(feed.as_ref(), &ids, &lens, &mut s, progress)?;
+        stats.add(&s);
+    }
     for c in &plan.held {
         cancelled()?;
         let (start, len) = m.window(c.index);

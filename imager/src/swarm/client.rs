@@ -114,6 +114,7 @@ struct Outbox {
     done: Vec<Done>,
     failed: Vec<Failed>,
     released: Vec<ChunkId>,
+    received: Vec<ChunkId>,
 }
 
 impl Outbox {
@@ -124,6 +125,7 @@ impl Outbox {
             && self.done.is_empty()
             && self.failed.is_empty()
             && self.released.is_empty()
+            && self.received.is_empty()
     }
     fn merge(&mut self, o: Outbox) {
         self.want.extend(o.want);
@@ -132,6 +134,7 @@ impl Outbox {
         self.done.extend(o.done);
         self.failed.extend(o.failed);
         self.released.extend(o.released);
+        self.received.extend(o.received);
     }
 }
 
@@ -193,6 +196,10 @@ pub struct Swarm {
     on_own: AtomicU64,
     stop: Arc<AtomicBool>,
     wake: Arc<(Mutex<()>, Condvar)>,
+    /// A transfer finished: the heartbeat tells the coordinator at once, so
+    /// the source's upload slot is handed out again while this member
+    /// verifies and writes the chunk.
+    urgent: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Swarm {
@@ -281,14 +288,16 @@ impl Swarm {
             on_own: AtomicU64::new(0),
             stop: Arc::new(AtomicBool::new(false)),
             wake: Arc::new((Mutex::new(()), Condvar::new())),
+            urgent: Arc::new(AtomicBool::new(false)),
         });
         let weak = Arc::downgrade(&swarm);
         let stop = swarm.stop.clone();
         let wake = swarm.wake.clone();
+        let urgent = swarm.urgent.clone();
         let every = Duration::from_millis((swarm.join.heartbeat_ms / 3).clamp(200, 2000));
         std::thread::Builder::new()
             .name("aula-swarm-hb".into())
-            .spawn(move || heartbeat(weak, stop, wake, every))
+            .spawn(move || heartbeat(weak, stop, wake, urgent, every))
             .map_err(|e| Error::Io {
                 what: "starting the swarm heartbeat".into(),
                 source: e,
@@ -355,6 +364,7 @@ impl Swarm {
             done: o.done,
             failed: o.failed,
             released: o.released,
+            received: o.received,
             ask,
             wait_ms: wait.as_millis() as u64,
             finished: g.finished,
@@ -412,6 +422,7 @@ impl Swarm {
                     done: req.done,
                     failed: req.failed,
                     released: req.released,
+                    received: req.received,
                 });
                 Err(e)
             }
@@ -513,11 +524,12 @@ impl Swarm {
             match a.addr {
                 Some(addr) if !avoided => match self.fetch_peer(addr, &a.id, out) {
                     Ok(()) => {
+                        self.received(a.id);
                         return Ok(Some(Ticket {
                             id: a.id,
                             peer: Some(a.from.clone()),
                             local: false,
-                        }))
+                        }));
                     }
                     Err(why) if why == "cancelled" => return Err(Error::Cancelled),
                     Err(why) => {
@@ -541,11 +553,22 @@ impl Swarm {
             }
         }
         self.repo.get_chunk(&a.id, out)?;
+        self.received(a.id);
         Ok(Some(Ticket {
             id: a.id,
             peer: None,
             local: false,
         }))
+    }
+
+    /// All the bytes of assigned chunk `id` are here: tell the coordinator
+    /// now (through the heartbeat) so the source's slot serves someone
+    /// else while this member verifies and writes it.
+    fn received(&self, id: ChunkId) {
+        self.lock().outbox.received.push(id);
+        let _g = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.urgent.store(true, Ordering::SeqCst);
+        self.wake.1.notify_all();
     }
 
     /// A chunk from this member's own store, or None (then it is wanted
@@ -639,20 +662,27 @@ fn heartbeat(
     swarm: Weak<Swarm>,
     stop: Arc<AtomicBool>,
     wake: Arc<(Mutex<()>, Condvar)>,
+    urgent: Arc<AtomicBool>,
     every: Duration,
 ) {
     loop {
-        {
+        let woke = {
             let g = wake.0.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = wake.1.wait_timeout(g, every);
-        }
+            let _ = wake
+                .1
+                .wait_timeout_while(g, every, |_| {
+                    !urgent.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            urgent.swap(false, Ordering::SeqCst)
+        };
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let Some(s) = swarm.upgrade() else { return };
         let due = {
             let g = s.lock();
-            g.last_sync.is_none_or(|t| t.elapsed() >= every) || !g.outbox.is_empty()
+            woke || g.last_sync.is_none_or(|t| t.elapsed() >= every) || !g.outbox.is_empty()
         };
         if due && s.coordinator_up() {
             let req = s.request(0, Duration::ZERO);

@@ -120,6 +120,11 @@ pub struct SyncRequest {
     /// Assignments handed out earlier that the member did not use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub released: Vec<ChunkId>,
+    /// Assignments whose bytes have all arrived (being verified and
+    /// written; `done` or `failed` follows): their source's upload slot is
+    /// free again, the chunk stays the member's until then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub received: Vec<ChunkId>,
     /// How many new assignments the member takes now (0: report only).
     #[serde(default)]
     pub ask: u32,
