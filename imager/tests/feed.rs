@@ -85,9 +85,10 @@ impl Feed for Backwards {
 fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_window_once() {
     let t = Tmp::new();
     // 48 windows (3 MiB): the first and last MiB (16 windows each) are the
-    // crash-safe restore's held windows, fetched by the restore itself and
-    // written last; the 16 between go through the feed: random ones, zero
-    // ones, and one window repeated twice.
+    // crash-safe restore's held windows, fetched through the feed after the
+    // rest (a second `begin`, nothing placed) and written last; the 16
+    // between go through the feed first: random ones, zero ones, and one
+    // window repeated twice.
     let w = CHUNK as usize;
     let mut data = pseudo_random(11, 48 * w);
     data[19 * w..21 * w].fill(0);
@@ -164,8 +165,24 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
     );
 
     let s = feed.state.lock().expect("state");
-    assert_eq!(s.begun.len(), 1);
+    assert_eq!(s.begun.len(), 2, "the windows between, then the held ones");
     let (need, placed) = &s.begun[0];
+    // The held windows: every distinct chunk of the first and last 16
+    // windows, once, with nothing to serve from the target yet.
+    let (held, held_placed) = &s.begun[1];
+    assert!(held_placed.is_empty());
+    let mut want_held: Vec<ChunkId> = Vec::new();
+    for c in m.chunks.iter().filter(|c| c.index < 16 || c.index >= 32) {
+        if let Some(id) = c.id {
+            if !want_held.contains(&id) {
+                want_held.push(id);
+            }
+        }
+    }
+    let mut sorted_held = held.clone();
+    sorted_held.sort();
+    want_held.sort();
+    assert_eq!(sorted_held, want_held);
     // The delta check ran first: window 17 is in place (and offered to serve),
     // zero windows are not chunks, the repeated window is needed once.
     let id_of = |k: usize| {
@@ -187,14 +204,18 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
         16 - 2 - 2 - 1,
         "16 fed windows, 2 zero, 2 repeats, 1 in place"
     );
-    // Handed out last first, every needed chunk exactly once.
+    // Handed out last first, every needed chunk exactly once, the held
+    // ones after the others.
     let mut order = need.clone();
     order.reverse();
-    assert_eq!(s.handed.len(), need.len());
-    let mut sorted_handed = s.handed.clone();
+    assert_eq!(s.handed.len(), need.len() + held.len());
+    let mut sorted_handed = s.handed[..need.len()].to_vec();
     sorted_handed.sort();
     let mut sorted_need = need.clone();
     sorted_need.sort();
+    let mut late = s.handed[need.len()..].to_vec();
+    late.sort();
+    assert_eq!(late, sorted_held);
     assert_eq!(sorted_handed, sorted_need);
     assert_eq!(s.handed[0], order[0]);
     // The corrupt frame was refetched, blaming its peer.
@@ -210,7 +231,7 @@ fn a_fed_restore_follows_the_feed_refetches_a_corrupt_frame_and_writes_each_wind
     // the window already in place; the corrupt frame was fetched twice.
     assert_eq!(stats.chunks_skipped, reference.chunks_skipped + 1);
     assert_eq!(stats.bytes_written + CHUNK, reference.bytes_written);
-    // The feed's chunks, and the 32 held windows the restore fetched itself.
+    // The feed's chunks, and the 32 held windows.
     assert_eq!(stats.chunks_fetched as usize, need.len() + 32);
     assert_eq!(
         stats.chunks_from_peers, 0,
