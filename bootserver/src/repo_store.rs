@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use aula_imager::chunk::ChunkId;
@@ -144,6 +144,17 @@ impl ChunkCache {
         hit
     }
 
+    /// The cached frame of `id`, without counting a lookup.
+    fn peek(&self, id: &ChunkId) -> Option<Bytes> {
+        if self.max_bytes == 0 {
+            return None;
+        }
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|c| c.map.get(id).map(|e| e.0.clone()))
+    }
+
     /// Keep `frame` (evicting the least recently used beyond the bound).
     pub fn insert(&self, id: ChunkId, frame: Bytes) {
         let len = frame.len() as u64;
@@ -181,6 +192,102 @@ impl ChunkCache {
     }
 }
 
+/// Single flight: callers asking for the same key at the same time share
+/// one computation (the first caller runs it, the others wait for its
+/// result). Blocking: used from blocking threads only.
+#[derive(Debug)]
+pub struct SingleFlight<K, V> {
+    calls: Mutex<HashMap<K, Arc<Flight<V>>>>,
+}
+
+#[derive(Debug)]
+struct Flight<V> {
+    result: Mutex<Option<V>>,
+    done: Condvar,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            calls: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+    /// `f()` for `key`, or the result of the call for `key` in flight.
+    pub fn run(&self, key: &K, f: impl FnOnce() -> V) -> V {
+        let (flight, leader) = {
+            let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            match calls.get(key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight {
+                        result: Mutex::new(None),
+                        done: Condvar::new(),
+                    });
+                    calls.insert(key.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if leader {
+            // Whatever happens in f (even a panic), followers are released
+            // and the key is free again.
+            struct Finish<'a, K: std::hash::Hash + Eq, V> {
+                sf: &'a SingleFlight<K, V>,
+                key: &'a K,
+                flight: &'a Flight<V>,
+            }
+            impl<K: std::hash::Hash + Eq, V> Drop for Finish<'_, K, V> {
+                fn drop(&mut self) {
+                    self.sf
+                        .calls
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(self.key);
+                    self.flight.done.notify_all();
+                }
+            }
+            let _finish = Finish {
+                sf: self,
+                key,
+                flight: &flight,
+            };
+            let v = f();
+            *flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(v.clone());
+            return v;
+        }
+        let mut r = flight.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(v) = r.as_ref() {
+                return v.clone();
+            }
+            // The leader is gone without a result (it panicked): the key
+            // is free again, so compute it here.
+            let in_flight = self
+                .calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .is_some_and(|f| Arc::ptr_eq(f, &flight));
+            if !in_flight {
+                drop(r);
+                return self.run(key, f);
+            }
+            r = flight
+                .done
+                .wait_timeout(r, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// A chunk GET's shared result: the frame, None when absent, or the
+/// error (shared by every caller that waited for it).
+type FrameResult = Result<Option<Bytes>, Arc<aula_imager::Error>>;
+
 /// An S3 store and its chunk cache.
 #[derive(Debug)]
 pub struct S3Store {
@@ -188,6 +295,9 @@ pub struct S3Store {
     pub repo: S3Repo,
     /// Hot chunks.
     pub cache: ChunkCache,
+    /// Chunk GETs in flight: agents missing the same chunk at once cause
+    /// one GET.
+    gets: SingleFlight<ChunkId, FrameResult>,
 }
 
 /// The repository's storage.
@@ -207,6 +317,7 @@ impl Store {
         Ok(Store::S3(Arc::new(S3Store {
             repo,
             cache: ChunkCache::new(s.cache_mib << 20),
+            gets: SingleFlight::default(),
         })))
     }
 
@@ -256,16 +367,27 @@ impl Store {
         if let Some(f) = s.cache.get(id) {
             return Ok(Some(f));
         }
-        let mut out = Vec::new();
-        match s.repo.get_chunk(id, &mut out) {
-            Ok(()) => {
-                let b = Bytes::from(out);
-                s.cache.insert(*id, b.clone());
-                Ok(Some(b))
+        let r = s.gets.run(id, || {
+            // A call that finished just before this one joined may have
+            // filled the cache.
+            if let Some(f) = s.cache.peek(id) {
+                return Ok(Some(f));
             }
-            Err(aula_imager::Error::ChunkMissing(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+            let mut out = Vec::new();
+            match s.repo.get_chunk(id, &mut out) {
+                Ok(()) => {
+                    let b = Bytes::from(out);
+                    s.cache.insert(*id, b.clone());
+                    Ok(Some(b))
+                }
+                Err(aula_imager::Error::ChunkMissing(_)) => Ok(None),
+                Err(e) => Err(Arc::new(e)),
+            }
+        });
+        r.map_err(|e| match Arc::try_unwrap(e) {
+            Ok(e) => e,
+            Err(shared) => aula_imager::Error::Repo(shared.to_string()),
+        })
     }
 }
 
@@ -335,5 +457,60 @@ mod tests {
         // Too large for the cache: not kept.
         c.insert(ChunkId::of(b"big"), Bytes::from(vec![0u8; 11]));
         assert!(c.get(&ChunkId::of(b"big")).is_none());
+    }
+
+    #[test]
+    fn callers_missing_the_same_chunk_at_once_share_one_fetch() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Barrier;
+        let sf: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (sf, calls, start) = (sf.clone(), calls.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    // Threads 0..6 ask for key 1, thread 7 for key 2.
+                    let key = if i == 7 { 2 } else { 1 };
+                    sf.run(&key, || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        // A slow GET: everyone arrives while it runs.
+                        std::thread::sleep(Duration::from_millis(300));
+                        u64::from(key) * 100
+                    })
+                })
+            })
+            .collect();
+        let got: Vec<u64> = threads
+            .into_iter()
+            .map(|t| t.join().expect("join"))
+            .collect();
+        assert_eq!(&got[..7], &[100; 7]);
+        assert_eq!(got[7], 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one call per key");
+        // Finished calls are forgotten: a later miss fetches again.
+        assert_eq!(sf.run(&1, || 7), 7);
+    }
+
+    #[test]
+    fn a_panicking_fetch_releases_its_waiters() {
+        use std::sync::Barrier;
+        let sf: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let start = Arc::new(Barrier::new(2));
+        let leader = {
+            let (sf, start) = (sf.clone(), start.clone());
+            std::thread::spawn(move || {
+                sf.run(&1, || {
+                    start.wait();
+                    std::thread::sleep(Duration::from_millis(200));
+                    panic!("fetch failed hard");
+                })
+            })
+        };
+        start.wait();
+        // Joins the leader's flight, then computes itself after the panic.
+        assert_eq!(sf.run(&1, || 5), 5);
+        assert!(leader.join().is_err());
     }
 }
