@@ -330,7 +330,7 @@ impl PgDb {
         if let Some(p) = &s.password_file {
             cfg.password(read_password(p)?);
         }
-        cfg.application_name(&format!("aula-bootserver {}", s.server_id));
+        cfg.application_name(format!("aula-bootserver {}", s.server_id));
         cfg.connect_timeout(Duration::from_secs(10));
         let (client, conn) = cfg.connect(NoTls).await?;
         let server: Arc<str> = Arc::from(s.server_id.as_str());
@@ -718,13 +718,12 @@ mod tests {
         let first = columns(super::super::MIGRATIONS[0]);
         assert_eq!(first.len(), 6, "{first:?}");
         assert!(first.iter().all(|(_, c)| c.len() >= 3), "{first:?}");
-        for i in 0..super::super::MIGRATIONS.len() {
-            assert_eq!(
-                columns(super::super::MIGRATIONS[i]),
-                columns(PG_MIGRATIONS[i]),
-                "migration {}",
-                i + 1
-            );
+        for (i, (lite, pg)) in super::super::MIGRATIONS
+            .iter()
+            .zip(PG_MIGRATIONS)
+            .enumerate()
+        {
+            assert_eq!(columns(lite), columns(pg), "migration {}", i + 1);
         }
         assert!(pg_schema_version() > super::super::schema_version());
     }
