@@ -145,7 +145,7 @@ impl ChunkCache {
     }
 
     /// The cached frame of `id`, without counting a lookup.
-    fn peek(&self, id: &ChunkId) -> Option<Bytes> {
+    pub fn peek(&self, id: &ChunkId) -> Option<Bytes> {
         if self.max_bytes == 0 {
             return None;
         }
@@ -215,65 +215,122 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
 }
 
 impl<K: std::hash::Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
-    /// `f()` for `key`, or the result of the call for `key` in flight.
-    pub fn run(&self, key: &K, f: impl FnOnce() -> V) -> V {
-        let (flight, leader) = {
-            let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-            match calls.get(key) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight {
-                        result: Mutex::new(None),
-                        done: Condvar::new(),
-                    });
-                    calls.insert(key.clone(), f.clone());
-                    (f, true)
-                }
+    /// Lead the call for `key`, or wait for the one in flight.
+    pub fn join(self: &Arc<Self>, key: &K) -> Joined<K, V> {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let (flight, lead) = match calls.get(key) {
+            Some(f) => (f.clone(), false),
+            None => {
+                let f = Arc::new(Flight {
+                    result: Mutex::new(None),
+                    done: Condvar::new(),
+                });
+                calls.insert(key.clone(), f.clone());
+                (f, true)
             }
         };
-        if leader {
-            // Whatever happens in f (even a panic), followers are released
-            // and the key is free again.
-            struct Finish<'a, K: std::hash::Hash + Eq, V> {
-                sf: &'a SingleFlight<K, V>,
-                key: &'a K,
-                flight: &'a Flight<V>,
-            }
-            impl<K: std::hash::Hash + Eq, V> Drop for Finish<'_, K, V> {
-                fn drop(&mut self) {
-                    self.sf
-                        .calls
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(self.key);
-                    self.flight.done.notify_all();
+        let call = Call {
+            sf: self.clone(),
+            key: key.clone(),
+            flight,
+        };
+        if lead {
+            Joined::Lead(Lead(call))
+        } else {
+            Joined::Wait(Waiter(call))
+        }
+    }
+
+    /// `f()` for `key`, or the result of the call for `key` in flight.
+    pub fn run(self: &Arc<Self>, key: &K, f: impl FnOnce() -> V) -> V {
+        loop {
+            match self.join(key) {
+                // Whatever happens in f (even a panic), dropping the lead
+                // releases the waiters and frees the key.
+                Joined::Lead(lead) => {
+                    let v = f();
+                    lead.finish(v.clone());
+                    return v;
+                }
+                Joined::Wait(w) => {
+                    if let Some(v) = w.wait() {
+                        return v;
+                    }
+                    // The leader is gone without a result: compute it here.
                 }
             }
-            let _finish = Finish {
-                sf: self,
-                key,
-                flight: &flight,
-            };
-            let v = f();
-            *flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(v.clone());
-            return v;
         }
+    }
+}
+
+/// A caller's place in a [`SingleFlight`] call.
+pub enum Joined<K: std::hash::Hash + Eq + Clone, V> {
+    /// This caller computes the value (and must [`Lead::finish`] it).
+    Lead(Lead<K, V>),
+    /// Another caller computes it.
+    Wait(Waiter<K, V>),
+}
+
+#[derive(Debug)]
+struct Call<K: std::hash::Hash + Eq + Clone, V> {
+    sf: Arc<SingleFlight<K, V>>,
+    key: K,
+    flight: Arc<Flight<V>>,
+}
+
+/// The caller computing a [`SingleFlight`] value. Dropped without
+/// [`Lead::finish`] (failure, panic, a client gone), it releases its
+/// waiters without a value and they compute it themselves.
+#[derive(Debug)]
+pub struct Lead<K: std::hash::Hash + Eq + Clone, V>(Call<K, V>);
+
+impl<K: std::hash::Hash + Eq + Clone, V> Lead<K, V> {
+    /// Hand `v` to every waiter.
+    pub fn finish(self, v: V) {
+        *self
+            .0
+            .flight
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Drop for Lead<K, V> {
+    fn drop(&mut self) {
+        let mut calls = self.0.sf.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls
+            .get(&self.0.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.0.flight))
+        {
+            calls.remove(&self.0.key);
+        }
+        drop(calls);
+        self.0.flight.done.notify_all();
+    }
+}
+
+/// A caller waiting for another's [`SingleFlight`] value.
+#[derive(Debug)]
+pub struct Waiter<K: std::hash::Hash + Eq + Clone, V>(Call<K, V>);
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Waiter<K, V> {
+    /// The leader's value, or None when it ended without one (blocking).
+    pub fn wait(self) -> Option<V> {
+        let Call { sf, key, flight } = &self.0;
         let mut r = flight.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(v) = r.as_ref() {
-                return v.clone();
+                return Some(v.clone());
             }
-            // The leader is gone without a result (it panicked): the key
-            // is free again, so compute it here.
-            let in_flight = self
+            let in_flight = sf
                 .calls
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(key)
-                .is_some_and(|f| Arc::ptr_eq(f, &flight));
+                .is_some_and(|f| Arc::ptr_eq(f, flight));
             if !in_flight {
-                drop(r);
-                return self.run(key, f);
+                return None;
             }
             r = flight
                 .done
@@ -286,7 +343,7 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
 
 /// A chunk GET's shared result: the frame, None when absent, or the
 /// error (shared by every caller that waited for it).
-type FrameResult = Result<Option<Bytes>, Arc<aula_imager::Error>>;
+pub type FrameResult = Result<Option<Bytes>, Arc<aula_imager::Error>>;
 
 /// An S3 store and its chunk cache.
 #[derive(Debug)]
@@ -297,7 +354,7 @@ pub struct S3Store {
     pub cache: ChunkCache,
     /// Chunk GETs in flight: agents missing the same chunk at once cause
     /// one GET.
-    gets: SingleFlight<ChunkId, FrameResult>,
+    pub gets: Arc<SingleFlight<ChunkId, FrameResult>>,
 }
 
 /// The repository's storage.
@@ -317,7 +374,7 @@ impl Store {
         Ok(Store::S3(Arc::new(S3Store {
             repo,
             cache: ChunkCache::new(s.cache_mib << 20),
-            gets: SingleFlight::default(),
+            gets: Arc::default(),
         })))
     }
 
@@ -491,6 +548,35 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2, "one call per key");
         // Finished calls are forgotten: a later miss fetches again.
         assert_eq!(sf.run(&1, || 7), 7);
+    }
+
+    #[test]
+    fn a_lead_dropped_without_a_value_frees_the_key_and_its_waiters() {
+        let sf: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let Joined::Lead(lead) = sf.join(&1) else {
+            panic!("first caller leads");
+        };
+        let Joined::Wait(w) = sf.join(&1) else {
+            panic!("second caller waits");
+        };
+        let waiter = std::thread::spawn(move || w.wait());
+        std::thread::sleep(Duration::from_millis(50));
+        // A streamed GET whose client left: no value for the waiter…
+        drop(lead);
+        assert_eq!(waiter.join().expect("join"), None);
+        // …and the next caller leads again; a finished lead hands its value.
+        let Joined::Lead(lead) = sf.join(&1) else {
+            panic!("key free again");
+        };
+        let Joined::Wait(w) = sf.join(&1) else {
+            panic!("waits");
+        };
+        lead.finish(9);
+        assert_eq!(w.wait(), Some(9));
+        assert!(
+            matches!(sf.join(&1), Joined::Lead(_)),
+            "finished call forgotten"
+        );
     }
 
     #[test]
