@@ -817,27 +817,25 @@ impl RepoService {
                         ));
                     }
                 }
-                {
-                    let Some(len) = s.repo.chunk_size_stored(&id)? else {
-                        return Ok(Got::Absent);
-                    };
-                    let Some((st, a, n)) = ranged(len) else {
-                        return Ok(Got::Unsatisfiable(len));
-                    };
-                    if head || n == 0 {
-                        return Ok(Got::Part(Bytes::new(), st, a, n, len));
-                    }
-                    return Ok(match s.repo.get_chunk_range(&id, a, a + n - 1)? {
-                        Some(b) if b.len() as u64 == n => Got::Part(Bytes::from(b), st, a, n, len),
-                        Some(b) => {
-                            return Err(aula_imager::Error::Repo(format!(
-                                "chunk {id}: the store answered {} bytes for a range of {n}",
-                                b.len()
-                            )))
-                        }
-                        None => Got::Absent,
-                    });
+                let Some(len) = s.repo.chunk_size_stored(&id)? else {
+                    return Ok(Got::Absent);
+                };
+                let Some((st, a, n)) = ranged(len) else {
+                    return Ok(Got::Unsatisfiable(len));
+                };
+                if head || n == 0 {
+                    return Ok(Got::Part(Bytes::new(), st, a, n, len));
                 }
+                Ok(match s.repo.get_chunk_range(&id, a, a + n - 1)? {
+                    Some(b) if b.len() as u64 == n => Got::Part(Bytes::from(b), st, a, n, len),
+                    Some(b) => {
+                        return Err(aula_imager::Error::Repo(format!(
+                            "chunk {id}: the store answered {} bytes for a range of {n}",
+                            b.len()
+                        )))
+                    }
+                    None => Got::Absent,
+                })
             })
             .await;
         match res {
