@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use aula_imager::chunk::ChunkId;
@@ -144,6 +144,17 @@ impl ChunkCache {
         hit
     }
 
+    /// The cached frame of `id`, without counting a lookup.
+    pub fn peek(&self, id: &ChunkId) -> Option<Bytes> {
+        if self.max_bytes == 0 {
+            return None;
+        }
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|c| c.map.get(id).map(|e| e.0.clone()))
+    }
+
     /// Keep `frame` (evicting the least recently used beyond the bound).
     pub fn insert(&self, id: ChunkId, frame: Bytes) {
         let len = frame.len() as u64;
@@ -181,6 +192,159 @@ impl ChunkCache {
     }
 }
 
+/// Single flight: callers asking for the same key at the same time share
+/// one computation (the first caller runs it, the others wait for its
+/// result). Blocking: used from blocking threads only.
+#[derive(Debug)]
+pub struct SingleFlight<K, V> {
+    calls: Mutex<HashMap<K, Arc<Flight<V>>>>,
+}
+
+#[derive(Debug)]
+struct Flight<V> {
+    result: Mutex<Option<V>>,
+    done: Condvar,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            calls: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+    /// Lead the call for `key`, or wait for the one in flight.
+    pub fn join(self: &Arc<Self>, key: &K) -> Joined<K, V> {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let (flight, lead) = match calls.get(key) {
+            Some(f) => (f.clone(), false),
+            None => {
+                let f = Arc::new(Flight {
+                    result: Mutex::new(None),
+                    done: Condvar::new(),
+                });
+                calls.insert(key.clone(), f.clone());
+                (f, true)
+            }
+        };
+        let call = Call {
+            sf: self.clone(),
+            key: key.clone(),
+            flight,
+        };
+        if lead {
+            Joined::Lead(Lead(call))
+        } else {
+            Joined::Wait(Waiter(call))
+        }
+    }
+
+    /// `f()` for `key`, or the result of the call for `key` in flight.
+    pub fn run(self: &Arc<Self>, key: &K, f: impl FnOnce() -> V) -> V {
+        loop {
+            match self.join(key) {
+                // Whatever happens in f (even a panic), dropping the lead
+                // releases the waiters and frees the key.
+                Joined::Lead(lead) => {
+                    let v = f();
+                    lead.finish(v.clone());
+                    return v;
+                }
+                Joined::Wait(w) => {
+                    if let Some(v) = w.wait() {
+                        return v;
+                    }
+                    // The leader is gone without a result: compute it here.
+                }
+            }
+        }
+    }
+}
+
+/// A caller's place in a [`SingleFlight`] call.
+pub enum Joined<K: std::hash::Hash + Eq + Clone, V> {
+    /// This caller computes the value (and must [`Lead::finish`] it).
+    Lead(Lead<K, V>),
+    /// Another caller computes it.
+    Wait(Waiter<K, V>),
+}
+
+#[derive(Debug)]
+struct Call<K: std::hash::Hash + Eq + Clone, V> {
+    sf: Arc<SingleFlight<K, V>>,
+    key: K,
+    flight: Arc<Flight<V>>,
+}
+
+/// The caller computing a [`SingleFlight`] value. Dropped without
+/// [`Lead::finish`] (failure, panic, a client gone), it releases its
+/// waiters without a value and they compute it themselves.
+#[derive(Debug)]
+pub struct Lead<K: std::hash::Hash + Eq + Clone, V>(Call<K, V>);
+
+impl<K: std::hash::Hash + Eq + Clone, V> Lead<K, V> {
+    /// Hand `v` to every waiter.
+    pub fn finish(self, v: V) {
+        *self
+            .0
+            .flight
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Drop for Lead<K, V> {
+    fn drop(&mut self) {
+        let mut calls = self.0.sf.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls
+            .get(&self.0.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.0.flight))
+        {
+            calls.remove(&self.0.key);
+        }
+        drop(calls);
+        self.0.flight.done.notify_all();
+    }
+}
+
+/// A caller waiting for another's [`SingleFlight`] value.
+#[derive(Debug)]
+pub struct Waiter<K: std::hash::Hash + Eq + Clone, V>(Call<K, V>);
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Waiter<K, V> {
+    /// The leader's value, or None when it ended without one (blocking).
+    pub fn wait(self) -> Option<V> {
+        let Call { sf, key, flight } = &self.0;
+        let mut r = flight.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(v) = r.as_ref() {
+                return Some(v.clone());
+            }
+            let in_flight = sf
+                .calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .is_some_and(|f| Arc::ptr_eq(f, flight));
+            if !in_flight {
+                return None;
+            }
+            r = flight
+                .done
+                .wait_timeout(r, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// A chunk GET's shared result: the frame, None when absent, or the
+/// error (shared by every caller that waited for it).
+pub type FrameResult = Result<Option<Bytes>, Arc<aula_imager::Error>>;
+
 /// An S3 store and its chunk cache.
 #[derive(Debug)]
 pub struct S3Store {
@@ -188,6 +352,9 @@ pub struct S3Store {
     pub repo: S3Repo,
     /// Hot chunks.
     pub cache: ChunkCache,
+    /// Chunk GETs in flight: agents missing the same chunk at once cause
+    /// one GET.
+    pub gets: Arc<SingleFlight<ChunkId, FrameResult>>,
 }
 
 /// The repository's storage.
@@ -207,6 +374,7 @@ impl Store {
         Ok(Store::S3(Arc::new(S3Store {
             repo,
             cache: ChunkCache::new(s.cache_mib << 20),
+            gets: Arc::default(),
         })))
     }
 
@@ -256,16 +424,27 @@ impl Store {
         if let Some(f) = s.cache.get(id) {
             return Ok(Some(f));
         }
-        let mut out = Vec::new();
-        match s.repo.get_chunk(id, &mut out) {
-            Ok(()) => {
-                let b = Bytes::from(out);
-                s.cache.insert(*id, b.clone());
-                Ok(Some(b))
+        let r = s.gets.run(id, || {
+            // A call that finished just before this one joined may have
+            // filled the cache.
+            if let Some(f) = s.cache.peek(id) {
+                return Ok(Some(f));
             }
-            Err(aula_imager::Error::ChunkMissing(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+            let mut out = Vec::new();
+            match s.repo.get_chunk(id, &mut out) {
+                Ok(()) => {
+                    let b = Bytes::from(out);
+                    s.cache.insert(*id, b.clone());
+                    Ok(Some(b))
+                }
+                Err(aula_imager::Error::ChunkMissing(_)) => Ok(None),
+                Err(e) => Err(Arc::new(e)),
+            }
+        });
+        r.map_err(|e| match Arc::try_unwrap(e) {
+            Ok(e) => e,
+            Err(shared) => aula_imager::Error::Repo(shared.to_string()),
+        })
     }
 }
 
@@ -335,5 +514,89 @@ mod tests {
         // Too large for the cache: not kept.
         c.insert(ChunkId::of(b"big"), Bytes::from(vec![0u8; 11]));
         assert!(c.get(&ChunkId::of(b"big")).is_none());
+    }
+
+    #[test]
+    fn callers_missing_the_same_chunk_at_once_share_one_fetch() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Barrier;
+        let sf: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (sf, calls, start) = (sf.clone(), calls.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    // Threads 0..6 ask for key 1, thread 7 for key 2.
+                    let key = if i == 7 { 2 } else { 1 };
+                    sf.run(&key, || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        // A slow GET: everyone arrives while it runs.
+                        std::thread::sleep(Duration::from_millis(300));
+                        u64::from(key) * 100
+                    })
+                })
+            })
+            .collect();
+        let got: Vec<u64> = threads
+            .into_iter()
+            .map(|t| t.join().expect("join"))
+            .collect();
+        assert_eq!(&got[..7], &[100; 7]);
+        assert_eq!(got[7], 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one call per key");
+        // Finished calls are forgotten: a later miss fetches again.
+        assert_eq!(sf.run(&1, || 7), 7);
+    }
+
+    #[test]
+    fn a_lead_dropped_without_a_value_frees_the_key_and_its_waiters() {
+        let sf: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let Joined::Lead(lead) = sf.join(&1) else {
+            panic!("first caller leads");
+        };
+        let Joined::Wait(w) = sf.join(&1) else {
+            panic!("second caller waits");
+        };
+        let waiter = std::thread::spawn(move || w.wait());
+        std::thread::sleep(Duration::from_millis(50));
+        // A streamed GET whose client left: no value for the waiter…
+        drop(lead);
+        assert_eq!(waiter.join().expect("join"), None);
+        // …and the next caller leads again; a finished lead hands its value.
+        let Joined::Lead(lead) = sf.join(&1) else {
+            panic!("key free again");
+        };
+        let Joined::Wait(w) = sf.join(&1) else {
+            panic!("waits");
+        };
+        lead.finish(9);
+        assert_eq!(w.wait(), Some(9));
+        assert!(
+            matches!(sf.join(&1), Joined::Lead(_)),
+            "finished call forgotten"
+        );
+    }
+
+    #[test]
+    fn a_panicking_fetch_releases_its_waiters() {
+        use std::sync::Barrier;
+        let sf: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let start = Arc::new(Barrier::new(2));
+        let leader = {
+            let (sf, start) = (sf.clone(), start.clone());
+            std::thread::spawn(move || {
+                sf.run(&1, || {
+                    start.wait();
+                    std::thread::sleep(Duration::from_millis(200));
+                    panic!("fetch failed hard");
+                })
+            })
+        };
+        start.wait();
+        // Joins the leader's flight, then computes itself after the panic.
+        assert_eq!(sf.run(&1, || 5), 5);
+        assert!(leader.join().is_err());
     }
 }

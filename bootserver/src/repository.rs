@@ -55,7 +55,7 @@ use aula_imager::manifest::{validate_name, Manifest};
 use aula_imager::progress::Progress;
 use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
 
-use crate::repo_store::{S3Settings, S3Store, Store};
+use crate::repo_store::{FrameResult, Joined, Lead, S3Settings, S3Store, Store};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -774,8 +774,11 @@ impl RepoService {
         chunk_response(body, status, start, count, len)
     }
 
-    /// `get_chunk` from an S3 store: whole frames through the chunk cache;
-    /// with the cache off, a `Range` request becomes a ranged GET.
+    /// `get_chunk` from an S3 store: whole frames streamed from the store
+    /// as they arrive (filling the chunk cache on the way; callers missing
+    /// the same chunk meanwhile wait for the complete frame), or from the
+    /// cache; a `Range` request is a slice of a cached frame, else a
+    /// ranged GET.
     async fn get_chunk_s3(
         self: &Arc<Self>,
         s: Arc<S3Store>,
@@ -784,7 +787,9 @@ impl RepoService {
     ) -> Response<Body> {
         let head = req.method() == Method::HEAD;
         let range = req.headers().get(RANGE).cloned();
-        let cached = s.cache.max_bytes() > 0;
+        if !head && range.is_none() {
+            return self.stream_chunk_s3(s, id).await;
+        }
         enum Got {
             Absent,
             Unsatisfiable(u64),
@@ -797,41 +802,40 @@ impl RepoService {
                     RangeSpec::Partial(a, b) => Some((StatusCode::PARTIAL_CONTENT, a, b - a + 1)),
                     RangeSpec::Unsatisfiable => None,
                 };
-                if head || (!cached && range.is_some()) {
-                    let Some(len) = s.repo.chunk_size_stored(&id)? else {
-                        return Ok(Got::Absent);
-                    };
-                    let Some((st, a, n)) = ranged(len) else {
-                        return Ok(Got::Unsatisfiable(len));
-                    };
-                    if head || n == 0 {
-                        return Ok(Got::Part(Bytes::new(), st, a, n, len));
+                if !head {
+                    if let Some(frame) = s.cache.get(&id) {
+                        let len = frame.len() as u64;
+                        let Some((st, a, n)) = ranged(len) else {
+                            return Ok(Got::Unsatisfiable(len));
+                        };
+                        return Ok(Got::Part(
+                            frame.slice(a as usize..(a + n) as usize),
+                            st,
+                            a,
+                            n,
+                            len,
+                        ));
                     }
-                    return Ok(match s.repo.get_chunk_range(&id, a, a + n - 1)? {
-                        Some(b) if b.len() as u64 == n => Got::Part(Bytes::from(b), st, a, n, len),
-                        Some(b) => {
-                            return Err(aula_imager::Error::Repo(format!(
-                                "chunk {id}: the store answered {} bytes for a range of {n}",
-                                b.len()
-                            )))
-                        }
-                        None => Got::Absent,
-                    });
                 }
-                let Some(frame) = Store::s3_frame(&s, &id)? else {
+                let Some(len) = s.repo.chunk_size_stored(&id)? else {
                     return Ok(Got::Absent);
                 };
-                let len = frame.len() as u64;
                 let Some((st, a, n)) = ranged(len) else {
                     return Ok(Got::Unsatisfiable(len));
                 };
-                Ok(Got::Part(
-                    frame.slice(a as usize..(a + n) as usize),
-                    st,
-                    a,
-                    n,
-                    len,
-                ))
+                if head || n == 0 {
+                    return Ok(Got::Part(Bytes::new(), st, a, n, len));
+                }
+                Ok(match s.repo.get_chunk_range(&id, a, a + n - 1)? {
+                    Some(b) if b.len() as u64 == n => Got::Part(Bytes::from(b), st, a, n, len),
+                    Some(b) => {
+                        return Err(aula_imager::Error::Repo(format!(
+                            "chunk {id}: the store answered {} bytes for a range of {n}",
+                            b.len()
+                        )))
+                    }
+                    None => Got::Absent,
+                })
             })
             .await;
         match res {
@@ -852,6 +856,123 @@ impl RepoService {
             }
             Ok(Err(e)) => failure(&format!("reading chunk {id}"), &e),
             Err(r) => r,
+        }
+    }
+
+    /// A whole chunk from an S3 store: from the cache, from another
+    /// caller's GET of it in flight, or streamed from the store while it
+    /// arrives (then kept in the cache and handed to callers that waited).
+    async fn stream_chunk_s3(self: &Arc<Self>, s: Arc<S3Store>, id: ChunkId) -> Response<Body> {
+        let whole = |frame: Bytes| {
+            let len = frame.len() as u64;
+            crate::metrics::global().chunk_served(len);
+            let body = Full::new(frame).map_err(|e: Infallible| match e {}).boxed();
+            chunk_response(body, StatusCode::OK, 0, len, len)
+        };
+        let absent = || error(StatusCode::NOT_FOUND, &format!("chunk {id} not found"));
+        loop {
+            if let Some(f) = s.cache.get(&id) {
+                return whole(f);
+            }
+            let lead = match s.gets.join(&id) {
+                Joined::Lead(l) => l,
+                Joined::Wait(w) => match self.blocking(move || w.wait()).await {
+                    Ok(Some(Ok(Some(f)))) => return whole(f),
+                    Ok(Some(Ok(None))) => return absent(),
+                    Ok(Some(Err(e))) => {
+                        return failure(
+                            &format!("reading chunk {id}"),
+                            &aula_imager::Error::Repo(e.to_string()),
+                        )
+                    }
+                    // The leader ended without the chunk (its client left,
+                    // or the store broke off): ask again.
+                    Ok(None) => continue,
+                    Err(r) => return r,
+                },
+            };
+            // A call that finished just before this one joined may have
+            // filled the cache.
+            if let Some(f) = s.cache.peek(&id) {
+                lead.finish(Ok(Some(f.clone())));
+                return whole(f);
+            }
+            let cs = match s.repo.open_chunk(&id, None).await {
+                Ok(Some(cs)) => cs,
+                Ok(None) => {
+                    lead.finish(Ok(None));
+                    return absent();
+                }
+                Err(e) => {
+                    let shared = Arc::new(aula_imager::Error::Repo(e.to_string()));
+                    lead.finish(Err(shared));
+                    return failure(&format!("reading chunk {id}"), &e);
+                }
+            };
+            let len = cs.len;
+            crate::metrics::global().chunk_served(len);
+            // The pieces pass through as they come and are kept; the whole
+            // frame goes to the cache and the waiters once complete.
+            struct Tee {
+                rx: tokio::sync::mpsc::Receiver<aula_imager::Result<Bytes>>,
+                pieces: Vec<Bytes>,
+                left: u64,
+                lead: Option<Lead<ChunkId, FrameResult>>,
+                s: Arc<S3Store>,
+                id: ChunkId,
+            }
+            impl Tee {
+                /// The whole frame arrived: to the cache and the waiters.
+                /// (Done on the last piece: hyper stops polling a body once
+                /// its Content-Length is sent.)
+                fn complete(&mut self) {
+                    if let Some(lead) = self.lead.take() {
+                        let mut all = bytes::BytesMut::with_capacity(
+                            self.pieces.iter().map(Bytes::len).sum(),
+                        );
+                        for p in self.pieces.drain(..) {
+                            all.extend_from_slice(&p);
+                        }
+                        let frame = all.freeze();
+                        self.s.cache.insert(self.id, frame.clone());
+                        lead.finish(Ok(Some(frame)));
+                    }
+                }
+            }
+            let tee = Tee {
+                rx: cs.body,
+                pieces: Vec::new(),
+                left: len,
+                lead: Some(lead),
+                s,
+                id,
+            };
+            let stream = futures_util::stream::unfold(tee, |mut t| async move {
+                match t.rx.recv().await {
+                    Some(Ok(piece)) => {
+                        t.left = t.left.saturating_sub(piece.len() as u64);
+                        t.pieces.push(piece.clone());
+                        if t.left == 0 {
+                            t.complete();
+                        }
+                        Some((Ok(Frame::data(piece)), t))
+                    }
+                    Some(Err(e)) => {
+                        // Waiters fetch it themselves; this client resumes
+                        // with a Range request.
+                        t.lead = None;
+                        t.pieces.clear();
+                        Some((Err(io::Error::other(e.to_string())), t))
+                    }
+                    None => {
+                        if t.left == 0 {
+                            t.complete();
+                        }
+                        None
+                    }
+                }
+            });
+            return chunk_response(StreamBody::new(stream).boxed(), StatusCode::OK, 0, len, len);
         }
     }
 

@@ -15,6 +15,7 @@
 
 pub mod deployments;
 pub mod log;
+pub mod pg;
 pub mod rooms;
 pub mod sessions;
 
@@ -31,6 +32,9 @@ pub enum DbError {
     /// SQLite said no.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL said no (the shared database; see [`pg`]).
+    #[error("shared database: {}", pg::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
     /// The file or directory could not be prepared.
     #[error("{action} {path}")]
     Io {

@@ -21,7 +21,7 @@ pub use cached::{manifest_digest, CachedRepo, ConfirmedManifests};
 pub use http::{HttpOptions, HttpRepo, HttpStream};
 pub use local::LocalRepo;
 pub use migrate::{dir_chunk_ids, migrate_dir_to_s3, MigrateReport};
-pub use s3::{parse_s3_url, ObjectInfo, S3Config, S3Credentials, S3GcReport, S3Repo};
+pub use s3::{parse_s3_url, ChunkStream, ObjectInfo, S3Config, S3Credentials, S3GcReport, S3Repo};
 
 /// One line of `list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

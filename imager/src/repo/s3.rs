@@ -43,7 +43,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -244,6 +244,12 @@ struct Inner {
     cfg: S3Config,
     client: HttpClient,
     current: AtomicUsize,
+    /// Chunk reads are spread over the endpoints: the next one's turn.
+    next_read: AtomicUsize,
+    /// Per endpoint: chunk reads avoid it until this many ms after
+    /// `started` (it failed).
+    down_until: Vec<AtomicU64>,
+    started: Instant,
     /// `/bucket/` or `/bucket/prefix/`, path-style.
     base_path: String,
     /// Key prefix with its trailing `/` (or empty).
@@ -524,7 +530,18 @@ impl Inner {
         };
         let status = resp.status();
         let headers = resp.headers().clone();
-        let mut body = resp.into_body();
+        let out = self.read_body(&what, resp.into_body(), limit).await?;
+        self.judge(&what, status, &out)?;
+        Ok((status, headers, out))
+    }
+
+    /// A response body, whole (at most `limit` bytes).
+    async fn read_body(
+        &self,
+        what: &str,
+        mut body: hyper::body::Incoming,
+        limit: usize,
+    ) -> std::result::Result<Vec<u8>, Fail> {
         let mut out = Vec::new();
         loop {
             let frame = match tokio::time::timeout(self.cfg.timeout, body.frame()).await {
@@ -547,17 +564,23 @@ impl Inner {
                 out.extend_from_slice(&d);
             }
         }
+        Ok(out)
+    }
+
+    /// Errors worth another attempt (the store is busy or a node is
+    /// down) and refusals (credentials), from a status and its body.
+    fn judge(&self, what: &str, status: StatusCode, out: &[u8]) -> std::result::Result<(), Fail> {
         if status.is_server_error()
             || status == StatusCode::REQUEST_TIMEOUT
             || status == StatusCode::TOO_MANY_REQUESTS
         {
             return Err(Fail::Retry(format!(
                 "{what}: {status}{}",
-                s3_error_text(&out)
+                s3_error_text(out)
             )));
         }
         if status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED {
-            let text = String::from_utf8_lossy(&out);
+            let text = String::from_utf8_lossy(out);
             let code = xml_text(&text, "Code").unwrap_or("");
             // Garage answers AccessDenied for both, saying which in the message.
             let message = xml_text(&text, "Message")
@@ -587,7 +610,7 @@ impl Inner {
             };
             return Err(Fail::Fatal(Error::Repo(format!("{what}: {status}: {why}"))));
         }
-        Ok((status, headers, out))
+        Ok(())
     }
 }
 
@@ -602,6 +625,126 @@ fn s3_error_text(body: &[u8]) -> String {
 
 /// Result of one S3 call: status, headers, body.
 type Answer = (StatusCode, hyper::HeaderMap, Vec<u8>);
+
+/// How long chunk reads avoid an endpoint that failed.
+const READ_AVOID: Duration = Duration::from_secs(10);
+/// Pieces of a streamed chunk waiting for the reader.
+const STREAM_PIECES: usize = 16;
+
+/// A chunk's bytes as they arrive from the store ([`S3Repo::open_chunk`]).
+#[derive(Debug)]
+pub struct ChunkStream {
+    /// 200 (the whole frame) or 206 (the range asked for).
+    pub status: StatusCode,
+    /// Bytes this answer carries.
+    pub len: u64,
+    /// Size of the whole frame.
+    pub total: u64,
+    /// The body in pieces, `len` bytes in all; an error ends it early (the
+    /// store's answer broke off after its headers).
+    pub body: tokio::sync::mpsc::Receiver<Result<Bytes>>,
+}
+
+impl Inner {
+    /// The endpoint for a chunk read's `turn`-th attempt: in turn, skipping
+    /// endpoints that failed in the last [`READ_AVOID`] unless all did.
+    fn read_endpoint(&self, turn: usize) -> usize {
+        let n = self.cfg.endpoints.len();
+        let now = self.started.elapsed().as_millis() as u64;
+        (0..n)
+            .map(|k| (turn + k) % n)
+            .find(|&i| self.down_until[i].load(Ordering::Relaxed) <= now)
+            .unwrap_or(turn % n)
+    }
+
+    fn avoid(&self, idx: usize) {
+        let until = (self.started.elapsed() + READ_AVOID).as_millis() as u64;
+        self.down_until[idx].store(until, Ordering::Relaxed);
+    }
+
+    /// GET a chunk object (bytes `range` of it) and return the response
+    /// once its headers say it is there (None: absent), retrying across
+    /// the endpoints until then.
+    async fn open_get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<Option<(hyper::Response<hyper::body::Incoming>, String)>> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        let n = self.cfg.endpoints.len();
+        let first = self.next_read.fetch_add(1, Ordering::Relaxed);
+        let extra: Vec<(&str, String)> = range
+            .map(|(a, b)| ("range", format!("bytes={a}-{b}")))
+            .into_iter()
+            .collect();
+        let mut tries = 0usize;
+        loop {
+            let idx = self.read_endpoint(first.wrapping_add(tries));
+            tries += 1;
+            let endpoint = &self.cfg.endpoints[idx];
+            let what = format!("GET {endpoint}/{}/{}", self.cfg.bucket, self.key(key));
+            let attempt = async {
+                let req = self.signed(
+                    endpoint,
+                    &Method::GET,
+                    Some(key),
+                    &BTreeMap::new(),
+                    &extra,
+                    Bytes::new(),
+                )?;
+                let resp = match tokio::time::timeout(self.cfg.timeout, self.client.request(req))
+                    .await
+                {
+                    Err(_) => {
+                        return Err(Fail::Retry(format!(
+                            "{what}: no response within {:?}",
+                            self.cfg.timeout
+                        )))
+                    }
+                    Ok(Err(e)) => return Err(Fail::Retry(format!("{what}: {}", error_chain(&e)))),
+                    Ok(Ok(r)) => r,
+                };
+                let status = resp.status();
+                if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
+                    return Ok(Some(resp));
+                }
+                let out = self.read_body(&what, resp.into_body(), 1 << 20).await?;
+                if status == StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                self.judge(&what, status, &out)?;
+                Err(Fail::Fatal(Error::Repo(format!(
+                    "{what}: {status}{}",
+                    s3_error_text(&out)
+                ))))
+            };
+            match attempt.await {
+                Ok(r) => return Ok(r.map(|r| (r, what))),
+                Err(Fail::Fatal(e)) => return Err(e),
+                Err(Fail::Retry(why)) => {
+                    self.avoid(idx);
+                    if start.elapsed() + delay > self.cfg.retry_for {
+                        return Err(Error::Repo(format!(
+                            "giving up after {tries} attempts over {:.0} s: {why}",
+                            start.elapsed().as_secs_f64()
+                        )));
+                    }
+                    tracing::warn!("S3: {why}; trying another endpoint");
+                    if tries.is_multiple_of(n) {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The number in header `name`.
+fn header_u64(h: &hyper::HeaderMap, name: hyper::header::HeaderName) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.trim().parse().ok()
+}
 
 impl S3Repo {
     /// Open the repository at `cfg` (bucket and prefix), creating its
@@ -644,9 +787,14 @@ impl S3Repo {
         let inner = Arc::new(Inner {
             base_path: format!("/{}/{key_prefix}", cfg.bucket),
             key_prefix,
+            down_until: (0..cfg.endpoints.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             cfg,
             client,
             current: AtomicUsize::new(0),
+            next_read: AtomicUsize::new(0),
+            started: Instant::now(),
         });
         let repo = S3Repo {
             inner,
@@ -964,6 +1112,95 @@ impl S3Repo {
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.unexpected("reading", &key, s, &body)),
         }
+    }
+
+    /// A chunk's frame (or bytes `start ..= end` of it) as it arrives,
+    /// spreading reads over the endpoints; None when the chunk is absent.
+    /// Endpoints are retried until the answer's headers arrive; a break
+    /// after that ends [`ChunkStream::body`] with an error. Callable from
+    /// any runtime: the transfer runs on the client's own.
+    pub async fn open_chunk(
+        &self,
+        id: &ChunkId,
+        range: Option<(u64, u64)>,
+    ) -> Result<Option<ChunkStream>> {
+        let inner = self.inner.clone();
+        let key = Self::chunk_key(id);
+        let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+        self.handle.spawn(async move {
+            let (resp, what) = match inner.open_get(&key, range).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return drop(head_tx.send(Ok(None))),
+                Err(e) => return drop(head_tx.send(Err(e))),
+            };
+            let status = resp.status();
+            let h = resp.headers();
+            let Some(len) = header_u64(h, CONTENT_LENGTH) else {
+                let e = Error::Repo(format!("{what}: the store sent no Content-Length"));
+                return drop(head_tx.send(Err(e)));
+            };
+            let total = if status == StatusCode::PARTIAL_CONTENT {
+                h.get(hyper::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit('/').next())
+                    .and_then(|t| t.trim().parse().ok())
+            } else {
+                Some(len)
+            };
+            let Some(total) = total else {
+                let e = Error::Repo(format!(
+                    "{what}: partial answer without a usable Content-Range"
+                ));
+                return drop(head_tx.send(Err(e)));
+            };
+            if len > MAX_FRAME as u64 {
+                let e = Error::Repo(format!(
+                    "{what}: {len} bytes is larger than any chunk frame"
+                ));
+                return drop(head_tx.send(Err(e)));
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_PIECES);
+            let stream = ChunkStream {
+                status,
+                len,
+                total,
+                body: rx,
+            };
+            if head_tx.send(Ok(Some(stream))).is_err() {
+                return;
+            }
+            let mut body = resp.into_body();
+            let mut got = 0u64;
+            let end = loop {
+                match tokio::time::timeout(inner.cfg.timeout, body.frame()).await {
+                    Err(_) => break Some(format!("{what}: body stalled after {got} bytes")),
+                    Ok(None) if got == len => break None,
+                    Ok(None) => {
+                        break Some(format!("{what}: body ended after {got} of {len} bytes"))
+                    }
+                    Ok(Some(Err(e))) => {
+                        break Some(format!("{what}: reading body: {}", error_chain(&e)))
+                    }
+                    Ok(Some(Ok(f))) => {
+                        let Ok(d) = f.into_data() else { continue };
+                        got += d.len() as u64;
+                        if got > len {
+                            break Some(format!("{what}: body longer than its {len} bytes"));
+                        }
+                        if tx.send(Ok(d)).await.is_err() {
+                            // The reader is gone.
+                            break None;
+                        }
+                    }
+                }
+            };
+            if let Some(why) = end {
+                let _ = tx.send(Err(Error::Repo(why))).await;
+            }
+        });
+        head_rx
+            .await
+            .map_err(|_| Error::Repo("the S3 client stopped during a read".into()))?
     }
 
     /// Store a chunk unless present; true when this call stored it.

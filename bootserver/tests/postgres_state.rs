@@ -1,0 +1,407 @@
+//! The console's shared state on a real PostgreSQL (Debian's `postgresql`),
+//! started by each test in a temporary directory as the unprivileged user
+//! `nobody` (PostgreSQL refuses to run as root), listening on a loopback
+//! port with password (SCRAM) authentication.
+//!
+//! Needs root (to start PostgreSQL as `nobody`) and PostgreSQL's server
+//! binaries (`AULA_PG_BIN`, default /usr/lib/postgresql/15/bin): without
+//! either the tests fail and say so; scripts/test installs `postgresql`
+//! and runs as root.
+//!
+//! What they prove (at the database layer, `aula_bootserver::db::pg`):
+//! two boot servers on one database migrate once and share rooms; a
+//! deployment started through either console is carried out by the boot
+//! server that serves its room; two servers never both hold a machine; a
+//! server killed mid-deployment leaves the other unaffected, its machines
+//! are not taken while its lease lives, and it resumes them where they
+//! were when it restarts; a lease that expired is taken over and the old
+//! holder can no longer write.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use aula_bootserver::db::pg::{pg_schema_version, Claim, PgDb, PgSettings};
+use aula_bootserver::db::DbError;
+use aula_bootserver::mac::MacAddr;
+
+const PASSWORD: &str = "pg-test-Secret-7";
+
+struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+fn run_as_nobody(bin: &Path, tool: &str, args: &[&str]) {
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bin.join(tool))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {tool} as nobody: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (it starts PostgreSQL as the user nobody): run it as root, as scripts/test does"
+        );
+        let bin = PathBuf::from(
+            std::env::var("AULA_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+        );
+        assert!(
+            bin.join("initdb").exists() && bin.join("pg_ctl").exists(),
+            "PostgreSQL server binaries not found in {} (apt-get install postgresql, or set AULA_PG_BIN)",
+            bin.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("aula-pg-")
+            .tempdir()
+            .expect("tempdir");
+        let nobody = nix::unistd::User::from_name("nobody")
+            .expect("passwd")
+            .expect("user nobody");
+        nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).expect("chown");
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, PASSWORD).expect("pwfile");
+        nix::unistd::chown(&pwfile, Some(nobody.uid), Some(nobody.gid)).expect("chown");
+        let data = dir.path().join("data");
+        let (data_s, pw_s) = (data.to_string_lossy(), pwfile.to_string_lossy());
+        run_as_nobody(
+            &bin,
+            "initdb",
+            &[
+                "-D",
+                &data_s,
+                "-U",
+                "aula",
+                "--pwfile",
+                &pw_s,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        std::fs::remove_file(&pwfile).expect("rm pwfile");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=50",
+            dir.path().display()
+        );
+        let log = dir.path().join("pg.log");
+        run_as_nobody(
+            &bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &data_s,
+                "-l",
+                &log.to_string_lossy(),
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+        Postgres { dir, bin, port }
+    }
+
+    /// Settings for boot server `id`: the password in a root-only file.
+    fn settings(&self, id: &str, lease: Duration) -> PgSettings {
+        let pw = self.dir.path().join(format!("client-{id}.pw"));
+        std::fs::write(&pw, format!("{PASSWORD}\n")).expect("write");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        PgSettings {
+            url: format!("postgres://aula@127.0.0.1:{}/postgres", self.port),
+            password_file: Some(pw),
+            server_id: id.into(),
+            lease,
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &data.to_string_lossy(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn mac(i: u8) -> MacAddr {
+    MacAddr([0x52, 0x54, 0x00, 0x19, 0x00, i])
+}
+
+const LONG: Duration = Duration::from_secs(600);
+
+/// Rooms `a-room` (served by `a`) and `b-room` (served by `b`), four
+/// machines each.
+async fn two_rooms(db: &PgDb) -> (i64, i64) {
+    let ra = db.create_room("a-room", Some("a")).await.expect("room a");
+    let rb = db.create_room("b-room", Some("b")).await.expect("room b");
+    for i in 0..4u8 {
+        db.add_machine(ra, mac(i), &format!("a{i}"))
+            .await
+            .expect("machine");
+        db.add_machine(rb, mac(0x80 + i), &format!("b{i}"))
+            .await
+            .expect("machine");
+    }
+    (ra, rb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_boot_servers_on_one_database_migrate_once_and_share_rooms() {
+    let pg = Postgres::start();
+    let (sa, sb) = (pg.settings("a", LONG), pg.settings("b", LONG));
+    let (a, b) = tokio::join!(PgDb::connect(&sa), PgDb::connect(&sb));
+    let (a, b) = (a.expect("a connects"), b.expect("b connects"));
+    // Both migrated concurrently: the later one found everything applied.
+    assert_eq!(
+        a.migrate().await.expect("migrate"),
+        (pg_schema_version(), pg_schema_version())
+    );
+    let room = a.create_room("Lab 1", Some("a")).await.expect("room");
+    // Names are unique regardless of case, across servers (as in SQLite).
+    let e = b
+        .create_room("LAB 1", Some("b"))
+        .await
+        .expect_err("duplicate");
+    assert!(matches!(e, DbError::Conflict(_)), "{e}");
+    b.add_machine(room, mac(1), "pc1")
+        .await
+        .expect("b adds to a's room");
+    let e = a
+        .add_machine(room, mac(1), "pc1 again")
+        .await
+        .expect_err("dup mac");
+    assert!(matches!(e, DbError::Conflict(_)), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_started_through_either_console_is_run_by_the_server_of_its_room() {
+    let pg = Postgres::start();
+    let a = PgDb::connect(&pg.settings("a", LONG)).await.expect("a");
+    let b = PgDb::connect(&pg.settings("b", LONG)).await.expect("b");
+    let (ra, rb) = two_rooms(&a).await;
+    // Each console starts a deployment on the other's room.
+    let on_b = a
+        .start_restore(rb, "win11", "alice")
+        .await
+        .expect("a starts");
+    let on_a = b
+        .start_restore(ra, "ubuntu", "bob")
+        .await
+        .expect("b starts");
+    assert_eq!(a.deployments_to_run().await.expect("a runs"), vec![on_a]);
+    assert_eq!(b.deployments_to_run().await.expect("b runs"), vec![on_b]);
+    // A room nobody serves is refused with a clear error, nothing stored.
+    let orphan = a.create_room("orphan", None).await.expect("room");
+    a.add_machine(orphan, mac(0x40), "o")
+        .await
+        .expect("machine");
+    let e = b
+        .start_restore(orphan, "x", "bob")
+        .await
+        .expect_err("no server");
+    assert!(e.to_string().contains("no boot server"), "{e}");
+    assert_eq!(b.deployments_to_run().await.expect("b runs"), vec![on_b]);
+    // Reassigning the room moves later deployments, not running ones.
+    a.set_room_server(orphan, "b").await.expect("assign");
+    let later = a.start_restore(orphan, "x", "alice").await.expect("start");
+    assert_eq!(
+        b.deployments_to_run().await.expect("b runs"),
+        vec![on_b, later]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_racing_for_the_same_machines_never_both_hold_one() {
+    let pg = Postgres::start();
+    let a = PgDb::connect(&pg.settings("a", LONG)).await.expect("a");
+    let b = PgDb::connect(&pg.settings("b", LONG)).await.expect("b");
+    let (ra, _) = two_rooms(&a).await;
+    let dep = a.start_restore(ra, "img", "alice").await.expect("start");
+    // A misconfiguration: both think they serve the room and race for
+    // all its machines at once.
+    let race = |db: PgDb| async move {
+        let mut won = Vec::new();
+        for i in 0..4u8 {
+            if db.claim(dep, mac(i)).await.expect("claim") == Claim::Granted {
+                won.push(i);
+            }
+        }
+        won
+    };
+    let (wa, wb) = tokio::join!(tokio::spawn(race(a.clone())), tokio::spawn(race(b.clone())));
+    let (wa, wb) = (wa.expect("join"), wb.expect("join"));
+    let mut all: Vec<u8> = wa.iter().chain(&wb).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, vec![0, 1, 2, 3], "a won {wa:?}, b won {wb:?}");
+    for i in 0..4u8 {
+        let (holder, other, name) = if wa.contains(&i) {
+            (&a, &b, "a")
+        } else {
+            (&b, &a, "b")
+        };
+        match other.claim(dep, mac(i)).await.expect("claim") {
+            Claim::HeldBy {
+                server, deployment, ..
+            } => {
+                assert_eq!((server.as_str(), deployment), (name, dep))
+            }
+            Claim::Granted => panic!("machine {i} granted twice"),
+        }
+        // Only the holder's progress is written.
+        assert!(holder
+            .set_machine_state(dep, mac(i), "restoring", 10)
+            .await
+            .expect("write"));
+        assert!(!other
+            .set_machine_state(dep, mac(i), "failed", 0)
+            .await
+            .expect("write"));
+        assert_eq!(
+            a.machine_state(dep, mac(i)).await.expect("state"),
+            "restoring"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_leaves_the_other_unaffected_and_resumes_where_it_was() {
+    let pg = Postgres::start();
+    let a = PgDb::connect(&pg.settings("a", LONG)).await.expect("a");
+    let b = PgDb::connect(&pg.settings("b", LONG)).await.expect("b");
+    let (ra, rb) = two_rooms(&a).await;
+    let da = a.start_restore(ra, "img", "alice").await.expect("start a");
+    let db_ = b.start_restore(rb, "img", "bob").await.expect("start b");
+    for i in 0..4u8 {
+        assert_eq!(a.claim(da, mac(i)).await.expect("claim"), Claim::Granted);
+        assert_eq!(
+            b.claim(db_, mac(0x80 + i)).await.expect("claim"),
+            Claim::Granted
+        );
+    }
+    // a is mid-deployment: two machines restoring, one done.
+    a.set_machine_state(da, mac(0), "done", 100)
+        .await
+        .expect("w");
+    a.release(mac(0)).await.expect("release");
+    a.set_machine_state(da, mac(1), "restoring", 40)
+        .await
+        .expect("w");
+    a.set_machine_state(da, mac(2), "restoring", 70)
+        .await
+        .expect("w");
+    // a is killed: its connection drops without a word.
+    drop(a);
+    // b carries on with its own room: heartbeats renew its 4 claims only,
+    // its writes go through.
+    assert_eq!(b.heartbeat().await.expect("heartbeat"), 4);
+    for i in 0..4u8 {
+        assert!(b
+            .set_machine_state(db_, mac(0x80 + i), "restoring", 5)
+            .await
+            .expect("b writes"));
+    }
+    // b cannot take a's machines while a's lease lives.
+    for i in 1..4u8 {
+        match b.claim(da, mac(i)).await.expect("claim") {
+            Claim::HeldBy { server, .. } => assert_eq!(server, "a"),
+            Claim::Granted => panic!("b took machine {i} from a live lease"),
+        }
+    }
+    // a restarts with the same id: it finds its own claims and resumes
+    // each machine where it was.
+    let a = PgDb::connect(&pg.settings("a", LONG))
+        .await
+        .expect("a again");
+    let mine = a.my_claims().await.expect("claims");
+    let macs: Vec<MacAddr> = mine.iter().map(|c| c.mac).collect();
+    assert_eq!(macs, vec![mac(1), mac(2), mac(3)]);
+    assert!(mine.iter().all(|c| c.deployment == da));
+    assert_eq!(a.deployments_to_run().await.expect("runs"), vec![da]);
+    let states = [
+        a.machine_state(da, mac(0)).await.expect("s"),
+        a.machine_state(da, mac(1)).await.expect("s"),
+        a.machine_state(da, mac(2)).await.expect("s"),
+        a.machine_state(da, mac(3)).await.expect("s"),
+    ];
+    assert_eq!(states, ["done", "restoring", "restoring", "pending"]);
+    for c in &mine {
+        assert_eq!(a.claim(da, c.mac).await.expect("reclaim"), Claim::Granted);
+        assert!(a
+            .set_machine_state(da, c.mac, "done", 100)
+            .await
+            .expect("a writes"));
+    }
+    // b was never disturbed.
+    assert_eq!(b.my_claims().await.expect("b claims").len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_its_old_holder_can_no_longer_write() {
+    let pg = Postgres::start();
+    let short = Duration::from_millis(300);
+    let a = PgDb::connect(&pg.settings("a", short)).await.expect("a");
+    let b = PgDb::connect(&pg.settings("b", short)).await.expect("b");
+    let (ra, _) = two_rooms(&a).await;
+    let dep = a.start_restore(ra, "img", "alice").await.expect("start");
+    assert_eq!(a.claim(dep, mac(0)).await.expect("claim"), Claim::Granted);
+    // Heartbeats keep it.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(a.heartbeat().await.expect("hb"), 1);
+        assert!(matches!(
+            b.claim(dep, mac(0)).await.expect("claim"),
+            Claim::HeldBy { .. }
+        ));
+    }
+    // a stops beating (hung, partitioned): after the lease, b may take over.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(b.claim(dep, mac(0)).await.expect("claim"), Claim::Granted);
+    assert!(!a
+        .set_machine_state(dep, mac(0), "restoring", 1)
+        .await
+        .expect("fenced"));
+    assert!(a.my_claims().await.expect("claims").is_empty());
+    assert!(!a.release(mac(0)).await.expect("release"));
+    assert!(b
+        .set_machine_state(dep, mac(0), "restoring", 1)
+        .await
+        .expect("b writes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_gives_a_clear_error_without_the_password() {
+    let pg = Postgres::start();
+    let s = pg.settings("a", LONG);
+    let pw = s.password_file.clone().expect("file");
+    std::fs::write(&pw, "not-the-password\n").expect("write");
+    let e = PgDb::connect(&s).await.expect_err("wrong password");
+    let text = format!("{e}");
+    assert!(text.contains("password authentication failed"), "{text}");
+    assert!(!text.contains("not-the-password"), "{text}");
+}
