@@ -289,7 +289,7 @@ fn fat_has_file_finds_boot_loaders_by_long_and_short_names_in_any_case() {
     let dir = tempfile::tempdir().expect("tempdir");
     let loader = dir.path().join("loader.efi");
     std::fs::write(&loader, b"MZ not really a loader").expect("write");
-    for (bits, size) in [("12", 4 * MIB), ("16", 32 * MIB), ("32", 40 * MIB)] {
+    for (bits, size) in [("12", 2 * MIB), ("16", 32 * MIB), ("32", 40 * MIB)] {
         let img = dir.path().join(format!("esp{bits}.img"));
         // The filesystem sits 1 MiB into the file, as a partition would.
         sparse_file(&img, MIB + size);
