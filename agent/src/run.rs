@@ -414,6 +414,11 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
 /// there does not fail the restore (the disk holds the image); it is
 /// reported as `{"error": …}` and a warning.
 fn boot_entries(ctx: &Ctx, disk: &std::path::Path) -> serde_json::Value {
+    // An image file is no disk the firmware boots: its entries are not this
+    // machine's business (and tests restoring files must not touch NVRAM).
+    if !disks::is_block(disk) {
+        return json!({"status": "skipped", "reason": "the restore target is not a block device"});
+    }
     // Partition GUIDs of the machine's other disks: their entries are
     // never stale.
     let mut present = std::collections::HashSet::new();
