@@ -336,7 +336,11 @@ impl Fat {
             Kind::Fat12 => {
                 src.read_exact_at(&mut b[..2], base + c + c / 2)?;
                 let v = u16::from_le_bytes([b[0], b[1]]);
-                u32::from(if c.is_multiple_of(2) { v & 0x0FFF } else { v >> 4 })
+                u32::from(if c.is_multiple_of(2) {
+                    v & 0x0FFF
+                } else {
+                    v >> 4
+                })
             }
             Kind::Fat16 => {
                 src.read_exact_at(&mut b[..2], base + 2 * c)?;
