@@ -323,6 +323,11 @@ pub struct JobsSection {
     /// which rebuilds `/dev/disk/by-*` where there is no udev.
     #[serde(default = "default_after_disk_change")]
     pub after_disk_change: PathBuf,
+    /// efivarfs, where a restore on a UEFI machine writes the boot entry of
+    /// the restored OS (see `bootentry`); when it is no directory (BIOS),
+    /// boot entries are left alone.
+    #[serde(default = "default_efivars")]
+    pub efivars: PathBuf,
 }
 
 fn default_keep() -> usize {
@@ -340,6 +345,9 @@ fn default_script_output() -> usize {
 fn default_shell() -> PathBuf {
     PathBuf::from("/bin/sh")
 }
+fn default_efivars() -> PathBuf {
+    PathBuf::from(crate::bootentry::EFIVARS)
+}
 fn default_after_disk_change() -> PathBuf {
     PathBuf::from("/usr/sbin/aula-disklinks")
 }
@@ -353,6 +361,7 @@ impl Default for JobsSection {
             script_output_bytes: default_script_output(),
             shell: default_shell(),
             after_disk_change: default_after_disk_change(),
+            efivars: default_efivars(),
         }
     }
 }

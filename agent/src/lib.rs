@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod bootentry;
 pub mod config;
 pub mod disks;
 pub mod jobs;

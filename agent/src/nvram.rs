@@ -10,7 +10,7 @@
 //! holds its attributes (u32) before its data.
 //!
 //! Pure functions only; reading and writing `/sys/firmware/efi/efivars`
-//! belongs to the caller.
+//! is [`crate::bootentry`]'s.
 
 use thiserror::Error;
 
@@ -60,6 +60,9 @@ pub struct LoadOption {
     pub partition: Option<GptPartition>,
     /// The `File()` node's path, when the path has one.
     pub file: Option<String>,
+    /// The path boots from the network: it has a MAC, IPv4, IPv6 or URI
+    /// messaging node.
+    pub network: bool,
 }
 
 /// Parses a textual GUID into its on-disk (mixed-endian) 16 bytes.
@@ -176,7 +179,7 @@ pub fn parse_load_option(data: &[u8]) -> Result<LoadOption, NvramError> {
     let dp = data.get(i..i + dp_len).ok_or(NvramError::Malformed(
         "device path longer than the variable",
     ))?;
-    let (mut partition, mut file) = (None, None);
+    let (mut partition, mut file, mut network) = (None, None, false);
     let mut j = 0;
     while j + 4 <= dp.len() {
         let (ty, sub) = (dp[j], dp[j + 1]);
@@ -187,6 +190,8 @@ pub fn parse_load_option(data: &[u8]) -> Result<LoadOption, NvramError> {
         let node = &dp[j..j + len];
         match (ty, sub) {
             (0x7f, 0xff) => break,
+            // Messaging: MAC address, IPv4, IPv6, URI.
+            (3, 11) | (3, 12) | (3, 13) | (3, 24) => network = true,
             (4, 1) if len == 42 && node[40] == 2 && node[41] == 2 => {
                 let u32_at =
                     |o: usize| u32::from_le_bytes([node[o], node[o + 1], node[o + 2], node[o + 3]]);
@@ -221,6 +226,7 @@ pub fn parse_load_option(data: &[u8]) -> Result<LoadOption, NvramError> {
         description,
         partition,
         file,
+        network,
     })
 }
 

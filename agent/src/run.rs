@@ -372,7 +372,14 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
         }
     }
     match res {
-        Ok(stats) => Ok(json!({
+        Ok(stats) => {
+            drop(dev);
+            let boot_entries = boot_entries(ctx, &disk);
+            let mut warnings = partition_type_warnings(job, target_part.as_ref());
+            if let Some(e) = boot_entries.get("error").and_then(|e| e.as_str()) {
+                warnings.push(format!("UEFI boot entries not updated: {e}"));
+            }
+            Ok(json!({
             "image": m.name,
             "version": m.image_version,
             "kind": m.kind,
@@ -383,8 +390,10 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
             "method": r.method.as_str(),
             "stats": stats,
             "swarm": swarm,
-            "warnings": partition_type_warnings(job, target_part.as_ref()),
-        })),
+            "boot_entries": boot_entries,
+            "warnings": warnings,
+            }))
+        }
         Err(e) => {
             let f = imager_failure(&e);
             let state = match (&e, &target_part) {
@@ -396,6 +405,37 @@ fn restore(job: &Job, ctx: &Ctx, r: &RestoreSpec) -> Outcome {
                 (_, None) => scrub(&dev, 0, dev.size(), "the disk"),
             };
             Err(f.disk_state(state))
+        }
+    }
+}
+
+/// After a restore: the UEFI boot entry of the restored OS (see
+/// [`crate::bootentry`]), as the job result's `boot_entries`. A failure
+/// there does not fail the restore (the disk holds the image); it is
+/// reported as `{"error": …}` and a warning.
+fn boot_entries(ctx: &Ctx, disk: &std::path::Path) -> serde_json::Value {
+    // An image file is no disk the firmware boots: its entries are not this
+    // machine's business (and tests restoring files must not touch NVRAM).
+    if !disks::is_block(disk) {
+        return json!({"status": "skipped", "reason": "the restore target is not a block device"});
+    }
+    // Partition GUIDs of the machine's other disks: their entries are
+    // never stale.
+    let mut present = std::collections::HashSet::new();
+    for other in ctx.settings.disks.values().filter(|p| p.as_path() != disk) {
+        if let Ok(info) = disks::inspect(other) {
+            present.extend(
+                info.partitions
+                    .iter()
+                    .filter_map(|p| p.guid.as_ref().map(|g| g.to_ascii_lowercase())),
+            );
+        }
+    }
+    match crate::bootentry::update(&ctx.settings.jobs.efivars, disk, &present) {
+        Ok(r) => serde_json::to_value(&r).unwrap_or_else(|e| json!({"error": e.to_string()})),
+        Err(e) => {
+            tracing::warn!(error = %e, "UEFI boot entries not updated");
+            json!({"error": e.to_string()})
         }
     }
 }

@@ -330,6 +330,10 @@ pub struct Firmware {
     pub date: Option<String>,
     /// Secure Boot enabled (UEFI only, when readable).
     pub secure_boot: Option<bool>,
+    /// The kernel's lockdown mode (`none`, `integrity`, `confidentiality`;
+    /// Debian's kernel chooses `integrity` when Secure Boot is on), when
+    /// securityfs shows it.
+    pub lockdown: Option<String>,
 }
 
 fn firmware_info() -> Firmware {
@@ -340,7 +344,18 @@ fn firmware_info() -> Firmware {
         version: read_trim(&d.join("bios_version")),
         date: read_trim(&d.join("bios_date")),
         secure_boot: secure_boot(),
+        lockdown: fs::read_to_string("/sys/kernel/security/lockdown")
+            .ok()
+            .and_then(|t| lockdown_mode(&t)),
     }
+}
+
+/// The selected mode of `/sys/kernel/security/lockdown`
+/// (`none [integrity] confidentiality` → `integrity`).
+pub fn lockdown_mode(text: &str) -> Option<String> {
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_owned()).filter(|m| !m.is_empty())
 }
 
 /// The hardware inventory (`InventarioHardware`, `GET /v1/inventory`).
@@ -414,5 +429,19 @@ mod tests {
         assert_eq!(meminfo_kib(t, "MemTotal"), Some(24683860));
         assert_eq!(meminfo_kib(t, "MemAvailable"), Some(23716020));
         assert_eq!(meminfo_kib(t, "Mem"), None);
+    }
+
+    #[test]
+    fn lockdown_mode_is_the_bracketed_word() {
+        assert_eq!(
+            lockdown_mode("none [integrity] confidentiality\n").as_deref(),
+            Some("integrity")
+        );
+        assert_eq!(
+            lockdown_mode("[none] integrity confidentiality").as_deref(),
+            Some("none")
+        );
+        assert_eq!(lockdown_mode("none integrity"), None);
+        assert_eq!(lockdown_mode("[]"), None);
     }
 }

@@ -71,3 +71,31 @@ pub fn flush_buffers(fd: BorrowedFd<'_>) -> io::Result<()> {
     unsafe { blk_flsbuf(fd.as_raw_fd()) }.map_err(errno)?;
     Ok(())
 }
+
+// Linux <linux/fs.h>: FS_IOC_GETFLAGS _IOR('f', 1, long), FS_IOC_SETFLAGS
+// _IOW('f', 2, long); the kernel reads and writes an int at the pointer.
+nix::ioctl_read!(fs_ioc_getflags, b'f', 1, libc::c_long);
+nix::ioctl_write_ptr!(fs_ioc_setflags, b'f', 2, libc::c_long);
+
+/// `FS_IMMUTABLE_FL`: efivarfs sets it on variables whose removal could
+/// harm the machine (every `Boot####`, `BootOrder`, …).
+pub const FS_IMMUTABLE_FL: u32 = 0x0000_0010;
+
+/// The inode flags of an open file (FS_IOC_GETFLAGS, as `lsattr` reads them).
+pub fn file_flags(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut v: libc::c_long = 0;
+    // SAFETY: live descriptor; `v` is a valid, zeroed long, at least as wide
+    // as the int the kernel writes at its address.
+    unsafe { fs_ioc_getflags(fd.as_raw_fd(), &mut v) }.map_err(errno)?;
+    Ok(v as u32)
+}
+
+/// Sets the inode flags of an open file (FS_IOC_SETFLAGS, as `chattr`).
+pub fn set_file_flags(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
+    let v = libc::c_long::from(flags);
+    // SAFETY: live descriptor; `v` is a valid long the kernel only reads
+    // (its first int, which holds `flags` on little-endian machines and
+    // the kernel's int-sized read on every Linux ABI this builds for).
+    unsafe { fs_ioc_setflags(fd.as_raw_fd(), &v) }.map_err(errno)?;
+    Ok(())
+}

@@ -20,6 +20,11 @@ pub mod fs;
 pub mod image;
 pub mod import;
 mod ioctl;
+/// Inode flags of open files (what `lsattr` / `chattr` read and set),
+/// through the crate's one ioctl module.
+pub mod inode_flags {
+    pub use crate::ioctl::{file_flags, set_file_flags, FS_IMMUTABLE_FL};
+}
 pub mod legacy;
 pub mod manifest;
 pub mod pool;

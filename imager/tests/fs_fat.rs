@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use aula_imager::fs::{detect, used_map, FsError, MapOptions};
+use aula_imager::fs::{detect, fat_has_file, used_map, FsError, MapOptions};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -282,4 +282,103 @@ fn fat16_and_fat32_dirty_bit_in_fat1_is_unclean_unless_forced() {
         }
         assert!(used_map(&region(&img, 0, None), MapOptions { force: true }).is_ok());
     }
+}
+
+#[test]
+fn fat_has_file_finds_boot_loaders_by_long_and_short_names_in_any_case() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let loader = dir.path().join("loader.efi");
+    std::fs::write(&loader, b"MZ not really a loader").expect("write");
+    for (bits, size) in [("12", 2 * MIB), ("16", 32 * MIB), ("32", 40 * MIB)] {
+        let img = dir.path().join(format!("esp{bits}.img"));
+        // The filesystem sits 1 MiB into the file, as a partition would.
+        sparse_file(&img, MIB + size);
+        let part = dir.path().join(format!("part{bits}.img"));
+        sparse_file(&part, size);
+        run("mkfs.fat", &["-F", bits, "-s", "1", s(&part)]);
+        // Enough entries in \EFI that its directory spans several clusters.
+        mtools(
+            "mmd",
+            &part,
+            0,
+            &[
+                "::/EFI",
+                "::/EFI/Microsoft",
+                "::/EFI/Microsoft/Boot",
+                "::/EFI/debian",
+            ],
+        );
+        for i in 0..40 {
+            mtools(
+                "mmd",
+                &part,
+                0,
+                &[&format!("::/EFI/vendor-with-a-long-name-{i}")],
+            );
+        }
+        mtools(
+            "mcopy",
+            &part,
+            0,
+            &[s(&loader), "::/EFI/Microsoft/Boot/bootmgfw.efi"],
+        );
+        mtools(
+            "mcopy",
+            &part,
+            0,
+            &[s(&loader), "::/EFI/debian/shimx64.efi"],
+        );
+        // Found only by following \EFI's cluster chain past its first cluster.
+        mtools(
+            "mcopy",
+            &part,
+            0,
+            &[s(&loader), "::/EFI/vendor-with-a-long-name-39/grubx64.efi"],
+        );
+        run(
+            "dd",
+            &[
+                &format!("if={}", s(&part)),
+                &format!("of={}", s(&img)),
+                "bs=1M",
+                "seek=1",
+                "conv=notrunc,sparse",
+                "status=none",
+            ],
+        );
+        let r = region(&img, MIB, Some(size));
+        let has = |p: &str| fat_has_file(&r, p).expect("read").expect("a FAT volume");
+        assert!(has("\\EFI\\Microsoft\\Boot\\bootmgfw.efi"), "FAT{bits}");
+        assert!(has("/efi/MICROSOFT/boot/BOOTMGFW.EFI"), "FAT{bits}: case");
+        assert!(has("\\EFI\\debian\\shimx64.efi"), "FAT{bits}");
+        assert!(
+            has("\\EFI\\MICROS~1\\Boot\\bootmgfw.efi"),
+            "FAT{bits}: 8.3 alias"
+        );
+        assert!(!has("\\EFI\\BOOT\\BOOTX64.EFI"), "FAT{bits}: absent");
+        assert!(!has("\\EFI\\debian"), "FAT{bits}: a directory is no file");
+        assert!(
+            !has("\\EFI\\debian\\shimx64.efi\\x"),
+            "FAT{bits}: a file is no directory"
+        );
+        assert!(
+            has("\\EFI\\vendor-with-a-long-name-39\\grubx64.efi"),
+            "FAT{bits}: far in the chain"
+        );
+        assert!(
+            !has("\\EFI\\vendor-with-a-long-name-39\\x.efi"),
+            "FAT{bits}"
+        );
+        assert!(
+            !has("\\EFI\\..\\EFI\\debian\\shimx64.efi"),
+            "FAT{bits}: no .."
+        );
+    }
+    // Not FAT: None, not an error.
+    let img = dir.path().join("zero.img");
+    sparse_file(&img, MIB);
+    assert_eq!(
+        fat_has_file(&region(&img, 0, None), "\\x").expect("read"),
+        None
+    );
 }

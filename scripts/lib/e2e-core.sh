@@ -86,7 +86,8 @@ core_job_state() {
 # comes. ON_PROGRESS gets (phase, bytes fetched) for each progress event and
 # ("state:STATE", 0) for each state change. Sets JOB_STATE, JOB_SUMMARY (one line), JOB_RUN_S (running →
 # end, from the events' timestamps), JOB_CHUNKS / JOB_FETCHED / JOB_UNREAD
-# (a restore's chunks: all, fetched, known in place unread), JOB_BYTES (used bytes of a restore or
+# (a restore's chunks: all, fetched, known in place unread), JOB_RESULT (the
+# job's whole result, JSON on one line), JOB_BYTES (used bytes of a restore or
 # create) and JOB_ERROR. Calls ON_PROGRESS (a function name) once per new
 # progress event with the bytes done as its argument. CALLED_AT (epoch
 # seconds) stands in for the job's start when its "running" event is gone
@@ -94,7 +95,7 @@ core_job_state() {
 # when the job succeeded.
 core_follow() {
   local mac=$1 job=$2 deadline=$((SECONDS + $3)) hook=${4:-} called=${5:-0} seen=0 events line ended_at=""
-  JOB_STATE="" JOB_SUMMARY="" JOB_RUN_S="" JOB_BYTES="" JOB_ERROR="" JOB_CHUNKS=0 JOB_FETCHED=0 JOB_UNREAD=0
+  JOB_STATE="" JOB_SUMMARY="" JOB_RUN_S="" JOB_BYTES="" JOB_ERROR="" JOB_CHUNKS=0 JOB_FETCHED=0 JOB_UNREAD=0 JOB_RESULT="{}"
   while [ "$SECONDS" -lt "$deadline" ]; do
     events=$(server_view --max-time 3 "$HTTPS_URL/v1/agents/$mac/events" 2>/dev/null) || events="[]"
     while IFS= read -r line; do
@@ -117,6 +118,7 @@ core_follow() {
           ;;
         END\ *) read -r _ JOB_STATE JOB_RUN_S JOB_BYTES <<<"$line" ;;
         SUMMARY\ *) JOB_SUMMARY=${line#SUMMARY } ;;
+        RESULTJ\ *) JOB_RESULT=${line#RESULTJ } ;;
         STATS\ *) read -r _ JOB_CHUNKS JOB_FETCHED JOB_UNREAD <<<"$line" ;;
         ERROR\ *) JOB_ERROR=${line#ERROR } ;;
         SEEN\ *) seen=${line#SEEN } ;;
@@ -154,6 +156,7 @@ if end:
     print("END %s %.2f %d" % (e["state"], run_s, used))
     print("STATS %d %d %d" % (stats.get("chunks", 0), stats.get("chunks_fetched", 0), stats.get("chunks_unread", 0)))
     print("SUMMARY " + json.dumps(r, sort_keys=True)[:400])
+    print("RESULTJ " + json.dumps(r, sort_keys=True))
     if e.get("error"):
         print("ERROR " + e["error"].get("message", "") + " | disk: " + e["error"].get("disk_state", ""))
 ' <<<"$events")

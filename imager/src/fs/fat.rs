@@ -36,6 +36,9 @@ use super::{le16, le32, trim_label, FsError, FsMeta, MapOptions};
 
 /// Read the FAT in pieces of at most this many bytes.
 const FAT_CHUNK: u64 = 4 << 20;
+/// A directory longer than this is refused (FAT allows 65536 entries of
+/// 32 bytes).
+const MAX_DIR_BYTES: u64 = 2 << 20;
 
 /// FAT width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +297,92 @@ impl Fat {
         Some(None)
     }
 
+    /// The bytes of the directory whose first cluster is `cluster` (0: the
+    /// root directory), at most [`MAX_DIR_BYTES`].
+    fn read_dir(&self, src: &dyn ReadAt, cluster: u32) -> Result<Vec<u8>, FsError> {
+        if cluster == 0 && self.kind != Kind::Fat32 {
+            let at = (self.reserved + self.nfats * self.fat_sectors) * self.bps;
+            let mut out = vec![0u8; usize::try_from(self.root_dir_sectors * self.bps).unwrap_or(0)];
+            src.read_exact_at(&mut out, at)?;
+            return Ok(out);
+        }
+        let cb = self.cluster_bytes();
+        let mut c = if cluster == 0 {
+            u64::from(self.root_cluster)
+        } else {
+            u64::from(cluster)
+        };
+        let mut out = Vec::new();
+        while c >= 2 && c < self.clusters + 2 {
+            if out.len() as u64 + cb > MAX_DIR_BYTES {
+                return Err(FsError::Corrupt {
+                    fs: self.name(),
+                    why: format!("a directory chain longer than {MAX_DIR_BYTES} bytes (a loop?)"),
+                });
+            }
+            let start = out.len();
+            out.resize(start + cb as usize, 0);
+            src.read_exact_at(&mut out[start..], self.data_offset() + (c - 2) * cb)?;
+            c = self.next_cluster(src, c)?;
+        }
+        Ok(out)
+    }
+
+    /// The FAT entry of cluster `c` (the next cluster of its chain).
+    fn next_cluster(&self, src: &dyn ReadAt, c: u64) -> Result<u64, FsError> {
+        let base = self.fat_offset(self.active_fat);
+        let mut b = [0u8; 4];
+        let v = match self.kind {
+            Kind::Fat12 => {
+                src.read_exact_at(&mut b[..2], base + c + c / 2)?;
+                let v = u16::from_le_bytes([b[0], b[1]]);
+                u32::from(if c.is_multiple_of(2) {
+                    v & 0x0FFF
+                } else {
+                    v >> 4
+                })
+            }
+            Kind::Fat16 => {
+                src.read_exact_at(&mut b[..2], base + 2 * c)?;
+                u32::from(u16::from_le_bytes([b[0], b[1]]))
+            }
+            Kind::Fat32 => {
+                src.read_exact_at(&mut b, base + 4 * c)?;
+                u32::from_le_bytes(b) & 0x0FFF_FFFF
+            }
+        };
+        Ok(u64::from(v))
+    }
+
+    /// Whether `path` (`\` or `/` separated, from the root, compared
+    /// without regard to case, long or 8.3 names) is a regular file.
+    fn has_file(&self, src: &dyn ReadAt, path: &str) -> Result<bool, FsError> {
+        let parts: Vec<&str> = path.split(['\\', '/']).filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() || parts.iter().any(|p| *p == "." || *p == "..") {
+            return Ok(false);
+        }
+        let mut dir = 0u32;
+        for (i, part) in parts.iter().enumerate() {
+            let entries = self.read_dir(src, dir)?;
+            let Some((cluster, is_dir)) = lookup(&entries, part) else {
+                return Ok(false);
+            };
+            let last = i + 1 == parts.len();
+            if last {
+                return Ok(!is_dir);
+            }
+            if !is_dir || cluster == 0 {
+                return Ok(false);
+            }
+            dir = if self.kind == Kind::Fat32 {
+                cluster
+            } else {
+                cluster & 0xFFFF
+            };
+        }
+        Ok(false)
+    }
+
     /// Builds the used-byte map.
     pub(super) fn used_map(
         &self,
@@ -391,6 +480,103 @@ impl Fat {
         }
         Ok(map)
     }
+}
+
+/// Whether `path` names a regular file on the FAT volume at the start of
+/// `src`; `Ok(None)` when `src` holds no FAT filesystem.
+pub(super) fn has_file(src: &dyn ReadAt, path: &str) -> Result<Option<bool>, FsError> {
+    let mut boot = [0u8; 512];
+    if src.size() < 512 {
+        return Ok(None);
+    }
+    src.read_exact_at(&mut boot, 0)?;
+    match parse_boot(&boot) {
+        None => Ok(None),
+        Some(f) => f.has_file(src, path).map(Some),
+    }
+}
+
+/// The 8.3 name of a directory entry as `NAME.EXT` (or `NAME`).
+fn short_name(e: &[u8]) -> String {
+    let mut raw = e[..11].to_vec();
+    if raw[0] == 0x05 {
+        raw[0] = 0xE5;
+    }
+    let text = |b: &[u8]| -> String {
+        b.iter()
+            .map(|&c| char::from(c))
+            .collect::<String>()
+            .trim_end()
+            .to_owned()
+    };
+    let (base, ext) = (text(&raw[..8]), text(&raw[8..11]));
+    if ext.is_empty() {
+        base
+    } else {
+        format!("{base}.{ext}")
+    }
+}
+
+/// The checksum of an 8.3 name that its long-name entries carry.
+fn short_checksum(name: &[u8]) -> u8 {
+    name[..11].iter().fold(0u8, |sum, &b| {
+        ((sum & 1) << 7).wrapping_add(sum >> 1).wrapping_add(b)
+    })
+}
+
+/// Offsets of the 13 UCS-2 characters in a long-name entry.
+const LFN_CHARS: [usize; 13] = [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30];
+
+/// Finds `name` (long or 8.3, any case) among directory entries: its
+/// first cluster and whether it is a directory.
+fn lookup(entries: &[u8], name: &str) -> Option<(u32, bool)> {
+    let want = name.to_lowercase();
+    let mut lfn: Vec<(u8, [u16; 13])> = Vec::new();
+    let mut lfn_sum = None;
+    for e in entries.chunks_exact(32) {
+        if e[0] == 0 {
+            break;
+        }
+        if e[0] == 0xE5 {
+            lfn.clear();
+            continue;
+        }
+        let attr = e[11];
+        if attr & 0x3F == 0x0F {
+            if e[0] & 0x40 != 0 {
+                lfn.clear();
+            }
+            lfn_sum = Some(e[13]);
+            let mut units = [0u16; 13];
+            for (u, &o) in units.iter_mut().zip(LFN_CHARS.iter()) {
+                *u = le16(e, o);
+            }
+            lfn.push((e[0] & 0x1F, units));
+            continue;
+        }
+        let long = if !lfn.is_empty() && lfn_sum == Some(short_checksum(e)) {
+            lfn.sort_by_key(|(ord, _)| *ord);
+            let units: Vec<u16> = lfn
+                .iter()
+                .flat_map(|(_, u)| u.iter().copied())
+                .take_while(|&u| u != 0 && u != 0xFFFF)
+                .collect();
+            Some(String::from_utf16_lossy(&units))
+        } else {
+            None
+        };
+        lfn.clear();
+        if attr & 0x08 != 0 {
+            continue;
+        }
+        let hit =
+            short_name(e).to_lowercase() == want || long.is_some_and(|l| l.to_lowercase() == want);
+        if hit {
+            let cluster = (u32::from(le16(e, 20)) << 16) | u32::from(le16(e, 26));
+            return Some((cluster, attr & 0x10 != 0));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

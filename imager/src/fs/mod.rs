@@ -169,6 +169,14 @@ pub fn used_map(src: &dyn ReadAt, opts: MapOptions) -> Result<Option<FsMap>, FsE
     Ok(Some(FsMap { meta, used }))
 }
 
+/// Whether `path` (from the root, `\\` or `/` separated, any case, long
+/// or 8.3 names) is a regular file on the FAT volume at the start of `src`
+/// (e.g. a boot loader on an EFI system partition). `Ok(None)` when `src`
+/// holds no FAT filesystem.
+pub fn fat_has_file(src: &dyn ReadAt, path: &str) -> Result<Option<bool>, FsError> {
+    fat::has_file(src, path)
+}
+
 /// Entry points for the fuzz targets: one walker each, whatever the other
 /// probes would say. Each returns the used map it built, if any.
 #[doc(hidden)]
