@@ -9,6 +9,8 @@
 //! hold the chunk (re-capturing a disk costs a read and a hash per window).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, sync_channel};
 use std::sync::Mutex;
 
 use crate::chunk::{is_zero, ChunkId, Encoder, Fingerprint};
@@ -20,10 +22,14 @@ use crate::manifest::{ChunkRef, ImageKind, Manifest, DEFAULT_CHUNK_SIZE};
 use crate::pool;
 use crate::progress::Progress;
 use crate::repo::Repository;
+use crate::restore::coalesced;
 
-/// Default zstd level: measured on real partitions (see `FORMAT.md`), level
-/// 3 costs about 1.5× level 1's CPU for ~5 % smaller images.
-pub const DEFAULT_LEVEL: i32 = 3;
+/// Default zstd level. On the used data of the bench filesystems
+/// (`scripts/bench-imaging`, 4 MiB chunks, one core) level 2 compresses
+/// about 1.4× as fast as level 3 for frames about 2.5 % larger (level 1:
+/// about 1.5×, 6 % larger, which would put NTFS images past 1.05× the size
+/// of `partclone | zstd -3`). Compression is most of create's CPU.
+pub const DEFAULT_LEVEL: i32 = 2;
 
 /// Options for `create`.
 #[derive(Debug, Clone)]
@@ -110,8 +116,24 @@ struct Worker {
     enc: Encoder,
 }
 
+/// Compressed frames waiting for a writer, per worker (bounds memory).
+const FRAMES_PER_WORKER: usize = 2;
+/// Threads storing frames in the repository: storing a chunk (write,
+/// fsync, rename, or an upload) waits on the disk or the network, and a
+/// compressing worker that waited there would leave its core idle.
+const WRITERS: usize = 2;
+/// Windows whose read the kernel is asked to start ahead of the workers,
+/// per worker: the disk reads while the cores hash and compress.
+const READ_AHEAD_PER_WORKER: usize = 2;
+
 /// Hash, compress and store every window of `src` that holds used data.
 /// Returns the chunk list in window order.
+///
+/// Layout: `threads` workers read, hash and compress; [`WRITERS`] threads
+/// store the frames they hand over through a bounded queue; the kernel is
+/// asked to read a few windows ahead. Memory: about `threads × 2 ×
+/// chunk_size` for the workers plus at most `threads × FRAMES_PER_WORKER +
+/// WRITERS + threads` frames in flight.
 pub fn store_chunks(
     src: &dyn ReadAt,
     used: &ExtentMap,
@@ -129,38 +151,124 @@ pub fn store_chunks(
     // Stored size per id: known at once for chunks already in the
     // repository, filled in when this run stores one.
     let sizes: StoredSizes = Mutex::new(HashMap::new());
+    let threads = threads.max(1);
+    let ahead = threads * READ_AHEAD_PER_WORKER;
+    // The used ranges of window k (small gaps bridged, see
+    // `restore::coalesced`), read one by one: a fragmented window's unused
+    // gaps are not read.
+    let span = |k: usize| -> (u64, usize, Vec<(usize, usize)>) {
+        let start = windows[k] * chunk_size;
+        let len = chunk_size.min(size - start);
+        (start, len as usize, coalesced(&used.window(start, len)))
+    };
+    let read_ahead = |k: usize| {
+        if k < windows.len() {
+            let (start, _, ranges) = span(k);
+            for (a, b) in ranges {
+                src.will_need(start + a as u64, (b - a) as u64);
+            }
+        }
+    };
+    for k in 0..ahead {
+        read_ahead(k);
+    }
 
-    pool::for_each(
-        threads,
-        windows.len(),
-        progress,
-        || {
-            Ok(Worker {
-                buf: vec![0u8; chunk_size as usize],
-                out: Vec::new(),
-                enc: Encoder::new(level)?,
+    let (frame_tx, frame_rx) = sync_channel::<(ChunkId, Vec<u8>)>(threads * FRAMES_PER_WORKER);
+    let frame_rx = Mutex::new(frame_rx);
+    let (spare_tx, spare_rx) = channel::<Vec<u8>>();
+    let spare_rx = Mutex::new(spare_rx);
+    let write_failed = AtomicBool::new(false);
+    let write_err: Mutex<Option<Error>> = Mutex::new(None);
+
+    let worked = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let spare_tx = spare_tx.clone();
+                let (frame_rx, write_failed, write_err) = (&frame_rx, &write_failed, &write_err);
+                s.spawn(move || loop {
+                    let next = match frame_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((id, frame)) = next else { return };
+                    // After a failure nothing will be published: drain only.
+                    if !write_failed.load(Ordering::Relaxed) {
+                        if let Err(e) = repo.put_chunk(&id, &frame) {
+                            write_failed.store(true, Ordering::SeqCst);
+                            if let Ok(mut slot) = write_err.lock() {
+                                slot.get_or_insert(e);
+                            }
+                        }
+                    }
+                    let _ = spare_tx.send(frame);
+                })
             })
-        },
-        |w, k| {
-            let index = windows[k];
-            let start = index * chunk_size;
-            let len = chunk_size.min(size - start) as usize;
-            let ranges = used.window(start, len as u64);
-            let (first, last) = match (ranges.first(), ranges.last()) {
-                (Some(f), Some(l)) => (f.0, l.1),
-                _ => return Ok(()),
-            };
-            let buf = &mut w.buf[..len];
-            src.read_exact_at(&mut buf[first..last], start + first as u64)
-                .ctx(|| format!("reading the source at byte {}", start + first as u64))?;
-            used.mask(start, buf);
-            let used_here: u64 = ranges.iter().map(|&(s, e)| (e - s) as u64).sum();
-            let entry = chunk_window(&mut w.enc, &mut w.out, index, buf, repo, &sizes, progress)?;
-            results.lock().map_err(|_| lock_err())?[k] = Some(entry);
-            progress.add_done(used_here);
-            Ok(())
-        },
-    )?;
+            .collect();
+        drop(spare_tx);
+        let r = pool::for_each(
+            threads,
+            windows.len(),
+            progress,
+            || {
+                Ok(Worker {
+                    buf: vec![0u8; chunk_size as usize],
+                    out: Vec::new(),
+                    enc: Encoder::new(level)?,
+                })
+            },
+            |w, k| {
+                read_ahead(k + ahead);
+                let (start, len, ranges) = span(k);
+                let index = windows[k];
+                let buf = &mut w.buf[..len];
+                for &(a, b) in &ranges {
+                    src.read_exact_at(&mut buf[a..b], start + a as u64)
+                        .ctx(|| format!("reading the source at byte {}", start + a as u64))?;
+                }
+                used.mask(start, buf);
+                let used_here: u64 = used
+                    .window(start, len as u64)
+                    .iter()
+                    .map(|&(s, e)| (e - s) as u64)
+                    .sum();
+                // Hands the frame to a writer, taking a spare buffer (or a
+                // new one: the queue bounds how many exist).
+                let mut put = |id: &ChunkId, frame: &mut Vec<u8>| -> Result<()> {
+                    if write_failed.load(Ordering::Relaxed) {
+                        return Err(Error::Invalid("storing a chunk failed".into()));
+                    }
+                    let spare = spare_rx
+                        .lock()
+                        .ok()
+                        .and_then(|rx| rx.try_recv().ok())
+                        .unwrap_or_default();
+                    let full = std::mem::replace(frame, spare);
+                    frame_tx
+                        .send((*id, full))
+                        .map_err(|_| Error::Invalid("chunk writers stopped".into()))
+                };
+                let entry = chunk_window_with(
+                    &mut w.enc, &mut w.out, index, buf, repo, &sizes, progress, &mut put,
+                )?;
+                results.lock().map_err(|_| lock_err())?[k] = Some(entry);
+                progress.add_done(used_here);
+                Ok(())
+            },
+        );
+        // Closing the queue ends the writers once it is drained.
+        drop(frame_tx);
+        for h in writers {
+            if h.join().is_err() {
+                return Err(Error::Invalid("a chunk writer panicked".into()));
+            }
+        }
+        r
+    });
+    // A writer's error is the cause of any worker's "storing failed".
+    if let Some(e) = write_err.into_inner().map_err(|_| lock_err())? {
+        return Err(e);
+    }
+    worked?;
 
     let mut out = Vec::with_capacity(windows.len());
     for r in results.into_inner().map_err(|_| lock_err())? {
@@ -182,24 +290,10 @@ fn lock_err() -> Error {
 /// The chunk entry of window `index` whose content is `content`: zero
 /// windows get an entry without id; others are hashed and, unless the
 /// repository (or another worker of this run) already holds them,
-/// compressed and stored. `stored` is left 0: [`fill_stored`] sets it.
-pub(crate) fn chunk_window(
-    enc: &mut Encoder,
-    out: &mut Vec<u8>,
-    index: u64,
-    content: &[u8],
-    repo: &dyn Repository,
-    sizes: &StoredSizes,
-    progress: &Progress,
-) -> Result<ChunkRef> {
-    let mut put = |id: &ChunkId, frame: &mut Vec<u8>| repo.put_chunk(id, frame);
-    chunk_window_with(enc, out, index, content, repo, sizes, progress, &mut put)
-}
-
-/// [`chunk_window`] handing each new frame to `put(id, frame)` instead of
-/// storing it in place: `put` may take the frame away (leaving another
-/// buffer in `frame`) and store it later, as long as it is stored before
-/// the manifest is published.
+/// compressed and handed to `put(id, frame)`, which may take the frame
+/// away (leaving another buffer in `frame`) and store it later, as long as
+/// it is stored before the manifest is published. `stored` is left 0:
+/// [`fill_stored`] sets it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn chunk_window_with(
     enc: &mut Encoder,

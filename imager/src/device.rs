@@ -18,6 +18,9 @@ pub trait ReadAt: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Size of the readable space in bytes.
     fn size(&self) -> u64;
+    /// Hint that `[offset, offset+len)` will be read soon (read-ahead).
+    /// Best effort; the default does nothing.
+    fn will_need(&self, _offset: u64, _len: u64) {}
 }
 
 impl ReadAt for [u8] {
@@ -357,6 +360,9 @@ impl ReadAt for Device {
     fn size(&self) -> u64 {
         self.size
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        Device::will_need(self, offset, len)
+    }
 }
 
 /// A byte range of a device: a whole device, or one partition of it.
@@ -457,6 +463,9 @@ impl ReadAt for Region {
     }
     fn size(&self) -> u64 {
         self.len
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        Region::will_need(self, offset, len)
     }
 }
 

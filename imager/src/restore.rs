@@ -336,10 +336,15 @@ impl Job<'_> {
         if self.scan {
             // Start reading the window a few chunks ahead so the disk
             // works while this one is hashed.
+            // Not for a hole of a file: reading it ahead would fill the
+            // page cache with zeros, and a cached hole no longer looks like
+            // one (the check below would then read and compare it).
             if let Some(ahead) = self.chunks.get(k + 2 * self.opts.threads.max(1)) {
                 let s = ahead.index * self.chunk_size;
-                self.target
-                    .will_need(s, self.chunk_size.min(self.source_size - s));
+                let l = self.chunk_size.min(self.source_size - s);
+                if !self.target.is_hole(s, l) {
+                    self.target.will_need(s, l);
+                }
             }
         }
         let ranges = self.used.window(start, len as u64);
