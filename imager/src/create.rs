@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, sync_channel};
-use std::sync::Mutex;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use crate::chunk::{is_zero, ChunkId, Encoder, Fingerprint};
 use crate::device::{ReadAt, Region};
@@ -117,11 +117,95 @@ struct Worker {
 }
 
 /// Compressed frames waiting for a writer, per worker (bounds memory).
-const FRAMES_PER_WORKER: usize = 2;
+pub(crate) const FRAMES_PER_WORKER: usize = 2;
 /// Threads storing frames in the repository: storing a chunk (write,
 /// fsync, rename, or an upload) waits on the disk or the network, and a
 /// compressing worker that waited there would leave its core idle.
 const WRITERS: usize = 2;
+
+/// The compressing workers' end of the frame queue (see [`frame_queue`]);
+/// each worker may hold a clone, and the writers stop once every clone is
+/// dropped and the queue is drained.
+#[derive(Clone)]
+pub(crate) struct FrameSender {
+    tx: SyncSender<(ChunkId, Vec<u8>)>,
+    spare: Arc<Mutex<Receiver<Vec<u8>>>>,
+}
+
+impl FrameSender {
+    /// Hands `frame` to a writer, leaving a spare buffer (or a new one:
+    /// the queue bounds how many exist) in its place.
+    pub(crate) fn put(&self, id: &ChunkId, frame: &mut Vec<u8>) -> Result<()> {
+        let spare = self
+            .spare
+            .lock()
+            .ok()
+            .and_then(|rx| rx.try_recv().ok())
+            .unwrap_or_default();
+        let full = std::mem::replace(frame, spare);
+        self.tx
+            .send((*id, full))
+            .map_err(|_| Error::Invalid("chunk writers stopped".into()))
+    }
+}
+
+/// The writers' end of the frame queue (see [`frame_queue`]).
+pub(crate) struct FrameWriters {
+    rx: Mutex<Receiver<(ChunkId, Vec<u8>)>>,
+    spare: Sender<Vec<u8>>,
+}
+
+impl FrameWriters {
+    /// Starts [`WRITERS`] threads in `s` that store each queued frame in
+    /// `repo` and hand its buffer back. The first error goes to `fail`
+    /// (which must set `stopped`); after that they only drain the queue,
+    /// since nothing will be published.
+    pub(crate) fn spawn<'scope, 'env>(
+        &'env self,
+        s: &'scope std::thread::Scope<'scope, 'env>,
+        repo: &'env dyn Repository,
+        stopped: &'env AtomicBool,
+        fail: &'env (dyn Fn(Error) + Sync),
+    ) -> Vec<std::thread::ScopedJoinHandle<'scope, ()>> {
+        (0..WRITERS)
+            .map(|_| {
+                let spare = self.spare.clone();
+                let rx = &self.rx;
+                s.spawn(move || loop {
+                    let next = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((id, frame)) = next else { return };
+                    if !stopped.load(Ordering::Relaxed) {
+                        if let Err(e) = repo.put_chunk(&id, &frame) {
+                            fail(e);
+                        }
+                    }
+                    let _ = spare.send(frame);
+                })
+            })
+            .collect()
+    }
+}
+
+/// A bounded queue (`bound` frames) from compressing workers to writer
+/// threads, with the frames' buffers coming back for reuse: storing a
+/// chunk waits on the disk or the network, and the cores should not.
+pub(crate) fn frame_queue(bound: usize) -> (FrameSender, FrameWriters) {
+    let (tx, rx) = sync_channel(bound);
+    let (spare_tx, spare_rx) = channel();
+    (
+        FrameSender {
+            tx,
+            spare: Arc::new(Mutex::new(spare_rx)),
+        },
+        FrameWriters {
+            rx: Mutex::new(rx),
+            spare: spare_tx,
+        },
+    )
+}
 /// Windows whose read the kernel is asked to start ahead of the workers,
 /// per worker: the disk reads while the cores hash and compress.
 const READ_AHEAD_PER_WORKER: usize = 2;
@@ -173,38 +257,18 @@ pub fn store_chunks(
         read_ahead(k);
     }
 
-    let (frame_tx, frame_rx) = sync_channel::<(ChunkId, Vec<u8>)>(threads * FRAMES_PER_WORKER);
-    let frame_rx = Mutex::new(frame_rx);
-    let (spare_tx, spare_rx) = channel::<Vec<u8>>();
-    let spare_rx = Mutex::new(spare_rx);
+    let (frames, writers) = frame_queue(threads * FRAMES_PER_WORKER);
     let write_failed = AtomicBool::new(false);
     let write_err: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        write_failed.store(true, Ordering::SeqCst);
+        if let Ok(mut slot) = write_err.lock() {
+            slot.get_or_insert(e);
+        }
+    };
 
     let worked = std::thread::scope(|s| {
-        let writers: Vec<_> = (0..WRITERS)
-            .map(|_| {
-                let spare_tx = spare_tx.clone();
-                let (frame_rx, write_failed, write_err) = (&frame_rx, &write_failed, &write_err);
-                s.spawn(move || loop {
-                    let next = match frame_rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok((id, frame)) = next else { return };
-                    // After a failure nothing will be published: drain only.
-                    if !write_failed.load(Ordering::Relaxed) {
-                        if let Err(e) = repo.put_chunk(&id, &frame) {
-                            write_failed.store(true, Ordering::SeqCst);
-                            if let Ok(mut slot) = write_err.lock() {
-                                slot.get_or_insert(e);
-                            }
-                        }
-                    }
-                    let _ = spare_tx.send(frame);
-                })
-            })
-            .collect();
-        drop(spare_tx);
+        let writers = writers.spawn(s, repo, &write_failed, &fail);
         let r = pool::for_each(
             threads,
             windows.len(),
@@ -231,21 +295,11 @@ pub fn store_chunks(
                     .iter()
                     .map(|&(s, e)| (e - s) as u64)
                     .sum();
-                // Hands the frame to a writer, taking a spare buffer (or a
-                // new one: the queue bounds how many exist).
                 let mut put = |id: &ChunkId, frame: &mut Vec<u8>| -> Result<()> {
                     if write_failed.load(Ordering::Relaxed) {
                         return Err(Error::Invalid("storing a chunk failed".into()));
                     }
-                    let spare = spare_rx
-                        .lock()
-                        .ok()
-                        .and_then(|rx| rx.try_recv().ok())
-                        .unwrap_or_default();
-                    let full = std::mem::replace(frame, spare);
-                    frame_tx
-                        .send((*id, full))
-                        .map_err(|_| Error::Invalid("chunk writers stopped".into()))
+                    frames.put(id, frame)
                 };
                 let entry = chunk_window_with(
                     &mut w.enc, &mut w.out, index, buf, repo, &sizes, progress, &mut put,
@@ -256,7 +310,7 @@ pub fn store_chunks(
             },
         );
         // Closing the queue ends the writers once it is drained.
-        drop(frame_tx);
+        drop(frames);
         for h in writers {
             if h.join().is_err() {
                 return Err(Error::Invalid("a chunk writer panicked".into()));

@@ -28,7 +28,7 @@ use std::sync::Mutex;
 
 use crate::chunk::ChunkId;
 use crate::chunk::Encoder;
-use crate::create::{chunk_window_with, fill_stored, StoredSizes};
+use crate::create::{chunk_window_with, fill_stored, frame_queue, StoredSizes, FRAMES_PER_WORKER};
 use crate::device::ReadAt;
 use crate::legacy::{LegacyError, PartcloneStream};
 use crate::manifest::{ChunkRef, DiskPartition, ImageKind, Manifest, Origin};
@@ -122,11 +122,6 @@ impl Default for ImportOptions {
 
 /// Windows waiting for a worker, per worker (bounds memory).
 const QUEUE_PER_WORKER: usize = 4;
-/// Compressed frames waiting for a writer, per worker (bounds memory).
-const FRAMES_PER_WORKER: usize = 2;
-/// Threads storing frames in the repository (they mostly wait on fsync
-/// or the network).
-const WRITERS: usize = 2;
 
 struct Job {
     index: u64,
@@ -173,10 +168,7 @@ pub fn convert(
     // Finished frames go to writer threads: storing a chunk (write, fsync,
     // rename) waits on the disk, and a compressing worker that waited
     // there would leave its core idle.
-    let (frame_tx, frame_rx) = sync_channel::<(ChunkId, Vec<u8>)>(threads * FRAMES_PER_WORKER);
-    let frame_rx = Mutex::new(frame_rx);
-    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let spare_rx = Mutex::new(spare_rx);
+    let (frames, writers) = frame_queue(threads * FRAMES_PER_WORKER);
 
     let fail = |e: crate::Error| {
         stop.store(true, Ordering::SeqCst);
@@ -186,30 +178,11 @@ pub fn convert(
     };
 
     let outcome = std::thread::scope(|s| {
-        for _ in 0..WRITERS {
-            let spare_tx = spare_tx.clone();
-            let (frame_rx, stop, fail) = (&frame_rx, &stop, &fail);
-            s.spawn(move || loop {
-                let frame = match frame_rx.lock() {
-                    Ok(rx) => rx.recv(),
-                    Err(_) => return,
-                };
-                let Ok((id, frame)) = frame else { return };
-                // After a failure nothing will be published: drain only.
-                if !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = repo.put_chunk(&id, &frame) {
-                        fail(e);
-                    }
-                }
-                let _ = spare_tx.send(frame);
-            });
-        }
-        drop(spare_tx);
+        writers.spawn(s, repo, &stop, &fail);
         for _ in 0..threads {
             let free_tx = free_tx.clone();
-            let frame_tx = frame_tx.clone();
-            let (work_rx, sizes, results, stop, fail, spare_rx) =
-                (&work_rx, &sizes, &results, &stop, &fail, &spare_rx);
+            let frames = frames.clone();
+            let (work_rx, sizes, results, stop, fail) = (&work_rx, &sizes, &results, &stop, &fail);
             s.spawn(move || {
                 // A worker that cannot start still drains the queue (and
                 // hands buffers back), so the reader never waits forever.
@@ -221,19 +194,7 @@ pub fn convert(
                     }
                 };
                 let mut out = Vec::new();
-                // Hands the frame to a writer, taking a spare buffer (or a
-                // new one: at most workers + queue + writers exist).
-                let mut put = |id: &ChunkId, frame: &mut Vec<u8>| -> crate::Result<()> {
-                    let spare = spare_rx
-                        .lock()
-                        .ok()
-                        .and_then(|rx| rx.try_recv().ok())
-                        .unwrap_or_default();
-                    let full = std::mem::replace(frame, spare);
-                    frame_tx
-                        .send((*id, full))
-                        .map_err(|_| crate::Error::Invalid("chunk writers stopped".into()))
-                };
+                let mut put = |id: &ChunkId, frame: &mut Vec<u8>| frames.put(id, frame);
                 loop {
                     let job = match work_rx.lock() {
                         Ok(rx) => rx.recv(),
@@ -263,7 +224,7 @@ pub fn convert(
                 }
             });
         }
-        drop(frame_tx);
+        drop(frames);
         drop(free_tx);
         let mut asm = Assembler {
             cs,
