@@ -237,19 +237,7 @@ impl Session {
             return;
         };
         self.inflight[c as usize] = self.inflight[c as usize].saturating_sub(1);
-        match lease.0 {
-            Source::Server => {
-                self.server_uploads = self.server_uploads.saturating_sub(1);
-                self.server_inflight[c as usize] =
-                    self.server_inflight[c as usize].saturating_sub(1);
-            }
-            Source::Peer(p) => {
-                if let Some(pm) = self.member_mut(p) {
-                    pm.uploads = pm.uploads.saturating_sub(1);
-                }
-            }
-            Source::Arrived => {}
-        }
+        self.free_source(lease.0, c);
     }
 
     /// Member `m` received all the bytes of chunk `c`: free its source's
@@ -263,6 +251,12 @@ impl Session {
         else {
             return;
         };
+        self.free_source(src, c);
+    }
+
+    /// Give back the upload slot that sending chunk `c` took at `src`
+    /// (the server's or a peer's; nothing once the bytes arrived).
+    fn free_source(&mut self, src: Source, c: u32) {
         match src {
             Source::Server => {
                 self.server_uploads = self.server_uploads.saturating_sub(1);
