@@ -518,21 +518,29 @@ impl Inner {
             self.cfg.bucket,
             key.map(|k| self.key(k)).unwrap_or_default()
         );
-        let resp = match tokio::time::timeout(self.cfg.timeout, self.client.request(req)).await {
-            Err(_) => {
-                return Err(Fail::Retry(format!(
-                    "{what}: no response within {:?}",
-                    self.cfg.timeout
-                )))
-            }
-            Ok(Err(e)) => return Err(Fail::Retry(format!("{what}: {}", error_chain(&e)))),
-            Ok(Ok(r)) => r,
-        };
+        let resp = self.send(&what, req).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let out = self.read_body(&what, resp.into_body(), limit).await?;
         self.judge(&what, status, &out)?;
         Ok((status, headers, out))
+    }
+
+    /// Sends a signed request; no answer within the timeout, or a
+    /// connection error, is worth a retry (on the next endpoint).
+    async fn send(
+        &self,
+        what: &str,
+        req: Request<Full<Bytes>>,
+    ) -> std::result::Result<hyper::Response<hyper::body::Incoming>, Fail> {
+        match tokio::time::timeout(self.cfg.timeout, self.client.request(req)).await {
+            Err(_) => Err(Fail::Retry(format!(
+                "{what}: no response within {:?}",
+                self.cfg.timeout
+            ))),
+            Ok(Err(e)) => Err(Fail::Retry(format!("{what}: {}", error_chain(&e)))),
+            Ok(Ok(r)) => Ok(r),
+        }
     }
 
     /// A response body, whole (at most `limit` bytes).
@@ -693,18 +701,7 @@ impl Inner {
                     &extra,
                     Bytes::new(),
                 )?;
-                let resp = match tokio::time::timeout(self.cfg.timeout, self.client.request(req))
-                    .await
-                {
-                    Err(_) => {
-                        return Err(Fail::Retry(format!(
-                            "{what}: no response within {:?}",
-                            self.cfg.timeout
-                        )))
-                    }
-                    Ok(Err(e)) => return Err(Fail::Retry(format!("{what}: {}", error_chain(&e)))),
-                    Ok(Ok(r)) => r,
-                };
+                let resp = self.send(&what, req).await?;
                 let status = resp.status();
                 if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
                     return Ok(Some(resp));
