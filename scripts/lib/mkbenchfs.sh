@@ -5,6 +5,23 @@
 # Usage: mkbenchfs OUT_FILE [SIZE_MIB] — knobs: USR_MB DUP_MB RAND_MB ZERO_MB JUNK_MB
 # shellcheck shell=bash
 
+# bench_fill10m DIR COUNT SOURCE PREFIX SUFFIX: COUNT files of 10 MiB read
+# from SOURCE, named PREFIX<i>SUFFIX (shared with mkbenchntfs.sh).
+bench_fill10m() {
+  local dir=$1 count=$2 src=$3 prefix=$4 suffix=$5 i
+  mkdir -p "$dir"
+  for ((i = 0; i < count; i++)); do head -c 10M "$src" > "$dir/$prefix$i$suffix"; done
+}
+
+# bench_stale_junk MNT MIB: random data written, synced and deleted, so the
+# free space holds stale data that an imager must not copy.
+bench_stale_junk() {
+  head -c "${2}M" /dev/urandom > "$1/junk"
+  sync
+  rm -f "$1/junk"
+  sync
+}
+
 mkbenchfs() {
   local out=$1 size_mb=${2:-4096}
   local usr_mb=${USR_MB:-900} dup_mb=${DUP_MB:-300} rand_mb=${RAND_MB:-200} zero_mb=${ZERO_MB:-100} junk_mb=${JUNK_MB:-512}
@@ -46,14 +63,9 @@ copy(usr_mb << 20, "usr")
 copy(dup_mb << 20, "usr-again")
 PY
   rm -f "$mnt/.list"
-  mkdir -p "$mnt/random" "$mnt/zero"
-  local i
-  for ((i = 0; i < rand_mb / 10; i++)); do head -c 10M /dev/urandom > "$mnt/random/r$i"; done
-  for ((i = 0; i < zero_mb / 10; i++)); do head -c 10M /dev/zero > "$mnt/zero/z$i"; done
-  head -c "${junk_mb}M" /dev/urandom > "$mnt/junk"
-  sync
-  rm -f "$mnt/junk"
-  sync
+  bench_fill10m "$mnt/random" $((rand_mb / 10)) /dev/urandom r ""
+  bench_fill10m "$mnt/zero" $((zero_mb / 10)) /dev/zero z ""
+  bench_stale_junk "$mnt" "$junk_mb"
   umount "$mnt"
   rmdir "$mnt"
   e2fsck -fn "$out" >/dev/null 2>&1 || die "benchmark filesystem $out is not clean"

@@ -7,6 +7,7 @@
 # synced and deleted (stale data in free space).
 # Usage: mkbenchntfs OUT_FILE [SIZE_MIB] — knobs: NTFS_SMALL_MB NTFS_BIG_MB
 #        NTFS_RAND_MB NTFS_ZERO_MB NTFS_JUNK_MB
+# Needs bench_fill10m and bench_stale_junk from mkbenchfs.sh (source it first).
 # shellcheck shell=bash
 
 mkbenchntfs() {
@@ -53,14 +54,9 @@ copy(small_mb << 20, "Windows/System32", 1, 256 << 10)
 copy(big_mb << 20, "Program Files", 1 << 20, 64 << 20)
 PY
   rm -f "$W/.ntfs-list"
-  mkdir -p "$mnt/Users/media" "$mnt/zero"
-  local i
-  for ((i = 0; i < rand_mb / 10; i++)); do head -c 10M /dev/urandom > "$mnt/Users/media/m$i.cab"; done
-  for ((i = 0; i < zero_mb / 10; i++)); do head -c 10M /dev/zero > "$mnt/zero/pagefile$i.sys"; done
-  head -c "${junk_mb}M" /dev/urandom > "$mnt/junk"
-  sync
-  rm -f "$mnt/junk"
-  sync
+  bench_fill10m "$mnt/Users/media" $((rand_mb / 10)) /dev/urandom m .cab
+  bench_fill10m "$mnt/zero" $((zero_mb / 10)) /dev/zero pagefile .sys
+  bench_stale_junk "$mnt" "$junk_mb"
   umount "$mnt"
   rmdir "$mnt"
   ntfsfix -n "$out" >/dev/null 2>&1 || die "benchmark filesystem $out is not clean"
