@@ -345,10 +345,7 @@ impl ConsoleRoutes {
             return Ok(None);
         };
         Ok(Some(
-            self.svc
-                .db()
-                .call(move |c| auth::room_ids(c, &names))
-                .await?,
+            self.svc.store().room_ids(names).await?,
         ))
     }
 
@@ -421,8 +418,8 @@ impl ConsoleRoutes {
         let ttl = i64::from(self.svc.config().console.session_hours) * 3_600_000;
         let (s2, u2, c2) = (secret.clone(), user.name.clone(), csrf.clone());
         self.svc
-            .db()
-            .call(move |c| db::sessions::create(c, &s2, &u2, &c2, ttl))
+            .store()
+            .create_session(s2, u2, c2, ttl)
             .await?;
         self.svc
             .log(
@@ -478,8 +475,8 @@ impl ConsoleRoutes {
                     crate::auth::cookie(req.headers(), COOKIE_NAME).map(str::to_owned)
                 {
                     self.svc
-                        .db()
-                        .call(move |c| db::sessions::delete(c, &secret))
+                        .store()
+                        .delete_session(secret)
                         .await?;
                 }
                 self.svc
@@ -511,8 +508,8 @@ impl ConsoleRoutes {
                     crate::auth::cookie(req.headers(), COOKIE_NAME).map(db::sessions::hash_secret);
                 let list = self
                     .svc
-                    .db()
-                    .call(move |c| db::sessions::list(c, own.as_deref()))
+                    .store()
+                    .list_sessions(own)
                     .await?;
                 let list: Vec<Value> = list
                     .into_iter()
@@ -532,8 +529,8 @@ impl ConsoleRoutes {
                     let lookup = id.clone();
                     let s = self
                         .svc
-                        .db()
-                        .call(move |c| db::sessions::get(c, &lookup))
+                        .store()
+                        .session(lookup)
                         .await?
                         .ok_or_else(|| {
                             ConsoleError::NotFound("no such session (it ended or expired)".into())
@@ -545,8 +542,8 @@ impl ConsoleRoutes {
                         )));
                     }
                     self.svc
-                        .db()
-                        .call(move |c| db::sessions::revoke(c, &id))
+                        .store()
+                        .revoke_session(id)
                         .await?;
                     ok(json!({"revoked": s.id, "user": s.user}))
                 }
@@ -558,8 +555,8 @@ impl ConsoleRoutes {
                 let scope = self.scope(&p).await?;
                 let list = self
                     .svc
-                    .db()
-                    .call(move |c| rooms::list_rooms(c, scope.as_deref()))
+                    .store()
+                    .list_rooms(scope)
                     .await?;
                 ok(json!(list))
             }
@@ -571,17 +568,17 @@ impl ConsoleRoutes {
                     name: String,
                     #[serde(default)]
                     description: String,
+                    /// The boot server serving it (shared database).
+                    #[serde(default)]
+                    server: Option<String>,
                 }
                 let b: NewRoom = body_json(req).await?;
                 let name = b.name.clone();
                 let r = async {
                     let id = self
                         .svc
-                        .db()
-                        .call(move |c| {
-                            let id = rooms::create_room(c, &b.name, &b.description)?;
-                            rooms::get_room(c, id)
-                        })
+                        .store()
+                        .create_room(b.name, b.description, b.server)
                         .await?;
                     Ok(json_response(StatusCode::CREATED, &id))
                 }
@@ -597,10 +594,8 @@ impl ConsoleRoutes {
                     Method::GET => {
                         let (room, machines) = self
                             .svc
-                            .db()
-                            .call(move |c| {
-                                Ok((rooms::get_room(c, id)?, rooms::room_machines(c, id)?))
-                            })
+                            .store()
+                            .room_with_machines(id)
                             .await?;
                         ok(json!({"room": room, "machines": self.tiles(&machines).await}))
                     }
@@ -610,21 +605,15 @@ impl ConsoleRoutes {
                         struct Patch {
                             name: Option<String>,
                             description: Option<String>,
+                            /// Hand the room to another boot server (shared database).
+                            server: Option<String>,
                         }
                         let b: Patch = body_json(req).await?;
                         let r = async {
                             let room = self
                                 .svc
-                                .db()
-                                .call(move |c| {
-                                    rooms::update_room(
-                                        c,
-                                        id,
-                                        b.name.as_deref(),
-                                        b.description.as_deref(),
-                                    )?;
-                                    rooms::get_room(c, id)
-                                })
+                                .store()
+                                .update_room(id, b.name, b.description, b.server)
                                 .await?;
                             ok(json!(room))
                         }
@@ -636,8 +625,8 @@ impl ConsoleRoutes {
                         self.need_all_rooms(&p)?;
                         let r = async {
                             self.svc
-                                .db()
-                                .call(move |c| rooms::delete_room(c, id))
+                                .store()
+                                .delete_room(id)
                                 .await?;
                             ok(json!({"deleted": id}))
                         }
@@ -661,8 +650,8 @@ impl ConsoleRoutes {
                 let limit = q.get("limit").and_then(|s| s.parse().ok()).unwrap_or(50);
                 let (total, list) = self
                     .svc
-                    .db()
-                    .call(move |c| rooms::list_machines(c, &f, offset, limit))
+                    .store()
+                    .list_machines(f, offset, limit)
                     .await?;
                 let tiles = self.tiles(&list).await;
                 ok(json!({"total": total, "offset": offset, "machines": tiles}))
@@ -674,11 +663,8 @@ impl ConsoleRoutes {
                 let r = async {
                     let m = self
                         .svc
-                        .db()
-                        .call(move |c| {
-                            let (id, _) = rooms::put_machine(c, &b, false, false)?;
-                            rooms::get_machine(c, id)
-                        })
+                        .store()
+                        .create_machine(b)
                         .await?;
                     Ok(json_response(StatusCode::CREATED, &m))
                 }
@@ -702,15 +688,8 @@ impl ConsoleRoutes {
                 let r = async {
                     let rep = self
                         .svc
-                        .db()
-                        .call(move |c| {
-                            if is_toml {
-                                rooms::import_toml(c, &text)
-                            } else {
-                                let ms = rooms::parse_csv(&text)?;
-                                rooms::import(c, &ms)
-                            }
-                        })
+                        .store()
+                        .import_text(text, is_toml)
                         .await?;
                     ok(json!(rep))
                 }
@@ -728,18 +707,8 @@ impl ConsoleRoutes {
                 let fleet = self.fleet().await;
                 let known: std::collections::HashSet<MacAddr> = self
                     .svc
-                    .db()
-                    .call(|c| {
-                        let mut st = c.prepare("SELECT mac FROM machines")?;
-                        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-                        let mut out = std::collections::HashSet::new();
-                        for r in rows {
-                            if let Ok(m) = r?.parse() {
-                                out.insert(m);
-                            }
-                        }
-                        Ok(out)
-                    })
+                    .store()
+                    .machine_macs()
                     .await?;
                 let mut list: Vec<Value> = fleet
                     .clients
@@ -788,8 +757,8 @@ impl ConsoleRoutes {
                         .collect();
                     let rep = self
                         .svc
-                        .db()
-                        .call(move |c| rooms::import(c, &inputs))
+                        .store()
+                        .import(inputs)
                         .await?;
                     ok(json!(rep))
                 }
@@ -823,12 +792,8 @@ impl ConsoleRoutes {
                     let ids = b.ids.clone();
                     let machines = self
                         .svc
-                        .db()
-                        .call(move |c| {
-                            ids.iter()
-                                .map(|id| rooms::get_machine(c, *id))
-                                .collect::<std::result::Result<Vec<_>, _>>()
-                        })
+                        .store()
+                        .machines(ids)
                         .await?;
                     for m in &machines {
                         self.need_room(&p, m.room_id).await?;
@@ -859,8 +824,8 @@ impl ConsoleRoutes {
                 let id = parse_id(id)?;
                 let cur = self
                     .svc
-                    .db()
-                    .call(move |c| rooms::get_machine(c, id))
+                    .store()
+                    .machine(id)
                     .await?;
                 self.need_room(&p, cur.room_id).await?;
                 match m {
@@ -873,11 +838,8 @@ impl ConsoleRoutes {
                         let r = async {
                             let m = self
                                 .svc
-                                .db()
-                                .call(move |c| {
-                                    rooms::patch_machine(c, id, &b)?;
-                                    rooms::get_machine(c, id)
-                                })
+                                .store()
+                                .patch_machine(id, b)
                                 .await?;
                             ok(json!(m))
                         }
@@ -889,8 +851,8 @@ impl ConsoleRoutes {
                     Method::DELETE => {
                         let r = async {
                             self.svc
-                                .db()
-                                .call(move |c| rooms::delete_machine(c, id))
+                                .store()
+                                .delete_machine(id)
                                 .await?;
                             ok(json!({"deleted": id}))
                         }
@@ -906,8 +868,8 @@ impl ConsoleRoutes {
                 let id = parse_id(id)?;
                 let cur = self
                     .svc
-                    .db()
-                    .call(move |c| rooms::get_machine(c, id))
+                    .store()
+                    .machine(id)
                     .await?;
                 self.need_room(&p, cur.room_id).await?;
                 #[derive(Deserialize)]
@@ -952,8 +914,8 @@ impl ConsoleRoutes {
                 let limit = q.get("limit").and_then(|s| s.parse().ok()).unwrap_or(50);
                 let list = self
                     .svc
-                    .db()
-                    .call(move |c| ddb::list(c, scope.as_deref(), before, limit))
+                    .store()
+                    .list_deployments(scope, before, limit)
                     .await?;
                 ok(json!(list))
             }
@@ -1105,18 +1067,15 @@ impl ConsoleRoutes {
                 let fleet = self.fleet().await;
                 let (_, list) = self
                     .svc
-                    .db()
-                    .call(move |c| {
-                        rooms::list_machines(
-                            c,
-                            &MachineFilter {
-                                scope,
-                                ..Default::default()
-                            },
-                            0,
-                            1000,
-                        )
-                    })
+                    .store()
+                    .list_machines(
+                        MachineFilter {
+                            scope,
+                            ..Default::default()
+                        },
+                        0,
+                        1000,
+                    )
                     .await?;
                 let default = self.svc.config().boot.default_mode;
                 let rows: Vec<Value> = list
@@ -1145,8 +1104,8 @@ impl ConsoleRoutes {
                 };
                 let list = self
                     .svc
-                    .db()
-                    .call(move |c| db::log::list(c, who.as_deref(), before, limit))
+                    .store()
+                    .log_list(who, before, limit)
                     .await?;
                 ok(json!(list
                     .into_iter()
@@ -1198,8 +1157,8 @@ impl ConsoleRoutes {
             Some(r) => {
                 let name = self
                     .svc
-                    .db()
-                    .call(move |c| rooms::get_room(c, r))
+                    .store()
+                    .room(r)
                     .await
                     .map(|r| r.name)
                     .unwrap_or_else(|_| format!("room {r}"));
@@ -1221,8 +1180,8 @@ impl ConsoleRoutes {
             (None, Some(name)) => {
                 let n = name.clone();
                 self.svc
-                    .db()
-                    .call(move |c| rooms::room_id_by_name(c, &n))
+                    .store()
+                    .room_id_by_name(n)
                     .await?
             }
             _ => None,
@@ -1249,8 +1208,8 @@ impl ConsoleRoutes {
             };
             let room = self
                 .svc
-                .db()
-                .call(move |c| rooms::get_machine(c, mid))
+                .store()
+                .machine(mid)
                 .await?
                 .room_id;
             self.need_room(p, room).await?;
@@ -1281,7 +1240,7 @@ impl ConsoleRoutes {
     }
 
     async fn images(&self) -> Result<HttpResponse> {
-        let usage = self.svc.db().call(|c| ddb::machines_per_image(c)).await?;
+        let usage = self.svc.store().machines_per_image().await?;
         let list = match self.svc.repository().cloned() {
             Some(repo) => tokio::task::spawn_blocking(move || {
                 use aula_imager::repo::Repository;

@@ -43,6 +43,8 @@ use tokio_postgres::{Client, NoTls};
 use super::{now_ms, DbError};
 use crate::mac::MacAddr;
 
+mod console;
+
 /// The schema in PostgreSQL's dialect. Entries 0 and 1 are
 /// [`super::MIGRATIONS`]' 0 and 1 (same tables, columns, keys and
 /// indexes); entry 2 is the shared-state additions.
@@ -257,6 +259,21 @@ fn read_password(path: &Path) -> Result<String, DbError> {
     Ok(pw)
 }
 
+/// Checks a boot server id: 1..=64 of `[A-Za-z0-9._-]`.
+pub fn check_server_id(id: &str) -> Result<(), DbError> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(DbError::Invalid(format!(
+            "boot server id {id:?}: 1..=64 of [A-Za-z0-9._-]"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether a claim was granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -308,18 +325,7 @@ impl PgDb {
     /// Connects, applies missing migrations, and registers this boot
     /// server (its heartbeat row).
     pub async fn connect(s: &PgSettings) -> Result<PgDb, DbError> {
-        if s.server_id.is_empty()
-            || s.server_id.len() > 64
-            || !s
-                .server_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
-            return Err(DbError::Invalid(format!(
-                "boot server id {:?}: 1..=64 of [A-Za-z0-9._-]",
-                s.server_id
-            )));
-        }
+        check_server_id(&s.server_id)?;
         let mut cfg = tokio_postgres::Config::from_str(&s.url)
             .map_err(|e| DbError::Invalid(format!("database URL: {e}")))?;
         if cfg.get_password().is_some() {
@@ -362,6 +368,11 @@ impl PgDb {
     /// This boot server's id.
     pub fn server_id(&self) -> &str {
         &self.server
+    }
+
+    /// How long a claim lasts without a heartbeat.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// Applies every migration the database lacks (one transaction under
