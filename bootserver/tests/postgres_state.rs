@@ -17,137 +17,14 @@
 //! were when it restarts; a lease that expired is taken over and the old
 //! holder can no longer write.
 
-use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod pg_support;
+
 use std::time::Duration;
 
-use aula_bootserver::db::pg::{pg_schema_version, Claim, PgDb, PgSettings};
+use aula_bootserver::db::pg::{pg_schema_version, Claim, PgDb};
 use aula_bootserver::db::DbError;
 use aula_bootserver::mac::MacAddr;
-
-const PASSWORD: &str = "pg-test-Secret-7";
-
-struct Postgres {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    port: u16,
-}
-
-fn run_as_nobody(bin: &Path, tool: &str, args: &[&str]) {
-    let out = Command::new("runuser")
-        .args(["-u", "nobody", "--"])
-        .arg(bin.join(tool))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {tool} as nobody: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Postgres {
-    fn start() -> Postgres {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root (it starts PostgreSQL as the user nobody): run it as root, as scripts/test does"
-        );
-        let bin = PathBuf::from(
-            std::env::var("AULA_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
-        );
-        assert!(
-            bin.join("initdb").exists() && bin.join("pg_ctl").exists(),
-            "PostgreSQL server binaries not found in {} (apt-get install postgresql, or set AULA_PG_BIN)",
-            bin.display()
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("aula-pg-")
-            .tempdir()
-            .expect("tempdir");
-        let nobody = nix::unistd::User::from_name("nobody")
-            .expect("passwd")
-            .expect("user nobody");
-        nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).expect("chown");
-        let pwfile = dir.path().join("pw");
-        std::fs::write(&pwfile, PASSWORD).expect("pwfile");
-        nix::unistd::chown(&pwfile, Some(nobody.uid), Some(nobody.gid)).expect("chown");
-        let data = dir.path().join("data");
-        let (data_s, pw_s) = (data.to_string_lossy(), pwfile.to_string_lossy());
-        run_as_nobody(
-            &bin,
-            "initdb",
-            &[
-                "-D",
-                &data_s,
-                "-U",
-                "aula",
-                "--pwfile",
-                &pw_s,
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        );
-        std::fs::remove_file(&pwfile).expect("rm pwfile");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=50",
-            dir.path().display()
-        );
-        let log = dir.path().join("pg.log");
-        run_as_nobody(
-            &bin,
-            "pg_ctl",
-            &[
-                "-D",
-                &data_s,
-                "-l",
-                &log.to_string_lossy(),
-                "-o",
-                &opts,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        );
-        Postgres { dir, bin, port }
-    }
-
-    /// Settings for boot server `id`: the password in a root-only file.
-    fn settings(&self, id: &str, lease: Duration) -> PgSettings {
-        let pw = self.dir.path().join(format!("client-{id}.pw"));
-        std::fs::write(&pw, format!("{PASSWORD}\n")).expect("write");
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        PgSettings {
-            url: format!("postgres://aula@127.0.0.1:{}/postgres", self.port),
-            password_file: Some(pw),
-            server_id: id.into(),
-            lease,
-        }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        let _ = Command::new("runuser")
-            .args(["-u", "nobody", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args(["-D", &data.to_string_lossy(), "-m", "immediate", "stop"])
-            .output();
-    }
-}
+use pg_support::Postgres;
 
 fn mac(i: u8) -> MacAddr {
     MacAddr([0x52, 0x54, 0x00, 0x19, 0x00, i])

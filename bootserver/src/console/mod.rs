@@ -344,9 +344,7 @@ impl ConsoleRoutes {
         let Some(names) = p.room_limit().map(<[String]>::to_vec) else {
             return Ok(None);
         };
-        Ok(Some(
-            self.svc.store().room_ids(names).await?,
-        ))
+        Ok(Some(self.svc.store().room_ids(names).await?))
     }
 
     async fn log(&self, p: &Principal, action: &str, target: &str, r: &Result<HttpResponse>) {
@@ -417,10 +415,7 @@ impl ConsoleRoutes {
             .ok_or_else(|| ConsoleError::Internal("no randomness".into()))?;
         let ttl = i64::from(self.svc.config().console.session_hours) * 3_600_000;
         let (s2, u2, c2) = (secret.clone(), user.name.clone(), csrf.clone());
-        self.svc
-            .store()
-            .create_session(s2, u2, c2, ttl)
-            .await?;
+        self.svc.store().create_session(s2, u2, c2, ttl).await?;
         self.svc
             .log(
                 &user.name,
@@ -474,10 +469,7 @@ impl ConsoleRoutes {
                 if let Some(secret) =
                     crate::auth::cookie(req.headers(), COOKIE_NAME).map(str::to_owned)
                 {
-                    self.svc
-                        .store()
-                        .delete_session(secret)
-                        .await?;
+                    self.svc.store().delete_session(secret).await?;
                 }
                 self.svc
                     .log(
@@ -506,11 +498,7 @@ impl ConsoleRoutes {
                 };
                 let current =
                     crate::auth::cookie(req.headers(), COOKIE_NAME).map(db::sessions::hash_secret);
-                let list = self
-                    .svc
-                    .store()
-                    .list_sessions(own)
-                    .await?;
+                let list = self.svc.store().list_sessions(own).await?;
                 let list: Vec<Value> = list
                     .into_iter()
                     .map(|s| {
@@ -527,24 +515,16 @@ impl ConsoleRoutes {
                 let target = format!("session {}", id.get(..12).unwrap_or(&id));
                 let r = async {
                     let lookup = id.clone();
-                    let s = self
-                        .svc
-                        .store()
-                        .session(lookup)
-                        .await?
-                        .ok_or_else(|| {
-                            ConsoleError::NotFound("no such session (it ended or expired)".into())
-                        })?;
+                    let s = self.svc.store().session(lookup).await?.ok_or_else(|| {
+                        ConsoleError::NotFound("no such session (it ended or expired)".into())
+                    })?;
                     if !p.has_every_room() && p.log_name() != s.user {
                         return Err(ConsoleError::Forbidden(format!(
                             "{} may end only their own sessions",
                             p.log_name()
                         )));
                     }
-                    self.svc
-                        .store()
-                        .revoke_session(id)
-                        .await?;
+                    self.svc.store().revoke_session(id).await?;
                     ok(json!({"revoked": s.id, "user": s.user}))
                 }
                 .await;
@@ -553,11 +533,7 @@ impl ConsoleRoutes {
             }
             (Method::GET, ["v1", "rooms"]) => {
                 let scope = self.scope(&p).await?;
-                let list = self
-                    .svc
-                    .store()
-                    .list_rooms(scope)
-                    .await?;
+                let list = self.svc.store().list_rooms(scope).await?;
                 ok(json!(list))
             }
             (Method::POST, ["v1", "rooms"]) => {
@@ -592,11 +568,7 @@ impl ConsoleRoutes {
                 self.need_room(&p, Some(id)).await?;
                 match m {
                     Method::GET => {
-                        let (room, machines) = self
-                            .svc
-                            .store()
-                            .room_with_machines(id)
-                            .await?;
+                        let (room, machines) = self.svc.store().room_with_machines(id).await?;
                         ok(json!({"room": room, "machines": self.tiles(&machines).await}))
                     }
                     Method::PATCH => {
@@ -624,10 +596,7 @@ impl ConsoleRoutes {
                     Method::DELETE => {
                         self.need_all_rooms(&p)?;
                         let r = async {
-                            self.svc
-                                .store()
-                                .delete_room(id)
-                                .await?;
+                            self.svc.store().delete_room(id).await?;
                             ok(json!({"deleted": id}))
                         }
                         .await;
@@ -648,11 +617,7 @@ impl ConsoleRoutes {
                 };
                 let offset = q.get("offset").and_then(|s| s.parse().ok()).unwrap_or(0);
                 let limit = q.get("limit").and_then(|s| s.parse().ok()).unwrap_or(50);
-                let (total, list) = self
-                    .svc
-                    .store()
-                    .list_machines(f, offset, limit)
-                    .await?;
+                let (total, list) = self.svc.store().list_machines(f, offset, limit).await?;
                 let tiles = self.tiles(&list).await;
                 ok(json!({"total": total, "offset": offset, "machines": tiles}))
             }
@@ -661,11 +626,7 @@ impl ConsoleRoutes {
                 self.need_room_input(&p, &b).await?;
                 let mac = b.mac;
                 let r = async {
-                    let m = self
-                        .svc
-                        .store()
-                        .create_machine(b)
-                        .await?;
+                    let m = self.svc.store().create_machine(b).await?;
                     Ok(json_response(StatusCode::CREATED, &m))
                 }
                 .await;
@@ -686,11 +647,7 @@ impl ConsoleRoutes {
                 let text = String::from_utf8(body.to_vec())
                     .map_err(|_| ConsoleError::BadRequest("the file is not UTF-8 text".into()))?;
                 let r = async {
-                    let rep = self
-                        .svc
-                        .store()
-                        .import_text(text, is_toml)
-                        .await?;
+                    let rep = self.svc.store().import_text(text, is_toml).await?;
                     ok(json!(rep))
                 }
                 .await;
@@ -705,11 +662,8 @@ impl ConsoleRoutes {
             }
             (Method::GET, ["v1", "machines", "unadopted"]) => {
                 let fleet = self.fleet().await;
-                let known: std::collections::HashSet<MacAddr> = self
-                    .svc
-                    .store()
-                    .machine_macs()
-                    .await?;
+                let known: std::collections::HashSet<MacAddr> =
+                    self.svc.store().machine_macs().await?;
                 let mut list: Vec<Value> = fleet
                     .clients
                     .iter()
@@ -755,11 +709,7 @@ impl ConsoleRoutes {
                             }
                         })
                         .collect();
-                    let rep = self
-                        .svc
-                        .store()
-                        .import(inputs)
-                        .await?;
+                    let rep = self.svc.store().import(inputs).await?;
                     ok(json!(rep))
                 }
                 .await;
@@ -790,11 +740,7 @@ impl ConsoleRoutes {
                         )));
                     }
                     let ids = b.ids.clone();
-                    let machines = self
-                        .svc
-                        .store()
-                        .machines(ids)
-                        .await?;
+                    let machines = self.svc.store().machines(ids).await?;
                     for m in &machines {
                         self.need_room(&p, m.room_id).await?;
                     }
@@ -822,11 +768,7 @@ impl ConsoleRoutes {
             }
             (m, ["v1", "machines", id]) => {
                 let id = parse_id(id)?;
-                let cur = self
-                    .svc
-                    .store()
-                    .machine(id)
-                    .await?;
+                let cur = self.svc.store().machine(id).await?;
                 self.need_room(&p, cur.room_id).await?;
                 match m {
                     Method::GET => ok(json!(self.tiles(&[cur]).await)),
@@ -836,11 +778,7 @@ impl ConsoleRoutes {
                             self.need_room(&p, Some(r)).await?;
                         }
                         let r = async {
-                            let m = self
-                                .svc
-                                .store()
-                                .patch_machine(id, b)
-                                .await?;
+                            let m = self.svc.store().patch_machine(id, b).await?;
                             ok(json!(m))
                         }
                         .await;
@@ -850,10 +788,7 @@ impl ConsoleRoutes {
                     }
                     Method::DELETE => {
                         let r = async {
-                            self.svc
-                                .store()
-                                .delete_machine(id)
-                                .await?;
+                            self.svc.store().delete_machine(id).await?;
                             ok(json!({"deleted": id}))
                         }
                         .await;
@@ -866,11 +801,7 @@ impl ConsoleRoutes {
             }
             (Method::PUT, ["v1", "machines", id, "boot"]) => {
                 let id = parse_id(id)?;
-                let cur = self
-                    .svc
-                    .store()
-                    .machine(id)
-                    .await?;
+                let cur = self.svc.store().machine(id).await?;
                 self.need_room(&p, cur.room_id).await?;
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
@@ -1102,11 +1033,7 @@ impl ConsoleRoutes {
                     (None, Some(w)) if !w.is_empty() => Some(w.clone()),
                     _ => None,
                 };
-                let list = self
-                    .svc
-                    .store()
-                    .log_list(who, before, limit)
-                    .await?;
+                let list = self.svc.store().log_list(who, before, limit).await?;
                 ok(json!(list
                     .into_iter()
                     .map(|e| json!({"id": e.id, "at": db::rfc3339_ms(e.at), "who": e.who,
@@ -1179,10 +1106,7 @@ impl ConsoleRoutes {
             (Some(id), _) => Some(*id),
             (None, Some(name)) => {
                 let n = name.clone();
-                self.svc
-                    .store()
-                    .room_id_by_name(n)
-                    .await?
+                self.svc.store().room_id_by_name(n).await?
             }
             _ => None,
         };
@@ -1206,12 +1130,7 @@ impl ConsoleRoutes {
             let Some(mid) = m.machine_id else {
                 return self.need_room(p, None).await;
             };
-            let room = self
-                .svc
-                .store()
-                .machine(mid)
-                .await?
-                .room_id;
+            let room = self.svc.store().machine(mid).await?.room_id;
             self.need_room(p, room).await?;
         }
         Ok(())

@@ -168,8 +168,13 @@ impl Store {
                 .await
             }
             Store::Shared(p) => {
-                p.update_room(id, name.as_deref(), description.as_deref(), server.as_deref())
-                    .await
+                p.update_room(
+                    id,
+                    name.as_deref(),
+                    description.as_deref(),
+                    server.as_deref(),
+                )
+                .await
             }
         }
     }
@@ -506,10 +511,7 @@ impl Store {
         state: DeploymentState,
     ) -> Result<(), DbError> {
         match self {
-            Store::Local(db) => {
-                db.call(move |c| deployments::set_state(c, id, state))
-                    .await
-            }
+            Store::Local(db) => db.call(move |c| deployments::set_state(c, id, state)).await,
             Store::Shared(p) => p.set_deployment_state(id, state).await,
         }
     }
@@ -643,8 +645,10 @@ impl Store {
     ) -> Result<i64, DbError> {
         match self {
             Store::Local(db) => {
-                db.call(move |c| log::append(c, &who, &action, &target, &outcome, detail.as_deref()))
-                    .await
+                db.call(move |c| {
+                    log::append(c, &who, &action, &target, &outcome, detail.as_deref())
+                })
+                .await
             }
             Store::Shared(p) => {
                 p.log_append(&who, &action, &target, &outcome, detail.as_deref())

@@ -442,11 +442,11 @@ impl DeployService {
             })
         }
         .await
-            .map_err(|e| match e {
-                DbError::Invalid(s) => DeployError::Invalid(s),
-                DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
-                other => DeployError::Db(other),
-            })
+        .map_err(|e| match e {
+            DbError::Invalid(s) => DeployError::Invalid(s),
+            DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
+            other => DeployError::Db(other),
+        })
     }
 
     /// Checks the image against the repository: `(name, version, is a
@@ -690,11 +690,11 @@ impl DeployService {
             }
             Ok(d)
         }
-            .await
-            .map_err(|e| match e {
-                DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
-                other => DeployError::Db(other),
-            })?;
+        .await
+        .map_err(|e| match e {
+            DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
+            other => DeployError::Db(other),
+        })?;
         if !dep.state.is_active() {
             return Err(DeployError::Invalid(format!(
                 "deployment {id} has already {}",

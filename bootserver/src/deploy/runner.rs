@@ -1371,6 +1371,7 @@ mod tests {
             last_poll: 0,
             unreachable_since: None,
             seen: None,
+            claimed: true,
         }
     }
 
@@ -1434,6 +1435,7 @@ mod tests {
             done: 0,
             failed: 0,
             cancelled: 0,
+            server: None,
         };
         let rows: Vec<(MacAddr, String, Run)> = (0..200u32)
             .map(|i| {

@@ -529,7 +529,10 @@ impl PgDb {
         }
         let c = self.client.lock().await;
         let total: i64 = c
-            .query_one(&format!("SELECT count(*) FROM machines m WHERE {wh}"), &args)
+            .query_one(
+                &format!("SELECT count(*) FROM machines m WHERE {wh}"),
+                &args,
+            )
             .await?
             .try_get(0)?;
         let (limit, offset) = (limit.clamp(1, 1000), offset.max(0));
@@ -542,7 +545,10 @@ impl PgDb {
             n + 2
         );
         let rows = c.query(&sql, &args).await?;
-        Ok((total, rows.iter().map(machine_row).collect::<Result<_, _>>()?))
+        Ok((
+            total,
+            rows.iter().map(machine_row).collect::<Result<_, _>>()?,
+        ))
     }
 
     /// One machine by id.
@@ -1051,7 +1057,10 @@ impl PgDb {
         self.client
             .lock()
             .await
-            .execute("DELETE FROM sessions WHERE id = $1", &[&hash_secret(secret)])
+            .execute(
+                "DELETE FROM sessions WHERE id = $1",
+                &[&hash_secret(secret)],
+            )
             .await?;
         Ok(())
     }
