@@ -560,7 +560,8 @@ async fn the_console_store_answers_the_same_on_postgresql_as_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deployment_goes_to_its_rooms_server_and_machines_of_two_servers_are_refused() {
+async fn a_deployment_goes_to_its_rooms_server_machines_of_two_servers_are_refused_and_a_held_machine_is_not_written(
+) {
     use aula_bootserver::db::deployments::NewDeployment;
     use aula_bootserver::deploy::machine::{After, Kind};
     let pg = Postgres::start();
@@ -637,4 +638,29 @@ async fn a_deployment_goes_to_its_rooms_server_and_machines_of_two_servers_are_r
         a.claim(d2.id, ids[1].0).await.expect("claim"),
         Claim::HeldBy { .. }
     ));
+    // While b holds it, a's writes about the machine change nothing.
+    let mut run = aula_bootserver::deploy::machine::Run::new("x", 0);
+    run.phase = aula_bootserver::deploy::machine::Phase::Restoring;
+    a.save_runs(vec![(d2.id, vec![(ids[1].0, run.clone(), None)])])
+        .await
+        .expect("save");
+    let (_, ms) = a.deployment_with_machines(d2.id).await.expect("d2");
+    assert_eq!(
+        ms[0].run.phase,
+        aula_bootserver::deploy::machine::Phase::Pending
+    );
+    // Once b gives it up, a claims it and its writes land.
+    b.release(ids[1].0).await.expect("release");
+    assert_eq!(
+        a.claim(d2.id, ids[1].0).await.expect("claim"),
+        Claim::Granted
+    );
+    a.save_runs(vec![(d2.id, vec![(ids[1].0, run, None)])])
+        .await
+        .expect("save");
+    let (_, ms) = a.deployment_with_machines(d2.id).await.expect("d2");
+    assert_eq!(
+        ms[0].run.phase,
+        aula_bootserver::deploy::machine::Phase::Restoring
+    );
 }

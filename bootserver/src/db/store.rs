@@ -20,7 +20,7 @@
 //! | [`Store::insert_deployment`] | carried out by the room's server | by this server |
 //! | [`Store::deployments_to_run`] | active ones of this server | every active one |
 //! | [`Store::claim`] | one row per MAC, leased ([`pg::PgDb::claim`]) | always granted |
-//! | [`Store::save_runs`] | written only under this server's claim | always written |
+//! | [`Store::save_runs`] | not while another server holds the machine | always written |
 
 use std::collections::HashSet;
 
@@ -475,8 +475,8 @@ impl Store {
         }
     }
 
-    /// Writes machine runs (shared: only those this server holds claims
-    /// for).
+    /// Writes machine runs (shared: not those another server holds under
+    /// a live lease).
     pub async fn save_runs(&self, batches: Vec<RunBatch>) -> Result<(), DbError> {
         match self {
             Store::Local(db) => {
@@ -495,7 +495,7 @@ impl Store {
                         tracing::warn!(
                             deployment = id,
                             unwritten = rows.len() as u64 - n,
-                            "machine rows not written: this boot server no longer holds their claims"
+                            "machine rows not written: another boot server holds their machines"
                         );
                     }
                 }

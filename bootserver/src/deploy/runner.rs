@@ -355,6 +355,9 @@ impl Runner {
                 last_progress_save: 0,
             },
         );
+        if shared {
+            self.claim_machines().await;
+        }
     }
 
     async fn message(&mut self, m: Msg) {
@@ -537,8 +540,9 @@ impl Runner {
                 .unwrap_or_default()
         };
         self.fleet = Arc::new(fleet);
-        if self.svc.store.shared().is_some() {
-            self.discover(now).await;
+        if self.svc.store.shared().is_some() && now - self.last_discover >= DISCOVER_MS {
+            self.last_discover = now;
+            self.discover().await;
             self.claim_machines().await;
         }
         let ids: Vec<i64> = self.active.keys().copied().collect();
@@ -551,11 +555,7 @@ impl Runner {
 
     /// Loads the active deployments of this boot server that another
     /// console started (shared database only).
-    async fn discover(&mut self, now: Ms) {
-        if now - self.last_discover < DISCOVER_MS {
-            return;
-        }
-        self.last_discover = now;
+    async fn discover(&mut self) {
         match self.svc.store.deployments_to_run().await {
             Ok(ids) => {
                 for id in ids {
@@ -569,9 +569,9 @@ impl Runner {
         }
     }
 
-    /// Claims the machines not yet claimed: a machine another boot server
-    /// holds under a live lease waits until it is released or its lease
-    /// runs out.
+    /// Claims the machines not yet claimed (at load, then every
+    /// [`DISCOVER_MS`]): a machine another boot server holds under a live
+    /// lease waits until it is released or its lease runs out.
     async fn claim_machines(&mut self) {
         let mut want = Vec::new();
         for (id, a) in &self.active {

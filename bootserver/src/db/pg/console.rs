@@ -889,9 +889,9 @@ impl PgDb {
         rows.iter().map(dep_row).collect()
     }
 
-    /// Writes machine runs, each only while this server holds the
-    /// machine's claim for that deployment (a server that lost its lease
-    /// writes nothing). Returns the rows written.
+    /// Writes machine runs, each unless another boot server holds the
+    /// machine under a live lease (a server whose claim was taken over
+    /// writes nothing more for it). Returns the rows written.
     pub async fn save_runs(
         &self,
         deployment: i64,
@@ -904,8 +904,8 @@ impl PgDb {
             .prepare(
                 "UPDATE deployment_machines dm SET state = $1, reason = $2, bytes_done = $3, bytes_total = $4, \
                  rate_bps = $5, updated_at = $6, finished_at = $7, run = $8 WHERE dm.deployment_id = $9 AND dm.mac = $10 \
-                 AND EXISTS (SELECT 1 FROM machine_claims c WHERE c.mac = dm.mac \
-                   AND c.deployment_id = dm.deployment_id AND c.server = $11)",
+                 AND NOT EXISTS (SELECT 1 FROM machine_claims c WHERE c.mac = dm.mac \
+                   AND c.server <> $11 AND c.lease_until >= $6)",
             )
             .await?;
         let mut n = 0;
