@@ -1519,6 +1519,41 @@ cert = \"/x.crt\"
     }
 
     #[test]
+    fn a_shared_console_database_needs_a_postgres_url_and_a_server_id() {
+        let cfg = Config::parse(&with(
+            "[console]\ndatabase = \"postgres://aula@db:5432/aula\"\n\
+             database_password_file = \"/etc/aula/db-password\"\nserver_id = \"north\"\n",
+        ))
+        .expect("shared database");
+        assert_eq!(cfg.console.server_id.as_deref(), Some("north"));
+        assert_eq!(cfg.console.claim_lease_s, 30);
+        for (extra, key) in [
+            (
+                "[console]\ndatabase = \"postgres://aula@db/aula\"\n",
+                "console.server_id",
+            ),
+            (
+                "[console]\ndatabase = \"mysql://aula@db/aula\"\nserver_id = \"a\"\n",
+                "console.database",
+            ),
+            (
+                "[console]\ndatabase_password_file = \"/etc/aula/pw\"\n",
+                "console.database_password_file",
+            ),
+            ("[console]\nclaim_lease_s = 0\n", "console.claim_lease_s"),
+        ] {
+            let err = Config::parse(&with(extra)).expect_err(extra);
+            assert!(err.to_string().contains(key), "{extra}: {err}");
+        }
+        // Without a database the console keeps its SQLite file.
+        assert!(Config::parse(&with(""))
+            .expect("default")
+            .console
+            .database
+            .is_none());
+    }
+
+    #[test]
     fn s3_backend_needs_its_section_a_valid_url_and_an_absolute_credentials_file() {
         let base = "[http]\n[repository]\nbackend = \"s3\"\n";
         let err = Config::parse(&with(base)).expect_err("no [repository.s3]");
