@@ -21,6 +21,7 @@
 //! | [`Store::deployments_to_run`] | active ones of this server | every active one |
 //! | [`Store::claim`] | one row per MAC, leased ([`pg::PgDb::claim`]) | always granted |
 //! | [`Store::save_runs`] | not while another server holds the machine | always written |
+//! | [`Store::request_cancel`] | queued for the carrying server, taken within 2 s | (cancelled in place) |
 
 use std::collections::HashSet;
 
@@ -551,6 +552,25 @@ impl Store {
         match self {
             Store::Local(db) => db.call(|c| deployments::machines_per_image(c)).await,
             Store::Shared(p) => p.machines_per_image().await,
+        }
+    }
+
+    /// Asks the server carrying out a deployment to cancel it (or one
+    /// machine of it); local: there is no other server to ask.
+    pub async fn request_cancel(&self, id: i64, mac: Option<MacAddr>) -> Result<(), DbError> {
+        match self {
+            Store::Local(_) => Err(DbError::Invalid(
+                "no other boot server shares this database".into(),
+            )),
+            Store::Shared(p) => p.request_cancel(id, mac).await,
+        }
+    }
+
+    /// Cancels other consoles asked for this server's deployments.
+    pub async fn take_cancels(&self) -> Result<Vec<(i64, Option<MacAddr>)>, DbError> {
+        match self {
+            Store::Local(_) => Ok(Vec::new()),
+            Store::Shared(p) => p.take_cancels().await,
         }
     }
 

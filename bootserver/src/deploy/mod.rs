@@ -703,9 +703,15 @@ impl DeployService {
         }
         if let (Some(me), Some(owner)) = (self.store.server_id(), dep.server.as_deref()) {
             if me != owner {
-                return Err(DeployError::Invalid(format!(
-                    "deployment {id} is carried out by boot server {owner}: cancel it on that server's console"
-                )));
+                // Carried out by another boot server: it takes the request
+                // from the shared database within a couple of seconds.
+                self.store.request_cancel(id, mac).await?;
+                tracing::info!(
+                    deployment = id,
+                    server = owner,
+                    "cancel passed to the boot server carrying it out"
+                );
+                return Ok(dep);
             }
         }
         let _ = self.tx.send(Msg::Cancel(id, mac));

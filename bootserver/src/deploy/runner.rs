@@ -554,7 +554,8 @@ impl Runner {
     }
 
     /// Loads the active deployments of this boot server that another
-    /// console started (shared database only).
+    /// console started, and takes the cancels other consoles asked for
+    /// (shared database only).
     async fn discover(&mut self) {
         match self.svc.store.deployments_to_run().await {
             Ok(ids) => {
@@ -566,6 +567,15 @@ impl Runner {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "looking for deployments to run"),
+        }
+        match self.svc.store.take_cancels().await {
+            Ok(list) => {
+                for (id, mac) in list {
+                    tracing::info!(deployment = id, mac = ?mac, "cancel asked on another console");
+                    let _ = self.tx.send(Msg::Cancel(id, mac));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading cancels asked on other consoles"),
         }
     }
 

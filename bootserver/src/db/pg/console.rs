@@ -1005,6 +1005,51 @@ impl PgDb {
             .collect()
     }
 
+    /// Asks the boot server carrying out deployment `id` to cancel it
+    /// (`mac`: one machine of it), from this server's console.
+    pub async fn request_cancel(&self, id: i64, mac: Option<MacAddr>) -> Result<(), DbError> {
+        self.client
+            .lock()
+            .await
+            .execute(
+                "INSERT INTO deployment_cancels (deployment_id, mac, requested_at, requested_on) \
+                 VALUES ($1, $2, $3, $4)",
+                &[&id, &mac.map(|m| m.to_string()), &now_ms(), &&*self.server],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the cancels asked for this server's deployments (each once).
+    pub async fn take_cancels(&self) -> Result<Vec<(i64, Option<MacAddr>)>, DbError> {
+        let rows = self
+            .client
+            .lock()
+            .await
+            .query(
+                "DELETE FROM deployment_cancels c USING deployments d \
+                 WHERE d.id = c.deployment_id AND d.server = $1 \
+                 RETURNING c.deployment_id, c.mac, c.id",
+                &[&&*self.server],
+            )
+            .await?;
+        let mut out: Vec<(i64, i64, Option<MacAddr>)> = Vec::new();
+        for r in &rows {
+            let mac: Option<String> = r.try_get(1)?;
+            let mac = match mac {
+                Some(m) => Some(
+                    m.parse()
+                        .map_err(|_| DbError::Decode(format!("stored MAC {m:?}")))?,
+                ),
+                None => None,
+            };
+            out.push((r.try_get(2)?, r.try_get(0)?, mac));
+        }
+        // In the order they were asked.
+        out.sort_by_key(|(n, _, _)| *n);
+        Ok(out.into_iter().map(|(_, id, mac)| (id, mac)).collect())
+    }
+
     // ---- sessions ----
 
     /// Stores a new session (and drops expired ones).
