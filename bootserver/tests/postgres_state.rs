@@ -664,3 +664,26 @@ async fn a_deployment_goes_to_its_rooms_server_machines_of_two_servers_are_refus
         aula_bootserver::deploy::machine::Phase::Restoring
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_database_is_reconnected_and_keeps_the_state() {
+    let pg = Postgres::start();
+    let store = Store::Shared(PgDb::connect(&pg.settings("a", LONG)).await.expect("a"));
+    store
+        .create_room("Aula 1".into(), String::new(), None)
+        .await
+        .expect("room");
+    pg.restart();
+    // The call that finds the connection cut may fail; the next reconnects.
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        answers.push(store.list_rooms(None).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let last = answers
+        .pop()
+        .expect("two answers")
+        .expect("reconnected after the restart");
+    assert_eq!(last.len(), 1, "{last:?}");
+    assert_eq!(last[0].name, "Aula 1");
+}

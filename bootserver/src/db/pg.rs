@@ -286,6 +286,18 @@ pub fn check_server_id(id: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Opens one connection and runs its task on the runtime.
+async fn open(cfg: &tokio_postgres::Config, server: &Arc<str>) -> Result<Client, DbError> {
+    let (client, conn) = cfg.connect(NoTls).await?;
+    let who = server.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(server = %who, error = %describe(&e), "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
 /// Whether a claim was granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -313,10 +325,12 @@ pub struct ClaimRow {
     pub until: i64,
 }
 
-/// One boot server's connection to the shared database.
+/// One boot server's connection to the shared database (re-opened by the
+/// first call after it was lost: that call still fails, the next ones run).
 #[derive(Clone)]
 pub struct PgDb {
     client: Arc<Mutex<Client>>,
+    cfg: Arc<tokio_postgres::Config>,
     server: Arc<str>,
     lease: Duration,
 }
@@ -350,24 +364,18 @@ impl PgDb {
         }
         cfg.application_name(format!("aula-bootserver {}", s.server_id));
         cfg.connect_timeout(Duration::from_secs(10));
-        let (client, conn) = cfg.connect(NoTls).await?;
         let server: Arc<str> = Arc::from(s.server_id.as_str());
-        let who = server.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(server = %who, error = %e, "database connection ended");
-            }
-        });
+        let client = open(&cfg, &server).await?;
         let db = PgDb {
             client: Arc::new(Mutex::new(client)),
+            cfg: Arc::new(cfg),
             server,
             lease: s.lease,
         };
         db.migrate().await?;
         let now = now_ms();
-        db.client
-            .lock()
-            .await
+        db.conn()
+            .await?
             .execute(
                 "INSERT INTO boot_servers (id, started_at, heartbeat_at) VALUES ($1, $2, $2) \
                  ON CONFLICT (id) DO UPDATE SET started_at = $2, heartbeat_at = $2",
@@ -375,6 +383,17 @@ impl PgDb {
             )
             .await?;
         Ok(db)
+    }
+
+    /// The client, re-opened first if its connection was lost.
+    async fn conn(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, DbError> {
+        let mut c = self.client.lock().await;
+        if c.is_closed() {
+            tracing::warn!(server = %self.server, "shared database connection lost: reconnecting");
+            *c = open(&self.cfg, &self.server).await?;
+            tracing::info!(server = %self.server, "shared database reconnected");
+        }
+        Ok(c)
     }
 
     /// This boot server's id.
@@ -390,7 +409,7 @@ impl PgDb {
     /// Applies every migration the database lacks (one transaction under
     /// an advisory lock). Returns the versions before and after.
     pub async fn migrate(&self) -> Result<(i64, i64), DbError> {
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
@@ -424,7 +443,7 @@ impl PgDb {
 
     /// Creates a room served by `server` (`None`: not assigned yet).
     pub async fn create_room(&self, name: &str, server: Option<&str>) -> Result<i64, DbError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let r = c
             .query_one(
                 "INSERT INTO rooms (name, created_at, server) VALUES ($1, $2, $3) RETURNING id",
@@ -438,9 +457,8 @@ impl PgDb {
     /// Names the boot server that serves a room.
     pub async fn set_room_server(&self, room: i64, server: &str) -> Result<(), DbError> {
         let n = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .execute(
                 "UPDATE rooms SET server = $2 WHERE id = $1",
                 &[&room, &server],
@@ -454,7 +472,7 @@ impl PgDb {
 
     /// Adds a machine to a room.
     pub async fn add_machine(&self, room: i64, mac: MacAddr, name: &str) -> Result<i64, DbError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let r = c
             .query_one(
                 "INSERT INTO machines (mac, name, room_id, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
@@ -469,7 +487,7 @@ impl PgDb {
     /// console: the deployment is carried out by the room's boot server.
     /// Refused when the room has no server.
     pub async fn start_restore(&self, room: i64, image: &str, who: &str) -> Result<i64, DbError> {
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         let owner: Option<String> = tx
             .query_opt("SELECT server FROM rooms WHERE id = $1 FOR SHARE", &[&room])
@@ -519,9 +537,7 @@ impl PgDb {
     /// The active deployments this boot server carries out.
     pub async fn deployments_to_run(&self) -> Result<Vec<i64>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn().await?
             .query(
                 "SELECT id FROM deployments WHERE server = $1 AND state IN ('scheduled', 'running') ORDER BY id",
                 &[&&*self.server],
@@ -533,9 +549,8 @@ impl PgDb {
     /// A machine's state in a deployment (`pending`, …, `done`).
     pub async fn machine_state(&self, deployment: i64, mac: MacAddr) -> Result<String, DbError> {
         let r = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query_opt(
                 "SELECT state FROM deployment_machines WHERE deployment_id = $1 AND mac = $2",
                 &[&deployment, &mac.to_string()],
@@ -556,9 +571,7 @@ impl PgDb {
         bytes_done: i64,
     ) -> Result<bool, DbError> {
         let n = self
-            .client
-            .lock()
-            .await
+            .conn().await?
             .execute(
                 "UPDATE deployment_machines dm SET state = $3, bytes_done = $4, updated_at = $5 \
                  WHERE dm.deployment_id = $1 AND dm.mac = $2 AND EXISTS (SELECT 1 FROM machine_claims c \
@@ -582,7 +595,7 @@ impl PgDb {
     pub async fn claim(&self, deployment: i64, mac: MacAddr) -> Result<Claim, DbError> {
         let now = now_ms();
         let until = now.saturating_add(lease_ms(self.lease));
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let got = c
             .query_opt(
                 "INSERT INTO machine_claims (mac, deployment_id, server, lease_until, claimed_at) \
@@ -622,7 +635,7 @@ impl PgDb {
     pub async fn heartbeat(&self) -> Result<u64, DbError> {
         let now = now_ms();
         let until = now.saturating_add(lease_ms(self.lease));
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         tx.execute(
             "UPDATE boot_servers SET heartbeat_at = $2 WHERE id = $1",
@@ -642,9 +655,8 @@ impl PgDb {
     /// Gives a machine up (its work ended).
     pub async fn release(&self, mac: MacAddr) -> Result<bool, DbError> {
         let n = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .execute(
                 "DELETE FROM machine_claims WHERE mac = $1 AND server = $2",
                 &[&mac.to_string(), &&*self.server],
@@ -656,9 +668,7 @@ impl PgDb {
     /// The claims this server holds (what a restarted server resumes).
     pub async fn my_claims(&self) -> Result<Vec<ClaimRow>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn().await?
             .query(
                 "SELECT mac, deployment_id, lease_until FROM machine_claims WHERE server = $1 ORDER BY mac",
                 &[&&*self.server],

@@ -139,6 +139,29 @@ impl Drop for Postgres {
 }
 
 impl Postgres {
+    /// Restarts the server (fast shutdown: every connection is cut), same
+    /// data, port and options.
+    pub fn restart(&self) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("pg.log");
+        run_as_nobody(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        );
+    }
+
     /// The URL boot servers are configured with (no password in it).
     pub fn url(&self) -> String {
         format!("postgres://aula@127.0.0.1:{}/postgres", self.port)

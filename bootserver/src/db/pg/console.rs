@@ -374,7 +374,7 @@ impl PgDb {
 
     /// Every room with its machine count and server, by name.
     pub async fn list_rooms(&self, scope: Option<&[i64]>) -> Result<Vec<Room>, DbError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let rows = c
             .query(
                 &format!("SELECT {ROOM_COLS} FROM rooms r ORDER BY lower(r.name)"),
@@ -393,12 +393,12 @@ impl PgDb {
 
     /// One room.
     pub async fn room(&self, id: i64) -> Result<Room, DbError> {
-        get_room(&*self.client.lock().await, id).await
+        get_room(&*self.conn().await?, id).await
     }
 
     /// A room's id by name (case-insensitive).
     pub async fn room_id_by_name(&self, name: &str) -> Result<Option<i64>, DbError> {
-        room_id_by_name(&*self.client.lock().await, name).await
+        room_id_by_name(&*self.conn().await?, name).await
     }
 
     /// Creates a room served by `server` (default: this boot server).
@@ -409,7 +409,7 @@ impl PgDb {
         server: Option<&str>,
     ) -> Result<Room, DbError> {
         let server = server.unwrap_or(&self.server);
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let id = create_room(&*c, name, description, Some(server)).await?;
         get_room(&*c, id).await
     }
@@ -422,7 +422,7 @@ impl PgDb {
         description: Option<&str>,
         server: Option<&str>,
     ) -> Result<Room, DbError> {
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         get_room(&tx, id).await?;
         if let Some(n) = name {
@@ -456,9 +456,8 @@ impl PgDb {
     /// Deletes a room; its machines stay, without a room.
     pub async fn delete_room(&self, id: i64) -> Result<(), DbError> {
         let n = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .execute("DELETE FROM rooms WHERE id = $1", &[&id])
             .await?;
         if n == 0 {
@@ -469,13 +468,13 @@ impl PgDb {
 
     /// A room and its machines.
     pub async fn room_with_machines(&self, id: i64) -> Result<(Room, Vec<Machine>), DbError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         Ok((get_room(&*c, id).await?, room_machines(&*c, id).await?))
     }
 
     /// Every machine of a room.
     pub async fn room_machines(&self, id: i64) -> Result<Vec<Machine>, DbError> {
-        room_machines(&*self.client.lock().await, id).await
+        room_machines(&*self.conn().await?, id).await
     }
 
     /// Machines matching `f`, ordered by room, seat, name; `(total, page)`.
@@ -527,7 +526,7 @@ impl PgDb {
         if let Some(p) = &pat_arg {
             args.push(p);
         }
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let total: i64 = c
             .query_one(
                 &format!("SELECT count(*) FROM machines m WHERE {wh}"),
@@ -553,17 +552,17 @@ impl PgDb {
 
     /// One machine by id.
     pub async fn machine(&self, id: i64) -> Result<Machine, DbError> {
-        get_machine(&*self.client.lock().await, id).await
+        get_machine(&*self.conn().await?, id).await
     }
 
     /// One machine by MAC.
     pub async fn machine_by_mac(&self, mac: MacAddr) -> Result<Option<Machine>, DbError> {
-        machine_by_mac(&*self.client.lock().await, mac).await
+        machine_by_mac(&*self.conn().await?, mac).await
     }
 
     /// A machine's id by its exact name.
     pub async fn machine_id_by_name(&self, name: &str) -> Result<Option<i64>, DbError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         Ok(
             match c
                 .query_opt(
@@ -580,14 +579,14 @@ impl PgDb {
 
     /// Creates one machine (a MAC already known is a conflict).
     pub async fn create_machine(&self, m: &MachineInput) -> Result<Machine, DbError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let (id, _) = put_machine(&*c, m, false, false, &self.server).await?;
         get_machine(&*c, id).await
     }
 
     /// Applies a patch to a machine.
     pub async fn patch_machine(&self, id: i64, p: &MachinePatch) -> Result<Machine, DbError> {
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         let cur = get_machine(&tx, id).await?;
         let name = match &p.name {
@@ -626,9 +625,8 @@ impl PgDb {
     /// Deletes a machine.
     pub async fn delete_machine(&self, id: i64) -> Result<(), DbError> {
         let n = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .execute("DELETE FROM machines WHERE id = $1", &[&id])
             .await?;
         if n == 0 {
@@ -640,9 +638,8 @@ impl PgDb {
     /// Every known MAC.
     pub async fn machine_macs(&self) -> Result<HashSet<MacAddr>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query("SELECT mac FROM machines", &[])
             .await?;
         let mut out = HashSet::new();
@@ -656,7 +653,7 @@ impl PgDb {
 
     /// Imports machines in one transaction (any bad entry changes nothing).
     pub async fn import(&self, machines: &[MachineInput]) -> Result<ImportReport, DbError> {
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         let rep = import_in(&tx, machines, &self.server).await?;
         tx.commit().await?;
@@ -666,7 +663,7 @@ impl PgDb {
     /// Imports the TOML form (rooms with descriptions, even empty ones).
     pub async fn import_toml(&self, text: &str) -> Result<ImportReport, DbError> {
         let (machines, rooms) = super::super::rooms::parse_toml(text)?;
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         let mut created = 0;
         for (name, desc) in &rooms {
@@ -699,9 +696,8 @@ impl PgDb {
         version: Option<i64>,
         at: i64,
     ) -> Result<(), DbError> {
-        self.client
-            .lock()
-            .await
+        self.conn()
+            .await?
             .execute(
                 "UPDATE machines SET image = $1, image_version = $2, imaged_at = $3 WHERE mac = $4",
                 &[&image, &version, &at, &mac.to_string()],
@@ -731,7 +727,7 @@ impl PgDb {
             Some(v) => Some(serde_json::to_string(v).map_err(|e| DbError::Decode(e.to_string()))?),
             None => None,
         };
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         let ids: Vec<i64> = d.machines.iter().filter_map(|(_, id, _)| *id).collect();
         let rows = tx
@@ -805,15 +801,13 @@ impl PgDb {
 
     /// One deployment.
     pub async fn deployment(&self, id: i64) -> Result<Deployment, DbError> {
-        get_deployment(&*self.client.lock().await, id).await
+        get_deployment(&*self.conn().await?, id).await
     }
 
     /// A deployment's machines, in seat order.
     pub async fn deployment_machines(&self, id: i64) -> Result<Vec<DeploymentMachine>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn().await?
             .query(
                 "SELECT dm.mac, dm.machine_id, dm.name, dm.run, dm.finished_at, dm.state, dm.reason, \
                  dm.bytes_done, dm.bytes_total, dm.updated_at FROM deployment_machines dm \
@@ -828,9 +822,7 @@ impl PgDb {
     /// The MACs of a deployment's machines in `state`.
     pub async fn deployment_macs(&self, id: i64, state: &str) -> Result<Vec<MacAddr>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn().await?
             .query(
                 "SELECT mac FROM deployment_machines WHERE deployment_id = $1 AND state = $2 ORDER BY name",
                 &[&id, &state],
@@ -848,9 +840,8 @@ impl PgDb {
     /// Whether a machine is part of a deployment.
     pub async fn deployment_has(&self, id: i64, mac: MacAddr) -> Result<bool, DbError> {
         Ok(self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query_opt(
                 "SELECT 1 FROM deployment_machines WHERE deployment_id = $1 AND mac = $2",
                 &[&id, &mac.to_string()],
@@ -875,9 +866,8 @@ impl PgDb {
             None => String::new(),
         };
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query(
                 &format!(
                     "SELECT {DEP_COLS} FROM deployments d LEFT JOIN rooms r ON r.id = d.room_id \
@@ -898,7 +888,7 @@ impl PgDb {
         runs: &[(MacAddr, Run, Option<i64>)],
     ) -> Result<u64, DbError> {
         let now = now_ms();
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         let st = tx
             .prepare(
@@ -940,7 +930,7 @@ impl PgDb {
         id: i64,
         state: DeploymentState,
     ) -> Result<(), DbError> {
-        set_state(&*self.client.lock().await, id, state).await
+        set_state(&*self.conn().await?, id, state).await
     }
 
     /// Ends a deployment: the image on the machines that restored it,
@@ -954,7 +944,7 @@ impl PgDb {
         image: &str,
         version: Option<i64>,
     ) -> Result<Deployment, DbError> {
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         for (mac, at) in restored {
             tx.execute(
@@ -982,9 +972,8 @@ impl PgDb {
     /// Machines per image they run (finished restores).
     pub async fn machines_per_image(&self) -> Result<Vec<(String, i64, Vec<String>)>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query(
                 "SELECT image, count(*), string_agg(name, ', ' ORDER BY name) FROM machines \
                  WHERE image IS NOT NULL GROUP BY image ORDER BY image",
@@ -1008,9 +997,8 @@ impl PgDb {
     /// Asks the boot server carrying out deployment `id` to cancel it
     /// (`mac`: one machine of it), from this server's console.
     pub async fn request_cancel(&self, id: i64, mac: Option<MacAddr>) -> Result<(), DbError> {
-        self.client
-            .lock()
-            .await
+        self.conn()
+            .await?
             .execute(
                 "INSERT INTO deployment_cancels (deployment_id, mac, requested_at, requested_on) \
                  VALUES ($1, $2, $3, $4)",
@@ -1023,9 +1011,8 @@ impl PgDb {
     /// Takes the cancels asked for this server's deployments (each once).
     pub async fn take_cancels(&self) -> Result<Vec<(i64, Option<MacAddr>)>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query(
                 "DELETE FROM deployment_cancels c USING deployments d \
                  WHERE d.id = c.deployment_id AND d.server = $1 \
@@ -1061,7 +1048,7 @@ impl PgDb {
         ttl_ms: i64,
     ) -> Result<Session, DbError> {
         let now = now_ms();
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         c.execute("DELETE FROM sessions WHERE expires_at < $1", &[&now])
             .await?;
         c.execute(
@@ -1079,9 +1066,8 @@ impl PgDb {
     /// The live session of a cookie secret.
     pub async fn lookup_session(&self, secret: &str) -> Result<Option<Session>, DbError> {
         let r = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query_opt(
                 "SELECT \"user\", csrf, expires_at FROM sessions WHERE id = $1 AND expires_at > $2",
                 &[&hash_secret(secret), &now_ms()],
@@ -1099,9 +1085,8 @@ impl PgDb {
 
     /// Ends the session of a cookie secret.
     pub async fn delete_session(&self, secret: &str) -> Result<(), DbError> {
-        self.client
-            .lock()
-            .await
+        self.conn()
+            .await?
             .execute(
                 "DELETE FROM sessions WHERE id = $1",
                 &[&hash_secret(secret)],
@@ -1113,9 +1098,8 @@ impl PgDb {
     /// Live sessions, newest first, of one user or all.
     pub async fn list_sessions(&self, user: Option<&str>) -> Result<Vec<SessionInfo>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query(
                 "SELECT id, \"user\", created_at, expires_at FROM sessions \
                  WHERE expires_at > $1 AND ($2::text IS NULL OR \"user\" = $2) \
@@ -1129,9 +1113,7 @@ impl PgDb {
     /// One live session by id.
     pub async fn session(&self, id: &str) -> Result<Option<SessionInfo>, DbError> {
         let r = self
-            .client
-            .lock()
-            .await
+            .conn().await?
             .query_opt(
                 "SELECT id, \"user\", created_at, expires_at FROM sessions WHERE id = $1 AND expires_at > $2",
                 &[&id, &now_ms()],
@@ -1143,9 +1125,8 @@ impl PgDb {
     /// Ends a session by id.
     pub async fn revoke_session(&self, id: &str) -> Result<bool, DbError> {
         Ok(self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .execute("DELETE FROM sessions WHERE id = $1", &[&id])
             .await?
             > 0)
@@ -1163,9 +1144,8 @@ impl PgDb {
         detail: Option<&str>,
     ) -> Result<i64, DbError> {
         let r = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query_one(
                 "INSERT INTO command_log (at, who, action, target, outcome, detail) \
                  VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -1183,9 +1163,8 @@ impl PgDb {
         limit: i64,
     ) -> Result<Vec<Entry>, DbError> {
         let rows = self
-            .client
-            .lock()
-            .await
+            .conn()
+            .await?
             .query(
                 "SELECT id, at, who, action, target, outcome, detail FROM command_log \
                  WHERE id < $1 AND ($3::text IS NULL OR who = $3) ORDER BY id DESC LIMIT $2",
