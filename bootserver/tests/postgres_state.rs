@@ -687,3 +687,25 @@ async fn a_restarted_database_is_reconnected_and_keeps_the_state() {
     assert_eq!(last.len(), 1, "{last:?}");
     assert_eq!(last[0].name, "Aula 1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_with_the_same_id_is_refused_while_the_first_is_connected() {
+    let pg = Postgres::start();
+    let a = PgDb::connect(&pg.settings("a", LONG)).await.expect("a");
+    let t = std::time::Instant::now();
+    let e = PgDb::connect(&pg.settings("a", LONG))
+        .await
+        .expect_err("same id twice");
+    assert!(matches!(e, DbError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("server_id"), "{e}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(5),
+        "it waited for the first to go"
+    );
+    // Another id connects at once; the same id once the first is gone.
+    PgDb::connect(&pg.settings("b", LONG)).await.expect("b");
+    drop(a);
+    PgDb::connect(&pg.settings("a", LONG))
+        .await
+        .expect("a again after the first left");
+}

@@ -286,7 +286,21 @@ pub fn check_server_id(id: &str) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Opens one connection and runs its task on the runtime.
+/// The advisory lock a connected boot server holds for its id (two-key
+/// form: "aula" and a hash of the id), so that two servers configured with
+/// one id cannot both act as it.
+fn id_lock(server: &str) -> (i32, i32) {
+    let d = ring::digest::digest(&ring::digest::SHA256, server.as_bytes());
+    let h = d.as_ref();
+    (0x6175_6c61, i32::from_be_bytes([h[0], h[1], h[2], h[3]]))
+}
+
+/// How long a (re)starting server waits for the previous connection of its
+/// id to be gone (a killed process's connection ends when its socket does).
+const ID_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens one connection, runs its task on the runtime, and takes this
+/// server's id lock on it.
 async fn open(cfg: &tokio_postgres::Config, server: &Arc<str>) -> Result<Client, DbError> {
     let (client, conn) = cfg.connect(NoTls).await?;
     let who = server.clone();
@@ -295,7 +309,24 @@ async fn open(cfg: &tokio_postgres::Config, server: &Arc<str>) -> Result<Client,
             tracing::warn!(server = %who, error = %describe(&e), "database connection ended");
         }
     });
-    Ok(client)
+    let (k1, k2) = id_lock(server);
+    let deadline = tokio::time::Instant::now() + ID_LOCK_WAIT;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&k1, &k2])
+            .await?
+            .try_get(0)?;
+        if got {
+            return Ok(client);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DbError::Conflict(format!(
+                "another boot server connected to the shared database as {server:?}: \
+                 each boot server needs its own [console] server_id"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Whether a claim was granted.
