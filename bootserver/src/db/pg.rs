@@ -26,6 +26,14 @@
 //! * **Credentials** come from a file (`password_file`, mode `0600` or
 //!   stricter); a password inside the URL is refused, so it can never be
 //!   logged with the URL. [`PgSettings`]' `Debug` shows no password.
+//! * **One connection per server id.** Each connection takes an advisory
+//!   lock on its server id: a second server configured with the same id is
+//!   refused; a killed server's lock ends with its socket. A lost
+//!   connection is re-opened (and the lock re-taken) by the next call.
+//! * **The console's queries** (rooms, machines, deployments, sessions,
+//!   command log) are in `pg/console.rs`, called through
+//!   [`super::store::Store`]; cancels asked on one console for another
+//!   server's deployment wait in `deployment_cancels` until it takes them.
 //!
 //! Crate: `tokio-postgres` (async; one connection task per client). The
 //! SQLite layer hands closures a `rusqlite::Connection` on blocking
