@@ -122,6 +122,28 @@ pub struct ConsoleConfig {
     /// console's live/offline state).
     #[serde(default = "default_presence_probe")]
     pub presence_probe_s: u64,
+    /// The shared console database, `postgres://user@host:port/dbname`
+    /// (no password in it); absent: the embedded SQLite file. Several
+    /// boot servers on one database share rooms, machines, deployments,
+    /// sessions and the command log (`crate::db::store`).
+    #[serde(default)]
+    pub database: Option<String>,
+    /// The file holding the database password (mode `0600` or stricter).
+    #[serde(default)]
+    pub database_password_file: Option<PathBuf>,
+    /// This boot server's id in the shared database (`[A-Za-z0-9._-]`,
+    /// 1-64): rooms name the server that serves them. Required with
+    /// `database`.
+    #[serde(default)]
+    pub server_id: Option<String>,
+    /// Seconds a boot server's claim on a machine lasts without its
+    /// heartbeat (renewed every third of it).
+    #[serde(default = "default_claim_lease")]
+    pub claim_lease_s: u64,
+}
+
+fn default_claim_lease() -> u64 {
+    30
 }
 
 fn default_session_hours() -> u32 {
@@ -167,6 +189,10 @@ impl Default for ConsoleConfig {
             wol_resend_s: default_wol_resend(),
             agent_gone_s: default_agent_gone(),
             presence_probe_s: default_presence_probe(),
+            database: None,
+            database_password_file: None,
+            server_id: None,
+            claim_lease_s: default_claim_lease(),
         }
     }
 }
@@ -1276,10 +1302,30 @@ impl Config {
             ("wol_resend_s", c.wol_resend_s),
             ("agent_gone_s", c.agent_gone_s),
             ("presence_probe_s", c.presence_probe_s),
+            ("claim_lease_s", c.claim_lease_s),
         ] {
             if !(1..=86_400).contains(&v) {
                 return Err(invalid(format!("console.{k}"), "must be 1..=86400 seconds"));
             }
+        }
+        if let Some(url) = &c.database {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(invalid(
+                    "console.database",
+                    "must be a postgres://user@host:port/dbname URL",
+                ));
+            }
+            if c.server_id.is_none() {
+                return Err(invalid(
+                    "console.server_id",
+                    "is required with console.database (this boot server's id in the shared database)",
+                ));
+            }
+        } else if c.database_password_file.is_some() {
+            return Err(invalid(
+                "console.database_password_file",
+                "is set but console.database is not",
+            ));
         }
         Ok(())
     }
@@ -1470,6 +1516,41 @@ cert = \"/x.crt\"
 
     fn with(extra: &str) -> String {
         format!("[server]\naddress = \"10.213.0.1\"\n{extra}")
+    }
+
+    #[test]
+    fn a_shared_console_database_needs_a_postgres_url_and_a_server_id() {
+        let cfg = Config::parse(&with(
+            "[console]\ndatabase = \"postgres://aula@db:5432/aula\"\n\
+             database_password_file = \"/etc/aula/db-password\"\nserver_id = \"north\"\n",
+        ))
+        .expect("shared database");
+        assert_eq!(cfg.console.server_id.as_deref(), Some("north"));
+        assert_eq!(cfg.console.claim_lease_s, 30);
+        for (extra, key) in [
+            (
+                "[console]\ndatabase = \"postgres://aula@db/aula\"\n",
+                "console.server_id",
+            ),
+            (
+                "[console]\ndatabase = \"mysql://aula@db/aula\"\nserver_id = \"a\"\n",
+                "console.database",
+            ),
+            (
+                "[console]\ndatabase_password_file = \"/etc/aula/pw\"\n",
+                "console.database_password_file",
+            ),
+            ("[console]\nclaim_lease_s = 0\n", "console.claim_lease_s"),
+        ] {
+            let err = Config::parse(&with(extra)).expect_err(extra);
+            assert!(err.to_string().contains(key), "{extra}: {err}");
+        }
+        // Without a database the console keeps its SQLite file.
+        assert!(Config::parse(&with(""))
+            .expect("default")
+            .console
+            .database
+            .is_none());
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub enum ServerError {
 struct Access {
     auth: Arc<Auth>,
     users: Option<Arc<crate::console::auth::Users>>,
+    store: crate::db::store::Store,
 }
 
 struct Started {
@@ -146,10 +147,26 @@ impl Server {
         } else {
             None
         };
+        // The console's store: this server's SQLite file, or the
+        // PostgreSQL database several boot servers share.
+        let store = match (&cfg.console.database, users.is_some()) {
+            (Some(url), true) => {
+                let settings = crate::db::pg::PgSettings {
+                    url: url.clone(),
+                    password_file: cfg.console.database_password_file.clone(),
+                    server_id: cfg.console.server_id.clone().unwrap_or_default(),
+                    lease: std::time::Duration::from_secs(cfg.console.claim_lease_s),
+                };
+                let pg = crate::db::pg::PgDb::connect(&settings).await?;
+                tracing::info!(server = %pg.server_id(), "console state in the shared database");
+                crate::db::store::Store::Shared(pg)
+            }
+            _ => crate::db::store::Store::Local(registry.db().clone()),
+        };
         let mut auth = Auth::new(secrets, Some(registry.clone()));
         if let Some(u) = &users {
             auth = auth.with_sessions(Arc::new(crate::console::auth::Sessions::new(
-                registry.db().clone(),
+                store.clone(),
                 u.clone(),
             )));
         }
@@ -174,7 +191,7 @@ impl Server {
             &cfg,
             &registry,
             interface.as_deref(),
-            Access { auth, users },
+            Access { auth, users, store },
             extra_routes,
             &cancel,
             &tracker,
@@ -252,7 +269,7 @@ impl Server {
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Started, ServerError> {
-        let Access { auth, users } = access;
+        let Access { auth, users, store } = access;
         let dhcp = match (cfg.dhcp.enabled, interface) {
             (true, Some(i)) => Some(dhcp::start(
                 cfg.clone(),
@@ -345,9 +362,8 @@ impl Server {
                 groups.push(metrics_routes(cfg, registry, &auth, tls.is_some())?);
             }
             if let Some(users) = users {
-                let db = registry.db().clone();
                 let svc = crate::deploy::DeployService::start(
-                    db,
+                    store,
                     registry.clone(),
                     cfg.clone(),
                     repo.clone(),

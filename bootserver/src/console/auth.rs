@@ -253,14 +253,14 @@ pub fn add_user(
 /// users file as it is now (a removed user's sessions open nothing; changed
 /// rooms apply at once).
 pub struct Sessions {
-    db: crate::db::Db,
+    store: crate::db::store::Store,
     users: Arc<Users>,
 }
 
 impl Sessions {
-    /// Sessions in `db` of the operators in `users`.
-    pub fn new(db: crate::db::Db, users: Arc<Users>) -> Sessions {
-        Sessions { db, users }
+    /// Sessions in `store` of the operators in `users`.
+    pub fn new(store: crate::db::store::Store, users: Arc<Users>) -> Sessions {
+        Sessions { store, users }
     }
 }
 
@@ -277,8 +277,8 @@ impl crate::auth::SessionStore for Sessions {
     > {
         Box::pin(async move {
             let s = self
-                .db
-                .call(move |c| crate::db::sessions::lookup(c, &secret))
+                .store
+                .lookup_session(secret)
                 .await
                 .map_err(|e| {
                     tracing::error!(error = %e, "reading sessions");

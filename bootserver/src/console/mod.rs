@@ -344,12 +344,7 @@ impl ConsoleRoutes {
         let Some(names) = p.room_limit().map(<[String]>::to_vec) else {
             return Ok(None);
         };
-        Ok(Some(
-            self.svc
-                .db()
-                .call(move |c| auth::room_ids(c, &names))
-                .await?,
-        ))
+        Ok(Some(self.svc.store().room_ids(names).await?))
     }
 
     async fn log(&self, p: &Principal, action: &str, target: &str, r: &Result<HttpResponse>) {
@@ -420,10 +415,7 @@ impl ConsoleRoutes {
             .ok_or_else(|| ConsoleError::Internal("no randomness".into()))?;
         let ttl = i64::from(self.svc.config().console.session_hours) * 3_600_000;
         let (s2, u2, c2) = (secret.clone(), user.name.clone(), csrf.clone());
-        self.svc
-            .db()
-            .call(move |c| db::sessions::create(c, &s2, &u2, &c2, ttl))
-            .await?;
+        self.svc.store().create_session(s2, u2, c2, ttl).await?;
         self.svc
             .log(
                 &user.name,
@@ -477,10 +469,7 @@ impl ConsoleRoutes {
                 if let Some(secret) =
                     crate::auth::cookie(req.headers(), COOKIE_NAME).map(str::to_owned)
                 {
-                    self.svc
-                        .db()
-                        .call(move |c| db::sessions::delete(c, &secret))
-                        .await?;
+                    self.svc.store().delete_session(secret).await?;
                 }
                 self.svc
                     .log(
@@ -509,11 +498,7 @@ impl ConsoleRoutes {
                 };
                 let current =
                     crate::auth::cookie(req.headers(), COOKIE_NAME).map(db::sessions::hash_secret);
-                let list = self
-                    .svc
-                    .db()
-                    .call(move |c| db::sessions::list(c, own.as_deref()))
-                    .await?;
+                let list = self.svc.store().list_sessions(own).await?;
                 let list: Vec<Value> = list
                     .into_iter()
                     .map(|s| {
@@ -530,24 +515,16 @@ impl ConsoleRoutes {
                 let target = format!("session {}", id.get(..12).unwrap_or(&id));
                 let r = async {
                     let lookup = id.clone();
-                    let s = self
-                        .svc
-                        .db()
-                        .call(move |c| db::sessions::get(c, &lookup))
-                        .await?
-                        .ok_or_else(|| {
-                            ConsoleError::NotFound("no such session (it ended or expired)".into())
-                        })?;
+                    let s = self.svc.store().session(lookup).await?.ok_or_else(|| {
+                        ConsoleError::NotFound("no such session (it ended or expired)".into())
+                    })?;
                     if !p.has_every_room() && p.log_name() != s.user {
                         return Err(ConsoleError::Forbidden(format!(
                             "{} may end only their own sessions",
                             p.log_name()
                         )));
                     }
-                    self.svc
-                        .db()
-                        .call(move |c| db::sessions::revoke(c, &id))
-                        .await?;
+                    self.svc.store().revoke_session(id).await?;
                     ok(json!({"revoked": s.id, "user": s.user}))
                 }
                 .await;
@@ -556,11 +533,7 @@ impl ConsoleRoutes {
             }
             (Method::GET, ["v1", "rooms"]) => {
                 let scope = self.scope(&p).await?;
-                let list = self
-                    .svc
-                    .db()
-                    .call(move |c| rooms::list_rooms(c, scope.as_deref()))
-                    .await?;
+                let list = self.svc.store().list_rooms(scope).await?;
                 ok(json!(list))
             }
             (Method::POST, ["v1", "rooms"]) => {
@@ -571,17 +544,17 @@ impl ConsoleRoutes {
                     name: String,
                     #[serde(default)]
                     description: String,
+                    /// The boot server serving it (shared database).
+                    #[serde(default)]
+                    server: Option<String>,
                 }
                 let b: NewRoom = body_json(req).await?;
                 let name = b.name.clone();
                 let r = async {
                     let id = self
                         .svc
-                        .db()
-                        .call(move |c| {
-                            let id = rooms::create_room(c, &b.name, &b.description)?;
-                            rooms::get_room(c, id)
-                        })
+                        .store()
+                        .create_room(b.name, b.description, b.server)
                         .await?;
                     Ok(json_response(StatusCode::CREATED, &id))
                 }
@@ -595,13 +568,7 @@ impl ConsoleRoutes {
                 self.need_room(&p, Some(id)).await?;
                 match m {
                     Method::GET => {
-                        let (room, machines) = self
-                            .svc
-                            .db()
-                            .call(move |c| {
-                                Ok((rooms::get_room(c, id)?, rooms::room_machines(c, id)?))
-                            })
-                            .await?;
+                        let (room, machines) = self.svc.store().room_with_machines(id).await?;
                         ok(json!({"room": room, "machines": self.tiles(&machines).await}))
                     }
                     Method::PATCH => {
@@ -610,21 +577,15 @@ impl ConsoleRoutes {
                         struct Patch {
                             name: Option<String>,
                             description: Option<String>,
+                            /// Hand the room to another boot server (shared database).
+                            server: Option<String>,
                         }
                         let b: Patch = body_json(req).await?;
                         let r = async {
                             let room = self
                                 .svc
-                                .db()
-                                .call(move |c| {
-                                    rooms::update_room(
-                                        c,
-                                        id,
-                                        b.name.as_deref(),
-                                        b.description.as_deref(),
-                                    )?;
-                                    rooms::get_room(c, id)
-                                })
+                                .store()
+                                .update_room(id, b.name, b.description, b.server)
                                 .await?;
                             ok(json!(room))
                         }
@@ -635,10 +596,7 @@ impl ConsoleRoutes {
                     Method::DELETE => {
                         self.need_all_rooms(&p)?;
                         let r = async {
-                            self.svc
-                                .db()
-                                .call(move |c| rooms::delete_room(c, id))
-                                .await?;
+                            self.svc.store().delete_room(id).await?;
                             ok(json!({"deleted": id}))
                         }
                         .await;
@@ -659,11 +617,7 @@ impl ConsoleRoutes {
                 };
                 let offset = q.get("offset").and_then(|s| s.parse().ok()).unwrap_or(0);
                 let limit = q.get("limit").and_then(|s| s.parse().ok()).unwrap_or(50);
-                let (total, list) = self
-                    .svc
-                    .db()
-                    .call(move |c| rooms::list_machines(c, &f, offset, limit))
-                    .await?;
+                let (total, list) = self.svc.store().list_machines(f, offset, limit).await?;
                 let tiles = self.tiles(&list).await;
                 ok(json!({"total": total, "offset": offset, "machines": tiles}))
             }
@@ -672,14 +626,7 @@ impl ConsoleRoutes {
                 self.need_room_input(&p, &b).await?;
                 let mac = b.mac;
                 let r = async {
-                    let m = self
-                        .svc
-                        .db()
-                        .call(move |c| {
-                            let (id, _) = rooms::put_machine(c, &b, false, false)?;
-                            rooms::get_machine(c, id)
-                        })
-                        .await?;
+                    let m = self.svc.store().create_machine(b).await?;
                     Ok(json_response(StatusCode::CREATED, &m))
                 }
                 .await;
@@ -700,18 +647,7 @@ impl ConsoleRoutes {
                 let text = String::from_utf8(body.to_vec())
                     .map_err(|_| ConsoleError::BadRequest("the file is not UTF-8 text".into()))?;
                 let r = async {
-                    let rep = self
-                        .svc
-                        .db()
-                        .call(move |c| {
-                            if is_toml {
-                                rooms::import_toml(c, &text)
-                            } else {
-                                let ms = rooms::parse_csv(&text)?;
-                                rooms::import(c, &ms)
-                            }
-                        })
-                        .await?;
+                    let rep = self.svc.store().import_text(text, is_toml).await?;
                     ok(json!(rep))
                 }
                 .await;
@@ -726,21 +662,8 @@ impl ConsoleRoutes {
             }
             (Method::GET, ["v1", "machines", "unadopted"]) => {
                 let fleet = self.fleet().await;
-                let known: std::collections::HashSet<MacAddr> = self
-                    .svc
-                    .db()
-                    .call(|c| {
-                        let mut st = c.prepare("SELECT mac FROM machines")?;
-                        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-                        let mut out = std::collections::HashSet::new();
-                        for r in rows {
-                            if let Ok(m) = r?.parse() {
-                                out.insert(m);
-                            }
-                        }
-                        Ok(out)
-                    })
-                    .await?;
+                let known: std::collections::HashSet<MacAddr> =
+                    self.svc.store().machine_macs().await?;
                 let mut list: Vec<Value> = fleet
                     .clients
                     .iter()
@@ -786,11 +709,7 @@ impl ConsoleRoutes {
                             }
                         })
                         .collect();
-                    let rep = self
-                        .svc
-                        .db()
-                        .call(move |c| rooms::import(c, &inputs))
-                        .await?;
+                    let rep = self.svc.store().import(inputs).await?;
                     ok(json!(rep))
                 }
                 .await;
@@ -821,15 +740,7 @@ impl ConsoleRoutes {
                         )));
                     }
                     let ids = b.ids.clone();
-                    let machines = self
-                        .svc
-                        .db()
-                        .call(move |c| {
-                            ids.iter()
-                                .map(|id| rooms::get_machine(c, *id))
-                                .collect::<std::result::Result<Vec<_>, _>>()
-                        })
-                        .await?;
+                    let machines = self.svc.store().machines(ids).await?;
                     for m in &machines {
                         self.need_room(&p, m.room_id).await?;
                     }
@@ -857,11 +768,7 @@ impl ConsoleRoutes {
             }
             (m, ["v1", "machines", id]) => {
                 let id = parse_id(id)?;
-                let cur = self
-                    .svc
-                    .db()
-                    .call(move |c| rooms::get_machine(c, id))
-                    .await?;
+                let cur = self.svc.store().machine(id).await?;
                 self.need_room(&p, cur.room_id).await?;
                 match m {
                     Method::GET => ok(json!(self.tiles(&[cur]).await)),
@@ -871,14 +778,7 @@ impl ConsoleRoutes {
                             self.need_room(&p, Some(r)).await?;
                         }
                         let r = async {
-                            let m = self
-                                .svc
-                                .db()
-                                .call(move |c| {
-                                    rooms::patch_machine(c, id, &b)?;
-                                    rooms::get_machine(c, id)
-                                })
-                                .await?;
+                            let m = self.svc.store().patch_machine(id, b).await?;
                             ok(json!(m))
                         }
                         .await;
@@ -888,10 +788,7 @@ impl ConsoleRoutes {
                     }
                     Method::DELETE => {
                         let r = async {
-                            self.svc
-                                .db()
-                                .call(move |c| rooms::delete_machine(c, id))
-                                .await?;
+                            self.svc.store().delete_machine(id).await?;
                             ok(json!({"deleted": id}))
                         }
                         .await;
@@ -904,11 +801,7 @@ impl ConsoleRoutes {
             }
             (Method::PUT, ["v1", "machines", id, "boot"]) => {
                 let id = parse_id(id)?;
-                let cur = self
-                    .svc
-                    .db()
-                    .call(move |c| rooms::get_machine(c, id))
-                    .await?;
+                let cur = self.svc.store().machine(id).await?;
                 self.need_room(&p, cur.room_id).await?;
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
@@ -952,8 +845,8 @@ impl ConsoleRoutes {
                 let limit = q.get("limit").and_then(|s| s.parse().ok()).unwrap_or(50);
                 let list = self
                     .svc
-                    .db()
-                    .call(move |c| ddb::list(c, scope.as_deref(), before, limit))
+                    .store()
+                    .list_deployments(scope, before, limit)
                     .await?;
                 ok(json!(list))
             }
@@ -1105,18 +998,15 @@ impl ConsoleRoutes {
                 let fleet = self.fleet().await;
                 let (_, list) = self
                     .svc
-                    .db()
-                    .call(move |c| {
-                        rooms::list_machines(
-                            c,
-                            &MachineFilter {
-                                scope,
-                                ..Default::default()
-                            },
-                            0,
-                            1000,
-                        )
-                    })
+                    .store()
+                    .list_machines(
+                        MachineFilter {
+                            scope,
+                            ..Default::default()
+                        },
+                        0,
+                        1000,
+                    )
                     .await?;
                 let default = self.svc.config().boot.default_mode;
                 let rows: Vec<Value> = list
@@ -1143,11 +1033,7 @@ impl ConsoleRoutes {
                     (None, Some(w)) if !w.is_empty() => Some(w.clone()),
                     _ => None,
                 };
-                let list = self
-                    .svc
-                    .db()
-                    .call(move |c| db::log::list(c, who.as_deref(), before, limit))
-                    .await?;
+                let list = self.svc.store().log_list(who, before, limit).await?;
                 ok(json!(list
                     .into_iter()
                     .map(|e| json!({"id": e.id, "at": db::rfc3339_ms(e.at), "who": e.who,
@@ -1198,8 +1084,8 @@ impl ConsoleRoutes {
             Some(r) => {
                 let name = self
                     .svc
-                    .db()
-                    .call(move |c| rooms::get_room(c, r))
+                    .store()
+                    .room(r)
                     .await
                     .map(|r| r.name)
                     .unwrap_or_else(|_| format!("room {r}"));
@@ -1220,10 +1106,7 @@ impl ConsoleRoutes {
             (Some(id), _) => Some(*id),
             (None, Some(name)) => {
                 let n = name.clone();
-                self.svc
-                    .db()
-                    .call(move |c| rooms::room_id_by_name(c, &n))
-                    .await?
+                self.svc.store().room_id_by_name(n).await?
             }
             _ => None,
         };
@@ -1247,12 +1130,7 @@ impl ConsoleRoutes {
             let Some(mid) = m.machine_id else {
                 return self.need_room(p, None).await;
             };
-            let room = self
-                .svc
-                .db()
-                .call(move |c| rooms::get_machine(c, mid))
-                .await?
-                .room_id;
+            let room = self.svc.store().machine(mid).await?.room_id;
             self.need_room(p, room).await?;
         }
         Ok(())
@@ -1281,7 +1159,7 @@ impl ConsoleRoutes {
     }
 
     async fn images(&self) -> Result<HttpResponse> {
-        let usage = self.svc.db().call(|c| ddb::machines_per_image(c)).await?;
+        let usage = self.svc.store().machines_per_image().await?;
         let list = match self.svc.repository().cloned() {
             Some(repo) => tokio::task::spawn_blocking(move || {
                 use aula_imager::repo::Repository;

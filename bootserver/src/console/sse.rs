@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::rooms::{self, MachineFilter};
+use crate::db::rooms::MachineFilter;
 use crate::deploy::DeployService;
 use crate::http::HttpResponse;
 
@@ -128,20 +128,14 @@ pub async fn tiles_document(
     scope: Option<Vec<i64>>,
 ) -> Option<String> {
     let sc = scope.clone();
-    let (rooms_list, machines) = svc
-        .db()
-        .call(move |c| {
-            let rs = rooms::list_rooms(c, sc.as_deref())?;
-            let f = MachineFilter {
-                room_id: room,
-                scope: sc,
-                ..Default::default()
-            };
-            let (_, ms) = rooms::list_machines(c, &f, 0, 1000)?;
-            Ok((rs, ms))
-        })
-        .await
-        .ok()?;
+    let store = svc.store();
+    let rooms_list = store.list_rooms(sc.clone()).await.ok()?;
+    let f = MachineFilter {
+        room_id: room,
+        scope: sc,
+        ..Default::default()
+    };
+    let (_, machines) = store.list_machines(f, 0, 1000).await.ok()?;
     let fleet = svc.fleet().await;
     let live = svc.live_machines();
     let mut counts: BTreeMap<i64, BTreeMap<String, u32>> = BTreeMap::new();

@@ -36,7 +36,7 @@ impl DeploymentState {
             DeploymentState::Cancelled => "cancelled",
         }
     }
-    fn parse(s: &str) -> DeploymentState {
+    pub(crate) fn parse(s: &str) -> DeploymentState {
         match s {
             "scheduled" => DeploymentState::Scheduled,
             "running" => DeploymentState::Running,
@@ -99,6 +99,9 @@ pub struct Deployment {
     pub failed: i64,
     /// Machines cancelled.
     pub cancelled: i64,
+    /// The boot server carrying it out (shared database only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// One machine of a deployment.
@@ -149,7 +152,7 @@ pub struct NewDeployment {
     pub machines: Vec<(MacAddr, Option<i64>, String)>,
 }
 
-const DEP_COLS: &str = "d.id, d.kind, d.room_id, r.name, d.image, d.version, d.disk, d.partition, d.method, \
+pub(crate) const DEP_COLS: &str = "d.id, d.kind, d.room_id, r.name, d.image, d.version, d.disk, d.partition, d.method, \
     d.layout, d.after, d.start_at, d.max_concurrent, d.state, d.created_by, d.created_at, d.started_at, \
     d.finished_at, d.retry_of, d.total, d.done, d.failed, d.cancelled";
 
@@ -190,6 +193,7 @@ fn dep_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
         done: r.get(20)?,
         failed: r.get(21)?,
         cancelled: r.get(22)?,
+        server: None,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod log;
 pub mod pg;
 pub mod rooms;
 pub mod sessions;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

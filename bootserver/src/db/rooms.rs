@@ -23,6 +23,9 @@ pub struct Room {
     pub description: String,
     /// Machines in it.
     pub machines: i64,
+    /// The boot server that serves it (shared database only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// A machine.
@@ -127,7 +130,7 @@ fn machine_row(r: &Row<'_>) -> rusqlite::Result<Machine> {
     })
 }
 
-fn check_name(what: &str, name: &str) -> Result<String, DbError> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<String, DbError> {
     let n = name.trim();
     if n.is_empty() || n.len() > 64 || n.chars().any(char::is_control) {
         return Err(DbError::Invalid(format!(
@@ -137,7 +140,7 @@ fn check_name(what: &str, name: &str) -> Result<String, DbError> {
     Ok(n.to_owned())
 }
 
-fn check_layout(v: &Option<serde_json::Value>) -> Result<Option<String>, DbError> {
+pub(crate) fn check_layout(v: &Option<serde_json::Value>) -> Result<Option<String>, DbError> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => {
@@ -162,6 +165,7 @@ pub fn list_rooms(c: &Connection, scope: Option<&[i64]>) -> Result<Vec<Room>, Db
             name: r.get(1)?,
             description: r.get(2)?,
             machines: r.get(3)?,
+            server: None,
         })
     })?;
     let mut out = Vec::new();
@@ -186,6 +190,7 @@ pub fn get_room(c: &Connection, id: i64) -> Result<Room, DbError> {
                 name: r.get(1)?,
                 description: r.get(2)?,
                 machines: r.get(3)?,
+                server: None,
             })
         },
     )

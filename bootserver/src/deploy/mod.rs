@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::db::deployments::{self, Deployment, NewDeployment};
-use crate::db::rooms::{self, Machine};
-use crate::db::{self, Db, DbError};
+use crate::db::rooms::Machine;
+use crate::db::store::Store;
+use crate::db::DbError;
 use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
 use crate::repository::RepoService;
@@ -224,7 +225,7 @@ pub struct Published {
 
 /// The deployment service: requests in, runner behind.
 pub struct DeployService {
-    pub(crate) db: Db,
+    pub(crate) store: Store,
     pub(crate) registry: Arc<Registry>,
     pub(crate) cfg: Arc<Config>,
     pub(crate) repo: Option<Arc<RepoService>>,
@@ -245,6 +246,24 @@ impl std::fmt::Debug for DeployService {
 impl crate::http::api::EventListener for DeployService {
     fn agent_event(&self, mac: MacAddr, event: &serde_json::Value) {
         DeployService::agent_event(self, mac, event);
+    }
+}
+
+/// Renews this boot server's heartbeat and machine claims every third of
+/// the lease, until `cancel`.
+async fn heartbeat(pg: crate::db::pg::PgDb, cancel: tokio_util::sync::CancellationToken) {
+    let period = (pg.lease() / 3).max(Duration::from_millis(200));
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = every.tick() => {
+                if let Err(e) = pg.heartbeat().await {
+                    tracing::warn!(error = %e, "renewing machine claims in the shared database");
+                }
+            }
+        }
     }
 }
 
@@ -276,7 +295,7 @@ impl DeployService {
     /// Starts the service and its runner on `tracker`; resumes deployments
     /// left active by the previous run.
     pub fn start(
-        db: Db,
+        store: Store,
         registry: Arc<Registry>,
         cfg: Arc<Config>,
         repo: Option<Arc<RepoService>>,
@@ -287,7 +306,7 @@ impl DeployService {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ticks, _) = watch::channel(0u64);
         let svc = Arc::new(DeployService {
-            db,
+            store,
             registry,
             cfg,
             repo,
@@ -299,6 +318,9 @@ impl DeployService {
         });
         let period = Duration::from_secs(svc.cfg.console.presence_probe_s.max(1));
         tracker.spawn(presence::run(svc.clone(), period, cancel.clone()));
+        if let Some(pg) = svc.store.shared().cloned() {
+            tracker.spawn(heartbeat(pg, cancel.clone()));
+        }
         tracker.spawn(runner::run(svc.clone(), rx, cancel));
         svc
     }
@@ -320,9 +342,9 @@ impl DeployService {
         f
     }
 
-    /// The database.
-    pub fn db(&self) -> &Db {
-        &self.db
+    /// The console's store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// A webhook the agent of `mac` signed (checked by the caller): handed
@@ -381,63 +403,50 @@ impl DeployService {
         room: Option<RoomRef>,
         names: Vec<String>,
     ) -> Result<Targets, DeployError> {
-        self.db
-            .call(move |c| {
-                let room_id = match &room {
-                    None => None,
-                    Some(RoomRef::Id(id)) => Some(rooms::get_room(c, *id)?.id),
-                    Some(RoomRef::Name(n)) => Some(
-                        rooms::room_id_by_name(c, n)?
-                            .ok_or_else(|| DbError::Invalid(format!("no room named {n:?}")))?,
-                    ),
-                };
-                let mut out: Vec<Machine> = match room_id {
-                    Some(r) => rooms::room_machines(c, r)?,
-                    None => Vec::new(),
-                };
-                for n in &names {
-                    let n = n.trim();
-                    let m = if let Ok(mac) = n.parse::<MacAddr>() {
-                        rooms::machine_by_mac(c, mac)?
-                    } else if let Ok(id) = n.parse::<i64>() {
-                        rooms::get_machine(c, id).ok()
-                    } else {
-                        let id: Option<i64> = rusqlite::OptionalExtension::optional(c.query_row(
-                            "SELECT id FROM machines WHERE name = ?1",
-                            [n],
-                            |r| r.get(0),
-                        ))?;
-                        match id {
-                            Some(id) => Some(rooms::get_machine(c, id)?),
-                            None => None,
-                        }
-                    };
-                    let m = m.ok_or_else(|| {
-                        DbError::Invalid(format!(
-                            "unknown machine {n:?}: add it to a room or adopt it first"
-                        ))
-                    })?;
-                    if !out.iter().any(|o| o.id == m.id) {
-                        out.push(m);
-                    }
+        let store = &self.store;
+        async move {
+            let room_id = match &room {
+                None => None,
+                Some(RoomRef::Id(id)) => Some(store.room(*id).await?.id),
+                Some(RoomRef::Name(n)) => Some(
+                    store
+                        .room_id_by_name(n.clone())
+                        .await?
+                        .ok_or_else(|| DbError::Invalid(format!("no room named {n:?}")))?,
+                ),
+            };
+            let mut out: Vec<Machine> = match room_id {
+                Some(r) => store.room_machines(r).await?,
+                None => Vec::new(),
+            };
+            for n in &names {
+                let m = store.find_machine(n.clone()).await?.ok_or_else(|| {
+                    DbError::Invalid(format!(
+                        "unknown machine {:?}: add it to a room or adopt it first",
+                        n.trim()
+                    ))
+                })?;
+                if !out.iter().any(|o| o.id == m.id) {
+                    out.push(m);
                 }
-                if out.is_empty() {
-                    return Err(DbError::Invalid(match room_id {
-                        Some(_) => "the room has no machines".into(),
-                        None => "name a room or at least one machine".into(),
-                    }));
-                }
-                Ok(Targets {
-                    room_id,
-                    machines: out,
-                })
+            }
+            if out.is_empty() {
+                return Err(DbError::Invalid(match room_id {
+                    Some(_) => "the room has no machines".into(),
+                    None => "name a room or at least one machine".into(),
+                }));
+            }
+            Ok(Targets {
+                room_id,
+                machines: out,
             })
-            .await
-            .map_err(|e| match e {
-                DbError::Invalid(s) => DeployError::Invalid(s),
-                DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
-                other => DeployError::Db(other),
-            })
+        }
+        .await
+        .map_err(|e| match e {
+            DbError::Invalid(s) => DeployError::Invalid(s),
+            DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
+            other => DeployError::Db(other),
+        })
     }
 
     /// Checks the image against the repository: `(name, version, is a
@@ -555,7 +564,7 @@ impl DeployService {
                 .map(|m| (m.mac, Some(m.id), m.name.clone()))
                 .collect(),
         };
-        self.store(d).await
+        self.save_new(d).await
     }
 
     /// Stores a capture of one machine and starts it.
@@ -594,17 +603,11 @@ impl DeployService {
             retry_of: None,
             machines: vec![(target.mac, Some(target.id), target.name.clone())],
         };
-        self.store(d).await
+        self.save_new(d).await
     }
 
-    async fn store(&self, d: NewDeployment) -> Result<Deployment, DeployError> {
-        let dep = self
-            .db
-            .call(move |c| {
-                let id = deployments::insert(c, &d)?;
-                deployments::get(c, id)
-            })
-            .await?;
+    async fn save_new(&self, d: NewDeployment) -> Result<Deployment, DeployError> {
+        let dep = self.store.insert_deployment(d).await?;
         let _ = self.tx.send(Msg::Load(dep.id));
         Ok(dep)
     }
@@ -613,8 +616,8 @@ impl DeployService {
     /// `id`, with the same image, target and options.
     pub async fn retry(&self, id: i64, who: &str) -> Result<Deployment, DeployError> {
         let (dep, macs) = self
-            .db
-            .call(move |c| Ok((deployments::get(c, id)?, deployments::failed_macs(c, id)?)))
+            .store
+            .deployment_failed(id)
             .await
             .map_err(|e| match e {
                 DbError::NotFound(_) => DeployError::NotFound(format!("deployment {id} not found")),
@@ -677,32 +680,39 @@ impl DeployService {
 
     /// Cancels a deployment or one of its machines.
     pub async fn cancel(&self, id: i64, mac: Option<MacAddr>) -> Result<Deployment, DeployError> {
-        let dep = self
-            .db
-            .call(move |c| {
-                let d = deployments::get(c, id)?;
-                if let Some(m) = mac {
-                    let known: bool = c.query_row(
-                        "SELECT count(*) FROM deployment_machines WHERE deployment_id = ?1 AND mac = ?2",
-                        rusqlite::params![id, m.to_string()],
-                        |r| r.get::<_, i64>(0).map(|n| n > 0),
-                    )?;
-                    if !known {
-                        return Err(DbError::NotFound("machine in this deployment"));
-                    }
+        let store = &self.store;
+        let dep = async move {
+            let d = store.deployment(id).await?;
+            if let Some(m) = mac {
+                if !store.deployment_has(id, m).await? {
+                    return Err(DbError::NotFound("machine in this deployment"));
                 }
-                Ok(d)
-            })
-            .await
-            .map_err(|e| match e {
-                DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
-                other => DeployError::Db(other),
-            })?;
+            }
+            Ok(d)
+        }
+        .await
+        .map_err(|e| match e {
+            DbError::NotFound(w) => DeployError::NotFound(format!("{w} not found")),
+            other => DeployError::Db(other),
+        })?;
         if !dep.state.is_active() {
             return Err(DeployError::Invalid(format!(
                 "deployment {id} has already {}",
                 dep.state.as_str()
             )));
+        }
+        if let (Some(me), Some(owner)) = (self.store.server_id(), dep.server.as_deref()) {
+            if me != owner {
+                // Carried out by another boot server: it takes the request
+                // from the shared database within a couple of seconds.
+                self.store.request_cancel(id, mac).await?;
+                tracing::info!(
+                    deployment = id,
+                    server = owner,
+                    "cancel passed to the boot server carrying it out"
+                );
+                return Ok(dep);
+            }
         }
         let _ = self.tx.send(Msg::Cancel(id, mac));
         Ok(dep)
@@ -713,8 +723,8 @@ impl DeployService {
         &self,
         id: i64,
     ) -> Result<(Deployment, Vec<deployments::DeploymentMachine>), DeployError> {
-        self.db
-            .call(move |c| Ok((deployments::get(c, id)?, deployments::machines(c, id)?)))
+        self.store
+            .deployment_with_machines(id)
             .await
             .map_err(|e| match e {
                 DbError::NotFound(_) => DeployError::NotFound(format!("deployment {id} not found")),
@@ -739,8 +749,8 @@ impl DeployService {
             outcome.to_owned(),
         );
         if let Err(e) = self
-            .db
-            .call(move |c| db::log::append(c, &who, &action, &target, &outcome, detail.as_deref()))
+            .store
+            .log_append(who, action, target, outcome, detail)
             .await
         {
             tracing::error!(error = %e, "writing the command log");

@@ -35,8 +35,9 @@ use super::fleet::Fleet;
 use super::machine::{Action, Input, JobOp, JobRef, Kind, Ms, Phase, Plan, Run, Timeouts};
 use super::{AgentEvent, DeployService, LiveMachine, Msg, Observed, Published};
 use crate::config::BootMode;
-use crate::db::deployments::{self, Deployment, DeploymentState};
-use crate::db::{now_ms, rooms, DbError};
+use crate::db::deployments::{Deployment, DeploymentState};
+use crate::db::now_ms;
+use crate::db::pg::Claim;
 use crate::mac::MacAddr;
 
 /// How often the runner looks at every machine.
@@ -67,6 +68,9 @@ struct Slot {
     unreachable_since: Option<Ms>,
     /// The newest observation applied for the current job.
     seen: Option<Seen>,
+    /// This boot server holds the machine's claim (always, without a
+    /// shared database); an unclaimed machine is not acted on.
+    claimed: bool,
 }
 
 /// The newest observation applied for a job.
@@ -157,7 +161,13 @@ struct Runner {
     fleet: Arc<Fleet>,
     /// Deployments that ended: their last document stays published a while.
     ended: HashMap<i64, (Arc<String>, Ms)>,
+    /// When the shared database was last asked for new deployments.
+    last_discover: Ms,
 }
+
+/// How often a boot server on a shared database looks for deployments
+/// another console started for its rooms.
+const DISCOVER_MS: Ms = 2_000;
 
 /// The runner task.
 pub(crate) async fn run(
@@ -173,12 +183,13 @@ pub(crate) async fn run(
         clients: AgentClients::default(),
         fleet: Arc::new(Fleet::default()),
         ended: HashMap::new(),
+        last_discover: now_ms(),
     };
-    match r.svc.db.call(|c| deployments::active(c)).await {
+    match r.svc.store.deployments_to_run().await {
         Ok(list) => {
-            for d in list {
-                tracing::info!(deployment = d.id, "resuming deployment");
-                r.load(d.id).await;
+            for id in list {
+                tracing::info!(deployment = id, "resuming deployment");
+                r.load(id).await;
             }
         }
         Err(e) => tracing::error!(error = %e, "reading active deployments"),
@@ -273,23 +284,20 @@ pub fn layout_need(
 
 impl Runner {
     async fn load(&mut self, id: i64) {
-        let loaded = self
-            .svc
-            .db
-            .call(move |c| {
-                let d = deployments::get(c, id)?;
-                let ms = deployments::machines(c, id)?;
-                let mut out = Vec::new();
-                for m in ms {
-                    let info = match m.machine_id {
-                        Some(mid) => rooms::get_machine(c, mid).ok(),
-                        None => None,
-                    };
-                    out.push((m, info));
-                }
-                Ok::<_, DbError>((d, out))
-            })
-            .await;
+        let store = &self.svc.store;
+        let loaded = async {
+            let (d, ms) = store.deployment_with_machines(id).await?;
+            let mut out = Vec::new();
+            for m in ms {
+                let info = match m.machine_id {
+                    Some(mid) => store.machine(mid).await.ok(),
+                    None => None,
+                };
+                out.push((m, info));
+            }
+            Ok::<_, crate::db::DbError>((d, out))
+        }
+        .await;
         let (dep, machines) = match loaded {
             Ok(v) => v,
             Err(e) => {
@@ -297,6 +305,17 @@ impl Runner {
                 return;
             }
         };
+        if let Some(me) = self.svc.store.server_id() {
+            if dep.server.as_deref() != Some(me) {
+                tracing::debug!(
+                    deployment = id,
+                    server = dep.server.as_deref().unwrap_or("none"),
+                    "deployment carried out by another boot server"
+                );
+                return;
+            }
+        }
+        let shared = self.svc.store.shared().is_some();
         let slots = machines
             .into_iter()
             .map(|(m, info)| {
@@ -323,6 +342,7 @@ impl Runner {
                     last_poll: 0,
                     unreachable_since: None,
                     seen: None,
+                    claimed: !shared,
                 }
             })
             .collect();
@@ -335,6 +355,9 @@ impl Runner {
                 last_progress_save: 0,
             },
         );
+        if shared {
+            self.claim_machines().await;
+        }
     }
 
     async fn message(&mut self, m: Msg) {
@@ -517,12 +540,79 @@ impl Runner {
                 .unwrap_or_default()
         };
         self.fleet = Arc::new(fleet);
+        if self.svc.store.shared().is_some() && now - self.last_discover >= DISCOVER_MS {
+            self.last_discover = now;
+            self.discover().await;
+            self.claim_machines().await;
+        }
         let ids: Vec<i64> = self.active.keys().copied().collect();
         for id in ids {
             self.tick_one(id, now).await;
         }
         self.save(false).await;
         self.publish(now);
+    }
+
+    /// Loads the active deployments of this boot server that another
+    /// console started, and takes the cancels other consoles asked for
+    /// (shared database only).
+    async fn discover(&mut self) {
+        match self.svc.store.deployments_to_run().await {
+            Ok(ids) => {
+                for id in ids {
+                    if !self.active.contains_key(&id) && !self.ended.contains_key(&id) {
+                        tracing::info!(deployment = id, "picking up deployment");
+                        self.load(id).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "looking for deployments to run"),
+        }
+        match self.svc.store.take_cancels().await {
+            Ok(list) => {
+                for (id, mac) in list {
+                    tracing::info!(deployment = id, mac = ?mac, "cancel asked on another console");
+                    let _ = self.tx.send(Msg::Cancel(id, mac));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading cancels asked on other consoles"),
+        }
+    }
+
+    /// Claims the machines not yet claimed (at load, then every
+    /// [`DISCOVER_MS`]): a machine another boot server holds under a live
+    /// lease waits until it is released or its lease runs out.
+    async fn claim_machines(&mut self) {
+        let mut want = Vec::new();
+        for (id, a) in &self.active {
+            for (i, s) in a.slots.iter().enumerate() {
+                if !s.claimed && !s.run.phase.is_final() {
+                    want.push((*id, i, s.mac));
+                }
+            }
+        }
+        for (id, i, mac) in want {
+            match self.svc.store.claim(id, mac).await {
+                Ok(Claim::Granted) => {
+                    if let Some(s) = self.active.get_mut(&id).and_then(|a| a.slots.get_mut(i)) {
+                        s.claimed = true;
+                    }
+                }
+                Ok(Claim::HeldBy {
+                    server,
+                    deployment,
+                    until,
+                }) => tracing::debug!(
+                    %mac,
+                    deployment = id,
+                    holder = %server,
+                    holder_deployment = deployment,
+                    until,
+                    "machine held by another boot server: waiting"
+                ),
+                Err(e) => tracing::warn!(%mac, error = %e, "claiming a machine"),
+            }
+        }
     }
 
     async fn tick_one(&mut self, id: i64, now: Ms) {
@@ -551,7 +641,7 @@ impl Runner {
             for i in 0..a.slots.len() {
                 let plan = a.plan(&a.slots[i]);
                 let s = &mut a.slots[i];
-                if s.run.phase.is_final() {
+                if s.run.phase.is_final() || !s.claimed {
                     continue;
                 }
                 let mut inputs = Vec::new();
@@ -612,8 +702,8 @@ impl Runner {
         if started {
             let _ = self
                 .svc
-                .db
-                .call(move |c| deployments::set_state(c, id, DeploymentState::Running))
+                .store
+                .set_deployment_state(id, DeploymentState::Running)
                 .await;
         }
         for (i, acts) in work {
@@ -670,15 +760,8 @@ impl Runner {
         let (image, version) = (a.dep.image.clone(), a.dep.version);
         let r = self
             .svc
-            .db
-            .call(move |c| {
-                for (mac, at) in &restored {
-                    rooms::set_machine_image(c, *mac, &image, version, *at)?;
-                }
-                deployments::set_state(c, id, state)?;
-                deployments::compact(c, id)?;
-                deployments::get(c, id)
-            })
+            .store
+            .end_deployment(id, state, restored, image, version)
             .await;
         match r {
             Ok(d) => {
@@ -737,16 +820,7 @@ impl Runner {
         if batches.is_empty() {
             return;
         }
-        let r = self
-            .svc
-            .db
-            .call(move |c| {
-                for (id, rows) in &batches {
-                    deployments::save_runs(c, *id, rows)?;
-                }
-                Ok(())
-            })
-            .await;
+        let r = self.svc.store.save_runs(batches).await;
         if let Err(e) = r {
             tracing::error!(error = %e, "saving deployment rows");
         }
@@ -1307,6 +1381,7 @@ mod tests {
             last_poll: 0,
             unreachable_since: None,
             seen: None,
+            claimed: true,
         }
     }
 
@@ -1370,6 +1445,7 @@ mod tests {
             done: 0,
             failed: 0,
             cancelled: 0,
+            server: None,
         };
         let rows: Vec<(MacAddr, String, Run)> = (0..200u32)
             .map(|i| {
