@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ pub struct S3Settings {
     /// Read-ahead: when a client asks for chunk i of an image whose
     /// manifest it fetched, chunks i+1 ..= i+N of that image are fetched
     /// from the bucket into the cache (0: off). Capped so that the chunks
-    /// read ahead fit in a quarter of the cache.
+    /// read ahead fit in half the cache.
     #[serde(default = "default_readahead_chunks")]
     pub readahead_chunks: usize,
     /// Read-ahead GETs to the bucket at once (at least 1).
@@ -118,6 +119,29 @@ impl S3Settings {
 pub struct ChunkCache {
     max_bytes: u64,
     inner: Mutex<CacheInner>,
+    stats: CacheCounters,
+}
+
+/// This cache's own counts (`/metrics` sums them over the process).
+#[derive(Debug, Default)]
+struct CacheCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    read_ahead: AtomicU64,
+    most_bytes: AtomicU64,
+}
+
+/// A snapshot of a [`ChunkCache`]'s counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that had to go to the bucket (or a GET in flight).
+    pub misses: u64,
+    /// Chunks read ahead into the cache.
+    pub read_ahead: u64,
+    /// The most bytes the cache ever held.
+    pub most_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +160,7 @@ impl ChunkCache {
         ChunkCache {
             max_bytes,
             inner: Mutex::new(CacheInner::default()),
+            stats: CacheCounters::default(),
         }
     }
 
@@ -158,6 +183,12 @@ impl ChunkCache {
             Some(frame)
         });
         crate::metrics::global().repo_cache(hit.is_some());
+        let counter = if hit.is_some() {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         hit
     }
 
@@ -211,6 +242,7 @@ impl ChunkCache {
                     c.bytes -= f.len() as u64;
                 }
             }
+            self.stats.most_bytes.fetch_max(c.bytes, Ordering::Relaxed);
             crate::metrics::global().repo_cache_held(c.bytes, len);
         }
     }
@@ -218,6 +250,16 @@ impl ChunkCache {
     /// Whether `id` is held (no lookup counted, no recency change).
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.max_bytes > 0 && self.inner.lock().is_ok_and(|c| c.map.contains_key(id))
+    }
+
+    /// This cache's counts so far.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.stats.hits.load(Ordering::Relaxed),
+            misses: self.stats.misses.load(Ordering::Relaxed),
+            read_ahead: self.stats.read_ahead.load(Ordering::Relaxed),
+            most_bytes: self.stats.most_bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// The bound (0: off).
@@ -339,35 +381,44 @@ impl ReadAhead {
             return;
         }
         let key = (m.name.clone(), m.image_version);
-        let Ok(mut orders) = self.orders.lock() else {
-            return;
-        };
-        if let Some(i) = orders.iter().position(|o| o.image == key) {
-            let o = orders.remove(i);
-            orders.insert(0, o);
-            return;
+        if let Ok(mut orders) = self.orders.lock() {
+            if let Some(i) = orders.iter().position(|o| o.image == key) {
+                let o = orders.remove(i);
+                orders.insert(0, o);
+                return;
+            }
         }
-        let ids: Vec<ChunkId> = m.unique_chunks().into_iter().map(|(id, _)| id).collect();
-        if ids.is_empty() || ids.len() > READAHEAD_MAX_CHUNKS {
-            return;
-        }
-        let pos = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        // What is read ahead must fit in a quarter of the cache, or it
-        // would push out chunks read ahead before the client gets to them.
         let chunk = m
             .partitions
             .iter()
             .map(|p| p.image.chunk_size)
             .chain([m.chunk_size])
             .max()
-            .unwrap_or(1)
-            .max(1);
+            .unwrap_or(1);
+        let ids = m.unique_chunks().into_iter().map(|(id, _)| id).collect();
+        self.learn_order(key, ids, chunk);
+    }
+
+    /// Remember that image `key` is read as `ids`, in that order, in
+    /// windows of at most `chunk` bytes.
+    pub fn learn_order(&self, key: (String, u32), ids: Vec<ChunkId>, chunk: u64) {
+        if self.depth == 0 || ids.is_empty() || ids.len() > READAHEAD_MAX_CHUNKS {
+            return;
+        }
+        let pos = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        // What is read ahead must fit in half the cache, or it would push
+        // out chunks read ahead before the client gets to them.
+        let chunk = chunk.max(1);
         let depth = self
             .depth
-            .min(usize::try_from(self.cache_max / 4 / chunk).unwrap_or(usize::MAX));
+            .min(usize::try_from(self.cache_max / 2 / chunk).unwrap_or(usize::MAX));
         if depth == 0 {
             return;
         }
+        let Ok(mut orders) = self.orders.lock() else {
+            return;
+        };
+        orders.retain(|o| o.image != key);
         orders.insert(
             0,
             Arc::new(Order {
@@ -400,8 +451,11 @@ impl ReadAhead {
         let Ok(mut st) = o.state.lock() else {
             return Vec::new();
         };
-        let in_order =
-            p == 0 || st.recent.iter().any(|&q| q < p && p - q <= READAHEAD_RECENT);
+        let in_order = p == 0
+            || st
+                .recent
+                .iter()
+                .any(|&q| q < p && p - q <= READAHEAD_RECENT);
         st.recent.push_back(p);
         if st.recent.len() > READAHEAD_RECENT {
             st.recent.pop_front();
@@ -411,8 +465,9 @@ impl ReadAhead {
         }
         let end = (p + o.depth).min(o.ids.len() - 1);
         // Continue where the last read-ahead stopped, unless that is behind
-        // this request or far ahead of it (another restore of the image).
-        let start = if st.ahead > p && st.ahead <= end + 1 {
+        // this request or far ahead of it (another restore of the image,
+        // further on).
+        let start = if st.ahead > p && st.ahead <= p + 2 * o.depth + 1 {
             st.ahead
         } else {
             p + 1
@@ -626,9 +681,7 @@ impl S3Store {
         let m = crate::metrics::global();
         let frame = match self.repo.open_chunk(&id, None).await {
             Ok(Some(mut cs)) => {
-                let mut all = bytes::BytesMut::with_capacity(
-                    usize::try_from(cs.len).unwrap_or(0),
-                );
+                let mut all = bytes::BytesMut::with_capacity(usize::try_from(cs.len).unwrap_or(0));
                 let mut ok = true;
                 while let Some(piece) = cs.body.recv().await {
                     match piece {
@@ -659,6 +712,7 @@ impl S3Store {
         match tokio::task::spawn_blocking(move || s.cache.fill(id, f2)).await {
             Ok(true) => {
                 m.repo_readahead("fetched", len);
+                self.cache.stats.read_ahead.fetch_add(1, Ordering::Relaxed);
                 lead.finish(Ok(Some(frame)));
             }
             Ok(false) => m.repo_readahead("corrupt", len),
@@ -685,11 +739,7 @@ impl Store {
             repo,
             cache: ChunkCache::new(s.cache_mib << 20),
             gets: Arc::default(),
-            readahead: ReadAhead::new(
-                s.readahead_chunks,
-                s.readahead_parallel,
-                s.cache_mib << 20,
-            ),
+            readahead: ReadAhead::new(s.readahead_chunks, s.readahead_parallel, s.cache_mib << 20),
         })))
     }
 
@@ -831,6 +881,106 @@ mod tests {
         // Too large for the cache: not kept.
         c.insert(ChunkId::of(b"big"), Bytes::from(vec![0u8; 11]));
         assert!(c.get(&ChunkId::of(b"big")).is_none());
+    }
+
+    fn frame_of(content: &[u8]) -> (ChunkId, Bytes) {
+        let frame = zstd::bulk::compress(content, 1).expect("compress");
+        (ChunkId::of(content), Bytes::from(frame))
+    }
+
+    #[test]
+    fn chunk_cache_keeps_only_frames_that_match_their_id() {
+        let c = ChunkCache::new(1 << 20);
+        let (id, frame) = frame_of(&[5u8; 5000]);
+        let (_, other) = frame_of(&[6u8; 5000]);
+        // Another chunk's frame, a truncated frame, bytes that are no frame.
+        assert!(!c.fill(id, other));
+        assert!(!c.fill(id, frame.slice(..frame.len() - 1)));
+        assert!(!c.fill(id, Bytes::from_static(b"not a zstd frame")));
+        assert!(
+            !c.contains(&id) && c.bytes() == 0,
+            "nothing unverified kept"
+        );
+        assert!(c.fill(id, frame.clone()));
+        assert_eq!(c.get(&id), Some(frame));
+    }
+
+    #[test]
+    fn chunk_cache_never_holds_more_than_its_bound_while_filled() {
+        let bound = 64 << 10;
+        let c = ChunkCache::new(bound);
+        for i in 0u32..200 {
+            // Frames of 1–16 KiB of incompressible bytes.
+            let mut x = u64::from(i) * 0x9e37_79b9_7f4a_7c15 | 1;
+            let content: Vec<u8> = (0..(1024 * (1 + i as usize % 16)))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let (id, frame) = frame_of(&content);
+            assert!(c.fill(id, frame));
+            assert!(c.bytes() <= bound, "{} > {bound}", c.bytes());
+        }
+        let st = c.stats();
+        assert!(
+            st.most_bytes <= bound && st.most_bytes > bound / 2,
+            "{st:?}"
+        );
+    }
+
+    fn ids(n: usize) -> Vec<ChunkId> {
+        (0..n as u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn read_ahead_follows_a_restore_walking_the_image_in_order() {
+        let ra = ReadAhead::new(4, 2, 1 << 30);
+        let order = ids(20);
+        ra.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        // The first chunk starts a restore: the next four.
+        assert_eq!(ra.next(&order[0]), order[1..=4]);
+        // Requests inside what was read ahead extend it, never repeat it.
+        assert_eq!(ra.next(&order[1]), order[5..=5]);
+        assert_eq!(ra.next(&order[3]), order[6..=7]);
+        assert_eq!(ra.next(&order[2]), Vec::<ChunkId>::new());
+        // The end of the image bounds it.
+        assert_eq!(ra.next(&order[17]), order[18..=19]);
+        assert_eq!(ra.next(&order[19]), Vec::<ChunkId>::new());
+        // A second restore starting over reads ahead again.
+        assert_eq!(ra.next(&order[0]), order[1..=4]);
+        // Unknown chunks (no manifest fetched): nothing.
+        assert!(ra.next(&ChunkId::of(b"elsewhere")).is_empty());
+    }
+
+    #[test]
+    fn read_ahead_stays_idle_for_a_client_asking_out_of_order() {
+        let ra = ReadAhead::new(4, 2, 1 << 30);
+        let order = ids(1000);
+        ra.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        // A swarm member asks far apart: no position follows a recent one.
+        for p in [500, 900, 100, 300, 700, 50] {
+            assert!(ra.next(&order[p]).is_empty(), "position {p}");
+        }
+    }
+
+    #[test]
+    fn read_ahead_depth_fits_half_the_cache_and_is_off_without_one() {
+        let order = ids(100);
+        // 32 MiB cache, 4 MiB windows: 16 MiB ahead = 4 chunks.
+        let ra = ReadAhead::new(16, 2, 32 << 20);
+        ra.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        assert_eq!(ra.next(&order[0]).len(), 4);
+        let off = ReadAhead::new(16, 2, 0);
+        off.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        assert!(off.next(&order[0]).is_empty());
+        let zero = ReadAhead::new(0, 2, 1 << 30);
+        zero.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        assert!(zero.next(&order[0]).is_empty());
     }
 
     #[test]

@@ -55,9 +55,7 @@ use aula_imager::manifest::{validate_name, Manifest};
 use aula_imager::progress::Progress;
 use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
 
-use crate::repo_store::{
-    zstd_content_size, FrameResult, Joined, Lead, S3Settings, S3Store, Store,
-};
+use crate::repo_store::{zstd_content_size, FrameResult, Joined, Lead, S3Settings, S3Store, Store};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
