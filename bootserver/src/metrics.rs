@@ -11,6 +11,10 @@
 //! | `aula_repo_uploads_total` | `result` (`stored`, `present`, `refused`) | chunk uploads |
 //! | `aula_repo_corrupt_chunks_refused_total` | | uploads refused because the content did not match its id |
 //! | `aula_repo_cache_lookups_total` | `result` (`hit`, `miss`) | chunk reads from an S3-backed repository answered from its memory cache (hit) or the bucket (miss) |
+//! | `aula_repo_cache_bytes` | | bytes of chunk frames the S3 cache holds (at most `cache_mib`) |
+//! | `aula_repo_cache_filled_bytes_total` | | bytes of verified frames put into the S3 cache (by client reads and read-ahead) |
+//! | `aula_repo_readahead_total` | `result` (`fetched`, `failed`, `corrupt`) | read-ahead fetches of chunks a restoring client is about to ask for |
+//! | `aula_repo_readahead_bytes_total` | | bytes fetched from the bucket by read-ahead |
 //! | `aula_agent_registrations_total` | `result` (`new`, `repeat`, `refused`) | agent registrations |
 //! | `aula_agents_registered` | | agents currently bound to their machine |
 //! | `aula_agent_job_states_total` | `state` | job state changes reported by agents' webhooks |
@@ -101,6 +105,10 @@ pub struct Metrics {
     repo_uploads: Family<ResultLabel, Counter>,
     repo_corrupt: Counter,
     repo_cache: Family<ResultLabel, Counter>,
+    repo_cache_bytes: Gauge,
+    repo_cache_filled: Counter,
+    repo_readahead: Family<ResultLabel, Counter>,
+    repo_readahead_bytes: Counter,
     registrations: Family<ResultLabel, Counter>,
     agents: Gauge,
     agents_source: Mutex<Option<Arc<dyn Fn() -> i64 + Send + Sync>>>,
@@ -200,6 +208,30 @@ impl Metrics {
             "Chunk reads of an S3-backed repository by cache result (hit, miss)",
             repo_cache.clone(),
         );
+        let repo_cache_bytes = Gauge::default();
+        r.register(
+            "repo_cache_bytes",
+            "Bytes of chunk frames held by the S3-backed repository's cache",
+            repo_cache_bytes.clone(),
+        );
+        let repo_cache_filled = Counter::default();
+        r.register(
+            "repo_cache_filled_bytes",
+            "Bytes of verified chunk frames put into the S3-backed repository's cache",
+            repo_cache_filled.clone(),
+        );
+        let repo_readahead = Family::<ResultLabel, Counter>::default();
+        r.register(
+            "repo_readahead",
+            "Read-ahead fetches of an S3-backed repository by result (fetched, failed, corrupt)",
+            repo_readahead.clone(),
+        );
+        let repo_readahead_bytes = Counter::default();
+        r.register(
+            "repo_readahead_bytes",
+            "Bytes fetched from the bucket by read-ahead",
+            repo_readahead_bytes.clone(),
+        );
         let registrations = Family::<ResultLabel, Counter>::default();
         r.register(
             "agent_registrations",
@@ -230,6 +262,10 @@ impl Metrics {
             repo_uploads,
             repo_corrupt,
             repo_cache,
+            repo_cache_bytes,
+            repo_cache_filled,
+            repo_readahead,
+            repo_readahead_bytes,
             registrations,
             agents,
             agents_source: Mutex::new(None),
@@ -302,6 +338,22 @@ impl Metrics {
     pub fn repo_cache(&self, hit: bool) {
         let result = if hit { "hit" } else { "miss" };
         self.repo_cache.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// The S3 cache now holds `held` bytes, after a fill of `filled`.
+    pub fn repo_cache_held(&self, held: u64, filled: u64) {
+        self.repo_cache_bytes
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
+        self.repo_cache_filled.inc_by(filled);
+    }
+
+    /// A read-ahead fetch ended: `fetched` (`bytes` long), `failed` or
+    /// `corrupt` (its content did not match its id; not cached).
+    pub fn repo_readahead(&self, result: &'static str, bytes: u64) {
+        self.repo_readahead
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.repo_readahead_bytes.inc_by(bytes);
     }
 
     /// A chunk upload ended: `stored` (new), `present` (already held) or

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -42,9 +43,18 @@ pub struct S3Settings {
     /// File of `AWS_ACCESS_KEY_ID=…`, `AWS_SECRET_ACCESS_KEY=…` (and
     /// optionally `AWS_ENDPOINT_URL`, `AWS_REGION`) lines. Keep it mode 0600.
     pub credentials_file: PathBuf,
-    /// Memory for hot chunks (MiB); 0 turns the cache off.
+    /// Memory for hot chunks (MiB); 0 turns the cache (and read-ahead) off.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: u64,
+    /// Read-ahead: when a client asks for chunk i of an image whose
+    /// manifest it fetched, chunks i+1 ..= i+N of that image are fetched
+    /// from the bucket into the cache (0: off). Capped so that the chunks
+    /// read ahead fit in half the cache.
+    #[serde(default = "default_readahead_chunks")]
+    pub readahead_chunks: usize,
+    /// Read-ahead GETs to the bucket at once (at least 1).
+    #[serde(default = "default_readahead_parallel")]
+    pub readahead_parallel: usize,
     /// Upload leases expire this long (seconds) after their last renewal.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_s: u64,
@@ -52,6 +62,12 @@ pub struct S3Settings {
 
 fn default_cache_mib() -> u64 {
     256
+}
+fn default_readahead_chunks() -> usize {
+    16
+}
+fn default_readahead_parallel() -> usize {
+    4
 }
 fn default_lease_ttl() -> u64 {
     120
@@ -64,6 +80,8 @@ impl std::fmt::Debug for S3Settings {
             .field("endpoints", &self.endpoints)
             .field("credentials_file", &self.credentials_file)
             .field("cache_mib", &self.cache_mib)
+            .field("readahead_chunks", &self.readahead_chunks)
+            .field("readahead_parallel", &self.readahead_parallel)
             .finish()
     }
 }
@@ -101,6 +119,29 @@ impl S3Settings {
 pub struct ChunkCache {
     max_bytes: u64,
     inner: Mutex<CacheInner>,
+    stats: CacheCounters,
+}
+
+/// This cache's own counts (`/metrics` sums them over the process).
+#[derive(Debug, Default)]
+struct CacheCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    read_ahead: AtomicU64,
+    most_bytes: AtomicU64,
+}
+
+/// A snapshot of a [`ChunkCache`]'s counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that had to go to the bucket (or a GET in flight).
+    pub misses: u64,
+    /// Chunks read ahead into the cache.
+    pub read_ahead: u64,
+    /// The most bytes the cache ever held.
+    pub most_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +160,7 @@ impl ChunkCache {
         ChunkCache {
             max_bytes,
             inner: Mutex::new(CacheInner::default()),
+            stats: CacheCounters::default(),
         }
     }
 
@@ -141,6 +183,12 @@ impl ChunkCache {
             Some(frame)
         });
         crate::metrics::global().repo_cache(hit.is_some());
+        let counter = if hit.is_some() {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         hit
     }
 
@@ -155,8 +203,24 @@ impl ChunkCache {
             .and_then(|c| c.map.get(id).map(|e| e.0.clone()))
     }
 
+    /// Keep `frame` once it proves to be chunk `id` (decompressed and
+    /// hashed here: the cache never holds bytes that do not match their
+    /// id); false when it does not (nothing kept). Blocking (CPU).
+    pub fn fill(&self, id: ChunkId, frame: Bytes) -> bool {
+        if self.max_bytes == 0 || frame.len() as u64 > self.max_bytes / 4 {
+            return true;
+        }
+        if let Err(e) = verify_frame(&id, &frame) {
+            tracing::warn!(%id, error = %e, "a chunk read from the bucket does not match its id; not cached");
+            return false;
+        }
+        self.insert(id, frame);
+        true
+    }
+
     /// Keep `frame` (evicting the least recently used beyond the bound).
-    pub fn insert(&self, id: ChunkId, frame: Bytes) {
+    /// Callers have verified it ([`ChunkCache::fill`]).
+    fn insert(&self, id: ChunkId, frame: Bytes) {
         let len = frame.len() as u64;
         if self.max_bytes == 0 || len > self.max_bytes / 4 {
             return;
@@ -178,6 +242,23 @@ impl ChunkCache {
                     c.bytes -= f.len() as u64;
                 }
             }
+            self.stats.most_bytes.fetch_max(c.bytes, Ordering::Relaxed);
+            crate::metrics::global().repo_cache_held(c.bytes, len);
+        }
+    }
+
+    /// Whether `id` is held (no lookup counted, no recency change).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.max_bytes > 0 && self.inner.lock().is_ok_and(|c| c.map.contains_key(id))
+    }
+
+    /// This cache's counts so far.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.stats.hits.load(Ordering::Relaxed),
+            misses: self.stats.misses.load(Ordering::Relaxed),
+            read_ahead: self.stats.read_ahead.load(Ordering::Relaxed),
+            most_bytes: self.stats.most_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -189,6 +270,213 @@ impl ChunkCache {
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.inner.lock().map(|c| c.bytes).unwrap_or(0)
+    }
+}
+
+/// Check that `frame` is chunk `id`: a zstd frame declaring at most
+/// 64 MiB whose content hashes to `id`.
+pub fn verify_frame(id: &ChunkId, frame: &[u8]) -> Result<(), aula_imager::Error> {
+    let len = zstd_content_size(frame).ok_or_else(|| aula_imager::Error::ChunkCorrupt {
+        id: *id,
+        why: "not a zstd frame with a content size of at most 64 MiB".into(),
+    })?;
+    let mut out = Vec::new();
+    aula_imager::chunk::Decoder::new()?.decode_verified(id, frame, len, &mut out)
+}
+
+/// The decompressed size a zstd frame declares, if it is at most 64 MiB.
+pub fn zstd_content_size(frame: &[u8]) -> Option<usize> {
+    match zstd_frame_content_size(frame) {
+        Some(n) if n <= aula_imager::manifest::MAX_CHUNK_SIZE => usize::try_from(n).ok(),
+        _ => None,
+    }
+}
+
+fn zstd_frame_content_size(frame: &[u8]) -> Option<u64> {
+    // Frame header: magic, descriptor, [window], [dict id], [content size].
+    if frame.len() < 6 || frame[0..4] != [0x28, 0xb5, 0x2f, 0xfd] {
+        return None;
+    }
+    let fhd = frame[4];
+    let fcs_flag = fhd >> 6;
+    let single = fhd & 0x20 != 0;
+    let dict = match fhd & 3 {
+        0 => 0,
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    };
+    let pos = 5 + usize::from(!single) + dict;
+    let size = match (fcs_flag, single) {
+        (0, true) => 1,
+        (0, false) => return None,
+        (1, _) => 2,
+        (2, _) => 4,
+        _ => 8,
+    };
+    let b = frame.get(pos..pos + size)?;
+    let mut v = 0u64;
+    for (i, x) in b.iter().enumerate() {
+        v |= u64::from(*x) << (8 * i);
+    }
+    if size == 2 {
+        v += 256;
+    }
+    Some(v)
+}
+
+/// Images whose chunk order read-ahead remembers at once.
+const READAHEAD_IMAGES: usize = 4;
+/// Larger images are not remembered (their order alone would take tens of
+/// MiB): 2^19 chunks, 2 TiB of 4 MiB windows.
+const READAHEAD_MAX_CHUNKS: usize = 1 << 19;
+/// Positions of an image's latest requests kept to tell a restore walking
+/// the image in order from a client asking in another order (a swarm).
+const READAHEAD_RECENT: usize = 32;
+
+/// Read-ahead: the chunk order of the images clients recently fetched
+/// manifests of, and which of their positions were asked for lately. A
+/// request for position p that follows a request for a position shortly
+/// before it (or p = 0: a restore starting) means a client walking the
+/// image in order: the next chunks are worth fetching before it asks.
+#[derive(Debug)]
+pub struct ReadAhead {
+    depth: usize,
+    cache_max: u64,
+    orders: Mutex<Vec<Arc<Order>>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Debug)]
+struct Order {
+    image: (String, u32),
+    ids: Vec<ChunkId>,
+    pos: HashMap<ChunkId, usize>,
+    depth: usize,
+    state: Mutex<OrderState>,
+}
+
+#[derive(Debug, Default)]
+struct OrderState {
+    recent: std::collections::VecDeque<usize>,
+    /// Positions below this were handed out for read-ahead already.
+    ahead: usize,
+}
+
+impl ReadAhead {
+    /// Up to `depth` chunks ahead (0: off), `parallel` GETs at once, for a
+    /// cache of `cache_max` bytes.
+    pub fn new(depth: usize, parallel: usize, cache_max: u64) -> ReadAhead {
+        ReadAhead {
+            depth: if cache_max == 0 { 0 } else { depth },
+            cache_max,
+            orders: Mutex::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(parallel.max(1))),
+        }
+    }
+
+    /// Remember the chunk order of `m` (a client fetched its manifest).
+    pub fn learn(&self, m: &Manifest) {
+        if self.depth == 0 {
+            return;
+        }
+        let key = (m.name.clone(), m.image_version);
+        if let Ok(mut orders) = self.orders.lock() {
+            if let Some(i) = orders.iter().position(|o| o.image == key) {
+                let o = orders.remove(i);
+                orders.insert(0, o);
+                return;
+            }
+        }
+        let chunk = m
+            .partitions
+            .iter()
+            .map(|p| p.image.chunk_size)
+            .chain([m.chunk_size])
+            .max()
+            .unwrap_or(1);
+        let ids = m.unique_chunks().into_iter().map(|(id, _)| id).collect();
+        self.learn_order(key, ids, chunk);
+    }
+
+    /// Remember that image `key` is read as `ids`, in that order, in
+    /// windows of at most `chunk` bytes.
+    pub fn learn_order(&self, key: (String, u32), ids: Vec<ChunkId>, chunk: u64) {
+        if self.depth == 0 || ids.is_empty() || ids.len() > READAHEAD_MAX_CHUNKS {
+            return;
+        }
+        let pos = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        // What is read ahead must fit in half the cache, or it would push
+        // out chunks read ahead before the client gets to them.
+        let chunk = chunk.max(1);
+        let depth = self
+            .depth
+            .min(usize::try_from(self.cache_max / 2 / chunk).unwrap_or(usize::MAX));
+        if depth == 0 {
+            return;
+        }
+        let Ok(mut orders) = self.orders.lock() else {
+            return;
+        };
+        orders.retain(|o| o.image != key);
+        orders.insert(
+            0,
+            Arc::new(Order {
+                image: key,
+                ids,
+                pos,
+                depth,
+                state: Mutex::new(OrderState::default()),
+            }),
+        );
+        orders.truncate(READAHEAD_IMAGES);
+    }
+
+    /// A client asks for `id`: the chunks to fetch ahead of it (in the
+    /// order the client will ask for them).
+    pub fn next(&self, id: &ChunkId) -> Vec<ChunkId> {
+        if self.depth == 0 {
+            return Vec::new();
+        }
+        let order = {
+            let Ok(orders) = self.orders.lock() else {
+                return Vec::new();
+            };
+            orders.iter().find(|o| o.pos.contains_key(id)).cloned()
+        };
+        let Some(o) = order else {
+            return Vec::new();
+        };
+        let p = o.pos[id];
+        let Ok(mut st) = o.state.lock() else {
+            return Vec::new();
+        };
+        let in_order = p == 0
+            || st
+                .recent
+                .iter()
+                .any(|&q| q < p && p - q <= READAHEAD_RECENT);
+        st.recent.push_back(p);
+        if st.recent.len() > READAHEAD_RECENT {
+            st.recent.pop_front();
+        }
+        if !in_order {
+            return Vec::new();
+        }
+        let end = (p + o.depth).min(o.ids.len() - 1);
+        // Continue where the last read-ahead stopped, unless that is behind
+        // this request or far ahead of it (another restore of the image,
+        // further on).
+        let start = if st.ahead > p && st.ahead <= p + 2 * o.depth + 1 {
+            st.ahead
+        } else {
+            p + 1
+        };
+        if start > end {
+            return Vec::new();
+        }
+        st.ahead = end + 1;
+        o.ids[start..=end].to_vec()
     }
 }
 
@@ -355,6 +643,82 @@ pub struct S3Store {
     /// Chunk GETs in flight: agents missing the same chunk at once cause
     /// one GET.
     pub gets: Arc<SingleFlight<ChunkId, FrameResult>>,
+    /// Chunks fetched before clients ask for them.
+    pub readahead: ReadAhead,
+}
+
+impl S3Store {
+    /// A client asks for `id`: start fetching the chunks it will ask for
+    /// next into the cache (in the background, on the calling runtime).
+    pub fn read_ahead(self: &Arc<Self>, id: &ChunkId) {
+        let next = self.readahead.next(id);
+        if next.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for id in next {
+            let s = self.clone();
+            rt.spawn(async move { s.fetch_ahead(id).await });
+        }
+    }
+
+    /// Fetch `id` into the cache unless it is there or on its way.
+    async fn fetch_ahead(self: Arc<Self>, id: ChunkId) {
+        let Ok(_slot) = self.readahead.slots.clone().acquire_owned().await else {
+            return;
+        };
+        if self.cache.contains(&id) {
+            return;
+        }
+        let Joined::Lead(lead) = self.gets.join(&id) else {
+            return; // a client's GET of it is in flight
+        };
+        if let Some(f) = self.cache.peek(&id) {
+            return lead.finish(Ok(Some(f)));
+        }
+        let m = crate::metrics::global();
+        let frame = match self.repo.open_chunk(&id, None).await {
+            Ok(Some(mut cs)) => {
+                let mut all = bytes::BytesMut::with_capacity(usize::try_from(cs.len).unwrap_or(0));
+                let mut ok = true;
+                while let Some(piece) = cs.body.recv().await {
+                    match piece {
+                        Ok(p) => all.extend_from_slice(&p),
+                        Err(e) => {
+                            tracing::debug!(%id, error = %e, "read-ahead broke off");
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                if !ok || all.len() as u64 != cs.len {
+                    m.repo_readahead("failed", 0);
+                    return; // dropping the lead lets waiters fetch it
+                }
+                all.freeze()
+            }
+            Ok(None) => return lead.finish(Ok(None)),
+            Err(e) => {
+                tracing::debug!(%id, error = %e, "read-ahead failed");
+                m.repo_readahead("failed", 0);
+                return;
+            }
+        };
+        let len = frame.len() as u64;
+        let s = self.clone();
+        let f2 = frame.clone();
+        match tokio::task::spawn_blocking(move || s.cache.fill(id, f2)).await {
+            Ok(true) => {
+                m.repo_readahead("fetched", len);
+                self.cache.stats.read_ahead.fetch_add(1, Ordering::Relaxed);
+                lead.finish(Ok(Some(frame)));
+            }
+            Ok(false) => m.repo_readahead("corrupt", len),
+            Err(_) => m.repo_readahead("failed", 0),
+        }
+    }
 }
 
 /// The repository's storage.
@@ -375,6 +739,7 @@ impl Store {
             repo,
             cache: ChunkCache::new(s.cache_mib << 20),
             gets: Arc::default(),
+            readahead: ReadAhead::new(s.readahead_chunks, s.readahead_parallel, s.cache_mib << 20),
         })))
     }
 
@@ -433,8 +798,10 @@ impl Store {
             let mut out = Vec::new();
             match s.repo.get_chunk(id, &mut out) {
                 Ok(()) => {
+                    // Callers verify what they get; the cache keeps it
+                    // only once it proves to be the chunk.
                     let b = Bytes::from(out);
-                    s.cache.insert(*id, b.clone());
+                    s.cache.fill(*id, b.clone());
                     Ok(Some(b))
                 }
                 Err(aula_imager::Error::ChunkMissing(_)) => Ok(None),
@@ -514,6 +881,106 @@ mod tests {
         // Too large for the cache: not kept.
         c.insert(ChunkId::of(b"big"), Bytes::from(vec![0u8; 11]));
         assert!(c.get(&ChunkId::of(b"big")).is_none());
+    }
+
+    fn frame_of(content: &[u8]) -> (ChunkId, Bytes) {
+        let frame = zstd::bulk::compress(content, 1).expect("compress");
+        (ChunkId::of(content), Bytes::from(frame))
+    }
+
+    #[test]
+    fn chunk_cache_keeps_only_frames_that_match_their_id() {
+        let c = ChunkCache::new(1 << 20);
+        let (id, frame) = frame_of(&[5u8; 5000]);
+        let (_, other) = frame_of(&[6u8; 5000]);
+        // Another chunk's frame, a truncated frame, bytes that are no frame.
+        assert!(!c.fill(id, other));
+        assert!(!c.fill(id, frame.slice(..frame.len() - 1)));
+        assert!(!c.fill(id, Bytes::from_static(b"not a zstd frame")));
+        assert!(
+            !c.contains(&id) && c.bytes() == 0,
+            "nothing unverified kept"
+        );
+        assert!(c.fill(id, frame.clone()));
+        assert_eq!(c.get(&id), Some(frame));
+    }
+
+    #[test]
+    fn chunk_cache_never_holds_more_than_its_bound_while_filled() {
+        let bound = 64 << 10;
+        let c = ChunkCache::new(bound);
+        for i in 0u32..200 {
+            // Frames of 1–16 KiB of incompressible bytes.
+            let mut x = u64::from(i) * 0x9e37_79b9_7f4a_7c15 | 1;
+            let content: Vec<u8> = (0..(1024 * (1 + i as usize % 16)))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let (id, frame) = frame_of(&content);
+            assert!(c.fill(id, frame));
+            assert!(c.bytes() <= bound, "{} > {bound}", c.bytes());
+        }
+        let st = c.stats();
+        assert!(
+            st.most_bytes <= bound && st.most_bytes > bound / 2,
+            "{st:?}"
+        );
+    }
+
+    fn ids(n: usize) -> Vec<ChunkId> {
+        (0..n as u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn read_ahead_follows_a_restore_walking_the_image_in_order() {
+        let ra = ReadAhead::new(4, 2, 1 << 30);
+        let order = ids(20);
+        ra.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        // The first chunk starts a restore: the next four.
+        assert_eq!(ra.next(&order[0]), order[1..=4]);
+        // Requests inside what was read ahead extend it, never repeat it.
+        assert_eq!(ra.next(&order[1]), order[5..=5]);
+        assert_eq!(ra.next(&order[3]), order[6..=7]);
+        assert_eq!(ra.next(&order[2]), Vec::<ChunkId>::new());
+        // The end of the image bounds it.
+        assert_eq!(ra.next(&order[17]), order[18..=19]);
+        assert_eq!(ra.next(&order[19]), Vec::<ChunkId>::new());
+        // A second restore starting over reads ahead again.
+        assert_eq!(ra.next(&order[0]), order[1..=4]);
+        // Unknown chunks (no manifest fetched): nothing.
+        assert!(ra.next(&ChunkId::of(b"elsewhere")).is_empty());
+    }
+
+    #[test]
+    fn read_ahead_stays_idle_for_a_client_asking_out_of_order() {
+        let ra = ReadAhead::new(4, 2, 1 << 30);
+        let order = ids(1000);
+        ra.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        // A swarm member asks far apart: no position follows a recent one.
+        for p in [500, 900, 100, 300, 700, 50] {
+            assert!(ra.next(&order[p]).is_empty(), "position {p}");
+        }
+    }
+
+    #[test]
+    fn read_ahead_depth_fits_half_the_cache_and_is_off_without_one() {
+        let order = ids(100);
+        // 32 MiB cache, 4 MiB windows: 16 MiB ahead = 4 chunks.
+        let ra = ReadAhead::new(16, 2, 32 << 20);
+        ra.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        assert_eq!(ra.next(&order[0]).len(), 4);
+        let off = ReadAhead::new(16, 2, 0);
+        off.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        assert!(off.next(&order[0]).is_empty());
+        let zero = ReadAhead::new(0, 2, 1 << 30);
+        zero.learn_order(("lab".into(), 1), order.clone(), 4 << 20);
+        assert!(zero.next(&order[0]).is_empty());
     }
 
     #[test]

@@ -55,7 +55,7 @@ use aula_imager::manifest::{validate_name, Manifest};
 use aula_imager::progress::Progress;
 use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
 
-use crate::repo_store::{FrameResult, Joined, Lead, S3Settings, S3Store, Store};
+use crate::repo_store::{zstd_content_size, FrameResult, Joined, Lead, S3Settings, S3Store, Store};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -512,7 +512,16 @@ impl RepoService {
         };
         let repo = self.repo.clone();
         let n = name.to_string();
-        match self.blocking(move || repo.manifest(&n, version)).await {
+        let get = move || {
+            let m = repo.manifest(&n, version)?;
+            // A restore starts with its manifest: read-ahead learns the
+            // order in which it will ask for the chunks.
+            if let Store::S3(s) = &repo {
+                s.readahead.learn(&m);
+            }
+            Ok(m)
+        };
+        match self.blocking(get).await {
             Ok(Ok(m)) => {
                 let mut r = full(StatusCode::OK, "application/json", m.to_json());
                 if req.method() == Method::HEAD {
@@ -870,6 +879,7 @@ impl RepoService {
             chunk_response(body, StatusCode::OK, 0, len, len)
         };
         let absent = || error(StatusCode::NOT_FOUND, &format!("chunk {id} not found"));
+        s.read_ahead(&id);
         loop {
             if let Some(f) = s.cache.get(&id) {
                 return whole(f);
@@ -934,7 +944,11 @@ impl RepoService {
                             all.extend_from_slice(&p);
                         }
                         let frame = all.freeze();
-                        self.s.cache.insert(self.id, frame.clone());
+                        // Waiters are clients (they verify); the cache
+                        // keeps the frame once it is verified, off the
+                        // async workers.
+                        let (s, id, f) = (self.s.clone(), self.id, frame.clone());
+                        drop(tokio::task::spawn_blocking(move || s.cache.fill(id, f)));
                         lead.finish(Ok(Some(frame)));
                     }
                 }
@@ -1449,49 +1463,6 @@ fn sweep_state_temps(root: &std::path::Path) {
             let _ = std::fs::remove_file(ent.path());
         }
     }
-}
-
-/// The decompressed size a zstd frame declares, if it is at most 64 MiB.
-fn zstd_content_size(frame: &[u8]) -> Option<usize> {
-    match zstd_frame_content_size(frame) {
-        Some(n) if n <= aula_imager::manifest::MAX_CHUNK_SIZE => usize::try_from(n).ok(),
-        _ => None,
-    }
-}
-
-fn zstd_frame_content_size(frame: &[u8]) -> Option<u64> {
-    // Frame header: magic, descriptor, [window], [dict id], [content size].
-    if frame.len() < 6 || frame[0..4] != [0x28, 0xb5, 0x2f, 0xfd] {
-        return None;
-    }
-    let fhd = frame[4];
-    let fcs_flag = fhd >> 6;
-    let single = fhd & 0x20 != 0;
-    let dict = match fhd & 3 {
-        0 => 0,
-        1 => 1,
-        2 => 2,
-        _ => 4,
-    };
-    let mut pos = 5 + usize::from(!single) + dict;
-    let size = match (fcs_flag, single) {
-        (0, true) => 1,
-        (0, false) => return None,
-        (1, _) => 2,
-        (2, _) => 4,
-        _ => 8,
-    };
-    let b = frame.get(pos..pos + size)?;
-    pos += size;
-    let _ = pos;
-    let mut v = 0u64;
-    for (i, x) in b.iter().enumerate() {
-        v |= u64::from(*x) << (8 * i);
-    }
-    if size == 2 {
-        v += 256;
-    }
-    Some(v)
 }
 
 /// The repository as a route group of the server's HTTP listeners.

@@ -258,6 +258,7 @@ impl Drop for Garage {
 /// A boot server's repository service backed by the bucket.
 struct Server {
     addr: SocketAddr,
+    svc: Arc<RepoService>,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -279,6 +280,7 @@ impl Server {
                 .expect("runtime");
             rt.block_on(async move {
                 let svc = Arc::new(RepoService::open(cfg).expect("open repo service"));
+                let handle = svc.clone();
                 let tracker = tokio_util::task::TaskTracker::new();
                 let groups: Vec<Arc<dyn aula_bootserver::http::RouteGroup>> =
                     vec![Arc::new(RepoRoutes(svc))];
@@ -287,15 +289,16 @@ impl Server {
                     aula_bootserver::http::start(bind, None, groups, 256, stop2.clone(), &tracker)
                         .await
                         .expect("start HTTP");
-                tx.send(local).expect("send addr");
+                tx.send((local, handle)).expect("send addr");
                 stop2.cancelled().await;
                 tracker.close();
                 tracker.wait().await;
             });
         });
-        let addr = rx.recv().expect("server address");
+        let (addr, svc) = rx.recv().expect("server address");
         Server {
             addr,
+            svc,
             stop,
             thread: Some(thread),
         }
@@ -332,6 +335,8 @@ fn settings(g: &Garage, nodes: &[usize], prefix: &str, cache_mib: u64) -> S3Sett
         region: None,
         credentials_file: g.credentials(nodes),
         cache_mib,
+        readahead_chunks: 16,
+        readahead_parallel: 4,
         lease_ttl_s: 30,
     }
 }
@@ -649,6 +654,77 @@ fn a_garage_node_killed_mid_restore_the_restore_finishes() {
         metric(served) > at_kill,
         "chunks were served after the node died"
     );
+}
+
+#[test]
+#[ignore = "needs Garage (AULA_GARAGE): scripts/test builds it and runs this with --include-ignored"]
+fn read_ahead_serves_a_restore_from_the_cache_within_its_bound() {
+    let g = Garage::start();
+    let d = tempfile::tempdir().expect("tempdir");
+    // 128 windows of 64 KiB, every one different: ~4.5 MiB of frames, more
+    // than the 2 MiB cache holds, so the cache must evict as it goes
+    // (read-ahead: 16 chunks, half the cache).
+    let data = source_data(8, 8);
+    let src = region_of(&d.path().join("src"), &data);
+    let m = upload(&g.repo("ahead"), "lab", &src, 64);
+    let chunks = m.unique_chunks().len() as u64;
+    assert_eq!(chunks, 128);
+    let srv = Server::start(&d.path().join("s"), settings(&g, &[0, 1, 2], "ahead", 2));
+    let aula_bootserver::repo_store::Store::S3(store) = srv.svc.repo().clone() else {
+        panic!("an S3 store");
+    };
+    assert_eq!(store.cache.max_bytes(), 2 << 20);
+    let back = restore_into(
+        &srv.client(false),
+        "lab",
+        &d.path().join("t"),
+        data.len() as u64,
+    );
+    assert!(back == data, "restored bytes differ");
+    let st = store.cache.stats();
+    eprintln!("{st:?} of {chunks} chunks");
+    // Every chunk is read once and the cache starts empty: without
+    // read-ahead there would be no hit at all.
+    assert!(
+        st.read_ahead >= chunks / 2,
+        "most chunks read ahead: {st:?}"
+    );
+    assert!(
+        st.hits >= chunks / 4,
+        "the restore is served from the cache: {st:?}"
+    );
+    assert!(st.hits + st.misses >= chunks, "a lookup per chunk: {st:?}");
+    assert!(
+        st.most_bytes <= 2 << 20 && store.cache.bytes() <= 2 << 20,
+        "within its bound: {st:?}"
+    );
+    // The process-wide series are in /metrics.
+    let text = aula_bootserver::metrics::global().encode().expect("encode");
+    for series in [
+        "aula_repo_cache_bytes ",
+        "aula_repo_cache_filled_bytes_total ",
+        "aula_repo_readahead_total{result=\"fetched\"}",
+        "aula_repo_readahead_bytes_total ",
+    ] {
+        assert!(text.contains(series), "{series} missing from /metrics");
+    }
+    // Read-ahead off (and the cache on): a fresh server serves the same
+    // restore with no hit.
+    let mut plain = settings(&g, &[0, 1, 2], "ahead", 2);
+    plain.readahead_chunks = 0;
+    let srv2 = Server::start(&d.path().join("s2"), plain);
+    let aula_bootserver::repo_store::Store::S3(store2) = srv2.svc.repo().clone() else {
+        panic!("an S3 store");
+    };
+    let back = restore_into(
+        &srv2.client(false),
+        "lab",
+        &d.path().join("t2"),
+        data.len() as u64,
+    );
+    assert!(back == data, "restored bytes differ");
+    let st2 = store2.cache.stats();
+    assert_eq!((st2.hits, st2.read_ahead), (0, 0), "{st2:?}");
 }
 
 #[test]
