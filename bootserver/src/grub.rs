@@ -4,28 +4,49 @@
 //! `grubx64.efi` beside shim) has the prefix `/grub` on the device it was
 //! loaded from, (tftp,<server>), and an embedded configuration that runs
 //! `source $prefix/x86_64-efi/grub.cfg` when that file exists and
-//! `source $prefix/grub.cfg` otherwise. Neither name carries the machine, so
-//! the TFTP service serves one generated `grub/grub.cfg` ([`stage1`]) that
-//! loads the machine's own configuration from this server over HTTP:
-//! `/boot/grub/<mac>?ip=…&mac=…` ([`machine`]), the counterpart of the iPXE
-//! script, with the same boot modes and the same kernel command line.
+//! `source $prefix/grub.cfg` otherwise. Under Secure Boot it loads no module
+//! (`insmod` is refused), and Debian 12's image (GRUB 2.06) has `tftp`,
+//! `efinet`, `linux`, `chain`, `search` built in but no `http`: everything
+//! the chain needs after shim comes by TFTP from this server.
+//!
+//! | TFTP name | what |
+//! |---|---|
+//! | `grub/grub.cfg` | [`stage1`], the same for every machine: sources the machine's own |
+//! | `grub/mac/<mac>.cfg` | [`machine`] for that MAC (`$net_default_mac`, lower-case with colons), the counterpart of the iPXE script: same boot modes, same kernel line, from the same registry state |
+//! | `live/<kernel>`, `live/<initrd>` | the live kernel and initrd of `[boot]` |
+//!
+//! Any other name under `grub/` or `live/` is refused (see
+//! [`crate::http::boot::SignedChainTftp`]). Over HTTP the machine's
+//! configuration is also served as `/boot/grub/<mac>` (for a GRUB with
+//! `http`; Debian 12's has none).
 
 use crate::config::{BootMode, Config};
 use crate::mac::MacAddr;
 
 /// Name of the generated first configuration in the TFTP root.
 pub const STAGE1_PATH: &str = "grub/grub.cfg";
+/// TFTP directory of the per-MAC configurations.
+pub const MAC_DIR: &str = "grub/mac";
+/// TFTP directory of the live kernel and initrd.
+pub const LIVE_DIR: &str = "live";
 /// shim's name (TFTP, and under `/boot/live/` over HTTP).
 pub const SHIM: &str = "shimx64.efi";
 /// GRUB's name: the one shim loads from its own directory.
 pub const GRUB: &str = "grubx64.efi";
 
+/// Where the machine's configuration loads the kernel and initrd from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TFTP from the server GRUB itself came from (`($root)`).
+    Tftp,
+    /// HTTP from the plain HTTP listener (a GRUB with the `http` module).
+    Http,
+}
+
 /// GRUB's `(http,…)` device for the plain HTTP listener (GRUB has no
-/// HTTPS; the boot routes are plain HTTP). Debian 12's GRUB (2.06) takes no
-/// port in the device name and always connects to port 80: the signed
-/// chain needs the HTTP listener (or `[http] public_url`) on port 80; on
-/// another port the device names it as `host:port`, which only GRUB 2.12
-/// and later understand (see [`http_port_ok`]).
+/// HTTPS; the boot routes are plain HTTP). GRUB 2.06 takes no port in the
+/// device name and connects to port 80; on another port the device names
+/// it as `host:port`, which GRUB 2.12 and later understand.
 pub fn http_device(cfg: &Config) -> String {
     let url = cfg.public_url();
     let hostport = url
@@ -37,22 +58,20 @@ pub fn http_device(cfg: &Config) -> String {
     format!("(http,{host})")
 }
 
-/// Whether Debian 12's GRUB can reach the HTTP listener: port 80.
-pub fn http_port_ok(cfg: &Config) -> bool {
-    !http_device(cfg).contains(':')
+/// The TFTP name of `mac`'s configuration, as [`stage1`] asks for it.
+pub fn mac_cfg_path(mac: MacAddr) -> String {
+    format!("{MAC_DIR}/{mac}.cfg")
 }
 
-/// The first configuration, the same for every machine: it fetches the
-/// machine's own one over HTTP, naming the machine's MAC and address the way
-/// the iPXE URL does (`ip=`, `mac=`), so the boot server can tell the
-/// machine's own request from anyone else's.
-pub fn stage1(cfg: &Config) -> String {
-    let dev = http_device(cfg);
+/// The first configuration, the same for every machine: it sources the
+/// machine's own one from the same TFTP server, named by the MAC GRUB
+/// booted from (`$net_default_mac`).
+pub fn stage1() -> String {
     format!(
         "# Aula: signed chain, first stage (the same for every machine).\n\
          set timeout=0\n\
          echo \"Aula: loading the boot configuration of ${{net_default_mac}}\"\n\
-         configfile \"{dev}/boot/grub/${{net_default_mac}}?ip=${{net_default_ip}}&mac=${{net_default_mac}}\"\n\
+         source \"($root)/{MAC_DIR}/${{net_default_mac}}.cfg\"\n\
          echo \"Aula: no boot configuration from the server, retrying in 10 s\"\n\
          sleep 10\n\
          reboot\n"
@@ -75,7 +94,8 @@ pub const LOCAL_LOADERS: &[&str] = &[
 
 /// The machine's GRUB configuration for `mode`. `args` is the kernel
 /// command line (without `initrd=`: GRUB loads the initrd itself),
-/// `kernel` and `initrd` the file names under `/boot/live/`.
+/// `kernel` and `initrd` the file names under `live/` (TFTP) or
+/// `/boot/live/` (HTTP).
 pub fn machine(
     cfg: &Config,
     mac: MacAddr,
@@ -83,8 +103,12 @@ pub fn machine(
     kernel: &str,
     initrd: &str,
     args: &[String],
+    transport: Transport,
 ) -> String {
-    let dev = http_device(cfg);
+    let base = match transport {
+        Transport::Tftp => format!("($root)/{LIVE_DIR}"),
+        Transport::Http => format!("{}/boot/live", http_device(cfg)),
+    };
     match mode {
         BootMode::Live => {
             let line = args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ");
@@ -93,8 +117,8 @@ pub fn machine(
                  set timeout=0\n\
                  echo \"Aula: live boot for {mac}\"\n\
                  while true; do\n\
-                 \x20 if linux {dev}/boot/live/{kernel} {line}; then\n\
-                 \x20   if initrd {dev}/boot/live/{initrd}; then\n\
+                 \x20 if linux {base}/{kernel} {line}; then\n\
+                 \x20   if initrd {base}/{initrd}; then\n\
                  \x20     boot\n\
                  \x20   fi\n\
                  \x20 fi\n\
@@ -132,23 +156,42 @@ mod tests {
             .expect("config")
     }
 
+    fn mac() -> MacAddr {
+        "52:54:00:E2:E0:03".parse().expect("mac")
+    }
+
     #[test]
-    fn stage1_fetches_the_machine_config_over_plain_http_with_ip_and_mac() {
-        let s = stage1(&cfg());
+    fn stage1_sources_the_per_mac_config_by_tftp_from_the_same_server() {
+        let s = stage1();
         assert!(
-            s.contains("configfile \"(http,10.213.0.1:8080)/boot/grub/${net_default_mac}?ip=${net_default_ip}&mac=${net_default_mac}\""),
+            s.contains("source \"($root)/grub/mac/${net_default_mac}.cfg\"\n"),
             "{s}"
+        );
+        // Nothing that needs a module Debian 12's signed GRUB lacks.
+        assert!(!s.contains("(http"), "{s}");
+        assert!(!s.contains("insmod"), "{s}");
+    }
+
+    #[test]
+    fn mac_cfg_path_is_the_name_grub_asks_for_lower_case_with_colons() {
+        // GRUB's $net_default_mac is lower-case with colons.
+        assert_eq!(mac_cfg_path(mac()), "grub/mac/52:54:00:e2:e0:03.cfg");
+        assert_eq!(
+            stage1()
+                .replace("($root)/", "")
+                .replace("${net_default_mac}", "52:54:00:e2:e0:03")
+                .contains(&format!("\"{}\"", mac_cfg_path(mac()))),
+            true
         );
     }
 
     #[test]
-    fn port_80_is_left_out_of_the_device_for_grub_2_06() {
+    fn port_80_is_left_out_of_the_http_device_for_grub_2_06() {
         let c =
             Config::parse("[server]\naddress = \"10.213.0.1\"\n[http]\nbind = \"0.0.0.0:80\"\n")
                 .expect("config");
         assert_eq!(http_device(&c), "(http,10.213.0.1)");
-        assert!(http_port_ok(&c));
-        assert!(!http_port_ok(&cfg()));
+        assert_eq!(http_device(&cfg()), "(http,10.213.0.1:8080)");
     }
 
     #[test]
@@ -158,25 +201,55 @@ mod tests {
     }
 
     #[test]
-    fn live_config_loads_kernel_and_initrd_over_http_with_quoted_args() {
-        let mac: MacAddr = "52:54:00:e2:e0:03".parse().expect("mac");
+    fn live_config_over_tftp_loads_kernel_and_initrd_from_root_with_quoted_args() {
         let args = vec![
             "BOOTIF=01-52-54-00-e2-e0-03".to_owned(),
+            "aula.server=https://10.213.0.1:8443".to_owned(),
             "aula.boot=n1".to_owned(),
         ];
-        let s = machine(&cfg(), mac, BootMode::Live, "vmlinuz", "initrd.img", &args);
-        assert!(s.contains("linux (http,10.213.0.1:8080)/boot/live/vmlinuz 'BOOTIF=01-52-54-00-e2-e0-03' 'aula.boot=n1'; then"), "{s}");
+        let s = machine(
+            &cfg(),
+            mac(),
+            BootMode::Live,
+            "vmlinuz",
+            "initrd.img",
+            &args,
+            Transport::Tftp,
+        );
+        assert!(s.contains("linux ($root)/live/vmlinuz 'BOOTIF=01-52-54-00-e2-e0-03' 'aula.server=https://10.213.0.1:8443' 'aula.boot=n1'; then"), "{s}");
+        assert!(s.contains("initrd ($root)/live/initrd.img; then"), "{s}");
         assert!(
-            s.contains("initrd (http,10.213.0.1:8080)/boot/live/initrd.img; then"),
+            s.contains("echo \"Aula: live boot for 52:54:00:e2:e0:03\""),
             "{s}"
         );
+        assert!(!s.contains("(http"), "{s}");
         assert!(!s.contains("exit"), "{s}");
+        let h = machine(
+            &cfg(),
+            mac(),
+            BootMode::Live,
+            "vmlinuz",
+            "initrd.img",
+            &args,
+            Transport::Http,
+        );
+        assert!(
+            h.contains("linux (http,10.213.0.1:8080)/boot/live/vmlinuz 'BOOTIF="),
+            "{h}"
+        );
     }
 
     #[test]
     fn local_config_chainloads_a_loader_found_on_the_disk_then_exits() {
-        let mac: MacAddr = "52:54:00:e2:e0:03".parse().expect("mac");
-        let s = machine(&cfg(), mac, BootMode::Local, "vmlinuz", "initrd.img", &[]);
+        let s = machine(
+            &cfg(),
+            mac(),
+            BootMode::Local,
+            "vmlinuz",
+            "initrd.img",
+            &[],
+            Transport::Tftp,
+        );
         assert!(s.contains("/EFI/Microsoft/Boot/bootmgfw.efi"), "{s}");
         assert!(s.contains("chainloader ($aula_esp)$f"), "{s}");
         assert!(s.trim_end().ends_with("exit 1"), "{s}");

@@ -280,25 +280,10 @@ impl Server {
             )?),
             _ => None,
         };
-        let tftp_addr = if cfg.tftp.enabled {
-            Some(
-                tftp::start_with(
-                    &cfg.tftp,
-                    programs_of(cfg),
-                    generated_tftp_files(cfg),
-                    cfg.tftp_bind(),
-                    None,
-                    cancel.clone(),
-                    tracker,
-                )?
-                .local_addr,
-            )
-        } else {
-            None
-        };
         let mut tls_fingerprint = None;
         let (mut http_addr, mut https_addr) = (None, None);
         let mut deployments = None;
+        let mut boot_routes = None;
         if cfg.http.enabled {
             let tls = if cfg.http.tls.enabled {
                 let names = vec![cfg.server.address.to_string(), "aula-bootserver".into()];
@@ -387,13 +372,15 @@ impl Server {
                 ))));
                 groups.push(Arc::new(crate::repository::RepoRoutes(r.clone())));
             }
-            groups.push(Arc::new(BootRoutes::new(
+            let boot = Arc::new(BootRoutes::new(
                 cfg.clone(),
                 registry.clone(),
                 dhcp.clone(),
                 programs,
                 live,
-            )));
+            ));
+            boot_routes = Some(boot.clone());
+            groups.push(boot);
             let api = ApiRoutes::new(cfg.clone(), registry.clone(), dhcp.clone(), auth);
             // Webhooks reach the deployment runner at once.
             let api = match &deployments {
@@ -430,6 +417,35 @@ impl Server {
                 );
             }
         }
+        // After the HTTP routes: the signed chain's per-MAC GRUB
+        // configuration over TFTP comes from the same boot routes as the
+        // iPXE script.
+        let dynamic: Option<Arc<dyn tftp::Dynamic>> = match boot_routes {
+            Some(b) => Some(Arc::new(crate::http::boot::SignedChainTftp::new(b))),
+            None => {
+                if cfg.boot.secure_boot.any() {
+                    tracing::warn!("[boot.secure_boot] needs [http] enabled: without the boot routes Secure Boot machines get no GRUB configuration");
+                }
+                None
+            }
+        };
+        let tftp_addr = if cfg.tftp.enabled {
+            Some(
+                tftp::start_with(
+                    &cfg.tftp,
+                    programs_of(cfg),
+                    generated_tftp_files(cfg),
+                    dynamic,
+                    cfg.tftp_bind(),
+                    None,
+                    cancel.clone(),
+                    tracker,
+                )?
+                .local_addr,
+            )
+        } else {
+            None
+        };
         if cfg.ra.enabled {
             if let Some(i) = interface {
                 let prefix = parse_ra_prefix(&cfg.ra.prefix).map_err(|message| {
@@ -513,12 +529,9 @@ fn generated_tftp_files(cfg: &Config) -> std::collections::HashMap<String, bytes
     let mut m = std::collections::HashMap::new();
     let sb = &cfg.boot.secure_boot;
     if sb.any() {
-        if !crate::grub::http_port_ok(cfg) {
-            tracing::warn!(device = %crate::grub::http_device(cfg), "[boot.secure_boot]: the HTTP listener is not on port 80; Debian 12's GRUB 2.06 connects to port 80 only, so Secure Boot machines will not load their configuration");
-        }
         m.insert(
             crate::grub::STAGE1_PATH.to_owned(),
-            bytes::Bytes::from(crate::grub::stage1(cfg)),
+            bytes::Bytes::from(crate::grub::stage1()),
         );
         for name in [crate::grub::SHIM, crate::grub::GRUB] {
             let path = sb.dir.join(name);

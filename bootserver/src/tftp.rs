@@ -153,6 +153,38 @@ pub enum OpenError {
     /// Other I/O error.
     #[error("I/O error: {0}")]
     Io(#[source] io::Error),
+    /// A name in a namespace the server generates (the signed chain's
+    /// `grub/…` and `live/…`) that is not one of its files, or not for this
+    /// client; the text says which.
+    #[error("not allowed: {0}")]
+    NotAllowed(&'static str),
+}
+
+/// A boxed future, as [`Dynamic`] returns.
+pub type DynFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What a [`Dynamic`] provider serves for a name.
+#[derive(Debug)]
+pub enum DynFile {
+    /// These bytes (made for this request).
+    Bytes(Bytes),
+    /// The file at this path, chosen by the administrator's configuration
+    /// (not by the client), read through the server's cache.
+    Path(PathBuf),
+}
+
+/// Files the server makes or picks per request: the signed chain's per-MAC
+/// GRUB configuration and the live kernel and initrd. Asked before the
+/// generated files and the root.
+pub trait Dynamic: Send + Sync {
+    /// `None` when `name` (plain relative components, a client's leading
+    /// `/` removed) is outside the provider's namespaces; otherwise what to
+    /// serve to `peer`, or why not.
+    fn file<'a>(
+        &'a self,
+        name: &'a Path,
+        peer: IpAddr,
+    ) -> Option<DynFuture<'a, Result<DynFile, OpenError>>>;
 }
 
 /// A root directory that files are opened beneath, never outside.
@@ -375,6 +407,8 @@ struct Shared {
     bind_ip: std::net::IpAddr,
     /// Files the server generates (relative names), served before the root.
     generated: HashMap<PathBuf, Bytes>,
+    /// Files made or picked per request, asked first.
+    dynamic: Option<Arc<dyn Dynamic>>,
 }
 
 /// Requests waiting for their client's first acknowledgement.
@@ -404,7 +438,29 @@ impl FileCache {
     /// The contents of `name` under `root`, from memory when the file is
     /// the one read last time (same inode, size and modification time).
     fn load(&self, root: &ConfinedRoot, name: &str) -> Result<Bytes, OpenError> {
-        let (mut f, len) = root.open_file(name)?;
+        let (f, len) = root.open_file(name)?;
+        self.load_open(name, f, len)
+    }
+
+    /// The contents of the configured file at `path` (see [`DynFile::Path`]).
+    fn load_path(&self, path: &Path) -> Result<Bytes, OpenError> {
+        let f = File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => OpenError::NotFound,
+            _ => OpenError::Io(e),
+        })?;
+        let meta = f.metadata().map_err(OpenError::Io)?;
+        if !meta.is_file() {
+            return Err(OpenError::NotFile);
+        }
+        if meta.len() > MAX_FILE {
+            return Err(OpenError::TooLarge);
+        }
+        // Keyed apart from the root's names (those are relative).
+        let key = format!("\0{}", path.display());
+        self.load_open(&key, f, meta.len())
+    }
+
+    fn load_open(&self, name: &str, mut f: File, len: u64) -> Result<Bytes, OpenError> {
         let m = f.metadata().map_err(OpenError::Io)?;
         let stamp = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
         if let Some(c) = self.lock().get(name).filter(|c| c.stamp == stamp) {
@@ -508,16 +564,27 @@ pub fn start<'a>(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<TftpService, TftpError> {
-    start_with(cfg, programs, HashMap::new(), bind, device, cancel, tracker)
+    start_with(
+        cfg,
+        programs,
+        HashMap::new(),
+        None,
+        bind,
+        device,
+        cancel,
+        tracker,
+    )
 }
 
 /// [`start`], also serving `generated` files (relative names such as
 /// `grub/grub.cfg`, looked up before the root; a request may name them with
-/// a leading `/`, as GRUB does).
+/// a leading `/`, as GRUB does), and first the files of `dynamic`.
+#[allow(clippy::too_many_arguments)]
 pub fn start_with<'a>(
     cfg: &TftpConfig,
     programs: impl IntoIterator<Item = &'a str>,
     generated: HashMap<String, Bytes>,
+    dynamic: Option<Arc<dyn Dynamic>>,
     bind: SocketAddr,
     device: Option<&str>,
     cancel: CancellationToken,
@@ -549,6 +616,7 @@ pub fn start_with<'a>(
         cfg: cfg.clone(),
         bind_ip: bind.ip(),
         generated,
+        dynamic,
     });
     tracing::info!(%local_addr, root = %shared.root.path().display(), "TFTP service started");
     let t2 = tracker.clone();
@@ -637,6 +705,35 @@ impl Shared {
         tracing::debug!("TFTP listener stopped");
     }
 
+    /// What to send for `name`: the dynamic provider's file, a generated
+    /// one, or one under the root (a leading `/` is dropped for the first
+    /// two, as GRUB asks with one).
+    async fn load(
+        self: &Arc<Self>,
+        name: &str,
+        peer: IpAddr,
+    ) -> Result<Result<Bytes, OpenError>, tokio::task::JoinError> {
+        let rel = safe_relative_path(name.strip_prefix('/').unwrap_or(name));
+        if let (Some(dynamic), Some(rel)) = (&self.dynamic, &rel) {
+            if let Some(fut) = dynamic.file(rel, peer) {
+                return match fut.await {
+                    Ok(DynFile::Bytes(b)) => Ok(Ok(b)),
+                    Ok(DynFile::Path(path)) => {
+                        let me = self.clone();
+                        tokio::task::spawn_blocking(move || me.cache.load_path(&path)).await
+                    }
+                    Err(e) => Ok(Err(e)),
+                };
+            }
+        }
+        if let Some(d) = rel.and_then(|p| self.generated.get(&p).cloned()) {
+            return Ok(Ok(d));
+        }
+        let me = self.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || me.cache.load(&me.root, &name)).await
+    }
+
     async fn transfer(
         self: Arc<Self>,
         req: TftpRequest,
@@ -655,20 +752,15 @@ impl Shared {
             tracing::debug!(%peer, error = %e, "TFTP connect");
             return;
         }
-        let me = self.clone();
-        let name = req.filename.clone();
-        let generated = safe_relative_path(name.strip_prefix('/').unwrap_or(&name))
-            .and_then(|p| self.generated.get(&p).cloned());
-        let loaded = match generated {
-            Some(d) => Ok(Ok(d)),
-            None => tokio::task::spawn_blocking(move || me.cache.load(&me.root, &name)).await,
-        };
+        let loaded = self.load(&req.filename, peer.ip()).await;
         let data = match loaded {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 let code = match e {
                     OpenError::NotFound | OpenError::NotFile => ErrorCode::NotFound,
-                    OpenError::BadName | OpenError::Escape => ErrorCode::AccessViolation,
+                    OpenError::BadName | OpenError::Escape | OpenError::NotAllowed(_) => {
+                        ErrorCode::AccessViolation
+                    }
                     OpenError::TooLarge | OpenError::Io(_) => ErrorCode::Undefined,
                 };
                 tracing::info!(%peer, file = %req.filename, error = %e, "TFTP request refused");

@@ -1,6 +1,9 @@
 //! The Secure Boot chain (shim → signed GRUB → signed kernel) served by the
 //! running server inside network namespaces: the DHCP answer, the TFTP
-//! files and the per-MAC GRUB configuration. They need root; CI runs as root.
+//! files, the per-MAC GRUB configuration by TFTP (Debian 12's signed GRUB
+//! has no `http`) with the same boot modes and kernel line as the iPXE
+//! script, and the TFTP names refused around it. They need root; CI runs
+//! as root.
 
 mod common;
 
@@ -41,13 +44,16 @@ fn secure_boot_machines_get_shim_grub_and_a_per_mac_grub_cfg_others_ipxe() {
     std::fs::create_dir_all(&live).expect("mkdir");
     write_file(&live.join("shimx64.efi"), b"SHIM-SIGNED");
     write_file(&live.join("grubx64.efi"), b"GRUB-NET-SIGNED");
+    let kernel = b"SIGNED-KERNEL".repeat(400); // several TFTP blocks
+    write_file(&live.join("vmlinuz"), &kernel);
+    write_file(&live.join("initrd.img"), b"AULA-INITRD");
     let cfg = base_config(
         dir.path(),
         &format!(
-            "{FULL_DHCP}\n{}\n[tftp]\nroot = \"{}\"\n[boot.secure_boot]\nmachines = [\"{SB_MAC_STR}\"]\ndir = \"{}\"\n",
+            "{FULL_DHCP}\n{}\n[tftp]\nroot = \"{}\"\n[boot]\nkernel = \"{l}/vmlinuz\"\ninitrd = \"{l}/initrd.img\"\n[boot.secure_boot]\nmachines = [\"{SB_MAC_STR}\"]\ndir = \"{l}\"\n",
             http_api(),
             root.display(),
-            live.display()
+            l = live.display()
         ),
     );
     let server = ServerProc::start(
@@ -162,84 +168,149 @@ fn secure_boot_machines_get_shim_grub_and_a_per_mac_grub_cfg_others_ipxe() {
         stage1.as_bytes()
     );
     assert!(
-        stage1.contains("configfile \"(http,10.213.0.1:8080)/boot/grub/${net_default_mac}?ip=${net_default_ip}&mac=${net_default_mac}\""),
+        stage1.contains("source \"($root)/grub/mac/${net_default_mac}.cfg\""),
         "{stage1}"
     );
+    assert!(!stage1.contains("(http"), "{stage1}");
 
-    let (code, out) = curl_api(
-        &net,
-        dir.path(),
-        &format!("/v1/clients/{SB_MAC_STR}/boot"),
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            r#"{"mode":"local"}"#,
-        ],
-    );
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
-    let (code, out) = curl_api(
-        &net,
-        dir.path(),
-        &format!("/v1/clients/{SB_MAC_STR}/boot"),
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            r#"{"mode":"live","once":true}"#,
-        ],
-    );
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
-    // GRUB names the MAC with colons and puts ip= and mac= in the query.
-    let cfg_from = |src: &str, ip: &str| {
-        let (code, body) = curl(
+    for (mode, once) in [("local", false), ("live", true)] {
+        let (code, out) = curl_api(
             &net,
+            dir.path(),
+            &format!("/v1/clients/{SB_MAC_STR}/boot"),
             &[
-                "--interface",
-                src,
-                &format!("http://10.213.0.1:8080/boot/grub/{SB_MAC_STR}?ip={ip}&mac={SB_MAC_STR}"),
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &format!(r#"{{"mode":"{mode}","once":{once}}}"#),
             ],
         );
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+    }
+    let client = |src: &str| {
+        let (code, c) = curl_api(&net, dir.path(), &format!("/v1/clients/{src}"), &[]);
         assert_eq!(code, 200);
-        String::from_utf8_lossy(&body).into_owned()
+        serde_json::from_slice::<serde_json::Value>(&c).expect("json")
     };
-    let s = cfg_from(y, y);
+    // GRUB asks for its configuration by TFTP as $prefix/mac/<mac>.cfg,
+    // with a leading slash, from the address it got by DHCP.
+    let sb_cfg = format!("/grub/mac/{SB_MAC_STR}.cfg");
+    let get_from = |src: &str, name: &str| {
+        let src: std::net::Ipv4Addr = src.parse().expect("ip");
+        let name = name.to_owned();
+        net.in_cli(move || {
+            tftp_get_from(
+                src,
+                tftp,
+                name.as_bytes(),
+                &[("blksize", "1024"), ("tsize", "0")],
+                1,
+            )
+            .map(|(d, _)| d)
+        })
+    };
+    let text = |r: Result<Vec<u8>, (u16, String)>| {
+        String::from_utf8(r.expect("TFTP file")).expect("utf-8")
+    };
+    // From another address: the permanent mode (local), nothing consumed.
+    let s = text(get_from(y, &sb_cfg));
     assert!(s.contains("chainloader") && !s.contains("linux "), "{s}");
-    let (_, c) = curl_api(&net, dir.path(), &format!("/v1/clients/{SB_MAC_STR}"), &[]);
-    let c: serde_json::Value = serde_json::from_slice(&c).expect("json");
+    let c = client(SB_MAC_STR);
     assert_eq!(c["boot"]["once"], "live", "consumed by another host: {c}");
     assert!(c["session"].is_null(), "{c}");
 
-    let s = cfg_from(&x, &x);
+    // From its lease: the one-shot live boot, with the iPXE script's kernel
+    // line, kernel and initrd by TFTP from the same server.
+    let s = text(get_from(&x, &sb_cfg));
     assert!(
-        s.contains("linux (http,10.213.0.1:8080)/boot/live/vmlinuz "),
+        s.contains("linux ($root)/live/vmlinuz 'BOOTIF=01-02-00-00-00-5b-01' "),
         "{s}"
     );
-    assert!(
-        s.contains("initrd (http,10.213.0.1:8080)/boot/live/initrd.img"),
-        "{s}"
-    );
-    assert!(s.contains("'BOOTIF=01-02-00-00-00-5b-01'"), "{s}");
+    assert!(s.contains("initrd ($root)/live/initrd.img; then"), "{s}");
     assert!(s.contains("'aula.server=https://10.213.0.1:8443'"), "{s}");
     assert!(s.contains("'aula.server_fp=sha256:"), "{s}");
     assert!(!s.contains("initrd=initrd.img"), "{s}");
+    assert!(!s.contains("(http"), "{s}");
     let nonce = s
         .split('\'')
         .find_map(|w| w.strip_prefix("aula.boot="))
         .expect("nonce")
         .to_owned();
-    let (_, c) = curl_api(&net, dir.path(), &format!("/v1/clients/{SB_MAC_STR}"), &[]);
-    let c: serde_json::Value = serde_json::from_slice(&c).expect("json");
+    assert!(nonce.len() >= 16, "{nonce}");
+    let c = client(SB_MAC_STR);
     assert!(
         c["boot"]["once"].is_null(),
         "one-shot mode not consumed: {c}"
     );
     assert!(!c["session"].is_null(), "no boot session opened: {c}");
-    assert!(nonce.len() >= 16, "{nonce}");
+    // A retransmitted request gets the same bytes (same nonce), not the
+    // next boot's mode.
+    assert_eq!(
+        text(get_from(&x, &sb_cfg)),
+        s,
+        "a repeated RRQ changed the configuration"
+    );
+
+    // The same registry state as the iPXE script: the one-shot mode is
+    // spent, so the machine's iPXE script is its permanent mode, local.
+    let (code, body) = curl(
+        &net,
+        &[
+            "--interface",
+            &x,
+            &format!("http://10.213.0.1:8080/boot/ipxe/{SB_MAC_STR}?ip={x}&mac={SB_MAC_STR}"),
+        ],
+    );
+    assert_eq!(code, 200);
+    let ipxe = String::from_utf8_lossy(&body);
+    assert!(
+        ipxe.contains("booting the local disk") && !ipxe.contains("kernel "),
+        "{ipxe}"
+    );
+
+    // The kernel and initrd the configuration names.
+    assert_eq!(get_from(&x, "/live/vmlinuz").expect("kernel"), kernel);
+    assert_eq!(
+        get_from(&x, "live/initrd.img").expect("initrd"),
+        b"AULA-INITRD"
+    );
+
+    // Everything else under grub/ and live/ is refused, with a log line.
+    let other_cfg = "/grub/mac/02:00:00:00:5b:02.cfg";
+    for (name, why) in [
+        (other_cfg, "does not get the signed chain"),
+        ("/grub/mac/02-00-00-00-5B-01.cfg", "only grub.cfg and mac/"),
+        ("/grub/mac/02:00:00:00:5b:01", "only grub.cfg and mac/"),
+        ("/grub/x86_64-efi/http.mod", "module files are not served"),
+        (
+            "/grub/x86_64-efi/command.lst",
+            "module files are not served",
+        ),
+        ("/live/shimx64.efi", "only the live kernel and initrd"),
+        ("live/../grub/grub.cfg", "path not allowed"),
+    ] {
+        match get_from(&x, name) {
+            Ok(d) => panic!("{name} was served ({} bytes)", d.len()),
+            Err((code, msg)) => {
+                assert!(code == 2 || code == 1, "{name}: code {code} {msg}");
+                assert!(msg.contains(why), "{name}: {msg}");
+            }
+        }
+    }
+    let log = server.log_text();
+    for name in [other_cfg, "/grub/x86_64-efi/http.mod", "/live/shimx64.efi"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("TFTP request refused") && l.contains(&format!("file={name}"))),
+            "no refusal logged for {name}"
+        );
+    }
+    // The refused machine's state is untouched.
+    let c = client("02:00:00:00:5b:02");
+    assert!(c["session"].is_null(), "{c}");
+
     // UEFI HTTP boot: shim and the GRUB beside it under /boot/live/.
     for (name, want) in [
         ("shimx64.efi", &b"SHIM-SIGNED"[..]),
@@ -248,8 +319,18 @@ fn secure_boot_machines_get_shim_grub_and_a_per_mac_grub_cfg_others_ipxe() {
         let (code, body) = curl(&net, &[&format!("http://10.213.0.1:8080/boot/live/{name}")]);
         assert_eq!((code, body.as_slice()), (200, want), "{name}");
     }
-    // The next boot is the permanent mode again: local.
-    let s = cfg_from(&x, &x);
+    // The HTTP route of the configuration (a GRUB with `http`) gives the
+    // same state: the permanent mode again, local.
+    let (code, body) = curl(
+        &net,
+        &[
+            "--interface",
+            &x,
+            &format!("http://10.213.0.1:8080/boot/grub/{SB_MAC_STR}?ip={x}&mac={SB_MAC_STR}"),
+        ],
+    );
+    assert_eq!(code, 200);
+    let s = String::from_utf8_lossy(&body);
     assert!(s.contains("exit 1") && !s.contains("linux "), "{s}");
     server.stop();
 }

@@ -42,7 +42,7 @@ use crate::dhcp::pxe::{grub_cfg_url, script_url};
 use crate::dhcp::DhcpService;
 use crate::mac::MacAddr;
 use crate::state::Registry;
-use crate::tftp::{ConfinedRoot, OpenError};
+use crate::tftp::{ConfinedRoot, DynFile, DynFuture, Dynamic, OpenError};
 
 /// What the live kernel line says about the server.
 #[derive(Debug, Clone)]
@@ -54,6 +54,16 @@ pub struct LiveArgs {
     /// HTTPS is turned off (`[http.tls] enabled = false`): the kernel line
     /// says `aula.tls=off`.
     pub tls_off: bool,
+}
+
+/// Which boot configuration a machine asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    /// The iPXE script.
+    Ipxe,
+    /// The signed chain's GRUB configuration, loading the kernel and
+    /// initrd by this transport.
+    Grub(crate::grub::Transport),
 }
 
 /// How a script request showed it comes from the machine itself.
@@ -197,7 +207,13 @@ impl BootRoutes {
     }
 
     /// The GRUB configuration of the signed chain for `mode`.
-    pub fn grub_cfg(&self, mac: MacAddr, mode: BootMode, nonce: &str) -> String {
+    pub fn grub_cfg(
+        &self,
+        mac: MacAddr,
+        mode: BootMode,
+        nonce: &str,
+        transport: crate::grub::Transport,
+    ) -> String {
         crate::grub::machine(
             &self.cfg,
             mac,
@@ -205,6 +221,7 @@ impl BootRoutes {
             &self.kernel_name,
             &self.initrd_name,
             &self.live_args(mac, nonce),
+            transport,
         )
     }
 
@@ -262,17 +279,18 @@ impl BootRoutes {
         }
     }
 
-    async fn ipxe_script(
+    /// The boot configuration `kind` of `mac` for a request from `src`
+    /// (with `query`, the URL's `ip=`/`mac=`): the iPXE script or the GRUB
+    /// configuration of the machine's boot mode, from the same registry
+    /// state. A request from the machine itself (see the module table)
+    /// consumes a one-shot mode and opens a live boot session.
+    pub async fn boot_config(
         &self,
-        mac: &str,
+        mac: MacAddr,
+        src: IpAddr,
         query: Option<&str>,
-        ctx: RequestContext,
-        grub: bool,
-    ) -> HttpResponse {
-        let Ok(mac) = mac.parse::<MacAddr>() else {
-            return error_json(StatusCode::BAD_REQUEST, "not a MAC address");
-        };
-        let src = ctx.remote.ip();
+        kind: ConfigKind,
+    ) -> Result<String, crate::state::StateError> {
         let verified = match self.origin(mac, src, query) {
             Ok(origin) => {
                 tracing::debug!(%mac, %src, ?origin, "script request from the machine itself");
@@ -286,35 +304,53 @@ impl BootRoutes {
                 None
             }
         };
-        let (mode, nonce) = match self
+        // Without a durable record of the consumed one-shot mode the
+        // machine could boot it again: the caller refuses rather than guess.
+        let (mode, nonce) = self
             .registry
             .take_boot(mac, self.cfg.boot.default_mode, verified)
             .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                // Without a durable record of the consumed one-shot mode the
-                // machine could boot it again: refuse rather than guess.
-                tracing::error!(%mac, error = %e, "recording boot");
-                return error_json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "cannot record boot state",
-                );
-            }
-        };
+            .inspect_err(|e| tracing::error!(%mac, error = %e, "recording boot"))?;
         // A request that is not the machine's gets a nonce no session holds.
         let nonce = nonce
             .or_else(crate::state::random_nonce)
             .unwrap_or_else(|| "none".into());
         let session = verified.is_some() && mode == BootMode::Live;
-        let body = if grub {
-            tracing::info!(%mac, %mode, session, url = %grub_cfg_url(&self.cfg.public_url(), mac), "serving GRUB configuration (signed chain)");
-            self.grub_cfg(mac, mode, &nonce)
-        } else {
-            tracing::info!(%mac, %mode, session, url = %script_url(&self.cfg.public_url(), mac), "serving iPXE script");
-            self.script(mac, mode, &nonce)
+        Ok(match kind {
+            ConfigKind::Ipxe => {
+                tracing::info!(%mac, %mode, session, url = %script_url(&self.cfg.public_url(), mac), "serving iPXE script");
+                self.script(mac, mode, &nonce)
+            }
+            ConfigKind::Grub(transport) => {
+                let at = match transport {
+                    crate::grub::Transport::Http => grub_cfg_url(&self.cfg.public_url(), mac),
+                    crate::grub::Transport::Tftp => {
+                        format!("tftp:{}", crate::grub::mac_cfg_path(mac))
+                    }
+                };
+                tracing::info!(%mac, %mode, session, url = %at, "serving GRUB configuration (signed chain)");
+                self.grub_cfg(mac, mode, &nonce, transport)
+            }
+        })
+    }
+
+    async fn ipxe_script(
+        &self,
+        mac: &str,
+        query: Option<&str>,
+        ctx: RequestContext,
+        kind: ConfigKind,
+    ) -> HttpResponse {
+        let Ok(mac) = mac.parse::<MacAddr>() else {
+            return error_json(StatusCode::BAD_REQUEST, "not a MAC address");
         };
-        response(StatusCode::OK, "text/plain; charset=utf-8", body)
+        match self.boot_config(mac, ctx.remote.ip(), query, kind).await {
+            Ok(body) => response(StatusCode::OK, "text/plain; charset=utf-8", body),
+            Err(_) => error_json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot record boot state",
+            ),
+        }
     }
 
     async fn live_file(&self, req: &HttpRequest, name: &str) -> HttpResponse {
@@ -352,7 +388,7 @@ impl BootRoutes {
             Ok(Err(OpenError::NotFound | OpenError::NotFile)) => {
                 error_json(StatusCode::NOT_FOUND, "not found")
             }
-            Ok(Err(OpenError::BadName | OpenError::Escape)) => {
+            Ok(Err(OpenError::BadName | OpenError::Escape | OpenError::NotAllowed(_))) => {
                 error_json(StatusCode::FORBIDDEN, "path not allowed")
             }
             Ok(Err(e @ (OpenError::TooLarge | OpenError::Io(_)))) => {
@@ -384,9 +420,11 @@ impl RouteGroup for BootRoutes {
             }
             let path = req.uri().path().to_owned();
             if let Some(mac) = path.strip_prefix("/boot/ipxe/") {
-                self.ipxe_script(mac, req.uri().query(), ctx, false).await
+                self.ipxe_script(mac, req.uri().query(), ctx, ConfigKind::Ipxe)
+                    .await
             } else if let Some(mac) = path.strip_prefix("/boot/grub/") {
-                self.ipxe_script(mac, req.uri().query(), ctx, true).await
+                let kind = ConfigKind::Grub(crate::grub::Transport::Http);
+                self.ipxe_script(mac, req.uri().query(), ctx, kind).await
             } else if let Some(name) = path.strip_prefix("/boot/live/") {
                 self.live_file(&req, name).await
             } else if let Some(rel) = path.strip_prefix("/boot/programs/") {
@@ -394,6 +432,127 @@ impl RouteGroup for BootRoutes {
             } else {
                 error_json(StatusCode::NOT_FOUND, "no such route")
             }
+        })
+    }
+}
+
+/// How long a repeated TFTP request of the same machine's configuration,
+/// from the same address, gets the same bytes (a retransmitted RRQ must
+/// not consume a one-shot mode twice nor replace the boot session).
+const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The signed chain's per-request TFTP files (see [`crate::grub`]): the
+/// per-MAC GRUB configuration, made by [`BootRoutes::boot_config`] like the
+/// iPXE script, and the live kernel and initrd. Only Secure Boot machines
+/// get a configuration; only those three kinds of names are served under
+/// `grub/` and `live/`; anything else there is refused, logged by the TFTP
+/// service with the reason.
+pub struct SignedChainTftp {
+    routes: Arc<BootRoutes>,
+    recent: std::sync::Mutex<
+        std::collections::HashMap<MacAddr, (IpAddr, std::time::Instant, bytes::Bytes)>,
+    >,
+}
+
+impl SignedChainTftp {
+    /// The provider for `routes` (the server's boot routes).
+    pub fn new(routes: Arc<BootRoutes>) -> Self {
+        Self {
+            routes,
+            recent: Default::default(),
+        }
+    }
+
+    async fn machine_cfg(&self, mac: MacAddr, peer: IpAddr) -> Result<DynFile, OpenError> {
+        let r = &self.routes;
+        let sb = &r.cfg.boot.secure_boot;
+        if !sb.wants(mac, r.registry.in_secure_boot_room(mac)) {
+            return Err(OpenError::NotAllowed(
+                "the machine does not get the signed chain ([boot.secure_boot])",
+            ));
+        }
+        let now = std::time::Instant::now();
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.retain(|_, (_, at, _)| now.duration_since(*at) < REPEAT_WINDOW);
+            if let Some((ip, _, body)) = recent.get(&mac) {
+                if *ip == peer {
+                    tracing::debug!(%mac, %peer, "repeated TFTP request of the GRUB configuration: the same bytes again");
+                    return Ok(DynFile::Bytes(body.clone()));
+                }
+            }
+        }
+        // GRUB asks from the address it got by DHCP: the request names the
+        // machine by the path and shows its address as the source, as the
+        // HTTP route's `?ip=…&mac=…` does.
+        let query = format!("ip={peer}&mac={mac}");
+        let body = r
+            .boot_config(
+                mac,
+                peer,
+                Some(&query),
+                ConfigKind::Grub(crate::grub::Transport::Tftp),
+            )
+            .await
+            .map_err(|_| OpenError::NotAllowed("cannot record boot state"))?;
+        let body = bytes::Bytes::from(body);
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mac, (peer, now, body.clone()));
+        Ok(DynFile::Bytes(body))
+    }
+}
+
+impl Dynamic for SignedChainTftp {
+    fn file<'a>(
+        &'a self,
+        name: &'a std::path::Path,
+        peer: IpAddr,
+    ) -> Option<DynFuture<'a, Result<DynFile, OpenError>>> {
+        let r = &self.routes;
+        if !r.cfg.boot.secure_boot.any() {
+            return None;
+        }
+        let name = name.to_str()?;
+        if let Some(rest) = name
+            .strip_prefix(crate::grub::LIVE_DIR)
+            .and_then(|n| n.strip_prefix('/'))
+        {
+            let path = if rest == r.kernel_name {
+                Ok(DynFile::Path(r.cfg.boot.kernel.clone()))
+            } else if rest == r.initrd_name {
+                Ok(DynFile::Path(r.cfg.boot.initrd.clone()))
+            } else {
+                Err(OpenError::NotAllowed(
+                    "only the live kernel and initrd are under live/",
+                ))
+            };
+            return Some(Box::pin(async move { path }));
+        }
+        if name == crate::grub::STAGE1_PATH {
+            return None; // a generated file
+        }
+        let rest = name.strip_prefix("grub/")?;
+        if rest.starts_with("x86_64-efi/") {
+            return Some(Box::pin(async {
+                Err(OpenError::NotAllowed(
+                    "GRUB's module files are not served (signed GRUB loads no module under Secure Boot)",
+                ))
+            }));
+        }
+        let mac = rest
+            .strip_prefix("mac/")
+            .and_then(|n| n.strip_suffix(".cfg"))
+            .and_then(|m| m.parse::<MacAddr>().ok())
+            .filter(|m| crate::grub::mac_cfg_path(*m) == name);
+        Some(match mac {
+            Some(mac) => Box::pin(self.machine_cfg(mac, peer)),
+            None => Box::pin(async {
+                Err(OpenError::NotAllowed(
+                    "under grub/ only grub.cfg and mac/<mac, lower case with colons>.cfg",
+                ))
+            }),
         })
     }
 }

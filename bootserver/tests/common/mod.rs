@@ -395,7 +395,18 @@ pub fn tftp_get(
     opts: &[(&str, &str)],
     window: usize,
 ) -> Result<TftpOk, TftpErr> {
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+    tftp_get_from(Ipv4Addr::UNSPECIFIED, server, name, opts, window)
+}
+
+/// [`tftp_get`] from the local address `src`.
+pub fn tftp_get_from(
+    src: Ipv4Addr,
+    server: SocketAddr,
+    name: &[u8],
+    opts: &[(&str, &str)],
+    window: usize,
+) -> Result<TftpOk, TftpErr> {
+    let sock = UdpSocket::bind((src, 0)).expect("bind");
     sock.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
     let mut rrq = vec![0, 1];
