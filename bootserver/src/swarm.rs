@@ -448,10 +448,15 @@ impl Session {
                 return Some((c, Source::Peer(h)));
             }
             // 4. A chunk no member can send it (every holder left, was
-            //    banned or is avoided by it) and the server is not sending.
+            //    banned or is avoided by it) and nobody is fetching: not
+            //    from the server, and not arrived at a member that is
+            //    still verifying and writing it (its server slot is free
+            //    then, but that member becomes a holder within moments;
+            //    a second copy from the server there was what made a
+            //    small room's server send 1.6 images).
             let ci = c as usize;
             if orphan.is_none()
-                && self.server_inflight[ci] == 0
+                && self.inflight[ci] == 0
                 && self.holders[ci].iter().all(|h| me.avoid.contains(h))
             {
                 orphan = Some(c);
@@ -788,39 +793,12 @@ impl Coordinator {
             mm.last_seen = Instant::now();
             mm.finished = req.finished;
         }
-        // What it no longer serves and what it now holds, before what it
-        // wants (a chunk it dropped may be wanted again).
-        for c in dropped {
-            s.set_serves(m, c, false);
-        }
+        // What it now holds (placed, or fetched and verified), then what
+        // it no longer serves (a chunk verified but not kept is reported
+        // done and dropped at once), then what it wants (a chunk it
+        // dropped may be wanted again).
         for c in have {
             s.set_serves(m, c, true);
-        }
-        if let Some(mm) = s.member_mut(m) {
-            let mut added = false;
-            for &c in &want {
-                let ci = c as usize;
-                if !mm.serves[ci] && !mm.need[ci] {
-                    mm.need[ci] = true;
-                    added = true;
-                }
-            }
-            if added {
-                let n = mm.need.len() as u32;
-                let start = mm.start;
-                let mut order: Vec<u32> = (0..n)
-                    .map(|i| (start + i) % n)
-                    .filter(|&c| mm.need[c as usize])
-                    .collect();
-                order.shrink_to_fit();
-                mm.order = order;
-            }
-        }
-        for c in released {
-            s.release(m, c);
-        }
-        for c in received {
-            s.arrived(m, c);
         }
         for (c, d) in done {
             let Some(c) = c else { continue };
@@ -842,6 +820,43 @@ impl Coordinator {
                     }
                 }
             }
+        }
+        for c in dropped {
+            s.set_serves(m, c, false);
+        }
+        // A chunk it wants it does not hold (any more), whatever it said
+        // before: otherwise the want would be ignored and the member would
+        // wait for work that never comes.
+        for &c in &want {
+            if s.member(m).is_some_and(|mm| mm.serves[c as usize]) {
+                s.set_serves(m, c, false);
+            }
+        }
+        if let Some(mm) = s.member_mut(m) {
+            let mut added = false;
+            for &c in &want {
+                let ci = c as usize;
+                if !mm.need[ci] {
+                    mm.need[ci] = true;
+                    added = true;
+                }
+            }
+            if added {
+                let n = mm.need.len() as u32;
+                let start = mm.start;
+                let mut order: Vec<u32> = (0..n)
+                    .map(|i| (start + i) % n)
+                    .filter(|&c| mm.need[c as usize])
+                    .collect();
+                order.shrink_to_fit();
+                mm.order = order;
+            }
+        }
+        for c in released {
+            s.release(m, c);
+        }
+        for c in received {
+            s.arrived(m, c);
         }
         for (c, f) in failed {
             if let Some(c) = c {
@@ -922,14 +937,18 @@ impl Coordinator {
                     mm.last_seen = Instant::now();
                 }
                 let left = started.elapsed();
-                if !assign.is_empty() || req.ask == 0 || left >= wait {
-                    let pending = s.member(m).map_or(0, |mm| {
-                        mm.need
-                            .iter()
-                            .enumerate()
-                            .filter(|&(c, &n)| n && !mm.leases.contains_key(&(c as u32)))
-                            .count() as u64
-                    });
+                let pending = s.member(m).map_or(0, |mm| {
+                    mm.need
+                        .iter()
+                        .enumerate()
+                        .filter(|&(c, &n)| n && !mm.leases.contains_key(&(c as u32)))
+                        .count() as u64
+                });
+                // Nothing it needs is left unassigned (its other fetch
+                // slots have the rest): no change can bring it work, so it
+                // is answered at once instead of holding a restore worker
+                // for the whole wait at the end of a restore.
+                if !assign.is_empty() || req.ask == 0 || left >= wait || pending == 0 {
                     let members = s.members.iter().flatten().count() as u32;
                     return Ok(SyncResponse {
                         assign,
@@ -1249,6 +1268,48 @@ mod tests {
         s.arrived(b, 0);
         assert_eq!(s.member(a).map(|m| m.uploads), Some(0));
         assert_eq!(s.inflight[0], 1, "still in flight to b until done");
+    }
+
+    #[test]
+    fn a_small_room_asking_for_the_same_few_chunks_at_once_gets_each_from_the_server_once() {
+        // The held windows at the end of a restore: 4 members, 2 chunks,
+        // all asking at once. A transfer that arrived (the member verifies
+        // and writes it) has freed its server slot but is still in flight:
+        // the others wait for it and take it from that member.
+        let mut s = session(2);
+        let ms: Vec<usize> = (0..4).map(|i| add(&mut s, i % 2, true)).collect();
+        let mut server_sends = 0;
+        let mut in_flight: Vec<(usize, u32, bool)> = Vec::new();
+        for round in 0..20 {
+            for &m in &ms {
+                while let Some((c, src)) = s.pick(m, 8) {
+                    server_sends += usize::from(src == Source::Server);
+                    s.lease(m, c, src);
+                    in_flight.push((m, c, false));
+                }
+            }
+            // Each round every transfer moves one step: arrived, then done.
+            for (m, c, arrived) in std::mem::take(&mut in_flight) {
+                if arrived {
+                    s.release(m, c);
+                    s.set_serves(m, c, true);
+                } else {
+                    s.arrived(m, c);
+                    in_flight.push((m, c, true));
+                }
+            }
+            if ms
+                .iter()
+                .all(|&m| s.member(m).is_some_and(|x| x.missing() == 0))
+            {
+                assert!(round < 8, "took {round} rounds");
+                break;
+            }
+        }
+        assert!(ms
+            .iter()
+            .all(|&m| s.member(m).is_some_and(|x| x.missing() == 0)));
+        assert_eq!(server_sends, 2, "the server sent a chunk twice");
     }
 
     #[test]

@@ -355,3 +355,75 @@ fn work_goes_from_the_server_first_then_from_the_holder_and_reported_sources_are
     // The bytes members reported.
     assert_eq!(srv.status()["sessions"][0]["bytes_from_server"], 1000);
 }
+
+#[test]
+fn a_member_with_nothing_unassigned_is_answered_at_once_and_an_arrived_chunk_is_not_sent_again() {
+    let srv = Server::start();
+    let a = srv.join(7001);
+    let b = srv.join(7002);
+    let c0 = json!(srv.chunks[0]);
+    // a wants one chunk (a held window at the end of a restore): the
+    // server sends it.
+    let (_, r) = srv.post(
+        "/v1/swarm/sync",
+        json!({"key": a["key"], "want": [c0], "ask": 1}),
+    );
+    assert_eq!(r["assign"][0]["from"], "server", "{r}");
+    // Another of a's fetch slots asks too: everything a needs is assigned,
+    // so it is answered at once, not after the whole long poll (a restore
+    // waited for that worker ~2 s at its end).
+    let t0 = std::time::Instant::now();
+    let (s, r) = srv.post(
+        "/v1/swarm/sync",
+        json!({"key": a["key"], "ask": 1, "wait_ms": 4000}),
+    );
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["assign"], json!([]), "{r}");
+    assert_eq!(r["pending"], 0, "{r}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "answered after {:?}",
+        t0.elapsed()
+    );
+    // All of it arrived at a, which verifies and writes it: the server's
+    // slot is free, but b, wanting the same chunk, waits for a instead of
+    // getting a second copy from the server.
+    srv.post("/v1/swarm/sync", json!({"key": a["key"], "received": [c0]}));
+    let t0 = std::time::Instant::now();
+    let (_, r) = srv.post(
+        "/v1/swarm/sync",
+        json!({"key": b["key"], "want": [c0], "ask": 1, "wait_ms": 300}),
+    );
+    assert_eq!(r["assign"], json!([]), "b got {r}");
+    assert!(t0.elapsed() >= Duration::from_millis(250), "b must wait");
+    // a reports it done: b takes it from a.
+    srv.post(
+        "/v1/swarm/sync",
+        json!({"key": a["key"], "done": [{"id": c0, "from": "server", "bytes": 1000}]}),
+    );
+    let (_, r) = srv.post(
+        "/v1/swarm/sync",
+        json!({"key": b["key"], "ask": 1, "wait_ms": 300}),
+    );
+    assert_eq!(r["assign"][0]["from"], a["member"], "{r}");
+    assert_eq!(srv.status()["sessions"][0]["bytes_from_server"], 1000);
+    // A chunk a member wants again is one it no longer holds, whatever it
+    // reported before (else its want was ignored and it waited for work
+    // that never came): nobody is sent to a for it any more, and once b's
+    // fetch from a ended (a no longer had it), a gets it.
+    let (_, r) = srv.post(
+        "/v1/swarm/sync",
+        json!({"key": a["key"], "want": [c0], "ask": 1, "wait_ms": 100}),
+    );
+    assert_eq!(r["assign"], json!([]), "b's fetch is still in flight: {r}");
+    assert_eq!(srv.member(&a["member"])["holds"], 0);
+    srv.post(
+        "/v1/swarm/sync",
+        json!({"key": b["key"], "failed": [{"id": c0, "from": a["member"], "why": "refused"}]}),
+    );
+    let (_, r) = srv.post(
+        "/v1/swarm/sync",
+        json!({"key": a["key"], "ask": 1, "wait_ms": 300}),
+    );
+    assert_eq!(r["assign"][0]["id"], c0, "{r}");
+}

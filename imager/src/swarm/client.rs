@@ -739,6 +739,7 @@ impl Feed for Swarm {
             if self.coordinator_up() && since.elapsed() < STARVED {
                 let req = self.request(1, self.opts.wait);
                 if let Ok(resp) = self.sync(req) {
+                    let nothing_left = resp.assign.is_empty() && resp.pending == 0;
                     let mut pick = None;
                     {
                         let mut g = self.lock();
@@ -755,6 +756,12 @@ impl Feed for Swarm {
                         if let Some(t) = self.fetch(&a, out)? {
                             return Ok(Some(t));
                         }
+                    } else if nothing_left && !self.lock().pending_set.is_empty() {
+                        // The coordinator answers at once when it has
+                        // nothing unassigned for this member; if this
+                        // member still waits for something, do not ask in
+                        // a tight loop.
+                        std::thread::sleep(BUSY_PAUSE);
                     }
                     continue;
                 }
@@ -804,6 +811,10 @@ impl Feed for Swarm {
             for p in placed {
                 self.store.add_placed(p);
             }
+            // Kept neither in RAM (no room) nor on the target (a held
+            // window, written later): the coordinator must not send peers
+            // here for it.
+            self.store.forget_unless_held(&t.id);
         }
         let mut g = self.lock();
         g.inflight.remove(&t.id);

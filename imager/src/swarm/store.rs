@@ -139,6 +139,16 @@ impl Store {
         }
     }
 
+    /// Report `id` dropped (at the next [`Store::take_dropped`]) unless it
+    /// can be served: for a chunk that was just verified but could not be
+    /// kept (larger than the cache, and not on the target).
+    pub fn forget_unless_held(&self, id: &ChunkId) {
+        let mut g = self.lock();
+        if !(g.frames.contains_key(id) || (self.from_target && g.placed.contains_key(id))) {
+            g.dropped.push(*id);
+        }
+    }
+
     /// Remember where the target holds a verified chunk.
     pub fn add_placed(&self, p: Placed) {
         if self.from_target {
