@@ -911,7 +911,7 @@ mod tests {
         let c = ChunkCache::new(bound);
         for i in 0u32..200 {
             // Frames of 1–16 KiB of incompressible bytes.
-            let mut x = (u64::from(i) * 0x9e37_79b9_7f4a_7c15) | 1;
+            let mut x = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             let content: Vec<u8> = (0..(1024 * (1 + i as usize % 16)))
                 .map(|_| {
                     x ^= x << 13;
