@@ -127,6 +127,7 @@ pub struct ChunkCache {
 struct CacheCounters {
     hits: AtomicU64,
     misses: AtomicU64,
+    joined: AtomicU64,
     read_ahead: AtomicU64,
     most_bytes: AtomicU64,
 }
@@ -138,6 +139,9 @@ pub struct CacheStats {
     pub hits: u64,
     /// Lookups that had to go to the bucket (or a GET in flight).
     pub misses: u64,
+    /// Misses answered by a GET of the chunk already in flight (a
+    /// read-ahead's or another client's) instead of a GET of their own.
+    pub joined: u64,
     /// Chunks read ahead into the cache.
     pub read_ahead: u64,
     /// The most bytes the cache ever held.
@@ -257,9 +261,15 @@ impl ChunkCache {
         CacheStats {
             hits: self.stats.hits.load(Ordering::Relaxed),
             misses: self.stats.misses.load(Ordering::Relaxed),
+            joined: self.stats.joined.load(Ordering::Relaxed),
             read_ahead: self.stats.read_ahead.load(Ordering::Relaxed),
             most_bytes: self.stats.most_bytes.load(Ordering::Relaxed),
         }
+    }
+
+    /// A miss was answered by a GET of the chunk already in flight.
+    pub fn note_joined(&self) {
+        self.stats.joined.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The bound (0: off).

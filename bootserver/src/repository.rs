@@ -887,7 +887,10 @@ impl RepoService {
             let lead = match s.gets.join(&id) {
                 Joined::Lead(l) => l,
                 Joined::Wait(w) => match self.blocking(move || w.wait()).await {
-                    Ok(Some(Ok(Some(f)))) => return whole(f),
+                    Ok(Some(Ok(Some(f)))) => {
+                        s.cache.note_joined();
+                        return whole(f);
+                    }
                     Ok(Some(Ok(None))) => return absent(),
                     Ok(Some(Err(e))) => {
                         return failure(

@@ -689,9 +689,12 @@ fn read_ahead_serves_a_restore_from_the_cache_within_its_bound() {
         st.read_ahead >= chunks / 2,
         "most chunks read ahead: {st:?}"
     );
+    // A chunk the restore asks for is in the cache, or its read-ahead GET
+    // is in flight and the request waits for it (a fast client on
+    // loopback catches up with the read-ahead).
     assert!(
-        st.hits >= chunks / 4,
-        "the restore is served from the cache: {st:?}"
+        st.hits + st.joined >= chunks / 2,
+        "the restore is served by the read-ahead: {st:?}"
     );
     assert!(st.hits + st.misses >= chunks, "a lookup per chunk: {st:?}");
     assert!(
@@ -724,7 +727,7 @@ fn read_ahead_serves_a_restore_from_the_cache_within_its_bound() {
     );
     assert!(back == data, "restored bytes differ");
     let st2 = store2.cache.stats();
-    assert_eq!((st2.hits, st2.read_ahead), (0, 0), "{st2:?}");
+    assert_eq!((st2.hits, st2.joined, st2.read_ahead), (0, 0, 0), "{st2:?}");
 }
 
 #[test]
