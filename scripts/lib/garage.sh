@@ -59,6 +59,7 @@ metadata_dir = "$dir/n$i/meta"
 data_dir = "$dir/n$i/data"
 db_engine = "sqlite"
 replication_factor = $rf
+compression_level = "none"
 rpc_bind_addr = "127.0.0.1:$((base + 10 * i + 1))"
 rpc_public_addr = "127.0.0.1:$((base + 10 * i + 1))"
 rpc_secret = "$rpc_secret"
