@@ -136,7 +136,8 @@ pub fn machine(
                  for f in {loaders}; do\n\
                  \x20 if search --no-floppy --file --set=aula_esp $f; then\n\
                  \x20   echo \"Aula: chainloading ($aula_esp)$f\"\n\
-                 \x20   chainloader ($aula_esp)$f\n\
+                 \x20   set root=$aula_esp\n\
+                 \x20   chainloader $f\n\
                  \x20   boot\n\
                  \x20 fi\n\
                  done\n\
@@ -248,7 +249,10 @@ mod tests {
             Transport::Tftp,
         );
         assert!(s.contains("/EFI/Microsoft/Boot/bootmgfw.efi"), "{s}");
-        assert!(s.contains("chainloader ($aula_esp)$f"), "{s}");
+        // GRUB 2.06's chainloader hands the loader the device of $root,
+        // not of the file: a shim loaded with the network's device looks
+        // for its second stage on the network ("Failed to find fs").
+        assert!(s.contains("set root=$aula_esp\n    chainloader $f"), "{s}");
         assert!(s.trim_end().ends_with("exit 1"), "{s}");
         assert!(!s.contains("linux "), "{s}");
     }

@@ -3,7 +3,8 @@
 //! * `scripts/test-disk-boot`: disk images of the BIOS (MBR + extlinux) and
 //!   UEFI (GPT + ESP) reference disks, restored onto larger files, boot to
 //!   their marker; a restore onto a smaller file is refused.
-//! * `scripts/e2e`: PXE boot (BIOS and UEFI) from `aula-bootserver` to
+//! * `scripts/e2e`: PXE boot (BIOS, UEFI, UEFI with Secure Boot through
+//!   shim and signed GRUB) from `aula-bootserver` to
 //!   "agent ready", compared with dnsmasq + iPXE.
 //!
 //! They need root (loop mounts, network namespaces), QEMU, OVMF and the
