@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
 use super::{now_ms, DbError};
-use crate::deploy::machine::{After, Kind, Phase, Run};
+use crate::deploy::machine::{After, Kind, Ms, Phase, Run};
 use crate::mac::MacAddr;
 
 /// A deployment's own state.
@@ -163,11 +163,7 @@ fn dep_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
     let state: String = r.get(13)?;
     Ok(Deployment {
         id: r.get(0)?,
-        kind: if kind == "capture" {
-            Kind::Capture
-        } else {
-            Kind::Restore
-        },
+        kind: Kind::parse(&kind),
         room_id: r.get(2)?,
         room: r.get(3)?,
         image: r.get(4)?,
@@ -176,11 +172,7 @@ fn dep_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
         partition: r.get(7)?,
         method: r.get(8)?,
         layout: layout.and_then(|s| serde_json::from_str(&s).ok()),
-        after: match after.as_str() {
-            "poweroff" => After::Poweroff,
-            "stay" => After::Stay,
-            _ => After::RebootLocal,
-        },
+        after: After::parse(&after),
         start_at: r.get(11)?,
         max_concurrent: r.get(12)?,
         state: DeploymentState::parse(&state),
@@ -197,6 +189,23 @@ fn dep_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
     })
 }
 
+/// A compacted (ended) machine row's run, rebuilt from its columns:
+/// state, reason, bytes done and total, and when it was made.
+pub(crate) fn compacted_run(
+    state: &str,
+    reason: Option<String>,
+    bytes_done: i64,
+    bytes_total: i64,
+    at: Ms,
+) -> Run {
+    let mut run = Run::new(String::new(), at);
+    run.phase = Phase::parse(state).unwrap_or(Phase::Failed);
+    run.reason = reason;
+    run.bytes_done = u64::try_from(bytes_done).unwrap_or(0);
+    run.bytes_total = u64::try_from(bytes_total).unwrap_or(0);
+    run
+}
+
 fn machine_row(r: &Row<'_>) -> rusqlite::Result<DeploymentMachine> {
     let mac: String = r.get(0)?;
     let mac: MacAddr = mac.parse().unwrap_or_default();
@@ -204,15 +213,13 @@ fn machine_row(r: &Row<'_>) -> rusqlite::Result<DeploymentMachine> {
     let run: Run = match serde_json::from_str(&run) {
         Ok(run) => run,
         // Ended rows are compacted (see `compact`): rebuild from columns.
-        Err(_) => {
-            let state: String = r.get(5)?;
-            let mut run = Run::new(String::new(), r.get(9)?);
-            run.phase = Phase::parse(&state).unwrap_or(Phase::Failed);
-            run.reason = r.get(6)?;
-            run.bytes_done = r.get::<_, i64>(7)? as u64;
-            run.bytes_total = r.get::<_, i64>(8)? as u64;
-            run
-        }
+        Err(_) => compacted_run(
+            &r.get::<_, String>(5)?,
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+            r.get(9)?,
+        ),
     };
     Ok(DeploymentMachine {
         mac,

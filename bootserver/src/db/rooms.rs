@@ -104,6 +104,14 @@ const MACHINE_COLS: &str = "m.id, m.mac, m.name, m.room_id, r.name, m.seat, m.ex
        FROM deployment_machines dm \
        WHERE dm.mac = m.mac ORDER BY dm.deployment_id DESC LIMIT 1)";
 
+/// A machine's last deployment as the queries give it: "id state [finished_at]".
+pub(crate) fn last_deployment(s: &str) -> Option<(i64, String, Option<i64>)> {
+    let mut w = s.split(' ');
+    let id = w.next()?.parse().ok()?;
+    let st = w.next()?.to_owned();
+    Some((id, st, w.next().and_then(|t| t.parse().ok())))
+}
+
 fn machine_row(r: &Row<'_>) -> rusqlite::Result<Machine> {
     let mac: String = r.get(1)?;
     let ip: Option<String> = r.get(6)?;
@@ -121,12 +129,7 @@ fn machine_row(r: &Row<'_>) -> rusqlite::Result<Machine> {
         image: r.get(8)?,
         image_version: r.get(9)?,
         imaged_at: r.get(10)?,
-        last_deployment: last.and_then(|s| {
-            let mut w = s.split(' ');
-            let id = w.next()?.parse().ok()?;
-            let st = w.next()?.to_owned();
-            Some((id, st, w.next().and_then(|t| t.parse().ok())))
-        }),
+        last_deployment: last.as_deref().and_then(last_deployment),
     })
 }
 

@@ -124,6 +124,15 @@ impl Kind {
             Kind::Capture => "capture",
         }
     }
+
+    /// From its stored name (anything else is a restore).
+    pub(crate) fn parse(s: &str) -> Kind {
+        if s == "capture" {
+            Kind::Capture
+        } else {
+            Kind::Restore
+        }
+    }
 }
 
 /// What happens once the image is in place.
@@ -146,6 +155,15 @@ impl After {
             After::RebootLocal => "reboot-local",
             After::Poweroff => "poweroff",
             After::Stay => "stay",
+        }
+    }
+
+    /// From its stored name (anything else is the default).
+    pub(crate) fn parse(s: &str) -> After {
+        match s {
+            "poweroff" => After::Poweroff,
+            "stay" => After::Stay,
+            _ => After::RebootLocal,
         }
     }
 }

@@ -15,18 +15,19 @@ use std::collections::HashSet;
 
 use tokio_postgres::{GenericClient, Row};
 
+use super::super::deployments::compacted_run;
 use super::super::deployments::{
     run_key, Deployment, DeploymentMachine, DeploymentState, NewDeployment,
 };
 use super::super::log::Entry;
 use super::super::rooms::{
-    check_layout, check_name, ImportReport, Machine, MachineFilter, MachineInput, MachinePatch,
-    Room,
+    check_layout, check_name, last_deployment, ImportReport, Machine, MachineFilter, MachineInput,
+    MachinePatch, Room,
 };
 use super::super::sessions::{hash_secret, Session, SessionInfo, LIST_MAX};
 use super::super::{now_ms, DbError};
 use super::{unique, PgDb};
-use crate::deploy::machine::{After, Kind, Phase, Run};
+use crate::deploy::machine::{After, Kind, Run};
 use crate::mac::MacAddr;
 
 const ROOM_COLS: &str = "r.id, r.name, r.description, \
@@ -75,12 +76,7 @@ fn machine_row(r: &Row) -> Result<Machine, DbError> {
         image: r.try_get(8)?,
         image_version: r.try_get(9)?,
         imaged_at: r.try_get(10)?,
-        last_deployment: last.and_then(|s| {
-            let mut w = s.split(' ');
-            let id = w.next()?.parse().ok()?;
-            let st = w.next()?.to_owned();
-            Some((id, st, w.next().and_then(|t| t.parse().ok())))
-        }),
+        last_deployment: last.as_deref().and_then(last_deployment),
     })
 }
 
@@ -92,11 +88,7 @@ fn dep_row(r: &Row) -> Result<Deployment, DbError> {
     let partition: Option<i64> = r.try_get(7)?;
     Ok(Deployment {
         id: r.try_get(0)?,
-        kind: if kind == "capture" {
-            Kind::Capture
-        } else {
-            Kind::Restore
-        },
+        kind: Kind::parse(&kind),
         room_id: r.try_get(2)?,
         room: r.try_get(3)?,
         image: r.try_get(4)?,
@@ -105,11 +97,7 @@ fn dep_row(r: &Row) -> Result<Deployment, DbError> {
         partition: partition.map(|p| small(p, "partition")).transpose()?,
         method: r.try_get(8)?,
         layout: layout.and_then(|s| serde_json::from_str(&s).ok()),
-        after: match after.as_str() {
-            "poweroff" => After::Poweroff,
-            "stay" => After::Stay,
-            _ => After::RebootLocal,
-        },
+        after: After::parse(&after),
         start_at: r.try_get(11)?,
         max_concurrent: small(r.try_get(12)?, "max_concurrent")?,
         state: DeploymentState::parse(&state),
@@ -135,15 +123,13 @@ fn dm_row(r: &Row) -> Result<DeploymentMachine, DbError> {
     let run: Run = match serde_json::from_str(&run) {
         Ok(run) => run,
         // Ended rows are compacted: rebuild from the columns.
-        Err(_) => {
-            let state: String = r.try_get(5)?;
-            let mut run = Run::new(String::new(), r.try_get(9)?);
-            run.phase = Phase::parse(&state).unwrap_or(Phase::Failed);
-            run.reason = r.try_get(6)?;
-            run.bytes_done = r.try_get::<_, i64>(7)?.max(0) as u64;
-            run.bytes_total = r.try_get::<_, i64>(8)?.max(0) as u64;
-            run
-        }
+        Err(_) => compacted_run(
+            &r.try_get::<_, String>(5)?,
+            r.try_get(6)?,
+            r.try_get(7)?,
+            r.try_get(8)?,
+            r.try_get(9)?,
+        ),
     };
     Ok(DeploymentMachine {
         mac,
