@@ -129,20 +129,7 @@ async fn a_room_of_four_restores_three_fails_one_with_its_reason_survives_a_serv
     let id = dep["id"].as_i64().expect("id");
 
     // Kill the server (SIGKILL) as soon as a machine restores, start it again.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, v) = c
-            .call(Method::GET, &format!("/v1/deployments/{id}"), None)
-            .await;
-        if states(&v).iter().any(|(_, s, _)| s == "restoring") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no machine reached restoring: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_restoring(&c, id).await;
     server.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.restart();

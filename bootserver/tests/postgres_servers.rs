@@ -51,24 +51,6 @@ fn console_section(pg: &Postgres, id: &str) -> String {
     )
 }
 
-/// Waits until a machine of deployment `id` (read through `c`) restores.
-async fn wait_restoring(c: &Client, id: i64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, v) = c
-            .call(Method::GET, &format!("/v1/deployments/{id}"), None)
-            .await;
-        if states(&v).iter().any(|(_, s, _)| s == "restoring") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no machine of deployment {id} reached restoring: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn picked_up(logs: &str, id: i64) -> bool {
     logs.lines().any(|l| {
         (l.contains("picking up deployment") || l.contains("resuming deployment"))

@@ -595,6 +595,24 @@ pub async fn wait_deployment(c: &Client, id: i64, timeout: Duration) -> Value {
     }
 }
 
+/// Waits until a machine of deployment `id` (read through `c`) restores.
+pub async fn wait_restoring(c: &Client, id: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, v) = c
+            .call(Method::GET, &format!("/v1/deployments/{id}"), None)
+            .await;
+        if states(&v).iter().any(|(_, s, _)| s == "restoring") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no machine of deployment {id} reached restoring: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The state of each machine of a deployment, by name.
 pub fn states(dep: &Value) -> Vec<(String, String, Option<String>)> {
     let mut v: Vec<_> = dep["machines"]
