@@ -348,7 +348,7 @@ impl Metrics {
     }
 
     /// A read-ahead fetch ended: `fetched` (`bytes` long), `failed` or
-    /// `corrupt` (its content did not match its id; not cached).
+    /// `corrupt` (the object is not a chunk frame; not cached).
     pub fn repo_readahead(&self, result: &'static str, bytes: u64) {
         self.repo_readahead
             .get_or_create(&ResultLabel { result })

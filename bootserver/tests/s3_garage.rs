@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use aula_bootserver::repo_store::S3Settings;
 use aula_bootserver::repository::{RepoConfig, RepoRoutes, RepoService};
+use aula_imager::chunk::ChunkId;
 use aula_imager::create::{create_partition, CreateOptions, SourceInfo};
 use aula_imager::device::{Device, OpenMode, Region};
 use aula_imager::manifest::Manifest;
@@ -728,6 +729,60 @@ fn read_ahead_serves_a_restore_from_the_cache_within_its_bound() {
     assert!(back == data, "restored bytes differ");
     let st2 = store2.cache.stats();
     assert_eq!((st2.hits, st2.joined, st2.read_ahead), (0, 0, 0), "{st2:?}");
+}
+
+#[test]
+#[ignore = "needs Garage (AULA_GARAGE): scripts/test builds it and runs this with --include-ignored"]
+fn a_corrupt_copy_in_the_cache_is_dropped_when_a_client_finds_it_and_the_restore_heals() {
+    let g = Garage::start();
+    let d = tempfile::tempdir().expect("tempdir");
+    let repo = g.repo("heal");
+    let data = source_data(9, 2);
+    let src = region_of(&d.path().join("src"), &data);
+    let m = upload(&repo, "lab", &src, 256);
+    let ids: Vec<ChunkId> = m.unique_chunks().into_iter().map(|(id, _)| id).collect();
+    assert!(ids.len() >= 2);
+    let (a, b) = (ids[0], ids[1]);
+    let (mut right, mut wrong) = (Vec::new(), Vec::new());
+    repo.get_chunk(&a, &mut right).expect("a");
+    repo.get_chunk(&b, &mut wrong).expect("b");
+    let key = S3Repo::chunk_key(&a);
+    let replace = |frame: &[u8]| {
+        repo.delete_object(&key).expect("delete");
+        assert!(repo.put_chunk_if_absent(&a, frame).expect("put"));
+    };
+    // The bucket holds another chunk's frame under a's key while the
+    // server reads it into its cache; then the bucket is repaired.
+    replace(&wrong);
+    let srv = Server::start(&d.path().join("s"), settings(&g, &[0, 1, 2], "heal", 64));
+    let aula_bootserver::repo_store::Store::S3(store) = srv.svc.repo().clone() else {
+        panic!("an S3 store");
+    };
+    let client = srv.client(false);
+    let mut got = Vec::new();
+    client
+        .get_chunk(&a, &mut got)
+        .expect("get through the server");
+    assert!(got == wrong && store.cache.contains(&a));
+    replace(&right);
+    client.get_chunk(&a, &mut got).expect("again");
+    assert!(got == wrong, "a plain read is served from the cache");
+    // A restore gets the cached copy, finds it corrupt, asks past the
+    // cache (no-cache): the server drops its copy and reads the bucket.
+    let back = restore_into(
+        &srv.client(false),
+        "lab",
+        &d.path().join("t"),
+        data.len() as u64,
+    );
+    assert!(back == data, "restored bytes differ");
+    assert_eq!(
+        store.cache.peek(&a).as_deref(),
+        Some(&right[..]),
+        "the right copy is cached now"
+    );
+    client.get_chunk(&a, &mut got).expect("after");
+    assert!(got == right);
 }
 
 #[test]

@@ -44,6 +44,7 @@ ensure_garage() {
 # lay them out, create bucket "aula" and import a fresh key. Sets
 # GARAGE_ENDPOINTS (comma-separated), GARAGE_KEY_ID, GARAGE_SECRET and
 # appends the node PIDs to GARAGE_PIDS. Needs ensure_garage first.
+# GARAGE_EXTRA_CONF: lines added to every node's config (e.g. block_size).
 garage_cluster_start() {
   local dir=$1 n=$2 base=$3 rf i cfg rpc_secret id ids=() eps=()
   rf=$((n < 3 ? n : 3))
@@ -60,6 +61,7 @@ data_dir = "$dir/n$i/data"
 db_engine = "sqlite"
 replication_factor = $rf
 compression_level = "none"
+${GARAGE_EXTRA_CONF:-}
 rpc_bind_addr = "127.0.0.1:$((base + 10 * i + 1))"
 rpc_public_addr = "127.0.0.1:$((base + 10 * i + 1))"
 rpc_secret = "$rpc_secret"

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{
-    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+    HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
 };
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -110,6 +110,10 @@ pub struct HttpRepo {
     _rt: Option<tokio::runtime::Runtime>,
     opts: HttpOptions,
     upload_name: std::sync::Mutex<Option<String>>,
+    /// Chunks whose last copy failed verification: fetched again with
+    /// `Cache-Control: no-cache`, so a server's cache drops its copy and
+    /// reads its store.
+    stale: std::sync::Mutex<std::collections::HashSet<ChunkId>>,
 }
 
 impl std::fmt::Debug for HttpOptions {
@@ -215,6 +219,7 @@ impl HttpRepo {
             _rt: rt,
             opts,
             upload_name: std::sync::Mutex::new(None),
+            stale: std::sync::Mutex::default(),
         })
     }
 
@@ -421,6 +426,7 @@ impl HttpRepo {
         out.clear();
         let path = format!("/v1/chunks/{id}");
         let what = format!("GET {}", self.url(&path));
+        let fresh = self.stale.lock().is_ok_and(|mut s| s.remove(id));
         // `out` carries the bytes received so far across attempts.
         let cell = std::sync::Mutex::new(std::mem::take(out));
         let res = self.retrying(&what, || {
@@ -429,6 +435,10 @@ impl HttpRepo {
             async move {
                 let have = cell.lock().map(|v| v.len()).unwrap_or(0);
                 let mut req = self.request(Method::GET, &path, false, Bytes::new())?;
+                if fresh {
+                    req.headers_mut()
+                        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                }
                 if have > 0 {
                     if let Ok(v) = HeaderValue::from_str(&format!("bytes={have}-")) {
                         req.headers_mut().insert(RANGE, v);
@@ -781,6 +791,12 @@ impl Repository for HttpRepo {
 
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
         self.fetch_chunk(id, out)
+    }
+
+    fn invalid(&self, id: &ChunkId) {
+        if let Ok(mut s) = self.stale.lock() {
+            s.insert(*id);
+        }
     }
 
     fn fetch_attempts(&self) -> u32 {
