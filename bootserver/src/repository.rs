@@ -9,7 +9,7 @@
 //! | `GET /v1/images/{name}[?version=N]` | read | the manifest |
 //! | `PUT /v1/images/{name}` | write | publish a manifest (every chunk must be present; `409` lists the missing ones) |
 //! | `DELETE /v1/images/{name}` | write | move the image to the trash |
-//! | `GET`/`HEAD /v1/chunks/{id}` | read | a chunk's zstd frame, `Range` supported |
+//! | `GET`/`HEAD /v1/chunks/{id}` | read | a chunk's zstd frame, `Range` supported; `Cache-Control: no-cache` drops an S3-backed server's cached copy and reads the bucket |
 //! | `PUT /v1/chunks/{id}` | write | upload a chunk: decompressed and hashed on arrival, stored only if it matches its id |
 //! | `POST /v1/chunks/missing` | read | `{"ids": [...]}` → `{"missing": [...]}` |
 //! | `POST /v1/repo/gc` | write | delete chunks no image version references (older than the grace period), purge the trash |

@@ -43,11 +43,29 @@ fn garage_bin() -> PathBuf {
     p
 }
 
+/// A port no other call in this process got, below the kernel's ephemeral
+/// range (32768 and up), so that no client socket takes it between this
+/// check and Garage binding it. (Ports the kernel picked collided: a node's
+/// RPC port was taken by another test's node, which then refused the
+/// cluster's handshake.)
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test processes running at once start at different places.
+    let start = (std::process::id() % 97) * 120;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (start + n) % SPAN;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 struct Node {
