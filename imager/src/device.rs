@@ -71,6 +71,10 @@ pub struct Device {
     sector_size: u32,
     physical_sector_size: u32,
     writable: bool,
+    /// The same file opened again with `O_DIRECT`, for writes whose
+    /// offset and length are multiples of [`DIRECT_ALIGN`] (None where the
+    /// filesystem refuses `O_DIRECT`, or after it refused a write).
+    direct: std::sync::Mutex<Option<Arc<File>>>,
     /// Upper bound of the 512-byte sectors the kernel may count as written
     /// because of writes through this handle (see [`Device::own_write_sectors`]).
     own_writes: AtomicU64,
@@ -81,6 +85,49 @@ fn page_size() -> u64 {
     // SAFETY: sysconf takes an integer and touches no memory of ours.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(p).ok().filter(|&p| p >= 512).unwrap_or(4096)
+}
+
+/// Alignment (memory, offset, length) of the writes sent with `O_DIRECT`:
+/// a page, which covers 512-byte and 4 KiB logical blocks.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// `path` opened again for writing with `O_DIRECT`, if its file system
+/// allows it. Whole aligned windows then go to the disk without being
+/// copied into the page cache: on a 2-core VM a restore's buffered writes
+/// cost 1.4–2.2 CPU seconds per 1.7 GiB (page cache copies, and the two
+/// workers contending for the file's lock), direct ones 0.3–0.45.
+fn open_direct(path: &Path) -> Option<Arc<File>> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+        .map(Arc::new)
+}
+
+thread_local! {
+    /// Each writing thread's page-aligned copy of what it writes directly.
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Write `buf` (length a multiple of [`DIRECT_ALIGN`]) at `offset` through
+/// the `O_DIRECT` handle, from a page-aligned copy when `buf` itself is not
+/// page-aligned.
+fn write_direct(f: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+        return f.write_all_at(buf, offset);
+    }
+    BOUNCE.with(|b| {
+        let mut b = b.try_borrow_mut().map_err(io::Error::other)?;
+        if b.len() < buf.len() + DIRECT_ALIGN {
+            b.clear();
+            b.resize(buf.len() + DIRECT_ALIGN, 0);
+        }
+        let skip = b.as_ptr().align_offset(DIRECT_ALIGN);
+        let aligned = &mut b[skip..skip + buf.len()];
+        aligned.copy_from_slice(buf);
+        f.write_all_at(aligned, offset)
+    })
 }
 
 /// How to open a device.
@@ -140,6 +187,7 @@ impl Device {
             sector_size: ss,
             physical_sector_size: pss,
             writable: mode.write,
+            direct: std::sync::Mutex::new(if mode.write { open_direct(path) } else { None }),
             own_writes: AtomicU64::new(0),
         })
     }
@@ -237,6 +285,29 @@ impl Device {
             ));
         }
         self.count_write(offset, buf.len() as u64, false);
+        if offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && !buf.is_empty()
+        {
+            let direct = self.direct.lock().ok().and_then(|d| d.clone());
+            if let Some(d) = direct {
+                match write_direct(&d, buf, offset) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        // Alignment this file system or device will not
+                        // take: buffered writes from now on.
+                        tracing::debug!(
+                            "{}: O_DIRECT write refused ({e}); writing through the page cache",
+                            self.path.display()
+                        );
+                        if let Ok(mut d) = self.direct.lock() {
+                            *d = None;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         self.file.write_all_at(buf, offset)
     }
 
@@ -496,6 +567,53 @@ mod tests {
         assert!(r.write_all_at(&[1, 2, 3], 2046).is_err());
         r.write_all_at(&[1, 2], 2046).expect("write at end");
         assert!(Region::new(dev, 8000, 200).is_err());
+    }
+
+    #[test]
+    fn aligned_writes_go_direct_and_read_back_with_buffered_ones_around_them() {
+        // A disk-backed directory (tmpfs may refuse O_DIRECT).
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, vec![7u8; 64 << 10]).expect("write");
+        let dev = Device::open(
+            &p,
+            OpenMode {
+                write: true,
+                ..Default::default()
+            },
+        )
+        .expect("open");
+        let direct = || dev.direct.lock().map(|d| d.is_some()).unwrap_or(false);
+        assert!(direct(), "a file on disk takes O_DIRECT");
+        // Cached first (buffered), then overwritten directly: the direct
+        // write must win over the page cache's copy.
+        dev.write_all_at(&[1u8; 100], 8192).expect("buffered");
+        let mut expect = vec![7u8; 64 << 10];
+        expect[8192..8292].fill(1);
+        let mut back = vec![0u8; 64 << 10];
+        dev.read_exact_at(&mut back, 0).expect("read");
+        assert!(back == expect);
+        // An aligned window from an unaligned slice (bounced), one from an
+        // aligned one, and a short tail that goes buffered.
+        let data: Vec<u8> = (0..(16 << 10) + 1).map(|i| (i % 251) as u8).collect();
+        let unaligned = &data[1..];
+        assert!(!(unaligned.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN));
+        dev.write_all_at(unaligned, 4096).expect("bounced");
+        expect[4096..4096 + (16 << 10)].copy_from_slice(unaligned);
+        let mut page = vec![0u8; 2 * DIRECT_ALIGN];
+        let off = page.as_ptr().align_offset(DIRECT_ALIGN);
+        page[off..off + DIRECT_ALIGN].fill(9);
+        dev.write_all_at(&page[off..off + DIRECT_ALIGN], 32 << 10)
+            .expect("aligned");
+        expect[32 << 10..(32 << 10) + DIRECT_ALIGN].fill(9);
+        dev.write_all_at(&[5u8; 10], 40 << 10).expect("tail");
+        expect[40 << 10..(40 << 10) + 10].fill(5);
+        assert!(direct(), "no direct write was refused");
+        dev.sync().expect("sync");
+        dev.read_exact_at(&mut back, 0).expect("read");
+        assert!(back == expect, "what was written reads back");
+        drop(dev);
+        assert!(std::fs::read(&p).expect("reread") == expect);
     }
 
     #[test]

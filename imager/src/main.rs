@@ -222,8 +222,8 @@ enum Cmd {
         /// Overwrite a whole partitioned device with a partition image.
         #[arg(long)]
         force: bool,
-        /// Worker threads (default: one per CPU; with --swarm, 4 fetches at
-        /// once).
+        /// Worker threads (default: two per CPU from a directory, at least
+        /// 8 over HTTP(S), 16 from S3; with --swarm, 4 fetches at once).
         #[arg(long)]
         threads: Option<usize>,
         #[command(flatten)]

@@ -94,10 +94,12 @@ pub trait Repository: Send + Sync {
     /// Fetch a chunk's compressed frame into `out` (cleared first).
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()>;
 
-    /// Worker threads a restore from this repository should use (network
-    /// repositories want more fetches in flight than there are CPUs).
+    /// Worker threads a restore from this repository should use: two per
+    /// CPU, since a worker waits while its window is written to the disk
+    /// (directly, bypassing the page cache); network repositories want
+    /// more fetches in flight still.
     fn preferred_threads(&self) -> usize {
-        crate::pool::default_threads()
+        2 * crate::pool::default_threads()
     }
 
     /// Announce that chunks for image `name` are about to be uploaded (a
