@@ -214,7 +214,7 @@ impl ChunkCache {
     /// It is not decompressed and hashed here. The bucket is trusted as the
     /// directory backend trusts its disk (which serves chunk files as they
     /// are), and on one 2-core machine hashing every frame cost the
-    /// S3-backed restore 30 % of its speed. Clients verify every chunk
+    /// S3-backed restore 15–30 % of its speed. Clients verify every chunk
     /// before they write it; one that finds a copy corrupt asks again with
     /// `Cache-Control: no-cache`, which drops the cached copy
     /// ([`ChunkCache::remove`]) and reads the bucket again.

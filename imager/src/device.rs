@@ -73,8 +73,10 @@ pub struct Device {
     writable: bool,
     /// The same file opened again with `O_DIRECT`, for writes whose
     /// offset and length are multiples of [`DIRECT_ALIGN`] (None where the
-    /// filesystem refuses `O_DIRECT`, or after it refused a write).
-    direct: std::sync::Mutex<Option<Arc<File>>>,
+    /// filesystem refuses `O_DIRECT`).
+    direct: Option<File>,
+    /// A direct write was refused: buffered writes from then on.
+    direct_refused: std::sync::atomic::AtomicBool,
     /// Upper bound of the 512-byte sectors the kernel may count as written
     /// because of writes through this handle (see [`Device::own_write_sectors`]).
     own_writes: AtomicU64,
@@ -96,13 +98,12 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// copied into the page cache: on a 2-core VM a restore's buffered writes
 /// cost 1.4–2.2 CPU seconds per 1.7 GiB (page cache copies, and the two
 /// workers contending for the file's lock), direct ones 0.3–0.45.
-fn open_direct(path: &Path) -> Option<Arc<File>> {
+fn open_direct(path: &Path) -> Option<File> {
     OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .ok()
-        .map(Arc::new)
 }
 
 thread_local! {
@@ -187,7 +188,8 @@ impl Device {
             sector_size: ss,
             physical_sector_size: pss,
             writable: mode.write,
-            direct: std::sync::Mutex::new(if mode.write { open_direct(path) } else { None }),
+            direct: if mode.write { open_direct(path) } else { None },
+            direct_refused: std::sync::atomic::AtomicBool::new(false),
             own_writes: AtomicU64::new(0),
         })
     }
@@ -200,6 +202,11 @@ impl Device {
     /// else wrote to the disk during a restore.
     pub fn own_write_sectors(&self) -> u64 {
         self.own_writes.load(Ordering::Relaxed)
+    }
+
+    /// Aligned writes still go through the `O_DIRECT` handle.
+    fn direct_ok(&self) -> bool {
+        self.direct.is_some() && !self.direct_refused.load(Ordering::Relaxed)
     }
 
     fn count_write(&self, offset: u64, len: u64, exact: bool) {
@@ -285,27 +292,22 @@ impl Device {
             ));
         }
         self.count_write(offset, buf.len() as u64, false);
-        if offset.is_multiple_of(DIRECT_ALIGN as u64)
+        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
             && buf.len().is_multiple_of(DIRECT_ALIGN)
-            && !buf.is_empty()
-        {
-            let direct = self.direct.lock().ok().and_then(|d| d.clone());
-            if let Some(d) = direct {
-                match write_direct(&d, buf, offset) {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        // Alignment this file system or device will not
-                        // take: buffered writes from now on.
-                        tracing::debug!(
-                            "{}: O_DIRECT write refused ({e}); writing through the page cache",
-                            self.path.display()
-                        );
-                        if let Ok(mut d) = self.direct.lock() {
-                            *d = None;
-                        }
-                    }
-                    Err(e) => return Err(e),
+            && !buf.is_empty();
+        if let Some(d) = self.direct.as_ref().filter(|_| aligned && self.direct_ok()) {
+            match write_direct(d, buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Alignment this file system or device will not take:
+                    // buffered writes from now on.
+                    tracing::debug!(
+                        "{}: O_DIRECT write refused ({e}); writing through the page cache",
+                        self.path.display()
+                    );
+                    self.direct_refused.store(true, Ordering::Relaxed);
                 }
+                Err(e) => return Err(e),
             }
         }
         self.file.write_all_at(buf, offset)
@@ -544,21 +546,24 @@ impl ReadAt for Region {
 mod tests {
     use super::*;
 
+    /// `p` opened read-write.
+    fn open_rw(p: &Path) -> Device {
+        Device::open(
+            p,
+            OpenMode {
+                write: true,
+                ..Default::default()
+            },
+        )
+        .expect("open")
+    }
+
     #[test]
     fn region_bounds_are_enforced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("d.img");
         std::fs::write(&p, vec![7u8; 8192]).expect("write");
-        let dev = Arc::new(
-            Device::open(
-                &p,
-                OpenMode {
-                    write: true,
-                    ..Default::default()
-                },
-            )
-            .expect("open"),
-        );
+        let dev = Arc::new(open_rw(&p));
         assert_eq!(dev.kind(), DeviceKind::File);
         let r = Region::new(dev.clone(), 4096, 2048).expect("region");
         let mut b = [0u8; 2048];
@@ -575,16 +580,8 @@ mod tests {
         let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
         let p = dir.path().join("d.img");
         std::fs::write(&p, vec![7u8; 64 << 10]).expect("write");
-        let dev = Device::open(
-            &p,
-            OpenMode {
-                write: true,
-                ..Default::default()
-            },
-        )
-        .expect("open");
-        let direct = || dev.direct.lock().map(|d| d.is_some()).unwrap_or(false);
-        assert!(direct(), "a file on disk takes O_DIRECT");
+        let dev = open_rw(&p);
+        assert!(dev.direct_ok(), "a file on disk takes O_DIRECT");
         // Cached first (buffered), then overwritten directly: the direct
         // write must win over the page cache's copy.
         dev.write_all_at(&[1u8; 100], 8192).expect("buffered");
@@ -608,7 +605,7 @@ mod tests {
         expect[32 << 10..(32 << 10) + DIRECT_ALIGN].fill(9);
         dev.write_all_at(&[5u8; 10], 40 << 10).expect("tail");
         expect[40 << 10..(40 << 10) + 10].fill(5);
-        assert!(direct(), "no direct write was refused");
+        assert!(dev.direct_ok(), "no direct write was refused");
         dev.sync().expect("sync");
         dev.read_exact_at(&mut back, 0).expect("read");
         assert!(back == expect, "what was written reads back");
@@ -621,14 +618,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("d.img");
         std::fs::write(&p, vec![0xaau8; 1 << 20]).expect("write");
-        let dev = Device::open(
-            &p,
-            OpenMode {
-                write: true,
-                ..Default::default()
-            },
-        )
-        .expect("open");
+        let dev = open_rw(&p);
         assert!(!dev.is_hole(0, 65536));
         dev.zero_range(65536, 65536).expect("zero");
         let mut b = vec![1u8; 65536];
