@@ -1,19 +1,22 @@
 //! Create: read a source, build its used map, hash and compress every
 //! window that holds data, store the chunks and publish the manifest.
 //!
-//! Parallelism and memory: `threads` workers each own one window buffer
+//! Parallelism and memory: `threads` workers each own two window buffers
 //! (`chunk_size`) and one output buffer (zstd bound of a chunk), so memory is
-//! about `threads × 2 × chunk_size` (16 MiB for two workers at 4 MiB). Each
-//! worker reads its window with one positional read, zeroes the unused
-//! ranges, hashes, and compresses only when the repository does not already
-//! hold the chunk (re-capturing a disk costs a read and a hash per window).
+//! about `threads × 3 × chunk_size` (24 MiB for two workers at 4 MiB). Each
+//! worker takes two windows at a time, reads each used range with one
+//! positional read, zeroes the unused ranges, hashes the two together
+//! ([`ChunkId::of_pair`]: one SHA-256 stream waits on its own latency, two
+//! keep the SHA unit busy), and compresses each only when the repository
+//! does not already hold it (re-capturing a disk costs a read and a hash
+//! per window).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
-use crate::chunk::{is_zero, ChunkId, Encoder, Fingerprint};
+use crate::chunk::{id_and_fingerprint, is_zero, ChunkId, Encoder, Fingerprint};
 use crate::device::{ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
@@ -111,7 +114,8 @@ pub fn scan(src: &dyn ReadAt, raw: bool, force: bool) -> Result<Scan> {
 }
 
 struct Worker {
-    buf: Vec<u8>,
+    /// Two windows: a worker hashes two at a time (see [`ChunkId::of_pair`]).
+    bufs: [Vec<u8>; 2],
     out: Vec<u8>,
     enc: Encoder,
 }
@@ -269,42 +273,65 @@ pub fn store_chunks(
 
     let worked = std::thread::scope(|s| {
         let writers = writers.spawn(s, repo, &write_failed, &fail);
+        // A worker takes two windows at a time: it hashes them together.
         let r = pool::for_each(
             threads,
-            windows.len(),
+            windows.len().div_ceil(2),
             progress,
             || {
                 Ok(Worker {
-                    buf: vec![0u8; chunk_size as usize],
+                    bufs: [
+                        vec![0u8; chunk_size as usize],
+                        vec![0u8; chunk_size as usize],
+                    ],
                     out: Vec::new(),
                     enc: Encoder::new(level)?,
                 })
             },
-            |w, k| {
-                read_ahead(k + ahead);
-                let (start, len, ranges) = span(k);
-                let index = windows[k];
-                let buf = &mut w.buf[..len];
-                for &(a, b) in &ranges {
-                    src.read_exact_at(&mut buf[a..b], start + a as u64)
-                        .ctx(|| format!("reading the source at byte {}", start + a as u64))?;
+            |w, pair| {
+                let ks: Vec<usize> = (2 * pair..2 * pair + 2)
+                    .filter(|&k| k < windows.len())
+                    .collect();
+                let mut lens = [0usize; 2];
+                let mut used_here = 0u64;
+                for (i, &k) in ks.iter().enumerate() {
+                    read_ahead(k + ahead);
+                    let (start, len, ranges) = span(k);
+                    let buf = &mut w.bufs[i][..len];
+                    for &(a, b) in &ranges {
+                        src.read_exact_at(&mut buf[a..b], start + a as u64)
+                            .ctx(|| format!("reading the source at byte {}", start + a as u64))?;
+                    }
+                    used.mask(start, buf);
+                    used_here += used
+                        .window(start, len as u64)
+                        .iter()
+                        .map(|&(s, e)| (e - s) as u64)
+                        .sum::<u64>();
+                    lens[i] = len;
                 }
-                used.mask(start, buf);
-                let used_here: u64 = used
-                    .window(start, len as u64)
-                    .iter()
-                    .map(|&(s, e)| (e - s) as u64)
-                    .sum();
+                let [b0, b1] = &w.bufs;
+                let hashes = hash_windows([&b0[..lens[0]], &b1[..lens[1]]], ks.len());
                 let mut put = |id: &ChunkId, frame: &mut Vec<u8>| -> Result<()> {
                     if write_failed.load(Ordering::Relaxed) {
                         return Err(Error::Invalid("storing a chunk failed".into()));
                     }
                     frames.put(id, frame)
                 };
-                let entry = chunk_window_with(
-                    &mut w.enc, &mut w.out, index, buf, repo, &sizes, progress, &mut put,
-                )?;
-                results.lock().map_err(|_| lock_err())?[k] = Some(entry);
+                for (i, &k) in ks.iter().enumerate() {
+                    let entry = chunk_window_hashed(
+                        &mut w.enc,
+                        &mut w.out,
+                        windows[k],
+                        &w.bufs[i][..lens[i]],
+                        hashes[i],
+                        repo,
+                        &sizes,
+                        progress,
+                        &mut put,
+                    )?;
+                    results.lock().map_err(|_| lock_err())?[k] = Some(entry);
+                }
                 progress.add_done(used_here);
                 Ok(())
             },
@@ -359,15 +386,46 @@ pub(crate) fn chunk_window_with(
     progress: &Progress,
     put: &mut dyn FnMut(&ChunkId, &mut Vec<u8>) -> Result<()>,
 ) -> Result<ChunkRef> {
-    if is_zero(content) {
+    let hashed = (!is_zero(content)).then(|| id_and_fingerprint(content));
+    chunk_window_hashed(enc, out, index, content, hashed, repo, sizes, progress, put)
+}
+
+/// The id and fingerprint of the first `n` (1 or 2) of `windows`, `None`
+/// for an all-zero one; two non-zero windows are hashed together.
+fn hash_windows(windows: [&[u8]; 2], n: usize) -> [Option<(ChunkId, Fingerprint)>; 2] {
+    let zero = windows.map(is_zero);
+    if n == 2 && !zero[0] && !zero[1] {
+        let (a, b) = ChunkId::of_pair(windows[0], windows[1]);
+        return [
+            Some((a, Fingerprint::of(windows[0]))),
+            Some((b, Fingerprint::of(windows[1]))),
+        ];
+    }
+    std::array::from_fn(|i| (i < n && !zero[i]).then(|| id_and_fingerprint(windows[i])))
+}
+
+/// [`chunk_window_with`] for a window already hashed: `hashed` is its id
+/// and fingerprint, `None` when it is all zeros.
+#[allow(clippy::too_many_arguments)]
+fn chunk_window_hashed(
+    enc: &mut Encoder,
+    out: &mut Vec<u8>,
+    index: u64,
+    content: &[u8],
+    hashed: Option<(ChunkId, Fingerprint)>,
+    repo: &dyn Repository,
+    sizes: &StoredSizes,
+    progress: &Progress,
+    put: &mut dyn FnMut(&ChunkId, &mut Vec<u8>) -> Result<()>,
+) -> Result<ChunkRef> {
+    let Some((id, b3)) = hashed else {
         return Ok(ChunkRef {
             index,
             id: None,
             stored: 0,
             b3: None,
         });
-    }
-    let id = ChunkId::of(content);
+    };
     // Claim the id: only the first worker to see it compresses.
     let claim = match sizes.lock().map_err(|_| lock_err())?.entry(id) {
         std::collections::hash_map::Entry::Occupied(_) => false,
@@ -396,7 +454,7 @@ pub(crate) fn chunk_window_with(
         index,
         id: Some(id),
         stored: 0,
-        b3: Some(Fingerprint::of(content)),
+        b3: Some(b3),
     })
 }
 

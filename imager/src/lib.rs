@@ -32,6 +32,7 @@ pub mod progress;
 pub mod record;
 pub mod repo;
 pub mod restore;
+pub mod sha256x2;
 pub mod swarm;
 pub mod table;
 pub mod tls;

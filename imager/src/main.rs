@@ -222,7 +222,7 @@ enum Cmd {
         /// Overwrite a whole partitioned device with a partition image.
         #[arg(long)]
         force: bool,
-        /// Worker threads (default: two per CPU from a directory, at least
+        /// Worker threads (default: two per CPU and at least 8 from a directory, at least
         /// 8 over HTTP(S), 16 from S3; with --swarm, 4 fetches at once).
         #[arg(long)]
         threads: Option<usize>,

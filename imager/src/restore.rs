@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::chunk::{is_zero, ChunkId, Decoder, Fingerprint};
-use crate::device::{ReadAt, Region};
+use crate::chunk::{check_id, is_zero, ChunkId, Decoder, Fingerprint};
+use crate::device::{AlignedBuf, ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
 use crate::manifest::{ChunkRef, ImageKind, Manifest};
@@ -166,12 +166,20 @@ impl RestoreStats {
 }
 
 struct Worker {
-    buf: Vec<u8>,
+    /// The fetched windows' content (two: a worker hashes two chunks
+    /// together, see [`ChunkId::of_pair`]): page-aligned, so their aligned
+    /// ranges are written with `O_DIRECT` straight from them.
+    bufs: [AlignedBuf; 2],
+    /// The frames of the chunks in `bufs`.
+    frames: [Vec<u8>; 2],
     tbuf: Vec<u8>,
-    frame: Vec<u8>,
     dec: Decoder,
     stats: RestoreStats,
 }
+
+/// Chunks a restore asks its repository to start reading ahead of the
+/// workers, per worker (see [`Repository::will_need`]).
+const CHUNKS_AHEAD_PER_WORKER: usize = 2;
 
 /// Gaps between used ranges smaller than this are written too (they are
 /// zeros of unused space), so fragmented windows take few large writes.
@@ -299,9 +307,12 @@ enum Window {
 impl Job<'_> {
     fn worker(&self) -> Result<Worker> {
         Ok(Worker {
-            buf: Vec::with_capacity(self.chunk_size as usize),
+            bufs: [
+                AlignedBuf::new(self.chunk_size as usize),
+                AlignedBuf::new(self.chunk_size as usize),
+            ],
             tbuf: vec![0u8; self.chunk_size as usize],
-            frame: Vec::new(),
+            frames: [Vec::new(), Vec::new()],
             dec: Decoder::new()?,
             stats: RestoreStats::default(),
         })
@@ -379,15 +390,15 @@ impl Job<'_> {
         Ok(Window::Settled)
     }
 
-    /// Write the verified content in `w.buf` to window `c`.
-    fn write(&self, w: &mut Worker, c: &ChunkRef) -> Result<()> {
+    /// Write the verified content in `buf` to window `c`.
+    fn write(&self, buf: &[u8], stats: &mut RestoreStats, c: &ChunkRef) -> Result<()> {
         let (start, len) = self.span(c);
         let ranges = self.used.window(start, len as u64);
         for &(s, e) in &coalesced(&ranges) {
             self.target
-                .write_all_at(&w.buf[s..e], start + s as u64)
+                .write_all_at(&buf[s..e], start + s as u64)
                 .ctx(|| format!("writing the target at byte {}", start + s as u64))?;
-            w.stats.bytes_written += (e - s) as u64;
+            stats.bytes_written += (e - s) as u64;
             self.progress.add_written((e - s) as u64);
         }
         self.progress
@@ -395,62 +406,126 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// Check the optional BLAKE3 fingerprint of verified content.
-    fn check_fingerprint(c: &ChunkRef, id: &ChunkId, content: &[u8]) -> Result<()> {
-        if c.b3.is_some_and(|fp| Fingerprint::of(content) != fp) {
-            return Err(Error::BadManifest {
-                source_name: None,
-                why: format!("the fingerprint of chunk {id} does not match its content"),
-            });
+    /// Default order: every window in turn, each chunk from the
+    /// repository. A worker takes two windows at a time, so that it can
+    /// hash the two chunks it fetches together.
+    fn in_order(&self) -> Result<()> {
+        let ahead = CHUNKS_AHEAD_PER_WORKER * self.opts.threads.max(1);
+        for c in self.chunks.iter().take(ahead) {
+            if let Some(id) = &c.id {
+                self.repo.will_need(id);
+            }
+        }
+        pool::for_each(
+            self.opts.threads,
+            self.chunks.len().div_ceil(2),
+            self.progress,
+            || self.worker(),
+            |w, pair| {
+                let mut todo: Vec<(usize, ChunkId)> = Vec::with_capacity(2);
+                for k in (2 * pair..2 * pair + 2).filter(|&k| k < self.chunks.len()) {
+                    // Pairs are handed out in order: ask for a chunk a few
+                    // windows ahead, so it is read while these are worked on.
+                    if let Some(id) = self.chunks.get(k + ahead).and_then(|c| c.id.as_ref()) {
+                        self.repo.will_need(id);
+                    }
+                    if let (Window::Fetch, Some(id)) = (self.settle(w, k)?, self.chunks[k].id) {
+                        todo.push((k, id));
+                    }
+                }
+                self.fetch_verified(w, &todo)?;
+                for (i, &(k, _)) in todo.iter().enumerate() {
+                    w.stats.chunks_fetched += 1;
+                    self.write(&w.bufs[i], &mut w.stats, &self.chunks[k])?;
+                }
+                flush(w, &self.totals)
+            },
+        )
+    }
+
+    /// Fetch the chunks of `todo` (at most two: window, id) from the
+    /// repository into `w.bufs[i]`, decompressed and verified, the two
+    /// hashed together. A chunk that fails is fetched again alone, up to
+    /// the repository's attempts.
+    fn fetch_verified(&self, w: &mut Worker, todo: &[(usize, ChunkId)]) -> Result<()> {
+        let mut errs: [Option<Error>; 2] = [None, None];
+        let mut lens = [0usize; 2];
+        for (i, &(k, id)) in todo.iter().enumerate().take(2) {
+            lens[i] = self.span(&self.chunks[k]).1;
+            self.repo.get_chunk(&id, &mut w.frames[i])?;
+            self.count_fetched(w, i);
+            if let Err(e) = w
+                .dec
+                .decode_into(&id, &w.frames[i], &mut w.bufs[i][..lens[i]])
+            {
+                errs[i] = Some(e);
+            }
+        }
+        match todo {
+            [(_, a), (_, b)] if errs.iter().all(Option::is_none) => {
+                let (ha, hb) = ChunkId::of_pair(&w.bufs[0][..lens[0]], &w.bufs[1][..lens[1]]);
+                errs = [check_id(a, &ha).err(), check_id(b, &hb).err()];
+            }
+            _ => {
+                for (i, (_, id)) in todo.iter().enumerate().take(2) {
+                    if errs[i].is_none() {
+                        errs[i] = check_id(id, &ChunkId::of(&w.bufs[i][..lens[i]])).err();
+                    }
+                }
+            }
+        }
+        for (i, &(_, id)) in todo.iter().enumerate().take(2) {
+            match errs[i].take() {
+                None => self.repo.verified(&id, &w.frames[i]),
+                Some(e) => self.fetch_again(w, i, &id, lens[i], e)?,
+            }
         }
         Ok(())
     }
 
-    /// Default order: every window in turn, each chunk from the repository.
-    fn in_order(&self) -> Result<()> {
-        pool::for_each(
-            self.opts.threads,
-            self.chunks.len(),
-            self.progress,
-            || self.worker(),
-            |w, k| {
-                if let Window::Settled = self.settle(w, k)? {
-                    return flush(w, &self.totals);
+    /// Chunk `id` fetched into slot `i` failed with `first`: fetch it
+    /// again, alone, while the repository allows (a network may corrupt;
+    /// a local disk will not heal).
+    fn fetch_again(
+        &self,
+        w: &mut Worker,
+        i: usize,
+        id: &ChunkId,
+        len: usize,
+        first: Error,
+    ) -> Result<()> {
+        let mut err = first;
+        let mut tries = 1;
+        loop {
+            self.repo.invalid(id);
+            match err {
+                Error::ChunkCorrupt { .. } if tries < self.attempts => {
+                    tracing::warn!("{err}; fetching it again ({tries}/{})", self.attempts);
                 }
-                let c = &self.chunks[k];
-                let Some(id) = &c.id else {
-                    return flush(w, &self.totals);
-                };
-                let (_, len) = self.span(c);
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    self.repo.get_chunk(id, &mut w.frame)?;
-                    let n = w.frame.len() as u64;
-                    w.stats.bytes_fetched += n;
-                    w.stats.bytes_from_server += n;
-                    self.progress.add_fetched(n);
-                    match w.dec.decode_verified(id, &w.frame, len, &mut w.buf) {
-                        Ok(()) => {
-                            self.repo.verified(id, &w.frame);
-                            break;
-                        }
-                        Err(e @ Error::ChunkCorrupt { .. }) if tries < self.attempts => {
-                            self.repo.invalid(id);
-                            tracing::warn!("{e}; fetching it again ({tries}/{})", self.attempts);
-                        }
-                        Err(e) => {
-                            self.repo.invalid(id);
-                            return Err(e);
-                        }
-                    }
+                _ => return Err(err),
+            }
+            tries += 1;
+            self.repo.get_chunk(id, &mut w.frames[i])?;
+            self.count_fetched(w, i);
+            match w
+                .dec
+                .decode_verified_into(id, &w.frames[i], &mut w.bufs[i][..len])
+            {
+                Ok(()) => {
+                    self.repo.verified(id, &w.frames[i]);
+                    return Ok(());
                 }
-                Self::check_fingerprint(c, id, &w.buf)?;
-                w.stats.chunks_fetched += 1;
-                self.write(w, c)?;
-                flush(w, &self.totals)
-            },
-        )
+                Err(e) => err = e,
+            }
+        }
+    }
+
+    /// Count the frame just fetched into slot `i` from the repository.
+    fn count_fetched(&self, w: &mut Worker, i: usize) {
+        let n = w.frames[i].len() as u64;
+        w.stats.bytes_fetched += n;
+        w.stats.bytes_from_server += n;
+        self.progress.add_fetched(n);
     }
 
     /// Fed order: the delta check over every window first, then the feed
@@ -506,7 +581,7 @@ impl Job<'_> {
             self.progress,
             || self.worker(),
             |w| {
-                let Some(mut t) = feed.next(&mut w.frame)? else {
+                let Some(mut t) = feed.next(&mut w.frames[0])? else {
                     return Ok(false);
                 };
                 let Some(ks) = windows.get(&t.id) else {
@@ -520,7 +595,7 @@ impl Job<'_> {
                 let mut tries = 0;
                 loop {
                     tries += 1;
-                    let n = w.frame.len() as u64;
+                    let n = w.frames[0].len() as u64;
                     if !t.local {
                         w.stats.bytes_fetched += n;
                         self.progress.add_fetched(n);
@@ -531,28 +606,30 @@ impl Job<'_> {
                             w.stats.bytes_from_server += n;
                         }
                     }
-                    match w.dec.decode_verified(&t.id, &w.frame, len, &mut w.buf) {
+                    match w
+                        .dec
+                        .decode_verified_into(&t.id, &w.frames[0], &mut w.bufs[0][..len])
+                    {
                         Ok(()) => break,
                         Err(e @ Error::ChunkCorrupt { .. }) if tries < self.attempts.max(2) => {
                             tracing::warn!(
                                 "{e} (from {}); fetching it again from the repository",
                                 t.peer.as_deref().unwrap_or("the repository")
                             );
-                            feed.refetch(&mut t, &e.to_string(), &mut w.frame)?;
+                            feed.refetch(&mut t, &e.to_string(), &mut w.frames[0])?;
                         }
                         Err(e) => return Err(e),
                     }
                 }
-                Self::check_fingerprint(first, &t.id, &w.buf)?;
                 w.stats.chunks_fetched += u64::from(!t.local);
                 w.stats.chunks_from_peers += u64::from(t.peer.is_some() && !t.local);
                 let mut done = Vec::with_capacity(ks.len());
                 for &k in ks {
                     let c = &self.chunks[k];
-                    self.write(w, c)?;
+                    self.write(&w.bufs[0], &mut w.stats, c)?;
                     done.push(self.placed(t.id, c));
                 }
-                feed.done(t, &mut w.frame, done);
+                feed.done(t, &mut w.frames[0], done);
                 flush(w, &self.totals)?;
                 Ok(true)
             },

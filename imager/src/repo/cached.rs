@@ -207,6 +207,10 @@ impl Repository for CachedRepo {
         self.remote.get_chunk(id, out)
     }
 
+    fn will_need(&self, id: &ChunkId) {
+        self.cache.will_need(id);
+    }
+
     fn verified(&self, id: &ChunkId, frame: &[u8]) {
         let was_cached = self
             .from_cache
