@@ -211,8 +211,9 @@ pub(crate) fn frame_queue(bound: usize) -> (FrameSender, FrameWriters) {
     )
 }
 /// Windows whose read the kernel is asked to start ahead of the workers,
-/// per worker: the disk reads while the cores hash and compress.
-const READ_AHEAD_PER_WORKER: usize = 2;
+/// per worker: the disk reads while the cores hash and compress. A worker
+/// takes two windows at a time, so this is two of its steps.
+const READ_AHEAD_PER_WORKER: usize = 4;
 
 /// Hash, compress and store every window of `src` that holds used data.
 /// Returns the chunk list in window order.
