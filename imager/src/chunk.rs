@@ -15,10 +15,7 @@ pub struct ChunkId(pub [u8; 32]);
 impl ChunkId {
     /// Hash some content.
     pub fn of(content: &[u8]) -> ChunkId {
-        let d = ring::digest::digest(&ring::digest::SHA256, content);
-        let mut id = [0u8; 32];
-        id.copy_from_slice(d.as_ref());
-        ChunkId(id)
+        ChunkId(crate::sha256x2::one(content))
     }
 
     /// Hash two contents at once: where the CPU has the SHA extensions,
@@ -222,7 +219,8 @@ impl Decoder {
                 id: *id,
                 why: format!("does not decompress: {e}"),
             })?;
-        check_decoded(id, n, out)
+        check_len(id, n, expected_len)?;
+        check_id(id, &ChunkId::of(out))
     }
 
     /// Decompress `frame` into all of `out` (the window's exact length),
@@ -252,26 +250,20 @@ impl Decoder {
                 id: *id,
                 why: format!("does not decompress: {e}"),
             })?;
-        if n != out.len() {
-            return Err(Error::ChunkCorrupt {
-                id: *id,
-                why: format!("decompressed to {n} bytes, expected {}", out.len()),
-            });
-        }
-        Ok(())
+        check_len(id, n, out.len())
     }
 }
 
-/// `n` bytes were decompressed into `out`: they must be all of it and
-/// hash to `id`.
-fn check_decoded(id: &ChunkId, n: usize, out: &[u8]) -> Result<()> {
-    if n != out.len() {
+/// Chunk `id` decompressed to `n` bytes: an error unless that is the
+/// window's `expected` length.
+fn check_len(id: &ChunkId, n: usize, expected: usize) -> Result<()> {
+    if n != expected {
         return Err(Error::ChunkCorrupt {
             id: *id,
-            why: format!("decompressed to {n} bytes, expected {}", out.len()),
+            why: format!("decompressed to {n} bytes, expected {expected}"),
         });
     }
-    check_id(id, &ChunkId::of(out))
+    Ok(())
 }
 
 /// Content that should be chunk `id` hashed to `got`: an error unless

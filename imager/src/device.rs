@@ -177,9 +177,25 @@ fn open_direct(path: &Path) -> Option<File> {
         .ok()
 }
 
+/// Hint that `[offset, offset+len)` of `file` will be read soon (`len`
+/// 0: to its end), so the kernel starts reading it. Best effort.
+pub(crate) fn will_need(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only takes the descriptor and plain integers;
+    // it never touches memory we own.
+    let _ = unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+}
+
 thread_local! {
     /// Each writing thread's page-aligned copy of what it writes directly.
-    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BOUNCE: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::new(0));
 }
 
 /// Write `buf` (length a multiple of [`DIRECT_ALIGN`]) at `offset` through
@@ -191,12 +207,10 @@ fn write_direct(f: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     }
     BOUNCE.with(|b| {
         let mut b = b.try_borrow_mut().map_err(io::Error::other)?;
-        if b.len() < buf.len() + DIRECT_ALIGN {
-            b.clear();
-            b.resize(buf.len() + DIRECT_ALIGN, 0);
+        if b.len() < buf.len() {
+            *b = AlignedBuf::new(buf.len());
         }
-        let skip = b.as_ptr().align_offset(DIRECT_ALIGN);
-        let aligned = &mut b[skip..skip + buf.len()];
+        let aligned = &mut b[..buf.len()];
         aligned.copy_from_slice(buf);
         f.write_all_at(aligned, offset)
     })
@@ -473,17 +487,7 @@ impl Device {
     /// Hint that `[offset, offset+len)` will be read soon, so the kernel
     /// starts reading it in the background. Best effort.
     pub fn will_need(&self, offset: u64, len: u64) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: posix_fadvise only takes the descriptor and plain integers;
-        // it never touches memory we own.
-        let _ = unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        will_need(&self.file, offset, len);
     }
 
     /// Flush written data to stable storage. An error here is fatal for the

@@ -410,12 +410,8 @@ impl Repository for LocalRepo {
     }
 
     fn will_need(&self, id: &ChunkId) {
-        use std::os::fd::AsRawFd;
         if let Ok(f) = File::open(self.chunk_path(id)) {
-            // SAFETY: posix_fadvise only takes the descriptor and plain
-            // integers (offset 0, length 0: the whole file); it touches no
-            // memory of ours.
-            let _ = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+            crate::device::will_need(&f, 0, 0);
         }
     }
 
