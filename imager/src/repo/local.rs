@@ -17,8 +17,8 @@
 //! are removed by [`LocalRepo::sweep_tmp`].
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -145,13 +145,7 @@ impl LocalRepo {
     /// failure nothing is left behind.
     fn write_temp(&self, bytes: &[u8]) -> Result<PathBuf> {
         let tmp = self.temp_path();
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .ctx(|| format!("creating {}", tmp.display()))?;
-        if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
-            drop(f);
+        if let Err(e) = crate::device::write_new_synced(&tmp, bytes) {
             let _ = fs::remove_file(&tmp);
             return Err(Error::Io {
                 what: format!("writing {}", tmp.display()),
