@@ -1,23 +1,24 @@
 //! Create: read a source, build its used map, hash and compress every
 //! window that holds data, store the chunks and publish the manifest.
 //!
-//! Parallelism and memory: `threads` workers each own two window buffers
-//! (`chunk_size`) and one output buffer (zstd bound of a chunk), so memory is
-//! about `threads × 3 × chunk_size` (24 MiB for two workers at 4 MiB). Each
-//! worker takes two windows at a time, reads each used range with one
-//! positional read, zeroes the unused ranges, hashes the two together
+//! Parallelism and memory: two reader threads read the windows' used
+//! ranges, two windows at a time, into page-aligned buffers a few pairs
+//! ahead of `threads` workers (directly from a device opened read-only,
+//! past the page cache); each worker hashes a pair together
 //! ([`ChunkId::of_pair`]: one SHA-256 stream waits on its own latency, two
-//! keep the SHA unit busy), and compresses each only when the repository
-//! does not already hold it (re-capturing a disk costs a read and a hash
-//! per window).
+//! keep the SHA unit busy) and compresses each window only when the
+//! repository does not already hold it (re-capturing a disk costs a read
+//! and a hash per window). Memory is about `(threads + 2) × 2 ×
+//! chunk_size` of windows plus the frames in flight (about 40 MiB for two
+//! workers at 4 MiB).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use crate::chunk::{id_and_fingerprint, is_zero, ChunkId, Encoder, Fingerprint};
-use crate::device::{ReadAt, Region};
+use crate::device::{AlignedBuf, ReadAt, Region};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ExtentMap;
 use crate::fs::{FsMeta, MapOptions};
@@ -114,10 +115,21 @@ pub fn scan(src: &dyn ReadAt, raw: bool, force: bool) -> Result<Scan> {
 }
 
 struct Worker {
-    /// Two windows: a worker hashes two at a time (see [`ChunkId::of_pair`]).
-    bufs: [Vec<u8>; 2],
     out: Vec<u8>,
     enc: Encoder,
+    /// Hands the windows' buffers back to the reader.
+    spare: Sender<Pair>,
+}
+
+/// Two windows read for a worker (it hashes two at a time, see
+/// [`ChunkId::of_pair`]): `n` (1 or 2) of them, window `first` and the
+/// next, holding `lens` bytes each, `used` of them in use.
+struct Pair {
+    first: usize,
+    n: usize,
+    bufs: [AlignedBuf; 2],
+    lens: [usize; 2],
+    used: u64,
 }
 
 /// Compressed frames waiting for a writer, per worker (bounds memory).
@@ -210,18 +222,21 @@ pub(crate) fn frame_queue(bound: usize) -> (FrameSender, FrameWriters) {
         },
     )
 }
-/// Windows whose read the kernel is asked to start ahead of the workers,
-/// per worker: the disk reads while the cores hash and compress. A worker
-/// takes two windows at a time, so this is two of its steps.
-const READ_AHEAD_PER_WORKER: usize = 4;
+/// Window pairs the reader may have read ahead of the workers: with one
+/// pair per worker in hand, memory is `(threads + READ_AHEAD_PAIRS) × 2 ×
+/// chunk_size`.
+const READ_AHEAD_PAIRS: usize = 2;
 
 /// Hash, compress and store every window of `src` that holds used data.
 /// Returns the chunk list in window order.
 ///
-/// Layout: `threads` workers read, hash and compress; [`WRITERS`] threads
-/// store the frames they hand over through a bounded queue; the kernel is
-/// asked to read a few windows ahead. Memory: about `threads × 2 ×
-/// chunk_size` for the workers plus at most `threads × FRAMES_PER_WORKER +
+/// Layout: a reader thread reads the windows' used ranges, two windows at
+/// a time, into page-aligned buffers (so a [`crate::device::Device`]
+/// opened read-only reads them with `O_DIRECT`, not through the page
+/// cache) a few pairs ahead of the `threads` workers, which hash and
+/// compress; [`WRITERS`] threads store the frames the workers hand over
+/// through a bounded queue. Memory: `(threads + READ_AHEAD_PAIRS) × 2 ×
+/// chunk_size` of windows plus at most `threads × FRAMES_PER_WORKER +
 /// WRITERS + threads` frames in flight.
 pub fn store_chunks(
     src: &dyn ReadAt,
@@ -241,26 +256,7 @@ pub fn store_chunks(
     // repository, filled in when this run stores one.
     let sizes: StoredSizes = Mutex::new(HashMap::new());
     let threads = threads.max(1);
-    let ahead = threads * READ_AHEAD_PER_WORKER;
-    // The used ranges of window k (small gaps bridged, see
-    // `restore::coalesced`), read one by one: a fragmented window's unused
-    // gaps are not read.
-    let span = |k: usize| -> (u64, usize, Vec<(usize, usize)>) {
-        let start = windows[k] * chunk_size;
-        let len = chunk_size.min(size - start);
-        (start, len as usize, coalesced(&used.window(start, len)))
-    };
-    let read_ahead = |k: usize| {
-        if k < windows.len() {
-            let (start, _, ranges) = span(k);
-            for (a, b) in ranges {
-                src.will_need(start + a as u64, (b - a) as u64);
-            }
-        }
-    };
-    for k in 0..ahead {
-        read_ahead(k);
-    }
+    let pairs = windows.len().div_ceil(2);
 
     let (frames, writers) = frame_queue(threads * FRAMES_PER_WORKER);
     let write_failed = AtomicBool::new(false);
@@ -271,61 +267,78 @@ pub fn store_chunks(
             slot.get_or_insert(e);
         }
     };
+    // Read pairs go to the workers; their buffers come back to the reader.
+    let (read_tx, read_rx) = channel::<Result<Pair>>();
+    let read_rx = Mutex::new(read_rx);
+    let (spare_tx, spare_rx) = channel::<Pair>();
+    let spare_rx = Mutex::new(spare_rx);
+    // The readers' next pair, and how many buffer pairs they have made.
+    let next_pair = AtomicUsize::new(0);
+    let made = AtomicUsize::new(0);
 
     let worked = std::thread::scope(|s| {
         let writers = writers.spawn(s, repo, &write_failed, &fail);
-        // A worker takes two windows at a time: it hashes them together.
-        let r = pool::for_each(
-            threads,
-            windows.len().div_ceil(2),
+        let windows_ref = &windows;
+        let (next_pair, made, spare_rx) = (&next_pair, &made, &spare_rx);
+        // Each reader owns a sending end: the workers see the channel
+        // close when all are done.
+        let readers: Vec<_> = (0..READERS)
+            .map(|_| {
+                let read_tx = read_tx.clone();
+                s.spawn(move || {
+                    read_pairs(
+                        src,
+                        used,
+                        windows_ref,
+                        chunk_size,
+                        (next_pair, made, threads + READ_AHEAD_PAIRS),
+                        &read_tx,
+                        spare_rx,
+                        progress,
+                    )
+                })
+            })
+            .collect();
+        drop(read_tx);
+        let r = pool::run(
+            threads.min(pairs.max(1)),
             progress,
             || {
                 Ok(Worker {
-                    bufs: [
-                        vec![0u8; chunk_size as usize],
-                        vec![0u8; chunk_size as usize],
-                    ],
                     out: Vec::new(),
                     enc: Encoder::new(level)?,
+                    spare: spare_tx.clone(),
                 })
             },
-            |w, pair| {
-                let ks: Vec<usize> = (2 * pair..2 * pair + 2)
-                    .filter(|&k| k < windows.len())
-                    .collect();
-                let mut lens = [0usize; 2];
-                let mut used_here = 0u64;
-                for (i, &k) in ks.iter().enumerate() {
-                    read_ahead(k + ahead);
-                    let (start, len, ranges) = span(k);
-                    let buf = &mut w.bufs[i][..len];
-                    for &(a, b) in &ranges {
-                        src.read_exact_at(&mut buf[a..b], start + a as u64)
-                            .ctx(|| format!("reading the source at byte {}", start + a as u64))?;
-                    }
-                    used.mask(start, buf);
-                    used_here += used
-                        .window(start, len as u64)
-                        .iter()
-                        .map(|&(s, e)| (e - s) as u64)
-                        .sum::<u64>();
-                    lens[i] = len;
-                }
-                let [b0, b1] = &w.bufs;
-                let hashes = hash_windows([&b0[..lens[0]], &b1[..lens[1]]], ks.len());
+            |w| {
+                let next = match read_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return Err(lock_err()),
+                };
+                // The reader is done (or stopped): so is this worker.
+                let Ok(pair) = next else {
+                    return match progress.is_cancelled() {
+                        true => Err(Error::Cancelled),
+                        false => Ok(false),
+                    };
+                };
+                let pair = pair?;
+                let [b0, b1] = &pair.bufs;
+                let hashes = hash_windows([&b0[..pair.lens[0]], &b1[..pair.lens[1]]], pair.n);
                 let mut put = |id: &ChunkId, frame: &mut Vec<u8>| -> Result<()> {
                     if write_failed.load(Ordering::Relaxed) {
                         return Err(Error::Invalid("storing a chunk failed".into()));
                     }
                     frames.put(id, frame)
                 };
-                for (i, &k) in ks.iter().enumerate() {
+                for (i, hashed) in hashes.into_iter().enumerate().take(pair.n) {
+                    let k = pair.first + i;
                     let entry = chunk_window_hashed(
                         &mut w.enc,
                         &mut w.out,
                         windows[k],
-                        &w.bufs[i][..lens[i]],
-                        hashes[i],
+                        &pair.bufs[i][..pair.lens[i]],
+                        hashed,
                         repo,
                         &sizes,
                         progress,
@@ -333,10 +346,19 @@ pub fn store_chunks(
                     )?;
                     results.lock().map_err(|_| lock_err())?[k] = Some(entry);
                 }
-                progress.add_done(used_here);
-                Ok(())
+                progress.add_done(pair.used);
+                // The reader may have stopped: then the buffers are freed.
+                let _ = w.spare.send(pair);
+                Ok(true)
             },
         );
+        // The workers are done: the reader, if still waiting for a buffer,
+        // sees the channel close and stops.
+        drop(spare_tx);
+        let read = readers.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| Error::Invalid("a source reader panicked".into()))
+        });
         // Closing the queue ends the writers once it is drained.
         drop(frames);
         for h in writers {
@@ -344,6 +366,7 @@ pub fn store_chunks(
                 return Err(Error::Invalid("a chunk writer panicked".into()));
             }
         }
+        read?;
         r
     });
     // A writer's error is the cause of any worker's "storing failed".
@@ -358,6 +381,114 @@ pub fn store_chunks(
     }
     fill_stored(&mut out, sizes)?;
     Ok(out)
+}
+
+/// Threads reading the source for [`store_chunks`]: a read waits for the
+/// disk (directly read, nothing reads ahead for it), and a window of
+/// scattered small files is many reads, so two keep the workers fed.
+const READERS: usize = 2;
+
+/// A reader of [`store_chunks`]: takes the next pair of `windows` from
+/// `next`, reads it into a buffer pair (a new one while fewer than `max`
+/// exist, counted in `made`, else one the workers hand back on `spare`) and
+/// sends it on `out`. Only used ranges are read (small gaps bridged, see
+/// `restore::coalesced`); the rest of a window is zeroed. A read error is
+/// sent on and ends the reading, as do the workers going away.
+#[allow(clippy::too_many_arguments)]
+fn read_pairs(
+    src: &dyn ReadAt,
+    used: &ExtentMap,
+    windows: &[u64],
+    chunk_size: u64,
+    (next, made, max): (&AtomicUsize, &AtomicUsize, usize),
+    out: &Sender<Result<Pair>>,
+    spare: &Mutex<Receiver<Pair>>,
+    progress: &Progress,
+) {
+    let size = src.size();
+    let span = |k: usize| -> (u64, usize, Vec<(usize, usize)>) {
+        let start = windows[k] * chunk_size;
+        let len = chunk_size.min(size - start);
+        (start, len as usize, coalesced(&used.window(start, len)))
+    };
+    // Hints for sources read through the page cache (a device read
+    // directly ignores them): the kernel reads while the workers work.
+    // Each reader hints its own pairs' successors.
+    let ahead = 2 * max;
+    let hint = |k: usize| {
+        if k < windows.len() {
+            let (start, _, ranges) = span(k);
+            for (a, b) in ranges {
+                src.will_need(start + a as u64, (b - a) as u64);
+            }
+        }
+    };
+    loop {
+        if progress.is_cancelled() {
+            return;
+        }
+        let first = 2 * next.fetch_add(1, Ordering::Relaxed);
+        if first >= windows.len() {
+            return;
+        }
+        if first == 0 {
+            for k in 0..ahead {
+                hint(k);
+            }
+        }
+        let fresh = made
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                (m < max).then_some(m + 1)
+            })
+            .is_ok();
+        let mut pair = if fresh {
+            let b = || AlignedBuf::new(chunk_size as usize);
+            Pair {
+                first,
+                n: 0,
+                bufs: [b(), b()],
+                lens: [0; 2],
+                used: 0,
+            }
+        } else {
+            let back = match spare.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
+            };
+            match back {
+                Ok(p) => p,
+                Err(_) => return,
+            }
+        };
+        pair.first = first;
+        pair.n = (windows.len() - first).min(2);
+        pair.used = 0;
+        let mut read = || -> Result<()> {
+            for i in 0..pair.n {
+                let k = first + i;
+                hint(k + ahead);
+                let (start, len, ranges) = span(k);
+                let buf = &mut pair.bufs[i][..len];
+                for &(a, b) in &ranges {
+                    src.read_exact_at(&mut buf[a..b], start + a as u64)
+                        .ctx(|| format!("reading the source at byte {}", start + a as u64))?;
+                }
+                used.mask(start, buf);
+                pair.used += used
+                    .window(start, len as u64)
+                    .iter()
+                    .map(|&(s, e)| (e - s) as u64)
+                    .sum::<u64>();
+                pair.lens[i] = len;
+            }
+            Ok(())
+        };
+        let r = read();
+        let failed = r.is_err();
+        if out.send(r.map(|()| pair)).is_err() || failed {
+            return;
+        }
+    }
 }
 
 /// Stored size per chunk id, shared by the workers of one run: known at
@@ -547,4 +678,65 @@ pub fn create_partition(
     m.image_version = repo.publish(&m)?;
     progress.set_phase("done");
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::LocalRepo;
+
+    /// `e` and its sources, joined.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s += &format!(": {c}");
+            cur = c.source();
+        }
+        s
+    }
+
+    /// A source whose byte `bad` cannot be read (a bad sector).
+    struct BadSector {
+        data: Vec<u8>,
+        bad: u64,
+    }
+
+    impl ReadAt for BadSector {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            if (offset..offset + buf.len() as u64).contains(&self.bad) {
+                return Err(std::io::Error::other("simulated bad sector"));
+            }
+            self.data.read_exact_at(buf, offset)
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+    }
+
+    #[test]
+    fn a_source_read_error_stops_create_and_says_where_and_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = LocalRepo::open(dir.path(), true).expect("repo");
+        let chunk = 64u64 << 10;
+        let data: Vec<u8> = (0..40 * chunk).map(|i| (i * 7 % 251) as u8).collect();
+        // In window 29 (of 40), read by either reader, with most pairs
+        // already handed out: the readers, workers and writers all stop.
+        for bad in [29 * chunk + 100, 0, 40 * chunk - 1] {
+            let src = BadSector {
+                data: data.clone(),
+                bad,
+            };
+            let used = ExtentMap::full(src.size());
+            let r = store_chunks(&src, &used, chunk, 1, 2, &repo, &Progress::new());
+            let e = r.expect_err("a bad sector fails the create");
+            let msg = chain(&e);
+            let at = bad / chunk * chunk;
+            assert!(
+                msg.contains(&format!("reading the source at byte {at}"))
+                    && msg.contains("simulated bad sector"),
+                "{msg}"
+            );
+        }
+    }
 }
