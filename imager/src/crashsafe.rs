@@ -80,7 +80,7 @@ use crate::progress::Progress;
 use crate::record::Known;
 use crate::repo::Repository;
 use crate::restore::{
-    coalesced, restore_chunks, target_matches, Feed, RestoreOptions, RestoreStats,
+    coalesced, refetch_verified, restore_chunks, target_matches, Feed, RestoreOptions, RestoreStats,
 };
 
 /// Zeroed before the first write at each end (step 2).
@@ -256,33 +256,30 @@ impl Fetcher {
                 return Ok(());
             }
         }
-        let attempts = repo.fetch_attempts().max(1);
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            repo.get_chunk(id, &mut self.frame)?;
-            stats.bytes_fetched += self.frame.len() as u64;
-            // Held windows come from the repository itself, never from
-            // swarm peers.
-            stats.bytes_from_server += self.frame.len() as u64;
-            progress.add_fetched(self.frame.len() as u64);
-            match self
-                .dec
-                .decode_verified(id, &self.frame, len, &mut self.content)
-            {
-                Ok(()) => {
-                    repo.verified(id, &self.frame);
-                    break;
-                }
-                Err(e @ Error::ChunkCorrupt { .. }) if tries < attempts => {
-                    repo.invalid(id);
-                    tracing::warn!("{e}; fetching it again ({tries}/{attempts})");
-                }
-                Err(e) => {
-                    repo.invalid(id);
-                    return Err(e);
-                }
-            }
+        // Held windows come from the repository itself, never from swarm
+        // peers.
+        let mut fetched = |n: u64| {
+            stats.bytes_fetched += n;
+            stats.bytes_from_server += n;
+            progress.add_fetched(n);
+        };
+        repo.get_chunk(id, &mut self.frame)?;
+        fetched(self.frame.len() as u64);
+        self.content.resize(len, 0);
+        match self
+            .dec
+            .decode_verified_into(id, &self.frame, &mut self.content)
+        {
+            Ok(()) => repo.verified(id, &self.frame),
+            Err(e) => refetch_verified(
+                repo,
+                &mut self.dec,
+                id,
+                e,
+                &mut self.frame,
+                &mut self.content,
+                &mut fetched,
+            )?,
         }
         stats.chunks_fetched += 1;
         Ok(())

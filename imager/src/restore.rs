@@ -484,8 +484,7 @@ impl Job<'_> {
     }
 
     /// Chunk `id` fetched into slot `i` failed with `first`: fetch it
-    /// again, alone, while the repository allows (a network may corrupt;
-    /// a local disk will not heal).
+    /// again (see [`refetch_verified`]).
     fn fetch_again(
         &self,
         w: &mut Worker,
@@ -494,30 +493,26 @@ impl Job<'_> {
         len: usize,
         first: Error,
     ) -> Result<()> {
-        let mut err = first;
-        let mut tries = 1;
-        loop {
-            self.repo.invalid(id);
-            match err {
-                Error::ChunkCorrupt { .. } if tries < self.attempts => {
-                    tracing::warn!("{err}; fetching it again ({tries}/{})", self.attempts);
-                }
-                _ => return Err(err),
-            }
-            tries += 1;
-            self.repo.get_chunk(id, &mut w.frames[i])?;
-            self.count_fetched(w, i);
-            match w
-                .dec
-                .decode_verified_into(id, &w.frames[i], &mut w.bufs[i][..len])
-            {
-                Ok(()) => {
-                    self.repo.verified(id, &w.frames[i]);
-                    return Ok(());
-                }
-                Err(e) => err = e,
-            }
-        }
+        let Worker {
+            bufs,
+            frames,
+            dec,
+            stats,
+            ..
+        } = w;
+        refetch_verified(
+            self.repo,
+            dec,
+            id,
+            first,
+            &mut frames[i],
+            &mut bufs[i][..len],
+            &mut |n| {
+                stats.bytes_fetched += n;
+                stats.bytes_from_server += n;
+                self.progress.add_fetched(n);
+            },
+        )
     }
 
     /// Count the frame just fetched into slot `i` from the repository.
@@ -747,6 +742,45 @@ pub(crate) fn restore_partition_unrecorded(
         )
     })?;
     Ok((stats, start))
+}
+
+/// Chunk `id` failed with `first` (fetched once already, its frame given
+/// back to `repo` as invalid here): while the error is a corrupt copy and
+/// the repository allows more attempts ([`Repository::fetch_attempts`]: a
+/// network may corrupt, a local disk will not heal), fetch it again into
+/// `frame` and decode it verified into all of `out`. `fetched(n)` counts
+/// each frame fetched; a verified one is reported to `repo`.
+pub(crate) fn refetch_verified(
+    repo: &dyn Repository,
+    dec: &mut Decoder,
+    id: &ChunkId,
+    first: Error,
+    frame: &mut Vec<u8>,
+    out: &mut [u8],
+    fetched: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let attempts = repo.fetch_attempts().max(1);
+    let mut err = first;
+    let mut tries = 1;
+    loop {
+        repo.invalid(id);
+        match err {
+            Error::ChunkCorrupt { .. } if tries < attempts => {
+                tracing::warn!("{err}; fetching it again ({tries}/{attempts})");
+            }
+            _ => return Err(err),
+        }
+        tries += 1;
+        repo.get_chunk(id, frame)?;
+        fetched(frame.len() as u64);
+        match dec.decode_verified_into(id, frame, out) {
+            Ok(()) => {
+                repo.verified(id, frame);
+                return Ok(());
+            }
+            Err(e) => err = e,
+        }
+    }
 }
 
 #[cfg(test)]
