@@ -746,12 +746,7 @@ struct CancelAfter<'a> {
 }
 
 impl Repository for CancelAfter<'_> {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn chunk_size_stored(&self, id: &ChunkId) -> aula_imager::Result<Option<u64>> {
-        self.inner.chunk_size_stored(id)
-    }
+    repository_passthrough!(inner);
     fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> aula_imager::Result<()> {
         if self.fetched.fetch_add(1, Ordering::SeqCst) + 1 >= self.after {
             self.progress.cancel();
@@ -763,21 +758,6 @@ impl Repository for CancelAfter<'_> {
             self.progress.cancel();
         }
         self.inner.get_chunk(id, out)
-    }
-    fn sync_chunks(&self) -> aula_imager::Result<()> {
-        self.inner.sync_chunks()
-    }
-    fn publish(&self, m: &Manifest) -> aula_imager::Result<u32> {
-        self.inner.publish(m)
-    }
-    fn manifest(&self, name: &str, version: Option<u32>) -> aula_imager::Result<Manifest> {
-        self.inner.manifest(name, version)
-    }
-    fn list(&self) -> aula_imager::Result<Vec<ImageSummary>> {
-        self.inner.list()
-    }
-    fn delete(&self, name: &str) -> aula_imager::Result<()> {
-        self.inner.delete(name)
     }
 }
 

@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use aula_imager::chunk::ChunkId;
 use aula_imager::device::{Device, OpenMode, Region};
-use aula_imager::manifest::Manifest;
 use aula_imager::progress::Progress;
-use aula_imager::repo::{ImageSummary, LocalRepo, Repository};
+use aula_imager::repo::{LocalRepo, Repository};
 use aula_imager::restore::{restore_partition, RestoreOptions};
 use support::*;
 
@@ -28,12 +27,7 @@ struct FlakyOnce {
 }
 
 impl Repository for FlakyOnce {
-    fn location(&self) -> String {
-        "flaky".into()
-    }
-    fn chunk_size_stored(&self, id: &ChunkId) -> aula_imager::Result<Option<u64>> {
-        self.repo.chunk_size_stored(id)
-    }
+    repository_passthrough!(repo);
     fn put_chunk(&self, id: &ChunkId, frame: &[u8]) -> aula_imager::Result<()> {
         self.repo.put_chunk(id, frame)
     }
@@ -50,21 +44,6 @@ impl Repository for FlakyOnce {
     }
     fn fetch_attempts(&self) -> u32 {
         self.attempts
-    }
-    fn sync_chunks(&self) -> aula_imager::Result<()> {
-        self.repo.sync_chunks()
-    }
-    fn publish(&self, m: &Manifest) -> aula_imager::Result<u32> {
-        self.repo.publish(m)
-    }
-    fn manifest(&self, name: &str, v: Option<u32>) -> aula_imager::Result<Manifest> {
-        self.repo.manifest(name, v)
-    }
-    fn list(&self) -> aula_imager::Result<Vec<ImageSummary>> {
-        self.repo.list()
-    }
-    fn delete(&self, name: &str) -> aula_imager::Result<()> {
-        self.repo.delete(name)
     }
 }
 

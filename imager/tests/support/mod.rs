@@ -211,3 +211,42 @@ pub fn json_result(o: &Output) -> serde_json::Value {
     }
     panic!("no JSON result line in: {out}");
 }
+
+/// Inside `impl Repository for W`: the methods a test wrapper hands to its
+/// repository in `self.$inner` unchanged (all but `put_chunk` and
+/// `get_chunk`, which wrappers change, and the provided ones).
+#[allow(unused_macros)]
+macro_rules! repository_passthrough {
+    ($inner:ident) => {
+        fn location(&self) -> String {
+            self.$inner.location()
+        }
+        fn chunk_size_stored(
+            &self,
+            id: &aula_imager::chunk::ChunkId,
+        ) -> aula_imager::Result<Option<u64>> {
+            self.$inner.chunk_size_stored(id)
+        }
+        fn sync_chunks(&self) -> aula_imager::Result<()> {
+            self.$inner.sync_chunks()
+        }
+        fn publish(&self, m: &aula_imager::manifest::Manifest) -> aula_imager::Result<u32> {
+            self.$inner.publish(m)
+        }
+        fn manifest(
+            &self,
+            name: &str,
+            version: Option<u32>,
+        ) -> aula_imager::Result<aula_imager::manifest::Manifest> {
+            self.$inner.manifest(name, version)
+        }
+        fn list(&self) -> aula_imager::Result<Vec<aula_imager::repo::ImageSummary>> {
+            self.$inner.list()
+        }
+        fn delete(&self, name: &str) -> aula_imager::Result<()> {
+            self.$inner.delete(name)
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use repository_passthrough;
