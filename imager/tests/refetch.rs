@@ -93,32 +93,36 @@ fn a_chunk_corrupt_in_transit_is_fetched_again_at_the_ends_and_between_and_a_dis
         })
         .sum();
 
-    // Two attempts: every chunk fails once, then restores.
-    let flaky = FlakyOnce {
+    let flaky = |attempts| FlakyOnce {
         repo: LocalRepo::open(&t.p("repo"), false).expect("repo"),
-        attempts: 2,
+        attempts,
         seen: Mutex::default(),
         invalid: Mutex::default(),
     };
+    let restore = |repo: &FlakyOnce, out: &std::path::Path| {
+        restore_partition(
+            &m,
+            &target(out, data.len()),
+            repo,
+            &RestoreOptions {
+                threads: 3,
+                ..Default::default()
+            },
+            &Progress::new(),
+        )
+    };
+
+    // Two attempts: every chunk fails once, then restores.
+    let flaky2 = flaky(2);
     let out = t.p("out.img");
-    let stats = restore_partition(
-        &m,
-        &target(&out, data.len()),
-        &flaky,
-        &RestoreOptions {
-            threads: 3,
-            ..Default::default()
-        },
-        &Progress::new(),
-    )
-    .expect("a second fetch heals each chunk");
+    let stats = restore(&flaky2, &out).expect("a second fetch heals each chunk");
     assert!(
         std::fs::read(&out).expect("out") == data,
         "restored bytes differ"
     );
     let unique = m.unique_chunks().len();
     assert_eq!(unique, 48);
-    let mut invalid = flaky.invalid.lock().expect("invalid").clone();
+    let mut invalid = flaky2.invalid.lock().expect("invalid").clone();
     invalid.sort();
     invalid.dedup();
     assert_eq!(invalid.len(), unique, "every chunk was refused once");
@@ -132,24 +136,9 @@ fn a_chunk_corrupt_in_transit_is_fetched_again_at_the_ends_and_between_and_a_dis
 
     // One attempt (a disk repository): the first corrupt chunk ends the
     // restore, named, and neither end of the target holds anything.
-    let disk_like = FlakyOnce {
-        repo: LocalRepo::open(&t.p("repo"), false).expect("repo"),
-        attempts: 1,
-        seen: Mutex::default(),
-        invalid: Mutex::default(),
-    };
+    let disk_like = flaky(1);
     let out2 = t.p("out2.img");
-    let err = restore_partition(
-        &m,
-        &target(&out2, data.len()),
-        &disk_like,
-        &RestoreOptions {
-            threads: 3,
-            ..Default::default()
-        },
-        &Progress::new(),
-    )
-    .expect_err("a corrupt chunk with no second attempt fails");
+    let err = restore(&disk_like, &out2).expect_err("a corrupt chunk with no second attempt fails");
     let msg = err.to_string();
     let named = disk_like.invalid.lock().expect("invalid").clone();
     assert!(!named.is_empty());
