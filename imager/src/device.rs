@@ -79,7 +79,7 @@ pub struct Device {
     direct_refused: std::sync::atomic::AtomicBool,
     /// For a device opened read-only (a create's source): the same file
     /// opened again with `O_DIRECT`, for reads whose buffer, offset and
-    /// length are multiples of [`DIRECT_ALIGN`] (see [`open_direct_read`]).
+    /// length are multiples of [`DIRECT_ALIGN`] (see [`open_direct`]).
     direct_read: Option<File>,
     /// Holes are worth asking the kernel for (`SEEK_DATA`): regular files
     /// not on tmpfs (see [`seeks_holes_cheaply`]).
@@ -163,19 +163,29 @@ fn seeks_holes_cheaply(file: &File) -> bool {
     !on_tmpfs
 }
 
-/// `path` opened again for writing with `O_DIRECT`, if its file system
-/// allows it. Whole aligned windows then go to the disk without being
-/// copied into the page cache: on a 2-core VM a restore's buffered writes
-/// cost 1.4–2.2 CPU seconds per 1.7 GiB (page cache copies, and the two
-/// workers contending for the file's lock), direct ones 0.3–0.45.
-/// `AULA_NO_DIRECT=1` turns this off (every write through the page cache),
-/// to compare the two on a given machine or virtual disk.
-fn open_direct(path: &Path) -> Option<File> {
+/// `path` opened again with `O_DIRECT`, for writing (`write`) or reading,
+/// if its file system allows it; `AULA_NO_DIRECT=1` turns this off (every
+/// read and write through the page cache), to compare the two on a given
+/// machine or virtual disk.
+///
+/// Writing: whole aligned windows go to the disk without being copied
+/// into the page cache: on a 2-core VM a restore's buffered writes cost
+/// 1.4–2.2 CPU seconds per 1.7 GiB (page cache copies, and the two workers
+/// contending for the file's lock), direct ones 0.3–0.45.
+///
+/// Reading: a create reads its source once, so the page cache only costs
+/// it: on a 2-core VM, reading 1.6 GiB cold through it took 2.5 s of
+/// system time (page allocation, read-ahead, the copy out), directly
+/// 0.07 s, and a create of the NTFS bench volume spent 0.4 s less system
+/// time. A direct read waits for the disk, so create reads ahead of its
+/// workers on threads of their own.
+fn open_direct(path: &Path, write: bool) -> Option<File> {
     if no_direct() {
         return None;
     }
     OpenOptions::new()
-        .write(true)
+        .read(!write)
+        .write(write)
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .ok()
@@ -185,24 +195,6 @@ fn open_direct(path: &Path) -> Option<File> {
 /// the page cache.
 fn no_direct() -> bool {
     std::env::var_os("AULA_NO_DIRECT").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// `path` opened again for reading with `O_DIRECT`, if its file system
-/// allows it. A create reads its source once, so the page cache only
-/// costs it: on a 2-core VM, reading 1.6 GiB cold through it took 2.5 s
-/// of system time (page allocation, read-ahead, the copy out), directly
-/// 0.07 s, and a create of the NTFS bench volume spent 0.4 s less system
-/// time. A direct read waits for the disk, so create reads ahead of its
-/// workers on a thread of its own.
-fn open_direct_read(path: &Path) -> Option<File> {
-    if no_direct() {
-        return None;
-    }
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
 }
 
 /// Whether `buf` at `offset` may be read or written with `O_DIRECT`.
@@ -264,7 +256,7 @@ pub(crate) fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let head = bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN;
     let mut done = 0;
     if head > 0 {
-        if let Some(d) = open_direct(path) {
+        if let Some(d) = open_direct(path, true) {
             if write_direct(&d, &bytes[..head], 0).is_ok() {
                 done = head;
             }
@@ -334,12 +326,16 @@ impl Device {
             sector_size: ss,
             physical_sector_size: pss,
             writable: mode.write,
-            direct: if mode.write { open_direct(path) } else { None },
+            direct: if mode.write {
+                open_direct(path, true)
+            } else {
+                None
+            },
             direct_refused: std::sync::atomic::AtomicBool::new(false),
             direct_read: if mode.write {
                 None
             } else {
-                open_direct_read(path)
+                open_direct(path, false)
             },
             seek_holes,
             own_writes: AtomicU64::new(0),
