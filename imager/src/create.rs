@@ -406,10 +406,11 @@ fn read_pairs(
     progress: &Progress,
 ) {
     let size = src.size();
+    // Window k's start, length and used ranges.
     let span = |k: usize| -> (u64, usize, Vec<(usize, usize)>) {
         let start = windows[k] * chunk_size;
         let len = chunk_size.min(size - start);
-        (start, len as usize, coalesced(&used.window(start, len)))
+        (start, len as usize, used.window(start, len))
     };
     // Hints for sources read through the page cache (a device read
     // directly ignores them): the kernel reads while the workers work.
@@ -418,7 +419,7 @@ fn read_pairs(
     let hint = |k: usize| {
         if k < windows.len() {
             let (start, _, ranges) = span(k);
-            for (a, b) in ranges {
+            for (a, b) in coalesced(&ranges) {
                 src.will_need(start + a as u64, (b - a) as u64);
             }
         }
@@ -469,16 +470,12 @@ fn read_pairs(
                 hint(k + ahead);
                 let (start, len, ranges) = span(k);
                 let buf = &mut pair.bufs[i][..len];
-                for &(a, b) in &ranges {
+                for &(a, b) in &coalesced(&ranges) {
                     src.read_exact_at(&mut buf[a..b], start + a as u64)
                         .ctx(|| format!("reading the source at byte {}", start + a as u64))?;
                 }
                 used.mask(start, buf);
-                pair.used += used
-                    .window(start, len as u64)
-                    .iter()
-                    .map(|&(s, e)| (e - s) as u64)
-                    .sum::<u64>();
+                pair.used += ranges.iter().map(|&(s, e)| (e - s) as u64).sum::<u64>();
                 pair.lens[i] = len;
             }
             Ok(())
